@@ -1,0 +1,116 @@
+"""Loading OLMoE checkpoints into Select-MoE, and the standalone conversion.
+
+An OLMoE checkpoint (hub id or folder; the published per-expert layout or transformers' fused one)
+loads straight into ``SelectMoeForCausalLM``: every tensor keeps its name, only the quality gates are
+new. They are initialised here from the config's mean/std with a seeded generator, so
+``quality_gate_init_mean=...`` overrides take effect at load time (in the seed they did nothing).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoTokenizer
+
+from selectmoe.models.configuration import SelectMoeConfig
+from selectmoe.models.modeling import SelectMoeForCausalLM, gates_forced_open, init_quality_gate
+
+logger = logging.getLogger(__name__)
+
+_CONFIG_DROP = ("model_type", "architectures", "transformers_version", "auto_map")
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device | None = None) -> torch.dtype:
+    """``auto`` = bf16 on CUDA, fp32 elsewhere; otherwise a torch dtype name."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        on_cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+        return torch.bfloat16 if on_cuda else torch.float32
+    names = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+    resolved = getattr(torch, names.get(dtype, dtype), None)
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}; expected auto, bfloat16, float16 or float32")
+    return resolved
+
+
+def select_moe_config(path: str, trust_remote_code: bool = False, **overrides) -> SelectMoeConfig:
+    """The Select-MoE config for an OLMoE or Select-MoE checkpoint, with ``overrides`` applied."""
+    base = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if base.model_type not in ("olmoe", "select_moe"):
+        raise ValueError(
+            f"{path}: expected an OLMoE or Select-MoE checkpoint, got model_type={base.model_type!r}"
+        )
+    values = {k: v for k, v in base.to_dict().items() if k not in _CONFIG_DROP}
+    values.update(overrides)
+    values.setdefault("output_router_logits", True)
+    if base.model_type == "olmoe":
+        values["output_router_logits"] = overrides.get("output_router_logits", True)
+    return SelectMoeConfig(**values)
+
+
+def load_select_moe(
+    path: str,
+    *,
+    dtype: str | torch.dtype = "auto",
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+    trust_remote_code: bool = False,
+    **config_overrides,
+) -> SelectMoeForCausalLM:
+    """Load an OLMoE or Select-MoE checkpoint as ``SelectMoeForCausalLM``; new gates get a seeded init."""
+    config = select_moe_config(path, trust_remote_code=trust_remote_code, **config_overrides)
+    model, info = SelectMoeForCausalLM.from_pretrained(
+        path,
+        config=config,
+        dtype=resolve_dtype(dtype),
+        attn_implementation=attn_implementation,
+        output_loading_info=True,
+        trust_remote_code=trust_remote_code,
+    )
+    missing = sorted(info.get("missing_keys", []))
+    unexpected = sorted(info.get("unexpected_keys", []))
+    not_gates = [k for k in missing if not k.endswith("mlp.quality_gate.weight")]
+    if not_gates or unexpected:
+        raise ValueError(
+            f"{path}: checkpoint does not match Select-MoE/OLMoE: missing {not_gates[:5]}, unexpected {unexpected[:5]}"
+        )
+    if missing:
+        generator = torch.Generator().manual_seed(seed)
+        for layer in model.model.layers:
+            init_quality_gate(layer.mlp.quality_gate, config, generator)
+        logger.info(
+            "initialised %d new quality gates (mean %s, std %s, seed %d)",
+            len(missing),
+            config.quality_gate_init_mean,
+            config.quality_gate_init_std,
+            seed,
+        )
+    return model
+
+
+def convert_olmoe(olmoe: str, out_dir: str | Path, *, seed: int = 0, **config_overrides) -> Path:
+    """Write a standalone Select-MoE checkpoint (safetensors + tokenizer) from an OLMoE checkpoint."""
+    out = Path(out_dir)
+    model = load_select_moe(olmoe, dtype="float32", seed=seed, **config_overrides)
+    model.save_pretrained(str(out))
+    AutoTokenizer.from_pretrained(olmoe).save_pretrained(str(out))
+    return out
+
+
+def max_logit_diff_gates_open(
+    olmoe: str, select_moe: str, seed: int = 0, batch: int = 2, seq: int = 16
+) -> float:
+    """Max |logits(OLMoE) - logits(Select-MoE with every gate forced open)| in fp32 on random tokens."""
+    from transformers import OlmoeForCausalLM
+
+    reference = OlmoeForCausalLM.from_pretrained(olmoe, dtype=torch.float32).eval()
+    candidate = load_select_moe(select_moe, dtype="float32").eval()
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, reference.config.vocab_size, (batch, seq), generator=generator)
+    with torch.inference_mode(), gates_forced_open(candidate):
+        expected = reference(input_ids=input_ids).logits
+        got = candidate(input_ids=input_ids, output_router_logits=False).logits
+    return (expected - got).abs().max().item()

@@ -1,0 +1,172 @@
+"""Config loader and CLI: overrides, the seed's keys, unknown keys, shipped YAMLs, help."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+import pytest
+
+from selectmoe.cli import main
+from selectmoe.config import DEFAULT_YAML, STAGE_CONFIGS, ConfigError, parse_config, parse_overrides
+
+# The seed project's documented keys (DESIGN.md), by the command that takes them.
+SEED_KEYS = {
+    "pretrain": [
+        "seed=1",
+        "output_dir=out",
+        "tag=t",
+        "selector_model.path=some/olmoe",
+        "selector_model.tokenizer_name=some/tok",
+        "dataset.data_dir=data",
+        "dataset.dataset_names=[cot,flan_v2]",
+        "dataset.data_path=a.jsonl",
+        "dataset.subset_ratio=0.1",
+        "dataset.max_sequence_length=1024",
+        "training.peft_mode=lora",
+        "training.learning_rate=1e-4",
+        "training.batch_size=8",
+        "training.per_device_batch_size=2",
+        "training.epochs=2",
+        "training.lora.r=8",
+        "training.lora.lora_alpha=16",
+        "training.lora.lora_dropout=0.0",
+        "training.lora.target_modules=[gate,quality_gate]",
+        "training.quality_loss_weight=0.5",
+        "training.quality_gate_init_mean=0.1",
+        "training.quality_gate_init_std=0.01",
+        "training.trash_expert_mode=noise",
+        "training.enable_load_balancing=true",
+        "training.quality_loss_type=beta_moment_matching",
+        "training.quality_loss_debug=true",
+        "training.quality_loss_params.beta_target_mean=0.4",
+        "training.quality_loss_params.beta_target_var=0.02",
+        "training.quality_loss_params.w_mean=2",
+        "training.quality_loss_params.w_var=3",
+        "training.quality_loss_params.lambda_var=0.2",
+        "training.quality_loss_params.sample_wise_averaging=true",
+    ],
+    "select": [
+        "model_checkpoint_path=outputs/stage_1",
+        "selection_percentage=0.1",
+        "clustering_method=kmeans",
+        "clustering_params.k=10",
+        "clustering_params.auto_k=true",
+        "clustering_params.k_range=[5,20]",
+        "clustering_params.max_iters=50",
+        "data_process.batch_size=16",
+        "selector_model.path=x",
+    ],
+    "finetune": ["model.name=meta-llama/Llama-2-7b-hf", "training.lora.r=64", "training.lora.lora_alpha=128"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(SEED_KEYS))
+def test_seed_keys_are_accepted_and_typed(command):
+    cfg = parse_config(command, overrides=SEED_KEYS[command])
+    if command == "pretrain":
+        assert cfg.training.learning_rate == 1e-4
+        assert cfg.dataset.dataset_names == ["cot", "flan_v2"]
+        assert cfg.dataset.data_path == ["a.jsonl"]  # a single path becomes a list
+        assert cfg.training.quality_loss_params.sample_wise_averaging is True
+        assert cfg.training.quality_loss_params.w_mean == 2.0
+        assert cfg.training.lora.target_modules == ["gate", "quality_gate"]
+    if command == "select":
+        assert cfg.clustering_params.k_range == [5, 20]
+        assert cfg.selection_percentage == 0.1
+    if command == "finetune":  # overriding one LoRA key keeps the other LESS defaults
+        assert cfg.training.lora.r == 64
+        assert cfg.training.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
+        assert cfg.training.lora.lora_dropout == 0.1
+
+
+def test_defaults_follow_the_seed_and_less():
+    pre = parse_config("pretrain")
+    assert (pre.training.learning_rate, pre.training.batch_size, pre.training.epochs) == (3e-4, 16, 4)
+    assert pre.training.quality_loss_weight == 0.01 and pre.dataset.subset_ratio == 0.05
+    fin = parse_config("finetune")
+    assert (fin.training.lora.r, fin.training.lora.lora_alpha, fin.training.learning_rate) == (128, 512, 2e-5)
+    assert fin.training.warmup_ratio == 0.03 and fin.training.batch_size == 128
+
+
+def test_override_values_are_parsed_as_yaml():
+    parsed = parse_overrides(["a.b=3", "a.c=1e-4", "d=[x, 2]", "e=true", "f=null", "g=hello world"])
+    assert parsed == {"a": {"b": 3, "c": 1e-4}, "d": ["x", 2], "e": True, "f": None, "g": "hello world"}
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["novalue"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("training.quality_los_weight=1", "did you mean 'training.quality_loss_weight'"),
+        ("traning.epochs=1", "did you mean 'training'"),
+        ("selection_percentag=0.1", None),  # not a pretrain key at all
+        ("training.epochs=two", "expected an integer"),
+        ("training.gradient_checkpointing=maybe", "expected true/false"),
+    ],
+)
+def test_bad_keys_and_values_fail_naming_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        parse_config("pretrain", overrides=[override])
+    assert override.split("=")[0].split(".")[0] in str(err.value)
+    if message:
+        assert message in str(err.value)
+
+
+def test_config_file_plus_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  epochs: 2\n  learning_rate: 1.0e-3\n")
+    cfg = parse_config("pretrain", str(path), ["training.epochs=3"])
+    assert cfg.training.epochs == 3 and cfg.training.learning_rate == 1e-3
+    assert cfg.training.batch_size == 16  # untouched keys keep their defaults
+
+
+def test_every_shipped_yaml_loads_and_names_its_command():
+    shipped = {
+        p.name for p in (resources.files("selectmoe") / "configs").iterdir() if p.name.endswith(".yaml")
+    }
+    assert set(DEFAULT_YAML.values()) <= shipped
+    for command, name in DEFAULT_YAML.items():
+        text = (resources.files("selectmoe") / "configs" / name).read_text()
+        assert text.startswith(f"# selectmoe {command}"), name
+        assert isinstance(parse_config(command), STAGE_CONFIGS[command])
+
+
+def test_cli_help_lists_commands_and_keys(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in (
+        "validate-data",
+        "pretrain",
+        "select",
+        "finetune",
+        "evaluate",
+        "convert",
+        "pipeline",
+        "demo",
+    ):
+        assert command in out
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--help"])
+    out = capsys.readouterr().out
+    assert "training.quality_loss_weight = 0.01" in out
+
+
+def test_cli_rejects_unknown_key_with_exit_code_2(capsys):
+    assert main(["select", "selection_percentag=0.1"]) == 2
+    assert "did you mean 'selection_percentage'" in capsys.readouterr().err
+
+
+def test_cli_convert_writes_a_verified_checkpoint(tmp_path, capsys):
+    from selectmoe.tiny import build_tiny_olmoe
+
+    olmoe = build_tiny_olmoe(tmp_path / "olmoe", hidden_size=32, intermediate_size=16)
+    out = tmp_path / "converted"
+    assert main(["convert", "--olmoe", str(olmoe), "--out", str(out), "--verify"]) == 0
+    printed = capsys.readouterr().out
+    assert "max |logits(OLMoE) - logits(Select-MoE, gates open)|" in printed
+    assert printed.strip().splitlines()[-1] == str(out)  # the stage prints its output dir last
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["metrics"]["max_abs_logit_diff_gates_open"] <= 1e-5
+    assert json.loads((out / "config.json").read_text())["model_type"] == "select_moe"

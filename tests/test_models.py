@@ -1,0 +1,293 @@
+"""Select-MoE model: gradients, losses, padding invariance, OLMoE equivalence, save/load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, OlmoeForCausalLM
+
+from selectmoe import SelectMoeConfig, SelectMoeForCausalLM
+from selectmoe.models import register_quality_loss, register_trash_expert
+from selectmoe.models.loading import convert_olmoe, load_select_moe, max_logit_diff_gates_open
+from selectmoe.models.losses import QUALITY_LOSSES, quality_loss
+from selectmoe.models.modeling import gates_forced_open
+from selectmoe.tiny import tiny_olmoe_config
+
+LOSS_TYPES = ["sigmoid", "mse", "beta_moment_matching", "mean_variance_regularization"]
+
+
+def tiny_config(**overrides) -> SelectMoeConfig:
+    """ModelTester-sized: vocab 99, hidden 32, 2 layers, 8 experts top-2."""
+    base = tiny_olmoe_config(vocab_size=99, hidden_size=32, intermediate_size=16).to_dict()
+    values = {
+        k: v for k, v in base.items() if k not in ("model_type", "architectures", "transformers_version")
+    }
+    values.update(overrides)
+    return SelectMoeConfig(**values)
+
+
+def tiny_model(seed: int = 0, **overrides) -> SelectMoeForCausalLM:
+    torch.manual_seed(seed)
+    return SelectMoeForCausalLM(tiny_config(**overrides)).eval()
+
+
+def batch(bsz: int = 13, seq: int = 7, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 99, (bsz, seq), generator=g)
+    return ids, torch.ones_like(ids)
+
+
+# ---------------------------------------------------------------------------- outputs and losses
+
+
+def test_router_logits_are_per_layer_dicts_with_seed_shapes():
+    model = tiny_model()
+    ids, mask = batch()
+    out = model(input_ids=ids, attention_mask=mask, output_router_logits=True)
+    assert len(out.router_logits) == model.config.num_hidden_layers
+    for layer in out.router_logits:
+        assert layer["quality_score"].shape == (13, 7, 1)
+        assert layer["moe_logits"].shape == (13 * 7, model.config.num_experts)
+
+
+def test_total_loss_is_lm_plus_coef_times_weighted_quality_and_balancing():
+    model = tiny_model(enable_load_balancing=True, quality_loss_weight=0.7, router_aux_loss_coef=0.3)
+    ids, mask = batch()
+    out = model(input_ids=ids, attention_mask=mask, labels=ids, output_router_logits=True)
+    expected_aux = 0.7 * out.quality_loss + out.load_balancing_loss
+    torch.testing.assert_close(out.aux_loss, expected_aux)
+    torch.testing.assert_close(out.loss, out.lm_loss + 0.3 * expected_aux)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_quality_loss_alone_reaches_every_gate(loss_type, checkpointing):
+    # gates start at different values so the moment losses are not at a stationary point
+    model = tiny_model(quality_loss_type=loss_type, quality_gate_init_std=0.5)
+    model.train()
+    if checkpointing:
+        model.gradient_checkpointing_enable()  # default arguments, as users call it
+    ids, mask = batch()
+    out = model(input_ids=ids, attention_mask=mask, labels=ids, output_router_logits=True)
+    out.quality_loss.backward()
+    for layer in model.model.layers:
+        grad = layer.mlp.quality_gate.weight.grad
+        assert grad is not None and grad.abs().sum() > 0
+
+
+def test_gradient_checkpointing_gives_the_same_gate_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model(seed=3)
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        ids, mask = batch()
+        model(input_ids=ids, attention_mask=mask, labels=ids, output_router_logits=True).loss.backward()
+        grads.append(
+            torch.cat([layer.mlp.quality_gate.weight.grad.flatten() for layer in model.model.layers])
+        )
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def _reference_config(**overrides):
+    values = dict(
+        quality_loss_type="sigmoid",
+        sample_wise_averaging=False,
+        beta_target_mean=0.5,
+        beta_target_var=0.05,
+        w_mean=1.0,
+        w_var=2.0,
+        lambda_var=0.1,
+        quality_loss_debug=False,
+    )
+    values.update(overrides)
+    return type("Cfg", (), values)
+
+
+def test_losses_equal_hand_computed_values():
+    # two layers, two rows; row 1 has one padding token (mask 0) that must not count
+    logits = [torch.tensor([[[0.0], [1.0], [-1.0]], [[2.0], [0.5], [9.0]]]), torch.zeros(2, 3, 1)]
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    s = torch.sigmoid
+    g0 = [s(torch.tensor(x)).item() for x in (0.0, 1.0, -1.0, 2.0, 0.5)]  # counted gates, layer 0
+    mean0 = sum(g0) / 5
+    var0 = sum((g - mean0) ** 2 for g in g0) / 5
+    mean1, var1 = 0.5, 0.0  # layer 1: all gates 0.5
+
+    def check(cfg, per_layer):
+        torch.testing.assert_close(quality_loss(logits, mask, cfg), torch.tensor(sum(per_layer) / 2))
+
+    check(_reference_config(quality_loss_type="sigmoid"), [mean0, mean1])
+    check(_reference_config(quality_loss_type="mse"), [sum(g * g for g in g0) / 5, 0.25])
+    check(
+        _reference_config(quality_loss_type="beta_moment_matching"),
+        [(m - 0.5) ** 2 + 2.0 * (v - 0.05) ** 2 for m, v in ((mean0, var0), (mean1, var1))],
+    )
+    check(
+        _reference_config(quality_loss_type="mean_variance_regularization"),
+        [(m - 0.5) ** 2 - 0.1 * v for m, v in ((mean0, var0), (mean1, var1))],
+    )
+    # sample-wise: rows weigh equally (row 0 has 3 counted tokens, row 1 has 2)
+    row_means = [sum(g0[:3]) / 3, sum(g0[3:]) / 2]
+    check(_reference_config(sample_wise_averaging=True), [sum(row_means) / 2, 0.5])
+
+
+def test_loss_settings_are_read_from_config_at_forward_time():
+    model = tiny_model(quality_gate_init_std=0.5)
+    ids, mask = batch()
+    values = {}
+    for loss_type in LOSS_TYPES:
+        model.config.quality_loss_type = loss_type  # the seed's documented way
+        values[loss_type] = model(
+            input_ids=ids, attention_mask=mask, output_router_logits=True
+        ).quality_loss.item()
+    assert len(set(values.values())) == len(LOSS_TYPES)
+
+
+def test_quality_loss_on_assistant_tokens_only_uses_labels():
+    model = tiny_model(quality_gate_init_std=0.5, quality_loss_tokens="assistant")
+    ids, mask = batch(bsz=2)
+    labels = ids.clone()
+    labels[:, :4] = -100
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, output_router_logits=True)
+    manual = torch.stack(
+        [torch.sigmoid(layer["quality_score"][:, 4:, 0]).mean() for layer in out.router_logits]
+    ).mean()
+    torch.testing.assert_close(out.quality_loss, manual)
+
+
+def test_custom_losses_and_trash_experts_are_registered_by_name():
+    register_quality_loss("test_max_gate", lambda gates, mask, cfg: gates[mask].max(), overwrite=True)
+    model = tiny_model(quality_loss_type="test_max_gate")
+    ids, mask = batch(bsz=2)
+    out = model(input_ids=ids, attention_mask=mask, output_router_logits=True)
+    expected = torch.stack(
+        [torch.sigmoid(layer["quality_score"]).max() for layer in out.router_logits]
+    ).mean()
+    torch.testing.assert_close(out.quality_loss, expected)
+    assert "test_max_gate" in QUALITY_LOSSES
+
+    register_trash_expert("test_identity", lambda expert_output, hidden: expert_output, overwrite=True)
+    model = tiny_model(trash_expert_mode="custom", custom_trash_expert="test_identity")
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+        with gates_forced_open(model):
+            open_logits = model(input_ids=ids).logits
+    torch.testing.assert_close(got, open_logits)  # identity trash == experts whatever the gate
+
+    model = tiny_model(trash_expert_mode="custom", custom_trash_expert="never_registered")
+    with pytest.raises(ValueError, match="never_registered"):
+        model(input_ids=ids)
+    with pytest.raises(ValueError, match="custom_trash_expert"):
+        tiny_config(trash_expert_mode="custom")
+
+
+# ---------------------------------------------------------------------------- padding invariance
+
+
+def _gates(model, ids, mask):
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, output_router_logits=True)
+    return torch.stack([layer["quality_score"][..., 0] for layer in out.router_logits], dim=-1)  # (B, T, L)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("trash", ["zero", "noise"])
+def test_row_gates_do_not_depend_on_batch_neighbours_or_padding_side(attn, trash):
+    model = tiny_model(seed=1, trash_expert_mode=trash)
+    model.config._attn_implementation = attn
+    short = torch.tensor([[5, 6, 7, 8]])
+    longer = torch.tensor([[9, 10, 11, 12, 13, 14, 15]])
+    alone = _gates(model, short, torch.ones_like(short))[0]  # (4, L)
+    pad = 0
+    right = torch.cat([torch.cat([short, torch.full((1, 3), pad)], 1), longer])
+    right_mask = torch.tensor([[1, 1, 1, 1, 0, 0, 0], [1] * 7])
+    left = torch.cat([torch.cat([torch.full((1, 3), pad), short], 1), longer])
+    left_mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [1] * 7])
+    torch.testing.assert_close(_gates(model, right, right_mask)[0, :4], alone, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(_gates(model, left, left_mask)[0, 3:], alone, atol=1e-5, rtol=1e-4)
+
+
+def test_noise_trash_expert_is_seeded_and_fixed_per_position():
+    ids, mask = batch(bsz=2)
+    a = tiny_model(seed=2, trash_expert_mode="noise", quality_gate_init_std=1.0)
+    b = tiny_model(seed=2, trash_expert_mode="noise", quality_gate_init_std=1.0)
+    zero = tiny_model(seed=2, trash_expert_mode="zero", quality_gate_init_std=1.0)
+    with torch.no_grad():
+        torch.testing.assert_close(a(input_ids=ids).logits, b(input_ids=ids).logits)
+        assert not torch.allclose(a(input_ids=ids).logits, zero(input_ids=ids).logits)
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+@pytest.fixture(scope="module")
+def olmoe_checkpoints(tmp_path_factory):
+    """A tiny OLMoE saved in the published per-expert layout and in transformers' fused layout."""
+    root = tmp_path_factory.mktemp("olmoe")
+    torch.manual_seed(0)
+    olmoe = OlmoeForCausalLM(tiny_olmoe_config(vocab_size=99, hidden_size=32, intermediate_size=16)).eval()
+    per_expert = root / "per_expert"
+    olmoe.save_pretrained(per_expert)  # transformers writes the published per-expert tensor names
+    fused = root / "fused"
+    olmoe.config.save_pretrained(fused)
+    save_file({k: v.contiguous() for k, v in olmoe.state_dict().items()}, fused / "model.safetensors")
+    return olmoe, per_expert, fused
+
+
+def test_checkpoint_layouts_differ_as_intended(olmoe_checkpoints):
+    from safetensors import safe_open
+
+    _, per_expert, fused = olmoe_checkpoints
+    with safe_open(per_expert / "model.safetensors", "pt") as f:
+        assert any(".experts.0.gate_proj.weight" in k for k in f.keys())
+    with safe_open(fused / "model.safetensors", "pt") as f:
+        assert any(k.endswith("experts.gate_up_proj") for k in f.keys())
+
+
+@pytest.mark.parametrize("layout", ["per_expert", "fused"])
+def test_olmoe_loads_into_select_moe_and_matches_with_gates_open(olmoe_checkpoints, layout):
+    olmoe, per_expert, fused = olmoe_checkpoints
+    path = per_expert if layout == "per_expert" else fused
+    model = load_select_moe(str(path), dtype="float32").eval()
+    ids, mask = batch()
+    with torch.no_grad(), gates_forced_open(model):
+        got = model(input_ids=ids, attention_mask=mask).logits
+    with torch.no_grad():
+        expected = olmoe(input_ids=ids, attention_mask=mask).logits
+    assert (got - expected).abs().max().item() <= 1e-5
+    # with the real gates (g = sigmoid(q) < 1) the output differs: the gates do something
+    with torch.no_grad():
+        assert (model(input_ids=ids, attention_mask=mask).logits - expected).abs().max().item() > 1e-4
+
+
+def test_new_gates_get_the_configured_seeded_init(olmoe_checkpoints):
+    _, per_expert, _ = olmoe_checkpoints
+    a = load_select_moe(str(per_expert), seed=7, quality_gate_init_mean=0.3, quality_gate_init_std=0.01)
+    b = load_select_moe(str(per_expert), seed=7, quality_gate_init_mean=0.3, quality_gate_init_std=0.01)
+    gate_a = a.model.layers[0].mlp.quality_gate.weight
+    torch.testing.assert_close(gate_a, b.model.layers[0].mlp.quality_gate.weight)
+    assert abs(gate_a.mean().item() - 0.3) < 0.01
+    assert a.config.quality_gate_init_mean == 0.3
+
+
+def test_convert_round_trip_and_auto_class(olmoe_checkpoints, tmp_path):
+    _, per_expert, _ = olmoe_checkpoints
+    from selectmoe.tiny import build_tokenizer
+
+    build_tokenizer(per_expert)
+    out = convert_olmoe(str(per_expert), tmp_path / "converted", seed=1)
+    assert max_logit_diff_gates_open(str(per_expert), str(out)) <= 1e-5
+    converted = load_select_moe(str(out))
+    auto = AutoModelForCausalLM.from_pretrained(str(out))
+    assert isinstance(auto, SelectMoeForCausalLM)
+    ids, _ = batch(bsz=2)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(input_ids=ids).logits, auto(input_ids=ids).logits)
+    # the gates saved by convert are the ones loaded back (not re-initialised)
+    original = load_select_moe(str(per_expert), seed=1)
+    torch.testing.assert_close(
+        converted.model.layers[1].mlp.quality_gate.weight, original.model.layers[1].mlp.quality_gate.weight
+    )
