@@ -105,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_command(command: str, config_file: str | None, overrides: list[str]):
     """Parse the config for ``command`` and run it; returns what the stage returns (its output dir)."""
+    if command == "compare":
+        from selectmoe.compare import compare_runs
+
+        if not overrides:
+            raise SystemExit("selectmoe compare: give one or more run folders")
+        return compare_runs(overrides)
     if command not in RUNNERS:
         raise SystemExit(f"selectmoe {command}: not implemented yet in this version")
     cfg = parse_config(command, config_file, overrides)

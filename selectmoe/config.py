@@ -130,6 +130,7 @@ class PretrainTraining:
     router_aux_loss_coef: float = 0.01
     checkpoint_every_steps: int = 50
     log_every_steps: int = 1
+    fail_at_step: int = -1  # fault injection: raise once at this step (tests recovery)
 
 
 @dataclass
@@ -193,7 +194,8 @@ class EvalSection:
     data_dir: str | None = None
     limit: float | None = None
     num_fewshot: int | None = None
-    batch_size: str = "auto"
+    batch_size: str = "auto"  # auto = lm-eval's search on GPU, 4 on CPU; or an integer
+    max_gen_toks: int | None = None  # cap on generated tokens for generation tasks; None = each task's own
     apply_chat_template: bool = False
 
 
