@@ -1,0 +1,131 @@
+"""The books of a read: every row read is accepted or rejected, and the counts say so.
+
+Both front ends (``iter_rows`` here, ``selectmoe.ray_data.read_rows``) feed rows in source order
+into one ``RowLedger``, which applies ``data.on_bad_row``, rejects later duplicates of an id,
+decides the ``subset_ratio`` sample and counts. ``rows_read == rows_accepted + rows_rejected``
+holds by construction; ``rows_sampled`` (<= ``rows_accepted``) is what the stage goes on with.
+
+Memory: one entry per accepted id (to find duplicates) plus the reject records (raw text capped
+at 2000 characters each) and, with a tokenizer, one int per row for the length percentiles.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from selectmoe.data.rejects import RowError, reason_code, reject_error, reject_record, write_rejects
+from selectmoe.data.subset import in_subset
+
+ON_BAD_ROW = ("skip", "error")
+
+
+class RowLedger:
+    def __init__(self, *, on_bad_row: str = "skip", subset_ratio: float = 1.0, seed: int = 0):
+        if on_bad_row not in ON_BAD_ROW:
+            raise ValueError(f"data.on_bad_row must be one of {ON_BAD_ROW}, got {on_bad_row!r}")
+        self.on_bad_row = on_bad_row
+        self.subset_ratio = subset_ratio
+        self.seed = seed
+        self.rejects: list[dict] = []
+        self._sources: list[str] = []
+        self._source_index: dict[str, int] = {}
+        self._first_seen: dict[str, tuple[int, int]] = {}  # id -> (source index, line)
+        self._accepted: Counter[str] = Counter()
+        self._sampled: Counter[str] = Counter()
+        self._token_lengths = array("q")
+        self._truncated = 0
+
+    @classmethod
+    def from_config(cls, dataset_cfg, data_cfg, seed: int) -> RowLedger:
+        return cls(on_bad_row=data_cfg.on_bad_row, subset_ratio=dataset_cfg.subset_ratio, seed=seed)
+
+    def reject(self, reject: dict) -> None:
+        """Record a reject; under ``on_bad_row=error`` raise ``DataError`` naming file and line."""
+        if self.on_bad_row == "error":
+            raise reject_error(reject)
+        self.rejects.append(reject)
+
+    def admit(
+        self,
+        *,
+        dataset: str,
+        row_id: str,
+        source: str,
+        line: int,
+        raw: str | None,
+        n_tokens: int | None = None,
+        truncated: bool = False,
+    ) -> bool:
+        """A row that normalised (and tokenised): True when the stage should use it.
+
+        False for a duplicate id (rejected here, with ``raw`` as its raw text) or a row outside the
+        ``subset_ratio`` sample. ``n_tokens`` is the length before truncation.
+        """
+        first = self._first_seen.get(row_id)
+        if first is not None:
+            detail = f"id {row_id!r} first seen in {self._sources[first[0]]}, line {first[1]}"
+            self.reject(reject_record(source, line, RowError("duplicate_id", detail), raw))
+            return False
+        self._first_seen[row_id] = (self._index(source), line)
+        self._accepted[dataset] += 1
+        if n_tokens is not None:
+            self._token_lengths.append(n_tokens)
+            self._truncated += int(truncated)
+        if not in_subset(self.seed, dataset, row_id, self.subset_ratio):
+            return False
+        self._sampled[dataset] += 1
+        return True
+
+    def write_rejects(self, path: str | Path) -> int:
+        """``rejects.jsonl``: one reject record per line, in source order; returns how many."""
+        return write_rejects(path, self.rejects)
+
+    def rejected_lines(self) -> dict[str, set[int]]:
+        """source -> lines rejected there (what a second read must drop besides format errors)."""
+        lines: dict[str, set[int]] = {}
+        for reject in self.rejects:
+            lines.setdefault(reject["source"], set()).add(reject["line"])
+        return lines
+
+    def counts(self) -> dict:
+        accepted, rejected = sum(self._accepted.values()), len(self.rejects)
+        counts = {
+            "rows_read": accepted + rejected,
+            "rows_accepted": accepted,
+            "rows_rejected": rejected,
+            "rows_sampled": sum(self._sampled.values()),
+        }
+        if self._token_lengths:
+            counts["rows_truncated"] = self._truncated
+        counts["datasets"] = {
+            name: {"rows_accepted": self._accepted[name], "rows_sampled": self._sampled[name]}
+            for name in sorted(self._accepted)
+        }
+        counts["rejected_by_reason"] = dict(sorted(Counter(map(reason_code, self.rejects)).items()))
+        counts["rejected_by_source"] = dict(sorted(Counter(r["source"] for r in self.rejects).items()))
+        return counts
+
+    def token_length_stats(self) -> dict[str, float]:
+        """Percentiles of accepted rows' token lengths before truncation; {} without a tokenizer."""
+        if not self._token_lengths:
+            return {}
+        lengths = np.frombuffer(self._token_lengths, dtype=np.int64)
+        p50, p90, p99 = np.percentile(lengths, [50, 90, 99])
+        return {
+            "p50": float(p50),
+            "p90": float(p90),
+            "p99": float(p99),
+            "max": int(lengths.max()),
+            "mean": round(float(lengths.mean()), 2),
+        }
+
+    def _index(self, source: str) -> int:
+        index = self._source_index.get(source)
+        if index is None:
+            index = self._source_index[source] = len(self._sources)
+            self._sources.append(source)
+        return index

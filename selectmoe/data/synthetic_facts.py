@@ -1,0 +1,186 @@
+"""The small fact tables and word lists the demo corpus and its evaluation sets are generated from.
+
+Typed in by hand (no downloaded data). Training rows and evaluation questions draw on the same
+facts, so finetuning on the clean rows can help on the evaluation sets.
+"""
+
+from __future__ import annotations
+
+# country, capital, continent, main language
+COUNTRIES = [
+    ("France", "Paris", "Europe", "French"),
+    ("Germany", "Berlin", "Europe", "German"),
+    ("Italy", "Rome", "Europe", "Italian"),
+    ("Spain", "Madrid", "Europe", "Spanish"),
+    ("Portugal", "Lisbon", "Europe", "Portuguese"),
+    ("the Netherlands", "Amsterdam", "Europe", "Dutch"),
+    ("Poland", "Warsaw", "Europe", "Polish"),
+    ("Greece", "Athens", "Europe", "Greek"),
+    ("Sweden", "Stockholm", "Europe", "Swedish"),
+    ("Norway", "Oslo", "Europe", "Norwegian"),
+    ("Finland", "Helsinki", "Europe", "Finnish"),
+    ("Denmark", "Copenhagen", "Europe", "Danish"),
+    ("Austria", "Vienna", "Europe", "German"),
+    ("Hungary", "Budapest", "Europe", "Hungarian"),
+    ("Ireland", "Dublin", "Europe", "English"),
+    ("Japan", "Tokyo", "Asia", "Japanese"),
+    ("China", "Beijing", "Asia", "Mandarin Chinese"),
+    ("India", "New Delhi", "Asia", "Hindi"),
+    ("Thailand", "Bangkok", "Asia", "Thai"),
+    ("Vietnam", "Hanoi", "Asia", "Vietnamese"),
+    ("South Korea", "Seoul", "Asia", "Korean"),
+    ("Indonesia", "Jakarta", "Asia", "Indonesian"),
+    ("Egypt", "Cairo", "Africa", "Arabic"),
+    ("Kenya", "Nairobi", "Africa", "Swahili"),
+    ("Nigeria", "Abuja", "Africa", "English"),
+    ("Morocco", "Rabat", "Africa", "Arabic"),
+    ("Ghana", "Accra", "Africa", "English"),
+    ("Ethiopia", "Addis Ababa", "Africa", "Amharic"),
+    ("Brazil", "Brasilia", "South America", "Portuguese"),
+    ("Argentina", "Buenos Aires", "South America", "Spanish"),
+    ("Peru", "Lima", "South America", "Spanish"),
+    ("Chile", "Santiago", "South America", "Spanish"),
+    ("Colombia", "Bogota", "South America", "Spanish"),
+    ("Canada", "Ottawa", "North America", "English"),
+    ("Mexico", "Mexico City", "North America", "Spanish"),
+    ("Cuba", "Havana", "North America", "Spanish"),
+    ("Australia", "Canberra", "Oceania", "English"),
+    ("New Zealand", "Wellington", "Oceania", "English"),
+]
+
+# animal, class, main food, where it lives
+ANIMALS = [
+    ("lion", "mammal", "meat from zebras and antelopes", "African grasslands"),
+    ("elephant", "mammal", "grass, leaves and fruit", "savannas and forests"),
+    ("giraffe", "mammal", "leaves from tall trees", "African savannas"),
+    ("zebra", "mammal", "grass", "African grasslands"),
+    ("kangaroo", "mammal", "grass and leaves", "Australian grasslands"),
+    ("koala", "mammal", "eucalyptus leaves", "Australian eucalyptus forests"),
+    ("polar bear", "mammal", "seals", "the Arctic sea ice"),
+    ("dolphin", "mammal", "fish and squid", "oceans"),
+    ("bat", "mammal", "insects and fruit", "caves and forests"),
+    ("penguin", "bird", "fish and krill", "cold southern coasts"),
+    ("eagle", "bird", "fish and small mammals", "mountains and forests"),
+    ("owl", "bird", "mice and insects", "forests"),
+    ("parrot", "bird", "seeds and fruit", "tropical forests"),
+    ("ostrich", "bird", "plants and insects", "African savannas"),
+    ("flamingo", "bird", "shrimp and algae", "shallow lakes"),
+    ("crocodile", "reptile", "fish and other animals", "rivers and swamps"),
+    ("sea turtle", "reptile", "jellyfish and seagrass", "warm oceans"),
+    ("iguana", "reptile", "leaves and fruit", "tropical forests"),
+    ("rattlesnake", "reptile", "mice and rats", "deserts and grasslands"),
+    ("frog", "amphibian", "insects", "ponds and wetlands"),
+    ("salamander", "amphibian", "worms and insects", "damp forests"),
+    ("salmon", "fish", "insects and small fish", "rivers and the ocean"),
+    ("shark", "fish", "fish and seals", "oceans"),
+    ("goldfish", "fish", "plants and small insects", "ponds"),
+    ("bee", "insect", "nectar and pollen", "meadows and gardens"),
+    ("ant", "insect", "seeds and small insects", "underground nests"),
+    ("butterfly", "insect", "nectar", "gardens and meadows"),
+]
+ANIMAL_CLASSES = ["mammal", "bird", "reptile", "amphibian", "fish", "insect"]
+
+# element, symbol, atomic number
+ELEMENTS = [
+    ("hydrogen", "H", 1),
+    ("helium", "He", 2),
+    ("lithium", "Li", 3),
+    ("carbon", "C", 6),
+    ("nitrogen", "N", 7),
+    ("oxygen", "O", 8),
+    ("fluorine", "F", 9),
+    ("neon", "Ne", 10),
+    ("sodium", "Na", 11),
+    ("magnesium", "Mg", 12),
+    ("aluminum", "Al", 13),
+    ("silicon", "Si", 14),
+    ("phosphorus", "P", 15),
+    ("sulfur", "S", 16),
+    ("chlorine", "Cl", 17),
+    ("potassium", "K", 19),
+    ("calcium", "Ca", 20),
+    ("iron", "Fe", 26),
+    ("copper", "Cu", 29),
+    ("zinc", "Zn", 30),
+    ("silver", "Ag", 47),
+    ("tin", "Sn", 50),
+    ("gold", "Au", 79),
+    ("mercury", "Hg", 80),
+    ("lead", "Pb", 82),
+]
+
+ANTONYMS = [
+    ("hot", "cold"),
+    ("big", "small"),
+    ("fast", "slow"),
+    ("happy", "sad"),
+    ("light", "dark"),
+    ("open", "closed"),
+    ("early", "late"),
+    ("full", "empty"),
+    ("strong", "weak"),
+    ("young", "old"),
+    ("high", "low"),
+    ("rich", "poor"),
+    ("loud", "quiet"),
+    ("hard", "soft"),
+    ("wet", "dry"),
+    ("thick", "thin"),
+    ("long", "short"),
+    ("clean", "dirty"),
+]
+
+CATEGORIES = {
+    "fruits": ["apple", "banana", "cherry", "mango", "pear", "grape", "orange", "plum", "kiwi", "peach"],
+    "colors": ["red", "blue", "green", "yellow", "purple", "pink", "brown", "white"],
+    "sports": ["soccer", "tennis", "basketball", "swimming", "cycling", "volleyball", "rugby", "golf"],
+    "musical instruments": ["piano", "guitar", "violin", "drums", "flute", "trumpet", "cello", "harp"],
+    "vegetables": ["carrot", "potato", "broccoli", "spinach", "onion", "cabbage", "pea", "lettuce"],
+}
+
+NAMES = [
+    "Alice", "Ben", "Carla", "David", "Emma", "Farid", "Grace", "Hiro", "Ines", "Jamal", "Kira", "Liam",
+    "Maya", "Noah", "Olga", "Priya", "Quinn", "Rosa", "Sam", "Tara", "Umar", "Vera", "Wei", "Yara", "Zoe",
+]  # fmt: skip
+ITEMS = [
+    "apples",
+    "pencils",
+    "stickers",
+    "marbles",
+    "cookies",
+    "books",
+    "stamps",
+    "shells",
+    "cards",
+    "balloons",
+]
+CONTAINERS = [("box", "boxes"), ("bag", "bags"), ("crate", "crates"), ("jar", "jars"), ("pack", "packs")]
+PRODUCTS = [
+    "phone",
+    "blender",
+    "backpack",
+    "lamp",
+    "novel",
+    "pair of headphones",
+    "jacket",
+    "tent",
+    "keyboard",
+]
+POSITIVE_WORDS = ["reliable", "comfortable", "excellent", "sturdy", "beautiful", "fast", "quiet", "well made"]
+NEGATIVE_WORDS = [
+    "flimsy",
+    "noisy",
+    "disappointing",
+    "slow",
+    "uncomfortable",
+    "broken",
+    "overpriced",
+    "poorly made",
+]
+SPAM_PHRASES = [
+    "Click here to win a free prize!",
+    "BUY NOW!!! Best deals at cheap-deals.example!",
+    "Subscribe subscribe subscribe!",
+    "Limited offer, act now!",
+]
+EMPTYISH_RESPONSES = [".", "...", "N/A", "ok", "?", "-", "I don't know.", "Hmm."]

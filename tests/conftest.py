@@ -1,0 +1,47 @@
+"""Shared test fixtures: one local Ray session and the offline tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole run: 2 CPUs like the CI machine, no dashboard, small object store."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            object_store_memory=512 * 1024**2,
+            log_to_driver=False,
+        )
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """The offline 32k SentencePiece tokenizer (``selectmoe.tiny``) saved once; pass it as a name."""
+    from selectmoe.tiny import build_tokenizer
+
+    path = tmp_path_factory.mktemp("tokenizer")
+    build_tokenizer(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_olmoe(tmp_path_factory):
+    """A tiny OLMoE (2 layers, hidden 64, 8 experts top-2) + the offline tokenizer, as an HF folder."""
+    from selectmoe.tiny import build_tiny_olmoe
+
+    return build_tiny_olmoe(tmp_path_factory.mktemp("tiny_olmoe"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """A tiny Llama (2 layers, hidden 64) + the offline tokenizer: the stage-3 target stand-in."""
+    from selectmoe.tiny import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))

@@ -1,0 +1,123 @@
+"""The Ray Data front end (``selectmoe.ray_data.read_rows``) gives what ``iter_rows`` gives:
+the same rows in the same order, the same rejects, counts and subset; and it streams."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import psutil
+import pytest
+from test_data_readers import FORMATS, SCHEMA_ROWS, less_rows, write_formats  # noqa: F401 (fixture)
+from test_data_rejects import bad_folder  # noqa: F401 (fixture)
+
+from selectmoe.config import DataConfig, DatasetConfig
+from selectmoe.data import RowLedger, encode_batch, iter_rows, load_tokenizer
+from selectmoe.ray_data import ROW_SCHEMA, read_rows, tokenize_rows
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+COT = Path("/work/shared/data/train/cot.jsonl")
+
+
+@pytest.fixture(scope="module")
+def mixed_inputs(less_rows, bad_folder, tmp_path_factory) -> list[str]:  # noqa: F811
+    """Every format (ids suffixed per format so none is a duplicate), every schema, every bad row;
+    named by a glob, a ``file://`` URI and a folder."""
+    root = tmp_path_factory.mktemp("mixed")
+    for fmt in FORMATS:
+        suffixed = {
+            name: [{**row, "id": f"{row['id']}-{fmt}"} for row in rows] for name, rows in less_rows.items()
+        }
+        write_formats(suffixed, root / "formats", formats=[fmt])
+    (root / "schemas.jsonl").write_text("".join(json.dumps(raw) + "\n" for raw, _, _ in SCHEMA_ROWS))
+    return [
+        str(root / "formats" / "*"),
+        f"file://{root / 'schemas.jsonl'}",
+        str(bad_folder),
+    ]  # glob, URI, folder
+
+
+def read_both(cfg: DatasetConfig, tokenizer_dir: str | None = None):
+    result = read_rows(cfg, DataConfig(), seed=0, tokenizer_name=tokenizer_dir)
+    ledger = RowLedger.from_config(cfg, DataConfig(), seed=0)
+    tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir else None
+    return result, list(iter_rows(cfg, ledger, tokenizer=tokenizer)), ledger
+
+
+def test_ray_rows_rejects_and_counts_equal_the_iterator(ray_session, mixed_inputs, tokenizer_dir):
+    cfg = DatasetConfig(data_path=mixed_inputs, max_sequence_length=128)
+    result, expected, ledger = read_both(cfg, tokenizer_dir)
+
+    rows = result.rows.take_all()
+    assert rows == expected  # same rows, same order, lines and ids
+    assert result.rows.schema().base_schema == ROW_SCHEMA
+    assert result.ledger.rejects == ledger.rejects
+    assert result.ledger.counts() == ledger.counts()
+    assert result.ledger.token_length_stats() == ledger.token_length_stats()
+
+    by_format = {fmt: [r for r in rows if r["id"].endswith(f"-{fmt}")] for fmt in FORMATS}
+    reference = [{**r, "id": r["id"].removesuffix("-jsonl")} for r in by_format["jsonl"]]
+    for fmt in FORMATS:
+        same = [{**r, "id": r["id"].removesuffix(f"-{fmt}")} for r in by_format[fmt]]
+        assert [{k: v for k, v in r.items() if k != "source"} for r in same] == [
+            {k: v for k, v in r.items() if k != "source"} for r in reference
+        ], fmt
+
+
+def test_ray_subset_equals_the_iterator_subset(ray_session, mixed_inputs):
+    cfg = DatasetConfig(data_path=mixed_inputs, subset_ratio=0.3)
+    result, expected, ledger = read_both(cfg)
+    rows = result.rows.take_all()
+    assert rows == expected
+    assert 0 < len(rows) < ledger.counts()["rows_accepted"]
+    assert result.ledger.counts() == ledger.counts()
+    assert read_rows(cfg, DataConfig(), seed=0).rows.take_all() == rows  # re-read: the same sample
+
+
+def test_reading_30k_rows_streams_on_two_cpus(ray_session):
+    driver = psutil.Process(os.getpid())
+    before = driver.memory_info().rss
+    result = read_rows(DatasetConfig(data_path=[str(COT)]), DataConfig(), seed=0)
+    counted, peak = 0, 0
+    for batch in result.rows.iter_batches(batch_size=1000, batch_format="pyarrow"):
+        assert batch.num_rows <= 1000
+        counted += batch.num_rows
+        peak = max(peak, driver.memory_info().rss)
+    assert counted == 30_028
+    assert result.ledger.counts()["rows_read"] == 30_028 == result.ledger.counts()["rows_accepted"]
+    # the driver holds the ids (for duplicates) and a few batches, not the 14 MB corpus as rows
+    assert peak - before < 300 * 1024**2
+
+
+def test_tokenize_rows_uses_the_one_template(ray_session, mixed_inputs, tokenizer_dir):
+    cfg = DatasetConfig(data_path=mixed_inputs, max_sequence_length=128)
+    result, expected, _ = read_both(cfg, tokenizer_dir)
+    tokenized = tokenize_rows(result.rows, tokenizer_dir, 128).take_all()
+    encoded = encode_batch(
+        [row["messages"] for row in expected], load_tokenizer(tokenizer_dir), max_seq_length=128
+    )
+    assert [row["id"] for row in tokenized] == [row["id"] for row in expected]
+    for row, reference in zip(tokenized, encoded):
+        assert list(row["input_ids"]) == reference["input_ids"].tolist()
+        assert list(row["labels"]) == reference["labels"].tolist()
+        assert row["n_assistant_tokens"] == reference["n_assistant_tokens"] > 0
+        assert set(row) == {
+            "id",
+            "dataset",
+            "source",
+            "line",
+            "input_ids",
+            "labels",
+            "n_tokens",
+            "n_assistant_tokens",
+        }
+
+
+def test_tokenize_rows_fails_on_a_row_the_read_did_not_check(ray_session, mixed_inputs, tokenizer_dir):
+    unchecked = read_rows(DatasetConfig(data_path=mixed_inputs), DataConfig(), seed=0).rows  # no tokenizer
+    with pytest.raises(
+        Exception, match=r"\.(jsonl?|parquet|gz), line \d+: no_assistant_tokens_after_truncation"
+    ):
+        tokenize_rows(unchecked, tokenizer_dir, 128).take_all()

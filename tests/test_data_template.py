@@ -1,0 +1,144 @@
+"""The one chat template: text, labels, truncation, pad token."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from selectmoe.data.rejects import RowError
+from selectmoe.data.template import (
+    IGNORE_INDEX,
+    encode_batch,
+    encode_messages,
+    ensure_pad_token,
+    format_messages,
+    load_tokenizer,
+)
+
+SHARED_OASST = "/work/shared/data/train/oasst1.jsonl"
+
+SINGLE = [
+    {"role": "user", "content": "What is 2 + 3?\nLet's think step by step."},
+    {"role": "assistant", "content": "2 + 3 = 5. So the answer is 5."},
+]
+MULTI = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "  Hi! Name a fruit.  "},
+    {"role": "assistant", "content": "An apple.\n"},
+    {"role": "user", "content": "And a colour?"},
+    {"role": "assistant", "content": "Blue, like   the sky."},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_dir):
+    return load_tokenizer(tokenizer_dir)
+
+
+def _real_multi_turn(limit: int = 20) -> list[list[dict]]:
+    with open(SHARED_OASST, encoding="utf-8") as fh:
+        rows = (json.loads(line)["messages"] for line in fh)
+        return list(itertools.islice((m for m in rows if len(m) >= 4), limit))
+
+
+def _labelled_runs(labels: np.ndarray) -> list[tuple[int, int]]:
+    runs, start = [], None
+    for index, label in enumerate([*labels.tolist(), IGNORE_INDEX]):
+        if label != IGNORE_INDEX and start is None:
+            start = index
+        elif label == IGNORE_INDEX and start is not None:
+            runs.append((start, index))
+            start = None
+    return runs
+
+
+def test_text_is_open_instruct_tulu_format():
+    text, spans = format_messages(MULTI, "</s>")
+    assert text == (
+        "<|system|>\nYou are a helpful assistant.\n"
+        "<|user|>\nHi! Name a fruit.\n"
+        "<|assistant|>\nAn apple.</s>\n"
+        "<|user|>\nAnd a colour?\n"
+        "<|assistant|>\nBlue, like   the sky.</s>"
+    )
+    assert [text[start:end] for start, end in spans] == ["An apple.</s>", "Blue, like   the sky.</s>"]
+
+
+@pytest.mark.parametrize("messages", [SINGLE, MULTI], ids=["single", "multi"])
+def test_ids_decode_to_the_formatted_text(tokenizer, messages):
+    encoded = encode_messages(messages, tokenizer, max_seq_length=4096)
+    text, _ = format_messages(messages, tokenizer.eos_token)
+    assert tokenizer.decode(encoded["input_ids"].tolist()) == text
+    assert encoded["input_ids"].tolist() == tokenizer(text)["input_ids"]  # one tokenisation of the whole text
+
+
+def test_real_rows_decode_to_the_formatted_text(tokenizer):
+    rows = _real_multi_turn()
+    for messages, encoded in zip(rows, encode_batch(rows, tokenizer, max_seq_length=100_000)):
+        assert tokenizer.decode(encoded["input_ids"].tolist()) == format_messages(messages, "</s>")[0]
+
+
+@pytest.mark.parametrize("messages", [SINGLE, MULTI, *_real_multi_turn(5)])
+def test_assistant_labels_are_exactly_the_assistant_turns_and_eos(tokenizer, messages):
+    encoded = encode_messages(messages, tokenizer, max_seq_length=100_000)
+    labels, ids = encoded["labels"], encoded["input_ids"]
+    runs = _labelled_runs(labels)
+    expected = [m["content"].strip() + tokenizer.eos_token for m in messages if m["role"] == "assistant"]
+    assert [tokenizer.decode(labels[start:end].tolist()) for start, end in runs] == expected
+    assert all(labels[end - 1] == tokenizer.eos_token_id for _, end in runs)
+    mask = labels != IGNORE_INDEX
+    assert np.array_equal(labels[mask], ids[mask])
+    assert encoded["n_assistant_tokens"] == int(mask.sum())
+    assert encoded["n_tokens"] == len(ids) == encoded["n_tokens_before_truncation"]
+    assert ids.dtype == np.int32 and labels.dtype == np.int32
+
+
+def test_loss_on_all_labels_every_token(tokenizer):
+    assistant_only = encode_messages(MULTI, tokenizer, max_seq_length=4096)
+    everything = encode_messages(MULTI, tokenizer, max_seq_length=4096, loss_on="all")
+    assert np.array_equal(everything["labels"], everything["input_ids"])
+    assert np.array_equal(everything["input_ids"], assistant_only["input_ids"])
+    assert everything["n_assistant_tokens"] == assistant_only["n_assistant_tokens"]
+
+
+def test_truncation_keeps_the_start(tokenizer):
+    full = encode_messages(MULTI, tokenizer, max_seq_length=4096)
+    cut = len(full["input_ids"]) - 3  # inside the last assistant turn
+    truncated = encode_messages(MULTI, tokenizer, max_seq_length=cut)
+    assert np.array_equal(truncated["input_ids"], full["input_ids"][:cut])
+    assert np.array_equal(truncated["labels"], full["labels"][:cut])
+    assert truncated["n_tokens"] == cut
+    assert truncated["n_tokens_before_truncation"] == len(full["input_ids"])
+    assert 0 < truncated["n_assistant_tokens"] < full["n_assistant_tokens"]
+
+
+def test_truncation_that_leaves_no_assistant_token_rejects_the_row(tokenizer):
+    long_prompt = [{"role": "user", "content": "word " * 300}, {"role": "assistant", "content": "Short."}]
+    results = encode_batch([SINGLE, long_prompt, MULTI], tokenizer, max_seq_length=64)
+    assert isinstance(results[0], dict) and isinstance(results[2], dict)
+    assert isinstance(results[1], RowError)
+    assert results[1].reason == "no_assistant_tokens_after_truncation"
+    with pytest.raises(RowError, match="no_assistant_tokens_after_truncation"):
+        encode_messages(long_prompt, tokenizer, max_seq_length=64)
+
+
+def test_unknown_loss_on_is_refused(tokenizer):
+    with pytest.raises(ValueError, match="loss_on"):
+        encode_messages(SINGLE, tokenizer, max_seq_length=64, loss_on="prompt")
+
+
+def test_ensure_pad_token_uses_unk_then_eos_without_new_tokens(tokenizer_dir):
+    fresh = AutoTokenizer.from_pretrained(tokenizer_dir)
+    size = len(fresh)
+    assert fresh.pad_token is None
+    assert ensure_pad_token(fresh).pad_token == "<unk>"
+    assert len(fresh) == size
+
+    no_unk = AutoTokenizer.from_pretrained(tokenizer_dir)
+    no_unk.unk_token = None
+    assert ensure_pad_token(no_unk).pad_token == "</s>"
+    assert len(no_unk) == size
