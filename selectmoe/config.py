@@ -117,7 +117,8 @@ class PretrainTraining:
     max_steps: int = -1  # > 0 stops early (debug runs, sweeps)
     gradient_clipping: float = 1.0
     gradient_checkpointing: bool = True
-    lora: LoraSection = field(default_factory=LoraSection)
+    # seed: r=16, alpha=64; dropout 0 because PEFT's LoRA on a bare parameter (the router) has none
+    lora: LoraSection = field(default_factory=lambda: LoraSection(r=16, lora_alpha=64, lora_dropout=0.0))
     quality_loss_weight: float = 0.01
     quality_gate_init_mean: float = 0.0
     quality_gate_init_std: float = 0.02

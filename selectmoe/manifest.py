@@ -56,10 +56,14 @@ def fingerprint(path: str | Path, chunk: int = 1 << 20) -> dict[str, Any]:
     return {"path": str(p), "bytes": size, "sha256": digest.hexdigest()}
 
 
+def hash_dict(data: dict[str, Any]) -> str:
+    blob = json.dumps(data, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
 def config_hash(cfg: Any) -> str:
     """Stable hash of a resolved config (pipeline resume compares these)."""
-    blob = json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    return hash_dict(to_dict(cfg))
 
 
 def write_manifest(

@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import ray
 
 from selectmoe.compare import compare_runs, results_table
 from selectmoe.config import ConfigError, EvalSection, EvaluateConfig, TargetModelConfig
@@ -36,15 +35,6 @@ EVAL_SUBSET = [
     "arc/ARC-Challenge-Dev.jsonl",
     "gsm8k/test.jsonl",
 ]
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    started_here = not ray.is_initialized()
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    yield
-    if started_here:
-        ray.shutdown()
 
 
 @pytest.fixture

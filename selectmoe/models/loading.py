@@ -8,10 +8,12 @@ new. They are initialised here from the config's mean/std with a seeded generato
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer
 
 from selectmoe.models.configuration import SelectMoeConfig
@@ -19,6 +21,7 @@ from selectmoe.models.modeling import SelectMoeForCausalLM, gates_forced_open, i
 
 logger = logging.getLogger(__name__)
 
+STAGE1_CONFIG = "select_moe_config.json"  # written by stage 1 next to its trained weights
 _CONFIG_DROP = ("model_type", "architectures", "transformers_version", "auto_map")
 
 
@@ -60,7 +63,15 @@ def load_select_moe(
     trust_remote_code: bool = False,
     **config_overrides,
 ) -> SelectMoeForCausalLM:
-    """Load an OLMoE or Select-MoE checkpoint as ``SelectMoeForCausalLM``; new gates get a seeded init."""
+    """Load an OLMoE or Select-MoE checkpoint, or a stage-1 output folder, as ``SelectMoeForCausalLM``.
+
+    New gates get a seeded init. A stage-1 folder (it holds ``select_moe_config.json``) names its base
+    model; the base is loaded and the trained router weights or LoRA adapter applied on top.
+    """
+    if (Path(path) / STAGE1_CONFIG).is_file():
+        return _load_stage1_output(
+            Path(path), dtype, attn_implementation, trust_remote_code, config_overrides
+        )
     config = select_moe_config(path, trust_remote_code=trust_remote_code, **config_overrides)
     model, info = SelectMoeForCausalLM.from_pretrained(
         path,
@@ -88,6 +99,32 @@ def load_select_moe(
             config.quality_gate_init_std,
             seed,
         )
+    return model
+
+
+def _load_stage1_output(folder: Path, dtype, attn_implementation, trust_remote_code, overrides):
+    info = json.loads((folder / STAGE1_CONFIG).read_text())
+    model = load_select_moe(
+        info["base_model"],
+        dtype=dtype,
+        attn_implementation=attn_implementation,
+        seed=info.get("seed", 0),
+        trust_remote_code=trust_remote_code,
+        **{**info.get("select_moe", {}), **overrides},
+    )
+    weights = folder / info["weights"]
+    if weights.is_dir():  # a PEFT adapter: merge it so scoring runs the plain model
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, str(weights)).merge_and_unload()
+    params = dict(model.named_parameters())
+    tensors = load_file(str(weights))
+    unknown = sorted(set(tensors) - set(params))
+    if unknown:
+        raise ValueError(f"{weights}: tensors not in the model: {unknown[:5]}")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value.to(params[name].dtype))
     return model
 
 

@@ -1,0 +1,206 @@
+"""Stage 1 driver: ``selectmoe pretrain`` / ``python -m ray_jobs.pretrain``.
+
+setup (Ray, rows, tokens) -> train (Ray Train ``TorchTrainer``, per-worker loop in
+``selectmoe.training.router``) -> save (router weights or LoRA adapter, ``select_moe_config.json``,
+tokenizer, metrics, plot, manifest). Rerunning with the same config and ``output_dir`` resumes from
+the last checkpoint; a worker failure restarts from it (``scaling.max_failures``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from selectmoe.config import ConfigError, PretrainConfig, to_dict
+from selectmoe.manifest import fingerprint, hash_dict, write_manifest
+from selectmoe.models.loading import STAGE1_CONFIG
+from selectmoe.plots import plot_training_curves
+from selectmoe.ray_data import read_rows, tokenize_rows
+from selectmoe.scaling import ensure_ray, worker_layout
+from selectmoe.training.common import METRICS_FILE, TRAINABLE_FILE, BatchPlan
+from selectmoe.training.router import ADAPTER_DIR, train_router_per_worker
+
+logger = logging.getLogger(__name__)
+
+ROUTER_WEIGHTS = "router_weights.safetensors"
+TRAINING_IDS = "training_ids.parquet"
+
+
+def select_moe_overrides(cfg: PretrainConfig) -> dict:
+    """The SelectMoeConfig fields stage 1 sets (the seed's keys, mapped onto the model config)."""
+    t = cfg.training
+    return {
+        "quality_gate_init_mean": t.quality_gate_init_mean,
+        "quality_gate_init_std": t.quality_gate_init_std,
+        "quality_loss_weight": t.quality_loss_weight,
+        "trash_expert_mode": t.trash_expert_mode,
+        "enable_load_balancing": t.enable_load_balancing,
+        "quality_loss_type": t.quality_loss_type,
+        "quality_loss_debug": t.quality_loss_debug,
+        "quality_loss_tokens": t.quality_loss_tokens,
+        "router_aux_loss_coef": t.router_aux_loss_coef,
+        **to_dict(t.quality_loss_params),
+    }
+
+
+def pretrain_router(cfg: PretrainConfig) -> Path:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    started = time.time()
+    if cfg.training.peft_mode == "lora" and cfg.training.lora.lora_dropout != 0:
+        raise ConfigError(
+            "training.lora.lora_dropout must be 0 in stage 1: the MoE router is a bare weight, and PEFT's "
+            "LoRA on parameters (target_parameters) has no dropout"
+        )
+    out = Path(cfg.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    ensure_ray()
+    tokenizer_name = cfg.selector_model.tokenizer_name or cfg.selector_model.path
+
+    # ---- setup: rows -> tokens (materialised: the sampled subset is small and read by every worker)
+    read = read_rows(cfg.dataset, cfg.data, seed=cfg.seed, tokenizer_name=tokenizer_name)
+    read.ledger.write_rejects(out / "rejects.jsonl")
+    train = tokenize_rows(read.rows, tokenizer_name, cfg.dataset.max_sequence_length, cfg.data.loss_on)
+    train = train.materialize()
+    num_rows = train.count()
+    pq.write_table(
+        pa.Table.from_pylist(train.select_columns(["id", "dataset"]).take_all()), out / TRAINING_IDS
+    )
+
+    workers, resources, gpu = worker_layout(cfg.scaling)
+    plan = BatchPlan(cfg.training.batch_size, cfg.training.per_device_batch_size, workers)
+    steps_per_epoch = plan.steps_per_epoch(num_rows)
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{num_rows} training rows are fewer than one global batch of {plan.effective_batch}; "
+            "lower training.batch_size or raise dataset.subset_ratio"
+        )
+    total_steps = steps_per_epoch * cfg.training.epochs
+    if cfg.training.max_steps > 0:
+        total_steps = min(total_steps, cfg.training.max_steps)
+    logger.info(
+        "stage 1: %d rows, %d workers, effective batch %d (per device %d x accumulation %d x workers %d), %d steps",
+        num_rows,
+        workers,
+        plan.effective_batch,
+        plan.per_device,
+        plan.accumulation,
+        workers,
+        total_steps,
+    )
+
+    # ---- train
+    t = cfg.training
+    loop_config = {
+        "seed": cfg.seed,
+        "base_model": cfg.selector_model.path,
+        "dtype": cfg.selector_model.dtype,
+        "attn_implementation": cfg.selector_model.attn_implementation,
+        "select_moe": select_moe_overrides(cfg),
+        "peft_mode": t.peft_mode,
+        "lora": to_dict(t.lora),
+        "gradient_checkpointing": t.gradient_checkpointing,
+        "strategy": cfg.scaling.strategy,
+        "batch_size": t.batch_size,
+        "per_device_batch_size": t.per_device_batch_size,
+        "learning_rate": t.learning_rate,
+        "weight_decay": t.weight_decay,
+        "warmup_ratio": t.warmup_ratio,
+        "gradient_clipping": t.gradient_clipping,
+        "total_steps": total_steps,
+        "steps_per_epoch": steps_per_epoch,
+        "checkpoint_every_steps": t.checkpoint_every_steps,
+        "log_every_steps": t.log_every_steps,
+        "pad_token_id": _pad_token_id(tokenizer_name),
+        "fail_at_step": t.fail_at_step,
+        "output_dir": str(out),
+    }
+    trainer = TorchTrainer(
+        train_router_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=workers, use_gpu=gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=f"pretrain-{_run_hash(cfg)}",
+            storage_path=str(out / "ray_train"),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": train},
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),  # every worker reads the plan's stream
+    )
+    result = trainer.fit()
+
+    # ---- save
+    with result.checkpoint.as_directory() as ckpt:
+        ckpt = Path(ckpt)
+        if t.peft_mode == "lora":
+            shutil.rmtree(out / ADAPTER_DIR, ignore_errors=True)
+            shutil.copytree(ckpt / ADAPTER_DIR, out / ADAPTER_DIR)
+        else:
+            shutil.copy(ckpt / TRAINABLE_FILE, out / ROUTER_WEIGHTS)
+        shutil.copy(ckpt / METRICS_FILE, out / METRICS_FILE)
+    (out / STAGE1_CONFIG).write_text(
+        json.dumps(
+            {
+                "base_model": cfg.selector_model.path,
+                "tokenizer": tokenizer_name,
+                "peft_mode": t.peft_mode,
+                "weights": ADAPTER_DIR if t.peft_mode == "lora" else ROUTER_WEIGHTS,
+                "select_moe": select_moe_overrides(cfg),
+                "seed": cfg.seed,
+            },
+            indent=2,
+        )
+    )
+    _save_tokenizer(tokenizer_name, out / "tokenizer")
+    history = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines() if line]
+    plot_training_curves(history, out / "training_curves.png", title="stage 1: router pretraining")
+    counts = read.ledger.counts()
+    counts.update(
+        rows_trained=num_rows, steps=total_steps, effective_batch=plan.effective_batch, workers=workers
+    )
+    write_manifest(
+        out,
+        stage="pretrain",
+        config=cfg,
+        inputs={
+            "selector_model": fingerprint(cfg.selector_model.path),
+            "data": [fingerprint(s.uri) for s in read.sources],
+        },
+        counts=counts,
+        metrics=history[-1] if history else {},
+        outputs={
+            "weights": ADAPTER_DIR if t.peft_mode == "lora" else ROUTER_WEIGHTS,
+            "config": STAGE1_CONFIG,
+        },
+        started_at=started,
+    )
+    return out
+
+
+def _run_hash(cfg: PretrainConfig) -> str:
+    """Same config -> same Ray Train run name -> a rerun resumes; fault injection does not count."""
+    resumable = to_dict(cfg)
+    resumable["training"]["fail_at_step"] = -1
+    return hash_dict(resumable)
+
+
+def _pad_token_id(tokenizer_name: str) -> int:
+    from selectmoe.data.template import ensure_pad_token, load_tokenizer
+
+    return ensure_pad_token(load_tokenizer(tokenizer_name)).pad_token_id
+
+
+def _save_tokenizer(tokenizer_name: str, path: Path) -> None:
+    from selectmoe.data.template import load_tokenizer
+
+    load_tokenizer(tokenizer_name).save_pretrained(str(path))
