@@ -152,7 +152,9 @@ class FinetuneTraining:
             r=128, lora_alpha=512, lora_dropout=0.1, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]
         )
     )
+    checkpoint_every_steps: int = 0  # 0 = only at the end of each epoch (always checkpointed)
     log_every_steps: int = 1
+    fail_at_step: int = -1  # fault injection: raise once at this step (tests recovery)
 
 
 @dataclass
@@ -177,6 +179,7 @@ class ScoringSection:
     sort_window: int = 1024  # rows sorted by length together before batching
     store_routing: bool = False  # keep per-layer mean routing distributions (diversity selection)
     num_actors: int = 0  # 0 = one per GPU, or sized from free CPUs
+    inject_actor_failure: bool = False  # fault injection: one scoring actor exits once (tests recovery)
 
 
 @dataclass

@@ -39,3 +39,39 @@ def plot_training_curves(history: list[dict], path: str | Path, title: str) -> P
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
+
+
+def plot_score_histograms(batches, path: str | Path, threshold: float | None) -> Path:
+    """Score histogram per dataset, selection cut marked. ``batches()`` streams tables with ``dataset``
+    and ``score``; it is called twice (range, then counts) so no corpus is held in memory."""
+    import numpy as np
+
+    low, high = np.inf, -np.inf
+    for batch in batches():
+        if batch.num_rows:
+            scores = batch["score"].to_numpy(zero_copy_only=False)
+            low, high = min(low, scores.min()), max(high, scores.max())
+    if not np.isfinite(low):
+        low, high = 0.0, 1.0
+    edges = np.linspace(low, high if high > low else low + 1e-6, 61)
+    counts: dict[str, np.ndarray] = {}
+    for batch in batches():
+        scores = np.asarray(batch["score"].to_numpy(zero_copy_only=False), dtype=np.float64)
+        names = np.asarray(batch["dataset"].to_pylist())
+        for name in np.unique(names):
+            hist, _ = np.histogram(scores[names == name], bins=edges)
+            counts[name] = counts.get(name, 0) + hist
+    fig, ax = plt.subplots(figsize=(7, 4))
+    centres = (edges[:-1] + edges[1:]) / 2
+    for name in sorted(counts):
+        ax.step(centres, counts[name], where="mid", label=name)
+    if threshold is not None:
+        ax.axvline(threshold, color="k", linestyle="--", label="selection cut")
+    ax.set_xlabel("score (mean gate value)")
+    ax.set_ylabel("rows")
+    ax.set_title("stage 2: scores per dataset")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)

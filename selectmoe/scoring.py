@@ -1,0 +1,47 @@
+"""Row scores from gate outputs: the one score formula.
+
+    layer_score[l] = mean over the row's scored tokens of g[l, t],   g = sigmoid(quality_score)
+    score          = mean over layers of layer_score[l]
+
+Scored tokens are the assistant tokens (``labels != -100``) by default, or every real token with
+``scoring.tokens=all``; padding never counts. ``layer_scores`` are stored beside ``score`` so any
+other aggregation (last layers only, weighted layers) can be recomputed without rescoring. (The
+seed had two formulas; a later script averaged sigmoid(token-mean q) instead. This is the first.)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+SCORE_TOKENS = ("assistant", "all")
+
+
+def score_mask(attention_mask: torch.Tensor, labels: torch.Tensor, tokens: str) -> torch.Tensor:
+    """(B, T) bool: the tokens a row's score averages over."""
+    if tokens not in SCORE_TOKENS:
+        raise ValueError(f"scoring.tokens must be one of {SCORE_TOKENS}, got {tokens!r}")
+    mask = attention_mask.bool()
+    if tokens == "assistant":
+        mask = mask & (labels != -100)
+    return mask
+
+
+def layer_gate_means(quality_scores: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """(B, L): per layer, the mean gate value over each row's masked tokens."""
+    gates = torch.sigmoid(torch.stack([q[..., 0].float() for q in quality_scores], dim=-1))  # (B, T, L)
+    weights = mask.unsqueeze(-1).float()
+    return (gates * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+
+
+def layer_routing_means(moe_logits: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """(B, L, E): per layer, the mean routing distribution over each row's masked tokens."""
+    batch, seq = mask.shape
+    probs = torch.stack([torch.softmax(x.float(), dim=-1).view(batch, seq, -1) for x in moe_logits], dim=2)
+    weights = mask.float()[..., None, None]  # (B, T, 1, 1)
+    return (probs * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+
+
+def row_score(layer_scores: np.ndarray) -> np.ndarray:
+    """(B, L) -> (B,): the mean over layers."""
+    return np.asarray(layer_scores, dtype=np.float64).mean(axis=-1)

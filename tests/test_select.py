@@ -1,0 +1,195 @@
+"""Stage 2 on Ray Data: scores independent of batching, exact and reproducible selections, resume,
+a killed scoring actor, training-row exclusion, counts that add up."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from safetensors.torch import save_file
+
+from selectmoe.config import parse_config
+from selectmoe.data.template import encode_messages, ensure_pad_token, load_tokenizer
+from selectmoe.models.loading import load_select_moe
+from selectmoe.scorer import GateScorer
+from selectmoe.select import score_and_select
+
+TRAIN_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "train"
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory) -> Path:
+    """Real rows split into 6 files, so the scoring pool gets several blocks to spread over actors."""
+    folder = tmp_path_factory.mktemp("rows")
+    lines = []
+    for name in ("oasst1.jsonl", "human_instructions.jsonl"):
+        lines += (TRAIN_DIR / name).read_text().splitlines()
+    for part in range(6):
+        (folder / f"part{part}.jsonl").write_text("\n".join(lines[part::6]) + "\n")
+    return folder
+
+
+def select_overrides(model: Path, out: Path, **extra) -> list[str]:
+    values = {
+        "selector_model.path": str(model),
+        "output_dir": str(out),
+        "dataset.max_sequence_length": 128,
+        "selection_percentage": 0.1,
+        "scoring.sort_window": 64,
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def run_select(model, out, sources, **extra) -> Path:
+    extra.setdefault("dataset.data_path", str(sources))
+    return score_and_select(parse_config("select", overrides=select_overrides(model, out, **extra)))
+
+
+def scores_by_id(out: Path) -> dict[str, float]:
+    table = pq.read_table(out / "scores", columns=["id", "score"])
+    return dict(zip(table["id"].to_pylist(), table["score"].to_pylist()))
+
+
+# ---------------------------------------------------------------------------- the scorer, no Ray
+
+
+def test_row_score_does_not_depend_on_batch_neighbours(tiny_olmoe):
+    tokenizer = ensure_pad_token(load_tokenizer(str(tiny_olmoe)))
+    rows = [json.loads(line) for line in (TRAIN_DIR / "oasst1.jsonl").read_text().splitlines()[:6]]
+    encoded = [encode_messages(r["messages"], tokenizer, max_seq_length=96) for r in rows]
+    scorer = GateScorer(str(tiny_olmoe), pad_token_id=tokenizer.pad_token_id, dtype="float32", max_rows=4)
+
+    def batch(indices):
+        return {
+            "id": np.array([rows[i]["id"] for i in indices]),
+            "dataset": np.array(["oasst1"] * len(indices)),
+            "input_ids": [encoded[i]["input_ids"] for i in indices],
+            "labels": [encoded[i]["labels"] for i in indices],
+        }
+
+    together = scorer(batch(range(6)))
+    for i in range(6):
+        alone = scorer(batch([i]))
+        np.testing.assert_allclose(alone["score"][0], together["score"][i], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            alone["layer_scores"][0], together["layer_scores"][i], rtol=1e-5, atol=1e-6
+        )
+    assert together["n_scored_tokens"].min() > 0
+    assert (together["n_scored_tokens"] < together["n_tokens"]).all()  # assistant tokens only
+
+
+# ---------------------------------------------------------------------------- stage 2 end to end
+
+
+@pytest.fixture(scope="module")
+def one_actor(tiny_olmoe, ray_session, tmp_path_factory, sources):
+    return run_select(tiny_olmoe, tmp_path_factory.mktemp("select_1"), sources, **{"scoring.num_actors": 1})
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_counts_add_up_and_outputs_are_complete(one_actor):
+    manifest = json.loads((one_actor / "manifest.json").read_text())
+    counts = manifest["counts"]
+    assert counts["rows_read"] == counts["rows_scored"] + counts["rows_rejected"]
+    assert counts["rows_selected"] == int(0.1 * counts["rows_scored"])
+    rejects = (one_actor / "rejects.jsonl").read_text().splitlines()
+    assert len(rejects) == counts["rows_rejected"]
+    selected = [json.loads(line) for line in (one_actor / "selected.jsonl").read_text().splitlines()]
+    assert [r["rank"] for r in selected] == list(range(1, len(selected) + 1))
+    scores = [r["score"] for r in selected]
+    assert scores == sorted(scores, reverse=True)
+    assert set(selected[0]) >= {"dataset", "id", "messages", "score", "rank"}
+    # the selection is the exact top of every scored row
+    all_scores = scores_by_id(one_actor)
+    assert len(all_scores) == counts["rows_scored"]
+    best = sorted(all_scores.items(), key=lambda x: (-x[1], x[0]))[: len(selected)]
+    assert [r["id"] for r in selected] == [i for i, _ in best]
+    table = pq.read_table(one_actor / "scores")
+    assert {"layer_scores", "n_tokens", "n_scored_tokens", "dataset"} <= set(table.column_names)
+    assert pq.read_table(one_actor / "selected.parquet").num_rows == len(selected)
+    assert (one_actor / "score_histograms.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_two_actors_and_reruns_give_byte_identical_selections(one_actor, tiny_olmoe, tmp_path, sources):
+    two = run_select(tiny_olmoe, tmp_path / "select_2", sources, **{"scoring.num_actors": 2})
+    assert (two / "selected.jsonl").read_bytes() == (one_actor / "selected.jsonl").read_bytes()
+    assert scores_by_id(two) == scores_by_id(one_actor)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_resume_after_a_crash_reuses_scores_and_gives_identical_output(
+    one_actor, tiny_olmoe, tmp_path, sources
+):
+    out = tmp_path / "select_resume"
+    shutil.copytree(one_actor, out)
+    files = sorted((out / "scores").glob("*.parquet"))
+    kept = pq.read_table(files[0], columns=["id"]).num_rows
+    # a crash mid-write leaves a truncated file; rerunning must drop it and rescore its rows
+    files[0].write_bytes(files[0].read_bytes()[:100])
+    rerun = run_select(tiny_olmoe, out, sources, **{"scoring.num_actors": 1})
+    assert (rerun / "selected.jsonl").read_bytes() == (one_actor / "selected.jsonl").read_bytes()
+    assert scores_by_id(rerun) == scores_by_id(one_actor)  # nothing lost, nothing duplicated
+    assert kept > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_killed_scoring_actor_changes_nothing(one_actor, tiny_olmoe, tmp_path, sources):
+    out = run_select(tiny_olmoe, tmp_path / "select_kill", sources, **{"scoring.inject_actor_failure": True})
+    assert (out / ".injected_actor_failure").exists()
+    table = pq.read_table(out / "scores", columns=["id"])
+    assert table.num_rows == len(set(table["id"].to_pylist()))  # no duplicates
+    assert (out / "selected.jsonl").read_bytes() == (one_actor / "selected.jsonl").read_bytes()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_stage1_folder_excludes_training_rows_and_diversity_selects(one_actor, tiny_olmoe, tmp_path, sources):
+    # a stage-1 folder: names the base, carries router weights (here the base's own) and training ids
+    stage1 = tmp_path / "stage1"
+    stage1.mkdir()
+    base = load_select_moe(str(tiny_olmoe), dtype="float32")
+    router = {
+        n: p.detach()
+        for n, p in base.named_parameters()
+        if n.endswith(("mlp.gate.weight", "quality_gate.weight"))
+    }
+    save_file(router, str(stage1 / "router_weights.safetensors"))
+    (stage1 / "select_moe_config.json").write_text(
+        json.dumps(
+            {
+                "base_model": str(tiny_olmoe),
+                "tokenizer": str(tiny_olmoe),
+                "weights": "router_weights.safetensors",
+                "peft_mode": "full_rank",
+                "select_moe": {},
+                "seed": 0,
+            }
+        )
+    )
+    top = [json.loads(line)["id"] for line in (one_actor / "selected.jsonl").read_text().splitlines()]
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"id": top[:5], "dataset": ["x"] * 5}), stage1 / "training_ids.parquet")
+    out = run_select(
+        tiny_olmoe,
+        tmp_path / "select_div",
+        sources,
+        model_checkpoint_path=str(stage1),
+        **{"selection.method": "diversity", "scoring.store_routing": True, "clustering_params.k": 3},
+    )
+    selected = [json.loads(line)["id"] for line in (out / "selected.jsonl").read_text().splitlines()]
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    assert not set(selected) & set(top[:5])
+    assert counts["rows_excluded_training"] == 5
+    assert len(selected) == int(0.1 * (counts["rows_scored"] - 5))
+    assert scores_by_id(out) == scores_by_id(one_actor)  # same weights -> same scores

@@ -1,0 +1,104 @@
+"""Selection methods (pure): exact top-k against brute force, quotas, random, threshold, diversity."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from selectmoe.selection import (
+    above_threshold,
+    best_kmeans,
+    dataset_quotas,
+    diversity_select,
+    excluding,
+    per_dataset_k,
+    random_k,
+    selection_size,
+    top_k,
+)
+
+
+def score_batches(scores, ids, datasets=None, batch=7):
+    datasets = datasets or ["d"] * len(ids)
+    table = pa.table({"id": ids, "dataset": datasets, "score": pa.array(scores, pa.float64())})
+    return [table.slice(i, batch) for i in range(0, len(ids), batch)]
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 50, 333])
+def test_top_k_equals_brute_force_sort_with_ties(n):
+    rng = random.Random(n)
+    for k in sorted({0, 1, n // 3, n, n + 5}):
+        scores = [rng.choice([0.1, 0.2, 0.5, rng.random()]) for _ in range(n)]  # many ties
+        ids = [f"row{rng.randrange(10**6):07d}_{i}" for i in range(n)]
+        expected = sorted(zip(scores, ids), key=lambda x: (-x[0], x[1]))[:k]
+        got = top_k(score_batches(scores, ids, batch=rng.randint(1, 40)), k)
+        got_pairs = list(zip(got["score"].to_pylist(), got["id"].to_pylist())) if got.num_columns else []
+        assert got_pairs == expected
+
+
+def test_selection_size_follows_the_seed_rule():
+    assert selection_size(1000, 0.05) == 50
+    assert selection_size(10, 0.05) == 1  # never empty when there are rows
+    assert selection_size(0, 0.05) == 0
+    assert selection_size(1000, 0.05, count=7) == 7
+
+
+def test_random_selection_is_seeded_and_independent_of_batching():
+    ids = [f"id{i}" for i in range(200)]
+    scores = list(np.linspace(0, 1, 200))
+    a = random_k(score_batches(scores, ids, batch=9), 20, seed=3)["id"].to_pylist()
+    b = random_k(score_batches(scores, ids, batch=50), 20, seed=3)["id"].to_pylist()
+    c = random_k(score_batches(scores, ids, batch=9), 20, seed=4)["id"].to_pylist()
+    assert a == b and a != c
+    top = set(top_k(score_batches(scores, ids), 20)["id"].to_pylist())
+    assert set(a) != top  # not the best-scored rows
+
+
+def test_per_dataset_quotas_are_proportional_and_exact():
+    quotas = dataset_quotas({"a": 70, "b": 20, "c": 10}, 11, None)
+    assert quotas == {"a": 8, "b": 2, "c": 1} and sum(quotas.values()) == 11
+    assert dataset_quotas({"a": 70, "b": 20}, 5, {"a": 0.1, "b": 3}) == {"a": 7, "b": 3}
+    ids = [f"r{i:03d}" for i in range(100)]
+    datasets = ["a"] * 70 + ["b"] * 20 + ["c"] * 10
+    scores = list(np.random.default_rng(0).random(100))
+    chosen = per_dataset_k(score_batches(scores, ids, datasets), quotas)
+    for name, quota in quotas.items():
+        mine = [(s, i) for s, i, d in zip(scores, ids, datasets) if d == name]
+        expected = {i for _, i in sorted(mine, key=lambda x: (-x[0], x[1]))[:quota]}
+        got = {i for i, d in zip(chosen["id"].to_pylist(), chosen["dataset"].to_pylist()) if d == name}
+        assert got == expected
+
+
+def test_threshold_and_exclusion():
+    ids = [f"r{i}" for i in range(10)]
+    scores = [i / 10 for i in range(10)]
+    kept = above_threshold(excluding(score_batches(scores, ids, batch=3), {"r9"}), 0.7)
+    assert kept["id"].to_pylist() == ["r8", "r7"]
+
+
+def test_diversity_round_robins_over_clusters_and_restarts_differ():
+    rng = np.random.default_rng(0)
+    centres = np.eye(4)
+    features = np.concatenate([centres[c] + 0.05 * rng.random((25, 4)) for c in range(4)])
+    ids = [f"r{i:03d}" for i in range(100)]
+    scores = rng.random(100)
+    scores[:25] += 10  # cluster 0 holds every top score
+    table = pa.table({"id": ids, "dataset": ["d"] * 100, "score": scores, "routing": list(features)})
+    chosen, labels = diversity_select(table, 8, n_clusters=4, max_iters=50, seed=0)
+    assert len(set(labels)) == 4
+    picked = chosen["id"].to_pylist()
+    by_cluster = {}
+    for i in picked:
+        by_cluster.setdefault(labels[ids.index(i)], []).append(i)
+    assert sorted(len(v) for v in by_cluster.values()) == [2, 2, 2, 2]  # round robin, not all from cluster 0
+    for cluster, members in by_cluster.items():
+        ranked = sorted((i for i in ids if labels[ids.index(i)] == cluster), key=lambda i: -scores[ids.index(i)])
+        assert members == ranked[:2]  # each cluster gives its best-scored rows first
+    # restarts use different seeds: on ambiguous data they can reach different partitions
+    blob = rng.random((60, 5))
+    blob /= np.linalg.norm(blob, axis=1, keepdims=True)
+    partitions = {tuple(best_kmeans(blob, 5, 30, seed, restarts=1)) for seed in range(4)}
+    assert len(partitions) > 1
