@@ -129,7 +129,9 @@ def score_and_select(cfg: SelectConfig) -> Path:
         "score_max": max(selected["score"].to_pylist()) if selected.num_rows else None,
     }
     plot_score_histograms(
-        lambda: _stream(score_files, ["dataset", "score"]), out / "score_histograms.png", metrics["score_threshold"]
+        lambda: _stream(score_files, ["dataset", "score"]),
+        out / "score_histograms.png",
+        metrics["score_threshold"],
     )
     write_manifest(
         out,
