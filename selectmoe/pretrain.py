@@ -1,9 +1,10 @@
 """Stage 1 driver: ``selectmoe pretrain`` / ``python -m ray_jobs.pretrain``.
 
-setup (Ray, rows, tokens) -> train (Ray Train ``TorchTrainer``, per-worker loop in
-``selectmoe.training.router``) -> save (router weights or LoRA adapter, ``select_moe_config.json``,
-tokenizer, metrics, plot, manifest). Rerunning with the same config and ``output_dir`` resumes from
-the last checkpoint; a worker failure restarts from it (``scaling.max_failures``).
+setup (Ray, rows, tokens) -> train (Ray Train ``TorchTrainer``; the per-worker model and step in
+``selectmoe.training.router``, the shared loop in ``selectmoe.training.loop``) -> save (router
+weights or LoRA adapter, ``select_moe_config.json``, tokenizer, metrics, plot, manifest). Rerunning
+with the same config and ``output_dir`` resumes from the last checkpoint; a worker failure restarts
+from it (``scaling.max_failures``).
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from selectmoe.config import ConfigError, PretrainConfig, to_dict
-from selectmoe.manifest import fingerprint, hash_dict, write_manifest
+from selectmoe.manifest import fingerprint, write_manifest
 from selectmoe.models.loading import STAGE1_CONFIG
 from selectmoe.plots import plot_training_curves
 from selectmoe.ray_data import read_rows, tokenize_rows
 from selectmoe.scaling import ensure_ray, worker_layout
-from selectmoe.training.common import METRICS_FILE, TRAINABLE_FILE, BatchPlan
-from selectmoe.training.router import ADAPTER_DIR, train_router_per_worker
+from selectmoe.training.common import ADAPTER_DIR, METRICS_FILE, TRAINABLE_FILE
+from selectmoe.training.launch import fit, loop_config, plan_steps, run_name
+from selectmoe.training.router import train_router_per_worker
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +52,6 @@ def select_moe_overrides(cfg: PretrainConfig) -> dict:
 
 
 def pretrain_router(cfg: PretrainConfig) -> Path:
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     started = time.time()
     if cfg.training.peft_mode == "lora" and cfg.training.lora.lora_dropout != 0:
         raise ConfigError(
@@ -74,70 +73,28 @@ def pretrain_router(cfg: PretrainConfig) -> Path:
         pa.Table.from_pylist(train.select_columns(["id", "dataset"]).take_all()), out / TRAINING_IDS
     )
 
-    workers, resources, gpu = worker_layout(cfg.scaling)
-    plan = BatchPlan(cfg.training.batch_size, cfg.training.per_device_batch_size, workers)
-    steps_per_epoch = plan.steps_per_epoch(num_rows)
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"{num_rows} training rows are fewer than one global batch of {plan.effective_batch}; "
-            "lower training.batch_size or raise dataset.subset_ratio"
-        )
-    total_steps = steps_per_epoch * cfg.training.epochs
-    if cfg.training.max_steps > 0:
-        total_steps = min(total_steps, cfg.training.max_steps)
-    logger.info(
-        "stage 1: %d rows, %d workers, effective batch %d (per device %d x accumulation %d x workers %d), %d steps",
-        num_rows,
-        workers,
-        plan.effective_batch,
-        plan.per_device,
-        plan.accumulation,
-        workers,
-        total_steps,
-    )
+    layout = worker_layout(cfg.scaling)
+    steps = plan_steps("stage 1", num_rows, cfg.training, workers=layout[0])
 
     # ---- train
     t = cfg.training
-    loop_config = {
-        "seed": cfg.seed,
-        "base_model": cfg.selector_model.path,
-        "dtype": cfg.selector_model.dtype,
-        "attn_implementation": cfg.selector_model.attn_implementation,
-        "select_moe": select_moe_overrides(cfg),
-        "peft_mode": t.peft_mode,
-        "lora": to_dict(t.lora),
-        "gradient_checkpointing": t.gradient_checkpointing,
-        "strategy": cfg.scaling.strategy,
-        "batch_size": t.batch_size,
-        "per_device_batch_size": t.per_device_batch_size,
-        "learning_rate": t.learning_rate,
-        "weight_decay": t.weight_decay,
-        "warmup_ratio": t.warmup_ratio,
-        "gradient_clipping": t.gradient_clipping,
-        "total_steps": total_steps,
-        "steps_per_epoch": steps_per_epoch,
-        "checkpoint_every_steps": t.checkpoint_every_steps,
-        "log_every_steps": t.log_every_steps,
-        "pad_token_id": _pad_token_id(tokenizer_name),
-        "fail_at_step": t.fail_at_step,
-        "output_dir": str(out),
-    }
-    trainer = TorchTrainer(
-        train_router_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=workers, use_gpu=gpu, resources_per_worker=resources
-        ),
-        run_config=ray.train.RunConfig(
-            name=f"pretrain-{_run_hash(cfg)}",
-            storage_path=str(out / "ray_train"),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-        ),
-        datasets={"train": train},
-        dataset_config=ray.train.DataConfig(datasets_to_split=[]),  # every worker reads the plan's stream
+    config = loop_config(cfg, steps, pad_token_id=_pad_token_id(tokenizer_name), output_dir=out)
+    config.update(
+        base_model=cfg.selector_model.path,
+        dtype=cfg.selector_model.dtype,
+        attn_implementation=cfg.selector_model.attn_implementation,
+        select_moe=select_moe_overrides(cfg),
+        peft_mode=t.peft_mode,
     )
-    result = trainer.fit()
+    result = fit(
+        train_router_per_worker,
+        config,
+        train,
+        name=run_name("pretrain", cfg),
+        output_dir=out,
+        scaling=cfg.scaling,
+        layout=layout,
+    )
 
     # ---- save
     with result.checkpoint.as_directory() as ckpt:
@@ -166,7 +123,10 @@ def pretrain_router(cfg: PretrainConfig) -> Path:
     plot_training_curves(history, out / "training_curves.png", title="stage 1: router pretraining")
     counts = read.ledger.counts()
     counts.update(
-        rows_trained=num_rows, steps=total_steps, effective_batch=plan.effective_batch, workers=workers
+        rows_trained=num_rows,
+        steps=steps.total_steps,
+        effective_batch=steps.batch.effective_batch,
+        workers=steps.batch.world_size,
     )
     write_manifest(
         out,
@@ -185,13 +145,6 @@ def pretrain_router(cfg: PretrainConfig) -> Path:
         started_at=started,
     )
     return out
-
-
-def _run_hash(cfg: PretrainConfig) -> str:
-    """Same config -> same Ray Train run name -> a rerun resumes; fault injection does not count."""
-    resumable = to_dict(cfg)
-    resumable["training"]["fail_at_step"] = -1
-    return hash_dict(resumable)
 
 
 def _pad_token_id(tokenizer_name: str) -> int:

@@ -43,6 +43,17 @@ class BatchPlan:
         """Rows per optimiser step actually used: per_device x accumulation x workers."""
         return self.per_device * self.accumulation * self.world_size
 
+    @property
+    def is_exact(self) -> bool:
+        """Whether the effective batch is the configured one (it is not when workers do not divide it)."""
+        return self.effective_batch == self.global_batch
+
+    def describe(self) -> str:
+        return (
+            f"effective batch {self.effective_batch} = per device {self.per_device} x accumulation "
+            f"{self.accumulation} x workers {self.world_size}"
+        )
+
     def steps_per_epoch(self, num_rows: int) -> int:
         return num_rows // self.effective_batch  # the last partial batch is dropped
 
@@ -119,6 +130,7 @@ def build_optimizer(params, learning_rate: float, weight_decay: float, total_ste
 
 # ---------------------------------------------------------------------------- checkpoints
 
+ADAPTER_DIR = "adapter"  # a PEFT adapter folder inside the last checkpoint
 TRAINABLE_FILE = "trainable.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "state.json"
