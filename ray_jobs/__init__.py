@@ -1,0 +1,1 @@
+"""Thin Ray entry points, one per stage: ``ray job submit ... -- python -m ray_jobs.<name> key=value ...``."""
