@@ -21,13 +21,21 @@ RUNNERS: dict[str, tuple[str, str, str]] = {
     "finetune": ("selectmoe.finetune", "finetune_lora", "stage 3: LoRA-finetune the target (Ray Train)"),
     "evaluate": ("selectmoe.evaluation", "evaluate", "stage 4: lm-eval the finetuned model"),
     "convert": ("selectmoe.convert", "convert", "write a standalone Select-MoE checkpoint from OLMoE"),
+    "pipeline": (
+        "selectmoe.pipeline",
+        "run_pipeline",
+        "stages 1-4 in one run folder, resumable, with baselines",
+    ),
+    "demo": ("selectmoe.demo", "run_demo", "the whole pipeline on generated data and tiny models, locally"),
+    "sweep": (
+        "selectmoe.sweep",
+        "run_sweep",
+        "Ray Tune over quality-loss types and weights; best on to lm-eval",
+    ),
 }
 # commands without a typed config of their own
 OTHER_COMMANDS: dict[str, str] = {
     "compare": "table several evaluation runs side by side: selectmoe compare RUN_DIR ...",
-    "pipeline": "stages 1-4 in one run folder",
-    "sweep": "Ray Tune sweep over quality-loss types and weights",
-    "demo": "the whole pipeline on generated data and tiny models, locally",
 }
 # flag spellings that map onto config keys (`selectmoe convert --olmoe X --out Y --verify`)
 FLAG_ALIASES = {"--olmoe": "olmoe", "--out": "output_dir", "--output-dir": "output_dir"}
@@ -155,8 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"selectmoe {command}: {err}", file=sys.stderr)
         return 2
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        sys.modules["ray"].shutdown()  # stop log forwarding, so the output path is the last line
     if result is not None:
-        print(result)
+        print(result, flush=True)
     return 0
 
 

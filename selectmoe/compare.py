@@ -50,13 +50,13 @@ def results_table(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def compare_runs(run_dirs: list[str]) -> str:
+def compare_runs(run_dirs: list[str], labels: list[str] | None = None) -> str:
     """Several runs side by side as markdown: a value ± stderr column per run, a delta column per
     run after the first (its value minus the first run's), one row per task/metric."""
     if not run_dirs:
         raise ValueError("compare needs at least one run folder")
     files = [find_results(run_dir) for run_dir in run_dirs]
-    labels = _labels(run_dirs)
+    labels = labels or _labels(run_dirs)
     runs = [
         {(row.task, row.metric): row for row in metric_rows(json.loads(f.read_text(encoding="utf-8")))}
         for f in files

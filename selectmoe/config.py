@@ -178,6 +178,7 @@ class ScoringSection:
     tokens_per_batch: int = 16384  # cap on padded tokens in one scoring batch
     sort_window: int = 1024  # rows sorted by length together before batching
     store_routing: bool = False  # keep per-layer mean routing distributions (diversity selection)
+    lm_loss: bool = False  # also store each row's mean NLL over its scored tokens (perplexity baseline)
     num_actors: int = 0  # 0 = one per GPU, or sized from free CPUs
     inject_actor_failure: bool = False  # fault injection: one scoring actor exits once (tests recovery)
 
@@ -274,6 +275,64 @@ class ConvertConfig(CommonConfig):
     quality_gate_init_std: float = 0.02
 
 
+@dataclass
+class PipelineSection:
+    stages: list[str] = field(default_factory=lambda: ["pretrain", "select", "finetune", "evaluate"])
+    baselines: list[str] = field(default_factory=list)  # random | full: finetuned and evaluated the same way
+
+
+@dataclass
+class PipelineConfig(CommonConfig):
+    """Stages 1-4 in one run folder. ``dataset`` is the corpus for stages 1 and 2 (a stage's own
+    ``dataset.data_path``/``data_dir`` wins when set); stage 3 reads stage 2's selection and stage 4
+    evaluates stage 3's adapter on ``finetune.model.name``."""
+
+    output_dir: str = "outputs/pipeline"
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    pipeline: PipelineSection = field(default_factory=PipelineSection)
+
+
+@dataclass
+class DemoSection:
+    rows: int = 2000  # generated training rows
+    defect_rate: float = 0.3  # share of rows with a planted defect
+    lm_steps: int = 100  # LM pretraining steps of the tiny demo models (cached)
+    cache_dir: str | None = None  # default ~/.cache/selectmoe/demo_models
+
+
+@dataclass
+class DemoConfig(PipelineConfig):
+    """The pipeline on generated data and tiny offline models (see selectmoe/configs/demo.yaml)."""
+
+    output_dir: str = "outputs/demo"
+    demo: DemoSection = field(default_factory=DemoSection)
+
+
+@dataclass
+class SweepSection:
+    space: str = "tune_spaces/quality_loss.yaml"  # search space YAML (pretrain keys -> samplers)
+    num_samples: int = 8
+    max_concurrent_trials: int = 0  # 0 = from free resources
+    metric: str = "auto"  # auto = probe_auroc (max) with probe_labels, else lm_loss (min)
+    mode: str = "min"  # used when metric is set explicitly
+    grace_period: int = 5  # ASHA: steps every trial runs before it can be stopped
+    reduction_factor: int = 2
+    handoff_top_k: int = 1  # best trials sent through stages 2-4
+    probe_labels: str | None = None  # labels.jsonl ({"id", "defect"}) of corpus rows: the AUROC proxy
+
+
+@dataclass
+class SweepConfig(PipelineConfig):
+    """A pipeline config (the base every trial starts from) plus the search."""
+
+    output_dir: str = "outputs/sweep"
+    sweep: SweepSection = field(default_factory=SweepSection)
+
+
 STAGE_CONFIGS: dict[str, type] = {
     "validate-data": ValidateDataConfig,
     "pretrain": PretrainConfig,
@@ -281,6 +340,9 @@ STAGE_CONFIGS: dict[str, type] = {
     "finetune": FinetuneConfig,
     "evaluate": EvaluateConfig,
     "convert": ConvertConfig,
+    "pipeline": PipelineConfig,
+    "demo": DemoConfig,
+    "sweep": SweepConfig,
 }
 
 # The shipped YAML each command starts from (package data in selectmoe/configs/).
@@ -290,6 +352,9 @@ DEFAULT_YAML: dict[str, str] = {
     "select": "stage_2_selection.yaml",
     "finetune": "stage_3_finetune.yaml",
     "evaluate": "stage_4_evaluate.yaml",
+    "pipeline": "pipeline.yaml",
+    "demo": "demo.yaml",
+    "sweep": "sweep.yaml",
 }
 
 

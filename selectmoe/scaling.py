@@ -52,7 +52,7 @@ def worker_layout(section: ScalingSection) -> tuple[int, dict[str, float], bool]
     per_worker = round(per_worker, 2)
     if per_worker * workers > cpus - RESERVED_CPUS + 1e-6:
         logger.warning(
-            "%d workers x %.2f CPU leave less than %.0f CPU free for Ray Data on a %.0f-CPU cluster",
+            "%d workers x %.2f CPU leave less than %.0f CPU free for Ray Data (%.1f CPUs free now)",
             workers,
             per_worker,
             RESERVED_CPUS,

@@ -1,8 +1,8 @@
 """Batch scoring: a callable class Ray Data runs in an actor pool (one model per actor).
 
 Each call gets a window of tokenised rows, sorts it by length, cuts it into sub-batches capped by
-rows and padded tokens, runs the decoder without the LM head (no vocab-sized logits) under
-``inference_mode``, and returns one score record per row in the window's order.
+rows and padded tokens, runs the decoder without the LM head (no vocab-sized logits; with ``lm_loss``
+only the scored tokens go through it) under ``inference_mode``, and returns one score record per row in the window's order.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from selectmoe.models.loading import load_select_moe, resolve_dtype
-from selectmoe.scoring import layer_gate_means, layer_routing_means, row_score, score_mask
+from selectmoe.scoring import layer_gate_means, layer_routing_means, row_nll, row_score, score_mask
 from selectmoe.training.common import collate
 
 
@@ -29,6 +29,7 @@ class GateScorer:
         max_rows: int = 32,
         max_tokens: int = 16384,
         store_routing: bool = False,
+        lm_loss: bool = False,
         fail_once_marker: str | None = None,
     ):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -41,8 +42,10 @@ class GateScorer:
         self.max_rows = max_rows
         self.max_tokens = max_tokens
         self.store_routing = store_routing
+        self.lm_loss = lm_loss
         self.fail_once_marker = fail_once_marker
 
+    @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self._maybe_die()
         lengths = np.asarray([len(x) for x in batch["input_ids"]])
@@ -50,24 +53,30 @@ class GateScorer:
         layer_scores = [None] * len(lengths)
         routing = [None] * len(lengths)
         n_scored = np.zeros(len(lengths), dtype=np.int64)
+        nll = np.zeros(len(lengths), dtype=np.float64)
         for chunk in self._chunks(order, lengths):
             rows = [{"input_ids": batch["input_ids"][i], "labels": batch["labels"][i]} for i in chunk]
             tensors = collate(rows, self.pad_token_id, self.device)
-            with torch.inference_mode():
-                out = self.model.model(
-                    input_ids=tensors["input_ids"],
-                    attention_mask=tensors["attention_mask"],
-                    output_router_logits=True,
-                )
+            out = self.model.model(
+                input_ids=tensors["input_ids"],
+                attention_mask=tensors["attention_mask"],
+                output_router_logits=True,
+            )
             mask = score_mask(tensors["attention_mask"], tensors["labels"], self.tokens)
             records = out.router_logits
             means = layer_gate_means([r["quality_score"] for r in records], mask).cpu().numpy()
             if self.store_routing:
                 dists = layer_routing_means([r["moe_logits"] for r in records], mask).cpu().numpy()
             counts = mask.sum(dim=1).cpu().numpy()
+            if self.lm_loss:
+                chunk_nll = (
+                    row_nll(self.model, out.last_hidden_state, tensors["input_ids"], mask).cpu().numpy()
+                )
             for j, i in enumerate(chunk):
                 layer_scores[i] = means[j]
                 n_scored[i] = counts[j]
+                if self.lm_loss:
+                    nll[i] = chunk_nll[j]
                 if self.store_routing:
                     routing[i] = dists[j].reshape(-1)
         layers = np.stack(layer_scores)
@@ -81,6 +90,8 @@ class GateScorer:
         }
         if self.store_routing:
             result["routing"] = list(np.stack(routing).astype(np.float32))
+        if self.lm_loss:
+            result["nll"] = nll
         return result
 
     def _chunks(self, order: np.ndarray, lengths: np.ndarray):

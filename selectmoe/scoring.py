@@ -45,3 +45,17 @@ def layer_routing_means(moe_logits: list[torch.Tensor], mask: torch.Tensor) -> t
 def row_score(layer_scores: np.ndarray) -> np.ndarray:
     """(B, L) -> (B,): the mean over layers."""
     return np.asarray(layer_scores, dtype=np.float64).mean(axis=-1)
+
+
+def row_nll(model, hidden: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B,): mean next-token NLL over each row's masked tokens, from the decoder's last hidden state.
+
+    Only the positions that predict a masked token go through the LM head, so no (B, T, vocab)
+    logits are built. A baseline and an optional score term (``scoring.lm_loss``)."""
+    targets = mask[:, 1:]  # token t+1 is predicted at position t
+    rows = torch.nonzero(targets, as_tuple=True)[0]
+    logits = model.lm_head(hidden[:, :-1][targets])  # (N, V)
+    nll = torch.nn.functional.cross_entropy(logits.float(), input_ids[:, 1:][targets], reduction="none")
+    total = torch.zeros(mask.shape[0], device=nll.device).index_add_(0, rows, nll)
+    count = torch.zeros(mask.shape[0], device=nll.device).index_add_(0, rows, torch.ones_like(nll))
+    return total / count.clamp(min=1)

@@ -182,7 +182,9 @@ def _scoring_key(cfg: SelectConfig, model_path: str) -> dict:
     return {
         "model": model_path,
         "weights": hash_dict(weights),
-        "scoring": {k: v for k, v in to_dict(cfg.scoring).items() if k in ("tokens", "store_routing")},
+        "scoring": {
+            k: v for k, v in to_dict(cfg.scoring).items() if k in ("tokens", "store_routing", "lm_loss")
+        },
         "dataset": to_dict(cfg.dataset),
         "selector_model": to_dict(cfg.selector_model),
         "seed": cfg.seed,
@@ -286,6 +288,7 @@ def _scorer_kwargs(cfg: SelectConfig, model_path: str, tokenizer_name: str, out:
         "max_rows": cfg.data_process.batch_size,
         "max_tokens": cfg.scoring.tokens_per_batch,
         "store_routing": cfg.scoring.store_routing,
+        "lm_loss": cfg.scoring.lm_loss,
         "fail_once_marker": str(out / ".injected_actor_failure")
         if cfg.scoring.inject_actor_failure
         else None,

@@ -95,3 +95,50 @@ def _save_tiny(model_cls, config, out_dir, seed: int) -> Path:
     model.save_pretrained(str(out))
     build_tokenizer(out)
     return out
+
+
+def pretrain_tiny_lm(
+    model_dir: str | os.PathLike,
+    rows: list[list[dict]],
+    out_dir: str | os.PathLike,
+    *,
+    steps: int,
+    seed: int = 0,
+    batch_size: int = 8,
+    max_seq_length: int = 128,
+    learning_rate: float = 3e-3,
+) -> Path:
+    """Briefly train a tiny model as a plain LM on chat rows (the shared template, loss on every
+    token), so that its perplexity and its experts mean something; save it with its tokenizer."""
+    import random
+
+    from transformers import AutoModelForCausalLM
+
+    from selectmoe.data.template import encode_batch, ensure_pad_token, load_tokenizer
+    from selectmoe.training.common import collate
+
+    torch.manual_seed(seed)
+    tokenizer = ensure_pad_token(load_tokenizer(str(model_dir)))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model.train()
+    encoded = [
+        e
+        for e in encode_batch(rows, tokenizer, max_seq_length=max_seq_length, loss_on="all")
+        if isinstance(e, dict)
+    ]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
+    rng = random.Random(seed)
+    for _ in range(steps):
+        batch = collate(
+            rng.sample(encoded, min(batch_size, len(encoded))), tokenizer.pad_token_id, torch.device("cpu")
+        )
+        model(**batch).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+    out = Path(out_dir)
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    return out

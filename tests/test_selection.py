@@ -95,7 +95,9 @@ def test_diversity_round_robins_over_clusters_and_restarts_differ():
         by_cluster.setdefault(labels[ids.index(i)], []).append(i)
     assert sorted(len(v) for v in by_cluster.values()) == [2, 2, 2, 2]  # round robin, not all from cluster 0
     for cluster, members in by_cluster.items():
-        ranked = sorted((i for i in ids if labels[ids.index(i)] == cluster), key=lambda i: -scores[ids.index(i)])
+        ranked = sorted(
+            (i for i in ids if labels[ids.index(i)] == cluster), key=lambda i: -scores[ids.index(i)]
+        )
         assert members == ranked[:2]  # each cluster gives its best-scored rows first
     # restarts use different seeds: on ambiguous data they can reach different partitions
     blob = rng.random((60, 5))

@@ -1,0 +1,85 @@
+"""The demo (the embedded default) end to end on small settings, and pipeline stage-level resume."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from selectmoe.cli import main
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+STAGES = ("stage_1_pretrain", "stage_2_selection", "stage_3_finetune", "stage_4_eval")
+
+
+def demo_args(out: Path, cache: Path, *extra: str) -> list[str]:
+    return [
+        "demo",
+        f"output_dir={out}",
+        f"demo.cache_dir={cache}",
+        "demo.rows=400",
+        "demo.lm_steps=20",
+        "pretrain.training.max_steps=6",
+        "finetune.training.epochs=1",
+        "evaluate.eval.tasks=[mmlu_local,gsm8k_local]",
+        "evaluate.eval.limit=2",
+        "evaluate.eval.max_gen_toks=8",
+        *extra,
+    ]
+
+
+def finished_at(run: Path) -> dict[str, str]:
+    stamps = {}
+    for branch in (run, run / "baseline_random"):
+        for stage in STAGES:
+            manifest = branch / stage / "manifest.json"
+            if manifest.exists():
+                stamps[f"{branch.name}/{stage}"] = json.loads(manifest.read_text())["finished_at"] + str(
+                    manifest.stat().st_mtime_ns
+                )
+    return stamps
+
+
+@pytest.fixture(scope="module")
+def demo_run(ray_session, tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    out, cache = root / "run", root / "cache"
+    assert main(demo_args(out, cache)) == 0
+    return out, cache
+
+
+def test_demo_writes_a_report_with_plots_baseline_and_separation(demo_run, capsys):
+    out, _ = demo_run
+    report = (out / "report.md").read_text()
+    for heading in ("Stage 1", "Stage 2", "Stage 3", "Stage 4", "Do the scores find the planted defects?"):
+        assert heading in report
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    assert len(images) >= 5
+    for image in images:  # every image the report shows exists next to it
+        assert (out / image).stat().st_size > 0
+    assert "random" in report and "baseline_random" in report  # the baseline is tabled beside the selection
+    separation = json.loads((out / "separation.json").read_text())
+    scorers = [row["scorer"] for row in separation["table"]]
+    assert any("perplexity" in s for s in scorers) and any("length" in s for s in scorers)
+    assert all(0 <= row["auroc_all"] <= 1 for row in separation["table"])
+    for stage in STAGES:
+        assert (out / stage / "manifest.json").exists()
+        assert (out / "baseline_random" / stage / "manifest.json").exists() or stage == "stage_1_pretrain"
+
+
+def test_rerun_redoes_nothing_and_a_stage2_change_redoes_stages_2_to_4(demo_run, capsys):
+    out, cache = demo_run
+    before = finished_at(out)
+    assert main(demo_args(out, cache)) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(out / "report.md")
+    assert finished_at(out) == before  # nothing redone
+
+    assert main(demo_args(out, cache, "select.selection_percentage=0.1")) == 0
+    after = finished_at(out)
+    assert after["run/stage_1_pretrain"] == before["run/stage_1_pretrain"]
+    for stage in STAGES[1:]:
+        assert after[f"run/{stage}"] != before[f"run/{stage}"], stage
+        assert after[f"baseline_random/{stage}"] != before[f"baseline_random/{stage}"], stage
