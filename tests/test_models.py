@@ -291,3 +291,16 @@ def test_convert_round_trip_and_auto_class(olmoe_checkpoints, tmp_path):
     torch.testing.assert_close(
         converted.model.layers[1].mlp.quality_gate.weight, original.model.layers[1].mlp.quality_gate.weight
     )
+
+
+def test_grouped_mm_experts_match_eager():
+    # Select-MoE reuses OLMoE's experts, so transformers' expert kernels can be selected for it too
+    ids, mask = batch(bsz=3)
+    logits = {}
+    for impl in ("eager", "grouped_mm"):
+        torch.manual_seed(0)
+        model = SelectMoeForCausalLM._from_config(tiny_config(), experts_implementation=impl).eval()
+        assert model.config._experts_implementation == impl
+        with torch.no_grad():
+            logits[impl] = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(logits["grouped_mm"], logits["eager"], atol=1e-5, rtol=1e-4)

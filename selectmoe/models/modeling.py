@@ -185,6 +185,12 @@ class SelectMoePreTrainedModel(OlmoePreTrainedModel):
         "attentions": OlmoeAttention,
     }
 
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        # diff with OLMoE: transformers looks for its experts decorator in the model's own source file;
+        # ours reuses OLMoE's decorated experts, so eager / grouped_mm / batched_mm all apply
+        return True
+
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, SelectMoeQualityGate):

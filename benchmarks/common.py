@@ -1,0 +1,181 @@
+"""Helpers shared by the benchmark scripts (imported as ``common``: the scripts run from this folder).
+
+Real rows, the tiny model, timing, FLOP counting, the measured matmul peak and the printed tables.
+Nothing here is timed itself.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+TRAIN_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "train"
+# OLMoE-1B-7B's shape as SelectMoeConfig fields (~6.9B parameters, ~1.3B active per token)
+OLMOE_1B_7B = dict(
+    vocab_size=50304,
+    hidden_size=2048,
+    intermediate_size=1024,
+    num_hidden_layers=16,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    num_experts=64,
+    num_experts_per_tok=8,
+    max_position_embeddings=4096,
+    pad_token_id=1,
+    bos_token_id=None,
+    eos_token_id=50279,
+    tie_word_embeddings=False,
+)
+
+
+# ---------------------------------------------------------------------------- real rows
+
+
+def sample_rows(data_dir: Path, n: int, seed: int) -> list[dict]:
+    """A seeded sample of ``n`` lines from all ``*.jsonl`` files of ``data_dir``, in corpus order, through the
+    product's normaliser (``dataset``, ``id``, ``messages``); lines it rejects are left out."""
+    from selectmoe.data import RowError, normalize_record
+
+    lines = []
+    for path in sorted(Path(data_dir).glob("*.jsonl")):
+        # split on "\n" only: str.splitlines would also split inside JSON strings holding U+2028
+        lines += [(path.stem, line) for line in path.read_text().split("\n") if line.strip()]
+    rows = []
+    for i in sorted(random.Random(seed).sample(range(len(lines)), min(n, len(lines)))):
+        try:
+            row = normalize_record(json.loads(lines[i][1]), default_dataset=lines[i][0])
+        except RowError:
+            continue
+        rows.append({key: row[key] for key in ("dataset", "id", "messages")})
+    return rows
+
+
+def encode_rows(rows: list[dict], tokenizer, max_length: int) -> list[dict]:
+    """Rows through the product's chat template; rows the template rejects are left out."""
+    from selectmoe.data.template import encode_batch
+
+    encoded = encode_batch([r["messages"] for r in rows], tokenizer, max_seq_length=max_length)
+    return [
+        {"id": row["id"], "dataset": row["dataset"], "input_ids": e["input_ids"], "labels": e["labels"]}
+        for row, e in zip(rows, encoded)
+        if isinstance(e, dict)
+    ]
+
+
+# ---------------------------------------------------------------------------- timing
+
+
+def timed(fn: Callable[[], object], sync: Callable[[], None] = lambda: None) -> float:
+    """Seconds one call of ``fn`` takes (``sync`` waits for queued device work before and after)."""
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+# ---------------------------------------------------------------------------- models
+
+
+def quiet_transformers() -> None:
+    """No load reports, progress bars or deprecation notices from transformers in the benchmark output."""
+    import warnings
+
+    from transformers.utils import logging
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def quiet_ray() -> None:
+    """A local Ray without dashboard, worker log forwarding or Ray Data progress output."""
+    import logging
+
+    import ray
+
+    ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def set_experts(model, implementation: str) -> None:
+    """Run ``model``'s MoE experts with ``implementation`` (``eager`` | ``grouped_mm`` | ``batched_mm``)."""
+    model.set_experts_implementation(implementation)
+
+
+# ---------------------------------------------------------------------------- FLOPs
+
+
+def decoder_flops_per_row(config, length: int, lm_head: bool) -> float:
+    """Forward FLOPs (2 per multiply-add) of an OLMoE / Select-MoE decoder on one row of ``length``
+    real tokens: attention projections, causal attention, router, quality gate, the top-k experts,
+    and the LM head when ``lm_head``. Norms, rotary embeddings and softmax are left out (< 1%)."""
+    h, layers = config.hidden_size, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    kv = config.num_key_value_heads * head_dim
+    per_token = 2 * h * (h + 2 * kv + h)  # q, k, v, o
+    per_token += 2 * h * config.num_experts + 2 * h  # MoE router + quality gate
+    per_token += config.num_experts_per_tok * 2 * 3 * h * config.intermediate_size  # gate_up + down
+    attention = 2 * 2 * h * length * (length + 1) / 2  # scores + weighted values, causal
+    total = layers * (length * per_token + attention)
+    if lm_head:
+        total += length * 2 * h * config.vocab_size
+    return float(total)
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, size: int, seconds: float) -> float:
+    """Best FLOP/s of ``size`` x ``size`` matmuls over about ``seconds`` (the machine's practical peak)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    a @ b  # warm-up
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        elapsed = timed(lambda: [a @ b for _ in range(4)], sync)
+        best = max(best, 4 * 2 * size**3 / elapsed)
+    return best
+
+
+# ---------------------------------------------------------------------------- output
+
+
+def print_table(title: str, headers: list[str], rows: list[list]) -> None:
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    print(f"\n{title}")
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:,.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
+
+
+def write_json(path: str | None, data: dict) -> None:
+    if path:
+        Path(path).write_text(json.dumps(data, indent=2, default=_jsonable) + "\n")
+        print(f"\nwrote {path}")
+
+
+def _jsonable(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
