@@ -132,6 +132,9 @@ class PretrainTraining:
     checkpoint_every_steps: int = 50
     log_every_steps: int = 1
     fail_at_step: int = -1  # fault injection: raise once at this step (tests recovery)
+    probe_labels: str | None = None  # labels.jsonl ({"id", "defect"}): report probe_auroc while training
+    probe_rows: int = 256  # labelled rows not trained on, scored every probe_every_steps
+    probe_every_steps: int = 5
 
 
 @dataclass

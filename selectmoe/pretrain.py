@@ -51,7 +51,8 @@ def select_moe_overrides(cfg: PretrainConfig) -> dict:
     }
 
 
-def pretrain_router(cfg: PretrainConfig) -> Path:
+def pretrain_router(cfg: PretrainConfig, callbacks: list | None = None) -> Path:
+    """Stage 1; ``callbacks`` are Ray Train ``UserCallback``s (the sweep passes Tune's reporter)."""
     started = time.time()
     if cfg.training.peft_mode == "lora" and cfg.training.lora.lora_dropout != 0:
         raise ConfigError(
@@ -69,9 +70,9 @@ def pretrain_router(cfg: PretrainConfig) -> Path:
     train = tokenize_rows(read.rows, tokenizer_name, cfg.dataset.max_sequence_length, cfg.data.loss_on)
     train = train.materialize()
     num_rows = train.count()
-    pq.write_table(
-        pa.Table.from_pylist(train.select_columns(["id", "dataset"]).take_all()), out / TRAINING_IDS
-    )
+    trained = pa.Table.from_pylist(train.select_columns(["id", "dataset"]).take_all())
+    pq.write_table(trained, out / TRAINING_IDS)
+    trained_ids = set(trained["id"].to_pylist()) if trained.num_rows else set()
 
     layout = worker_layout(cfg.scaling)
     steps = plan_steps("stage 1", num_rows, cfg.training, workers=layout[0])
@@ -85,6 +86,8 @@ def pretrain_router(cfg: PretrainConfig) -> Path:
         attn_implementation=cfg.selector_model.attn_implementation,
         select_moe=select_moe_overrides(cfg),
         peft_mode=t.peft_mode,
+        probe=probe_rows(cfg, tokenizer_name, trained_ids) if t.probe_labels else None,
+        probe_every_steps=t.probe_every_steps,
     )
     result = fit(
         train_router_per_worker,
@@ -94,6 +97,7 @@ def pretrain_router(cfg: PretrainConfig) -> Path:
         output_dir=out,
         scaling=cfg.scaling,
         layout=layout,
+        callbacks=callbacks,
     )
 
     # ---- save
@@ -145,6 +149,38 @@ def pretrain_router(cfg: PretrainConfig) -> Path:
         started_at=started,
     )
     return out
+
+
+def probe_rows(cfg: PretrainConfig, tokenizer_name: str, trained_ids: set[str]) -> list[dict]:
+    """Up to ``training.probe_rows`` labelled corpus rows that stage 1 does not train on, tokenised:
+    a seeded choice (by a hash of the id, so independent of file order)."""
+    from selectmoe.data.ledger import RowLedger
+    from selectmoe.data.rows import iter_rows
+    from selectmoe.data.template import encode_batch, load_tokenizer
+    from selectmoe.selection import random_key
+
+    lines = Path(cfg.training.probe_labels).read_text().splitlines()
+    labels = {r["id"]: r.get("defect") or "" for r in map(json.loads, lines)}
+    ledger = RowLedger(on_bad_row="skip", subset_ratio=1.0, seed=cfg.seed)
+    candidates = [
+        r for r in iter_rows(cfg.dataset, ledger) if r["id"] in labels and r["id"] not in trained_ids
+    ]
+    if not candidates:
+        raise ConfigError(
+            f"training.probe_labels={cfg.training.probe_labels}: no labelled row outside the training subset"
+        )
+    keys = random_key(cfg.seed, pa.array([r["id"] for r in candidates])).to_pylist()
+    chosen = [r for _, r in sorted(zip(keys, candidates), key=lambda x: x[0])][: cfg.training.probe_rows]
+    encoded = encode_batch(
+        [r["messages"] for r in chosen],
+        load_tokenizer(tokenizer_name),
+        max_seq_length=cfg.dataset.max_sequence_length,
+    )
+    return [
+        {"input_ids": e["input_ids"].tolist(), "labels": e["labels"].tolist(), "clean": labels[r["id"]] == ""}
+        for r, e in zip(chosen, encoded)
+        if isinstance(e, dict)
+    ]
 
 
 def _pad_token_id(tokenizer_name: str) -> int:

@@ -20,9 +20,17 @@ MIN_WORKER_CPUS = 0.25
 
 
 def ensure_ray() -> None:
-    """Join the cluster a job was submitted to (RAY_ADDRESS), or start a local one."""
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, include_dashboard=False)
+    """Join the cluster a job was submitted to (RAY_ADDRESS), or start a local one.
+
+    A local cluster gets the dashboard: Ray Train's placement-group cleaner asks the State API (served
+    by the dashboard) whether a controller died, so without it a stopped run (e.g. a trial ASHA
+    stops) keeps its workers' CPUs reserved and the next run starves."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+    else:
+        ray.init(log_to_driver=True, include_dashboard=True)
 
 
 def free_resources() -> dict[str, float]:

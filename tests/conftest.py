@@ -7,13 +7,14 @@ import pytest
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray for the whole run: 2 CPUs like the CI machine, no dashboard, small object store."""
+    """One local Ray for the whole run: 2 CPUs like the CI machine, small object store. The dashboard
+    serves the State API that Ray Train's placement-group cleaner needs (see selectmoe.scaling)."""
     import ray
 
     if not ray.is_initialized():
         ray.init(
             num_cpus=2,
-            include_dashboard=False,
+            include_dashboard=True,
             object_store_memory=512 * 1024**2,
             log_to_driver=False,
         )

@@ -83,7 +83,7 @@ def run_name(stage: str, cfg) -> str:
     return f"{stage}-{hash_dict(resumable)}"
 
 
-def fit(train_fn, config: dict, dataset, *, name: str, output_dir: Path, scaling, layout):
+def fit(train_fn, config: dict, dataset, *, name: str, output_dir: Path, scaling, layout, callbacks=None):
     """Run ``train_fn`` on ``layout = (workers, resources_per_worker, use_gpu)``; returns the Result.
 
     Every worker reads the whole (small, materialised) dataset and takes its slice of each global
@@ -104,6 +104,7 @@ def fit(train_fn, config: dict, dataset, *, name: str, output_dir: Path, scaling
             storage_path=str(output_dir / "ray_train"),
             failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks or None,
         ),
         datasets={"train": dataset},
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),

@@ -46,8 +46,19 @@ FAILURE_MARKER = ".injected_failure_done"
 TrainStep = Callable[[torch.nn.Module, list[dict[str, torch.Tensor]], int, int], dict]
 
 
-def run_training_loop(model, config: dict, train_step: TrainStep, *, export_adapter: bool = False) -> None:
-    """Train ``model`` for ``config["total_steps"]`` optimiser steps; see the module docstring."""
+def run_training_loop(
+    model,
+    config: dict,
+    train_step: TrainStep,
+    *,
+    export_adapter: bool = False,
+    probe: Callable[[torch.nn.Module], dict] | None = None,
+    probe_every: int = 0,
+) -> None:
+    """Train ``model`` for ``config["total_steps"]`` optimiser steps; see the module docstring.
+
+    ``probe(model) -> metrics`` runs on rank 0 every ``probe_every`` steps and at the last step; its
+    latest values ride along in every later report (Tune's schedulers need the metric each time)."""
     import ray.train
     import ray.train.torch
 
@@ -65,6 +76,7 @@ def run_training_loop(model, config: dict, train_step: TrainStep, *, export_adap
         params, config["learning_rate"], config["weight_decay"], total_steps, config["warmup_ratio"]
     )
     step, history = _resume(model, optimizer, scheduler)
+    probed = {k: v for k, v in (history[-1] if history else {}).items() if k.startswith("probe_")}
     resumed_from = step or None  # recorded in the first step's metrics after a restart
 
     shard = ray.train.get_dataset_shard("train")
@@ -98,6 +110,10 @@ def run_training_loop(model, config: dict, train_step: TrainStep, *, export_adap
             )
             if resumed_from is not None:
                 metrics["resumed_from_step"], resumed_from = resumed_from, None
+            if probe is not None and rank == 0:
+                if step == 1 or step == total_steps or (probe_every > 0 and step % probe_every == 0):
+                    probed = probe(unwrap(model))
+                metrics.update(probed)
             history.append(metrics)
             last = step == total_steps
             if last or step % steps_per_epoch == 0 or (every > 0 and step % every == 0):

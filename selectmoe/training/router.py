@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 
 from selectmoe.models.loading import load_select_moe, resolve_dtype
-from selectmoe.training.common import worker_device
+from selectmoe.scoring import layer_gate_means, row_score, score_mask
+from selectmoe.separation import auroc
+from selectmoe.training.common import collate, worker_device
 from selectmoe.training.loop import all_reduce_sum, gradient_sync, run_training_loop, unwrap
 
 ROUTER_PARAMS = ("mlp.gate.weight", "mlp.quality_gate.weight")
@@ -61,7 +64,39 @@ def train_router_per_worker(config: dict) -> None:
     if config["gradient_checkpointing"]:
         model.gradient_checkpointing_enable()
     train_step = functools.partial(_train_step, coef=model.config.router_aux_loss_coef)
-    run_training_loop(model, config, train_step, export_adapter=config["peft_mode"] == "lora")
+    probe = None
+    if config.get("probe"):
+        probe = functools.partial(probe_auroc, rows=config["probe"], pad_token_id=config["pad_token_id"])
+    run_training_loop(
+        model,
+        config,
+        train_step,
+        export_adapter=config["peft_mode"] == "lora",
+        probe=probe,
+        probe_every=config.get("probe_every_steps", 0),
+    )
+
+
+def probe_auroc(model, *, rows: list[dict], pad_token_id: int, batch_size: int = 16) -> dict:
+    """AUROC of the row scores (the stage-2 formula) on labelled probe rows, clean rows positive."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    scores = []
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            batch = collate(chunk, pad_token_id, device)
+            out = model.get_decoder()(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                output_router_logits=True,
+            )
+            mask = score_mask(batch["attention_mask"], batch["labels"], "assistant")
+            means = layer_gate_means([r["quality_score"] for r in out.router_logits], mask)
+            scores.extend(row_score(means.cpu().numpy()).tolist())
+    model.train(was_training)
+    return {"probe_auroc": auroc(np.asarray(scores), np.asarray([r["clean"] for r in rows]))}
 
 
 def _train_step(model, micro_batches, step_tokens, world, *, coef) -> dict:
