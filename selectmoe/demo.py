@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 from selectmoe.config import DemoConfig
 from selectmoe.data.synthetic import LABELS_FILE, write_demo_corpus
 from selectmoe.manifest import hash_dict, read_manifest
-from selectmoe.pipeline import run_pipeline
+from selectmoe.models.loading import TRAINING_IDS
+from selectmoe.pipeline import STAGE_DIRS, run_pipeline
 from selectmoe.separation import markdown_table, separation_table
 
 logger = logging.getLogger(__name__)
@@ -71,8 +72,8 @@ def demo_models(cfg: DemoConfig) -> tuple[Path, Path]:
 
 def separation_section(run: Path, data: Path) -> str:
     """Markdown: AUROC / precision@k of the gate score and the baselines on the held-out rows."""
-    scores = pq.read_table(run / "stage_2_selection" / "scores").to_pylist()
-    training = run / "stage_1_pretrain" / "training_ids.parquet"
+    scores = pq.read_table(run / STAGE_DIRS["select"] / "scores").to_pylist()
+    training = run / STAGE_DIRS["pretrain"] / TRAINING_IDS
     trained = set(pq.read_table(training, columns=["id"])["id"].to_pylist()) if training.exists() else set()
     labels = {r["id"]: r for r in map(json.loads, (data / LABELS_FILE).read_text().splitlines())}
     held_out = sorted((r for r in scores if r["id"] not in trained), key=lambda r: r["id"])
@@ -84,10 +85,10 @@ def separation_section(run: Path, data: Path) -> str:
         "response length (scored tokens)": np.array([r["n_scored_tokens"] for r in held_out], dtype=float),
         "random": rng.random(len(held_out)),
     }
-    manifest = json.loads((run / "stage_2_selection" / "manifest.json").read_text())
+    manifest = json.loads((run / STAGE_DIRS["select"] / "manifest.json").read_text())
     k = max(1, manifest["counts"]["rows_selected"])
     columns, rows = separation_table(scorers, defect, k)
-    recipe = read_manifest(run / "stage_1_pretrain")["config"]["training"]
+    recipe = read_manifest(run / STAGE_DIRS["pretrain"])["config"]["training"]
     (run / "separation.json").write_text(json.dumps({"k": k, "rows": len(held_out), "table": rows}, indent=2))
     kinds = ", ".join(f"{kind} {int((defect == kind).sum())}" for kind in sorted(set(defect) - {""}))
     return "\n".join(

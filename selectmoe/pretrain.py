@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from selectmoe.config import ConfigError, PretrainConfig, to_dict
 from selectmoe.manifest import fingerprint, write_manifest
-from selectmoe.models.loading import STAGE1_CONFIG
+from selectmoe.models.loading import STAGE1_CONFIG, TRAINING_IDS
 from selectmoe.plots import plot_training_curves
 from selectmoe.ray_data import read_rows, tokenize_rows
 from selectmoe.scaling import ensure_ray, worker_layout
@@ -31,7 +31,6 @@ from selectmoe.training.router import train_router_per_worker
 logger = logging.getLogger(__name__)
 
 ROUTER_WEIGHTS = "router_weights.safetensors"
-TRAINING_IDS = "training_ids.parquet"
 
 
 def select_moe_overrides(cfg: PretrainConfig) -> dict:

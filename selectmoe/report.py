@@ -9,9 +9,8 @@ from pathlib import Path
 
 from selectmoe.compare import compare_runs
 from selectmoe.manifest import read_manifest
+from selectmoe.pipeline import STAGE_DIRS
 from selectmoe.plots import plot_gate_layers, plot_selection_composition
-
-STAGE_DIRS = ("stage_1_pretrain", "stage_2_selection", "stage_3_finetune", "stage_4_eval")
 
 
 def write_report(
@@ -23,7 +22,7 @@ def write_report(
         f"Run folder `{run}`; this invocation took {seconds:.0f} s.",
         "",
     ]
-    stage1, stage2 = run / STAGE_DIRS[0], run / STAGE_DIRS[1]
+    stage1, stage2 = run / STAGE_DIRS["pretrain"], run / STAGE_DIRS["select"]
 
     # ---- stage 1
     m1 = read_manifest(stage1) or {}
@@ -69,7 +68,7 @@ def write_report(
         corpus = {name: d["rows_accepted"] for name, d in c.get("datasets", {}).items()}
         composition = {"corpus": corpus, "selected": c.get("selected_by_dataset", {})}
         for name, root in branches.items():
-            if name != "selected" and (m := read_manifest(root / STAGE_DIRS[1])):
+            if name != "selected" and (m := read_manifest(root / STAGE_DIRS["select"])):
                 composition[name] = m["counts"].get("selected_by_dataset", {})
         lines += [
             "Selection composition (share of rows per source dataset):",
@@ -83,7 +82,7 @@ def write_report(
     # ---- stage 3
     lines += ["## Stage 3: finetuning", ""]
     for name, root in branches.items():
-        m3 = read_manifest(root / STAGE_DIRS[2])
+        m3 = read_manifest(root / STAGE_DIRS["finetune"])
         if m3:
             c = m3.get("counts", {})
             lines += [
@@ -93,15 +92,15 @@ def write_report(
             ]
     lines.append("")
     for name, root in branches.items():
-        curves = root / STAGE_DIRS[2] / "training_curves.png"
+        curves = root / STAGE_DIRS["finetune"] / "training_curves.png"
         if curves.exists():
             lines += [_image(run, curves, f"stage 3 curves ({name})", prefix=name), ""]
 
     # ---- stage 4
     evals = [
-        str(root / STAGE_DIRS[3])
+        str(root / STAGE_DIRS["evaluate"])
         for root in branches.values()
-        if (root / STAGE_DIRS[3] / "results.json").exists()
+        if (root / STAGE_DIRS["evaluate"] / "results.json").exists()
     ]
     if evals:
         lines += ["## Stage 4: evaluation", "", compare_runs(evals), ""]

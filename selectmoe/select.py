@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from selectmoe.config import SelectConfig, to_dict
 from selectmoe.manifest import fingerprint, hash_dict, write_manifest
-from selectmoe.models.loading import STAGE1_CONFIG
+from selectmoe.models.loading import STAGE1_CONFIG, TRAINING_IDS
 from selectmoe.plots import plot_score_histograms
 from selectmoe.ray_data import read_rows, tokenize_rows
 from selectmoe.scaling import RESERVED_CPUS, ensure_ray, free_resources, use_gpu
@@ -50,7 +50,6 @@ logger = logging.getLogger(__name__)
 SCORES_DIR = "scores"
 SCORING_KEY_FILE = "_scoring_config.json"
 STREAM_ROWS = 65536  # rows per batch when streaming score files
-TRAINING_IDS = "training_ids.parquet"  # written by stage 1
 
 
 def score_and_select(cfg: SelectConfig) -> Path:
