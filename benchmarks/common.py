@@ -99,13 +99,14 @@ def quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
-def quiet_ray() -> None:
-    """A local Ray without dashboard, worker log forwarding or Ray Data progress output."""
+def quiet_ray(dashboard: bool = False) -> None:
+    """A local Ray without worker log forwarding or Ray Data progress output. Runs that start several
+    Ray Train runs one after the other want the ``dashboard`` (see ``selectmoe.scaling.ensure_ray``)."""
     import logging
 
     import ray
 
-    ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    ray.init(include_dashboard=dashboard, log_to_driver=False, logging_level=logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+
+# the real rows beside the project (../shared/data/train); read in place, never copied
+SHARED_TRAIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "train"
 
 
 @pytest.fixture(scope="session")

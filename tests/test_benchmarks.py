@@ -73,3 +73,33 @@ def test_stage2_throughput_small(tmp_path):
     for n in (100000, 200000):  # streaming and pandas choose the same rows
         assert len({r["ids"] for r in topk if r["n"] == n and r["k"] == 1000}) == 1
     assert report["scoring"]["select_ray"]["real_tokens"] == report["scoring"]["real_tokens"]
+
+
+def test_selection_quality_small(tmp_path):
+    stdout, report = run_benchmark(
+        "selection_quality.py",
+        tmp_path,
+        *("--rows", "300", "--lm-steps", "10", "--stage1-steps", "2", "--max-length", "128"),
+        *("--variants", "original", "--work-dir", str(tmp_path / "work")),
+    )
+    assert "Clean-vs-defect separation on held-out real rows" in stdout
+    scorers = [row["scorer"] for row in report["table"]]
+    assert scorers == [
+        "gates: original",
+        "perplexity (-NLL, base model)",
+        "response length (tokens)",
+        "random",
+    ]
+    kinds = ("garbled", "shuffled", "swapped", "truncated", "spam", "wrong_answer")
+    assert report["columns"] == [
+        "scorer",
+        "auroc_all",
+        *[f"auroc_{k}" for k in sorted(kinds)],
+        "precision_at_k",
+    ]
+    assert all(0 <= row["auroc_all"] <= 1 for row in report["table"])
+    seed = report["per_seed"][0]
+    assert set(seed["defects"]) == {"", *kinds}  # every kind planted among the held-out rows
+    methods = [row["method"] for row in report["coverage"]]
+    assert methods == ["held-out rows (reference)", "top_k", "diversity", "random"]
+    assert all(row["datasets_covered"] >= 1 for row in report["coverage"])

@@ -20,6 +20,7 @@ import jsonschema
 import pytest
 import ray
 import yaml
+from conftest import SHARED_TRAIN
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "cluster_configs"
 LAUNCHER_YAMLS = ["aws-gpu.yaml", "gcp-gpu.yaml"]
 VENV_BIN = Path(sys.executable).parent  # the head and the job's `python` use this interpreter
-OASST = Path("/work/shared/data/train/oasst1.jsonl")
+OASST = SHARED_TRAIN / "oasst1.jsonl"
 
 
 def _load(name: str) -> dict:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import psutil
 import pytest
+from conftest import SHARED_TRAIN
 from test_data_readers import FORMATS, SCHEMA_ROWS, less_rows, write_formats  # noqa: F401 (fixture)
 from test_data_rejects import bad_folder  # noqa: F401 (fixture)
 
@@ -18,7 +18,7 @@ from selectmoe.ray_data import ROW_SCHEMA, read_rows, tokenize_rows
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
-COT = Path("/work/shared/data/train/cot.jsonl")
+COT = SHARED_TRAIN / "cot.jsonl"
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import SHARED_TRAIN
 
 from selectmoe.config import DataConfig, DatasetConfig
 from selectmoe.data import DataError, RowLedger, content_id, iter_rows, resolve_sources
 
-SHARED_TRAIN = Path("/work/shared/data/train")
 SAMPLE_LINES = 12
 FORMATS = ["jsonl", "jsonl_gz", "json_array", "json_lines", "parquet"]
 

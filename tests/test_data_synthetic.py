@@ -3,16 +3,27 @@ and evaluation files the local lm-eval tasks can read."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
+import random
 import re
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import SHARED_TRAIN
 
 from selectmoe.config import DataConfig, DatasetConfig
-from selectmoe.data import DEFECT_KINDS, RowLedger, iter_rows, load_tokenizer, write_demo_corpus
+from selectmoe.data import (
+    DEFECT_KINDS,
+    RowLedger,
+    cot_wrong_answer,
+    iter_rows,
+    load_tokenizer,
+    plant_defects,
+    write_demo_corpus,
+)
 from selectmoe.data.synthetic import DATASET_SHARES, DEFAULT_ROWS
 from selectmoe.data.synthetic_facts import EMPTYISH_RESPONSES, SPAM_PHRASES
 from selectmoe.eval_tasks import LOCAL_TASKS, available_local_tasks
@@ -157,3 +168,45 @@ def test_bbh_arithmetic_targets_are_right(corpus):
         expression = example["input"].removesuffix(" =")
         assert re.fullmatch(r"[-+*() 0-9]+", expression)
         assert str(eval(expression)) == example["target"]  # the generator's own arithmetic, checked by Python
+
+
+def test_cot_wrong_answer_changes_only_the_final_answer_to_one_of_the_same_form():
+    rng = random.Random(0)
+    cases = {
+        "2240-1120 = 1120 So the answer is (C).": r"2240-1120 = 1120 So the answer is \([ABDE]\)\.",
+        "It is regulated. So the answer is yes.": r"It is regulated\. So the answer is no\.",
+        "Birds fly. So the answer is Sentence B.": r"Birds fly\. So the answer is Sentence A\.",
+        "13 - 1 = 12 hours. So the answer is 12.": r"13 - 1 = 12 hours\. So the answer is \d+\.",
+    }
+    for reply, expected in cases.items():
+        wrong = cot_wrong_answer(reply, rng)
+        assert re.fullmatch(expected, wrong) and wrong != reply, (reply, wrong)
+    assert cot_wrong_answer("The answer is a house.", rng) is None  # no CoT ending
+    assert cot_wrong_answer("So the answer is a house.", rng) is None  # free text: no same-form wrong answer
+
+
+def test_plant_defects_on_real_rows_applies_each_kind_only_where_it_can():
+    lines = (SHARED_TRAIN / "cot.jsonl").read_text().split("\n")[:150]
+    lines += (SHARED_TRAIN / "oasst1.jsonl").read_text().split("\n")[:150]
+    rows = [json.loads(line) for line in lines if line.strip()]
+    originals = copy.deepcopy(rows)
+    kinds = ("garbled", "swapped", "truncated", "spam", "wrong_answer")
+    wrong_rng = random.Random(1)
+    labels = plant_defects(
+        random.Random(0),
+        rows,
+        0.3,
+        kinds,
+        wrong_reply=lambda i, reply: (
+            cot_wrong_answer(reply, wrong_rng) if rows[i]["dataset"] == "cot" else None
+        ),
+    )
+    counts = Counter(label["defect"] for label in labels if label["defect"])
+    assert counts == {kind: 18 for kind in kinds}  # 30% of 300, the kinds in equal numbers
+    for label, row, original in zip(labels, rows, originals):
+        assert row["messages"][:-1] == original["messages"][:-1]
+        changed = row["messages"][-1]["content"] != original["messages"][-1]["content"]
+        assert changed == (label["defect"] is not None), label
+        if label["defect"] == "wrong_answer":
+            assert row["dataset"] == "cot"
+            assert "So the answer is" in row["messages"][-1]["content"]

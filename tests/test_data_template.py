@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import SHARED_TRAIN
 from transformers import AutoTokenizer
 
 from selectmoe.data.rejects import RowError
@@ -19,7 +20,7 @@ from selectmoe.data.template import (
     load_tokenizer,
 )
 
-SHARED_OASST = "/work/shared/data/train/oasst1.jsonl"
+SHARED_OASST = str(SHARED_TRAIN / "oasst1.jsonl")
 
 SINGLE = [
     {"role": "user", "content": "What is 2 + 3?\nLet's think step by step."},

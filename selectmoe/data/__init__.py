@@ -6,13 +6,14 @@ pieces.
 
 from __future__ import annotations
 
+from selectmoe.data.defects import DEFECT_KINDS, cot_wrong_answer, plant_defects
 from selectmoe.data.ledger import RowLedger
 from selectmoe.data.normalize import content_id, normalize_record
 from selectmoe.data.readers import Source, read_records, resolve_sources
 from selectmoe.data.rejects import REASONS, DataError, RowError, write_rejects
 from selectmoe.data.rows import iter_rows, scan_source
 from selectmoe.data.subset import in_subset
-from selectmoe.data.synthetic import DEFECT_KINDS, write_demo_corpus
+from selectmoe.data.synthetic import write_demo_corpus
 from selectmoe.data.template import (
     IGNORE_INDEX,
     encode_batch,
@@ -31,6 +32,7 @@ __all__ = [
     "RowLedger",
     "Source",
     "content_id",
+    "cot_wrong_answer",
     "encode_batch",
     "encode_messages",
     "ensure_pad_token",
@@ -39,6 +41,7 @@ __all__ = [
     "iter_rows",
     "load_tokenizer",
     "normalize_record",
+    "plant_defects",
     "read_records",
     "resolve_sources",
     "scan_source",

@@ -1,0 +1,381 @@
+"""Selection quality on real rows: do the scores find planted low-quality rows?
+
+Per seed: a stratified sample of real rows from ``../shared/data/train`` (all four files), split in two
+halves. A tiny OLMoE is LM-pretrained on the clean first half. In the second half (the corpus) a
+``--defect-rate`` share of rows gets a planted defect (``garbled``, ``shuffled``, ``swapped``,
+``truncated``, ``spam``, and ``wrong_answer`` on CoT rows: the final "So the answer is X" changed).
+Each variant (a quality-loss recipe) runs the product's stage 1 (``pretrain_router``: Ray Train on
+``--subset-ratio`` of the corpus) and stage 2 (``score_and_select``: Ray Data scoring of every row,
+top-k selection of ``--percentage`` of the rows stage 1 did not train on). Scores are judged on those
+held-out rows only: AUROC clean-vs-defect overall and per kind, and precision@k at the selection size
+(the share of clean rows among the k best), next to baselines on the same rows from the same run:
+random, perplexity under the same base model, response length. Then the ``diversity`` selection's
+coverage of source datasets next to ``top_k`` and ``random`` (same scores, no rescoring).
+
+    .venv/bin/python benchmarks/selection_quality.py                       # full run, ~15 min on 2 cores
+    .venv/bin/python benchmarks/selection_quality.py --seeds 0 1 2         # mean over seeds
+    .venv/bin/python benchmarks/selection_quality.py --variant lr1e-3:training.learning_rate=1e-3
+    .venv/bin/python benchmarks/selection_quality.py --rows 400 --lm-steps 20 --stage1-steps 3 \\
+        --variants original --json /tmp/sq.json                            # CI size, ~2 min
+
+``--variant NAME:KEY=VALUE,KEY=VALUE`` adds a stage-1 recipe (keys of the ``pretrain`` config);
+``--variants`` picks among the named ones. Prints one table per seed set and writes all numbers with
+``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from common import TRAIN_DIR, print_table, quiet_ray, quiet_transformers, write_json
+
+from selectmoe.config import parse_config
+from selectmoe.data import (
+    RowError,
+    cot_wrong_answer,
+    encode_batch,
+    load_tokenizer,
+    normalize_record,
+    plant_defects,
+)
+from selectmoe.manifest import hash_dict
+from selectmoe.models.loading import TRAINING_IDS
+from selectmoe.separation import separation_table
+
+BENCH_KINDS = ("garbled", "shuffled", "swapped", "truncated", "spam", "wrong_answer")
+# about the LESS mix; oasst1 and the human-written rows are small files, so they are over-sampled
+FILE_SHARES = {"cot": 0.35, "flan_v2": 0.35, "oasst1": 0.15, "human_instructions": 0.15}
+VARIANTS = {
+    "original": [],  # the seed's recipe: sigmoid loss, weight 0.01, zero trash expert
+    "sigmoid_w1": ["training.quality_loss_weight=1.0"],
+    "mse_w1": ["training.quality_loss_type=mse", "training.quality_loss_weight=1.0"],
+    "beta_w1": ["training.quality_loss_type=beta_moment_matching", "training.quality_loss_weight=1.0"],
+    "meanvar_w1": [
+        "training.quality_loss_type=mean_variance_regularization",
+        "training.quality_loss_weight=1.0",
+    ],
+    # gates trained to tell trusted reference rows (clean rows the base model was pretrained on) from the corpus
+    "reference": ["training.reference_data=[{reference}]", "training.quality_loss_weight=0"],
+}
+
+
+def main() -> None:
+    args = parse_args()
+    quiet_transformers()
+    quiet_ray(dashboard=True)
+    variants = {name: VARIANTS[name] for name in args.variants}
+    for spec in args.variant:
+        name, _, overrides = spec.partition(":")
+        variants[name] = [o for o in overrides.split(",") if o]
+    work = Path(args.work_dir)
+    started = time.time()
+    per_seed = [run_seed(args, seed, variants, work / f"seed{seed}") for seed in args.seeds]
+    results = summarise(per_seed)
+    k_note = ", ".join(f"seed {r['seed']}: {r['rows']} rows, k={r['k']}" for r in per_seed)
+    columns = results["columns"]
+    print_table(
+        f"Clean-vs-defect separation on held-out real rows (clean = positive; mean over seeds {args.seeds}; {k_note})",
+        columns,
+        [[row[c] for c in columns] for row in results["table"]],
+    )
+    cov_columns = results["coverage_columns"]
+    print_table(
+        "Selections of the same size from the same scores: source-dataset coverage",
+        cov_columns,
+        [[row[c] for c in cov_columns] for row in results["coverage"]],
+    )
+    print(f"\ntotal {time.time() - started:.0f} s")
+    write_json(args.json, {"args": vars(args), "variants": variants, **results, "per_seed": per_seed})
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default=str(TRAIN_DIR))
+    p.add_argument("--work-dir", default="/tmp/selectmoe_selection_quality")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--rows", type=int, default=1500, help="corpus rows (as many again LM-pretrain the model)")
+    p.add_argument("--defect-rate", type=float, default=0.3)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--lm-steps", type=int, default=300, help="LM pretraining steps of the tiny OLMoE")
+    p.add_argument("--model", nargs="*", default=[], help="tiny OLMoE config overrides, e.g. hidden_size=128")
+    p.add_argument("--reference-rows", type=int, default=300, help="trusted rows (from the clean half)")
+    p.add_argument("--subset-ratio", type=float, default=0.4, help="share of the corpus stage 1 trains on")
+    p.add_argument("--stage1-steps", type=int, default=40)
+    p.add_argument("--stage1-batch", type=int, default=16)
+    p.add_argument("--percentage", type=float, default=0.05, help="selection size (share of held-out rows)")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument(
+        "--variant", action="append", default=[], help="NAME:KEY=VALUE,... an extra stage-1 recipe"
+    )
+    p.add_argument("--json", default=None)
+    return p.parse_args()
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def sample_by_file(data_dir: Path, n: int, seed: int) -> list[dict]:
+    """``n`` normalised rows, ``FILE_SHARES`` of them from each file (seeded), in a seeded order."""
+    rng = random.Random(seed)
+    rows = []
+    for stem, share in FILE_SHARES.items():
+        lines = [line for line in (data_dir / f"{stem}.jsonl").read_text().split("\n") if line.strip()]
+        for index in sorted(rng.sample(range(len(lines)), min(len(lines), round(share * n)))):
+            try:
+                row = normalize_record(json.loads(lines[index]), default_dataset=stem)
+            except RowError:
+                continue
+            rows.append({key: row[key] for key in ("dataset", "id", "messages")})
+    rng.shuffle(rows)
+    return rows
+
+
+def write_corpus(rows: list[dict], out: Path, defect_rate: float, seed: int) -> Path:
+    """The corpus with planted defects: ``out/train/DATASET.jsonl`` and ``out/labels.jsonl``."""
+    rng = random.Random(seed)
+    wrong_rng = random.Random(seed + 1)
+    labels = plant_defects(
+        rng,
+        rows,
+        defect_rate,
+        BENCH_KINDS,
+        wrong_reply=lambda i, reply: (
+            cot_wrong_answer(reply, wrong_rng) if rows[i]["dataset"] == "cot" else None
+        ),
+    )
+    (out / "train").mkdir(parents=True, exist_ok=True)
+    for dataset in sorted({r["dataset"] for r in rows}):
+        with (out / "train" / f"{dataset}.jsonl").open("w") as fh:
+            fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows if r["dataset"] == dataset)
+    with (out / "labels.jsonl").open("w") as fh:
+        fh.writelines(json.dumps(label) + "\n" for label in labels)
+    return out
+
+
+def base_model(args, seed: int, lm_rows: list[dict], cache: Path) -> Path:
+    """The tiny OLMoE LM-pretrained on the clean half (cached by its recipe)."""
+    from selectmoe.tiny import build_tiny_olmoe, pretrain_tiny_lm
+
+    key = hash_dict(
+        {"seed": seed, "steps": args.lm_steps, "model": args.model, "ids": [r["id"] for r in lm_rows]}
+    )
+    out = cache / f"base_{key}"
+    if not (out / "config.json").exists():
+        overrides = {k: int(v) for k, v in (item.split("=") for item in args.model)}
+        init = build_tiny_olmoe(cache / f"init_{key}", seed=seed, **overrides)
+        pretrain_tiny_lm(
+            init,
+            [r["messages"] for r in lm_rows],
+            out,
+            steps=args.lm_steps,
+            seed=seed,
+            max_seq_length=args.max_length,
+        )
+    return out
+
+
+@torch.inference_mode()
+def perplexity_nll(model_dir: Path, rows: list[dict], max_length: int) -> dict[str, float]:
+    """id -> mean NLL of the assistant tokens under the base LM (plain transformers OLMoE)."""
+    from transformers import AutoModelForCausalLM
+
+    from selectmoe.data import ensure_pad_token
+    from selectmoe.scoring import row_nll, score_mask
+    from selectmoe.training.common import collate
+
+    tokenizer = ensure_pad_token(load_tokenizer(str(model_dir)))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    encoded = encode_batch([r["messages"] for r in rows], tokenizer, max_seq_length=max_length)
+    nll = {}
+    pairs = [(r["id"], e) for r, e in zip(rows, encoded) if isinstance(e, dict)]
+    for start in range(0, len(pairs), 32):
+        chunk = pairs[start : start + 32]
+        batch = collate([e for _, e in chunk], tokenizer.pad_token_id, torch.device("cpu"))
+        hidden = model.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).last_hidden_state
+        mask = score_mask(batch["attention_mask"], batch["labels"], "assistant")
+        for (row_id, _), value in zip(chunk, row_nll(model, hidden, batch["input_ids"], mask).tolist()):
+            nll[row_id] = value
+    return nll
+
+
+# ---------------------------------------------------------------------------- stages
+
+
+def run_stages(args, corpus: Path, model: Path, out: Path, seed: int, overrides: list[str]):
+    """Stage 1 then stage 2 of the product on the corpus; returns (stage-2 config, stage-2 folder)."""
+    from selectmoe.pretrain import pretrain_router
+    from selectmoe.select import score_and_select
+
+    data = [f"dataset.data_path=[{corpus / 'train'}]", f"dataset.max_sequence_length={args.max_length}"]
+    stage1 = parse_config(
+        "pretrain",
+        overrides=[
+            *data,
+            f"seed={seed}",
+            f"output_dir={out / 'stage1'}",
+            f"selector_model.path={model}",
+            f"dataset.subset_ratio={args.subset_ratio}",
+            f"training.max_steps={args.stage1_steps}",
+            f"training.batch_size={args.stage1_batch}",
+            "training.per_device_batch_size=8",
+            "training.gradient_checkpointing=false",
+            "training.checkpoint_every_steps=0",
+            "scaling.num_workers=1",
+            *overrides,
+        ],
+    )
+    pretrain_router(stage1)
+    stage2 = parse_config(
+        "select",
+        overrides=[
+            *data,
+            f"seed={seed}",
+            f"output_dir={out / 'stage2'}",
+            f"model_checkpoint_path={out / 'stage1'}",
+            f"selection_percentage={args.percentage}",
+            "scoring.store_routing=true",
+        ],
+    )
+    return stage2, score_and_select(stage2)
+
+
+def reselect(stage2_cfg, method: str) -> list[dict]:
+    """The same stage 2 with another selection method: scores are reused, nothing is rescored."""
+    from selectmoe.select import score_and_select
+
+    cfg = copy.deepcopy(stage2_cfg)
+    cfg.selection.method = method
+    out = score_and_select(cfg)
+    return pq.read_table(out / "selected.parquet", columns=["id", "dataset"]).to_pylist()
+
+
+# ---------------------------------------------------------------------------- one seed
+
+
+def run_seed(args, seed: int, variants: dict[str, list[str]], work: Path) -> dict:
+    rows = sample_by_file(Path(args.data_dir), 2 * args.rows, seed)
+    lm_rows, corpus_rows = rows[::2], rows[1::2]
+    corpus = work / "corpus"
+    shutil.rmtree(corpus, ignore_errors=True)
+    write_corpus(corpus_rows, corpus, args.defect_rate, seed)
+    model = base_model(args, seed, lm_rows, work.parent / "models")
+    reference = work / "reference.jsonl"
+    reference.write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lm_rows[: args.reference_rows])
+    )
+    labels = {r["id"]: r["defect"] or "" for r in map(json.loads, (corpus / "labels.jsonl").open())}
+    nll = perplexity_nll(model, corpus_rows, args.max_length)
+
+    scores, held_out, timings, first_cfg = {}, None, {}, None
+    for name, overrides in variants.items():
+        out = work / name
+        shutil.rmtree(out, ignore_errors=True)
+        t0 = time.time()
+        overrides = [o.format(reference=reference) for o in overrides]
+        stage2_cfg, stage2 = run_stages(args, corpus, model, out, seed, overrides)
+        first_cfg = first_cfg or stage2_cfg
+        timings[name] = round(time.time() - t0, 1)
+        trained = set(pq.read_table(out / "stage1" / TRAINING_IDS, columns=["id"])["id"].to_pylist())
+        table = pq.read_table(stage2 / "scores", columns=["id", "score", "n_scored_tokens"]).to_pylist()
+        by_id = {r["id"]: r for r in table if r["id"] not in trained}
+        if held_out is None:
+            held_out = sorted(by_id)
+            lengths = np.array([by_id[i]["n_scored_tokens"] for i in held_out], dtype=float)
+        elif sorted(by_id) != held_out:
+            raise RuntimeError(f"variant {name}: stage 1 trained on other rows than the first variant")
+        scores[f"gates: {name}"] = np.array([by_id[i]["score"] for i in held_out])
+
+    defect = np.array([labels[i] for i in held_out], dtype=object)
+    baselines = {
+        "perplexity (-NLL, base model)": -np.array([nll.get(i, np.nan) for i in held_out]),
+        "response length (tokens)": lengths,
+        "random": np.random.default_rng(seed).random(len(held_out)),
+    }
+    k = max(1, int(args.percentage * len(held_out)))
+    columns, table = separation_table({**scores, **baselines}, defect, k)
+    coverage = coverage_table(
+        {method: reselect(first_cfg, method) for method in ("top_k", "diversity", "random")},
+        {i: r for i, r in zip(held_out, defect)},
+        {r["id"]: r["dataset"] for r in corpus_rows if r["id"] in set(held_out)},
+    )
+    return {
+        "seed": seed,
+        "rows": len(held_out),
+        "k": k,
+        "defects": {kind: int((defect == kind).sum()) for kind in sorted(set(defect))},
+        "columns": [c.replace(f"precision_at_{k}", "precision_at_k") for c in columns],
+        "table": [
+            {key.replace(f"precision_at_{k}", "precision_at_k"): v for key, v in row.items()} for row in table
+        ],
+        "coverage": coverage,
+        "stage_seconds": timings,
+    }
+
+
+def coverage_table(
+    selections: dict[str, list[dict]], defect: dict[str, str], dataset_of: dict[str, str]
+) -> list:
+    """Per selection method: the share of each source dataset (vs the held-out rows), datasets covered,
+    normalised entropy of the dataset mix, and the clean share."""
+    datasets = sorted(set(dataset_of.values()))
+    pool = {"method": "held-out rows (reference)", **_mix(list(dataset_of.values()), datasets)}
+    pool["clean_share"] = float(np.mean([defect[i] == "" for i in dataset_of]))
+    rows = [pool]
+    for method, chosen in selections.items():
+        row = {"method": method, **_mix([r["dataset"] for r in chosen], datasets)}
+        row["clean_share"] = float(np.mean([defect[r["id"]] == "" for r in chosen]))
+        rows.append(row)
+    return rows
+
+
+def _mix(names: list[str], datasets: list[str]) -> dict:
+    counts = np.array([names.count(d) for d in datasets], dtype=float)
+    shares = counts / max(1.0, counts.sum())
+    nonzero = shares[shares > 0]
+    entropy = float(-(nonzero * np.log(nonzero)).sum() / np.log(len(datasets))) if len(datasets) > 1 else 1.0
+    return {
+        **{f"share_{d}": float(s) for d, s in zip(datasets, shares)},
+        "datasets_covered": int((counts > 0).sum()),
+        "entropy": entropy,
+    }
+
+
+def summarise(per_seed: list[dict]) -> dict:
+    """Mean over seeds of every number in the separation and coverage tables (std in ``*_std``)."""
+
+    def mean_rows(key: str, label: str) -> tuple[list[str], list[dict]]:
+        columns = (
+            per_seed[0][key + "_columns"] if key + "_columns" in per_seed[0] else list(per_seed[0][key][0])
+        )
+        rows = []
+        for index, first in enumerate(per_seed[0][key]):
+            row = {label: first[label]}
+            for column in columns[1:]:
+                values = [seed[key][index][column] for seed in per_seed]
+                row[column] = float(np.nanmean(values))
+                if len(values) > 1:
+                    row[f"{column}_std"] = float(np.nanstd(values))
+            rows.append(row)
+        return columns, rows
+
+    for seed in per_seed:
+        seed["table_columns"] = seed.pop("columns")
+    columns, table = mean_rows("table", "scorer")
+    cov_columns, coverage = mean_rows("coverage", "method")
+    return {"columns": columns, "table": table, "coverage_columns": cov_columns, "coverage": coverage}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
