@@ -82,6 +82,10 @@ class ScalingSection:
     strategy: str = "ddp"  # ddp | fsdp
     max_failures: int = 1
 
+    def __post_init__(self):
+        if self.strategy not in ("ddp", "fsdp"):
+            raise ConfigError(f"scaling.strategy must be ddp or fsdp, got {self.strategy!r}")
+
 
 @dataclass
 class LoraSection:

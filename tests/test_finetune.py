@@ -1,4 +1,5 @@
-"""Stage 3 on Ray Train, tiny Llama, real rows: labels, loss, adapter, recovery, rerun, batch plan."""
+"""Stage 3 on Ray Train, tiny Llama, real rows: labels, loss, adapter, DDP and FSDP, recovery, rerun,
+batch plan."""
 
 from __future__ import annotations
 
@@ -62,6 +63,15 @@ def finetuned(tiny_llama, selected_jsonl, ray_session, tmp_path_factory) -> Path
     """One uninterrupted 2-worker run through the CLI, shared by the tests below."""
     out = tmp_path_factory.mktemp("stage3") / "run"
     assert main(["finetune", *stage3_overrides(tiny_llama, selected_jsonl, out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def finetuned_fsdp(tiny_llama, selected_jsonl, ray_session, tmp_path_factory) -> Path:
+    """The same run under FSDP2 (LoRA factors and frozen layers sharded over the 2 workers)."""
+    out = tmp_path_factory.mktemp("stage3_fsdp") / "run"
+    overrides = stage3_overrides(tiny_llama, selected_jsonl, out, **{"scaling.strategy": "fsdp"})
+    finetune_lora(parse_config("finetune", overrides=overrides))
     return out
 
 
@@ -201,10 +211,12 @@ def test_loss_falls(finetuned):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_adapter_loads_with_peft_and_changes_the_model(finetuned, tiny_llama):
+@pytest.mark.parametrize("run", ["finetuned", "finetuned_fsdp"])
+def test_adapter_loads_with_peft_and_changes_the_model(run, tiny_llama, request):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    finetuned = request.getfixturevalue(run)
     tensors = load_file(str(finetuned / "adapter_model.safetensors"))
     lora_b = [name for name in tensors if ".lora_B." in name]
     assert len(lora_b) == 2 * 4  # layers x q/k/v/o
@@ -218,6 +230,24 @@ def test_adapter_loads_with_peft_and_changes_the_model(finetuned, tiny_llama):
     with torch.no_grad():
         tuned_logits = tuned(input_ids=ids).logits
     assert (tuned_logits - base_logits).abs().max() > 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_fsdp_matches_ddp(finetuned_fsdp, finetuned):
+    sharded, replicated = metrics(finetuned_fsdp), metrics(finetuned)
+    assert [m["step"] for m in sharded] == [m["step"] for m in replicated]
+    for a, b in zip(sharded, replicated):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    configs = [json.loads((run / "adapter_config.json").read_text()) for run in (finetuned_fsdp, finetuned)]
+    for config in configs:
+        config["target_modules"] = sorted(config["target_modules"])  # a set in PEFT: any order
+    assert configs[0] == configs[1]
+    sharded_weights = load_file(str(finetuned_fsdp / "adapter_model.safetensors"))
+    replicated_weights = load_file(str(finetuned / "adapter_model.safetensors"))
+    assert sharded_weights.keys() == replicated_weights.keys()
+    for name, value in replicated_weights.items():
+        torch.testing.assert_close(sharded_weights[name], value, atol=1e-5, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------- recovery and rerun

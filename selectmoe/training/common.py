@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from selectmoe.training.sharding import restore_state
+
 IGNORE_INDEX = -100
 SHUFFLE_WINDOW_BATCHES = 64  # rows are shuffled within windows of this many global batches
 
@@ -137,29 +139,22 @@ STATE_FILE = "state.json"
 METRICS_FILE = "metrics.jsonl"
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().float().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-
-
 def save_training_state(
-    directory: Path, model, optimizer, scheduler, state: dict, metrics: list[dict]
+    directory: Path, tensors: dict, optimizer_state: dict, scheduler, state: dict, metrics: list[dict]
 ) -> None:
-    save_file(trainable_state(model), str(directory / TRAINABLE_FILE))
+    """Write a checkpoint from ``sharding.gather_state``'s full trainable tensors and optimizer state."""
+    save_file(tensors, str(directory / TRAINABLE_FILE))
     torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, directory / OPTIMIZER_FILE
+        {"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, directory / OPTIMIZER_FILE
     )
     (directory / STATE_FILE).write_text(json.dumps(state))
     (directory / METRICS_FILE).write_text("".join(json.dumps(m) + "\n" for m in metrics))
 
 
 def load_training_state(directory: Path, model, optimizer, scheduler) -> tuple[dict, list[dict]]:
-    tensors = load_file(str(directory / TRAINABLE_FILE))
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in tensors.items():
-            params[name].copy_(value.to(params[name].dtype))
+    """Restore weights, optimizer and scheduler from a checkpoint (on every rank, DDP or FSDP)."""
     saved = torch.load(directory / OPTIMIZER_FILE, weights_only=True)
-    optimizer.load_state_dict(saved["optimizer"])
+    restore_state(model, optimizer, load_file(str(directory / TRAINABLE_FILE)), saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     state = json.loads((directory / STATE_FILE).read_text())
     metrics = [json.loads(line) for line in (directory / METRICS_FILE).read_text().splitlines() if line]

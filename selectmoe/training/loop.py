@@ -4,13 +4,14 @@ A stage builds its model (trainable parameters chosen, not yet wrapped) and a ``
 runs forward/backward over this rank's micro-batches of one optimiser step and returns the step's
 metrics reduced over ranks. ``run_training_loop`` owns the rest:
 
-- wrapping (``prepare_model``: DDP by default, ``scaling.strategy`` passed through), AdamW with
+- wrapping (``sharding.wrap``: DDP by default, FSDP2 with ``scaling.strategy=fsdp``), AdamW with
   linear warmup/decay, gradient clipping;
 - the deterministic step plan (``epoch_order`` + ``step_batches``), so a resumed run skips exactly
   the rows it has already trained on; the RNG is reseeded from (seed, step, rank) before every step,
   so dropout masks are the same whether or not the run restarted;
 - checkpoints through ``ray.train.report`` every ``checkpoint_every_steps`` steps (0 = off), at the
-  end of every epoch and at the last step (which also carries the PEFT adapter when asked);
+  end of every epoch and at the last step (which also carries the PEFT adapter when asked): every
+  rank gathers the full trainable state (a collective under FSDP), rank 0 writes it;
 - resume from the latest checkpoint (after a worker failure, or on a rerun of the same config),
   marked by ``resumed_from_step`` in the metrics of the first step trained after it;
 - ``fail_at_step`` fault injection (raises once, to test recovery).
@@ -18,7 +19,6 @@ metrics reduced over ranks. ``run_training_loop`` owns the rest:
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import time
 from collections.abc import Callable
@@ -39,6 +39,7 @@ from selectmoe.training.common import (
     step_batches,
     worker_device,
 )
+from selectmoe.training.sharding import gather_state, is_sharded, unwrap, wrap
 
 FAILURE_MARKER = ".injected_failure_done"
 
@@ -57,16 +58,16 @@ def run_training_loop(
 ) -> None:
     """Train ``model`` for ``config["total_steps"]`` optimiser steps; see the module docstring.
 
-    ``probe(model) -> metrics`` runs on rank 0 every ``probe_every`` steps and at the last step; its
+    ``probe(model) -> metrics`` runs every ``probe_every`` steps and at the last step, on rank 0 (on
+    every rank under FSDP, whose forward all-gathers; rank 0's values are the ones reported); its
     latest values ride along in every later report (Tune's schedulers need the metric each time)."""
     import ray.train
-    import ray.train.torch
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = worker_device()
     model.train()
-    model = ray.train.torch.prepare_model(model, parallel_strategy=config["strategy"])
+    model = wrap(model, config["strategy"], world)
     params = [p for p in model.parameters() if p.requires_grad]
 
     plan = BatchPlan(config["batch_size"], config["per_device_batch_size"], world)
@@ -110,19 +111,21 @@ def run_training_loop(
             )
             if resumed_from is not None:
                 metrics["resumed_from_step"], resumed_from = resumed_from, None
-            if probe is not None and rank == 0:
+            if probe is not None and (rank == 0 or is_sharded(model)):
                 if step == 1 or step == total_steps or (probe_every > 0 and step % probe_every == 0):
                     probed = probe(unwrap(model))
                 metrics.update(probed)
             history.append(metrics)
             last = step == total_steps
             if last or step % steps_per_epoch == 0 or (every > 0 and step % every == 0):
+                tensors, optimizer_state = gather_state(model, optimizer)  # on every rank
                 writer = None
                 if rank == 0:
                     writer = functools.partial(
                         _write_checkpoint,
                         model=unwrap(model),
-                        optimizer=optimizer,
+                        tensors=tensors,
+                        optimizer_state=optimizer_state,
                         scheduler=scheduler,
                         step=step,
                         history=history,
@@ -135,18 +138,6 @@ def run_training_loop(
             raise RuntimeError(
                 f"epoch {epoch} yielded no training step; the dataset shard is smaller than planned"
             )
-
-
-def unwrap(model):
-    """The model inside a DDP/FSDP wrapper (or the model itself)."""
-    return model.module if hasattr(model, "module") else model
-
-
-def gradient_sync(model, last_micro_batch: bool):
-    """Under DDP/FSDP, all-reduce gradients only after the last micro-batch of a step."""
-    if last_micro_batch or not hasattr(model, "no_sync"):
-        return contextlib.nullcontext()
-    return model.no_sync()
 
 
 def all_reduce_sum(values: torch.Tensor, world: int) -> torch.Tensor:
@@ -168,7 +159,7 @@ def _resume(model, optimizer, scheduler) -> tuple[int, list[dict]]:
     if not checkpoint:
         return 0, []
     with checkpoint.as_directory() as ckpt_dir:
-        state, history = load_training_state(Path(ckpt_dir), unwrap(model), optimizer, scheduler)
+        state, history = load_training_state(Path(ckpt_dir), model, optimizer, scheduler)
     return state["step"], history
 
 
@@ -176,10 +167,12 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step) * 4099 + rank
 
 
-def _write_checkpoint(directory: Path, *, model, optimizer, scheduler, step, history, export_adapter) -> None:
-    save_training_state(directory, model, optimizer, scheduler, {"step": step}, history)
-    if export_adapter:
-        model.save_pretrained(str(directory / ADAPTER_DIR))
+def _write_checkpoint(
+    directory: Path, *, model, tensors, optimizer_state, scheduler, step, history, export_adapter
+) -> None:
+    save_training_state(directory, tensors, optimizer_state, scheduler, {"step": step}, history)
+    if export_adapter:  # from the gathered tensors: under FSDP the model holds only this rank's shards
+        model.save_pretrained(str(directory / ADAPTER_DIR), state_dict=tensors)
 
 
 def _maybe_inject_failure(config: dict, step: int) -> None:

@@ -18,7 +18,8 @@ from selectmoe.models.loading import load_select_moe, resolve_dtype
 from selectmoe.scoring import layer_gate_means, row_score, score_mask
 from selectmoe.separation import auroc
 from selectmoe.training.common import collate, worker_device
-from selectmoe.training.loop import all_reduce_sum, gradient_sync, run_training_loop, unwrap
+from selectmoe.training.loop import all_reduce_sum, run_training_loop
+from selectmoe.training.sharding import gradient_sync, unwrap
 
 ROUTER_PARAMS = ("mlp.gate.weight", "mlp.quality_gate.weight")
 
@@ -87,10 +88,13 @@ def probe_auroc(model, *, rows: list[dict], pad_token_id: int, batch_size: int =
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
             batch = collate(chunk, pad_token_id, device)
-            out = model.get_decoder()(
+            # the whole model, not its decoder alone: under FSDP the root's forward gathers the
+            # embeddings; logits_to_keep=1 spares the LM head
+            out = model(
                 input_ids=batch["input_ids"],
                 attention_mask=batch["attention_mask"],
                 output_router_logits=True,
+                logits_to_keep=1,
             )
             mask = score_mask(batch["attention_mask"], batch["labels"], "assistant")
             means = layer_gate_means([r["quality_score"] for r in out.router_logits], mask)
@@ -107,8 +111,8 @@ def _train_step(model, micro_batches, step_tokens, world, *, coef) -> dict:
     for i, batch in enumerate(micro_batches):
         with gradient_sync(model, last_micro_batch=i == accumulation - 1):
             out = model(**batch, output_router_logits=True, num_items_in_batch=step_tokens)
-            # lm_loss is this micro-batch's token sum / the step's labelled tokens on all ranks; DDP averages
-            # gradients over ranks, hence x world. The quality loss is a mean per micro-batch.
+            # lm_loss is this micro-batch's token sum / the step's labelled tokens on all ranks; DDP and FSDP
+            # average gradients over ranks, hence x world. The quality loss is a mean per micro-batch.
             loss = world * out.lm_loss + coef * out.aux_loss / accumulation
             loss.backward()
         sums[0] += out.lm_loss.item()

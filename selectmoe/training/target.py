@@ -12,7 +12,8 @@ import torch
 
 from selectmoe.models.loading import resolve_dtype
 from selectmoe.training.common import worker_device
-from selectmoe.training.loop import all_reduce_sum, gradient_sync, run_training_loop
+from selectmoe.training.loop import all_reduce_sum, run_training_loop
+from selectmoe.training.sharding import gradient_sync
 
 LESS_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # when training.lora.target_modules is null
 
@@ -35,7 +36,7 @@ def apply_lora(model, lora: dict, *, gradient_checkpointing: bool):
     if gradient_checkpointing:
         # non-reentrant: LoRA weights inside a checkpointed layer get gradients although the frozen
         # embeddings' output needs none (reentrant checkpointing would need enable_input_require_grads),
-        # and it works under DDP
+        # and it works under DDP and FSDP
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     config = LoraConfig(
         task_type="CAUSAL_LM",
@@ -63,8 +64,9 @@ def _train_step(model, micro_batches, step_tokens, world) -> dict:
     """Forward/backward over this rank's micro-batches; returns step metrics reduced over ranks.
 
     The loss is token-normalised over the whole global batch: each micro-batch's loss is its token sum
-    / the step's labelled tokens on all ranks (``num_items_in_batch``), and DDP averages gradients
-    over ranks, hence x world. Long and short rows weigh by their labelled tokens, as in one big batch.
+    / the step's labelled tokens on all ranks (``num_items_in_batch``), and DDP and FSDP average
+    gradients over ranks, hence x world. Long and short rows weigh by their labelled tokens, as in one
+    big batch.
     """
     sums = torch.zeros(2, dtype=torch.float64)  # loss, tokens
     for i, batch in enumerate(micro_batches):  # batch tensors: (B, T)
