@@ -139,6 +139,11 @@ class PretrainTraining:
     probe_labels: str | None = None  # labels.jsonl ({"id", "defect"}): report probe_auroc while training
     probe_rows: int = 256  # labelled rows not trained on, scored every probe_every_steps
     probe_every_steps: int = 5
+    # trusted rows (files/folders/globs, any supported format): stage 1 trains the row score (the
+    # stage-2 formula) to tell them from corpus rows, open on reference rows and shut on the corpus on
+    # average (class-balanced BCE); None = the original unsupervised recipe
+    reference_data: list[str] | None = None
+    reference_loss_weight: float = 1.0
 
 
 @dataclass

@@ -18,11 +18,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from selectmoe.config import ConfigError, PretrainConfig, to_dict
+from selectmoe.config import ConfigError, DatasetConfig, PretrainConfig, to_dict
 from selectmoe.manifest import fingerprint, write_manifest
 from selectmoe.models.loading import STAGE1_CONFIG, TRAINING_IDS
 from selectmoe.plots import plot_training_curves
-from selectmoe.ray_data import read_rows, tokenize_rows
+from selectmoe.ray_data import mix_reference, read_rows, tokenize_rows
 from selectmoe.scaling import ensure_ray, worker_layout
 from selectmoe.training.common import ADAPTER_DIR, METRICS_FILE, TRAINABLE_FILE
 from selectmoe.training.launch import fit, loop_config, plan_steps, run_name
@@ -68,10 +68,15 @@ def pretrain_router(cfg: PretrainConfig, callbacks: list | None = None) -> Path:
     read.ledger.write_rejects(out / "rejects.jsonl")
     train = tokenize_rows(read.rows, tokenizer_name, cfg.dataset.max_sequence_length, cfg.data.loss_on)
     train = train.materialize()
-    num_rows = train.count()
     trained = pa.Table.from_pylist(train.select_columns(["id", "dataset"]).take_all())
-    pq.write_table(trained, out / TRAINING_IDS)
+    pq.write_table(trained, out / TRAINING_IDS)  # corpus rows only: stage 2 excludes them
     trained_ids = set(trained["id"].to_pylist()) if trained.num_rows else set()
+    reference_rows = 0
+    if cfg.training.reference_data:
+        reference = _reference_rows(cfg, tokenizer_name, out)
+        reference_rows = reference.count()
+        train = mix_reference(train, reference, cfg.seed).materialize()
+    num_rows = train.count()
 
     layout = worker_layout(cfg.scaling)
     steps = plan_steps("stage 1", num_rows, cfg.training, workers=layout[0])
@@ -87,6 +92,8 @@ def pretrain_router(cfg: PretrainConfig, callbacks: list | None = None) -> Path:
         peft_mode=t.peft_mode,
         probe=probe_rows(cfg, tokenizer_name, trained_ids) if t.probe_labels else None,
         probe_every_steps=t.probe_every_steps,
+        reference_class_weights=_class_weights(num_rows, reference_rows) if reference_rows else None,
+        reference_loss_weight=t.reference_loss_weight,
     )
     result = fit(
         train_router_per_worker,
@@ -127,6 +134,7 @@ def pretrain_router(cfg: PretrainConfig, callbacks: list | None = None) -> Path:
     counts = read.ledger.counts()
     counts.update(
         rows_trained=num_rows,
+        reference_rows_trained=reference_rows,
         steps=steps.total_steps,
         effective_batch=steps.batch.effective_batch,
         workers=steps.batch.world_size,
@@ -180,6 +188,29 @@ def probe_rows(cfg: PretrainConfig, tokenizer_name: str, trained_ids: set[str]) 
         for r, e in zip(chosen, encoded)
         if isinstance(e, dict)
     ]
+
+
+def _reference_rows(cfg: PretrainConfig, tokenizer_name: str, out: Path):
+    """The trusted rows of ``training.reference_data``, read and tokenised like the corpus (all of them;
+    their rejects in ``reference_rejects.jsonl``)."""
+    source = DatasetConfig(
+        data_path=list(cfg.training.reference_data), max_sequence_length=cfg.dataset.max_sequence_length
+    )
+    read = read_rows(source, cfg.data, seed=cfg.seed, tokenizer_name=tokenizer_name)
+    read.ledger.write_rejects(out / "reference_rejects.jsonl")
+    rows = tokenize_rows(read.rows, tokenizer_name, cfg.dataset.max_sequence_length, cfg.data.loss_on)
+    rows = rows.materialize()
+    if rows.count() == 0:
+        raise ConfigError(f"training.reference_data={cfg.training.reference_data}: no valid row")
+    return rows
+
+
+def _class_weights(num_rows: int, reference_rows: int) -> dict[str, float]:
+    """Per-row BCE weights that give reference and corpus rows equal total weight (mean weight 1)."""
+    corpus_rows = num_rows - reference_rows
+    if corpus_rows == 0:
+        raise ConfigError("training.reference_data: stage 1 needs corpus rows besides the reference rows")
+    return {"reference": num_rows / (2 * reference_rows), "corpus": num_rows / (2 * corpus_rows)}
 
 
 def _pad_token_id(tokenizer_name: str) -> int:

@@ -245,3 +245,20 @@ def _int32_lists(arrays: list[np.ndarray]) -> pa.ListArray:
     np.cumsum([len(array) for array in arrays], out=offsets[1:])
     values = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int32)
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=pa.int32()))
+
+
+def mix_reference(corpus: ray.data.Dataset, reference: ray.data.Dataset, seed: int) -> ray.data.Dataset:
+    """Tokenised corpus and reference rows in one dataset with a ``reference`` flag, in a seeded order
+    (a hash of each id; independent of blocks and files), so every training step sees both kinds."""
+    flagged = [
+        ds.map_batches(_with_flag, batch_format="pyarrow", fn_kwargs={"flag": flag, "seed": seed})
+        for ds, flag in ((corpus, False), (reference, True))
+    ]
+    return flagged[0].union(flagged[1]).sort("order_key").drop_columns(["order_key"])
+
+
+def _with_flag(batch: pa.Table, *, flag: bool, seed: int) -> pa.Table:
+    from selectmoe.selection import random_key
+
+    batch = batch.append_column("reference", pa.array([flag] * batch.num_rows, pa.bool_()))
+    return batch.append_column("order_key", random_key(seed, batch["id"]))

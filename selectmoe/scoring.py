@@ -47,6 +47,11 @@ def row_score(layer_scores: np.ndarray) -> np.ndarray:
     return np.asarray(layer_scores, dtype=np.float64).mean(axis=-1)
 
 
+def row_score_tensor(quality_scores: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """(B,): the row score as a differentiable tensor (stage 1 trains it against a reference set)."""
+    return layer_gate_means(quality_scores, mask).mean(dim=-1)
+
+
 def row_nll(model, hidden: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B,): mean next-token NLL over each row's masked tokens, from the decoder's last hidden state.
 

@@ -107,11 +107,14 @@ def collate(rows: list[dict], pad_token_id: int, device: torch.device) -> dict[s
         input_ids[i, :n] = torch.as_tensor(list(r["input_ids"]), dtype=torch.long)
         labels[i, :n] = torch.as_tensor(list(r["labels"]), dtype=torch.long)
         attention_mask[i, :n] = 1
-    return {
+    batch = {
         "input_ids": input_ids.to(device),
         "labels": labels.to(device),
         "attention_mask": attention_mask.to(device),
     }
+    if "reference" in rows[0]:  # stage 1 with a reference set: which rows are trusted
+        batch["reference"] = torch.tensor([bool(r["reference"]) for r in rows], device=device)
+    return batch
 
 
 # ---------------------------------------------------------------------------- optimisation

@@ -1,0 +1,75 @@
+"""Stage 1 against a trusted reference set (``training.reference_data``): the gates learn to tell the
+reference rows from the corpus, and the ids stage 2 excludes are the corpus rows only."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from selectmoe.config import ConfigError, parse_config
+from selectmoe.data import write_demo_corpus
+from selectmoe.models.loading import TRAINING_IDS
+from selectmoe.pretrain import pretrain_router
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+
+def reference_config(tiny_olmoe, corpus, reference, out, **extra):
+    values = {
+        "selector_model.path": str(tiny_olmoe),
+        "output_dir": str(out),
+        "dataset.data_path": f"[{corpus / 'train'}]",
+        "dataset.subset_ratio": 0.5,
+        "dataset.max_sequence_length": 128,
+        "training.reference_data": f"[{reference}]",
+        "training.quality_loss_weight": 0,
+        "training.learning_rate": 3e-2,
+        "training.batch_size": 16,
+        "training.per_device_batch_size": 8,
+        "training.max_steps": 24,
+        "training.gradient_checkpointing": False,
+        "training.checkpoint_every_steps": 0,
+        "training.probe_labels": str(corpus / "labels.jsonl"),
+        "training.probe_rows": 128,
+        "training.probe_every_steps": 24,
+        "scaling.num_workers": 1,
+        **extra,
+    }
+    return parse_config("pretrain", overrides=[f"{k}={v}" for k, v in values.items()])
+
+
+def test_reference_gates_learn_to_tell_trusted_rows_from_the_corpus(ray_session, tiny_olmoe, tmp_path):
+    corpus = write_demo_corpus(tmp_path / "corpus", seed=0, n_rows=400, eval_questions=2)
+    reference = write_demo_corpus(
+        tmp_path / "reference", seed=1, n_rows=160, defect_rate=0.0, eval_questions=2
+    )
+    out = pretrain_router(reference_config(tiny_olmoe, corpus, reference / "train", tmp_path / "stage1"))
+
+    corpus_ids = {json.loads(line)["id"] for line in (corpus / "labels.jsonl").read_text().splitlines()}
+    trained = pq.read_table(out / TRAINING_IDS)["id"].to_pylist()
+    assert (
+        trained and set(trained) <= corpus_ids
+    )  # stage 2 excludes corpus rows; reference rows are not in it
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["reference_rows_trained"] == 160
+    assert manifest["counts"]["rows_trained"] == len(trained) + 160
+
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["reference_loss"] for m in history]
+    assert sum(losses[-6:]) / 6 < sum(losses[:6]) / 6  # the discriminator learns
+    # clean corpus rows not trained on now score above defective ones (planted defects, labels unseen)
+    assert history[0]["probe_auroc"] < history[-1]["probe_auroc"]
+    assert history[-1]["probe_auroc"] > 0.6
+
+
+def test_reference_data_without_valid_rows_is_a_clear_error(ray_session, tiny_olmoe, tmp_path):
+    corpus = write_demo_corpus(tmp_path / "corpus", seed=0, n_rows=40, eval_questions=2)
+    empty = tmp_path / "reference.jsonl"
+    empty.write_text(json.dumps({"messages": [{"role": "user", "content": "no reply"}]}) + "\n")
+    cfg = reference_config(
+        tiny_olmoe, corpus, empty, tmp_path / "stage1", **{"training.probe_labels": "null"}
+    )
+    with pytest.raises(ConfigError, match="training.reference_data=.*no valid row"):
+        pretrain_router(cfg)
