@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 import ray
 
@@ -17,20 +18,62 @@ logger = logging.getLogger(__name__)
 
 RESERVED_CPUS = 1.0  # kept free for Ray Data tasks on CPU-only clusters
 MIN_WORKER_CPUS = 0.25
+DASHBOARD_HOST = "127.0.0.1"
+DEFAULT_DASHBOARD_PORT = 8265
+DASHBOARD_PORT_ATTEMPTS = 3
 
 
 def ensure_ray() -> None:
-    """Join the cluster a job was submitted to (RAY_ADDRESS), or start a local one.
-
-    A local cluster gets the dashboard: Ray Train's placement-group cleaner asks the State API (served
-    by the dashboard) whether a controller died, so without it a stopped run (e.g. a trial ASHA
-    stops) keeps its workers' CPUs reserved and the next run starves."""
+    """Join the cluster a job was submitted to (RAY_ADDRESS), or start a local one (``start_local_ray``)."""
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
-        ray.init(log_to_driver=True, include_dashboard=True)
+        start_local_ray(log_to_driver=True)
+
+
+def start_local_ray(**init_kwargs):
+    """Start a local Ray with the dashboard, and tell its workers where that dashboard is.
+
+    Ray Train's placement-group cleaner (a detached actor) asks the State API, served by the
+    dashboard, whether a run's controller died; without it a stopped run (e.g. a trial ASHA stops)
+    keeps its workers' CPUs reserved and the next run starves. The cleaner finds the dashboard through
+    RAY_API_SERVER_ADDRESS or RAY_ADDRESS, else by auto-detection, which fails ("Found multiple
+    active Ray instances"; the cleaner's thread dies with it) as soon as a second Ray runs on the
+    machine: another user's, or a test session's beside a driver process. So the dashboard gets a
+    port chosen here and every worker of this job gets RAY_API_SERVER_ADDRESS pointing at it (the
+    job's runtime env); if the dashboard came up on another port (taken meanwhile), Ray is restarted
+    on a new one. Returns ``ray.init``'s context."""
+    runtime_env = dict(init_kwargs.pop("runtime_env", None) or {})
+    for attempt in range(DASHBOARD_PORT_ATTEMPTS):
+        port = _free_port(DEFAULT_DASHBOARD_PORT if attempt == 0 else 0)
+        url = f"{DASHBOARD_HOST}:{port}"
+        env_vars = {**runtime_env.get("env_vars", {}), "RAY_API_SERVER_ADDRESS": f"http://{url}"}
+        context = ray.init(
+            include_dashboard=True,
+            dashboard_host=DASHBOARD_HOST,
+            dashboard_port=port,
+            runtime_env={**runtime_env, "env_vars": env_vars},
+            **init_kwargs,
+        )
+        if context.dashboard_url == url:
+            return context
+        logger.warning("the Ray dashboard came up on %s, not %s; restarting Ray", context.dashboard_url, url)
+        ray.shutdown()
+    raise RuntimeError(f"could not start a local Ray with its dashboard on a port of our choosing: {url}")
+
+
+def _free_port(preferred: int) -> int:
+    """``preferred`` if nothing listens on it now, else a free port the OS picks."""
+    for port in (preferred, 0):
+        with socket.socket() as s:
+            try:
+                s.bind((DASHBOARD_HOST, port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError("no free port")
 
 
 def free_resources() -> dict[str, float]:

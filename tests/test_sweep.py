@@ -1,16 +1,23 @@
 """Ray Tune sweep on tiny models on 2 CPUs: trials run stage 1 on Ray Train, ASHA prunes on the probe
-AUROC, the best trial goes through stages 2-4, and a rerun restores the experiment."""
+AUROC, the best trial goes through stages 2-4; a sweep whose driver is killed resumes on a rerun of
+the same command, and a rerun of a finished sweep restores it without training anything again."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
-from selectmoe.cli import main
 from selectmoe.data.synthetic import write_demo_corpus
-from selectmoe.sweep import load_space
+from selectmoe.sweep import load_space, trial_folder
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -76,28 +83,159 @@ def manifests(run: Path) -> dict[str, float]:
     return {str(p.relative_to(run)): p.stat().st_mtime_ns for p in run.rglob("manifest.json")}
 
 
-def test_sweep_prunes_hands_off_and_restores(ray_session, tiny_olmoe, tiny_llama, tmp_path, capsys):
+def tune_trials(out: Path) -> dict[str, dict]:
+    """Trial id -> {status, config, logdir} from Tune's newest experiment state file: what a restore
+    reads. Empty until Tune first writes it (or while it is being rewritten)."""
+    files = sorted((out / "tune" / "sweep").glob("experiment_state-*.json"))
+    try:
+        state = json.loads(files[-1].read_text()) if files else {"trial_data": []}
+    except json.JSONDecodeError:
+        return {}
+    trials = {}
+    for trial_json, _ in state["trial_data"]:
+        trial = json.loads(trial_json)
+        trials[trial["trial_id"]] = {
+            "status": trial["status"],
+            "config": trial["config"],
+            "logdir": out / "tune" / "sweep" / trial["relative_logdir"],
+        }
+    return trials
+
+
+def trained(out: Path, trial: dict) -> dict[str, object]:
+    """What training a trial left: Tune's result rows and its stage-1 Ray Train checkpoints."""
+    stage1 = trial_folder(out, trial["config"]) / "stage_1_pretrain"
+    return {
+        "results": (trial["logdir"] / "result.json").read_text(),
+        "checkpoints": sorted(
+            (str(p.relative_to(stage1)), p.stat().st_mtime_ns) for p in stage1.rglob("checkpoint_*/*")
+        ),
+    }
+
+
+class Driver:
+    """``selectmoe sweep`` in a child process, like a user's terminal or a ``ray job submit`` driver.
+
+    It starts its own local Ray (RAY_ADDRESS unset), beside whatever Ray this pytest process or anyone
+    else on the machine runs. Every process it starts is remembered while it runs, so what a killed
+    driver leaves behind (e.g. Ray's runtime-env agent outlives its raylet) is stopped on close."""
+
+    def __init__(self, args: list[str], logs: Path):
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        self.stdout, self.stderr = logs.with_suffix(".out"), logs.with_suffix(".err")
+        with self.stdout.open("w") as out, self.stderr.open("w") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "selectmoe.cli", *args],
+                cwd=REPO,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+            )
+        self.seen: dict[int, psutil.Process] = {}
+
+    def track(self) -> None:
+        with contextlib.suppress(psutil.Error):
+            root = psutil.Process(self.proc.pid)
+            self.seen.update((p.pid, p) for p in [root, *root.children(recursive=True)])
+
+    def wait(self, timeout_s: float, kill_when=None) -> int | None:
+        """Exit code; with ``kill_when``, SIGKILL the driver (only the driver) once it holds and return
+        None. Fails after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while self.proc.poll() is None:
+            self.track()
+            if kill_when is not None and kill_when():
+                self.proc.send_signal(signal.SIGKILL)
+                self.proc.wait()
+                return None
+            assert time.monotonic() < deadline, f"sweep still running after {timeout_s}s:\n{self.tail()}"
+            time.sleep(2)
+        return self.proc.returncode
+
+    def tail(self) -> str:
+        return "".join(log.read_text(errors="replace")[-3000:] for log in (self.stdout, self.stderr))
+
+    def printed(self) -> Path:
+        """The last line of stdout: the report path (``selectmoe`` prints it after stopping Ray)."""
+        return Path(self.stdout.read_text().strip().splitlines()[-1])
+
+    def close(self, grace_s: float = 10) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        procs = list(self.seen.values())
+        _, alive = psutil.wait_procs(procs, timeout=grace_s)  # Ray's own fate sharing first
+        for proc in alive:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        psutil.wait_procs(alive, timeout=grace_s)
+
+
+def run_driver(args: list[str], logs: Path, timeout_s: float, kill_when=None) -> tuple[int | None, Driver]:
+    """Run (or kill, see ``Driver.wait``) one sweep driver, and stop what it left."""
+    driver = Driver(args, logs)
+    try:
+        return driver.wait(timeout_s, kill_when), driver
+    finally:
+        driver.close()
+
+
+@pytest.mark.timeout(1500)
+def test_sweep_killed_mid_run_resumes_and_a_finished_sweep_restores(tiny_olmoe, tiny_llama, tmp_path):
+    """No ``ray_session``: each run is a driver process of its own. 1) the sweep is SIGKILLed once Tune's
+    saved state holds a finished trial and an unfinished one; 2) the same command resumes it to the
+    end: finished trials are not trained again, the others run, the hand-off and the report complete;
+    3) once more: a finished sweep restores and trains, selects, finetunes and evaluates nothing."""
     data = write_demo_corpus(tmp_path / "data", seed=0, n_rows=300, eval_questions=4)
     out = tmp_path / "sweep"
     args = sweep_args(out, data, tiny_olmoe, tiny_llama)
-    assert main(args) == 0
-    report = Path(capsys.readouterr().out.strip().splitlines()[-1])
-    assert report == out / "sweep_report.md"
-    text = report.read_text()
-    assert "probe_auroc" in text and "Handed off to stages 2-4" in text
-    trials = sorted((out / "trials").iterdir())
-    assert len(trials) == 4  # one per quality-loss type
-    steps = {}
-    for trial in trials:
-        history = last_history(trial / "stage_1_pretrain")
-        assert all("probe_auroc" in m for m in history)
-        steps[trial.name] = history[-1]["step"]
-    assert max(steps.values()) == 6 and min(steps.values()) < 6  # ASHA stopped at least one trial early
-    handed_off = [t for t in trials if (t / "stage_4_eval" / "results.json").exists()]
-    assert len(handed_off) == 1 and steps[handed_off[0].name] == 6
 
-    # rerun: the experiment is restored from its Tune state and nothing is trained or evaluated again
-    before = manifests(out)
-    assert main(args) == 0
-    assert manifests(out) == before
+    def finished() -> dict[str, dict]:
+        return {k: v for k, v in tune_trials(out).items() if v["status"] == "TERMINATED"}
+
+    # 1) killed after a trial finished and before all did (4 grid points; Tune lists trials lazily)
+    rc, driver = run_driver(args, tmp_path / "run1", 420, kill_when=lambda: 1 <= len(finished()) < 4)
+    assert rc is None, driver.tail()
+    done_before = finished()
+    assert 1 <= len(done_before) < 4
+    before = {trial_id: trained(out, trial) for trial_id, trial in done_before.items()}
+
+    # 2) the same command: Tune restores its experiment and runs what was left
+    rc, driver = run_driver(args, tmp_path / "run2", 600)
+    assert rc == 0, driver.tail()
+    report = driver.printed()
+    assert report == out / "sweep_report.md", driver.tail()
+    trials = tune_trials(out)
+    assert set(trials) >= set(done_before) and len(trials) == 4  # the same experiment, continued
+    assert all(t["status"] == "TERMINATED" for t in trials.values())
+    for trial_id in done_before:  # finished before the kill: not trained again
+        assert trained(out, trials[trial_id]) == before[trial_id], trial_id
+    for trial in trials.values():  # every trial has results
+        assert (trial["logdir"] / "result.json").read_text().strip()
+
+    folders = sorted((out / "trials").iterdir())
+    assert len(folders) == 4  # one per quality-loss type
+    steps = {}
+    for folder in folders:
+        history = last_history(folder / "stage_1_pretrain")
+        assert all("probe_auroc" in m for m in history)
+        steps[folder.name] = history[-1]["step"]
+    assert max(steps.values()) == 6 and min(steps.values()) < 6  # ASHA stopped at least one trial early
+    handed_off = [t for t in folders if (t / "stage_4_eval" / "results.json").exists()]
+    assert len(handed_off) == 1 and steps[handed_off[0].name] == 6
+    text = report.read_text()
+    assert "probe_auroc" in text and "Handed off to stages 2-4" in text and "4 trials" in text
+    rows = [line for line in text.splitlines() if line.startswith("| trial_")]
+    assert sorted(row.split(" | ")[0][2:] for row in rows) == [f.name for f in folders]
+    assert not any(row.endswith("| – |") for row in rows)  # each with its proxy metric
+
+    # 3) rerun a finished sweep: restored from Tune's state, nothing trained or evaluated again
+    outputs = manifests(out)
+    done = {trial_id: trained(out, trial) for trial_id, trial in trials.items()}
+    rc, driver = run_driver(args, tmp_path / "run3", 300)
+    assert rc == 0, driver.tail()
+    assert manifests(out) == outputs
+    assert {trial_id: trained(out, trial) for trial_id, trial in tune_trials(out).items()} == done
     assert "Handed off to stages 2-4" in (out / "sweep_report.md").read_text()
