@@ -101,12 +101,17 @@ def quiet_transformers() -> None:
 
 def quiet_ray(dashboard: bool = False) -> None:
     """A local Ray without worker log forwarding or Ray Data progress output. Runs that start several
-    Ray Train runs one after the other want the ``dashboard`` (see ``selectmoe.scaling.ensure_ray``)."""
+    Ray Train runs one after the other want the ``dashboard`` (see ``selectmoe.scaling.start_local_ray``)."""
     import logging
 
     import ray
 
-    ray.init(include_dashboard=dashboard, log_to_driver=False, logging_level=logging.WARNING)
+    from selectmoe.scaling import start_local_ray
+
+    if dashboard:
+        start_local_ray(log_to_driver=False, logging_level=logging.WARNING)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 

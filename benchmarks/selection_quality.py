@@ -52,6 +52,8 @@ from selectmoe.manifest import hash_dict
 from selectmoe.models.loading import TRAINING_IDS
 from selectmoe.separation import separation_table
 
+SCORE_COLUMNS = ["id", "score", "layer_scores", "nll"]
+PERPLEXITY_WEIGHTS = (0.01, 0.03, 0.1, 0.3)
 BENCH_KINDS = ("garbled", "shuffled", "swapped", "truncated", "spam", "wrong_answer")
 # about the LESS mix; oasst1 and the human-written rows are small files, so they are over-sampled
 FILE_SHARES = {"cot": 0.35, "flan_v2": 0.35, "oasst1": 0.15, "human_instructions": 0.15}
@@ -65,7 +67,11 @@ VARIANTS = {
         "training.quality_loss_weight=1.0",
     ],
     # gates trained to tell trusted reference rows (clean rows the base model was pretrained on) from the corpus
-    "reference": ["training.reference_data=[{reference}]", "training.quality_loss_weight=0"],
+    "reference": [
+        "training.reference_data=[{reference}]",
+        "training.quality_loss_weight=0",
+        "training.learning_rate=1e-2",
+    ],
 }
 
 
@@ -93,6 +99,11 @@ def main() -> None:
         "Selections of the same size from the same scores: source-dataset coverage",
         cov_columns,
         [[row[c] for c in cov_columns] for row in results["coverage"]],
+    )
+    print_table(
+        "Other aggregations of the same scoring passes (stored layer scores and NLL)",
+        columns,
+        [[row[c] for c in columns] for row in results["search"]],
     )
     print(f"\ntotal {time.time() - started:.0f} s")
     write_json(args.json, {"args": vars(args), "variants": variants, **results, "per_seed": per_seed})
@@ -246,6 +257,7 @@ def run_stages(args, corpus: Path, model: Path, out: Path, seed: int, overrides:
             f"model_checkpoint_path={out / 'stage1'}",
             f"selection_percentage={args.percentage}",
             "scoring.store_routing=true",
+            "scoring.lm_loss=true",
         ],
     )
     return stage2, score_and_select(stage2)
@@ -278,7 +290,7 @@ def run_seed(args, seed: int, variants: dict[str, list[str]], work: Path) -> dic
     labels = {r["id"]: r["defect"] or "" for r in map(json.loads, (corpus / "labels.jsonl").open())}
     nll = perplexity_nll(model, corpus_rows, args.max_length)
 
-    scores, held_out, timings, first_cfg = {}, None, {}, None
+    scores, aggregations, held_out, timings, first_cfg = {}, {}, None, {}, None
     for name, overrides in variants.items():
         out = work / name
         shutil.rmtree(out, ignore_errors=True)
@@ -288,7 +300,7 @@ def run_seed(args, seed: int, variants: dict[str, list[str]], work: Path) -> dic
         first_cfg = first_cfg or stage2_cfg
         timings[name] = round(time.time() - t0, 1)
         trained = set(pq.read_table(out / "stage1" / TRAINING_IDS, columns=["id"])["id"].to_pylist())
-        table = pq.read_table(stage2 / "scores", columns=["id", "score", "n_scored_tokens"]).to_pylist()
+        table = pq.read_table(stage2 / "scores", columns=[*SCORE_COLUMNS, "n_scored_tokens"]).to_pylist()
         by_id = {r["id"]: r for r in table if r["id"] not in trained}
         if held_out is None:
             held_out = sorted(by_id)
@@ -296,6 +308,7 @@ def run_seed(args, seed: int, variants: dict[str, list[str]], work: Path) -> dic
         elif sorted(by_id) != held_out:
             raise RuntimeError(f"variant {name}: stage 1 trained on other rows than the first variant")
         scores[f"gates: {name}"] = np.array([by_id[i]["score"] for i in held_out])
+        aggregations.update(score_aggregations(name, [by_id[i] for i in held_out]))
 
     defect = np.array([labels[i] for i in held_out], dtype=object)
     baselines = {
@@ -305,6 +318,11 @@ def run_seed(args, seed: int, variants: dict[str, list[str]], work: Path) -> dic
     }
     k = max(1, int(args.percentage * len(held_out)))
     columns, table = separation_table({**scores, **baselines}, defect, k)
+    _, search = separation_table(
+        {**aggregations, "perplexity (-NLL, base model)": baselines["perplexity (-NLL, base model)"]},
+        defect,
+        k,
+    )
     coverage = coverage_table(
         {method: reselect(first_cfg, method) for method in ("top_k", "diversity", "random")},
         {i: r for i, r in zip(held_out, defect)},
@@ -320,8 +338,26 @@ def run_seed(args, seed: int, variants: dict[str, list[str]], work: Path) -> dic
             {key.replace(f"precision_at_{k}", "precision_at_k"): v for key, v in row.items()} for row in table
         ],
         "coverage": coverage,
+        "search": [
+            {key.replace(f"precision_at_{k}", "precision_at_k"): v for key, v in row.items()}
+            for row in search
+        ],
         "stage_seconds": timings,
     }
+
+
+def score_aggregations(name: str, records: list[dict]) -> dict[str, np.ndarray]:
+    """Other row scores from the same scoring pass (stored layer scores and NLL): single layers, the
+    reversed direction, perplexity under the stage-1 model, and gates minus a weighted NLL."""
+    layers = np.array([r["layer_scores"] for r in records])
+    gates = np.array([r["score"] for r in records])
+    nll = np.array([r["nll"] for r in records])
+    out = {f"{name}: first layer": layers[:, 0], f"{name}: last layer": layers[:, -1]}
+    out[f"{name}: reversed (1 - score)"] = 1 - gates
+    out[f"{name}: -NLL (stage-1 model, same pass)"] = -nll
+    for weight in PERPLEXITY_WEIGHTS:
+        out[f"{name}: gates - {weight} x NLL"] = gates - weight * nll
+    return out
 
 
 def coverage_table(
@@ -330,7 +366,7 @@ def coverage_table(
     """Per selection method: the share of each source dataset (vs the held-out rows), datasets covered,
     normalised entropy of the dataset mix, and the clean share."""
     datasets = sorted(set(dataset_of.values()))
-    pool = {"method": "held-out rows (reference)", **_mix(list(dataset_of.values()), datasets)}
+    pool = {"method": "held-out rows (the pool)", **_mix(list(dataset_of.values()), datasets)}
     pool["clean_share"] = float(np.mean([defect[i] == "" for i in dataset_of]))
     rows = [pool]
     for method, chosen in selections.items():
@@ -374,7 +410,16 @@ def summarise(per_seed: list[dict]) -> dict:
         seed["table_columns"] = seed.pop("columns")
     columns, table = mean_rows("table", "scorer")
     cov_columns, coverage = mean_rows("coverage", "method")
-    return {"columns": columns, "table": table, "coverage_columns": cov_columns, "coverage": coverage}
+    for seed in per_seed:
+        seed["search_columns"] = seed["table_columns"]
+    _, search = mean_rows("search", "scorer")
+    return {
+        "columns": columns,
+        "table": table,
+        "coverage_columns": cov_columns,
+        "coverage": coverage,
+        "search": search,
+    }
 
 
 if __name__ == "__main__":

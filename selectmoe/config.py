@@ -191,6 +191,7 @@ class ScoringSection:
     sort_window: int = 1024  # rows sorted by length together before batching
     store_routing: bool = False  # keep per-layer mean routing distributions (diversity selection)
     lm_loss: bool = False  # also store each row's mean NLL over its scored tokens (perplexity baseline)
+    perplexity_weight: float = 0.0  # score = mean gate - this x mean NLL (same pass; > 0 implies lm_loss)
     num_actors: int = 0  # 0 = one per GPU, or sized from free CPUs
     inject_actor_failure: bool = False  # fault injection: one scoring actor exits once (tests recovery)
 
@@ -294,6 +295,13 @@ class PipelineSection:
 
 
 @dataclass
+class SelectionPreset:
+    # a named recipe in selectmoe/configs/presets/NAME.yaml: its keys go under the shipped YAML's, your
+    # config file's and your overrides (which win)
+    preset: str = "gates_perplexity"
+
+
+@dataclass
 class PipelineConfig(CommonConfig):
     """Stages 1-4 in one run folder. ``dataset`` is the corpus for stages 1 and 2 (a stage's own
     ``dataset.data_path``/``data_dir`` wins when set); stage 3 reads stage 2's selection and stage 4
@@ -306,6 +314,7 @@ class PipelineConfig(CommonConfig):
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     pipeline: PipelineSection = field(default_factory=PipelineSection)
+    selection: SelectionPreset = field(default_factory=SelectionPreset)
 
 
 @dataclass
@@ -552,7 +561,38 @@ def parse_config(command: str, config_file: str | None = None, overrides: list[s
     elif command in DEFAULT_YAML:
         data = load_yaml(shipped_yaml(DEFAULT_YAML[command]))
     data = deep_merge(data, parse_overrides(overrides or []))
+    if issubclass(cls, PipelineConfig):
+        name = (data.get("selection") or {}).get("preset") or SelectionPreset.preset
+        data = deep_merge(load_preset(name)["keys"], data)
     return build(cls, data)
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in shipped_yaml("presets").glob("*.yaml"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """``{"keys": nested pipeline keys, "requires": [dotted keys that must be set]}``."""
+    if name not in preset_names():
+        raise ConfigError(f"selection.preset={name!r}: unknown preset; available: {preset_names()}")
+    data = load_yaml(shipped_yaml("presets") / f"{name}.yaml")
+    requires = data.pop("requires", [])
+    return {"keys": data, "requires": requires}
+
+
+def check_preset_inputs(cfg: Any) -> None:
+    """Raise unless the keys the preset needs are set (checked when a run starts: the demo fills its
+    own reference set in after parsing)."""
+    name = cfg.selection.preset
+    for dotted in load_preset(name)["requires"]:
+        value = cfg
+        for part in dotted.split("."):
+            value = getattr(value, part)
+        if value in (None, "", []):
+            raise ConfigError(
+                f"selection.preset={name} needs {dotted} (see selectmoe/configs/presets/{name}.yaml); "
+                f"or choose another preset: {[p for p in preset_names() if p != name]}"
+            )
 
 
 def save_config(cfg: Any, path: str | Path) -> None:

@@ -19,16 +19,18 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from selectmoe.config import DemoConfig
+from selectmoe.config import DemoConfig, load_preset
 from selectmoe.data.synthetic import LABELS_FILE, write_demo_corpus
 from selectmoe.manifest import hash_dict, read_manifest
 from selectmoe.models.loading import TRAINING_IDS
 from selectmoe.pipeline import STAGE_DIRS, run_pipeline
+from selectmoe.scoring import row_score
 from selectmoe.separation import markdown_table, separation_table
 
 logger = logging.getLogger(__name__)
 
 MODELS_VERSION = 1  # bump when the tiny demo models change
+REFERENCE_ROWS = 300
 
 
 def run_demo(cfg: DemoConfig) -> Path:
@@ -37,12 +39,26 @@ def run_demo(cfg: DemoConfig) -> Path:
     if not (data / LABELS_FILE).exists():
         write_demo_corpus(data, seed=cfg.seed, n_rows=cfg.demo.rows, defect_rate=cfg.demo.defect_rate)
     selector, target = demo_models(cfg)
+    if "pretrain.training.reference_data" in load_preset(cfg.selection.preset)["requires"]:
+        cfg.pretrain.training.reference_data = cfg.pretrain.training.reference_data or [
+            str(demo_reference(data / "reference", cfg.seed))
+        ]
     cfg.dataset.data_path = [str(data / "train")]
     cfg.pretrain.selector_model.path = str(selector)
     cfg.finetune.model.name = str(target)
     cfg.evaluate.eval.data_dir = str(data / "eval")
-    report = run_pipeline(cfg, extra_sections=lambda run_dir: [separation_section(run_dir, data)])
+    report = run_pipeline(
+        cfg, extra_sections=lambda run_dir: [separation_section(run_dir, data, cfg.selection.preset)]
+    )
     return report
+
+
+def demo_reference(out: Path, seed: int) -> Path:
+    """Trusted rows for ``selection.preset=reference``: clean rows generated with another seed (the
+    demo's stand-in for the few hundred target-task examples a user would bring)."""
+    if not (out / LABELS_FILE).exists():
+        write_demo_corpus(out, seed=seed + 2000, n_rows=REFERENCE_ROWS, defect_rate=0.0, eval_questions=1)
+    return out / "train"
 
 
 def demo_models(cfg: DemoConfig) -> tuple[Path, Path]:
@@ -70,7 +86,7 @@ def demo_models(cfg: DemoConfig) -> tuple[Path, Path]:
     return selector, target
 
 
-def separation_section(run: Path, data: Path) -> str:
+def separation_section(run: Path, data: Path, preset: str) -> str:
     """Markdown: AUROC / precision@k of the gate score and the baselines on the held-out rows."""
     scores = pq.read_table(run / STAGE_DIRS["select"] / "scores").to_pylist()
     training = run / STAGE_DIRS["pretrain"] / TRAINING_IDS
@@ -80,7 +96,8 @@ def separation_section(run: Path, data: Path) -> str:
     defect = np.array([labels[r["id"]]["defect"] or "" for r in held_out], dtype=object)
     rng = np.random.default_rng(0)
     scorers = {
-        "gates (Select-MoE score)": np.array([r["score"] for r in held_out]),
+        f"Select-MoE score (selection.preset={preset})": np.array([r["score"] for r in held_out]),
+        "gates alone (mean gate)": row_score(np.array([r["layer_scores"] for r in held_out])),
         "perplexity (-NLL, same model)": -np.array([r.get("nll", np.nan) for r in held_out]),
         "response length (scored tokens)": np.array([r["n_scored_tokens"] for r in held_out], dtype=float),
         "random": rng.random(len(held_out)),
@@ -102,7 +119,8 @@ def separation_section(run: Path, data: Path) -> str:
             markdown_table(columns, rows),
             "",
             f"Stage-1 recipe: quality loss `{recipe['quality_loss_type']}`, weight {recipe['quality_loss_weight']}, "
-            f"trash expert `{recipe['trash_expert_mode']}`. The method is not assumed to work: compare the gate "
-            "row with the perplexity baseline.",
+            f"trash expert `{recipe['trash_expert_mode']}`; reference set: "
+            f"{'yes' if recipe.get('reference_data') else 'no'}. The method is not assumed to work: compare the "
+            "score and gate rows with the perplexity baseline.",
         ]
     )

@@ -26,6 +26,7 @@ from selectmoe.config import (
     PipelineConfig,
     PretrainConfig,
     SelectConfig,
+    check_preset_inputs,
     to_dict,
 )
 from selectmoe.manifest import hash_dict, read_manifest
@@ -94,6 +95,7 @@ def run_pipeline(cfg: PipelineConfig, extra_sections: Callable[[Path], list[str]
     unknown = sorted(set(cfg.pipeline.baselines) - set(BASELINES))
     if unknown:
         raise ValueError(f"pipeline.baselines: unknown {unknown}; expected a subset of {list(BASELINES)}")
+    check_preset_inputs(cfg)
     run = Path(cfg.output_dir).resolve()
     run.mkdir(parents=True, exist_ok=True)
     started = time.time()

@@ -30,6 +30,7 @@ class GateScorer:
         max_tokens: int = 16384,
         store_routing: bool = False,
         lm_loss: bool = False,
+        perplexity_weight: float = 0.0,
         fail_once_marker: str | None = None,
     ):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -42,7 +43,8 @@ class GateScorer:
         self.max_rows = max_rows
         self.max_tokens = max_tokens
         self.store_routing = store_routing
-        self.lm_loss = lm_loss
+        self.lm_loss = lm_loss or perplexity_weight != 0
+        self.perplexity_weight = perplexity_weight
         self.fail_once_marker = fail_once_marker
 
     @torch.inference_mode()
@@ -83,7 +85,7 @@ class GateScorer:
         result = {
             "id": batch["id"],
             "dataset": batch["dataset"],
-            "score": row_score(layers),
+            "score": row_score(layers, nll, self.perplexity_weight),
             "layer_scores": list(layers.astype(np.float64)),
             "n_tokens": np.asarray([len(x) for x in batch["input_ids"]], dtype=np.int64),
             "n_scored_tokens": n_scored,

@@ -1,12 +1,14 @@
 """Row scores from gate outputs: the one score formula.
 
     layer_score[l] = mean over the row's scored tokens of g[l, t],   g = sigmoid(quality_score)
-    score          = mean over layers of layer_score[l]
+    score          = mean over layers of layer_score[l]  (- perplexity_weight x the row's mean NLL)
 
 Scored tokens are the assistant tokens (``labels != -100``) by default, or every real token with
 ``scoring.tokens=all``; padding never counts. ``layer_scores`` are stored beside ``score`` so any
 other aggregation (last layers only, weighted layers) can be recomputed without rescoring. (The
 seed had two formulas; a later script averaged sigmoid(token-mean q) instead. This is the first.)
+``scoring.perplexity_weight`` (default 0: the original score) subtracts the row's mean NLL over the
+same tokens, from the same forward pass (``row_nll``), so rows the model finds implausible rank lower.
 """
 
 from __future__ import annotations
@@ -42,9 +44,14 @@ def layer_routing_means(moe_logits: list[torch.Tensor], mask: torch.Tensor) -> t
     return (probs * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
 
 
-def row_score(layer_scores: np.ndarray) -> np.ndarray:
-    """(B, L) -> (B,): the mean over layers."""
-    return np.asarray(layer_scores, dtype=np.float64).mean(axis=-1)
+def row_score(
+    layer_scores: np.ndarray, nll: np.ndarray | None = None, perplexity_weight: float = 0.0
+) -> np.ndarray:
+    """(B, L) -> (B,): the mean over layers, minus ``perplexity_weight`` x the row's mean NLL when set."""
+    score = np.asarray(layer_scores, dtype=np.float64).mean(axis=-1)
+    if perplexity_weight:
+        score = score - perplexity_weight * np.asarray(nll, dtype=np.float64)
+    return score
 
 
 def row_score_tensor(quality_scores: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:

@@ -182,7 +182,9 @@ def _scoring_key(cfg: SelectConfig, model_path: str) -> dict:
         "model": model_path,
         "weights": hash_dict(weights),
         "scoring": {
-            k: v for k, v in to_dict(cfg.scoring).items() if k in ("tokens", "store_routing", "lm_loss")
+            k: v
+            for k, v in to_dict(cfg.scoring).items()
+            if k in ("tokens", "store_routing", "lm_loss", "perplexity_weight")
         },
         "dataset": to_dict(cfg.dataset),
         "selector_model": to_dict(cfg.selector_model),
@@ -288,6 +290,7 @@ def _scorer_kwargs(cfg: SelectConfig, model_path: str, tokenizer_name: str, out:
         "max_tokens": cfg.scoring.tokens_per_batch,
         "store_routing": cfg.scoring.store_routing,
         "lm_loss": cfg.scoring.lm_loss,
+        "perplexity_weight": cfg.scoring.perplexity_weight,
         "fail_once_marker": str(out / ".injected_actor_failure")
         if cfg.scoring.inject_actor_failure
         else None,

@@ -28,6 +28,7 @@ from selectmoe.config import (
     PipelineConfig,
     SweepConfig,
     build,
+    check_preset_inputs,
     deep_merge,
     parse_overrides,
     to_dict,
@@ -98,6 +99,7 @@ def run_sweep(cfg: SweepConfig) -> Path:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    check_preset_inputs(cfg)
     ensure_ray()
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -16,13 +16,10 @@ def ray_session():
     serves the State API that Ray Train's placement-group cleaner needs (see selectmoe.scaling)."""
     import ray
 
+    from selectmoe.scaling import start_local_ray
+
     if not ray.is_initialized():
-        ray.init(
-            num_cpus=2,
-            include_dashboard=True,
-            object_store_memory=512 * 1024**2,
-            log_to_driver=False,
-        )
+        start_local_ray(num_cpus=2, object_store_memory=512 * 1024**2, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -101,5 +101,5 @@ def test_selection_quality_small(tmp_path):
     seed = report["per_seed"][0]
     assert set(seed["defects"]) == {"", *kinds}  # every kind planted among the held-out rows
     methods = [row["method"] for row in report["coverage"]]
-    assert methods == ["held-out rows (reference)", "top_k", "diversity", "random"]
+    assert methods == ["held-out rows (the pool)", "top_k", "diversity", "random"]
     assert all(row["datasets_covered"] >= 1 for row in report["coverage"])

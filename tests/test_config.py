@@ -8,7 +8,14 @@ from importlib import resources
 import pytest
 
 from selectmoe.cli import main
-from selectmoe.config import DEFAULT_YAML, STAGE_CONFIGS, ConfigError, parse_config, parse_overrides
+from selectmoe.config import (
+    DEFAULT_YAML,
+    STAGE_CONFIGS,
+    ConfigError,
+    check_preset_inputs,
+    parse_config,
+    parse_overrides,
+)
 
 # The seed project's documented keys (DESIGN.md), by the command that takes them.
 SEED_KEYS = {
@@ -171,3 +178,36 @@ def test_cli_convert_writes_a_verified_checkpoint(tmp_path, capsys):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["metrics"]["max_abs_logit_diff_gates_open"] <= 1e-5
     assert json.loads((out / "config.json").read_text())["model_type"] == "select_moe"
+
+
+def test_selection_preset_sets_the_recipe_under_explicit_keys():
+    default = parse_config("pipeline")
+    assert default.selection.preset == "gates_perplexity"
+    assert default.select.scoring.perplexity_weight == 0.03
+    reference = parse_config(
+        "pipeline",
+        overrides=["selection.preset=reference", "pretrain.training.reference_data=[trusted.jsonl]"],
+    )
+    assert reference.pretrain.training.quality_loss_weight == 0.0
+    assert reference.pretrain.training.reference_data == ["trusted.jsonl"]
+    original = parse_config("pipeline", overrides=["selection.preset=original"])
+    assert original.pretrain.training.quality_loss_weight == 0.01
+    assert original.pretrain.training.reference_data is None
+    assert original.select.scoring.perplexity_weight == 0.0
+    # an explicit key wins over the preset's value
+    mine = parse_config(
+        "pipeline", overrides=["selection.preset=original", "pretrain.training.quality_loss_weight=1.0"]
+    )
+    assert mine.pretrain.training.quality_loss_weight == 1.0
+
+
+def test_selection_preset_errors_name_the_missing_key_and_the_choices():
+    with pytest.raises(
+        ConfigError, match=r"unknown preset; available: \['gates_perplexity', 'original', 'reference'\]"
+    ):
+        parse_config("pipeline", overrides=["selection.preset=best"])
+    cfg = parse_config("pipeline", overrides=["selection.preset=reference"])
+    with pytest.raises(
+        ConfigError, match="selection.preset=reference needs pretrain.training.reference_data"
+    ):
+        check_preset_inputs(cfg)

@@ -83,6 +83,24 @@ def test_row_score_does_not_depend_on_batch_neighbours(tiny_olmoe):
     assert (together["n_scored_tokens"] < together["n_tokens"]).all()  # assistant tokens only
 
 
+def test_perplexity_weight_subtracts_the_rows_nll_from_the_same_pass(tiny_olmoe):
+    tokenizer = ensure_pad_token(load_tokenizer(str(tiny_olmoe)))
+    rows = [json.loads(line) for line in (TRAIN_DIR / "oasst1.jsonl").read_text().splitlines()[:5]]
+    encoded = [encode_messages(r["messages"], tokenizer, max_seq_length=96) for r in rows]
+    batch = {
+        "id": np.array([r["id"] for r in rows]),
+        "dataset": np.array(["oasst1"] * len(rows)),
+        "input_ids": [e["input_ids"] for e in encoded],
+        "labels": [e["labels"] for e in encoded],
+    }
+    kwargs = {"pad_token_id": tokenizer.pad_token_id, "dtype": "float32"}
+    plain = GateScorer(str(tiny_olmoe), lm_loss=True, **kwargs)(batch)
+    weighted = GateScorer(str(tiny_olmoe), perplexity_weight=0.1, **kwargs)(batch)  # implies lm_loss
+    np.testing.assert_allclose(weighted["nll"], plain["nll"], rtol=1e-6)
+    assert (plain["nll"] > 0).all()
+    np.testing.assert_allclose(weighted["score"], plain["score"] - 0.1 * plain["nll"], rtol=1e-6)
+
+
 # ---------------------------------------------------------------------------- stage 2 end to end
 
 
