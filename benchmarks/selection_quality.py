@@ -58,13 +58,23 @@ BENCH_KINDS = ("garbled", "shuffled", "swapped", "truncated", "spam", "wrong_ans
 # about the LESS mix; oasst1 and the human-written rows are small files, so they are over-sampled
 FILE_SHARES = {"cot": 0.35, "flan_v2": 0.35, "oasst1": 0.15, "human_instructions": 0.15}
 VARIANTS = {
-    "original": [],  # the seed's recipe: sigmoid loss, weight 0.01, zero trash expert
-    "sigmoid_w1": ["training.quality_loss_weight=1.0"],
-    "mse_w1": ["training.quality_loss_type=mse", "training.quality_loss_weight=1.0"],
-    "beta_w1": ["training.quality_loss_type=beta_moment_matching", "training.quality_loss_weight=1.0"],
+    "original": [],  # the seed's recipe and defaults: sigmoid loss, weight 0.01, zero trash expert, lr 3e-4
+    # the same recipe trained enough to leave its initialisation in this short run (the default preset's stage 1)
+    "original_lr1e-2": ["training.learning_rate=1e-2"],
+    "mse_w1": [
+        "training.quality_loss_type=mse",
+        "training.quality_loss_weight=1.0",
+        "training.learning_rate=1e-2",
+    ],
+    "beta_w1": [
+        "training.quality_loss_type=beta_moment_matching",
+        "training.quality_loss_weight=1.0",
+        "training.learning_rate=1e-2",
+    ],
     "meanvar_w1": [
         "training.quality_loss_type=mean_variance_regularization",
         "training.quality_loss_weight=1.0",
+        "training.learning_rate=1e-2",
     ],
     # gates trained to tell trusted reference rows (clean rows the base model was pretrained on) from the corpus
     "reference": [
@@ -124,7 +134,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--stage1-steps", type=int, default=40)
     p.add_argument("--stage1-batch", type=int, default=16)
     p.add_argument("--percentage", type=float, default=0.05, help="selection size (share of held-out rows)")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument(
         "--variant", action="append", default=[], help="NAME:KEY=VALUE,... an extra stage-1 recipe"
     )
