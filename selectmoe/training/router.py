@@ -136,7 +136,9 @@ class ReferenceLoss:
         return bce / self.rows_per_step
 
 
-def _train_step(model, micro_batches, step_tokens, world, *, coef, reference: ReferenceLoss | None) -> dict:
+def _train_step(
+    model, micro_batches, step_tokens, world, *, coef, reference: ReferenceLoss | None = None
+) -> dict:
     """Forward/backward over this rank's micro-batches; returns step metrics reduced over ranks."""
     n_layers = unwrap(model).config.num_hidden_layers
     accumulation = len(micro_batches)
