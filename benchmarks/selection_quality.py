@@ -50,6 +50,7 @@ from selectmoe.data import (
 )
 from selectmoe.manifest import hash_dict
 from selectmoe.models.loading import TRAINING_IDS
+from selectmoe.scoring import row_score
 from selectmoe.separation import separation_table
 
 SCORE_COLUMNS = ["id", "score", "layer_scores", "nll"]
@@ -366,7 +367,7 @@ def score_aggregations(name: str, records: list[dict]) -> dict[str, np.ndarray]:
     out[f"{name}: reversed (1 - score)"] = 1 - gates
     out[f"{name}: -NLL (stage-1 model, same pass)"] = -nll
     for weight in PERPLEXITY_WEIGHTS:
-        out[f"{name}: gates - {weight} x NLL"] = gates - weight * nll
+        out[f"{name}: gates - {weight} x NLL"] = row_score(layers, nll, weight)  # the product's formula
     return out
 
 
