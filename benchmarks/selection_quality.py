@@ -53,8 +53,10 @@ from selectmoe.models.loading import TRAINING_IDS
 from selectmoe.scoring import row_score
 from selectmoe.separation import separation_table
 
-SCORE_COLUMNS = ["id", "score", "layer_scores", "nll"]
+SCORE_COLUMNS = ["id", "score", "layer_scores", "nll", "nll_without_prompt"]
 PERPLEXITY_WEIGHTS = (0.01, 0.03, 0.1, 0.3)
+# (perplexity_weight, prompt_gain_weight) pairs of the combined score
+PROMPT_GAIN_WEIGHTS = ((0.03, 0.03), (0.03, 0.1), (0.03, 0.3), (0.1, 0.1), (0.1, 0.3))
 BENCH_KINDS = ("garbled", "shuffled", "swapped", "truncated", "spam", "wrong_answer")
 # about the LESS mix; oasst1 and the human-written rows are small files, so they are over-sampled
 FILE_SHARES = {"cot": 0.35, "flan_v2": 0.35, "oasst1": 0.15, "human_instructions": 0.15}
@@ -207,29 +209,44 @@ def base_model(args, seed: int, lm_rows: list[dict], cache: Path) -> Path:
 
 
 @torch.inference_mode()
-def perplexity_nll(model_dir: Path, rows: list[dict], max_length: int) -> dict[str, float]:
-    """id -> mean NLL of the assistant tokens under the base LM (plain transformers OLMoE)."""
+def perplexity_nll(model_dir: Path, rows: list[dict], max_length: int) -> tuple[dict, dict]:
+    """id -> mean NLL of the assistant tokens under the base LM (plain transformers OLMoE), with the
+    prompts and without them (``encode_replies_alone``, the product's unprompted side)."""
     from transformers import AutoModelForCausalLM
 
-    from selectmoe.data import ensure_pad_token
+    from selectmoe.data import encode_replies_alone, ensure_pad_token
     from selectmoe.scoring import row_nll, score_mask
     from selectmoe.training.common import collate
 
     tokenizer = ensure_pad_token(load_tokenizer(str(model_dir)))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    encoded = encode_batch([r["messages"] for r in rows], tokenizer, max_seq_length=max_length)
-    nll = {}
-    pairs = [(r["id"], e) for r, e in zip(rows, encoded) if isinstance(e, dict)]
-    for start in range(0, len(pairs), 32):
-        chunk = pairs[start : start + 32]
-        batch = collate([e for _, e in chunk], tokenizer.pad_token_id, torch.device("cpu"))
-        hidden = model.model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-        ).last_hidden_state
-        mask = score_mask(batch["attention_mask"], batch["labels"], "assistant")
-        for (row_id, _), value in zip(chunk, row_nll(model, hidden, batch["input_ids"], mask).tolist()):
-            nll[row_id] = value
-    return nll
+    pairs = [
+        (r, e)
+        for r, e in zip(
+            rows, encode_batch([r["messages"] for r in rows], tokenizer, max_seq_length=max_length)
+        )
+        if isinstance(e, dict)
+    ]
+    replies = encode_replies_alone(
+        [r["messages"] for r, _ in pairs],
+        tokenizer,
+        max_seq_length=max_length,
+        n_assistant_tokens=[e["n_assistant_tokens"] for _, e in pairs],
+    )
+
+    def mean_nll(encoded: list[dict]) -> dict[str, float]:
+        nll = {}
+        for start in range(0, len(pairs), 32):
+            ids = [r["id"] for r, _ in pairs[start : start + 32]]
+            batch = collate(encoded[start : start + 32], tokenizer.pad_token_id, torch.device("cpu"))
+            hidden = model.model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).last_hidden_state
+            mask = score_mask(batch["attention_mask"], batch["labels"], "assistant")
+            nll.update(zip(ids, row_nll(model, hidden, batch["input_ids"], mask).tolist()))
+        return nll
+
+    return mean_nll([e for _, e in pairs]), mean_nll(replies)
 
 
 # ---------------------------------------------------------------------------- stages
@@ -269,6 +286,7 @@ def run_stages(args, corpus: Path, model: Path, out: Path, seed: int, overrides:
             f"selection_percentage={args.percentage}",
             "scoring.store_routing=true",
             "scoring.lm_loss=true",
+            "scoring.prompt_gain=true",
         ],
     )
     return stage2, score_and_select(stage2)
@@ -299,7 +317,7 @@ def run_seed(args, seed: int, variants: dict[str, list[str]], work: Path) -> dic
         "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lm_rows[: args.reference_rows])
     )
     labels = {r["id"]: r["defect"] or "" for r in map(json.loads, (corpus / "labels.jsonl").open())}
-    nll = perplexity_nll(model, corpus_rows, args.max_length)
+    nll, nll_without_prompt = perplexity_nll(model, corpus_rows, args.max_length)
 
     scores, aggregations, held_out, timings, first_cfg = {}, {}, None, {}, None
     for name, overrides in variants.items():
@@ -322,18 +340,21 @@ def run_seed(args, seed: int, variants: dict[str, list[str]], work: Path) -> dic
         aggregations.update(score_aggregations(name, [by_id[i] for i in held_out]))
 
     defect = np.array([labels[i] for i in held_out], dtype=object)
+    base_nll = np.array([nll.get(i, np.nan) for i in held_out])
+    base_gain = np.array([nll_without_prompt.get(i, np.nan) for i in held_out]) - base_nll
     baselines = {
-        "perplexity (-NLL, base model)": -np.array([nll.get(i, np.nan) for i in held_out]),
+        "perplexity (-NLL, base model)": -base_nll,
         "response length (tokens)": lengths,
         "random": np.random.default_rng(seed).random(len(held_out)),
     }
     k = max(1, int(args.percentage * len(held_out)))
     columns, table = separation_table({**scores, **baselines}, defect, k)
-    _, search = separation_table(
-        {**aggregations, "perplexity (-NLL, base model)": baselines["perplexity (-NLL, base model)"]},
-        defect,
-        k,
-    )
+    base_model_scores = {
+        "perplexity (-NLL, base model)": -base_nll,
+        "prompt gain alone (base model)": base_gain,
+        **{f"-NLL + {v} x prompt gain (base model)": -base_nll + v * base_gain for v in (0.5, 1.0, 2.0)},
+    }
+    _, search = separation_table({**aggregations, **base_model_scores}, defect, k)
     coverage = coverage_table(
         {method: reselect(first_cfg, method) for method in ("top_k", "diversity", "random")},
         {i: r for i, r in zip(held_out, defect)},
@@ -358,16 +379,22 @@ def run_seed(args, seed: int, variants: dict[str, list[str]], work: Path) -> dic
 
 
 def score_aggregations(name: str, records: list[dict]) -> dict[str, np.ndarray]:
-    """Other row scores from the same scoring pass (stored layer scores and NLL): single layers, the
-    reversed direction, perplexity under the stage-1 model, and gates minus a weighted NLL."""
+    """Other row scores from the same scoring passes (stored layer scores, NLL with and without the
+    prompts): single layers, the reversed direction, perplexity under the stage-1 model, and the
+    product's formula with NLL and prompt-gain weights."""
     layers = np.array([r["layer_scores"] for r in records])
     gates = np.array([r["score"] for r in records])
     nll = np.array([r["nll"] for r in records])
+    unprompted = np.array([r["nll_without_prompt"] for r in records])
     out = {f"{name}: first layer": layers[:, 0], f"{name}: last layer": layers[:, -1]}
     out[f"{name}: reversed (1 - score)"] = 1 - gates
     out[f"{name}: -NLL (stage-1 model, same pass)"] = -nll
     for weight in PERPLEXITY_WEIGHTS:
         out[f"{name}: gates - {weight} x NLL"] = row_score(layers, nll, weight)  # the product's formula
+    out[f"{name}: prompt gain alone"] = unprompted - nll
+    for weight, gain_weight in PROMPT_GAIN_WEIGHTS:
+        label = f"{name}: gates - {weight} x NLL + {gain_weight} x prompt gain"
+        out[label] = row_score(layers, nll, weight, unprompted, gain_weight)
     return out
 
 

@@ -192,6 +192,8 @@ class ScoringSection:
     store_routing: bool = False  # keep per-layer mean routing distributions (diversity selection)
     lm_loss: bool = False  # also store each row's mean NLL over its scored tokens (perplexity baseline)
     perplexity_weight: float = 0.0  # score = mean gate - this x mean NLL (same pass; > 0 implies lm_loss)
+    prompt_gain: bool = False  # also store nll_without_prompt: the replies' NLL with the prompts removed
+    prompt_gain_weight: float = 0.0  # score += this x (nll_without_prompt - NLL) (!= 0 implies prompt_gain)
     num_actors: int = 0  # 0 = one per GPU, or sized from free CPUs
     inject_actor_failure: bool = False  # fault injection: one scoring actor exits once (tests recovery)
 

@@ -33,7 +33,7 @@ from selectmoe.data.readers import Source, raw_text, read_records, resolve_sourc
 from selectmoe.data.rejects import MAX_RAW_CHARS, DataError, RowError
 from selectmoe.data.rows import Scanned, admit, scan_source
 from selectmoe.data.subset import in_subset
-from selectmoe.data.template import encode_batch, load_tokenizer
+from selectmoe.data.template import encode_batch, encode_replies_alone, load_tokenizer
 
 OUTPUT_ROWS = 1024  # rows per table a read task yields
 TOKENIZE_BATCH_ROWS = 256
@@ -194,9 +194,11 @@ def tokenize_rows(
     max_seq_length: int,
     loss_on: str = "assistant",
     keep: tuple[str, ...] = ("id", "dataset", "source", "line"),
+    replies_alone: bool = False,
 ) -> ray.data.Dataset:
     """Rows -> ``keep`` columns + ``input_ids``, ``labels`` (int32 lists), ``n_tokens``,
-    ``n_assistant_tokens``, through ``selectmoe.data.template.encode_batch``.
+    ``n_assistant_tokens``, through ``selectmoe.data.template.encode_batch``; with ``replies_alone``
+    also ``reply_input_ids``, ``reply_labels``: the replies without their prompts (``encode_replies_alone``).
 
     Read the rows with the same ``tokenizer_name`` and ``max_seq_length`` so that rows truncation
     would empty are rejects already; one that is not fails here rather than vanish.
@@ -210,6 +212,7 @@ def tokenize_rows(
             "max_seq_length": max_seq_length,
             "loss_on": loss_on,
             "keep": keep,
+            "replies_alone": replies_alone,
         },
     )
     tokenized.context.execution_options.preserve_order = True
@@ -217,12 +220,17 @@ def tokenize_rows(
 
 
 def _tokenize_batch(
-    batch: pa.Table, *, tokenizer_name: str, max_seq_length: int, loss_on: str, keep: tuple[str, ...]
+    batch: pa.Table,
+    *,
+    tokenizer_name: str,
+    max_seq_length: int,
+    loss_on: str,
+    keep: tuple[str, ...],
+    replies_alone: bool,
 ) -> pa.Table:
     tokenizer = load_tokenizer(tokenizer_name)
-    encoded = encode_batch(
-        batch["messages"].to_pylist(), tokenizer, max_seq_length=max_seq_length, loss_on=loss_on
-    )
+    messages = batch["messages"].to_pylist()
+    encoded = encode_batch(messages, tokenizer, max_seq_length=max_seq_length, loss_on=loss_on)
     for index, result in enumerate(encoded):
         if isinstance(result, RowError):
             row = batch.slice(index, 1).to_pylist()[0]
@@ -237,6 +245,15 @@ def _tokenize_batch(
     columns["n_assistant_tokens"] = pa.array(
         [result["n_assistant_tokens"] for result in encoded], type=pa.int64()
     )
+    if replies_alone:
+        replies = encode_replies_alone(
+            messages,
+            tokenizer,
+            max_seq_length=max_seq_length,
+            n_assistant_tokens=[result["n_assistant_tokens"] for result in encoded],
+        )
+        columns["reply_input_ids"] = _int32_lists([reply["input_ids"] for reply in replies])
+        columns["reply_labels"] = _int32_lists([reply["labels"] for reply in replies])
     return pa.table(columns)
 
 

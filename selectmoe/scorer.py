@@ -2,7 +2,8 @@
 
 Each call gets a window of tokenised rows, sorts it by length, cuts it into sub-batches capped by
 rows and padded tokens, runs the decoder without the LM head (no vocab-sized logits; with ``lm_loss``
-only the scored tokens go through it) under ``inference_mode``, and returns one score record per row in the window's order.
+only the scored tokens go through it) under ``inference_mode``, and returns one score record per row in
+the window's order. With ``prompt_gain`` a second, reply-only pass gives ``nll_without_prompt``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ class GateScorer:
         store_routing: bool = False,
         lm_loss: bool = False,
         perplexity_weight: float = 0.0,
+        prompt_gain: bool = False,
+        prompt_gain_weight: float = 0.0,
         fail_once_marker: str | None = None,
     ):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -43,8 +46,12 @@ class GateScorer:
         self.max_rows = max_rows
         self.max_tokens = max_tokens
         self.store_routing = store_routing
-        self.lm_loss = lm_loss or perplexity_weight != 0
+        self.prompt_gain = prompt_gain or prompt_gain_weight != 0
+        if self.prompt_gain and tokens != "assistant":
+            raise ValueError("scoring.prompt_gain needs scoring.tokens=assistant (it compares reply tokens)")
+        self.lm_loss = lm_loss or perplexity_weight != 0 or self.prompt_gain
         self.perplexity_weight = perplexity_weight
+        self.prompt_gain_weight = prompt_gain_weight
         self.fail_once_marker = fail_once_marker
 
     @torch.inference_mode()
@@ -56,6 +63,7 @@ class GateScorer:
         routing = [None] * len(lengths)
         n_scored = np.zeros(len(lengths), dtype=np.int64)
         nll = np.zeros(len(lengths), dtype=np.float64)
+        nll_without_prompt = np.zeros(len(lengths), dtype=np.float64)
         for chunk in self._chunks(order, lengths):
             rows = [{"input_ids": batch["input_ids"][i], "labels": batch["labels"][i]} for i in chunk]
             tensors = collate(rows, self.pad_token_id, self.device)
@@ -81,11 +89,15 @@ class GateScorer:
                     nll[i] = chunk_nll[j]
                 if self.store_routing:
                     routing[i] = dists[j].reshape(-1)
+            if self.prompt_gain:
+                nll_without_prompt[chunk] = self._replies_alone_nll(batch, chunk)
         layers = np.stack(layer_scores)
         result = {
             "id": batch["id"],
             "dataset": batch["dataset"],
-            "score": row_score(layers, nll, self.perplexity_weight),
+            "score": row_score(
+                layers, nll, self.perplexity_weight, nll_without_prompt, self.prompt_gain_weight
+            ),
             "layer_scores": list(layers.astype(np.float64)),
             "n_tokens": np.asarray([len(x) for x in batch["input_ids"]], dtype=np.int64),
             "n_scored_tokens": n_scored,
@@ -94,7 +106,19 @@ class GateScorer:
             result["routing"] = list(np.stack(routing).astype(np.float32))
         if self.lm_loss:
             result["nll"] = nll
+        if self.prompt_gain:
+            result["nll_without_prompt"] = nll_without_prompt
         return result
+
+    def _replies_alone_nll(self, batch: dict[str, np.ndarray], chunk: list[int]) -> np.ndarray:
+        """Mean NLL of each row's reply tokens with the prompts removed (``reply_input_ids``)."""
+        rows = [{"input_ids": batch["reply_input_ids"][i], "labels": batch["reply_labels"][i]} for i in chunk]
+        tensors = collate(rows, self.pad_token_id, self.device)
+        hidden = self.model.model(
+            input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]
+        ).last_hidden_state
+        mask = score_mask(tensors["attention_mask"], tensors["labels"], "assistant")
+        return row_nll(self.model, hidden, tensors["input_ids"], mask).cpu().numpy()
 
     def _chunks(self, order: np.ndarray, lengths: np.ndarray):
         """Consecutive rows of the length order, at most ``max_rows`` and ``max_tokens`` padded tokens."""

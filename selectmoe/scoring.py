@@ -1,14 +1,19 @@
 """Row scores from gate outputs: the one score formula.
 
     layer_score[l] = mean over the row's scored tokens of g[l, t],   g = sigmoid(quality_score)
-    score          = mean over layers of layer_score[l]  (- perplexity_weight x the row's mean NLL)
+    score          = mean over layers of layer_score[l]
+                     - perplexity_weight x NLL                          (when set)
+                     + prompt_gain_weight x (NLL_without_prompt - NLL)  (when set)
 
 Scored tokens are the assistant tokens (``labels != -100``) by default, or every real token with
 ``scoring.tokens=all``; padding never counts. ``layer_scores`` are stored beside ``score`` so any
 other aggregation (last layers only, weighted layers) can be recomputed without rescoring. (The
 seed had two formulas; a later script averaged sigmoid(token-mean q) instead. This is the first.)
-``scoring.perplexity_weight`` (default 0: the original score) subtracts the row's mean NLL over the
-same tokens, from the same forward pass (``row_nll``), so rows the model finds implausible rank lower.
+``NLL`` is the row's mean next-token NLL over the same tokens, from the same forward pass
+(``row_nll``): ``scoring.perplexity_weight`` ranks rows the model finds implausible lower.
+``NLL_without_prompt`` is the mean NLL of the same reply tokens with the prompts removed (a second,
+reply-only pass): the prompt gain is how much the prompt helps predict the reply (per-token pointwise
+mutual information; the inverse view of IFD), low for replies that do not answer their prompt.
 """
 
 from __future__ import annotations
@@ -45,12 +50,19 @@ def layer_routing_means(moe_logits: list[torch.Tensor], mask: torch.Tensor) -> t
 
 
 def row_score(
-    layer_scores: np.ndarray, nll: np.ndarray | None = None, perplexity_weight: float = 0.0
+    layer_scores: np.ndarray,
+    nll: np.ndarray | None = None,
+    perplexity_weight: float = 0.0,
+    nll_without_prompt: np.ndarray | None = None,
+    prompt_gain_weight: float = 0.0,
 ) -> np.ndarray:
-    """(B, L) -> (B,): the mean over layers, minus ``perplexity_weight`` x the row's mean NLL when set."""
+    """(B, L) -> (B,): the mean over layers, with the NLL and prompt-gain terms when their weights are set."""
     score = np.asarray(layer_scores, dtype=np.float64).mean(axis=-1)
     if perplexity_weight:
         score = score - perplexity_weight * np.asarray(nll, dtype=np.float64)
+    if prompt_gain_weight:
+        gain = np.asarray(nll_without_prompt, dtype=np.float64) - np.asarray(nll, dtype=np.float64)
+        score = score + prompt_gain_weight * gain
     return score
 
 

@@ -65,7 +65,13 @@ def score_and_select(cfg: SelectConfig) -> Path:
     # ---- read + tokenise
     read = read_rows(cfg.dataset, cfg.data, seed=cfg.seed, tokenizer_name=tokenizer_name)
     read.ledger.write_rejects(out / "rejects.jsonl")
-    tokens = tokenize_rows(read.rows, tokenizer_name, cfg.dataset.max_sequence_length, "assistant")
+    tokens = tokenize_rows(
+        read.rows,
+        tokenizer_name,
+        cfg.dataset.max_sequence_length,
+        "assistant",
+        replies_alone=cfg.scoring.prompt_gain or cfg.scoring.prompt_gain_weight != 0,
+    )
 
     # ---- score (resumable)
     scores_dir = out / SCORES_DIR
@@ -184,7 +190,15 @@ def _scoring_key(cfg: SelectConfig, model_path: str) -> dict:
         "scoring": {
             k: v
             for k, v in to_dict(cfg.scoring).items()
-            if k in ("tokens", "store_routing", "lm_loss", "perplexity_weight")
+            if k
+            in (
+                "tokens",
+                "store_routing",
+                "lm_loss",
+                "perplexity_weight",
+                "prompt_gain",
+                "prompt_gain_weight",
+            )
         },
         "dataset": to_dict(cfg.dataset),
         "selector_model": to_dict(cfg.selector_model),
@@ -291,6 +305,8 @@ def _scorer_kwargs(cfg: SelectConfig, model_path: str, tokenizer_name: str, out:
         "store_routing": cfg.scoring.store_routing,
         "lm_loss": cfg.scoring.lm_loss,
         "perplexity_weight": cfg.scoring.perplexity_weight,
+        "prompt_gain": cfg.scoring.prompt_gain,
+        "prompt_gain_weight": cfg.scoring.prompt_gain_weight,
         "fail_once_marker": str(out / ".injected_actor_failure")
         if cfg.scoring.inject_actor_failure
         else None,

@@ -15,6 +15,7 @@ from selectmoe.data.template import (
     IGNORE_INDEX,
     encode_batch,
     encode_messages,
+    encode_replies_alone,
     ensure_pad_token,
     format_messages,
     load_tokenizer,
@@ -143,3 +144,30 @@ def test_ensure_pad_token_uses_unk_then_eos_without_new_tokens(tokenizer_dir):
     no_unk.unk_token = None
     assert ensure_pad_token(no_unk).pad_token == "</s>"
     assert len(no_unk) == size
+
+
+def test_replies_alone_score_the_same_reply_tokens_without_the_prompt(tokenizer):
+    rows = [SINGLE, MULTI, *_real_multi_turn()]
+    full = encode_batch(rows, tokenizer, max_seq_length=2048)
+    alone = encode_replies_alone(
+        rows, tokenizer, max_seq_length=2048, n_assistant_tokens=[e["n_assistant_tokens"] for e in full]
+    )
+    for prompted, reply in zip(full, alone):
+        scored = prompted["labels"][prompted["labels"] != IGNORE_INDEX]
+        np.testing.assert_array_equal(reply["labels"][reply["labels"] != IGNORE_INDEX], scored)
+        text = tokenizer.decode(reply["input_ids"])
+        assert "<|user|>" not in text and "<|system|>" not in text
+        assert len(reply["input_ids"]) < len(prompted["input_ids"])
+
+
+def test_replies_alone_stop_where_truncation_cut_the_prompted_reply(tokenizer):
+    (whole,) = encode_batch([MULTI], tokenizer, max_seq_length=2048)
+    cut = _labelled_runs(whole["labels"])[-1][0] + 2  # two tokens into the last reply
+    (prompted,) = encode_batch([MULTI], tokenizer, max_seq_length=cut)
+    (reply,) = encode_replies_alone(
+        [MULTI], tokenizer, max_seq_length=cut, n_assistant_tokens=[prompted["n_assistant_tokens"]]
+    )
+    assert prompted["n_assistant_tokens"] < whole["n_assistant_tokens"]
+    kept = reply["labels"][reply["labels"] != IGNORE_INDEX]
+    np.testing.assert_array_equal(kept, prompted["labels"][prompted["labels"] != IGNORE_INDEX])
+    assert reply["labels"][-1] != IGNORE_INDEX  # nothing after the last kept reply token

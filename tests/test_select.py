@@ -13,7 +13,12 @@ import pytest
 from safetensors.torch import save_file
 
 from selectmoe.config import parse_config
-from selectmoe.data.template import encode_messages, ensure_pad_token, load_tokenizer
+from selectmoe.data.template import (
+    encode_messages,
+    encode_replies_alone,
+    ensure_pad_token,
+    load_tokenizer,
+)
 from selectmoe.models.loading import load_select_moe
 from selectmoe.scorer import GateScorer
 from selectmoe.select import score_and_select
@@ -99,6 +104,44 @@ def test_perplexity_weight_subtracts_the_rows_nll_from_the_same_pass(tiny_olmoe)
     np.testing.assert_allclose(weighted["nll"], plain["nll"], rtol=1e-6)
     assert (plain["nll"] > 0).all()
     np.testing.assert_allclose(weighted["score"], plain["score"] - 0.1 * plain["nll"], rtol=1e-6)
+
+
+def test_prompt_gain_compares_the_reply_with_and_without_its_prompt(tiny_olmoe):
+    tokenizer = ensure_pad_token(load_tokenizer(str(tiny_olmoe)))
+    rows = [json.loads(line) for line in (TRAIN_DIR / "oasst1.jsonl").read_text().splitlines()[:5]]
+    encoded = [encode_messages(r["messages"], tokenizer, max_seq_length=96) for r in rows]
+    replies = encode_replies_alone(
+        [r["messages"] for r in rows],
+        tokenizer,
+        max_seq_length=96,
+        n_assistant_tokens=[e["n_assistant_tokens"] for e in encoded],
+    )
+
+    def batch(prompted, alone=None):
+        columns = {
+            "id": np.array([r["id"] for r in rows]),
+            "dataset": np.array(["oasst1"] * len(rows)),
+            "input_ids": [e["input_ids"] for e in prompted],
+            "labels": [e["labels"] for e in prompted],
+        }
+        if alone:
+            columns.update(
+                reply_input_ids=[e["input_ids"] for e in alone], reply_labels=[e["labels"] for e in alone]
+            )
+        return columns
+
+    kwargs = {"pad_token_id": tokenizer.pad_token_id, "dtype": "float32"}
+    plain = GateScorer(str(tiny_olmoe), lm_loss=True, **kwargs)(batch(encoded))
+    gained = GateScorer(str(tiny_olmoe), prompt_gain_weight=0.5, **kwargs)(batch(encoded, replies))
+    # the unprompted NLL is the NLL the same model gives the replies-alone rows as its input
+    unprompted = GateScorer(str(tiny_olmoe), lm_loss=True, **kwargs)(batch(replies))
+    np.testing.assert_allclose(gained["nll_without_prompt"], unprompted["nll"], rtol=1e-5)
+    np.testing.assert_allclose(gained["nll"], plain["nll"], rtol=1e-6)
+    gain = unprompted["nll"] - plain["nll"]
+    assert np.abs(gain).max() > 0
+    np.testing.assert_allclose(gained["score"], plain["score"] + 0.5 * gain, rtol=1e-5)
+    with pytest.raises(ValueError, match="scoring.tokens=assistant"):
+        GateScorer(str(tiny_olmoe), prompt_gain=True, tokens="all", **kwargs)
 
 
 # ---------------------------------------------------------------------------- stage 2 end to end
@@ -211,3 +254,21 @@ def test_stage1_folder_excludes_training_rows_and_diversity_selects(one_actor, t
     assert counts["rows_excluded_training"] == 5
     assert len(selected) == int(0.1 * (counts["rows_scored"] - 5))
     assert scores_by_id(out) == scores_by_id(one_actor)  # same weights -> same scores
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_prompt_gain_weight_rescores_every_row_with_the_unprompted_pass(
+    one_actor, tiny_olmoe, tmp_path, sources
+):
+    out = tmp_path / "select_gain"
+    shutil.copytree(one_actor, out)  # scores under another key: not reused
+    run_select(tiny_olmoe, out, sources, **{"scoring.prompt_gain_weight": 0.5})
+    rows = pq.read_table(out / "scores").to_pylist()
+    assert sorted(r["id"] for r in rows) == sorted(scores_by_id(one_actor))
+    assert all(r["nll"] > 0 and r["nll_without_prompt"] > 0 for r in rows)
+    weight = json.loads((out / "manifest.json").read_text())["config"]["scoring"]["perplexity_weight"]
+    for row in rows:
+        expected = np.mean(row["layer_scores"]) - weight * row["nll"]
+        expected += 0.5 * (row["nll_without_prompt"] - row["nll"])
+        assert row["score"] == pytest.approx(expected, rel=1e-9, abs=1e-12)

@@ -101,6 +101,24 @@ def _encode_one(ids, offsets, spans, max_seq_length: int, loss_on: str) -> dict 
     }
 
 
+def encode_replies_alone(
+    messages_batch: list[list[dict]], tokenizer, *, max_seq_length: int, n_assistant_tokens: list[int]
+) -> list[dict]:
+    """Each row's assistant turns without the prompts around them (system and user turns dropped, the
+    same template), cut after the row's first ``n_assistant_tokens`` reply tokens: the same reply tokens
+    its full encoding scores (up to tokenisation at turn boundaries), now unconditioned on the prompt.
+    The other side of ``scoring.prompt_gain``. (Every reply token the full encoding kept sits at least as
+    early here, so no row loses its reply tokens.)"""
+    replies = [[m for m in messages if m["role"] == "assistant"] for messages in messages_batch]
+    encoded = encode_batch(replies, tokenizer, max_seq_length=max_seq_length)
+    out = []
+    for result, n in zip(encoded, n_assistant_tokens):
+        scored = np.flatnonzero(result["labels"] != IGNORE_INDEX)
+        stop = scored[n] if len(scored) > n else len(result["input_ids"])
+        out.append({"input_ids": result["input_ids"][:stop], "labels": result["labels"][:stop]})
+    return out
+
+
 def ensure_pad_token(tokenizer):
     """Give a tokenizer without a pad token one it already has (unk, else eos): no embedding resize."""
     if tokenizer.pad_token is None:
