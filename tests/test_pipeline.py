@@ -21,7 +21,7 @@ def demo_args(out: Path, cache: Path, *extra: str) -> list[str]:
         f"output_dir={out}",
         f"demo.cache_dir={cache}",
         "demo.rows=400",
-        "demo.lm_steps=20",
+        "demo.lm_steps=4",  # the LM pretraining of the tiny models; nothing here depends on its quality
         "pretrain.training.max_steps=6",
         "finetune.training.epochs=1",
         "evaluate.eval.tasks=[mmlu_local,gsm8k_local]",
