@@ -123,6 +123,9 @@ class Driver:
 
     def __init__(self, args: list[str], logs: Path):
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        # Tune saves its experiment state every second (by default at most every 10 s), so a kill that
+        # waits for a finished trial in that state lands soon after the trial finished
+        env["TUNE_GLOBAL_CHECKPOINT_S"] = "1"
         self.stdout, self.stderr = logs.with_suffix(".out"), logs.with_suffix(".err")
         with self.stdout.open("w") as out, self.stderr.open("w") as err:
             self.proc = subprocess.Popen(
@@ -152,7 +155,7 @@ class Driver:
                 self.proc.wait()
                 return None
             assert time.monotonic() < deadline, f"sweep still running after {timeout_s}s:\n{self.tail()}"
-            time.sleep(2)
+            time.sleep(0.5)
         return self.proc.returncode
 
     def tail(self) -> str:
