@@ -300,7 +300,7 @@ class PipelineSection:
 class SelectionPreset:
     # a named recipe in selectmoe/configs/presets/NAME.yaml: its keys go under the shipped YAML's, your
     # config file's and your overrides (which win)
-    preset: str = "gates_perplexity"
+    preset: str = "gates_prompt_gain"
 
 
 @dataclass

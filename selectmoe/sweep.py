@@ -40,6 +40,7 @@ from selectmoe.scaling import ensure_ray, free_resources, use_gpu
 logger = logging.getLogger(__name__)
 
 TRIALS_DIR = "trials"
+TRIALS_FILE = "sweep_trials.json"  # the trials with a metric, best first (machine-readable report)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLERS = ("choice", "grid", "loguniform", "uniform")
 
@@ -115,9 +116,10 @@ def run_sweep(cfg: SweepConfig) -> Path:
         logger.info("restoring the interrupted sweep in %s/%s", storage, name)
         tuner = tune.Tuner.restore(f"{storage}/{name}", trainable, resume_errored=True)
     else:
+        space = load_space(cfg.sweep.space)
         tuner = tune.Tuner(
             trainable,
-            param_space=load_space(cfg.sweep.space),
+            param_space=space,
             tune_config=tune.TuneConfig(
                 # a fresh actor per trial: the placement groups of a stopped trial's Ray Train run are
                 # released with its actor (reused actors kept them, and the next trial starved)
@@ -130,21 +132,32 @@ def run_sweep(cfg: SweepConfig) -> Path:
                     time_attr="step",
                     grace_period=cfg.sweep.grace_period,
                     reduction_factor=cfg.sweep.reduction_factor,
-                    max_t=max(cfg.sweep.grace_period + 1, cfg.pretrain.training.max_steps),
+                    max_t=_longest_trial(cfg, space),
                 ),
             ),
             run_config=tune.RunConfig(name=name, storage_path=storage),
         )
     grid = tuner.fit()
     trials = [
-        {"overrides": r.config, "metric": r.metrics.get(metric), "steps": r.metrics.get("step", 0)}
+        {
+            "overrides": r.config,
+            "metric": r.metrics.get(metric),
+            "steps": r.metrics.get("step", 0),
+            "total_steps": r.metrics.get("total_steps", 0),
+        }
         for r in grid
         if r.metrics
     ]
-    finished = [t for t in trials if t["metric"] is not None]
-    # trials that ran to the end first (ASHA stopped the rest), then by the proxy metric
-    finished.sort(key=lambda t: (-t["steps"], -t["metric"] if mode == "max" else t["metric"]))
-    handoff = finished[: cfg.sweep.handoff_top_k]
+    ranked = rank_trials(trials, mode)
+    (out / TRIALS_FILE).write_text(
+        json.dumps(
+            [{"folder": trial_folder(out, t["overrides"]).name, **t} for t in ranked],
+            indent=2,
+            sort_keys=True,
+        )
+        + "\n"
+    )
+    handoff = ranked[: cfg.sweep.handoff_top_k]
     runs = []
     for trial in handoff:
         run = trial_folder(out, trial["overrides"])
@@ -153,6 +166,33 @@ def run_sweep(cfg: SweepConfig) -> Path:
         run_pipeline(trial_cfg)
         runs.append((trial, run))
     return _write_sweep_report(out, trials, runs, metric, mode)
+
+
+def _longest_trial(cfg: SweepConfig, space: dict) -> int:
+    """ASHA's ``max_t``: the most steps a trial can run. ``training.max_steps`` may be searched; without
+    a step limit (epochs decide) the bound is open, so ASHA never stops a trial for its length."""
+    steps = [cfg.pretrain.training.max_steps]
+    domain = space.get("training.max_steps")
+    if isinstance(domain, dict):  # grid_search
+        steps += domain["grid_search"]
+    elif hasattr(domain, "categories"):  # choice
+        steps += domain.categories
+    elif domain is not None:  # uniform / loguniform
+        steps.append(domain.upper)
+    if min(steps) <= 0:
+        return 10**9
+    return max(cfg.sweep.grace_period + 1, *(int(s) for s in steps))
+
+
+def rank_trials(trials: list[dict], mode: str) -> list[dict]:
+    """Trials with a metric, best first: those that ran their whole stage 1 (``steps`` reached their
+    own ``total_steps``; ``training.max_steps`` may be searched) before those ASHA stopped, then by
+    the metric."""
+    finished = [t for t in trials if t["metric"] is not None]
+    return sorted(
+        finished,
+        key=lambda t: (t["steps"] < t["total_steps"], -t["metric"] if mode == "max" else t["metric"]),
+    )
 
 
 def _metric(cfg: SweepConfig) -> tuple[str, str]:

@@ -182,8 +182,9 @@ def test_cli_convert_writes_a_verified_checkpoint(tmp_path, capsys):
 
 def test_selection_preset_sets_the_recipe_under_explicit_keys():
     default = parse_config("pipeline")
-    assert default.selection.preset == "gates_perplexity"
+    assert default.selection.preset == "gates_prompt_gain"
     assert default.select.scoring.perplexity_weight == 0.03
+    assert default.select.scoring.prompt_gain_weight == 0.1
     reference = parse_config(
         "pipeline",
         overrides=["selection.preset=reference", "pretrain.training.reference_data=[trusted.jsonl]"],
@@ -194,6 +195,7 @@ def test_selection_preset_sets_the_recipe_under_explicit_keys():
     assert original.pretrain.training.quality_loss_weight == 0.01
     assert original.pretrain.training.reference_data is None
     assert original.select.scoring.perplexity_weight == 0.0
+    assert original.select.scoring.prompt_gain_weight == 0.0
     # an explicit key wins over the preset's value
     mine = parse_config(
         "pipeline", overrides=["selection.preset=original", "pretrain.training.quality_loss_weight=1.0"]
@@ -203,7 +205,8 @@ def test_selection_preset_sets_the_recipe_under_explicit_keys():
 
 def test_selection_preset_errors_name_the_missing_key_and_the_choices():
     with pytest.raises(
-        ConfigError, match=r"unknown preset; available: \['gates_perplexity', 'original', 'reference'\]"
+        ConfigError,
+        match=r"unknown preset; available: \['gates_perplexity', 'gates_prompt_gain', 'original', 'reference'\]",
     ):
         parse_config("pipeline", overrides=["selection.preset=best"])
     cfg = parse_config("pipeline", overrides=["selection.preset=reference"])

@@ -17,8 +17,9 @@ import psutil
 import pytest
 import yaml
 
+from selectmoe.config import parse_config
 from selectmoe.data.synthetic import write_demo_corpus
-from selectmoe.sweep import load_space, trial_folder
+from selectmoe.sweep import _longest_trial, load_space, rank_trials, trial_folder
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -35,6 +36,26 @@ def test_shipped_spaces_load():
     assert (
         len(load_space("tune_spaces/loss_type_grid.yaml")["training.quality_loss_type"]["grid_search"]) == 4
     )
+
+
+def test_searched_training_length_sets_ashas_bound_and_the_ranking():
+    search = load_space("tune_spaces/selection_search.yaml")
+    assert _longest_trial(parse_config("sweep", overrides=["pretrain.training.max_steps=30"]), search) == 80
+    # no step limit (epochs decide): ASHA must not stop trials for their length
+    assert _longest_trial(parse_config("sweep"), load_space("tune_spaces/quality_loss.yaml")) >= 10**6
+    trials = [
+        {
+            "overrides": {"training.max_steps": 80},
+            "steps": 20,
+            "total_steps": 80,
+            "metric": 0.9,
+        },  # ASHA-stopped
+        {"overrides": {"training.max_steps": 20}, "steps": 20, "total_steps": 20, "metric": 0.6},
+        {"overrides": {"training.max_steps": 80}, "steps": 80, "total_steps": 80, "metric": 0.7},
+        {"overrides": {}, "steps": 3, "total_steps": 80, "metric": None},  # never reported the metric
+    ]
+    assert [t["metric"] for t in rank_trials(trials, "max")] == [0.7, 0.6, 0.9]
+    assert [t["metric"] for t in rank_trials(trials, "min")] == [0.6, 0.7, 0.9]
 
 
 def sweep_args(out: Path, data: Path, olmoe: Path, llama: Path, space: Path) -> list[str]:

@@ -105,6 +105,7 @@ def run_training_loop(
             seconds = time.perf_counter() - started
             metrics.update(
                 step=step,
+                total_steps=total_steps,
                 epoch=epoch,
                 lr=scheduler.get_last_lr()[0],
                 tokens_per_s=metrics["tokens"] / max(seconds, 1e-9),
