@@ -24,7 +24,7 @@ def run_benchmark(name: str, tmp_path: Path, *args: str) -> tuple[str, dict]:
         [sys.executable, str(BENCHMARKS / name), *args, "--json", str(out)],
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=280,
     )
     assert done.returncode == 0, (
         f"{name} exited {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
@@ -103,3 +103,40 @@ def test_selection_quality_small(tmp_path):
     methods = [row["method"] for row in report["coverage"]]
     assert methods == ["held-out rows (the pool)", "top_k", "diversity", "random"]
     assert all(row["datasets_covered"] >= 1 for row in report["coverage"])
+
+
+def test_sweep_search_small(tmp_path):
+    space = tmp_path / "space.yaml"  # the shipped search's keys, short trials
+    space.write_text(
+        "training.quality_loss_type: {choice: [sigmoid, mse]}\n"
+        "training.learning_rate: {loguniform: [1.0e-3, 1.0e-2]}\n"
+        "training.max_steps: {choice: [3, 4]}\n"
+    )
+    stdout, report = run_benchmark(
+        "sweep_search.py",
+        tmp_path,
+        *(
+            "--rows",
+            "200",
+            "--lm-steps",
+            "5",
+            "--num-samples",
+            "2",
+            "--max-steps",
+            "6",
+            "--grace-period",
+            "2",
+        ),
+        *(
+            "--probe-rows",
+            "64",
+            "--work-dir",
+            str(tmp_path / "work"),
+            "--models-dir",
+            str(tmp_path / "models"),
+        ),
+    )
+    assert "Sweep trials, best first" in stdout and "--variant best:" in stdout
+    assert len(report["trials"]) == 2
+    assert all(0 <= t["metric"] <= 1 for t in report["trials"])
+    assert 0 <= report["perplexity_probe_auroc"] <= 1
