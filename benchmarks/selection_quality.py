@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 import torch
 from common import TRAIN_DIR, print_table, quiet_ray, quiet_transformers, write_json
 
-from selectmoe.config import parse_config
+from selectmoe.config import SelectionPreset, load_preset, parse_config
 from selectmoe.data import (
     RowError,
     cot_wrong_answer,
@@ -57,6 +57,7 @@ SCORE_COLUMNS = ["id", "score", "layer_scores", "nll", "nll_without_prompt"]
 PERPLEXITY_WEIGHTS = (0.01, 0.03, 0.1, 0.3)
 # (perplexity_weight, prompt_gain_weight) pairs of the combined score
 PROMPT_GAIN_WEIGHTS = ((0.03, 0.03), (0.03, 0.1), (0.03, 0.3), (0.1, 0.1), (0.1, 0.3))
+EFFECT_WEIGHTS = (0.03, 0.1, 0.3)
 BENCH_KINDS = ("garbled", "shuffled", "swapped", "truncated", "spam", "wrong_answer")
 # about the LESS mix; oasst1 and the human-written rows are small files, so they are over-sampled
 FILE_SHARES = {"cot": 0.35, "flan_v2": 0.35, "oasst1": 0.15, "human_instructions": 0.15}
@@ -249,6 +250,50 @@ def perplexity_nll(model_dir: Path, rows: list[dict], max_length: int) -> tuple[
     return mean_nll([e for _, e in pairs]), mean_nll(replies)
 
 
+@torch.inference_mode()
+def token_level_scores(stage1_dir: Path, rows: list[dict], max_length: int) -> dict[str, dict[str, float]]:
+    """Scores the stored stage-2 columns cannot give, from the stage-1 model in plain PyTorch: per row
+    (id -> value) the mean gate over every real token (``scoring.tokens=all``), quantiles over the
+    assistant tokens of the per-token gate (mean over layers), and the NLL of the assistant tokens with
+    every gate forced shut (only the trash expert) and forced open (only the experts)."""
+    from selectmoe.data import ensure_pad_token
+    from selectmoe.models.loading import load_select_moe
+    from selectmoe.models.modeling import gates_forced
+    from selectmoe.scoring import row_nll, score_mask
+    from selectmoe.training.common import collate
+
+    model = load_select_moe(str(stage1_dir), dtype="float32").eval()
+    tokenizer = ensure_pad_token(load_tokenizer(str(stage1_dir / "tokenizer")))
+    encoded = encode_batch([r["messages"] for r in rows], tokenizer, max_seq_length=max_length)
+    pairs = [(r["id"], e) for r, e in zip(rows, encoded) if isinstance(e, dict)]
+    out: dict[str, dict[str, float]] = {}
+
+    def put(name: str, ids: list[str], values) -> None:
+        out.setdefault(name, {}).update(zip(ids, np.asarray(values, dtype=float).tolist()))
+
+    for start in range(0, len(pairs), 32):
+        ids = [i for i, _ in pairs[start : start + 32]]
+        batch = collate(
+            [e for _, e in pairs[start : start + 32]], tokenizer.pad_token_id, torch.device("cpu")
+        )
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        assistant = score_mask(batch["attention_mask"], batch["labels"], "assistant")
+        every = score_mask(batch["attention_mask"], batch["labels"], "all")
+        records = model.model(**inputs, output_router_logits=True).router_logits
+        gates = torch.sigmoid(torch.stack([r["quality_score"][..., 0] for r in records], -1)).mean(-1)
+        put("all tokens", ids, (gates * every).sum(1) / every.sum(1).clamp(min=1))
+        for q in (0.1, 0.5, 0.9):
+            quantiles = [
+                np.quantile(g[m].numpy(), q) if m.any() else np.nan for g, m in zip(gates, assistant)
+            ]
+            put(f"token q{round(q * 100)}", ids, quantiles)
+        for value, name in ((0.0, "nll gates shut"), (1.0, "nll gates open")):
+            with gates_forced(model, value):
+                hidden = model.model(**inputs).last_hidden_state
+            put(name, ids, row_nll(model, hidden, batch["input_ids"], assistant))
+    return out
+
+
 # ---------------------------------------------------------------------------- stages
 
 
@@ -337,7 +382,11 @@ def run_seed(args, seed: int, variants: dict[str, list[str]], work: Path) -> dic
         elif sorted(by_id) != held_out:
             raise RuntimeError(f"variant {name}: stage 1 trained on other rows than the first variant")
         scores[f"gates: {name}"] = np.array([by_id[i]["score"] for i in held_out])
-        aggregations.update(score_aggregations(name, [by_id[i] for i in held_out]))
+        records = [by_id[i] for i in held_out]
+        aggregations.update(score_aggregations(name, records))
+        held_out_rows = [row for row in corpus_rows if row["id"] in by_id]
+        token_level = token_level_scores(out / "stage1", held_out_rows, args.max_length)
+        aggregations.update(token_level_aggregations(name, records, token_level))
 
     defect = np.array([labels[i] for i in held_out], dtype=object)
     base_nll = np.array([nll.get(i, np.nan) for i in held_out])
@@ -395,6 +444,34 @@ def score_aggregations(name: str, records: list[dict]) -> dict[str, np.ndarray]:
     for weight, gain_weight in PROMPT_GAIN_WEIGHTS:
         label = f"{name}: gates - {weight} x NLL + {gain_weight} x prompt gain"
         out[label] = row_score(layers, nll, weight, unprompted, gain_weight)
+    return out
+
+
+def token_level_aggregations(
+    name: str, records: list[dict], token_level: dict[str, dict[str, float]]
+) -> dict[str, np.ndarray]:
+    """Scores from ``token_level_scores``: other token sets and quantiles, and the experts' effect on a
+    row's NLL (NLL with every gate shut minus NLL with the trained gates), alone and added to the
+    default preset's score."""
+    ids = [r["id"] for r in records]
+    column = {key: np.array([values.get(i, np.nan) for i in ids]) for key, values in token_level.items()}
+    layers = np.array([r["layer_scores"] for r in records])
+    nll = np.array([r["nll"] for r in records])
+    unprompted = np.array([r["nll_without_prompt"] for r in records])
+    effect = column["nll gates shut"] - nll
+    out = {f"{name}: mean gate over all tokens": column["all tokens"]}
+    out.update(
+        {f"{name}: gate {q} over assistant tokens": column[f"token {q}"] for q in ("q10", "q50", "q90")}
+    )
+    out[f"{name}: -NLL, gates forced open"] = -column["nll gates open"]
+    out[f"{name}: expert effect (NLL shut - NLL)"] = effect
+    out[f"{name}: expert effect, gates open (NLL shut - NLL open)"] = (
+        column["nll gates shut"] - column["nll gates open"]
+    )
+    scoring = load_preset(SelectionPreset.preset)["keys"]["select"]["scoring"]
+    default = row_score(layers, nll, scoring["perplexity_weight"], unprompted, scoring["prompt_gain_weight"])
+    for weight in EFFECT_WEIGHTS:
+        out[f"{name}: default score + {weight} x expert effect"] = default + weight * effect
     return out
 
 

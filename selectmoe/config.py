@@ -194,6 +194,8 @@ class ScoringSection:
     perplexity_weight: float = 0.0  # score = mean gate - this x mean NLL (same pass; > 0 implies lm_loss)
     prompt_gain: bool = False  # also store nll_without_prompt: the replies' NLL with the prompts removed
     prompt_gain_weight: float = 0.0  # score += this x (nll_without_prompt - NLL) (!= 0 implies prompt_gain)
+    expert_effect: bool = False  # also store nll_gates_shut: the NLL with every quality gate forced to 0
+    expert_effect_weight: float = 0.0  # score += this x (nll_gates_shut - NLL) (!= 0 implies expert_effect)
     num_actors: int = 0  # 0 = one per GPU, or sized from free CPUs
     inject_actor_failure: bool = False  # fault injection: one scoring actor exits once (tests recovery)
 

@@ -3,7 +3,8 @@
 Each call gets a window of tokenised rows, sorts it by length, cuts it into sub-batches capped by
 rows and padded tokens, runs the decoder without the LM head (no vocab-sized logits; with ``lm_loss``
 only the scored tokens go through it) under ``inference_mode``, and returns one score record per row in
-the window's order. With ``prompt_gain`` a second, reply-only pass gives ``nll_without_prompt``.
+the window's order. With ``prompt_gain`` a second, reply-only pass gives ``nll_without_prompt``; with
+``expert_effect`` a pass with every quality gate shut gives ``nll_gates_shut``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 
 from selectmoe.models.loading import load_select_moe, resolve_dtype
+from selectmoe.models.modeling import gates_forced
 from selectmoe.scoring import layer_gate_means, layer_routing_means, row_nll, row_score, score_mask
 from selectmoe.training.common import collate
 
@@ -34,6 +36,8 @@ class GateScorer:
         perplexity_weight: float = 0.0,
         prompt_gain: bool = False,
         prompt_gain_weight: float = 0.0,
+        expert_effect: bool = False,
+        expert_effect_weight: float = 0.0,
         fail_once_marker: str | None = None,
     ):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -49,9 +53,11 @@ class GateScorer:
         self.prompt_gain = prompt_gain or prompt_gain_weight != 0
         if self.prompt_gain and tokens != "assistant":
             raise ValueError("scoring.prompt_gain needs scoring.tokens=assistant (it compares reply tokens)")
-        self.lm_loss = lm_loss or perplexity_weight != 0 or self.prompt_gain
+        self.expert_effect = expert_effect or expert_effect_weight != 0
+        self.lm_loss = lm_loss or perplexity_weight != 0 or self.prompt_gain or self.expert_effect
         self.perplexity_weight = perplexity_weight
         self.prompt_gain_weight = prompt_gain_weight
+        self.expert_effect_weight = expert_effect_weight
         self.fail_once_marker = fail_once_marker
 
     @torch.inference_mode()
@@ -64,6 +70,7 @@ class GateScorer:
         n_scored = np.zeros(len(lengths), dtype=np.int64)
         nll = np.zeros(len(lengths), dtype=np.float64)
         nll_without_prompt = np.zeros(len(lengths), dtype=np.float64)
+        nll_gates_shut = np.zeros(len(lengths), dtype=np.float64)
         for chunk in self._chunks(order, lengths):
             rows = [{"input_ids": batch["input_ids"][i], "labels": batch["labels"][i]} for i in chunk]
             tensors = collate(rows, self.pad_token_id, self.device)
@@ -91,12 +98,24 @@ class GateScorer:
                     routing[i] = dists[j].reshape(-1)
             if self.prompt_gain:
                 nll_without_prompt[chunk] = self._replies_alone_nll(batch, chunk)
+            if self.expert_effect:
+                with gates_forced(self.model, 0.0):
+                    hidden = self.model.model(
+                        input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]
+                    ).last_hidden_state
+                nll_gates_shut[chunk] = row_nll(self.model, hidden, tensors["input_ids"], mask).cpu().numpy()
         layers = np.stack(layer_scores)
         result = {
             "id": batch["id"],
             "dataset": batch["dataset"],
             "score": row_score(
-                layers, nll, self.perplexity_weight, nll_without_prompt, self.prompt_gain_weight
+                layers,
+                nll,
+                self.perplexity_weight,
+                nll_without_prompt,
+                self.prompt_gain_weight,
+                nll_gates_shut,
+                self.expert_effect_weight,
             ),
             "layer_scores": list(layers.astype(np.float64)),
             "n_tokens": np.asarray([len(x) for x in batch["input_ids"]], dtype=np.int64),
@@ -108,6 +127,8 @@ class GateScorer:
             result["nll"] = nll
         if self.prompt_gain:
             result["nll_without_prompt"] = nll_without_prompt
+        if self.expert_effect:
+            result["nll_gates_shut"] = nll_gates_shut
         return result
 
     def _replies_alone_nll(self, batch: dict[str, np.ndarray], chunk: list[int]) -> np.ndarray:

@@ -4,6 +4,7 @@
     score          = mean over layers of layer_score[l]
                      - perplexity_weight x NLL                          (when set)
                      + prompt_gain_weight x (NLL_without_prompt - NLL)  (when set)
+                     + expert_effect_weight x (NLL_gates_shut - NLL)    (when set)
 
 Scored tokens are the assistant tokens (``labels != -100``) by default, or every real token with
 ``scoring.tokens=all``; padding never counts. ``layer_scores`` are stored beside ``score`` so any
@@ -14,6 +15,9 @@ seed had two formulas; a later script averaged sigmoid(token-mean q) instead. Th
 ``NLL_without_prompt`` is the mean NLL of the same reply tokens with the prompts removed (a second,
 reply-only pass): the prompt gain is how much the prompt helps predict the reply (per-token pointwise
 mutual information; the inverse view of IFD), low for replies that do not answer their prompt.
+``NLL_gates_shut`` is the NLL of the same tokens with every quality gate forced to 0 (only the trash
+expert; a third pass): the expert effect is what the gated experts contribute to predicting the row,
+a score built from what the gate controls rather than from the gate's raw value.
 """
 
 from __future__ import annotations
@@ -55,14 +59,20 @@ def row_score(
     perplexity_weight: float = 0.0,
     nll_without_prompt: np.ndarray | None = None,
     prompt_gain_weight: float = 0.0,
+    nll_gates_shut: np.ndarray | None = None,
+    expert_effect_weight: float = 0.0,
 ) -> np.ndarray:
-    """(B, L) -> (B,): the mean over layers, with the NLL and prompt-gain terms when their weights are set."""
+    """(B, L) -> (B,): the mean over layers, with the NLL, prompt-gain and expert-effect terms when their
+    weights are set."""
     score = np.asarray(layer_scores, dtype=np.float64).mean(axis=-1)
     if perplexity_weight:
         score = score - perplexity_weight * np.asarray(nll, dtype=np.float64)
     if prompt_gain_weight:
         gain = np.asarray(nll_without_prompt, dtype=np.float64) - np.asarray(nll, dtype=np.float64)
         score = score + prompt_gain_weight * gain
+    if expert_effect_weight:
+        effect = np.asarray(nll_gates_shut, dtype=np.float64) - np.asarray(nll, dtype=np.float64)
+        score = score + expert_effect_weight * effect
     return score
 
 

@@ -198,6 +198,8 @@ def _scoring_key(cfg: SelectConfig, model_path: str) -> dict:
                 "perplexity_weight",
                 "prompt_gain",
                 "prompt_gain_weight",
+                "expert_effect",
+                "expert_effect_weight",
             )
         },
         "dataset": to_dict(cfg.dataset),
@@ -307,6 +309,8 @@ def _scorer_kwargs(cfg: SelectConfig, model_path: str, tokenizer_name: str, out:
         "perplexity_weight": cfg.scoring.perplexity_weight,
         "prompt_gain": cfg.scoring.prompt_gain,
         "prompt_gain_weight": cfg.scoring.prompt_gain_weight,
+        "expert_effect": cfg.scoring.expert_effect,
+        "expert_effect_weight": cfg.scoring.expert_effect_weight,
         "fail_once_marker": str(out / ".injected_actor_failure")
         if cfg.scoring.inject_actor_failure
         else None,

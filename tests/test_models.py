@@ -11,7 +11,7 @@ from selectmoe import SelectMoeConfig, SelectMoeForCausalLM
 from selectmoe.models import register_quality_loss, register_trash_expert
 from selectmoe.models.loading import convert_olmoe, load_select_moe, max_logit_diff_gates_open
 from selectmoe.models.losses import QUALITY_LOSSES, quality_loss
-from selectmoe.models.modeling import gates_forced_open
+from selectmoe.models.modeling import gates_forced
 from selectmoe.tiny import tiny_olmoe_config
 
 LOSS_TYPES = ["sigmoid", "mse", "beta_moment_matching", "mean_variance_regularization"]
@@ -173,7 +173,7 @@ def test_custom_losses_and_trash_experts_are_registered_by_name():
     model = tiny_model(trash_expert_mode="custom", custom_trash_expert="test_identity")
     with torch.no_grad():
         got = model(input_ids=ids).logits
-        with gates_forced_open(model):
+        with gates_forced(model, 1.0):
             open_logits = model(input_ids=ids).logits
     torch.testing.assert_close(got, open_logits)  # identity trash == experts whatever the gate
 
@@ -253,7 +253,7 @@ def test_olmoe_loads_into_select_moe_and_matches_with_gates_open(olmoe_checkpoin
     path = per_expert if layout == "per_expert" else fused
     model = load_select_moe(str(path), dtype="float32").eval()
     ids, mask = batch()
-    with torch.no_grad(), gates_forced_open(model):
+    with torch.no_grad(), gates_forced(model, 1.0):
         got = model(input_ids=ids, attention_mask=mask).logits
     with torch.no_grad():
         expected = olmoe(input_ids=ids, attention_mask=mask).logits

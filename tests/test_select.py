@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from safetensors.torch import save_file
 
 from selectmoe.config import parse_config
@@ -21,7 +22,9 @@ from selectmoe.data.template import (
 )
 from selectmoe.models.loading import load_select_moe
 from selectmoe.scorer import GateScorer
+from selectmoe.scoring import row_nll, score_mask
 from selectmoe.select import score_and_select
+from selectmoe.training.common import collate
 
 TRAIN_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "train"
 
@@ -144,6 +147,42 @@ def test_prompt_gain_compares_the_reply_with_and_without_its_prompt(tiny_olmoe):
         GateScorer(str(tiny_olmoe), prompt_gain=True, tokens="all", **kwargs)
 
 
+@torch.inference_mode()
+def test_expert_effect_is_the_nll_the_row_loses_without_the_experts(tiny_olmoe, tmp_path):
+    tokenizer = ensure_pad_token(load_tokenizer(str(tiny_olmoe)))
+    rows = [json.loads(line) for line in (TRAIN_DIR / "oasst1.jsonl").read_text().splitlines()[:5]]
+    encoded = [encode_messages(r["messages"], tokenizer, max_seq_length=96) for r in rows]
+    batch = {
+        "id": np.array([r["id"] for r in rows]),
+        "dataset": np.array(["oasst1"] * len(rows)),
+        "input_ids": [e["input_ids"] for e in encoded],
+        "labels": [e["labels"] for e in encoded],
+    }
+    model = load_select_moe(str(tiny_olmoe), dtype="float32").eval()
+    for layer in model.model.layers:  # experts that matter: a random tiny model's barely move the loss
+        for param in layer.mlp.experts.parameters():
+            param.mul_(100.0)
+    model.save_pretrained(tmp_path / "model")
+    kwargs = {"pad_token_id": tokenizer.pad_token_id, "dtype": "float32"}
+    plain = GateScorer(str(tmp_path / "model"), lm_loss=True, **kwargs)(batch)
+    effect = GateScorer(str(tmp_path / "model"), expert_effect_weight=0.5, **kwargs)(batch)
+    # gates shut with the zero trash expert = the same model with experts that output nothing
+    for layer in model.model.layers:
+        for param in layer.mlp.experts.parameters():
+            param.zero_()
+    tensors = collate(encoded, tokenizer.pad_token_id, torch.device("cpu"))
+    hidden = model.model(
+        input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]
+    ).last_hidden_state
+    mask = score_mask(tensors["attention_mask"], tensors["labels"], "assistant")
+    expected = row_nll(model, hidden, tensors["input_ids"], mask).numpy()
+    np.testing.assert_allclose(effect["nll_gates_shut"], expected, rtol=1e-5)
+    np.testing.assert_allclose(effect["nll"], plain["nll"], rtol=1e-6)
+    gain = expected - plain["nll"]
+    assert np.abs(gain).min() > 1e-3  # ten times the tolerance above (NLL ~10, rtol 1e-5)
+    np.testing.assert_allclose(effect["score"], plain["score"] + 0.5 * gain, rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------- stage 2 end to end
 
 
@@ -258,17 +297,20 @@ def test_stage1_folder_excludes_training_rows_and_diversity_selects(one_actor, t
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_prompt_gain_weight_rescores_every_row_with_the_unprompted_pass(
+def test_prompt_gain_and_expert_effect_weights_rescore_every_row_with_their_passes(
     one_actor, tiny_olmoe, tmp_path, sources
 ):
     out = tmp_path / "select_gain"
     shutil.copytree(one_actor, out)  # scores under another key: not reused
-    run_select(tiny_olmoe, out, sources, **{"scoring.prompt_gain_weight": 0.5})
+    run_select(
+        tiny_olmoe, out, sources, **{"scoring.prompt_gain_weight": 0.5, "scoring.expert_effect_weight": 2.0}
+    )
     rows = pq.read_table(out / "scores").to_pylist()
     assert sorted(r["id"] for r in rows) == sorted(scores_by_id(one_actor))
-    assert all(r["nll"] > 0 and r["nll_without_prompt"] > 0 for r in rows)
+    assert all(r["nll"] > 0 and r["nll_without_prompt"] > 0 and r["nll_gates_shut"] > 0 for r in rows)
     weight = json.loads((out / "manifest.json").read_text())["config"]["scoring"]["perplexity_weight"]
     for row in rows:
         expected = np.mean(row["layer_scores"]) - weight * row["nll"]
         expected += 0.5 * (row["nll_without_prompt"] - row["nll"])
+        expected += 2.0 * (row["nll_gates_shut"] - row["nll"])
         assert row["score"] == pytest.approx(expected, rel=1e-9, abs=1e-12)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer
 
 from selectmoe.models.configuration import SelectMoeConfig
-from selectmoe.models.modeling import SelectMoeForCausalLM, gates_forced_open, init_quality_gate
+from selectmoe.models.modeling import SelectMoeForCausalLM, gates_forced, init_quality_gate
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def max_logit_diff_gates_open(
     candidate = load_select_moe(select_moe, dtype="float32").eval()
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, reference.config.vocab_size, (batch, seq), generator=generator)
-    with torch.inference_mode(), gates_forced_open(candidate):
+    with torch.inference_mode(), gates_forced(candidate, 1.0):
         expected = reference(input_ids=input_ids).logits
         got = candidate(input_ids=input_ids, output_router_logits=False).logits
     return (expected - got).abs().max().item()

@@ -109,7 +109,7 @@ class SelectMoeSparseMoeBlock(OlmoeSparseMoeBlock):
         self.gate = SelectMoeTopKRouter(config)
         self.quality_gate = SelectMoeQualityGate(config)
         self.trash_expert = SelectMoeTrashExpert(config, layer_idx)
-        self.force_open = False  # set by `gates_forced_open`: g = 1 exactly (equivalence checks)
+        self.forced_gate: float | None = None  # set by `gates_forced`: g is this value exactly
 
     def forward(self, hidden_states: torch.Tensor, position_ids: torch.Tensor | None = None):
         batch_size, seq_len, hidden_dim = hidden_states.shape
@@ -121,23 +121,27 @@ class SelectMoeSparseMoeBlock(OlmoeSparseMoeBlock):
         if position_ids is None:
             position_ids = torch.arange(seq_len, device=hidden_states.device).unsqueeze(0)
         trash = self.trash_expert(expert_output, hidden_states, position_ids)
-        good = torch.ones_like(quality_score) if self.force_open else torch.sigmoid(quality_score)
+        if self.forced_gate is None:
+            good = torch.sigmoid(quality_score)
+        else:
+            good = torch.full_like(quality_score, self.forced_gate)
         mixed = good * expert_output + (1.0 - good) * trash
         # the second output is what `outputs.router_logits` records for this layer (seed API)
         return mixed.to(hidden_states.dtype), {"quality_score": quality_score, "moe_logits": router_logits}
 
 
 @contextmanager
-def gates_forced_open(model: nn.Module):
-    """Within the block every quality gate passes the experts' output unchanged (g = 1)."""
+def gates_forced(model: nn.Module, value: float):
+    """Within the block every quality gate is ``value``: 1 passes the experts' output unchanged (the
+    OLMoE equivalence check), 0 replaces it with the trash expert's (the experts' effect on a row)."""
     blocks = [m for m in model.modules() if isinstance(m, SelectMoeSparseMoeBlock)]
     for block in blocks:
-        block.force_open = True
+        block.forced_gate = float(value)
     try:
         yield model
     finally:
         for block in blocks:
-            block.force_open = False
+            block.forced_gate = None
 
 
 class SelectMoeDecoderLayer(OlmoeDecoderLayer):
