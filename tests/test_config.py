@@ -196,6 +196,9 @@ def test_selection_preset_sets_the_recipe_under_explicit_keys():
     assert original.pretrain.training.reference_data is None
     assert original.select.scoring.perplexity_weight == 0.0
     assert original.select.scoring.prompt_gain_weight == 0.0
+    effect = parse_config("pipeline", overrides=["selection.preset=gates_expert_effect"])
+    assert effect.select.scoring.expert_effect_weight == 0.03
+    assert effect.select.scoring.prompt_gain_weight == 0.1
     # an explicit key wins over the preset's value
     mine = parse_config(
         "pipeline", overrides=["selection.preset=original", "pretrain.training.quality_loss_weight=1.0"]
@@ -206,7 +209,7 @@ def test_selection_preset_sets_the_recipe_under_explicit_keys():
 def test_selection_preset_errors_name_the_missing_key_and_the_choices():
     with pytest.raises(
         ConfigError,
-        match=r"unknown preset; available: \['gates_perplexity', 'gates_prompt_gain', 'original', 'reference'\]",
+        match=r"unknown preset; available: \['gates_expert_effect', 'gates_perplexity', 'gates_prompt_gain', 'original', 'reference'\]",
     ):
         parse_config("pipeline", overrides=["selection.preset=best"])
     cfg = parse_config("pipeline", overrides=["selection.preset=reference"])
