@@ -469,9 +469,10 @@ def token_level_aggregations(
         column["nll gates shut"] - column["nll gates open"]
     )
     scoring = load_preset(SelectionPreset.preset)["keys"]["select"]["scoring"]
-    default = row_score(layers, nll, scoring["perplexity_weight"], unprompted, scoring["prompt_gain_weight"])
-    for weight in EFFECT_WEIGHTS:
-        out[f"{name}: default score + {weight} x expert effect"] = default + weight * effect
+    default_terms = (layers, nll, scoring["perplexity_weight"], unprompted, scoring["prompt_gain_weight"])
+    for weight in EFFECT_WEIGHTS:  # the product's formula with scoring.expert_effect_weight
+        label = f"{name}: default score + {weight} x expert effect"
+        out[label] = row_score(*default_terms, column["nll gates shut"], weight)
     return out
 
 
