@@ -53,7 +53,7 @@ from selectmoe.models.loading import TRAINING_IDS
 from selectmoe.scoring import row_score
 from selectmoe.separation import separation_table
 
-SCORE_COLUMNS = ["id", "score", "layer_scores", "nll", "nll_without_prompt"]
+SCORE_COLUMNS = ["id", "score", "layer_scores", "nll", "nll_without_prompt", "nll_gates_shut"]
 PERPLEXITY_WEIGHTS = (0.01, 0.03, 0.1, 0.3)
 # (perplexity_weight, prompt_gain_weight) pairs of the combined score
 PROMPT_GAIN_WEIGHTS = ((0.03, 0.03), (0.03, 0.1), (0.03, 0.3), (0.1, 0.1), (0.1, 0.3))
@@ -255,7 +255,7 @@ def token_level_scores(stage1_dir: Path, rows: list[dict], max_length: int) -> d
     """Scores the stored stage-2 columns cannot give, from the stage-1 model in plain PyTorch: per row
     (id -> value) the mean gate over every real token (``scoring.tokens=all``), quantiles over the
     assistant tokens of the per-token gate (mean over layers), and the NLL of the assistant tokens with
-    every gate forced shut (only the trash expert) and forced open (only the experts)."""
+    every gate forced open (only the experts)."""
     from selectmoe.data import ensure_pad_token
     from selectmoe.models.loading import load_select_moe
     from selectmoe.models.modeling import gates_forced
@@ -287,10 +287,9 @@ def token_level_scores(stage1_dir: Path, rows: list[dict], max_length: int) -> d
                 np.quantile(g[m].numpy(), q) if m.any() else np.nan for g, m in zip(gates, assistant)
             ]
             put(f"token q{round(q * 100)}", ids, quantiles)
-        for value, name in ((0.0, "nll gates shut"), (1.0, "nll gates open")):
-            with gates_forced(model, value):
-                hidden = model.model(**inputs).last_hidden_state
-            put(name, ids, row_nll(model, hidden, batch["input_ids"], assistant))
+        with gates_forced(model, 1.0):
+            hidden = model.model(**inputs).last_hidden_state
+        put("nll gates open", ids, row_nll(model, hidden, batch["input_ids"], assistant))
     return out
 
 
@@ -332,6 +331,7 @@ def run_stages(args, corpus: Path, model: Path, out: Path, seed: int, overrides:
             "scoring.store_routing=true",
             "scoring.lm_loss=true",
             "scoring.prompt_gain=true",
+            "scoring.expert_effect=true",
         ],
     )
     return stage2, score_and_select(stage2)
@@ -450,29 +450,28 @@ def score_aggregations(name: str, records: list[dict]) -> dict[str, np.ndarray]:
 def token_level_aggregations(
     name: str, records: list[dict], token_level: dict[str, dict[str, float]]
 ) -> dict[str, np.ndarray]:
-    """Scores from ``token_level_scores``: other token sets and quantiles, and the experts' effect on a
-    row's NLL (NLL with every gate shut minus NLL with the trained gates), alone and added to the
-    default preset's score."""
+    """Scores from ``token_level_scores`` (other token sets and quantiles) and the expert effect, the
+    stage-2 ``nll_gates_shut - nll`` (``scoring.expert_effect``), alone, against the gates forced open,
+    and added to the default preset's score."""
     ids = [r["id"] for r in records]
     column = {key: np.array([values.get(i, np.nan) for i in ids]) for key, values in token_level.items()}
     layers = np.array([r["layer_scores"] for r in records])
     nll = np.array([r["nll"] for r in records])
     unprompted = np.array([r["nll_without_prompt"] for r in records])
-    effect = column["nll gates shut"] - nll
+    shut = np.array([r["nll_gates_shut"] for r in records])
+    effect = shut - nll
     out = {f"{name}: mean gate over all tokens": column["all tokens"]}
     out.update(
         {f"{name}: gate {q} over assistant tokens": column[f"token {q}"] for q in ("q10", "q50", "q90")}
     )
     out[f"{name}: -NLL, gates forced open"] = -column["nll gates open"]
     out[f"{name}: expert effect (NLL shut - NLL)"] = effect
-    out[f"{name}: expert effect, gates open (NLL shut - NLL open)"] = (
-        column["nll gates shut"] - column["nll gates open"]
-    )
+    out[f"{name}: expert effect, gates open (NLL shut - NLL open)"] = shut - column["nll gates open"]
     scoring = load_preset(SelectionPreset.preset)["keys"]["select"]["scoring"]
     default_terms = (layers, nll, scoring["perplexity_weight"], unprompted, scoring["prompt_gain_weight"])
     for weight in EFFECT_WEIGHTS:  # the product's formula with scoring.expert_effect_weight
         label = f"{name}: default score + {weight} x expert effect"
-        out[label] = row_score(*default_terms, column["nll gates shut"], weight)
+        out[label] = row_score(*default_terms, shut, weight)
     return out
 
 

@@ -91,16 +91,31 @@ def test_row_score_does_not_depend_on_batch_neighbours(tiny_olmoe):
     assert (together["n_scored_tokens"] < together["n_tokens"]).all()  # assistant tokens only
 
 
-def test_perplexity_weight_subtracts_the_rows_nll_from_the_same_pass(tiny_olmoe):
-    tokenizer = ensure_pad_token(load_tokenizer(str(tiny_olmoe)))
-    rows = [json.loads(line) for line in (TRAIN_DIR / "oasst1.jsonl").read_text().splitlines()[:5]]
-    encoded = [encode_messages(r["messages"], tokenizer, max_seq_length=96) for r in rows]
+def oasst1_rows(tokenizer, n: int = 5) -> tuple[list[dict], list[dict]]:
+    """The first ``n`` real oasst1 rows and their encodings."""
+    rows = [json.loads(line) for line in (TRAIN_DIR / "oasst1.jsonl").read_text().splitlines()[:n]]
+    return rows, [encode_messages(r["messages"], tokenizer, max_seq_length=96) for r in rows]
+
+
+def scorer_batch(rows: list[dict], encoded: list[dict], replies: list[dict] | None = None) -> dict:
+    """A ``GateScorer`` input batch, with the replies-alone columns when ``replies`` are given."""
     batch = {
         "id": np.array([r["id"] for r in rows]),
         "dataset": np.array(["oasst1"] * len(rows)),
         "input_ids": [e["input_ids"] for e in encoded],
         "labels": [e["labels"] for e in encoded],
     }
+    if replies:
+        batch.update(
+            reply_input_ids=[e["input_ids"] for e in replies], reply_labels=[e["labels"] for e in replies]
+        )
+    return batch
+
+
+def test_perplexity_weight_subtracts_the_rows_nll_from_the_same_pass(tiny_olmoe):
+    tokenizer = ensure_pad_token(load_tokenizer(str(tiny_olmoe)))
+    rows, encoded = oasst1_rows(tokenizer)
+    batch = scorer_batch(rows, encoded)
     kwargs = {"pad_token_id": tokenizer.pad_token_id, "dtype": "float32"}
     plain = GateScorer(str(tiny_olmoe), lm_loss=True, **kwargs)(batch)
     weighted = GateScorer(str(tiny_olmoe), perplexity_weight=0.1, **kwargs)(batch)  # implies lm_loss
@@ -111,8 +126,7 @@ def test_perplexity_weight_subtracts_the_rows_nll_from_the_same_pass(tiny_olmoe)
 
 def test_prompt_gain_compares_the_reply_with_and_without_its_prompt(tiny_olmoe):
     tokenizer = ensure_pad_token(load_tokenizer(str(tiny_olmoe)))
-    rows = [json.loads(line) for line in (TRAIN_DIR / "oasst1.jsonl").read_text().splitlines()[:5]]
-    encoded = [encode_messages(r["messages"], tokenizer, max_seq_length=96) for r in rows]
+    rows, encoded = oasst1_rows(tokenizer)
     replies = encode_replies_alone(
         [r["messages"] for r in rows],
         tokenizer,
@@ -120,24 +134,13 @@ def test_prompt_gain_compares_the_reply_with_and_without_its_prompt(tiny_olmoe):
         n_assistant_tokens=[e["n_assistant_tokens"] for e in encoded],
     )
 
-    def batch(prompted, alone=None):
-        columns = {
-            "id": np.array([r["id"] for r in rows]),
-            "dataset": np.array(["oasst1"] * len(rows)),
-            "input_ids": [e["input_ids"] for e in prompted],
-            "labels": [e["labels"] for e in prompted],
-        }
-        if alone:
-            columns.update(
-                reply_input_ids=[e["input_ids"] for e in alone], reply_labels=[e["labels"] for e in alone]
-            )
-        return columns
-
     kwargs = {"pad_token_id": tokenizer.pad_token_id, "dtype": "float32"}
-    plain = GateScorer(str(tiny_olmoe), lm_loss=True, **kwargs)(batch(encoded))
-    gained = GateScorer(str(tiny_olmoe), prompt_gain_weight=0.5, **kwargs)(batch(encoded, replies))
+    plain = GateScorer(str(tiny_olmoe), lm_loss=True, **kwargs)(scorer_batch(rows, encoded))
+    gained = GateScorer(str(tiny_olmoe), prompt_gain_weight=0.5, **kwargs)(
+        scorer_batch(rows, encoded, replies)
+    )
     # the unprompted NLL is the NLL the same model gives the replies-alone rows as its input
-    unprompted = GateScorer(str(tiny_olmoe), lm_loss=True, **kwargs)(batch(replies))
+    unprompted = GateScorer(str(tiny_olmoe), lm_loss=True, **kwargs)(scorer_batch(rows, replies))
     np.testing.assert_allclose(gained["nll_without_prompt"], unprompted["nll"], rtol=1e-5)
     np.testing.assert_allclose(gained["nll"], plain["nll"], rtol=1e-6)
     gain = unprompted["nll"] - plain["nll"]
@@ -150,14 +153,8 @@ def test_prompt_gain_compares_the_reply_with_and_without_its_prompt(tiny_olmoe):
 @torch.inference_mode()
 def test_expert_effect_is_the_nll_the_row_loses_without_the_experts(tiny_olmoe, tmp_path):
     tokenizer = ensure_pad_token(load_tokenizer(str(tiny_olmoe)))
-    rows = [json.loads(line) for line in (TRAIN_DIR / "oasst1.jsonl").read_text().splitlines()[:5]]
-    encoded = [encode_messages(r["messages"], tokenizer, max_seq_length=96) for r in rows]
-    batch = {
-        "id": np.array([r["id"] for r in rows]),
-        "dataset": np.array(["oasst1"] * len(rows)),
-        "input_ids": [e["input_ids"] for e in encoded],
-        "labels": [e["labels"] for e in encoded],
-    }
+    rows, encoded = oasst1_rows(tokenizer)
+    batch = scorer_batch(rows, encoded)
     model = load_select_moe(str(tiny_olmoe), dtype="float32").eval()
     for layer in model.model.layers:  # experts that matter: a random tiny model's barely move the loss
         for param in layer.mlp.experts.parameters():
