@@ -12,14 +12,14 @@ Models are randomly initialised (no download) in bf16 on the device:
 Phases:
   peak      best FLOP/s of a large bf16 matmul loop (the MFU denominator)
   scoring   stage 2's forward: decoder without LM head, router outputs on, per-row gate means
-            (``selectmoe.scoring.layer_gate_means``), full rows of --score-seq tokens, --score-batch rows;
+            (``selectmoe.select.score.layer_gate_means``), full rows of --score-seq tokens, --score-batch rows;
             once per experts implementation (--experts; Select-MoE loads with eager, see
             ``common.set_experts``)
-  stage1    the product's stage-1 step (``selectmoe.training.router``: ``setup_trainable`` +
+  stage1    the product's stage-1 step (``selectmoe.pretrain.worker``: ``setup_trainable`` +
             ``_train_step``, gradient checkpointing as stage 1 does, AdamW), full_rank and lora (r=16,
             routers), 1 row of --train-seq tokens, per experts implementation; peak memory from the
             model's creation to the last step
-  stage3    a LoRA step on the Llama-2-7B shape (``selectmoe.training.target.apply_lora``: LESS's r=128,
+  stage3    a LoRA step on the Llama-2-7B shape (``selectmoe.finetune.worker.apply_lora``: LESS's r=128,
             alpha 512, dropout 0.1 on q/k/v/o, gradient checkpointing)
 The projection divides rows x --mean-row-tokens by the best scoring tokens/s x --gpus.
 A phase that fails (out of memory, a kernel missing) is reported as failed and the others still run;
@@ -159,21 +159,15 @@ def median_time(fn, args, device: Device) -> float:
 
 def phase_scoring(args, device: Device, shape: dict, peak: float) -> list[dict]:
     from selectmoe.models import SelectMoeForCausalLM
-    from selectmoe.scoring import layer_gate_means, score_mask
+    from selectmoe.select.score import ScorePasses, score_batch
 
     config = select_moe_config(shape)
     model = build(SelectMoeForCausalLM, config, device).eval()
     batch = random_batch(config, args.score_batch, args.score_seq, device)
-    mask = score_mask(batch["attention_mask"], batch["labels"], "assistant")
+    rows = [{"input_ids": ids.tolist(), "labels": ids.tolist()} for ids in batch["input_ids"].cpu()]
 
-    def score():
-        with torch.inference_mode():
-            out = model.model(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                output_router_logits=True,
-            )
-            layer_gate_means([r["quality_score"] for r in out.router_logits], mask).cpu()
+    def score():  # the product's scoring pass (gates only, as preset=original scores)
+        score_batch(model, rows, ScorePasses(), pad_token_id=0)
 
     tokens = args.score_batch * args.score_seq
     flops_per_token = decoder_flops_per_row(config, args.score_seq, lm_head=False) / args.score_seq
@@ -198,9 +192,9 @@ def phase_scoring(args, device: Device, shape: dict, peak: float) -> list[dict]:
 def phase_stage1(args, device: Device, shape: dict, mode: str, experts: str) -> dict:
     import functools
 
+    from selectmoe.data.collate import count_labelled
     from selectmoe.models import SelectMoeForCausalLM
-    from selectmoe.training.common import count_labelled
-    from selectmoe.training.router import _train_step, setup_trainable
+    from selectmoe.pretrain.worker import _train_step, setup_trainable
 
     device.reset_peak()
     config = select_moe_config(shape)
@@ -226,8 +220,8 @@ def phase_stage1(args, device: Device, shape: dict, mode: str, experts: str) -> 
 def phase_stage3(args, device: Device, shape: dict) -> dict:
     from transformers import LlamaForCausalLM
 
-    from selectmoe.training.common import count_labelled
-    from selectmoe.training.target import _train_step, apply_lora
+    from selectmoe.data.collate import count_labelled
+    from selectmoe.finetune.worker import _train_step, apply_lora
 
     device.reset_peak()
     config = llama_config(shape)

@@ -4,8 +4,8 @@ Per seed: a stratified sample of real rows from ``../shared/data/train`` (all fo
 halves. A tiny OLMoE is LM-pretrained on the clean first half. In the second half (the corpus) a
 ``--defect-rate`` share of rows gets a planted defect (``garbled``, ``shuffled``, ``swapped``,
 ``truncated``, ``spam``, and ``wrong_answer`` on CoT rows: the final "So the answer is X" changed).
-Each variant (a quality-loss recipe) runs the product's stage 1 (``pretrain_router``: Ray Train on
-``--subset-ratio`` of the corpus) and stage 2 (``score_and_select``: Ray Data scoring of every row,
+Each variant (a quality-loss recipe) runs the product's stage 1 (``pretrain``: Ray Train on
+``--subset-ratio`` of the corpus) and stage 2 (``select``: Ray Data scoring of every row,
 top-k selection of ``--percentage`` of the rows stage 1 did not train on). Scores are judged on those
 held-out rows only: AUROC clean-vs-defect overall and per kind, and precision@k at the selection size
 (the share of clean rows among the k best), next to baselines on the same rows from the same run:
@@ -39,19 +39,13 @@ import pyarrow.parquet as pq
 import torch
 from common import TRAIN_DIR, print_table, quiet_ray, quiet_transformers, write_json
 
-from selectmoe.config import SelectionPreset, load_preset, parse_config
-from selectmoe.data import (
-    RowError,
-    cot_wrong_answer,
-    encode_batch,
-    load_tokenizer,
-    normalize_record,
-    plant_defects,
-)
+from selectmoe.config import PipelineConfig, load_preset, parse_config
+from selectmoe.data import RowError, encode_batch, load_tokenizer, normalize_record
+from selectmoe.demo.defects import cot_wrong_answer, plant_defects
+from selectmoe.layout import TRAINING_IDS
 from selectmoe.manifest import hash_dict
-from selectmoe.models.loading import TRAINING_IDS
-from selectmoe.scoring import row_score
-from selectmoe.separation import separation_table
+from selectmoe.metrics import separation_table
+from selectmoe.select.score import row_score
 
 SCORE_COLUMNS = ["id", "score", "layer_scores", "nll", "nll_without_prompt", "nll_gates_shut"]
 PERPLEXITY_WEIGHTS = (0.01, 0.03, 0.1, 0.3)
@@ -189,7 +183,7 @@ def write_corpus(rows: list[dict], out: Path, defect_rate: float, seed: int) -> 
 
 def base_model(args, seed: int, lm_rows: list[dict], cache: Path) -> Path:
     """The tiny OLMoE LM-pretrained on the clean half (cached by its recipe)."""
-    from selectmoe.tiny import build_tiny_olmoe, pretrain_tiny_lm
+    from selectmoe.demo.tiny import build_tiny_olmoe, pretrain_tiny_lm
 
     key = hash_dict(
         {"seed": seed, "steps": args.lm_steps, "model": args.model, "ids": [r["id"] for r in lm_rows]}
@@ -216,8 +210,7 @@ def perplexity_nll(model_dir: Path, rows: list[dict], max_length: int) -> tuple[
     from transformers import AutoModelForCausalLM
 
     from selectmoe.data import encode_replies_alone, ensure_pad_token
-    from selectmoe.scoring import row_nll, score_mask
-    from selectmoe.training.common import collate
+    from selectmoe.select.score import ScorePasses, score_batch
 
     tokenizer = ensure_pad_token(load_tokenizer(str(model_dir)))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
@@ -235,19 +228,18 @@ def perplexity_nll(model_dir: Path, rows: list[dict], max_length: int) -> tuple[
         n_assistant_tokens=[e["n_assistant_tokens"] for _, e in pairs],
     )
 
-    def mean_nll(encoded: list[dict]) -> dict[str, float]:
-        nll = {}
-        for start in range(0, len(pairs), 32):
-            ids = [r["id"] for r, _ in pairs[start : start + 32]]
-            batch = collate(encoded[start : start + 32], tokenizer.pad_token_id, torch.device("cpu"))
-            hidden = model.model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).last_hidden_state
-            mask = score_mask(batch["attention_mask"], batch["labels"], "assistant")
-            nll.update(zip(ids, row_nll(model, hidden, batch["input_ids"], mask).tolist()))
-        return nll
-
-    return mean_nll([e for _, e in pairs]), mean_nll(replies)
+    encoded = [
+        {**e, "reply_input_ids": reply["input_ids"], "reply_labels": reply["labels"]}
+        for (_, e), reply in zip(pairs, replies)
+    ]
+    what = ScorePasses(gates=False, nll=True, reply_only=True)  # the product's pass, on a plain LM
+    prompted, unprompted = {}, {}
+    for start in range(0, len(encoded), 32):
+        ids = [r["id"] for r, _ in pairs[start : start + 32]]
+        columns = score_batch(model, encoded[start : start + 32], what, tokenizer.pad_token_id)
+        prompted.update(zip(ids, columns["nll"].tolist()))
+        unprompted.update(zip(ids, columns["nll_without_prompt"].tolist()))
+    return prompted, unprompted
 
 
 @torch.inference_mode()
@@ -257,10 +249,10 @@ def token_level_scores(stage1_dir: Path, rows: list[dict], max_length: int) -> d
     assistant tokens of the per-token gate (mean over layers), and the NLL of the assistant tokens with
     every gate forced open (only the experts)."""
     from selectmoe.data import ensure_pad_token
+    from selectmoe.data.collate import collate
     from selectmoe.models.loading import load_select_moe
     from selectmoe.models.modeling import gates_forced
-    from selectmoe.scoring import row_nll, score_mask
-    from selectmoe.training.common import collate
+    from selectmoe.select.score import row_nll, score_mask
 
     model = load_select_moe(str(stage1_dir), dtype="float32").eval()
     tokenizer = ensure_pad_token(load_tokenizer(str(stage1_dir / "tokenizer")))
@@ -298,8 +290,8 @@ def token_level_scores(stage1_dir: Path, rows: list[dict], max_length: int) -> d
 
 def run_stages(args, corpus: Path, model: Path, out: Path, seed: int, overrides: list[str]):
     """Stage 1 then stage 2 of the product on the corpus; returns (stage-2 config, stage-2 folder)."""
-    from selectmoe.pretrain import pretrain_router
-    from selectmoe.select import score_and_select
+    from selectmoe.pretrain import pretrain
+    from selectmoe.select import select
 
     data = [f"dataset.data_path=[{corpus / 'train'}]", f"dataset.max_sequence_length={args.max_length}"]
     stage1 = parse_config(
@@ -319,7 +311,7 @@ def run_stages(args, corpus: Path, model: Path, out: Path, seed: int, overrides:
             *overrides,
         ],
     )
-    pretrain_router(stage1)
+    pretrain(stage1)
     stage2 = parse_config(
         "select",
         overrides=[
@@ -334,16 +326,16 @@ def run_stages(args, corpus: Path, model: Path, out: Path, seed: int, overrides:
             "scoring.expert_effect=true",
         ],
     )
-    return stage2, score_and_select(stage2)
+    return stage2, select(stage2)
 
 
 def reselect(stage2_cfg, method: str) -> list[dict]:
     """The same stage 2 with another selection method: scores are reused, nothing is rescored."""
-    from selectmoe.select import score_and_select
+    from selectmoe.select import select
 
     cfg = copy.deepcopy(stage2_cfg)
     cfg.selection.method = method
-    out = score_and_select(cfg)
+    out = select(cfg)
     return pq.read_table(out / "selected.parquet", columns=["id", "dataset"]).to_pylist()
 
 
@@ -467,7 +459,7 @@ def token_level_aggregations(
     out[f"{name}: -NLL, gates forced open"] = -column["nll gates open"]
     out[f"{name}: expert effect (NLL shut - NLL)"] = effect
     out[f"{name}: expert effect, gates open (NLL shut - NLL open)"] = shut - column["nll gates open"]
-    scoring = load_preset(SelectionPreset.preset)["keys"]["select"]["scoring"]
+    scoring = load_preset(PipelineConfig.preset)["keys"]["select"]["scoring"]
     default_terms = (layers, nll, scoring["perplexity_weight"], unprompted, scoring["prompt_gain_weight"])
     for weight in EFFECT_WEIGHTS:  # the product's formula with scoring.expert_effect_weight
         label = f"{name}: default score + {weight} x expert effect"

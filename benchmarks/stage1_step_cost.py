@@ -14,13 +14,13 @@ train: the same parameters minus the gates, which OLMoE has not). One batch of r
 variants run the same experts implementation (``--experts``; default eager, what Select-MoE loads with,
 while transformers' OLMoE would pick grouped_mm). A step = forward + backward + gradient clipping + AdamW
 step. Three variants are timed, interleaved in a rotating order, and their medians compared:
-  select-moe step  the product's stage-1 step (``selectmoe.training.router._train_step``: the model
+  select-moe step  the product's stage-1 step (``selectmoe.pretrain.worker._train_step``: the model
                    with router outputs + quality loss, and the per-layer gate statistics it logs)
   select-moe model the Select-MoE forward/backward alone (``out.loss.backward()``, no statistics)
   olmoe            OLMoE's forward/backward (``out.loss.backward()``)
 Goal: select-moe step <= 1.10x olmoe.
 
-Part 2: ``pretrain_router`` run twice, ``scaling.num_workers=1`` and ``2``, same global batch (the 2-worker
+Part 2: ``pretrain`` run twice, ``scaling.num_workers=1`` and ``2``, same global batch (the 2-worker
 run splits it), same rows, 1 CPU of training resources in both; tokens/s from each run's ``metrics.jsonl``
 (median over the steps after the first) and the wall time of the whole call.
 """
@@ -91,7 +91,7 @@ def build_variants(model_dir: Path, batch: dict, step_tokens: int, experts: str)
     from transformers import OlmoeForCausalLM
 
     from selectmoe.models.loading import load_select_moe
-    from selectmoe.training.router import _train_step, setup_trainable
+    from selectmoe.pretrain.worker import _train_step, setup_trainable
 
     select = setup_trainable(load_select_moe(str(model_dir), dtype="float32", seed=0), "full_rank", {})
     select_bare = setup_trainable(load_select_moe(str(model_dir), dtype="float32", seed=0), "full_rank", {})
@@ -135,8 +135,8 @@ def _optimised(model, backward_fn):
 
 
 def step_cost(args, model_dir: Path, tokenizer) -> dict:
+    from selectmoe.data.collate import collate, count_labelled
     from selectmoe.data.template import ensure_pad_token
-    from selectmoe.training.common import collate, count_labelled
 
     encoded = encode_rows(sample_rows(args.data_dir, args.rows, args.seed), tokenizer, args.max_length)
     batch = collate(encoded, ensure_pad_token(tokenizer).pad_token_id, torch.device("cpu"))
@@ -175,7 +175,7 @@ def step_cost(args, model_dir: Path, tokenizer) -> dict:
 
 def ray_scaling(args, model_dir: Path, work: Path) -> dict:
     from selectmoe.config import parse_config
-    from selectmoe.pretrain import pretrain_router
+    from selectmoe.pretrain import pretrain
 
     files = ",".join(str(p) for pattern in args.ray_files for p in sorted(args.data_dir.glob(pattern)))
     runs = {}
@@ -197,7 +197,7 @@ def ray_scaling(args, model_dir: Path, work: Path) -> dict:
         }
         cfg = parse_config("pretrain", overrides=[f"{k}={v}" for k, v in overrides.items()])
         start = time.perf_counter()
-        out = pretrain_router(cfg)
+        out = pretrain(cfg)
         wall = time.perf_counter() - start
         history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
         steady = history[1:] or history  # the first step pays for warm-up
@@ -221,7 +221,7 @@ def main() -> None:
     args = parse_args()
     quiet_transformers()
     from selectmoe.data.template import load_tokenizer
-    from selectmoe.tiny import build_tiny_olmoe
+    from selectmoe.demo.tiny import build_tiny_olmoe
 
     overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.model_overrides)}
     with tempfile.TemporaryDirectory(prefix="bench_stage1_") as tmp:
@@ -261,7 +261,7 @@ def report_step_cost(args, cost: dict) -> None:
 
 def report_ray(args, scaling: dict) -> None:
     print_table(
-        f"Part 2: pretrain_router, global batch {args.ray_batch}, {args.ray_steps} steps, "
+        f"Part 2: pretrain, global batch {args.ray_batch}, {args.ray_steps} steps, "
         f"max length {args.ray_max_length}",
         ["workers", "steps", "tokens/step", "median tokens/s", "wall s (whole call)"],
         [

@@ -11,13 +11,13 @@ the product's normaliser and template, max length 512) scored by:
                (LM head included) with ``output_router_logits=True``, mean gate per row and layer
   GateScorer   the product's stage-2 scorer called in-process on sort windows of 1,024 rows
                (length-sorted, row- and token-capped sub-batches, decoder without the LM head)
-  select (Ray) the whole ``score_and_select`` on Ray Data over the same rows written to a JSONL file
+  select (Ray) the whole ``select`` on Ray Data over the same rows written to a JSONL file
                (once; its manifest's ``scoring_s`` covers read + tokenise + score + write)
 Tokens are real (non-pad) tokens. After a warm-up on 64 rows, the first two alternate --reps times over
 all the rows; medians are compared. Goal >= 3x.
 
 (b) Top-k over N synthetic scores in Parquet files (1M rows per file; N rows per file below 1M):
-``selectmoe.selection.top_k`` streaming the files (the product's selection) vs pandas reading everything
+``selectmoe.select.topk.top_k`` streaming the files (the product's selection) vs pandas reading everything
 and sorting, at k = --k and (streaming only) k = 5% of N. Each run is its own subprocess
 (``topk_child.py``): peak RSS growth during the work (Linux VmHWM, reset after the imports) and the peak
 of Arrow's memory pool. N = 1M (the first file) and 10M (all files).
@@ -68,7 +68,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rows", type=int, default=2000, help="rows sampled for (a)")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--reps", type=int, default=2, help="alternating repetitions of the (a) loops")
-    p.add_argument("--skip-ray", action="store_true", help="leave out score_and_select in (a)")
+    p.add_argument("--skip-ray", action="store_true", help="leave out select in (a)")
     p.add_argument("--n", type=int, nargs="+", default=[1_000_000, 10_000_000], help="rows for (b)")
     p.add_argument("--k", type=int, default=10_000, help="rows kept by top-k in (b)")
     p.add_argument("--matmul-size", type=int, default=2048)
@@ -84,7 +84,7 @@ def parse_args() -> argparse.Namespace:
 
 def seed_loop(model, encoded: list[dict], pad_token_id: int) -> int:
     """Score in corpus order the seed's way; returns the real tokens read."""
-    from selectmoe.training.common import collate
+    from selectmoe.data.collate import collate
 
     real = 0
     for start in range(0, len(encoded), SEED_BATCH):
@@ -134,16 +134,19 @@ def executed_flops(config, lengths: list[int], batches: list[list[int]], lm_head
 
 
 def scoring(args, model_dir: Path, work: Path) -> dict:
+    from selectmoe.config import ScoringSection
     from selectmoe.data.template import ensure_pad_token, load_tokenizer
     from selectmoe.models import SelectMoeConfig
     from selectmoe.models.loading import load_select_moe
-    from selectmoe.scorer import GateScorer
+    from selectmoe.select.scorer import GateScorer
 
     tokenizer = ensure_pad_token(load_tokenizer(str(model_dir)))
     rows = sample_rows(args.data_dir, args.rows, args.seed)
     encoded = encode_rows(rows, tokenizer, args.max_length)
     model = load_select_moe(str(model_dir), dtype="float32").eval()
-    scorer = GateScorer(str(model_dir), pad_token_id=tokenizer.pad_token_id, dtype="float32")
+    scorer = GateScorer(
+        str(model_dir), scoring=ScoringSection(), pad_token_id=tokenizer.pad_token_id, dtype="float32"
+    )
     runs = {
         "seed loop": lambda rows: seed_loop(model, rows, tokenizer.pad_token_id),
         "GateScorer": lambda rows: product_scorer(scorer, rows),
@@ -195,7 +198,7 @@ def select_on_ray(args, model_dir: Path, rows: list[dict], work: Path) -> dict:
     import ray
 
     from selectmoe.config import parse_config
-    from selectmoe.select import score_and_select
+    from selectmoe.select import select
 
     data = work / "rows.jsonl"
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
@@ -209,7 +212,7 @@ def select_on_ray(args, model_dir: Path, rows: list[dict], work: Path) -> dict:
     }
     quiet_ray()
     start = time.perf_counter()
-    out = score_and_select(parse_config("select", overrides=[f"{k}={v}" for k, v in overrides.items()]))
+    out = select(parse_config("select", overrides=[f"{k}={v}" for k, v in overrides.items()]))
     wall = time.perf_counter() - start
     ray.shutdown()
     manifest = json.loads((out / "manifest.json").read_text())
@@ -241,7 +244,7 @@ def write_scores(folder: Path, n: int, rows_per_file: int, seed: int) -> None:
 
 
 def topk_memory(args, work: Path) -> list[dict]:
-    from selectmoe.select import STREAM_ROWS
+    from selectmoe.select.driver import STREAM_ROWS
 
     folder = work / "scores"
     folder.mkdir()
@@ -266,7 +269,7 @@ def topk_memory(args, work: Path) -> list[dict]:
 def main() -> None:
     args = parse_args()
     quiet_transformers()
-    from selectmoe.tiny import build_tiny_olmoe
+    from selectmoe.demo.tiny import build_tiny_olmoe
 
     with tempfile.TemporaryDirectory(prefix="bench_stage2_") as tmp:
         work = Path(tmp)

@@ -28,10 +28,9 @@ from common import TRAIN_DIR, print_table, quiet_ray, quiet_transformers, write_
 from selection_quality import base_model, sample_by_file, write_corpus
 
 from selectmoe.config import parse_config
-from selectmoe.models.loading import TRAINING_IDS
-from selectmoe.pipeline import STAGE_DIRS
-from selectmoe.separation import auroc
-from selectmoe.sweep import TRIALS_DIR, TRIALS_FILE, run_sweep
+from selectmoe.layout import STAGE_DIRS, TRAINING_IDS, TRIALS_DIR, TRIALS_FILE
+from selectmoe.metrics import auroc
+from selectmoe.sweep import run_sweep
 
 
 def main() -> None:
@@ -133,9 +132,8 @@ def perplexity_on_probe_rows(cfg, trial: Path, model_dir: Path) -> float:
 
     from selectmoe.data import ensure_pad_token, load_tokenizer
     from selectmoe.pipeline import stage_configs
-    from selectmoe.pretrain import probe_rows
-    from selectmoe.scoring import row_nll, score_mask
-    from selectmoe.training.common import collate
+    from selectmoe.pretrain.driver import probe_rows
+    from selectmoe.select.score import ScorePasses, score_batch
 
     pretrain_cfg = stage_configs(cfg, trial)[0]
     pretrain_cfg.training.probe_labels = cfg.sweep.probe_labels  # as run_sweep gives it to every trial
@@ -147,12 +145,8 @@ def perplexity_on_probe_rows(cfg, trial: Path, model_dir: Path) -> float:
     pad = ensure_pad_token(load_tokenizer(str(model_dir))).pad_token_id
     nll = []
     for start in range(0, len(rows), 32):
-        batch = collate(rows[start : start + 32], pad, torch.device("cpu"))
-        hidden = model.model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-        ).last_hidden_state
-        mask = score_mask(batch["attention_mask"], batch["labels"], "assistant")
-        nll += row_nll(model, hidden, batch["input_ids"], mask).tolist()
+        columns = score_batch(model, rows[start : start + 32], ScorePasses(gates=False, nll=True), pad)
+        nll += columns["nll"].tolist()
     return auroc(-np.asarray(nll), np.asarray([r["clean"] for r in rows]))
 
 

@@ -3,11 +3,11 @@
     .venv/bin/python benchmarks/topk_child.py stream|pandas SCORES_DIR N_FILES K BATCH_ROWS
 
 Reads the first N_FILES Parquet files of SCORES_DIR and keeps the best K rows (score desc, id asc):
-``stream`` = ``selectmoe.selection.top_k`` over batches of BATCH_ROWS rows (as stage 2 streams its score
+``stream`` = ``selectmoe.select.topk.top_k`` over batches of BATCH_ROWS rows (as stage 2 streams its score
 files), ``pandas`` = everything read into one DataFrame and sorted. Prints one JSON line: seconds, peak
 RSS growth during the work (Linux VmHWM, reset after the imports), the peak of Arrow's memory pool (what
 Arrow had allocated at most, without the allocator's retained pages), and a digest of the chosen ids.
-Only pyarrow, pandas and ``selectmoe.selection`` are imported, to keep the process small.
+Only pyarrow, pandas and ``selectmoe.select.topk`` are imported, to keep the process small.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from selectmoe.selection import top_k
+from selectmoe.select.topk import top_k
 
 
 def rss_kib(field: str) -> int:

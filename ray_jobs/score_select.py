@@ -1,12 +1,9 @@
-"""Stage 2, scoring on Ray Data and exact selection.
+"""Deprecated name of ``ray_jobs.select`` (stage 2); kept so existing job commands keep working."""
 
-Local:    python -m ray_jobs.score_select [--config FILE] [key=value ...]
-Cluster:  RAY_AUTH_MODE=token ray job submit --address http://HEAD:8265 --working-dir . \
-              --runtime-env cluster_configs/runtime_env.yaml -- python -m ray_jobs.score_select key=value ...
-Same arguments as `selectmoe select`; `python -m ray_jobs.score_select --help` lists the keys.
-"""
+import sys
 
 from ray_jobs._entry import run
 
 if __name__ == "__main__":
+    print("ray_jobs.score_select is deprecated; use: python -m ray_jobs.select", file=sys.stderr)
     run("select")

@@ -15,18 +15,26 @@ from selectmoe.config import STAGE_CONFIGS, ConfigError, all_keys, parse_config
 
 # command -> (module, function, one-line help); the function takes the parsed config
 RUNNERS: dict[str, tuple[str, str, str]] = {
-    "validate-data": ("selectmoe.validate", "validate_data", "check and normalise a corpus; write rejects"),
-    "pretrain": ("selectmoe.pretrain", "pretrain_router", "stage 1: train the quality gates (Ray Train)"),
-    "select": ("selectmoe.select", "score_and_select", "stage 2: score rows and select the best (Ray Data)"),
-    "finetune": ("selectmoe.finetune", "finetune_lora", "stage 3: LoRA-finetune the target (Ray Train)"),
-    "evaluate": ("selectmoe.evaluation", "evaluate", "stage 4: lm-eval the finetuned model"),
+    "validate-data": (
+        "selectmoe.validate_data",
+        "validate_data",
+        "check and normalise a corpus; write rejects",
+    ),
+    "pretrain": ("selectmoe.pretrain", "pretrain", "stage 1: train the quality gates (Ray Train)"),
+    "select": ("selectmoe.select", "select", "stage 2: score rows and select the best (Ray Data)"),
+    "finetune": ("selectmoe.finetune", "finetune", "stage 3: LoRA-finetune the target (Ray Train)"),
+    "evaluate": ("selectmoe.evaluate", "evaluate", "stage 4: lm-eval the finetuned model"),
     "convert": ("selectmoe.convert", "convert", "write a standalone Select-MoE checkpoint from OLMoE"),
     "pipeline": (
         "selectmoe.pipeline",
         "run_pipeline",
         "stages 1-4 in one run folder, resumable, with baselines",
     ),
-    "demo": ("selectmoe.demo", "run_demo", "the whole pipeline on generated data and tiny models, locally"),
+    "demo": (
+        "selectmoe.demo.run",
+        "run_demo",
+        "the whole pipeline on generated data and tiny models, locally",
+    ),
     "sweep": (
         "selectmoe.sweep",
         "run_sweep",
@@ -114,22 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
 def run_command(command: str, config_file: str | None, overrides: list[str]):
     """Parse the config for ``command`` and run it; returns what the stage returns (its output dir)."""
     if command == "compare":
-        from selectmoe.compare import compare_runs
+        from selectmoe.reporting.compare import compare_runs
 
         if not overrides:
             raise SystemExit("selectmoe compare: give one or more run folders")
         return compare_runs(overrides)
-    if command not in RUNNERS:
-        raise SystemExit(f"selectmoe {command}: not implemented yet in this version")
     cfg = parse_config(command, config_file, overrides)
     module_name, fn_name, _ = RUNNERS[command]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name == module_name:
-            raise SystemExit(f"selectmoe {command}: not implemented yet in this version") from err
-        raise
-    return getattr(module, fn_name)(cfg)
+    return getattr(importlib.import_module(module_name), fn_name)(cfg)
 
 
 def _split_config_flag(args: list[str]) -> tuple[str | None, list[str]]:

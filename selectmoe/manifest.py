@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from selectmoe.config import save_config, to_dict
+from selectmoe.layout import MANIFEST
 
-MANIFEST = "manifest.json"
 _PACKAGES = ("selectmoe", "torch", "transformers", "peft", "ray", "lm_eval", "pyarrow")
 
 

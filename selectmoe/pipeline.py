@@ -1,9 +1,9 @@
 """``selectmoe pipeline`` / ``python -m ray_jobs.pipeline``: stages 1 -> 4 in one run folder.
 
-    RUN/stage_1_pretrain  RUN/stage_2_selection  RUN/stage_3_finetune  RUN/stage_4_eval
-    RUN/baseline_random/{stage_2_selection,stage_3_finetune,stage_4_eval}   (pipeline.baselines)
-    RUN/baseline_full/{stage_3_finetune,stage_4_eval}
-    RUN/report.md (+ PNGs)
+    RUN/stage_1_pretrain  RUN/stage_2_select  RUN/stage_3_finetune  RUN/stage_4_evaluate
+    RUN/baseline_random/{stage_2_select,stage_3_finetune,stage_4_evaluate}   (pipeline.baselines)
+    RUN/baseline_full/{stage_3_finetune,stage_4_evaluate}
+    RUN/report.md (+ PNGs)                   (names: selectmoe.layout)
 
 Each stage's output feeds the next (no path copying). A stage whose folder holds a finished manifest
 under the same key (its resolved config + the keys of the stages it reads) is skipped, so a rerun
@@ -29,18 +29,17 @@ from selectmoe.config import (
     check_preset_inputs,
     to_dict,
 )
+from selectmoe.evaluate import evaluate
+from selectmoe.finetune import finetune
+from selectmoe.layout import BASELINE_PREFIX, PIPELINE_KEY, SCORES_DIR, SELECTED_JSONL, STAGE_DIRS
 from selectmoe.manifest import hash_dict, read_manifest
+from selectmoe.pretrain import pretrain
+from selectmoe.reporting.report import write_report
+from selectmoe.select import select
 
 logger = logging.getLogger(__name__)
 
-STAGE_DIRS = {
-    "pretrain": "stage_1_pretrain",
-    "select": "stage_2_selection",
-    "finetune": "stage_3_finetune",
-    "evaluate": "stage_4_eval",
-}
 BASELINES = ("random", "full")
-KEY_FILE = "pipeline_key.json"
 
 
 def stage_configs(cfg: PipelineConfig, run: Path):
@@ -79,7 +78,7 @@ def baseline_configs(baseline: str, sel: SelectConfig, fin: FinetuneConfig, ev: 
 def _feed(sel: SelectConfig, fin: FinetuneConfig, ev: EvaluateConfig, root: Path) -> None:
     """Wire stage 2 -> 3 -> 4 inside one branch folder."""
     fin.output_dir = str(root / STAGE_DIRS["finetune"])
-    fin.dataset.data_path = [str(Path(sel.output_dir) / "selected.jsonl")]
+    fin.dataset.data_path = [str(Path(sel.output_dir) / SELECTED_JSONL)]
     ev.output_dir = str(root / STAGE_DIRS["evaluate"])
     ev.model.name = fin.model.name
     ev.model.tokenizer_name = ev.model.tokenizer_name or fin.model.tokenizer_name
@@ -87,11 +86,6 @@ def _feed(sel: SelectConfig, fin: FinetuneConfig, ev: EvaluateConfig, root: Path
 
 
 def run_pipeline(cfg: PipelineConfig, extra_sections: Callable[[Path], list[str]] | None = None) -> Path:
-    from selectmoe.evaluation import evaluate
-    from selectmoe.finetune import finetune_lora
-    from selectmoe.pretrain import pretrain_router
-    from selectmoe.select import score_and_select
-
     unknown = sorted(set(cfg.pipeline.baselines) - set(BASELINES))
     if unknown:
         raise ValueError(f"pipeline.baselines: unknown {unknown}; expected a subset of {list(BASELINES)}")
@@ -102,25 +96,23 @@ def run_pipeline(cfg: PipelineConfig, extra_sections: Callable[[Path], list[str]
     pre, sel, fin, ev = stage_configs(cfg, run)
     wanted = set(cfg.pipeline.stages)
     keys: dict[str, str] = {}
-    keys["pretrain"] = run_stage("pretrain", pre, pretrain_router, [], wanted)
-    keys["select"] = run_stage("select", sel, score_and_select, [keys["pretrain"]], wanted)
-    keys["finetune"] = run_stage("finetune", fin, finetune_lora, [keys["select"]], wanted)
+    keys["pretrain"] = run_stage("pretrain", pre, pretrain, [], wanted)
+    keys["select"] = run_stage("select", sel, select, [keys["pretrain"]], wanted)
+    keys["finetune"] = run_stage("finetune", fin, finetune, [keys["select"]], wanted)
     keys["evaluate"] = run_stage("evaluate", ev, evaluate, [keys["finetune"]], wanted)
 
     branches = {"selected": run}
     for baseline in cfg.pipeline.baselines:
-        root = run / f"baseline_{baseline}"
+        root = run / f"{BASELINE_PREFIX}{baseline}"
         b_sel, b_fin, b_ev = baseline_configs(baseline, sel, fin, ev, root)
         if b_sel is not None:
             _share_scores(Path(sel.output_dir), Path(b_sel.output_dir))
-            upstream = run_stage("select", b_sel, score_and_select, [keys["pretrain"]], wanted)
+            upstream = run_stage("select", b_sel, select, [keys["pretrain"]], wanted)
         else:
             upstream = hash_dict(to_dict(b_fin.dataset))
-        b_key = run_stage("finetune", b_fin, finetune_lora, [upstream], wanted)
+        b_key = run_stage("finetune", b_fin, finetune, [upstream], wanted)
         run_stage("evaluate", b_ev, evaluate, [b_key], wanted)
         branches[baseline] = root
-
-    from selectmoe.report import write_report
 
     report = write_report(
         run,
@@ -137,7 +129,7 @@ def run_stage(name: str, cfg, fn: Callable, upstream: list[str], wanted: set[str
     out = Path(cfg.output_dir)
     key = hash_dict({"config": to_dict(cfg), "upstream": upstream})
     manifest = read_manifest(out)
-    key_file = out / KEY_FILE
+    key_file = out / PIPELINE_KEY
     finished = manifest and manifest.get("status") == "finished" and key_file.exists()
     if finished and json.loads(key_file.read_text()).get("key") == key:
         logger.info("%s: finished under the same config, skipped (%s)", name, out)
@@ -152,7 +144,7 @@ def run_stage(name: str, cfg, fn: Callable, upstream: list[str], wanted: set[str
 
 def _share_scores(source: Path, target: Path) -> None:
     """A baseline selection over the same corpus reuses the main run's score files (no rescoring)."""
-    scores = source / "scores"
-    if scores.is_dir() and not (target / "scores").exists():
+    scores = source / SCORES_DIR
+    if scores.is_dir() and not (target / SCORES_DIR).exists():
         target.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(scores, target / "scores")
+        shutil.copytree(scores, target / SCORES_DIR)

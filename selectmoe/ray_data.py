@@ -275,7 +275,7 @@ def mix_reference(corpus: ray.data.Dataset, reference: ray.data.Dataset, seed: i
 
 
 def _with_flag(batch: pa.Table, *, flag: bool, seed: int) -> pa.Table:
-    from selectmoe.selection import random_key
+    from selectmoe.data.subset import random_key
 
     batch = batch.append_column("reference", pa.array([flag] * batch.num_rows, pa.bool_()))
     return batch.append_column("order_key", random_key(seed, batch["id"]))

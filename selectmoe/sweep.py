@@ -18,11 +18,11 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 from pathlib import Path
 
 import yaml
 
-from selectmoe.compare import compare_runs, find_results, metric_rows
 from selectmoe.config import (
     ConfigError,
     PipelineConfig,
@@ -31,17 +31,18 @@ from selectmoe.config import (
     check_preset_inputs,
     deep_merge,
     parse_overrides,
+    shipped_yaml,
     to_dict,
 )
+from selectmoe.evaluate.results import find_results, metric_rows
+from selectmoe.layout import STAGE_DIRS, SWEEP_REPORT, TRIAL_OVERRIDES, TRIALS_DIR, TRIALS_FILE, TUNE_DIR
 from selectmoe.manifest import hash_dict
-from selectmoe.pipeline import STAGE_DIRS, run_pipeline, run_stage, stage_configs
+from selectmoe.pipeline import run_pipeline, run_stage, stage_configs
+from selectmoe.reporting.compare import compare_runs
 from selectmoe.scaling import ensure_ray, free_resources, use_gpu
 
 logger = logging.getLogger(__name__)
 
-TRIALS_DIR = "trials"
-TRIALS_FILE = "sweep_trials.json"  # the trials with a metric, best first (machine-readable report)
-REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLERS = ("choice", "grid", "loguniform", "uniform")
 
 
@@ -50,8 +51,8 @@ def load_space(path: str) -> dict:
     from ray import tune
 
     resolved = Path(path)
-    if not resolved.exists() and (REPO_ROOT / path).exists():  # the shipped spaces, from any working dir
-        resolved = REPO_ROOT / path
+    if not resolved.exists() and shipped_yaml(path).exists():  # a shipped space, from any working dir
+        resolved = shipped_yaml(path)
     raw = yaml.safe_load(resolved.read_text()) or {}
     space = {}
     for key, spec in raw.items():
@@ -85,14 +86,14 @@ def trial_folder(sweep_dir: Path, overrides: dict) -> Path:
 def _run_trial(overrides: dict, *, base: dict, sweep_dir: str) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from selectmoe.pretrain import pretrain_router
+    from selectmoe.pretrain import pretrain
 
     cfg = trial_config(base, overrides)
     run = trial_folder(Path(sweep_dir), overrides)
     run.mkdir(parents=True, exist_ok=True)
-    (run / "overrides.json").write_text(json.dumps(overrides, sort_keys=True, indent=2))
+    (run / TRIAL_OVERRIDES).write_text(json.dumps(overrides, sort_keys=True, indent=2))
     pre, *_ = stage_configs(cfg, run)
-    fit = functools.partial(pretrain_router, callbacks=[TuneReportCallback()])
+    fit = functools.partial(pretrain, callbacks=[TuneReportCallback()])
     run_stage("pretrain", pre, fit, [], {"pretrain"})
 
 
@@ -111,7 +112,7 @@ def run_sweep(cfg: SweepConfig) -> Path:
     trainable = tune.with_resources(
         tune.with_parameters(_run_trial, base=base, sweep_dir=str(out)), {"cpu": 0.01}
     )
-    storage, name = str(out / "tune"), "sweep"
+    storage, name = str(out / TUNE_DIR), "sweep"
     if tune.Tuner.can_restore(f"{storage}/{name}"):
         logger.info("restoring the interrupted sweep in %s/%s", storage, name)
         tuner = tune.Tuner.restore(f"{storage}/{name}", trainable, resume_errored=True)
@@ -187,12 +188,18 @@ def _longest_trial(cfg: SweepConfig, space: dict) -> int:
 def rank_trials(trials: list[dict], mode: str) -> list[dict]:
     """Trials with a metric, best first: those that ran their whole stage 1 (``steps`` reached their
     own ``total_steps``; ``training.max_steps`` may be searched) before those ASHA stopped, then by
-    the metric."""
+    the metric in its ``mode`` (max or min); a NaN metric ranks last."""
     finished = [t for t in trials if t["metric"] is not None]
     return sorted(
-        finished,
-        key=lambda t: (t["steps"] < t["total_steps"], -t["metric"] if mode == "max" else t["metric"]),
+        finished, key=lambda t: (t["steps"] < t["total_steps"], *_best_first(t["metric"], mode == "max"))
     )
+
+
+def _best_first(value: float, higher_is_better: bool) -> tuple[bool, float]:
+    """A sort key that puts the best value first and NaN last."""
+    if math.isnan(value):
+        return True, 0.0
+    return False, -value if higher_is_better else value
 
 
 def _metric(cfg: SweepConfig) -> tuple[str, str]:
@@ -219,6 +226,14 @@ def headline_metric(results: dict):
     return (grouped or rows or [None])[0]
 
 
+def higher_is_better(results: dict, row) -> bool:
+    """lm-eval's own direction for a metric (``results["higher_is_better"]``); higher when unknown."""
+    if row is None:
+        return True
+    name = row.metric.split(" (", 1)[0]  # "exact_match (get-answer)" -> "exact_match"
+    return bool(results.get("higher_is_better", {}).get(row.task, {}).get(name, True))
+
+
 def _write_sweep_report(out: Path, trials: list[dict], runs: list, metric: str, mode: str) -> Path:
     lines = [f"# Sweep: {out.name}", "", f"Proxy metric `{metric}` ({mode}); {len(trials)} trials.", ""]
     lines += ["| trial | overrides | steps | " + metric + " |", "|---|---|---:|---:|"]
@@ -228,15 +243,18 @@ def _write_sweep_report(out: Path, trials: list[dict], runs: list, metric: str, 
         lines.append(f"| {trial_folder(out, t['overrides']).name} | {shown} | {t['steps']} | {value} |")
     ranked = []
     for trial, run in runs:
-        row = headline_metric(json.loads(find_results(run / STAGE_DIRS["evaluate"]).read_text()))
-        ranked.append((row.value if row else float("nan"), trial, run, row))
-    ranked.sort(key=lambda x: -x[0])
+        results = json.loads(find_results(run / STAGE_DIRS["evaluate"]).read_text())
+        row = headline_metric(results)
+        value = row.value if row else float("nan")
+        ranked.append((_best_first(value, higher_is_better(results, row)), value, trial, run, row))
+    ranked.sort(key=lambda x: x[0])
+    ranked = [item[1:] for item in ranked]
     if ranked:
         head = ranked[0][3]
         lines += ["", f"## Handed off to stages 2-4, ranked by {head.task} {head.metric}", ""]
         lines += [f"{i + 1}. `{run.name}`: {value:.4f}" for i, (value, _, run, _) in enumerate(ranked)]
         evals = [str(run / STAGE_DIRS["evaluate"]) for _, _, run, _ in ranked]
         lines += ["", compare_runs(evals, labels=[run.name for _, _, run, _ in ranked])]
-    path = out / "sweep_report.md"
+    path = out / SWEEP_REPORT
     path.write_text("\n".join(lines) + "\n")
     return path

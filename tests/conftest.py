@@ -33,8 +33,8 @@ def ray_session():
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
-    """The offline 32k SentencePiece tokenizer (``selectmoe.tiny``) saved once; pass it as a name."""
-    from selectmoe.tiny import build_tokenizer
+    """The offline 32k SentencePiece tokenizer (``selectmoe.demo.tiny``) saved once; pass it as a name."""
+    from selectmoe.demo.tiny import build_tokenizer
 
     path = tmp_path_factory.mktemp("tokenizer")
     build_tokenizer(path)
@@ -44,7 +44,7 @@ def tokenizer_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_olmoe(tmp_path_factory):
     """A tiny OLMoE (2 layers, hidden 64, 8 experts top-2) + the offline tokenizer, as an HF folder."""
-    from selectmoe.tiny import build_tiny_olmoe
+    from selectmoe.demo.tiny import build_tiny_olmoe
 
     return build_tiny_olmoe(tmp_path_factory.mktemp("tiny_olmoe"))
 
@@ -52,6 +52,6 @@ def tiny_olmoe(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory):
     """A tiny Llama (2 layers, hidden 64) + the offline tokenizer: the stage-3 target stand-in."""
-    from selectmoe.tiny import build_tiny_llama
+    from selectmoe.demo.tiny import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))

@@ -167,7 +167,7 @@ def test_cli_rejects_unknown_key_with_exit_code_2(capsys):
 
 
 def test_cli_convert_writes_a_verified_checkpoint(tmp_path, capsys):
-    from selectmoe.tiny import build_tiny_olmoe
+    from selectmoe.demo.tiny import build_tiny_olmoe
 
     olmoe = build_tiny_olmoe(tmp_path / "olmoe", hidden_size=32, intermediate_size=16)
     out = tmp_path / "converted"
@@ -182,28 +182,37 @@ def test_cli_convert_writes_a_verified_checkpoint(tmp_path, capsys):
 
 def test_selection_preset_sets_the_recipe_under_explicit_keys():
     default = parse_config("pipeline")
-    assert default.selection.preset == "gates_prompt_gain"
+    assert default.preset == "gates_prompt_gain"
     assert default.select.scoring.perplexity_weight == 0.03
     assert default.select.scoring.prompt_gain_weight == 0.1
     reference = parse_config(
         "pipeline",
-        overrides=["selection.preset=reference", "pretrain.training.reference_data=[trusted.jsonl]"],
+        overrides=["preset=reference", "pretrain.training.reference_data=[trusted.jsonl]"],
     )
     assert reference.pretrain.training.quality_loss_weight == 0.0
     assert reference.pretrain.training.reference_data == ["trusted.jsonl"]
-    original = parse_config("pipeline", overrides=["selection.preset=original"])
+    original = parse_config("pipeline", overrides=["preset=original"])
     assert original.pretrain.training.quality_loss_weight == 0.01
     assert original.pretrain.training.reference_data is None
     assert original.select.scoring.perplexity_weight == 0.0
     assert original.select.scoring.prompt_gain_weight == 0.0
-    effect = parse_config("pipeline", overrides=["selection.preset=gates_expert_effect"])
+    effect = parse_config("pipeline", overrides=["preset=gates_expert_effect"])
     assert effect.select.scoring.expert_effect_weight == 0.03
     assert effect.select.scoring.prompt_gain_weight == 0.1
     # an explicit key wins over the preset's value
     mine = parse_config(
-        "pipeline", overrides=["selection.preset=original", "pretrain.training.quality_loss_weight=1.0"]
+        "pipeline", overrides=["preset=original", "pretrain.training.quality_loss_weight=1.0"]
     )
     assert mine.pretrain.training.quality_loss_weight == 1.0
+
+
+def test_the_old_preset_key_still_works_and_says_it_is_deprecated(capsys):
+    cfg = parse_config("demo", overrides=["selection.preset=original"])
+    assert cfg.preset == "original" and cfg.select.scoring.prompt_gain_weight == 0.0
+    assert "'selection.preset' is deprecated; use 'preset'" in capsys.readouterr().err
+    # `selection` is no longer a pipeline section: its other keys are refused, naming the stage's key
+    with pytest.raises(ConfigError, match="unknown config key 'selection'"):
+        parse_config("pipeline", overrides=["selection.method=random"])
 
 
 def test_selection_preset_errors_name_the_missing_key_and_the_choices():
@@ -211,9 +220,7 @@ def test_selection_preset_errors_name_the_missing_key_and_the_choices():
         ConfigError,
         match=r"unknown preset; available: \['gates_expert_effect', 'gates_perplexity', 'gates_prompt_gain', 'original', 'reference'\]",
     ):
-        parse_config("pipeline", overrides=["selection.preset=best"])
-    cfg = parse_config("pipeline", overrides=["selection.preset=reference"])
-    with pytest.raises(
-        ConfigError, match="selection.preset=reference needs pretrain.training.reference_data"
-    ):
+        parse_config("pipeline", overrides=["preset=best"])
+    cfg = parse_config("pipeline", overrides=["preset=reference"])
+    with pytest.raises(ConfigError, match="preset=reference needs pretrain.training.reference_data"):
         check_preset_inputs(cfg)

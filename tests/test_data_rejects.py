@@ -128,7 +128,7 @@ def test_on_bad_row_error_stops_at_the_first_bad_row(tmp_path, bad_folder):
 def test_validate_data_writes_rows_rejects_and_manifest(
     ray_session, bad_folder, tokenizer_dir, tmp_path, capsys
 ):
-    from selectmoe.validate import validate_data
+    from selectmoe.validate_data import validate_data
 
     cfg = ValidateDataConfig(
         output_dir=str(tmp_path / "validate"),
@@ -163,7 +163,7 @@ def test_validate_data_writes_rows_rejects_and_manifest(
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_validate_data_on_bad_row_error_names_file_and_line(ray_session, bad_folder, tmp_path):
-    from selectmoe.validate import validate_data
+    from selectmoe.validate_data import validate_data
 
     cfg = ValidateDataConfig(
         output_dir=str(tmp_path / "validate"),

@@ -15,19 +15,12 @@ import pytest
 from conftest import SHARED_TRAIN
 
 from selectmoe.config import DataConfig, DatasetConfig
-from selectmoe.data import (
-    DEFECT_KINDS,
-    RowLedger,
-    cot_wrong_answer,
-    iter_rows,
-    load_tokenizer,
-    plant_defects,
-    write_demo_corpus,
-)
-from selectmoe.data.synthetic import DATASET_SHARES, DEFAULT_ROWS
-from selectmoe.data.synthetic_facts import EMPTYISH_RESPONSES, SPAM_PHRASES
-from selectmoe.eval_tasks import LOCAL_TASKS, available_local_tasks
-from selectmoe.eval_tasks.bbh_local.bbh import parse_cot_prompt
+from selectmoe.data import RowLedger, iter_rows, load_tokenizer
+from selectmoe.demo.corpus import DATASET_SHARES, DEFAULT_ROWS, write_demo_corpus
+from selectmoe.demo.defects import DEFECT_KINDS, cot_wrong_answer, plant_defects
+from selectmoe.demo.synthetic_facts import EMPTYISH_RESPONSES, SPAM_PHRASES
+from selectmoe.evaluate.tasks import LOCAL_TASKS, available_local_tasks
+from selectmoe.evaluate.tasks.bbh_local.bbh import parse_cot_prompt
 
 N_ROWS = 350
 

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from selectmoe.compare import compare_runs, results_table
 from selectmoe.config import ConfigError, EvalSection, EvaluateConfig, TargetModelConfig
-from selectmoe.eval_tasks import available_local_tasks, write_local_tasks
-from selectmoe.eval_tasks.bbh_local import bbh
-from selectmoe.eval_tasks.gsm8k_local import gsm8k
-from selectmoe.eval_tasks.tydiqa_local import tydiqa
-from selectmoe.evaluation import LOCAL_VERSIONS, PRESETS, EvalJob, evaluate, expand_tasks
+from selectmoe.evaluate.driver import LOCAL_VERSIONS, PRESETS, EvalJob, evaluate, expand_tasks
+from selectmoe.evaluate.results import results_table
+from selectmoe.evaluate.tasks import available_local_tasks, write_local_tasks
+from selectmoe.evaluate.tasks.bbh_local import bbh
+from selectmoe.evaluate.tasks.gsm8k_local import gsm8k
+from selectmoe.evaluate.tasks.tydiqa_local import tydiqa
+from selectmoe.reporting.compare import compare_runs
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -157,7 +158,7 @@ def tiny_llama_with_adapter(tmp_path_factory):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from selectmoe.tiny import build_tiny_llama
+    from selectmoe.demo.tiny import build_tiny_llama
 
     root = tmp_path_factory.mktemp("tiny_llama")
     model_dir = build_tiny_llama(root / "model")
@@ -177,7 +178,7 @@ def test_evaluate_tiny_llama_with_adapter_on_every_local_task(
         (data_dir / relative).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(EVAL_DATA / relative, data_dir / relative)
     cfg = EvaluateConfig(
-        output_dir=str(tmp_path / "stage_4_eval"),
+        output_dir=str(tmp_path / "stage_4_evaluate"),
         model=TargetModelConfig(name=str(model_dir)),
         eval=EvalSection(
             adapter=str(adapter_dir),
@@ -232,7 +233,7 @@ def _write_results(folder: Path, acc: float, f1: float) -> None:
 
 def test_compare_runs_gives_deltas_against_the_first_run(tmp_path):
     _write_results(tmp_path / "baseline", acc=0.40, f1=0.30)
-    _write_results(tmp_path / "pipeline_run" / "stage_4_eval", acc=0.45, f1=0.25)
+    _write_results(tmp_path / "pipeline_run" / "stage_4_evaluate", acc=0.45, f1=0.25)
 
     table = compare_runs([str(tmp_path / "baseline"), str(tmp_path / "pipeline_run")])
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from selectmoe.cli import main
 from selectmoe.config import parse_config
 from selectmoe.data.template import IGNORE_INDEX
-from selectmoe.finetune import finetune_lora, training_tokens
+from selectmoe.finetune.driver import finetune, training_tokens
 from selectmoe.ray_data import read_rows
 from selectmoe.training.common import BatchPlan
 
@@ -77,7 +77,7 @@ def finetuned_fsdp(tiny_llama, selected_jsonl, ray_session, tmp_path_factory) ->
     """The same run under FSDP2 (LoRA factors and frozen layers sharded over the 2 workers), uninterrupted."""
     out = tmp_path_factory.mktemp("stage3_fsdp") / "run"
     overrides = stage3_overrides(tiny_llama, selected_jsonl, out, **{"scaling.strategy": "fsdp"})
-    finetune_lora(parse_config("finetune", overrides=overrides))
+    finetune(parse_config("finetune", overrides=overrides))
     return out
 
 
@@ -272,7 +272,7 @@ def test_rerun_with_the_same_config_resumes_instead_of_retraining(finetuned, tin
     history = metrics(finetuned)
     checkpoints = sorted((finetuned / "ray_train").rglob("checkpoint_*"))
     overrides = stage3_overrides(tiny_llama, selected_jsonl, finetuned, **FAILS_ONCE)
-    finetune_lora(parse_config("finetune", overrides=overrides))
+    finetune(parse_config("finetune", overrides=overrides))
     assert (finetuned / "adapter_model.safetensors").read_bytes() == adapter
     assert metrics(finetuned) == history
     assert sorted((finetuned / "ray_train").rglob("checkpoint_*")) == checkpoints  # no new training step

@@ -8,11 +8,11 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, OlmoeForCausalLM
 
 from selectmoe import SelectMoeConfig, SelectMoeForCausalLM
+from selectmoe.demo.tiny import tiny_olmoe_config
 from selectmoe.models import register_quality_loss, register_trash_expert
 from selectmoe.models.loading import convert_olmoe, load_select_moe, max_logit_diff_gates_open
 from selectmoe.models.losses import QUALITY_LOSSES, quality_loss
 from selectmoe.models.modeling import gates_forced
-from selectmoe.tiny import tiny_olmoe_config
 
 LOSS_TYPES = ["sigmoid", "mse", "beta_moment_matching", "mean_variance_regularization"]
 
@@ -275,7 +275,7 @@ def test_new_gates_get_the_configured_seeded_init(olmoe_checkpoints):
 
 def test_convert_round_trip_and_auto_class(olmoe_checkpoints, tmp_path):
     _, per_expert, _ = olmoe_checkpoints
-    from selectmoe.tiny import build_tokenizer
+    from selectmoe.demo.tiny import build_tokenizer
 
     build_tokenizer(per_expert)
     out = convert_olmoe(str(per_expert), tmp_path / "converted", seed=1)

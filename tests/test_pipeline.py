@@ -12,7 +12,7 @@ from selectmoe.cli import main
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-STAGES = ("stage_1_pretrain", "stage_2_selection", "stage_3_finetune", "stage_4_eval")
+STAGES = ("stage_1_pretrain", "stage_2_select", "stage_3_finetune", "stage_4_evaluate")
 
 
 def demo_args(out: Path, cache: Path, *extra: str) -> list[str]:
@@ -64,7 +64,7 @@ def test_demo_writes_a_report_with_plots_baseline_and_separation(demo_run, capsy
     separation = json.loads((out / "separation.json").read_text())
     scorers = [row["scorer"] for row in separation["table"]]
     assert any("perplexity" in s for s in scorers) and any("length" in s for s in scorers)
-    assert scorers[:2] == ["Select-MoE score (selection.preset=gates_prompt_gain)", "gates alone (mean gate)"]
+    assert scorers[:2] == ["Select-MoE score (preset=gates_prompt_gain)", "gates alone (mean gate)"]
     assert all(0 <= row["auroc_all"] <= 1 for row in separation["table"])
     for stage in STAGES:
         assert (out / stage / "manifest.json").exists()

@@ -17,8 +17,8 @@ from selectmoe.cli import main
 from selectmoe.config import parse_config
 from selectmoe.data.template import ensure_pad_token, load_tokenizer
 from selectmoe.models.loading import load_select_moe
-from selectmoe.pretrain import pretrain_router, probe_rows
-from selectmoe.training.router import probe_auroc, setup_trainable
+from selectmoe.pretrain.driver import pretrain, probe_rows
+from selectmoe.pretrain.worker import probe_auroc, setup_trainable
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -47,7 +47,7 @@ def stage1_overrides(olmoe: Path, out: Path, **extra) -> list[str]:
 
 
 def run_stage1(olmoe, out, **extra) -> Path:
-    return pretrain_router(parse_config("pretrain", overrides=stage1_overrides(olmoe, out, **extra)))
+    return pretrain(parse_config("pretrain", overrides=stage1_overrides(olmoe, out, **extra)))
 
 
 def trained_tensors(out: Path) -> dict[str, torch.Tensor]:
@@ -90,7 +90,7 @@ def fsdp_config(tiny_olmoe, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fsdp_run(fsdp_config, ray_session):
-    return pretrain_router(fsdp_config)
+    return pretrain(fsdp_config)
 
 
 @pytest.fixture(scope="module")
@@ -184,9 +184,9 @@ def test_fsdp_units_of_a_bf16_body_with_fp32_trainable_parameters():
 def _bf16_fsdp_worker(rank: int, world: int, port: int) -> None:
     import torch.distributed as dist
 
+    from selectmoe.demo.tiny import tiny_olmoe_config
     from selectmoe.models.configuration import SelectMoeConfig
     from selectmoe.models.modeling import SelectMoeForCausalLM
-    from selectmoe.tiny import tiny_olmoe_config
     from selectmoe.training.sharding import gather_state, gradient_sync, restore_state, shard
 
     torch.set_num_threads(1)

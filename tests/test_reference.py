@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from selectmoe.config import ConfigError, parse_config
-from selectmoe.data import write_demo_corpus
-from selectmoe.models.loading import TRAINING_IDS
-from selectmoe.pretrain import pretrain_router
+from selectmoe.demo.corpus import write_demo_corpus
+from selectmoe.layout import TRAINING_IDS
+from selectmoe.pretrain import pretrain
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -45,7 +45,7 @@ def test_reference_gates_learn_to_tell_trusted_rows_from_the_corpus(ray_session,
     reference = write_demo_corpus(
         tmp_path / "reference", seed=1, n_rows=160, defect_rate=0.0, eval_questions=2
     )
-    out = pretrain_router(reference_config(tiny_olmoe, corpus, reference / "train", tmp_path / "stage1"))
+    out = pretrain(reference_config(tiny_olmoe, corpus, reference / "train", tmp_path / "stage1"))
 
     corpus_ids = {json.loads(line)["id"] for line in (corpus / "labels.jsonl").read_text().splitlines()}
     trained = pq.read_table(out / TRAINING_IDS)["id"].to_pylist()
@@ -72,4 +72,4 @@ def test_reference_data_without_valid_rows_is_a_clear_error(ray_session, tiny_ol
         tiny_olmoe, corpus, empty, tmp_path / "stage1", **{"training.probe_labels": "null"}
     )
     with pytest.raises(ConfigError, match="training.reference_data=.*no valid row"):
-        pretrain_router(cfg)
+        pretrain(cfg)

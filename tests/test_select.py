@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from selectmoe.config import parse_config
+from selectmoe.config import ScoringSection, parse_config
+from selectmoe.data.collate import collate
 from selectmoe.data.template import (
     encode_messages,
     encode_replies_alone,
@@ -21,10 +22,9 @@ from selectmoe.data.template import (
     load_tokenizer,
 )
 from selectmoe.models.loading import load_select_moe
-from selectmoe.scorer import GateScorer
-from selectmoe.scoring import row_nll, score_mask
-from selectmoe.select import score_and_select
-from selectmoe.training.common import collate
+from selectmoe.select import select
+from selectmoe.select.score import row_nll, score_mask
+from selectmoe.select.scorer import GateScorer
 
 TRAIN_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "train"
 
@@ -55,7 +55,7 @@ def select_overrides(model: Path, out: Path, **extra) -> list[str]:
 
 def run_select(model, out, sources, **extra) -> Path:
     extra.setdefault("dataset.data_path", str(sources))
-    return score_and_select(parse_config("select", overrides=select_overrides(model, out, **extra)))
+    return select(parse_config("select", overrides=select_overrides(model, out, **extra)))
 
 
 def scores_by_id(out: Path) -> dict[str, float]:
@@ -70,7 +70,13 @@ def test_row_score_does_not_depend_on_batch_neighbours(tiny_olmoe):
     tokenizer = ensure_pad_token(load_tokenizer(str(tiny_olmoe)))
     rows = [json.loads(line) for line in (TRAIN_DIR / "oasst1.jsonl").read_text().splitlines()[:6]]
     encoded = [encode_messages(r["messages"], tokenizer, max_seq_length=96) for r in rows]
-    scorer = GateScorer(str(tiny_olmoe), pad_token_id=tokenizer.pad_token_id, dtype="float32", max_rows=4)
+    scorer = GateScorer(
+        str(tiny_olmoe),
+        scoring=ScoringSection(),
+        pad_token_id=tokenizer.pad_token_id,
+        dtype="float32",
+        max_rows=4,
+    )
 
     def batch(indices):
         return {
@@ -117,8 +123,10 @@ def test_perplexity_weight_subtracts_the_rows_nll_from_the_same_pass(tiny_olmoe)
     rows, encoded = oasst1_rows(tokenizer)
     batch = scorer_batch(rows, encoded)
     kwargs = {"pad_token_id": tokenizer.pad_token_id, "dtype": "float32"}
-    plain = GateScorer(str(tiny_olmoe), lm_loss=True, **kwargs)(batch)
-    weighted = GateScorer(str(tiny_olmoe), perplexity_weight=0.1, **kwargs)(batch)  # implies lm_loss
+    plain = GateScorer(str(tiny_olmoe), scoring=ScoringSection(lm_loss=True), **kwargs)(batch)
+    weighted = GateScorer(str(tiny_olmoe), scoring=ScoringSection(perplexity_weight=0.1), **kwargs)(
+        batch
+    )  # implies lm_loss
     np.testing.assert_allclose(weighted["nll"], plain["nll"], rtol=1e-6)
     assert (plain["nll"] > 0).all()
     np.testing.assert_allclose(weighted["score"], plain["score"] - 0.1 * plain["nll"], rtol=1e-6)
@@ -135,19 +143,23 @@ def test_prompt_gain_compares_the_reply_with_and_without_its_prompt(tiny_olmoe):
     )
 
     kwargs = {"pad_token_id": tokenizer.pad_token_id, "dtype": "float32"}
-    plain = GateScorer(str(tiny_olmoe), lm_loss=True, **kwargs)(scorer_batch(rows, encoded))
-    gained = GateScorer(str(tiny_olmoe), prompt_gain_weight=0.5, **kwargs)(
+    plain = GateScorer(str(tiny_olmoe), scoring=ScoringSection(lm_loss=True), **kwargs)(
+        scorer_batch(rows, encoded)
+    )
+    gained = GateScorer(str(tiny_olmoe), scoring=ScoringSection(prompt_gain_weight=0.5), **kwargs)(
         scorer_batch(rows, encoded, replies)
     )
     # the unprompted NLL is the NLL the same model gives the replies-alone rows as its input
-    unprompted = GateScorer(str(tiny_olmoe), lm_loss=True, **kwargs)(scorer_batch(rows, replies))
+    unprompted = GateScorer(str(tiny_olmoe), scoring=ScoringSection(lm_loss=True), **kwargs)(
+        scorer_batch(rows, replies)
+    )
     np.testing.assert_allclose(gained["nll_without_prompt"], unprompted["nll"], rtol=1e-5)
     np.testing.assert_allclose(gained["nll"], plain["nll"], rtol=1e-6)
     gain = unprompted["nll"] - plain["nll"]
     assert np.abs(gain).max() > 0
     np.testing.assert_allclose(gained["score"], plain["score"] + 0.5 * gain, rtol=1e-5)
     with pytest.raises(ValueError, match="scoring.tokens=assistant"):
-        GateScorer(str(tiny_olmoe), prompt_gain=True, tokens="all", **kwargs)
+        GateScorer(str(tiny_olmoe), scoring=ScoringSection(prompt_gain=True, tokens="all"), **kwargs)
 
 
 @torch.inference_mode()
@@ -161,8 +173,10 @@ def test_expert_effect_is_the_nll_the_row_loses_without_the_experts(tiny_olmoe, 
             param.mul_(100.0)
     model.save_pretrained(tmp_path / "model")
     kwargs = {"pad_token_id": tokenizer.pad_token_id, "dtype": "float32"}
-    plain = GateScorer(str(tmp_path / "model"), lm_loss=True, **kwargs)(batch)
-    effect = GateScorer(str(tmp_path / "model"), expert_effect_weight=0.5, **kwargs)(batch)
+    plain = GateScorer(str(tmp_path / "model"), scoring=ScoringSection(lm_loss=True), **kwargs)(batch)
+    effect = GateScorer(str(tmp_path / "model"), scoring=ScoringSection(expert_effect_weight=0.5), **kwargs)(
+        batch
+    )
     # gates shut with the zero trash expert = the same model with experts that output nothing
     for layer in model.model.layers:
         for param in layer.mlp.experts.parameters():

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from selectmoe.selection import (
+from selectmoe.select.topk import (
     above_threshold,
     best_kmeans,
     dataset_quotas,

@@ -17,16 +17,18 @@ import psutil
 import pytest
 
 from selectmoe.config import parse_config
-from selectmoe.data.synthetic import write_demo_corpus
-from selectmoe.sweep import _longest_trial, load_space, rank_trials, trial_folder
+from selectmoe.demo.corpus import write_demo_corpus
+from selectmoe.evaluate.results import metric_rows
+from selectmoe.sweep import _longest_trial, higher_is_better, load_space, rank_trials, trial_folder
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.timeout(900)]
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_shipped_spaces_load():
-    space = load_space(str(REPO / "tune_spaces" / "quality_loss.yaml"))
+def test_shipped_spaces_load_from_any_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not the repository: the spaces are package data
+    space = load_space(parse_config("sweep").sweep.space)
     assert set(space) >= {
         "training.quality_loss_type",
         "training.quality_loss_weight",
@@ -55,6 +57,22 @@ def test_searched_training_length_sets_ashas_bound_and_the_ranking():
     ]
     assert [t["metric"] for t in rank_trials(trials, "max")] == [0.7, 0.6, 0.9]
     assert [t["metric"] for t in rank_trials(trials, "min")] == [0.6, 0.7, 0.9]
+
+
+def test_ranking_follows_the_metrics_direction_and_puts_nan_last():
+    trials = [
+        {"overrides": {"i": i}, "steps": 5, "total_steps": 5, "metric": m}
+        for i, m in enumerate([2.5, float("nan"), 1.5, 3.0])
+    ]
+    assert [t["overrides"]["i"] for t in rank_trials(trials, "min")] == [2, 0, 3, 1]  # lm_loss-like
+    assert [t["overrides"]["i"] for t in rank_trials(trials, "max")] == [3, 0, 2, 1]
+    # the hand-off ranks eval runs by lm-eval's own direction for the headline metric
+    results = {
+        "results": {"task": {"alias": "task", "perplexity,none": 12.0, "acc,none": 0.5}},
+        "higher_is_better": {"task": {"perplexity": False, "acc": True}},
+    }
+    perplexity, acc = metric_rows(results)
+    assert not higher_is_better(results, perplexity) and higher_is_better(results, acc)
 
 
 def sweep_args(out: Path, data: Path, olmoe: Path, llama: Path) -> list[str]:
@@ -208,6 +226,7 @@ def run_driver(args: list[str], logs: Path, timeout_s: float, kill_when=None) ->
         driver.close()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_sweep_killed_mid_run_resumes_and_a_finished_sweep_restores(tiny_olmoe, tiny_llama, tmp_path):
     """No ``ray_session``: each run is a driver process of its own. 1) the sweep is SIGKILLed once Tune's
@@ -249,7 +268,7 @@ def test_sweep_killed_mid_run_resumes_and_a_finished_sweep_restores(tiny_olmoe, 
         assert all("probe_auroc" in m for m in history)
         steps[folder.name] = history[-1]["step"]
     assert max(steps.values()) == 6 and min(steps.values()) < 6  # ASHA stopped at least one trial early
-    handed_off = [t for t in folders if (t / "stage_4_eval" / "results.json").exists()]
+    handed_off = [t for t in folders if (t / "stage_4_evaluate" / "results.json").exists()]
     assert len(handed_off) == 1 and steps[handed_off[0].name] == 6
     text = report.read_text()
     assert "probe_auroc" in text and "Handed off to stages 2-4" in text and "4 trials" in text

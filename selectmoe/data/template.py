@@ -24,7 +24,8 @@ import numpy as np
 
 from selectmoe.data.rejects import RowError
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # a label that carries no loss (prompt tokens, padding); PyTorch's default
+
 LOSS_ON = ("assistant", "all")
 ROLE_HEADERS = {"system": "<|system|>\n", "user": "<|user|>\n", "assistant": "<|assistant|>\n"}
 

@@ -27,7 +27,7 @@ class SelectMoeConfig(OlmoeConfig):
     beta_target_mean / beta_target_var / w_mean / w_var: beta moment matching targets and weights.
     lambda_var: variance reward of ``mean_variance_regularization``.
     sample_wise_averaging: average tokens within each row first, then rows (else all tokens equally).
-    quality_loss_tokens: ``all`` non-padding tokens or only ``assistant`` tokens (``labels != -100``).
+    quality_loss_tokens: ``all`` non-padding tokens or only ``assistant`` tokens (labels not ``IGNORE_INDEX``).
     quality_loss_debug: log the quality loss terms at each forward.
     trash_noise_seed: seed of the fixed noise table of the ``noise`` trash expert.
     """

@@ -16,13 +16,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer
 
+from selectmoe.layout import STAGE1_CONFIG
 from selectmoe.models.configuration import SelectMoeConfig
 from selectmoe.models.modeling import SelectMoeForCausalLM, gates_forced, init_quality_gate
 
 logger = logging.getLogger(__name__)
 
-STAGE1_CONFIG = "select_moe_config.json"  # written by stage 1 next to its trained weights
-TRAINING_IDS = "training_ids.parquet"  # stage 1: the rows it trained on (stage 2 excludes them)
 _CONFIG_DROP = ("model_type", "architectures", "transformers_version", "auto_map")
 
 

@@ -27,6 +27,7 @@ from transformers.models.olmoe.modeling_olmoe import (
 )
 from transformers.utils.output_capturing import OutputRecorder
 
+from selectmoe.data.template import IGNORE_INDEX
 from selectmoe.models.configuration import SelectMoeConfig
 from selectmoe.models.losses import quality_loss
 
@@ -335,5 +336,5 @@ class SelectMoeForCausalLM(SelectMoePreTrainedModel, OlmoeForCausalLM):
         if attention_mask is not None and attention_mask.dim() == 2:
             mask = mask & attention_mask.bool().to(mask.device)
         if self.config.quality_loss_tokens == "assistant" and labels is not None:
-            mask = mask & (labels != -100).to(mask.device)
+            mask = mask & (labels != IGNORE_INDEX).to(mask.device)
         return mask

@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from selectmoe.data.collate import count_labelled
+from selectmoe.layout import METRICS, OPTIMIZER_FILE, STATE_FILE, TRAINABLE_FILE
 from selectmoe.training.sharding import restore_state
 
-IGNORE_INDEX = -100
 SHUFFLE_WINDOW_BATCHES = 64  # rows are shuffled within windows of this many global batches
 
 
@@ -91,32 +92,6 @@ def step_batches(rows: Iterator[dict], plan: BatchPlan, rank: int) -> Iterator[t
             step_rows = []
 
 
-def count_labelled(labels) -> int:
-    """Tokens that carry loss once labels are shifted (the first position never does)."""
-    return sum(1 for x in list(labels)[1:] if x != IGNORE_INDEX)
-
-
-def collate(rows: list[dict], pad_token_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Right-pad a micro-batch to its longest row; padding never carries loss."""
-    length = max(len(r["input_ids"]) for r in rows)
-    input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r["input_ids"])
-        input_ids[i, :n] = torch.as_tensor(list(r["input_ids"]), dtype=torch.long)
-        labels[i, :n] = torch.as_tensor(list(r["labels"]), dtype=torch.long)
-        attention_mask[i, :n] = 1
-    batch = {
-        "input_ids": input_ids.to(device),
-        "labels": labels.to(device),
-        "attention_mask": attention_mask.to(device),
-    }
-    if "reference" in rows[0]:  # stage 1 with a reference set: which rows are trusted
-        batch["reference"] = torch.tensor([bool(r["reference"]) for r in rows], device=device)
-    return batch
-
-
 # ---------------------------------------------------------------------------- optimisation
 
 
@@ -135,12 +110,6 @@ def build_optimizer(params, learning_rate: float, weight_decay: float, total_ste
 
 # ---------------------------------------------------------------------------- checkpoints
 
-ADAPTER_DIR = "adapter"  # a PEFT adapter folder inside the last checkpoint
-TRAINABLE_FILE = "trainable.safetensors"
-OPTIMIZER_FILE = "optimizer.pt"
-STATE_FILE = "state.json"
-METRICS_FILE = "metrics.jsonl"
-
 
 def save_training_state(
     directory: Path, tensors: dict, optimizer_state: dict, scheduler, state: dict, metrics: list[dict]
@@ -151,7 +120,7 @@ def save_training_state(
         {"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, directory / OPTIMIZER_FILE
     )
     (directory / STATE_FILE).write_text(json.dumps(state))
-    (directory / METRICS_FILE).write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    (directory / METRICS).write_text("".join(json.dumps(m) + "\n" for m in metrics))
 
 
 def load_training_state(directory: Path, model, optimizer, scheduler) -> tuple[dict, list[dict]]:
@@ -160,7 +129,7 @@ def load_training_state(directory: Path, model, optimizer, scheduler) -> tuple[d
     restore_state(model, optimizer, load_file(str(directory / TRAINABLE_FILE)), saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     state = json.loads((directory / STATE_FILE).read_text())
-    metrics = [json.loads(line) for line in (directory / METRICS_FILE).read_text().splitlines() if line]
+    metrics = [json.loads(line) for line in (directory / METRICS).read_text().splitlines() if line]
     return state, metrics
 
 

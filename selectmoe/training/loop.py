@@ -26,12 +26,12 @@ from pathlib import Path
 
 import torch
 
+from selectmoe.data.collate import collate
+from selectmoe.layout import ADAPTER_DIR
 from selectmoe.training.common import (
-    ADAPTER_DIR,
     SHUFFLE_WINDOW_BATCHES,
     BatchPlan,
     build_optimizer,
-    collate,
     epoch_order,
     load_training_state,
     report,

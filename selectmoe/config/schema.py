@@ -1,0 +1,374 @@
+"""The config schema: one dataclass per command, built from shared sections.
+
+A dataclass's fields are the keys a command accepts (``loader.build`` rejects any other). Key names
+follow the seed project (``training.quality_loss_weight``, ``dataset.data_path``,
+``selection_percentage``, ...) so its commands carry over.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from selectmoe.layout import STAGE_DIRS
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be applied; the message names the key."""
+
+
+# ---------------------------------------------------------------------------- sections
+
+
+@dataclass
+class SelectorModelConfig:
+    """The OLMoE / Select-MoE base used by stages 1-2 (hub id or local folder)."""
+
+    path: str = "allenai/OLMoE-1B-7B-0125"
+    tokenizer_name: str | None = None  # defaults to `path`
+    dtype: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
+    attn_implementation: str = "sdpa"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class TargetModelConfig:
+    """The model finetuned in stage 3 and evaluated in stage 4."""
+
+    name: str = "meta-llama/Llama-2-7b-hf"
+    tokenizer_name: str | None = None
+    dtype: str = "auto"
+    attn_implementation: str = "sdpa"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DatasetConfig:
+    """Where the instruction rows come from (seed keys)."""
+
+    data_path: list[str] | None = None  # files, folders, globs or URIs
+    data_dir: str | None = None  # with dataset_names: one folder per source dataset
+    dataset_names: list[str] | None = None
+    subset_ratio: float = 1.0  # fraction sampled per source dataset (seeded)
+    max_sequence_length: int = 2048
+
+
+@dataclass
+class DataConfig:
+    """How rows are validated and tokenised."""
+
+    on_bad_row: str = "skip"  # skip -> rejects.jsonl; error -> stop naming file and line
+    loss_on: str = "assistant"  # assistant | all: which tokens carry the LM loss
+    read_parallelism: int = -1  # Ray Data read tasks; -1 = let Ray decide
+
+
+@dataclass
+class ScalingSection:
+    """Ray workers and their resources. 0 / empty = sized from the cluster's free resources."""
+
+    num_workers: int = 0
+    use_gpu: bool | None = None  # None = use GPUs when the cluster has them
+    resources_per_worker: dict[str, float] | None = None
+    strategy: str = "ddp"  # ddp | fsdp
+    max_failures: int = 1
+
+    def __post_init__(self):
+        if self.strategy not in ("ddp", "fsdp"):
+            raise ConfigError(f"scaling.strategy must be ddp or fsdp, got {self.strategy!r}")
+
+
+@dataclass
+class LoraSection:
+    r: int = 16
+    lora_alpha: int = 64
+    lora_dropout: float = 0.05
+    target_modules: list[str] | None = None  # None = the stage's default targets
+
+
+@dataclass
+class QualityLossParams:
+    """Parameters of the quality losses (seed: ``training.quality_loss_params.*``)."""
+
+    beta_target_mean: float = 0.5
+    beta_target_var: float = 0.05
+    w_mean: float = 1.0
+    w_var: float = 1.0
+    lambda_var: float = 0.1
+    sample_wise_averaging: bool = False
+
+
+@dataclass
+class PretrainTraining:
+    """Stage 1 optimisation; defaults are the seed's."""
+
+    peft_mode: str = "full_rank"  # full_rank | lora
+    learning_rate: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    batch_size: int = 16  # global batch (rows per optimiser step)
+    per_device_batch_size: int = 1
+    epochs: int = 4
+    max_steps: int = -1  # > 0 stops early (debug runs, sweeps)
+    gradient_clipping: float = 1.0
+    gradient_checkpointing: bool = True
+    # seed: r=16, alpha=64; dropout 0 because PEFT's LoRA on a bare parameter (the router) has none
+    lora: LoraSection = field(default_factory=lambda: LoraSection(r=16, lora_alpha=64, lora_dropout=0.0))
+    quality_loss_weight: float = 0.01
+    quality_gate_init_mean: float = 0.0
+    quality_gate_init_std: float = 0.02
+    trash_expert_mode: str = "zero"
+    enable_load_balancing: bool = False
+    quality_loss_type: str = "sigmoid"
+    quality_loss_debug: bool = False
+    quality_loss_tokens: str = "all"  # all | assistant
+    quality_loss_params: QualityLossParams = field(default_factory=QualityLossParams)
+    router_aux_loss_coef: float = 0.01
+    checkpoint_every_steps: int = 50
+    log_every_steps: int = 1
+    fail_at_step: int = -1  # fault injection: raise once at this step (tests recovery)
+    probe_labels: str | None = None  # labels.jsonl ({"id", "defect"}): report probe_auroc while training
+    probe_rows: int = 256  # labelled rows not trained on, scored every probe_every_steps
+    probe_every_steps: int = 5
+    # trusted rows (files/folders/globs, any supported format): stage 1 trains the row score (the
+    # stage-2 formula) to tell them from corpus rows, open on reference rows and shut on the corpus on
+    # average (class-balanced BCE); None = the original unsupervised recipe
+    reference_data: list[str] | None = None
+    reference_loss_weight: float = 1.0
+
+
+@dataclass
+class FinetuneTraining:
+    """Stage 3 optimisation; defaults are LESS's."""
+
+    learning_rate: float = 2e-5
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    batch_size: int = 128  # effective batch = per_device x accumulation x workers
+    per_device_batch_size: int = 1
+    epochs: int = 4
+    max_steps: int = -1
+    gradient_clipping: float = 1.0
+    gradient_checkpointing: bool = True
+    lora: LoraSection = field(
+        default_factory=lambda: LoraSection(
+            r=128, lora_alpha=512, lora_dropout=0.1, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]
+        )
+    )
+    checkpoint_every_steps: int = 0  # 0 = only at the end of each epoch (always checkpointed)
+    log_every_steps: int = 1
+    fail_at_step: int = -1  # fault injection: raise once at this step (tests recovery)
+
+
+@dataclass
+class ClusteringParams:
+    """Seed keys for the diversity selection."""
+
+    k: int = 26
+    auto_k: bool = False
+    k_range: list[int] = field(default_factory=lambda: [10, 40])
+    max_iters: int = 300
+
+
+@dataclass
+class DataProcessSection:
+    batch_size: int = 32  # rows per scoring batch (upper bound; tokens_per_batch also caps it)
+
+
+@dataclass
+class ScoringSection:
+    tokens: str = "assistant"  # assistant | all: which tokens a row's score averages over
+    # cap on padded tokens in one scoring batch
+    tokens_per_batch: int = field(default=16384, metadata={"execution": True})
+    # rows sorted by length together before batching
+    sort_window: int = field(default=1024, metadata={"execution": True})
+    store_routing: bool = False  # keep per-layer mean routing distributions (diversity selection)
+    lm_loss: bool = False  # also store each row's mean NLL over its scored tokens (perplexity baseline)
+    perplexity_weight: float = 0.0  # score = mean gate - this x mean NLL (same pass; > 0 implies lm_loss)
+    prompt_gain: bool = False  # also store nll_without_prompt: the replies' NLL with the prompts removed
+    prompt_gain_weight: float = 0.0  # score += this x (nll_without_prompt - NLL) (!= 0 implies prompt_gain)
+    expert_effect: bool = False  # also store nll_gates_shut: the NLL with every quality gate forced to 0
+    expert_effect_weight: float = 0.0  # score += this x (nll_gates_shut - NLL) (!= 0 implies expert_effect)
+    # how the pass runs, not what it computes: not part of the resume key (``scores_depend_on``)
+    num_actors: int = field(default=0, metadata={"execution": True})  # 0 = one per GPU, or from free CPUs
+    # fault injection: one scoring actor exits once (tests recovery)
+    inject_actor_failure: bool = field(default=False, metadata={"execution": True})
+
+
+@dataclass
+class SelectionSection:
+    method: str = "top_k"  # top_k | per_dataset | diversity | random | threshold
+    count: int = 0  # > 0 overrides selection_percentage
+    threshold: float | None = None
+    quotas: dict[str, float] | None = None  # per_dataset: fraction or count per dataset
+    exclude_training_rows: bool = True
+
+
+@dataclass
+class EvalSection:
+    adapter: str | None = None
+    tasks: list[str] = field(default_factory=lambda: ["less"])
+    data_dir: str | None = None
+    limit: float | None = None
+    num_fewshot: int | None = None
+    batch_size: str = "auto"  # auto = lm-eval's search on GPU, 4 on CPU; or an integer
+    max_gen_toks: int | None = None  # cap on generated tokens for generation tasks; None = each task's own
+    apply_chat_template: bool = False
+
+
+# ---------------------------------------------------------------------------- stage configs
+
+
+@dataclass
+class CommonConfig:
+    seed: int = 42
+    output_dir: str = "outputs/run"
+    tag: str | None = None
+
+
+@dataclass
+class ValidateDataConfig(CommonConfig):
+    output_dir: str = "outputs/validate"
+    tokenizer_name: str | None = None  # for token-length percentiles; none = skip
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+@dataclass
+class PretrainConfig(CommonConfig):
+    output_dir: str = f"outputs/{STAGE_DIRS['pretrain']}"
+    selector_model: SelectorModelConfig = field(default_factory=SelectorModelConfig)
+    dataset: DatasetConfig = field(default_factory=lambda: DatasetConfig(subset_ratio=0.05))
+    data: DataConfig = field(default_factory=DataConfig)
+    training: PretrainTraining = field(default_factory=PretrainTraining)
+    scaling: ScalingSection = field(default_factory=ScalingSection)
+
+
+@dataclass
+class SelectConfig(CommonConfig):
+    output_dir: str = f"outputs/{STAGE_DIRS['select']}"
+    selector_model: SelectorModelConfig = field(default_factory=SelectorModelConfig)
+    model_checkpoint_path: str | None = None
+    selection_percentage: float = 0.05
+    clustering_method: str = "kmeans"
+    clustering_params: ClusteringParams = field(default_factory=ClusteringParams)
+    data_process: DataProcessSection = field(default_factory=DataProcessSection)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    scoring: ScoringSection = field(default_factory=ScoringSection)
+    selection: SelectionSection = field(default_factory=SelectionSection)
+    scaling: ScalingSection = field(default_factory=ScalingSection)
+
+
+@dataclass
+class FinetuneConfig(CommonConfig):
+    output_dir: str = f"outputs/{STAGE_DIRS['finetune']}"
+    model: TargetModelConfig = field(default_factory=TargetModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: FinetuneTraining = field(default_factory=FinetuneTraining)
+    scaling: ScalingSection = field(default_factory=ScalingSection)
+
+
+@dataclass
+class EvaluateConfig(CommonConfig):
+    output_dir: str = f"outputs/{STAGE_DIRS['evaluate']}"
+    model: TargetModelConfig = field(default_factory=TargetModelConfig)
+    eval: EvalSection = field(default_factory=EvalSection)
+    scaling: ScalingSection = field(default_factory=ScalingSection)
+
+
+@dataclass
+class ConvertConfig(CommonConfig):
+    output_dir: str = "outputs/select_moe_converted"
+    olmoe: str = "allenai/OLMoE-1B-7B-0125"
+    verify: bool = False
+    quality_gate_init_mean: float = 0.0
+    quality_gate_init_std: float = 0.02
+
+
+@dataclass
+class PipelineSection:
+    stages: list[str] = field(default_factory=lambda: ["pretrain", "select", "finetune", "evaluate"])
+    baselines: list[str] = field(default_factory=list)  # random | full: finetuned and evaluated the same way
+
+
+@dataclass
+class PipelineConfig(CommonConfig):
+    """Stages 1-4 in one run folder. ``dataset`` is the corpus for stages 1 and 2 (a stage's own
+    ``dataset.data_path``/``data_dir`` wins when set); stage 3 reads stage 2's selection and stage 4
+    evaluates stage 3's adapter on ``finetune.model.name``."""
+
+    output_dir: str = "outputs/pipeline"
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    pipeline: PipelineSection = field(default_factory=PipelineSection)
+    # a named recipe in selectmoe/configs/presets/NAME.yaml: its keys go under the shipped YAML's, your
+    # config file's and your overrides (which win); was `selection.preset`
+    preset: str = "gates_prompt_gain"
+
+
+@dataclass
+class DemoSection:
+    rows: int = 2000  # generated training rows
+    defect_rate: float = 0.3  # share of rows with a planted defect
+    lm_steps: int = 100  # LM pretraining steps of the tiny demo models (cached)
+    cache_dir: str | None = None  # default ~/.cache/selectmoe/demo_models
+
+
+@dataclass
+class DemoConfig(PipelineConfig):
+    """The pipeline on generated data and tiny offline models (see selectmoe/configs/demo.yaml)."""
+
+    output_dir: str = "outputs/demo"
+    demo: DemoSection = field(default_factory=DemoSection)
+
+
+@dataclass
+class SweepSection:
+    space: str = "tune_spaces/quality_loss.yaml"  # search space YAML (pretrain keys -> samplers)
+    num_samples: int = 8
+    max_concurrent_trials: int = 0  # 0 = from free resources
+    metric: str = "auto"  # auto = probe_auroc (max) with probe_labels, else lm_loss (min)
+    mode: str = "min"  # used when metric is set explicitly
+    grace_period: int = 5  # ASHA: steps every trial runs before it can be stopped
+    reduction_factor: int = 2
+    handoff_top_k: int = 1  # best trials sent through stages 2-4
+    probe_labels: str | None = None  # labels.jsonl ({"id", "defect"}) of corpus rows: the AUROC proxy
+
+
+@dataclass
+class SweepConfig(PipelineConfig):
+    """A pipeline config (the base every trial starts from) plus the search."""
+
+    output_dir: str = "outputs/sweep"
+    sweep: SweepSection = field(default_factory=SweepSection)
+
+
+STAGE_CONFIGS: dict[str, type] = {
+    "validate-data": ValidateDataConfig,
+    "pretrain": PretrainConfig,
+    "select": SelectConfig,
+    "finetune": FinetuneConfig,
+    "evaluate": EvaluateConfig,
+    "convert": ConvertConfig,
+    "pipeline": PipelineConfig,
+    "demo": DemoConfig,
+    "sweep": SweepConfig,
+}
+
+# The shipped YAML each command starts from (package data in selectmoe/configs/).
+DEFAULT_YAML: dict[str, str] = {
+    "validate-data": "validate_data.yaml",
+    "pretrain": "pretrain.yaml",
+    "select": "select.yaml",
+    "finetune": "finetune.yaml",
+    "evaluate": "evaluate.yaml",
+    "pipeline": "pipeline.yaml",
+    "demo": "demo.yaml",
+    "sweep": "sweep.yaml",
+}
+
+# Keys that were renamed: old dotted key -> new one. The loader moves them and prints a deprecation line.
+RENAMED_KEYS: dict[str, str] = {"selection.preset": "preset"}

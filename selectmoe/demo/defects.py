@@ -1,0 +1,161 @@
+"""Planted low-quality replies of named kinds, for the demo corpus and the selection-quality benchmark.
+
+``plant_defects`` spoils the final assistant reply of a ``rate`` share of rows in place, the kinds in
+equal numbers, and returns one label per row (``{"id", "dataset", "quality", "defect"}``). Kinds:
+``garbled`` (characters replaced by symbols), ``shuffled`` (words, or the letters of a short reply,
+shuffled), ``swapped`` (another row's reply), ``wrong_answer`` (a fluent reply with a wrong final
+answer; only rows for which the caller can make one), ``truncated`` (cut off mid-reply),
+``empty_ish`` (".", "N/A", ...), ``spam`` (a promotional phrase repeated). A spoiled row is still a
+valid row: the defects are of quality, not of format, so only a quality score can find them.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable, Sequence
+
+from selectmoe.demo.synthetic_facts import EMPTYISH_RESPONSES, SPAM_PHRASES
+
+DEFECT_KINDS = ("garbled", "shuffled", "swapped", "wrong_answer", "truncated", "empty_ish", "spam")
+_GARBLE_CHARS = "#$%&@!?*~^+=<>|"
+
+# wrong_reply(row index, reply) -> a reply with a wrong answer, or None where the row has none to spoil
+WrongReply = Callable[[int, str], "str | None"]
+
+
+def plant_defects(
+    rng: random.Random,
+    rows: list[dict],
+    rate: float,
+    kinds: Sequence[str] = DEFECT_KINDS,
+    wrong_reply: WrongReply | None = None,
+) -> list[dict]:
+    """Spoil the final reply of ``rate`` of the rows in place; returns one label per row."""
+    unknown = set(kinds) - set(DEFECT_KINDS)
+    if unknown:
+        raise ValueError(f"unknown defect kinds {sorted(unknown)}; known: {DEFECT_KINDS}")
+    if "wrong_answer" in kinds and wrong_reply is None:
+        raise ValueError("defect kind 'wrong_answer' needs a wrong_reply function")
+    originals = [row["messages"][-1]["content"] for row in rows]
+    wrong = [wrong_reply(i, reply) if wrong_reply else None for i, reply in enumerate(originals)]
+    defect_of = _choose_defects(rng, originals, wrong, round(rate * len(rows)), kinds)
+    labels = []
+    for index, row in enumerate(rows):
+        kind = defect_of.get(index)
+        if kind is not None:
+            donor = _donor_reply(rng, originals, index)
+            row["messages"][-1] = {
+                "role": "assistant",
+                "content": spoil(kind, originals[index], rng, donor, wrong[index]),
+            }
+        labels.append(
+            {
+                "id": row["id"],
+                "dataset": row["dataset"],
+                "quality": "clean" if kind is None else "defect",
+                "defect": kind,
+            }
+        )
+    return labels
+
+
+def spoil(kind: str, reply: str, rng: random.Random, donor: str, wrong: str | None = None) -> str:
+    """``reply`` spoiled by ``kind``; ``donor`` is another row's reply, ``wrong`` a wrong-answer reply."""
+    if kind == "garbled":
+        return _garble(reply, rng)
+    if kind == "shuffled":
+        return _shuffle(reply, rng)
+    if kind == "swapped":
+        return donor
+    if kind == "wrong_answer":
+        return wrong
+    if kind == "truncated":
+        return _truncate(reply, rng)
+    if kind == "empty_ish":
+        return rng.choice(EMPTYISH_RESPONSES)
+    return " ".join([rng.choice(SPAM_PHRASES)] * rng.randint(4, 12))
+
+
+def _choose_defects(
+    rng: random.Random, replies: list[str], wrong: list[str | None], n_defects: int, kinds: Sequence[str]
+) -> dict[int, str]:
+    """row index -> defect kind, the kinds in equal numbers, each only where it can apply: ``truncated``
+    where there is something to cut (a one-word answer such as "C" cannot be visibly truncated; it picks
+    first), ``wrong_answer`` where the caller made a wrong reply."""
+    counts = {kind: n_defects // len(kinds) for kind in kinds}
+    for kind in kinds[: n_defects % len(kinds)]:
+        counts[kind] += 1
+    chosen: dict[int, str] = {}
+    for kind in sorted(kinds, key=lambda kind: kind != "truncated"):
+        free = [i for i, reply in enumerate(replies) if i not in chosen and _applies(kind, reply, wrong[i])]
+        for index in rng.sample(free, min(counts[kind], len(free))):
+            chosen[index] = kind
+    return chosen
+
+
+def _applies(kind: str, reply: str, wrong: str | None) -> bool:
+    if kind == "truncated":
+        return " " in reply
+    if kind == "wrong_answer":
+        return wrong is not None and wrong != reply
+    return True
+
+
+def _donor_reply(rng: random.Random, originals: list[str], index: int) -> str:
+    while True:
+        donor = originals[rng.randrange(len(originals))]
+        if donor != originals[index]:
+            return donor
+
+
+def _garble(reply: str, rng: random.Random) -> str:
+    chars = [rng.choice(_GARBLE_CHARS) if not ch.isspace() and rng.random() < 0.4 else ch for ch in reply]
+    if "".join(chars) == reply:  # a very short reply the dice spared
+        chars[0] = rng.choice(_GARBLE_CHARS)
+    return "".join(chars)
+
+
+def _shuffle(reply: str, rng: random.Random) -> str:
+    words = reply.split()
+    pieces, joiner = (words, " ") if len(set(words)) >= 3 else (list(reply), "")
+    shuffled = list(pieces)
+    for _ in range(10):
+        rng.shuffle(shuffled)
+        if shuffled != pieces:
+            return joiner.join(shuffled)
+    return joiner.join(reversed(pieces)) if pieces[::-1] != pieces else f"{reply} {reply}"
+
+
+def _truncate(reply: str, rng: random.Random) -> str:
+    cut = rng.randint(max(1, len(reply) // 4), max(1, len(reply) // 2))
+    head = reply[:cut]
+    if " " in head.strip():  # end on a word boundary when there is one
+        head = head[: head.rstrip().rfind(" ")]
+    return head.rstrip() or reply[0]
+
+
+# ---------------------------------------------------------------------------- wrong final answers on CoT rows
+
+_FINAL_ANSWER = re.compile(r"So the answer is (.+?)\.?\s*$", re.DOTALL)
+_FLIPS = {"yes": "no", "no": "yes", "Sentence A": "Sentence B", "Sentence B": "Sentence A"}
+
+
+def cot_wrong_answer(reply: str, rng: random.Random) -> str | None:
+    """A FLAN-CoT reply ("... So the answer is X.") with X replaced by a wrong answer of the same
+    form: yes/no and Sentence A/B flipped, another option letter, a nearby different number. None for
+    replies without that ending or with a free-text answer (no wrong answer of the same form)."""
+    match = _FINAL_ANSWER.search(reply)
+    if not match:
+        return None
+    answer = match.group(1).strip()
+    if answer in _FLIPS:
+        wrong = _FLIPS[answer]
+    elif re.fullmatch(r"\([A-E]\)", answer):
+        wrong = "(" + rng.choice([c for c in "ABCDE" if c != answer[1]]) + ")"
+    elif re.fullmatch(r"-?\d+", answer.replace(",", "")):
+        value = int(answer.replace(",", ""))
+        wrong = str(value + rng.choice([-1, 1]) * rng.randint(1, max(2, abs(value) // 2)))
+    else:
+        return None
+    return reply[: match.start(1)] + wrong + reply[match.start(1) + len(match.group(1).rstrip(". ")) :]

@@ -1,0 +1,147 @@
+"""Tiny offline models and tokenizer for tests, benchmarks and the demo.
+
+No hub access: the tokenizer is the 32k SentencePiece model shipped inside the ``mistral-common``
+wheel (Apache-2.0), converted to a fast tokenizer; models are built from configs with seeded
+random weights and saved as normal Hugging Face folders, so the real loading code reads them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+
+def build_tokenizer(out_dir: str | os.PathLike | None = None):
+    """A real 32k SentencePiece tokenizer built offline; saved to ``out_dir`` when given."""
+    try:
+        import mistral_common
+    except ModuleNotFoundError as err:
+        raise ModuleNotFoundError(
+            "the demo's offline tokenizer needs mistral-common: pip install 'selectmoe[demo]'"
+        ) from err
+    from transformers import LlamaTokenizer
+    from transformers.convert_slow_tokenizer import SentencePieceExtractor
+
+    spm = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+    extracted = SentencePieceExtractor(str(spm)).extract(None)
+    tokenizer = LlamaTokenizer(vocab=extracted["vocab"], merges=extracted["merges"])
+    if out_dir is not None:
+        tokenizer.save_pretrained(str(out_dir))
+    return tokenizer
+
+
+def tiny_olmoe_config(vocab_size: int = 32000, **overrides):
+    """A 2-layer OLMoE config (hidden 64, 8 experts top-2); ``overrides`` replace any field."""
+    from transformers import OlmoeConfig
+
+    kwargs = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        num_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=2048,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    kwargs.update(overrides)
+    return OlmoeConfig(**kwargs)
+
+
+def tiny_llama_config(vocab_size: int = 32000, **overrides):
+    """A 2-layer Llama config (hidden 64) as a stand-in for the stage-3 target."""
+    from transformers import LlamaConfig
+
+    kwargs = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+def build_tiny_olmoe(out_dir: str | os.PathLike, seed: int = 0, **config_overrides) -> Path:
+    """Save a randomly initialised tiny OLMoE + tokenizer as a HF folder; returns the folder."""
+    from transformers import OlmoeForCausalLM
+
+    return _save_tiny(OlmoeForCausalLM, tiny_olmoe_config(**config_overrides), out_dir, seed)
+
+
+def build_tiny_llama(out_dir: str | os.PathLike, seed: int = 0, **config_overrides) -> Path:
+    """Save a randomly initialised tiny Llama + tokenizer as a HF folder; returns the folder."""
+    from transformers import LlamaForCausalLM
+
+    return _save_tiny(LlamaForCausalLM, tiny_llama_config(**config_overrides), out_dir, seed)
+
+
+def _save_tiny(model_cls, config, out_dir, seed: int) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = model_cls(config)
+    model.save_pretrained(str(out))
+    build_tokenizer(out)
+    return out
+
+
+def pretrain_tiny_lm(
+    model_dir: str | os.PathLike,
+    rows: list[list[dict]],
+    out_dir: str | os.PathLike,
+    *,
+    steps: int,
+    seed: int = 0,
+    batch_size: int = 8,
+    max_seq_length: int = 128,
+    learning_rate: float = 3e-3,
+) -> Path:
+    """Briefly train a tiny model as a plain LM on chat rows (the shared template, loss on every
+    token), so that its perplexity and its experts mean something; save it with its tokenizer."""
+    import random
+
+    from transformers import AutoModelForCausalLM
+
+    from selectmoe.data.collate import collate
+    from selectmoe.data.template import encode_batch, ensure_pad_token, load_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = ensure_pad_token(load_tokenizer(str(model_dir)))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model.train()
+    encoded = [
+        e
+        for e in encode_batch(rows, tokenizer, max_seq_length=max_seq_length, loss_on="all")
+        if isinstance(e, dict)
+    ]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
+    rng = random.Random(seed)
+    for _ in range(steps):
+        batch = collate(
+            rng.sample(encoded, min(batch_size, len(encoded))), tokenizer.pad_token_id, torch.device("cpu")
+        )
+        model(**batch).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+    out = Path(out_dir)
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    return out

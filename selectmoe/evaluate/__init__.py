@@ -1,0 +1,9 @@
+"""Stage 4, ``selectmoe evaluate``: lm-eval on the target model + adapter, inside Ray tasks.
+
+``driver.evaluate(cfg)`` runs lm-eval (hub tasks, or the offline ``tasks/*_local`` families) and
+writes ``results.json`` + ``results.md`` (``results``).
+"""
+
+from selectmoe.evaluate.driver import evaluate
+
+__all__ = ["evaluate"]

@@ -1,0 +1,9 @@
+"""Stage 1, ``selectmoe pretrain``: train the quality gates (and MoE routers) on Ray Train.
+
+``driver.pretrain(cfg)`` reads and tokenises the corpus, runs ``worker.train_router_per_worker`` on
+every worker through the shared loop (``selectmoe.training``) and writes the trained router weights.
+"""
+
+from selectmoe.pretrain.driver import pretrain
+
+__all__ = ["pretrain"]

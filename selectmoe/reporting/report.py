@@ -1,0 +1,144 @@
+"""``report.md`` of a pipeline run: training curves, gate statistics per layer, score histograms,
+selection composition, and the eval table of the selection next to its baselines."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from selectmoe.layout import (
+    COMPOSITION,
+    GATE_LAYERS,
+    METRICS,
+    REPORT,
+    RESULTS,
+    SCORE_HISTOGRAMS,
+    STAGE_DIRS,
+    TRAINING_CURVES,
+)
+from selectmoe.manifest import read_manifest
+from selectmoe.reporting.compare import compare_runs
+from selectmoe.reporting.plots import plot_gate_layers, plot_selection_composition
+
+
+def write_report(
+    run: Path, branches: dict[str, Path], seconds: float, extra_sections: list[str] | None = None
+) -> Path:
+    lines = [
+        f"# Select-MoE run: {run.name}",
+        "",
+        f"Run folder `{run}`; this invocation took {seconds:.0f} s.",
+        "",
+    ]
+    stage1, stage2 = run / STAGE_DIRS["pretrain"], run / STAGE_DIRS["select"]
+
+    # ---- stage 1
+    m1 = read_manifest(stage1) or {}
+    history = _metrics(stage1 / METRICS)
+    lines += ["## Stage 1: router pretraining", ""]
+    if history:
+        last = history[-1]
+        c = m1.get("counts", {})
+        lines += [
+            f"{c.get('rows_trained')} rows, {c.get('steps')} steps, effective batch {c.get('effective_batch')}, "
+            f"{c.get('workers')} worker(s). Final LM loss {last['lm_loss']:.4f}, quality loss "
+            f"{last['quality_loss']:.4f}.",
+            "",
+            _image(run, stage1 / TRAINING_CURVES, "stage 1 training curves"),
+            "",
+            "Gate statistics per layer at the last step (g = sigmoid(quality score), over all tokens):",
+            "",
+            "| layer | mean g | std g |",
+            "|---:|---:|---:|",
+            *[
+                f"| {i} | {m:.4f} | {s:.4f} |"
+                for i, (m, s) in enumerate(zip(last["gate_mean"], last["gate_std"]))
+            ],
+            "",
+            _image(run, plot_gate_layers(history, run / GATE_LAYERS), "gate mean per layer"),
+            "",
+        ]
+
+    # ---- stage 2
+    m2 = read_manifest(stage2) or {}
+    if m2:
+        c = m2["counts"]
+        lines += [
+            "## Stage 2: scoring and selection",
+            "",
+            f"Rows read {c['rows_read']} = scored {c['rows_scored']} + rejected {c['rows_rejected']}; "
+            f"excluded as stage-1 training rows {c.get('rows_excluded_training', 0)}; selected {c['rows_selected']} "
+            f"({m2['config']['selection']['method']}), score cut {m2['metrics'].get('score_threshold')}.",
+            "",
+            _image(run, stage2 / SCORE_HISTOGRAMS, "score histograms per dataset"),
+            "",
+        ]
+        corpus = {name: d["rows_accepted"] for name, d in c.get("datasets", {}).items()}
+        composition = {"corpus": corpus, "selected": c.get("selected_by_dataset", {})}
+        for name, root in branches.items():
+            if name != "selected" and (m := read_manifest(root / STAGE_DIRS["select"])):
+                composition[name] = m["counts"].get("selected_by_dataset", {})
+        lines += [
+            "Selection composition (share of rows per source dataset):",
+            "",
+            _image(run, plot_selection_composition(composition, run / COMPOSITION), "composition"),
+            "",
+        ]
+
+    # ---- stage 3
+    lines += ["## Stage 3: finetuning", ""]
+    for name, root in branches.items():
+        m3 = read_manifest(root / STAGE_DIRS["finetune"])
+        if m3:
+            c = m3.get("counts", {})
+            lines += [
+                f"- **{name}**: {c.get('rows_trained')} rows, {c.get('steps')} steps, final loss "
+                f"{m3.get('metrics', {}).get('final_loss', float('nan')):.4f} (first "
+                f"{m3.get('metrics', {}).get('first_loss', float('nan')):.4f})",
+            ]
+    lines.append("")
+    for name, root in branches.items():
+        curves = root / STAGE_DIRS["finetune"] / TRAINING_CURVES
+        if curves.exists():
+            lines += [_image(run, curves, f"stage 3 curves ({name})", prefix=name), ""]
+
+    # ---- stage 4
+    evals = [
+        str(root / STAGE_DIRS["evaluate"])
+        for root in branches.values()
+        if (root / STAGE_DIRS["evaluate"] / RESULTS).exists()
+    ]
+    if evals:
+        lines += ["## Stage 4: evaluation", "", compare_runs(evals), ""]
+    for section in extra_sections or []:
+        lines += [section, ""]
+    path = run / REPORT
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+
+
+def _image(run: Path, image: Path, alt: str, prefix: str = "") -> str:
+    """Markdown for a PNG, copied next to report.md so the report folder is self-contained."""
+    if not image.exists():
+        return f"_({alt}: not produced)_"
+    name = (
+        f"{prefix + '_' if prefix else ''}{image.parent.name}_{image.name}"
+        if image.parent != run
+        else image.name
+    )
+    if image.parent != run:
+        shutil.copy(image, run / name)
+    return f"![{alt}]({name})"
+
+
+def markdown_table(columns: list[str], rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
+    for row in rows:
+        cells = [row[c] if isinstance(row[c], str) else f"{row[c]:.3f}" for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,317 @@
+"""Stage 2 driver: ``selectmoe select`` / ``python -m ray_jobs.select``.
+
+Ray Data: read -> normalise/validate (rejects) -> tokenise with the shared template -> scoring actor
+pool (``GateScorer``: windows sorted by length, sub-batches capped by rows and tokens) -> streaming
+Parquet write of one score record per row into ``scores/``. Then an exact selection streams the score
+files (driver memory O(k)), and a second pass over the rows writes the selected originals with
+``score`` and ``rank`` to ``selected.parquet`` and ``selected.jsonl``.
+
+Resume: score files already in ``scores/`` (same scoring config) are kept and their rows skipped;
+a partly written file is removed and its rows scored again. Rows are scored independently of their
+batch, so a resumed run gives the same outputs as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from selectmoe.config import SelectConfig, to_dict
+from selectmoe.figures import plot_score_histograms
+from selectmoe.layout import (
+    REJECTS,
+    SCORE_HISTOGRAMS,
+    SCORES_DIR,
+    SCORING_KEY,
+    SELECTED_JSONL,
+    SELECTED_PARQUET,
+    STAGE1_CONFIG,
+    TOKENIZER_DIR,
+    TRAINING_IDS,
+    score_files,
+)
+from selectmoe.manifest import fingerprint, hash_dict, write_manifest
+from selectmoe.ray_data import read_rows, tokenize_rows
+from selectmoe.scaling import RESERVED_CPUS, ensure_ray, free_resources, use_gpu
+from selectmoe.select.score import ScorePasses, scores_depend_on
+from selectmoe.select.scorer import GateScorer
+from selectmoe.select.topk import (
+    METHODS,
+    above_threshold,
+    dataset_quotas,
+    diversity_select,
+    excluding,
+    order_by_score,
+    per_dataset_k,
+    random_k,
+    selection_size,
+    top_k,
+    with_rank,
+)
+
+logger = logging.getLogger(__name__)
+
+STREAM_ROWS = 65536  # rows per batch when streaming score files
+
+
+def select(cfg: SelectConfig) -> Path:
+    started = time.time()
+    if cfg.selection.method not in METHODS:
+        raise ValueError(f"selection.method must be one of {METHODS}, got {cfg.selection.method!r}")
+    out = Path(cfg.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    ensure_ray()
+    model_path, tokenizer_name = _selector(cfg)
+    passes = ScorePasses.for_scoring(cfg.scoring)
+    timings = {}
+
+    # ---- read + tokenise
+    read = read_rows(cfg.dataset, cfg.data, seed=cfg.seed, tokenizer_name=tokenizer_name)
+    read.ledger.write_rejects(out / REJECTS)
+    tokens = tokenize_rows(
+        read.rows,
+        tokenizer_name,
+        cfg.dataset.max_sequence_length,
+        "assistant",
+        replies_alone=passes.reply_only,
+    )
+
+    # ---- score (resumable)
+    scores_dir = out / SCORES_DIR
+    done_ids = _reusable_scores(scores_dir, _scoring_key(cfg, model_path))
+    if done_ids:
+        logger.info("resuming: %d rows already scored in %s", len(done_ids), scores_dir)
+        tokens = tokens.map_batches(
+            _rows_with_ids, batch_format="pyarrow", fn_kwargs={"ids": done_ids, "keep": False}
+        )
+    t0 = time.time()
+    # one sort window per block (streaming, order kept): the pool gets many inputs to spread over actors
+    tokens = tokens.repartition(target_num_rows_per_block=cfg.scoring.sort_window)
+    scored = tokens.map_batches(
+        GateScorer,
+        batch_size=cfg.scoring.sort_window,
+        fn_constructor_kwargs=_scorer_kwargs(cfg, model_path, tokenizer_name, out),
+        **_pool_args(cfg),
+    )
+    scored.write_parquet(str(scores_dir))
+    timings["scoring_s"] = round(time.time() - t0, 2)
+
+    # ---- select
+    t0 = time.time()
+    files = score_files(scores_dir)
+    rows_scored = sum(pq.read_metadata(f).num_rows for f in files)
+    excluded = _training_ids(cfg) if cfg.selection.exclude_training_rows else set()
+    selected = _select(cfg, files, rows_scored, excluded)
+    timings["selection_s"] = round(time.time() - t0, 2)
+
+    # ---- write the selected rows (originals + score + rank)
+    t0 = time.time()
+    originals = read.rows.map_batches(
+        _rows_with_ids,
+        batch_format="pyarrow",
+        fn_kwargs={"ids": set(selected["id"].to_pylist()), "keep": True},
+    )
+    rows = {r["id"]: r for r in originals.take_all()}
+    records = []
+    for item in selected.to_pylist():
+        row = rows[item["id"]]
+        record = {"dataset": row["dataset"], "id": row["id"], "messages": row["messages"]}
+        record.update(json.loads(row["extra"] or "{}"))
+        record.update(score=item["score"], rank=item["rank"])
+        records.append(record)
+    pq.write_table(pa.Table.from_pylist(records), out / SELECTED_PARQUET)
+    with (out / SELECTED_JSONL).open("w") as fh:
+        for record in records:
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+    timings["write_s"] = round(time.time() - t0, 2)
+
+    counts = read.ledger.counts()
+    counts.update(
+        rows_scored=rows_scored,
+        rows_excluded_training=len(excluded),
+        rows_selected=selected.num_rows,
+        selected_by_dataset=dict(Counter(selected["dataset"].to_pylist())) if selected.num_rows else {},
+    )
+    metrics = {
+        "score_threshold": min(selected["score"].to_pylist()) if selected.num_rows else None,
+        "score_max": max(selected["score"].to_pylist()) if selected.num_rows else None,
+    }
+    plot_score_histograms(
+        lambda: _stream(files, ["dataset", "score"]),
+        out / SCORE_HISTOGRAMS,
+        metrics["score_threshold"],
+    )
+    write_manifest(
+        out,
+        stage="select",
+        config=cfg,
+        inputs={
+            "selector_model": fingerprint(model_path),
+            "data": [fingerprint(s.uri) for s in read.sources],
+        },
+        counts=counts,
+        metrics={**metrics, "timings": timings},
+        outputs={
+            "score_files": SCORES_DIR,
+            "selected": [SELECTED_PARQUET, SELECTED_JSONL],
+            "rejects": REJECTS,
+        },
+        started_at=started,
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _selector(cfg: SelectConfig) -> tuple[str, str]:
+    """(model to load, tokenizer): a stage-1 folder names its base and carries its tokenizer."""
+    path = cfg.model_checkpoint_path or cfg.selector_model.path
+    folder = Path(path)
+    if cfg.model_checkpoint_path and folder.is_file():
+        raise ValueError(
+            f"model_checkpoint_path={path}: expected a stage-1 output folder (with {STAGE1_CONFIG}); "
+            "the seed's full_rank_weights.pt files are not read"
+        )
+    tokenizer = cfg.selector_model.tokenizer_name
+    if tokenizer is None and (folder / TOKENIZER_DIR).is_dir():
+        tokenizer = str(folder / TOKENIZER_DIR)
+    if tokenizer is None and (folder / STAGE1_CONFIG).is_file():
+        tokenizer = json.loads((folder / STAGE1_CONFIG).read_text())["tokenizer"]
+    return str(path), tokenizer or str(path)
+
+
+def _scoring_key(cfg: SelectConfig, model_path: str) -> dict:
+    """What the scores depend on; score files written under another key are not reused."""
+    model = Path(model_path)
+    weights = (
+        {p.name: fingerprint(p) for p in sorted(model.glob("*")) if p.is_file()} if model.is_dir() else {}
+    )
+    return {
+        "model": model_path,
+        "weights": hash_dict(weights),
+        "scoring": scores_depend_on(cfg.scoring),
+        "dataset": to_dict(cfg.dataset),
+        "selector_model": to_dict(cfg.selector_model),
+        "seed": cfg.seed,
+    }
+
+
+def _reusable_scores(scores_dir: Path, key: dict) -> set[str]:
+    """Ids of rows already scored under ``key``; clears the folder when the key differs."""
+    key_file = scores_dir / SCORING_KEY
+    if scores_dir.exists() and (not key_file.exists() or json.loads(key_file.read_text()) != key):
+        shutil.rmtree(scores_dir)
+    scores_dir.mkdir(parents=True, exist_ok=True)
+    key_file.write_text(json.dumps(key, sort_keys=True))
+    done: set[str] = set()
+    for path in score_files(scores_dir):
+        try:
+            done.update(pq.read_table(path, columns=["id"])["id"].to_pylist())
+        except (pa.ArrowInvalid, OSError):
+            logger.warning(
+                "removing unreadable score file %s (an interrupted write); its rows are rescored", path
+            )
+            path.unlink()
+    return done
+
+
+def _stream(files: list[Path], columns: list[str]):
+    for path in files:
+        yield from (
+            pa.Table.from_batches([b])
+            for b in pq.ParquetFile(path).iter_batches(STREAM_ROWS, columns=columns)
+        )
+
+
+def _rows_with_ids(batch: pa.Table, *, ids: set[str], keep: bool) -> pa.Table:
+    """Keep (or drop) the rows whose id is in ``ids``."""
+    inside = pc.is_in(batch["id"], value_set=pa.array(sorted(ids), type=pa.string()))
+    return batch.filter(inside if keep else pc.invert(inside))
+
+
+def _training_ids(cfg: SelectConfig) -> set[str]:
+    if not cfg.model_checkpoint_path:
+        return set()
+    path = Path(cfg.model_checkpoint_path) / TRAINING_IDS
+    return set(pq.read_table(path, columns=["id"])["id"].to_pylist()) if path.exists() else set()
+
+
+def _select(cfg: SelectConfig, score_files: list[Path], rows_scored: int, excluded: set[str]) -> pa.Table:
+    method = cfg.selection.method
+    columns = ["id", "dataset", "score"] + (["routing"] if method == "diversity" else [])
+
+    def batches():
+        return excluding(_stream(score_files, columns), excluded)
+
+    candidates = rows_scored - len(excluded)
+    k = selection_size(candidates, cfg.selection_percentage, cfg.selection.count)
+    if method == "top_k":
+        chosen = top_k(batches(), k)
+    elif method == "random":
+        chosen = order_by_score(random_k(batches(), k, cfg.seed))
+    elif method == "threshold":
+        if cfg.selection.threshold is None:
+            raise ValueError("selection.method=threshold needs selection.threshold")
+        chosen = above_threshold(batches(), cfg.selection.threshold)
+    elif method == "per_dataset":
+        per_dataset = Counter()
+        for batch in batches():
+            per_dataset.update(batch["dataset"].to_pylist())
+        chosen = per_dataset_k(batches(), dataset_quotas(dict(per_dataset), k, cfg.selection.quotas))
+    else:
+        if not cfg.scoring.store_routing:
+            raise ValueError("selection.method=diversity needs scoring.store_routing=true")
+        table = pa.concat_tables(list(batches()))
+        p = cfg.clustering_params
+        chosen, _ = diversity_select(table, k, p.k, p.max_iters, cfg.seed)
+        chosen = chosen.drop_columns(["routing"])
+    if chosen.num_columns == 0:
+        return pa.table(
+            {
+                "id": pa.array([], pa.string()),
+                "dataset": pa.array([], pa.string()),
+                "score": pa.array([], pa.float64()),
+                "rank": pa.array([], pa.int64()),
+            }
+        )
+    return with_rank(chosen.select(["id", "dataset", "score"]))
+
+
+def _scorer_kwargs(cfg: SelectConfig, model_path: str, tokenizer_name: str, out: Path) -> dict:
+    from selectmoe.data.template import ensure_pad_token, load_tokenizer
+
+    return {
+        "model_path": model_path,
+        "scoring": cfg.scoring,
+        "pad_token_id": ensure_pad_token(load_tokenizer(tokenizer_name)).pad_token_id,
+        "dtype": cfg.selector_model.dtype,
+        "attn_implementation": cfg.selector_model.attn_implementation,
+        "max_rows": cfg.data_process.batch_size,
+        "fail_once_marker": str(out / ".injected_actor_failure")
+        if cfg.scoring.inject_actor_failure
+        else None,
+    }
+
+
+def _pool_args(cfg: SelectConfig) -> dict:
+    """Actor pool: one GPU per actor on GPU clusters; on CPU, free CPUs minus one left for Ray Data."""
+    from ray.data import ActorPoolStrategy
+
+    # Ray Data gives pool actors max_restarts=-1 and max_task_retries=-1: a killed actor is replaced and
+    # its batch retried
+    if use_gpu(cfg.scaling):
+        actors = cfg.scoring.num_actors or max(1, int(free_resources().get("GPU", 1)))
+        return {"compute": ActorPoolStrategy(size=actors), "num_gpus": 1}
+    cpus = free_resources().get("CPU", 1.0)
+    actors = cfg.scoring.num_actors or max(1, int(cpus - RESERVED_CPUS))
+    per_actor = round(max(0.25, (cpus - RESERVED_CPUS) / actors), 2)
+    return {"compute": ActorPoolStrategy(size=actors), "num_cpus": per_actor}

@@ -1,0 +1,220 @@
+"""Row scores from gate outputs: the one score formula.
+
+    layer_score[l] = mean over the row's scored tokens of g[l, t],   g = sigmoid(quality_score)
+    score          = mean over layers of layer_score[l]
+                     - perplexity_weight x NLL                          (when set)
+                     + prompt_gain_weight x (NLL_without_prompt - NLL)  (when set)
+                     + expert_effect_weight x (NLL_gates_shut - NLL)    (when set)
+
+Scored tokens are the assistant tokens (labels not ``IGNORE_INDEX``) by default, or every real token with
+``scoring.tokens=all``; padding never counts. ``layer_scores`` are stored beside ``score`` so any
+other aggregation (last layers only, weighted layers) can be recomputed without rescoring. (The
+seed had two formulas; a later script averaged sigmoid(token-mean q) instead. This is the first.)
+``NLL`` is the row's mean next-token NLL over the same tokens, from the same forward pass
+(``row_nll``): ``scoring.perplexity_weight`` ranks rows the model finds implausible lower.
+``NLL_without_prompt`` is the mean NLL of the same reply tokens with the prompts removed (a second,
+reply-only pass): the prompt gain is how much the prompt helps predict the reply (per-token pointwise
+mutual information; the inverse view of IFD), low for replies that do not answer their prompt.
+``NLL_gates_shut`` is the NLL of the same tokens with every quality gate forced to 0 (only the trash
+expert; a third pass): the expert effect is what the gated experts contribute to predicting the row,
+a score built from what the gate controls rather than from the gate's raw value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+from selectmoe.data.collate import collate
+from selectmoe.data.template import IGNORE_INDEX
+from selectmoe.models.modeling import gates_forced
+
+SCORE_TOKENS = ("assistant", "all")
+
+
+# ---------------------------------------------------------------------------- what a score needs
+
+
+@dataclass(frozen=True)
+class ScorePasses:
+    """Which columns ``score_batch`` computes, and so which forward passes it runs per batch.
+
+    The decoder pass gives ``layer_scores`` (and ``routing``, ``nll``); ``reply_only`` adds a pass
+    over the replies without their prompts (``nll_without_prompt``); ``gates_shut`` a pass with every
+    quality gate forced to 0 (``nll_gates_shut``)."""
+
+    tokens: str = "assistant"
+    gates: bool = True  # layer_scores; False for a model without quality gates (plain OLMoE/Llama)
+    routing: bool = False
+    nll: bool = False
+    reply_only: bool = False
+    gates_shut: bool = False
+
+    @classmethod
+    def for_scoring(cls, scoring) -> ScorePasses:
+        """The passes a ``scoring`` config section needs: a term's weight != 0 turns its pass on."""
+        reply_only = scoring.prompt_gain or scoring.prompt_gain_weight != 0
+        gates_shut = scoring.expert_effect or scoring.expert_effect_weight != 0
+        if reply_only and scoring.tokens != "assistant":
+            raise ValueError("scoring.prompt_gain needs scoring.tokens=assistant (it compares reply tokens)")
+        return cls(
+            tokens=scoring.tokens,
+            routing=scoring.store_routing,
+            nll=scoring.lm_loss or scoring.perplexity_weight != 0 or reply_only or gates_shut,
+            reply_only=reply_only,
+            gates_shut=gates_shut,
+        )
+
+
+def scores_depend_on(scoring) -> dict:
+    """The fields of a ``scoring`` section that change what is computed (the resume key): every field
+    but those marked ``execution`` (batch sizes, actor counts, fault injection)."""
+    return {f.name: getattr(scoring, f.name) for f in fields(scoring) if not f.metadata.get("execution")}
+
+
+# ---------------------------------------------------------------------------- the scoring pass
+
+
+@torch.inference_mode()
+def score_batch(model, rows: list[dict], what: ScorePasses, pad_token_id: int) -> dict[str, np.ndarray]:
+    """The one scoring forward pass: per-row columns for ``rows`` (tokenised: ``input_ids``,
+    ``labels``, and ``reply_input_ids``/``reply_labels`` for ``reply_only``), in their order.
+
+    Columns: ``n_scored_tokens``; ``layer_scores`` (B, L) with ``what.gates``; ``routing`` (B, L*E);
+    ``nll``, ``nll_without_prompt``, ``nll_gates_shut`` (B,). The decoder runs without the LM head;
+    only the scored positions go through it (``row_nll``)."""
+    device = next(model.parameters()).device
+    batch = collate(rows, pad_token_id, device)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    mask = score_mask(batch["attention_mask"], batch["labels"], what.tokens)
+    columns: dict[str, np.ndarray] = {"n_scored_tokens": mask.sum(dim=1).cpu().numpy().astype(np.int64)}
+    with _root_gathered(model):
+        out = model.model(**inputs, output_router_logits=what.gates or what.routing)
+        if what.gates:
+            records = out.router_logits
+            quality = [r["quality_score"] for r in records]
+            columns["layer_scores"] = layer_gate_means(quality, mask).cpu().numpy().astype(np.float64)
+        if what.routing:
+            dists = layer_routing_means([r["moe_logits"] for r in out.router_logits], mask)
+            columns["routing"] = dists.reshape(len(rows), -1).cpu().numpy().astype(np.float32)
+        if what.nll:
+            columns["nll"] = _nll(model, out.last_hidden_state, batch["input_ids"], mask)
+        if what.reply_only:
+            replies = [{"input_ids": r["reply_input_ids"], "labels": r["reply_labels"]} for r in rows]
+            reply = collate(replies, pad_token_id, device)
+            hidden = model.model(
+                input_ids=reply["input_ids"], attention_mask=reply["attention_mask"]
+            ).last_hidden_state
+            reply_mask = score_mask(reply["attention_mask"], reply["labels"], "assistant")
+            columns["nll_without_prompt"] = _nll(model, hidden, reply["input_ids"], reply_mask)
+        if what.gates_shut:
+            with gates_forced(model, 0.0):
+                hidden = model.model(**inputs).last_hidden_state
+            columns["nll_gates_shut"] = _nll(model, hidden, batch["input_ids"], mask)
+    return columns
+
+
+def _nll(model, hidden: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+    return row_nll(model, hidden, input_ids, mask).cpu().numpy().astype(np.float64)
+
+
+@contextlib.contextmanager
+def _root_gathered(model):
+    """Under FSDP2 the decoder is called directly, so the root's own parameters (embeddings, final
+    norm, LM head) are gathered here first; every rank runs this together."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
+
+
+# ---------------------------------------------------------------------------- the formula
+
+
+def score_mask(attention_mask: torch.Tensor, labels: torch.Tensor, tokens: str) -> torch.Tensor:
+    """(B, T) bool: the tokens a row's score averages over."""
+    if tokens not in SCORE_TOKENS:
+        raise ValueError(f"scoring.tokens must be one of {SCORE_TOKENS}, got {tokens!r}")
+    mask = attention_mask.bool()
+    if tokens == "assistant":
+        mask = mask & (labels != IGNORE_INDEX)
+    return mask
+
+
+def layer_gate_means(quality_scores: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """(B, L): per layer, the mean gate value over each row's masked tokens."""
+    gates = torch.sigmoid(torch.stack([q[..., 0].float() for q in quality_scores], dim=-1))  # (B, T, L)
+    weights = mask.unsqueeze(-1).float()
+    return (gates * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+
+
+def layer_routing_means(moe_logits: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """(B, L, E): per layer, the mean routing distribution over each row's masked tokens."""
+    batch, seq = mask.shape
+    probs = torch.stack([torch.softmax(x.float(), dim=-1).view(batch, seq, -1) for x in moe_logits], dim=2)
+    weights = mask.float()[..., None, None]  # (B, T, 1, 1)
+    return (probs * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+
+
+def row_score(
+    layer_scores: np.ndarray,
+    nll: np.ndarray | None = None,
+    perplexity_weight: float = 0.0,
+    nll_without_prompt: np.ndarray | None = None,
+    prompt_gain_weight: float = 0.0,
+    nll_gates_shut: np.ndarray | None = None,
+    expert_effect_weight: float = 0.0,
+) -> np.ndarray:
+    """(B, L) -> (B,): the mean over layers, with the NLL, prompt-gain and expert-effect terms when their
+    weights are set."""
+    score = np.asarray(layer_scores, dtype=np.float64).mean(axis=-1)
+    if perplexity_weight:
+        score = score - perplexity_weight * np.asarray(nll, dtype=np.float64)
+    if prompt_gain_weight:
+        gain = np.asarray(nll_without_prompt, dtype=np.float64) - np.asarray(nll, dtype=np.float64)
+        score = score + prompt_gain_weight * gain
+    if expert_effect_weight:
+        effect = np.asarray(nll_gates_shut, dtype=np.float64) - np.asarray(nll, dtype=np.float64)
+        score = score + expert_effect_weight * effect
+    return score
+
+
+def score_of(columns: dict[str, np.ndarray], scoring) -> np.ndarray:
+    """``row_score`` of ``score_batch``'s (or stored score files') columns under a ``scoring`` config."""
+    return row_score(
+        columns["layer_scores"],
+        columns.get("nll"),
+        scoring.perplexity_weight,
+        columns.get("nll_without_prompt"),
+        scoring.prompt_gain_weight,
+        columns.get("nll_gates_shut"),
+        scoring.expert_effect_weight,
+    )
+
+
+def row_score_tensor(quality_scores: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """(B,): the row score as a differentiable tensor (stage 1 trains it against a reference set)."""
+    return layer_gate_means(quality_scores, mask).mean(dim=-1)
+
+
+def row_nll(model, hidden: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B,): mean next-token NLL over each row's masked tokens, from the decoder's last hidden state.
+
+    Only the positions that predict a masked token go through the LM head, so no (B, T, vocab)
+    logits are built. A baseline and an optional score term (``scoring.lm_loss``)."""
+    targets = mask[:, 1:]  # token t+1 is predicted at position t
+    rows = torch.nonzero(targets, as_tuple=True)[0]
+    logits = model.lm_head(hidden[:, :-1][targets])  # (N, V)
+    nll = torch.nn.functional.cross_entropy(logits.float(), input_ids[:, 1:][targets], reduction="none")
+    total = torch.zeros(mask.shape[0], device=nll.device).index_add_(0, rows, nll)
+    count = torch.zeros(mask.shape[0], device=nll.device).index_add_(0, rows, torch.ones_like(nll))
+    return total / count.clamp(min=1)

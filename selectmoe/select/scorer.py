@@ -1,0 +1,88 @@
+"""Batch scoring: a callable class Ray Data runs in an actor pool (one model per actor).
+
+Each call gets a window of tokenised rows, sorts it by length, cuts it into sub-batches capped by
+rows and padded tokens, runs the one scoring pass (``score.score_batch``) on each, and returns one
+score record per row in the window's order.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from selectmoe.models.loading import load_select_moe, resolve_dtype
+from selectmoe.select.score import ScorePasses, score_batch, score_of
+
+# columns the score files keep beside id, dataset, score, layer_scores, n_tokens and n_scored_tokens
+OPTIONAL_COLUMNS = ("routing", "nll", "nll_without_prompt", "nll_gates_shut")
+TOKEN_FIELDS = ("input_ids", "labels", "reply_input_ids", "reply_labels")  # what score_batch reads
+
+
+class GateScorer:
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        scoring,
+        pad_token_id: int,
+        dtype: str = "auto",
+        attn_implementation: str = "sdpa",
+        max_rows: int = 32,
+        fail_once_marker: str | None = None,
+    ):
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = load_select_moe(
+            model_path, dtype=resolve_dtype(dtype, self.device), attn_implementation=attn_implementation
+        ).to(self.device)
+        self.model.eval()
+        self.scoring = scoring
+        self.passes = ScorePasses.for_scoring(scoring)
+        self.pad_token_id = pad_token_id
+        self.max_rows = max_rows
+        self.max_tokens = scoring.tokens_per_batch
+        self.fail_once_marker = fail_once_marker
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self._maybe_die()
+        lengths = np.asarray([len(x) for x in batch["input_ids"]])
+        order = np.argsort(lengths, kind="stable")
+        parts, positions = [], []
+        for chunk in self._chunks(order, lengths):
+            rows = [{name: batch[name][i] for name in TOKEN_FIELDS if name in batch} for i in chunk]
+            parts.append(score_batch(self.model, rows, self.passes, self.pad_token_id))
+            positions.extend(chunk)
+        inverse = np.empty(len(positions), dtype=np.int64)
+        inverse[np.asarray(positions, dtype=np.int64)] = np.arange(len(positions))
+        columns = {name: np.concatenate([p[name] for p in parts])[inverse] for name in parts[0]}
+        result = {
+            "id": batch["id"],
+            "dataset": batch["dataset"],
+            "score": score_of(columns, self.scoring),
+            "layer_scores": list(columns["layer_scores"]),
+            "n_tokens": lengths.astype(np.int64),
+            "n_scored_tokens": columns["n_scored_tokens"],
+        }
+        for name in OPTIONAL_COLUMNS:
+            if name in columns:
+                result[name] = list(columns[name]) if columns[name].ndim > 1 else columns[name]
+        return result
+
+    def _chunks(self, order: np.ndarray, lengths: np.ndarray):
+        """Consecutive rows of the length order, at most ``max_rows`` and ``max_tokens`` padded tokens."""
+        chunk: list[int] = []
+        for i in order:  # ascending length: the row being added is the chunk's longest
+            if chunk and (len(chunk) + 1 > self.max_rows or lengths[i] * (len(chunk) + 1) > self.max_tokens):
+                yield chunk
+                chunk = []
+            chunk.append(int(i))
+        if chunk:
+            yield chunk
+
+    def _maybe_die(self) -> None:
+        """Fault injection for tests: the first actor to get here exits its process once."""
+        if self.fail_once_marker and not os.path.exists(self.fail_once_marker):
+            with open(self.fail_once_marker, "w") as fh:
+                fh.write(f"scoring actor {os.getpid()} exited\n")
+            os._exit(1)

@@ -1,0 +1,166 @@
+"""Selections over streamed score tables: top-k, per-dataset quotas, diversity, random, threshold.
+
+Every method is exact at any corpus size. ``top_k`` / ``per_dataset`` / ``random`` keep only the
+current best ``k`` rows while batches stream past (driver memory O(k + batch)); ``threshold`` keeps
+what it selects. ``diversity`` clusters routing features and needs them for every candidate row
+(O(rows x layers x experts)), as the seed's k-means did.
+
+Order is total and deterministic: score descending, ties broken by id ascending. ``random`` orders by
+a seeded hash of the id instead of the score, so it is the same sample for the same seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from selectmoe.data.subset import random_key
+
+METHODS = ("top_k", "per_dataset", "diversity", "random", "threshold")
+_ORDER = [("score", "descending"), ("id", "ascending")]
+
+
+def selection_size(n_rows: int, percentage: float, count: int = 0) -> int:
+    """``count`` when set, else ``int(percentage * n_rows)`` (the seed's rule), at least 1 if any row."""
+    if count > 0:
+        return min(count, n_rows)
+    return min(n_rows, max(1 if n_rows else 0, int(percentage * n_rows)))
+
+
+def top_k(batches: Iterable[pa.Table], k: int, order=None) -> pa.Table:
+    """The first ``k`` rows of all batches under ``order`` (default: score desc, id asc), streaming."""
+    order = order or _ORDER
+    best: pa.Table | None = None
+    for batch in batches:
+        merged = batch if best is None else pa.concat_tables([best, batch.select(best.column_names)])
+        best = merged.take(pc.sort_indices(merged, sort_keys=order)[:k])
+    return best if best is not None else pa.table({})
+
+
+def random_k(batches: Iterable[pa.Table], k: int, seed: int) -> pa.Table:
+    keyed = (b.append_column("random_key", random_key(seed, b["id"])) for b in batches)
+    chosen = top_k(keyed, k, order=[("random_key", "ascending"), ("id", "ascending")])
+    return chosen.drop_columns(["random_key"]) if chosen.num_columns else chosen
+
+
+def per_dataset_k(batches: Iterable[pa.Table], quotas: dict[str, int]) -> pa.Table:
+    """Top rows of each dataset by score, ``quotas[dataset]`` of them; datasets without a quota get none."""
+    best: dict[str, pa.Table] = {}
+    for batch in batches:
+        for name, quota in quotas.items():
+            rows = batch.filter(pc.equal(batch["dataset"], name))
+            if rows.num_rows == 0 or quota <= 0:
+                continue
+            merged = (
+                rows
+                if name not in best
+                else pa.concat_tables([best[name], rows.select(best[name].column_names)])
+            )
+            best[name] = merged.take(pc.sort_indices(merged, sort_keys=_ORDER)[:quota])
+    if not best:
+        return pa.table({})
+    return order_by_score(pa.concat_tables([best[name] for name in sorted(best)]))
+
+
+def dataset_quotas(dataset_counts: dict[str, int], k: int, given: dict[str, float] | None) -> dict[str, int]:
+    """Quotas per dataset: proportional to its rows (largest remainder, summing to ``k``), or ``given``
+    as fractions of the dataset (< 1) or row counts (>= 1)."""
+    if given:
+        return {
+            name: min(dataset_counts.get(name, 0), int(v * dataset_counts.get(name, 0)) if v < 1 else int(v))
+            for name, v in given.items()
+        }
+    total = sum(dataset_counts.values())
+    exact = {name: k * n / total for name, n in dataset_counts.items()} if total else {}
+    quotas = {name: int(x) for name, x in exact.items()}
+    leftover = k - sum(quotas.values())
+    for name in sorted(exact, key=lambda n: (-(exact[n] - quotas[n]), n))[:leftover]:
+        quotas[name] += 1
+    return quotas
+
+
+def above_threshold(batches: Iterable[pa.Table], threshold: float) -> pa.Table:
+    kept = [b.filter(pc.greater_equal(b["score"], threshold)) for b in batches]
+    kept = [b for b in kept if b.num_rows]
+    return order_by_score(pa.concat_tables(kept)) if kept else pa.table({})
+
+
+def order_by_score(table: pa.Table) -> pa.Table:
+    return table.take(pc.sort_indices(table, sort_keys=_ORDER))
+
+
+def with_rank(table: pa.Table) -> pa.Table:
+    """Rank 1..n in the table's order."""
+    return table.append_column("rank", pa.array(np.arange(1, table.num_rows + 1, dtype=np.int64)))
+
+
+def excluding(batches: Iterable[pa.Table], excluded_ids: set[str]) -> Iterator[pa.Table]:
+    """Drop rows whose id is in ``excluded_ids`` (e.g. stage-1 training rows)."""
+    if not excluded_ids:
+        yield from batches
+        return
+    value_set = pa.array(sorted(excluded_ids), type=pa.string())
+    for batch in batches:
+        yield batch.filter(pc.invert(pc.is_in(batch["id"], value_set=value_set)))
+
+
+# ---------------------------------------------------------------------------- diversity (k-means)
+
+
+def diversity_select(table: pa.Table, k: int, n_clusters: int, max_iters: int, seed: int, restarts: int = 3):
+    """Cluster the rows' routing features (cosine k-means, k-means++ init, seeded restarts that differ),
+    then take rows round-robin across clusters in score order until ``k`` are chosen.
+
+    Returns (selected table in selection order, cluster label per row of ``table``)."""
+    features = np.stack(table["routing"].to_numpy(zero_copy_only=False)).astype(np.float64)
+    features /= np.linalg.norm(features, axis=1, keepdims=True).clip(min=1e-12)
+    n_clusters = max(1, min(n_clusters, len(features)))
+    labels = best_kmeans(features, n_clusters, max_iters, seed, restarts)
+    ranked = pc.sort_indices(table, sort_keys=_ORDER).to_numpy()
+    queues = [[i for i in ranked if labels[i] == c] for c in range(n_clusters)]
+    chosen: list[int] = []
+    depth = 0
+    while len(chosen) < min(k, len(table)):
+        for queue in queues:
+            if depth < len(queue) and len(chosen) < k:
+                chosen.append(queue[depth])
+        depth += 1
+    return table.take(pa.array(chosen, type=pa.int64())), labels
+
+
+def best_kmeans(
+    features: np.ndarray, n_clusters: int, max_iters: int, seed: int, restarts: int
+) -> np.ndarray:
+    """Labels of the restart with the highest total cosine similarity; restart r uses seed + r
+    (the seed project reset one seed before every restart, so all its restarts were the same)."""
+    best_labels, best_fit = None, -np.inf
+    for restart in range(restarts):
+        labels, fit = _kmeans(features, n_clusters, max_iters, np.random.default_rng(seed + restart))
+        if fit > best_fit:
+            best_labels, best_fit = labels, fit
+    return best_labels
+
+
+def _kmeans(x: np.ndarray, n_clusters: int, max_iters: int, rng: np.random.Generator):
+    centres = [x[rng.integers(len(x))]]
+    for _ in range(1, n_clusters):  # k-means++ with cosine distance
+        distance = 1 - np.max(x @ np.stack(centres).T, axis=1)
+        p = distance.clip(min=0)
+        centres.append(x[rng.choice(len(x), p=p / p.sum())] if p.sum() > 0 else x[rng.integers(len(x))])
+    centres = np.stack(centres)
+    labels = np.full(len(x), -1)
+    for _ in range(max_iters):
+        new_labels = np.argmax(x @ centres.T, axis=1)
+        if np.array_equal(new_labels, labels):
+            break
+        labels = new_labels
+        for c in range(n_clusters):
+            members = x[labels == c]
+            if len(members):
+                centre = members.sum(axis=0)
+                centres[c] = centre / max(np.linalg.norm(centre), 1e-12)
+    fit = float(np.sum(np.max(x @ centres.T, axis=1)))
+    return labels, fit

@@ -1,0 +1,58 @@
+"""AUROC and precision@k, the numbers behind every separation table: against a brute-force pair
+count on random scores with many ties, and on hand-made cases."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from selectmoe.metrics import auroc, precision_at_k, separation_table
+
+
+def brute_force_auroc(scores, positive) -> float:
+    """P(a positive outscores a negative), ties counting half, by counting every pair."""
+    pos = [s for s, p in zip(scores, positive) if p]
+    neg = [s for s, p in zip(scores, positive) if not p]
+    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in itertools.product(pos, neg))
+    return wins / (len(pos) * len(neg))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_auroc_equals_the_pair_count_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(0, 6, size=80).astype(float)  # few distinct values: many ties
+    positive = rng.random(80) < 0.4
+    assert auroc(scores, positive) == pytest.approx(brute_force_auroc(scores, positive), abs=1e-12)
+
+
+def test_auroc_on_hand_made_cases():
+    assert auroc([3, 2, 1, 0], [True, True, False, False]) == 1.0
+    assert auroc([0, 1, 2, 3], [True, True, False, False]) == 0.0
+    assert auroc([1, 1, 1, 1], [True, False, True, False]) == 0.5  # all tied: chance
+    # positives at 2 and 1, negatives at 1 and 0: pairs (2>1, 2>0, 1=1, 1>0) -> 3.5 / 4
+    assert auroc([2, 1, 1, 0], [True, True, False, False]) == 0.875
+    assert math.isnan(auroc([1, 2], [True, True]))  # one class only
+
+
+def test_precision_at_k_counts_clean_rows_among_the_best_k():
+    scores = [0.9, 0.8, 0.7, 0.1, 0.95]
+    clean = [True, False, True, True, False]
+    assert precision_at_k(scores, clean, 1) == 0.0  # 0.95 is a bad row
+    assert precision_at_k(scores, clean, 3) == pytest.approx(1 / 3)  # 0.95, 0.9, 0.8
+    assert precision_at_k(scores, clean, 5) == pytest.approx(3 / 5)
+    # ties at the cut keep the earlier row (a stable order), as the selection's rank does
+    assert precision_at_k([1.0, 1.0, 0.0], [False, True, True], 1) == 0.0
+    assert math.isnan(precision_at_k(scores, clean, 0))
+
+
+def test_separation_table_judges_each_defect_kind_against_the_clean_rows():
+    defect = np.array(["", "", "garbled", "spam", "spam"], dtype=object)
+    perfect = np.array([5.0, 4.0, 1.0, 2.0, 0.0])  # every clean row above every bad one
+    columns, rows = separation_table({"perfect": perfect, "inverted": -perfect}, defect, k=2)
+    assert columns == ["scorer", "auroc_all", "auroc_garbled", "auroc_spam", "precision_at_2"]
+    best, worst = rows
+    assert best["auroc_all"] == best["auroc_garbled"] == best["auroc_spam"] == best["precision_at_2"] == 1.0
+    assert worst["auroc_all"] == worst["auroc_spam"] == worst["precision_at_2"] == 0.0
