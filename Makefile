@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo test lint format clean job-local
 
 install: $(STAMP)
 
@@ -26,6 +26,18 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/pytest -q -ra --durations=15
+
+# Try `ray job submit` locally: a head started from the project's environment (so the job's
+# `python` is .venv's), token auth on, one ray_jobs entry, then the head stopped. `ray stop` stops
+# every Ray on this machine. Override the job with JOB='ray_jobs.select ...'.
+JOB_PORT ?= 8390
+JOB ?= ray_jobs.validate_data dataset.data_path=$(CURDIR)/../shared/data/train output_dir=$(CURDIR)/outputs/job_validate
+job-local: $(STAMP)
+	test -s .ray_token || $(PY) -c "import secrets; print(secrets.token_hex(32))" > .ray_token
+	export PATH="$(CURDIR)/$(VENV)/bin:$$PATH" RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$(CURDIR)/.ray_token"; \
+	ray start --head --num-cpus=2 --dashboard-host=127.0.0.1 --dashboard-port=$(JOB_PORT) --disable-usage-stats \
+	&& ray job submit --address http://127.0.0.1:$(JOB_PORT) --working-dir . -- python -m $(JOB); \
+	status=$$?; ray stop >/dev/null 2>&1; exit $$status
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -8,10 +8,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import os
 import sys
+import traceback
 import typing
 
+from selectmoe import console
 from selectmoe.config import STAGE_CONFIGS, ConfigError, all_keys, parse_config
+from selectmoe.data.rejects import DataError
+from selectmoe.manifest import read_manifest
+
+# mistakes a user fixes in their command or inputs: one line and exit status 2 (--verbose: traceback)
+USER_ERRORS = (ConfigError, DataError)
+VERBOSE_ENV = "SELECTMOE_VERBOSE"
 
 # command -> (module, function, one-line help); the function takes the parsed config
 RUNNERS: dict[str, tuple[str, str, str]] = {
@@ -111,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         p.add_argument("--config", help="YAML config (default: the shipped one for this command)")
+        p.add_argument("--verbose", action="store_true", help=f"full tracebacks (or {VERBOSE_ENV}=1)")
         p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. training.learning_rate=1e-4")
     for name, text in OTHER_COMMANDS.items():
         p = sub.add_parser(name, help=text, description=text)
@@ -119,8 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_command(command: str, config_file: str | None, overrides: list[str]):
-    """Parse the config for ``command`` and run it; returns what the stage returns (its output dir)."""
+def run_command(command: str, config_file: str | None, overrides: list[str], verbose: bool = True):
+    """Parse the config for ``command`` and run it; returns what the stage returns (its output dir).
+    Unless ``verbose``, the terminal shows phase lines only (``selectmoe.console``)."""
     if command == "compare":
         from selectmoe.reporting.compare import compare_runs
 
@@ -129,7 +140,18 @@ def run_command(command: str, config_file: str | None, overrides: list[str]):
         return compare_runs(overrides)
     cfg = parse_config(command, config_file, overrides)
     module_name, fn_name, _ = RUNNERS[command]
-    return getattr(importlib.import_module(module_name), fn_name)(cfg)
+    run = getattr(importlib.import_module(module_name), fn_name)
+    if verbose:
+        return run(cfg)
+    with console.quiet(cfg.output_dir):
+        try:
+            result = run(cfg)
+        finally:
+            if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+                sys.modules["ray"].shutdown()  # its last log lines go to the log, not after the result
+    if command in console.STAGE_TITLES:
+        console.say(console.summary(command, read_manifest(result) or {}))
+    return result
 
 
 def _split_config_flag(args: list[str]) -> tuple[str | None, list[str]]:
@@ -157,11 +179,15 @@ def main(argv: list[str] | None = None) -> int:
     if command not in set(RUNNERS) | set(OTHER_COMMANDS) or "-h" in argv or "--help" in argv:
         parser.parse_args(argv[:1] + ["--help"] if command in RUNNERS or command in OTHER_COMMANDS else argv)
         return 2
-    config_file, rest = _split_config_flag(argv[1:])
+    verbose = "--verbose" in argv or os.environ.get(VERBOSE_ENV) == "1"
+    config_file, rest = _split_config_flag([a for a in argv[1:] if a != "--verbose"])
     try:
-        result = run_command(command, config_file, _normalise_args(rest))
-    except ConfigError as err:
-        print(f"selectmoe {command}: {err}", file=sys.stderr)
+        result = run_command(command, config_file, _normalise_args(rest), verbose=verbose)
+    except USER_ERRORS as err:
+        if verbose:
+            traceback.print_exc()
+        cause = getattr(err, "cause", None) or err  # a Ray task's error carries the original as .cause
+        print(f"selectmoe {command}: {str(cause).strip().splitlines()[0]}", file=sys.stderr)
         return 2
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         sys.modules["ray"].shutdown()  # stop log forwarding, so the output path is the last line

@@ -11,14 +11,16 @@ import time
 from pathlib import Path
 
 from selectmoe.config import ConvertConfig
+from selectmoe.console import say
 from selectmoe.manifest import fingerprint, write_manifest
-from selectmoe.models.loading import convert_olmoe, max_logit_diff_gates_open
+from selectmoe.models.loading import convert_olmoe, max_logit_diff_gates_open, require_model
 
 VERIFY_TOLERANCE = 1e-5
 
 
 def convert(cfg: ConvertConfig) -> Path:
     started = time.time()
+    require_model("olmoe", cfg.olmoe)
     out = convert_olmoe(
         cfg.olmoe,
         cfg.output_dir,
@@ -30,7 +32,7 @@ def convert(cfg: ConvertConfig) -> Path:
     if cfg.verify:
         diff = max_logit_diff_gates_open(cfg.olmoe, str(out), seed=cfg.seed)
         metrics["max_abs_logit_diff_gates_open"] = diff
-        print(f"verify: max |logits(OLMoE) - logits(Select-MoE, gates open)| = {diff:.3e} (fp32)")
+        say(f"verify: max |logits(OLMoE) - logits(Select-MoE, gates open)| = {diff:.3e} (fp32)")
         if diff > VERIFY_TOLERANCE:
             raise SystemExit(f"verify failed: {diff:.3e} > {VERIFY_TOLERANCE:.0e}")
     write_manifest(

@@ -42,7 +42,7 @@ def plot_training_curves(history: list[dict], path: str | Path, title: str) -> P
     return Path(path)
 
 
-def plot_score_histograms(batches, path: str | Path, threshold: float | None) -> Path:
+def plot_score_histograms(batches, path: str | Path, threshold: float | None, formula: str) -> Path:
     """Score histogram per dataset, selection cut marked. ``batches()`` streams tables with ``dataset``
     and ``score``; it is called twice (range, then counts) so no corpus is held in memory."""
     import numpy as np
@@ -68,7 +68,7 @@ def plot_score_histograms(batches, path: str | Path, threshold: float | None) ->
         ax.step(centres, counts[name], where="mid", label=name)
     if threshold is not None:
         ax.axvline(threshold, color="k", linestyle="--", label="selection cut")
-    ax.set_xlabel("score (mean gate value)")
+    ax.set_xlabel(f"score = {formula}")
     ax.set_ylabel("rows")
     ax.set_title("stage 2: scores per dataset")
     ax.legend(fontsize="small")

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from selectmoe import console
 from selectmoe.config import (
     EvaluateConfig,
     FinetuneConfig,
@@ -105,13 +106,14 @@ def run_pipeline(cfg: PipelineConfig, extra_sections: Callable[[Path], list[str]
     for baseline in cfg.pipeline.baselines:
         root = run / f"{BASELINE_PREFIX}{baseline}"
         b_sel, b_fin, b_ev = baseline_configs(baseline, sel, fin, ev, root)
-        if b_sel is not None:
-            _share_scores(Path(sel.output_dir), Path(b_sel.output_dir))
-            upstream = run_stage("select", b_sel, select, [keys["pretrain"]], wanted)
-        else:
-            upstream = hash_dict(to_dict(b_fin.dataset))
-        b_key = run_stage("finetune", b_fin, finetune, [upstream], wanted)
-        run_stage("evaluate", b_ev, evaluate, [b_key], wanted)
+        with console.branch(f"baseline {baseline}"):
+            if b_sel is not None:
+                _share_scores(Path(sel.output_dir), Path(b_sel.output_dir))
+                upstream = run_stage("select", b_sel, select, [keys["pretrain"]], wanted)
+            else:
+                upstream = hash_dict(to_dict(b_fin.dataset))
+            b_key = run_stage("finetune", b_fin, finetune, [upstream], wanted)
+            run_stage("evaluate", b_ev, evaluate, [b_key], wanted)
         branches[baseline] = root
 
     report = write_report(
@@ -131,14 +133,16 @@ def run_stage(name: str, cfg, fn: Callable, upstream: list[str], wanted: set[str
     manifest = read_manifest(out)
     key_file = out / PIPELINE_KEY
     finished = manifest and manifest.get("status") == "finished" and key_file.exists()
+    title = console.STAGE_TITLES[name]
     if finished and json.loads(key_file.read_text()).get("key") == key:
-        logger.info("%s: finished under the same config, skipped (%s)", name, out)
+        console.say(f"{title}: finished earlier under the same config, kept ({out.name})")
         return key
     if name not in wanted:
         raise RuntimeError(f"stage {name} is needed at {out} but pipeline.stages excludes it")
     logger.info("%s: running into %s", name, out)
     fn(cfg)
     key_file.write_text(json.dumps({"key": key, "upstream": upstream}))
+    console.say(console.summary(name, read_manifest(out) or {}))
     return key
 
 

@@ -34,6 +34,7 @@ from selectmoe.data.rejects import MAX_RAW_CHARS, DataError, RowError
 from selectmoe.data.rows import Scanned, admit, scan_source
 from selectmoe.data.subset import in_subset
 from selectmoe.data.template import encode_batch, encode_replies_alone, load_tokenizer
+from selectmoe.scaling import ensure_ray
 
 OUTPUT_ROWS = 1024  # rows per table a read task yields
 TOKENIZE_BATCH_ROWS = 256
@@ -76,7 +77,8 @@ def read_rows(dataset_cfg, data_cfg, *, seed: int = 0, tokenizer_name: str | Non
     With ``tokenizer_name`` the scan also checks the template against
     ``dataset.max_sequence_length`` and records token lengths for the percentiles.
     """
-    sources = resolve_sources(dataset_cfg)
+    sources = resolve_sources(dataset_cfg)  # before Ray starts: a missing input fails at once
+    ensure_ray()
     ledger = RowLedger.from_config(dataset_cfg, data_cfg, seed)
     scan = _per_source(
         sources,

@@ -20,7 +20,7 @@ RESERVED_CPUS = 1.0  # kept free for Ray Data tasks on CPU-only clusters
 MIN_WORKER_CPUS = 0.25
 DASHBOARD_HOST = "127.0.0.1"
 DEFAULT_DASHBOARD_PORT = 8265
-DASHBOARD_PORT_ATTEMPTS = 3
+DASHBOARD_PORT_ATTEMPTS = 4
 
 
 def ensure_ray() -> None:
@@ -44,19 +44,26 @@ def start_local_ray(**init_kwargs):
     machine: another user's, or a test session's beside a driver process. So the dashboard gets a
     port chosen here and every worker of this job gets RAY_API_SERVER_ADDRESS pointing at it (the
     job's runtime env); if the dashboard came up on another port (taken meanwhile), Ray is restarted
-    on a new one. Returns ``ray.init``'s context."""
+    on a new one. Two commands started together on one machine each start their own local Ray: the
+    one that loses the race for a port (Ray then fails to start its dashboard) retries on another.
+    Returns ``ray.init``'s context."""
     runtime_env = dict(init_kwargs.pop("runtime_env", None) or {})
     for attempt in range(DASHBOARD_PORT_ATTEMPTS):
         port = _free_port(DEFAULT_DASHBOARD_PORT if attempt == 0 else 0)
         url = f"{DASHBOARD_HOST}:{port}"
         env_vars = {**runtime_env.get("env_vars", {}), "RAY_API_SERVER_ADDRESS": f"http://{url}"}
-        context = ray.init(
-            include_dashboard=True,
-            dashboard_host=DASHBOARD_HOST,
-            dashboard_port=port,
-            runtime_env={**runtime_env, "env_vars": env_vars},
-            **init_kwargs,
-        )
+        try:
+            context = ray.init(
+                include_dashboard=True,
+                dashboard_host=DASHBOARD_HOST,
+                dashboard_port=port,
+                runtime_env={**runtime_env, "env_vars": env_vars},
+                **init_kwargs,
+            )
+        except Exception as err:  # another local Ray took the port between the check and the bind
+            logger.warning("a local Ray could not start on dashboard port %d (%s); trying another", port, err)
+            ray.shutdown()
+            continue
         if context.dashboard_url == url:
             return context
         logger.warning("the Ray dashboard came up on %s, not %s; restarting Ray", context.dashboard_url, url)

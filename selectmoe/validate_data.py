@@ -18,23 +18,25 @@ import time
 from pathlib import Path
 
 from selectmoe.config import ValidateDataConfig
+from selectmoe.console import phase
 from selectmoe.layout import REJECTS, ROWS_DIR
 from selectmoe.manifest import fingerprint, write_manifest
 from selectmoe.ray_data import read_rows
 
 
 def validate_data(cfg: ValidateDataConfig) -> Path:
-    """Write rows/, rejects.jsonl and manifest.json; print and return the output folder."""
+    """Write rows/, rejects.jsonl and manifest.json; return the output folder."""
     started = time.time()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    result = read_rows(cfg.dataset, cfg.data, seed=cfg.seed, tokenizer_name=cfg.tokenizer_name)
-
-    rows_dir = out / ROWS_DIR
-    shutil.rmtree(rows_dir, ignore_errors=True)  # a rerun replaces the rows, never appends
-    rows_dir.mkdir()
-    result.rows.write_parquet(str(rows_dir))
-    result.ledger.write_rejects(out / REJECTS)
+    with phase("validate-data: reading and checking rows"):
+        result = read_rows(cfg.dataset, cfg.data, seed=cfg.seed, tokenizer_name=cfg.tokenizer_name)
+    with phase("validate-data: writing the normalised rows"):
+        rows_dir = out / ROWS_DIR
+        shutil.rmtree(rows_dir, ignore_errors=True)  # a rerun replaces the rows, never appends
+        rows_dir.mkdir()
+        result.rows.write_parquet(str(rows_dir))
+        result.ledger.write_rejects(out / REJECTS)
 
     metrics = {}
     if cfg.tokenizer_name:
@@ -50,5 +52,4 @@ def validate_data(cfg: ValidateDataConfig) -> Path:
         outputs={"rows": ROWS_DIR, "rejects": REJECTS},
         started_at=started,
     )
-    print(out)
     return out

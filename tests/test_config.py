@@ -111,7 +111,7 @@ def test_override_values_are_parsed_as_yaml():
         ("selection_percentag=0.1", None),  # not a pretrain key at all
         ("training.epochs=two", "expected an integer"),
         ("training.gradient_checkpointing=maybe", "expected true/false"),
-        ("scaling.strategy=zero3", "scaling.strategy must be ddp or fsdp, got 'zero3'"),
+        ("scaling.strategy=zero3", "scaling.strategy='zero3': expected one of ['ddp', 'fsdp']"),
     ],
 )
 def test_bad_keys_and_values_fail_naming_the_key(override, message):

@@ -7,10 +7,19 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from selectmoe.config import ConfigError, EvalSection, EvaluateConfig, TargetModelConfig
-from selectmoe.evaluate.driver import LOCAL_VERSIONS, PRESETS, EvalJob, evaluate, expand_tasks
+from selectmoe.evaluate.driver import (
+    LOCAL_VERSIONS,
+    PRESETS,
+    EvalJob,
+    evaluate,
+    expand_tasks,
+    lm_eval_model_args,
+)
 from selectmoe.evaluate.results import results_table
 from selectmoe.evaluate.tasks import available_local_tasks, write_local_tasks
 from selectmoe.evaluate.tasks.bbh_local import bbh
@@ -164,8 +173,34 @@ def tiny_llama_with_adapter(tmp_path_factory):
     model_dir = build_tiny_llama(root / "model")
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    generator = torch.Generator().manual_seed(0)
+    for name, param in lora.named_parameters():
+        if "lora_B" in name:  # PEFT starts B at zero (a no-op adapter): give it weights that matter
+            param.data = torch.randn(param.shape, generator=generator) * 0.5
     lora.save_pretrained(root / "adapter")
     return model_dir, root / "adapter"
+
+
+@pytest.mark.timeout(300)
+def test_evaluate_loads_the_adapter_the_base_alone_scores_differently(tiny_llama_with_adapter):
+    """The log-likelihoods lm-eval gets through stage 4's model arguments change with the adapter."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    model_dir, adapter_dir = tiny_llama_with_adapter
+    requests = [
+        Instance("loglikelihood", {}, ("Question: what is 2 + 2?\nAnswer:", " 4"), 0),
+        Instance("loglikelihood", {}, ("The capital of France is", " Paris"), 1),
+    ]
+
+    def loglikelihoods(adapter):
+        cfg = EvaluateConfig(model=TargetModelConfig(name=str(model_dir)), eval=EvalSection(adapter=adapter))
+        lm = HFLM(**lm_eval_model_args(cfg, "cpu"), device="cpu", batch_size=2)
+        return np.array([logprob for logprob, _ in lm.loglikelihood(requests)])
+
+    base, adapted = loglikelihoods(None), loglikelihoods(str(adapter_dir))
+    assert np.isfinite(base).all() and np.isfinite(adapted).all()
+    assert np.abs(adapted - base).min() > 1e-3
 
 
 @pytest.mark.timeout(300)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from selectmoe.cli import main
+from selectmoe.reporting.report import composition_table
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -61,6 +62,10 @@ def test_demo_writes_a_report_with_plots_baseline_and_separation(demo_run, capsy
     for image in images:  # every image the report shows exists next to it
         assert (out / image).stat().st_size > 0
     assert "random" in report and "baseline_random" in report  # the baseline is tabled beside the selection
+    assert "| task | metric | selected | random | Δ random |" in report  # runs labelled by name, not path
+    assert "| dataset | corpus rows | corpus share | selected rows | selected share |" in report
+    formula = "mean gate - 0.03 x NLL + 0.1 x prompt gain"  # the default preset's score, in words
+    assert f"Score of a row: `{formula}`" in report
     separation = json.loads((out / "separation.json").read_text())
     scorers = [row["scorer"] for row in separation["table"]]
     assert any("perplexity" in s for s in scorers) and any("length" in s for s in scorers)
@@ -84,3 +89,11 @@ def test_rerun_redoes_nothing_and_a_stage2_change_redoes_stages_2_to_4(demo_run,
     for stage in STAGES[1:]:
         assert after[f"run/{stage}"] != before[f"run/{stage}"], stage
         assert after[f"baseline_random/{stage}"] != before[f"baseline_random/{stage}"], stage
+
+
+def test_composition_table_flags_a_dataset_over_twice_its_corpus_share():
+    table = composition_table({"cot": 35, "dolly": 65}, {"cot": 8, "dolly": 2})
+    assert "| cot | 35 | 35.0% | 8 | 80.0% |" in table
+    assert "**cot is over-represented**: 80% of the selection against 35% of the corpus" in table
+    assert "dolly is over-represented" not in table
+    assert "over-represented" not in composition_table({"a": 50, "b": 50}, {"a": 6, "b": 4})

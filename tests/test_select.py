@@ -4,7 +4,10 @@ a killed scoring actor, training-row exclusion, counts that add up."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -325,3 +328,29 @@ def test_prompt_gain_and_expert_effect_weights_rescore_every_row_with_their_pass
         expected += 0.5 * (row["nll_without_prompt"] - row["nll"])
         expected += 2.0 * (row["nll_gates_shut"] - row["nll"])
         assert row["score"] == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_two_commands_started_together_both_finish(tiny_olmoe, tmp_path):
+    """Each `selectmoe select` starts its own local Ray; the one that loses the dashboard-port race
+    retries on another port instead of crashing, and both give the same selection."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("\n".join((TRAIN_DIR / "oasst1.jsonl").read_text().splitlines()[:24]) + "\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "selectmoe.cli", "select"]
+            + select_overrides(tiny_olmoe, tmp_path / f"run{i}", **{"dataset.data_path": str(rows)}),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [run.communicate(timeout=540)[0] for run in runs]
+    for run, output in zip(runs, outputs):
+        assert run.returncode == 0, output[-3000:]
+    first, second = ((tmp_path / f"run{i}" / "selected.jsonl").read_bytes() for i in range(2))
+    assert first == second and first

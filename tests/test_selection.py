@@ -11,6 +11,8 @@ import pytest
 from selectmoe.select.topk import (
     above_threshold,
     best_kmeans,
+    choose_n_clusters,
+    cosine_silhouette,
     dataset_quotas,
     diversity_select,
     excluding,
@@ -104,3 +106,22 @@ def test_diversity_round_robins_over_clusters_and_restarts_differ():
     blob /= np.linalg.norm(blob, axis=1, keepdims=True)
     partitions = {tuple(best_kmeans(blob, 5, 30, seed, restarts=1)) for seed in range(4)}
     assert len(partitions) > 1
+
+
+def test_auto_k_picks_the_number_of_clusters_the_routing_features_have():
+    rng = np.random.default_rng(0)
+    centres = np.eye(8)[:3] * 4 + 0.5  # three well-separated directions
+    features = np.concatenate([c + rng.normal(0, 0.3, size=(40, 8)) for c in centres])
+    features /= np.linalg.norm(features, axis=1, keepdims=True)
+    k, silhouettes = choose_n_clusters(features, (2, 6), max_iters=50, seed=0)
+    assert k == 3 and sorted(silhouettes) == [2, 3, 4, 5, 6]
+    assert silhouettes[3] == max(silhouettes.values()) > 0.5
+    assert choose_n_clusters(features, (2, 6), max_iters=50, seed=0) == (k, silhouettes)  # seeded
+
+
+def test_cosine_silhouette_matches_a_hand_computed_case():
+    # two tight pairs on orthogonal axes: within-pair distance 0, across 1 -> silhouette 1
+    x = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    assert cosine_silhouette(x, np.array([0, 0, 1, 1])) == pytest.approx(1.0)
+    # a row alone in its cluster counts 0 (scikit-learn's rule)
+    assert cosine_silhouette(x[:3], np.array([0, 0, 1])) == pytest.approx(2 / 3)

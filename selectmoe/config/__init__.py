@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from selectmoe.config.loader import (
+    ConfigError,
     all_keys,
     build,
     deep_merge,
@@ -21,11 +22,11 @@ from selectmoe.config.loader import (
 from selectmoe.config.presets import check_preset_inputs, load_preset, preset_names, shipped_yaml
 from selectmoe.config.schema import (
     DEFAULT_YAML,
+    PIPELINE_WIRED,
     RENAMED_KEYS,
     STAGE_CONFIGS,
     ClusteringParams,
     CommonConfig,
-    ConfigError,
     ConvertConfig,
     DataConfig,
     DataProcessSection,
@@ -66,9 +67,25 @@ def parse_config(command: str, config_file: str | None = None, overrides: list[s
         data = load_yaml(shipped_yaml(DEFAULT_YAML[command]))
     data = rename_keys(deep_merge(data, parse_overrides(overrides or [])), RENAMED_KEYS)
     if issubclass(cls, PipelineConfig):
+        _refuse_wired_keys(data)
         name = data.get("preset") or PipelineConfig.preset
         data = deep_merge(load_preset(name)["keys"], data)
-    return build(cls, data)
+    cfg = build(cls, data)
+    if cfg.tag:  # the seed's run tag: names the run folder
+        cfg.output_dir = f"{cfg.output_dir.rstrip('/')}-{cfg.tag}"
+    return cfg
+
+
+def _refuse_wired_keys(data: dict[str, Any]) -> None:
+    """A pipeline sets each stage's output folder, seed and inputs itself; the same keys given per
+    stage would be silently replaced, so they are refused."""
+    for dotted, instead in PIPELINE_WIRED.items():
+        stage, *rest = dotted.split(".")
+        value = data.get(stage)
+        for part in rest:
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is not None:
+            raise ConfigError(f"{dotted}: the pipeline sets it ({instead}); remove the key")
 
 
 __all__ = [

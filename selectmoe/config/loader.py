@@ -1,7 +1,8 @@
 """The config engine: YAML + dotted ``key=value`` overrides -> a typed dataclass.
 
 Generic over any dataclass schema: unknown keys fail naming the nearest valid key, values are
-checked against the field types, renamed keys are moved with a deprecation line.
+checked against the field types and the field's allowed values (``ranged`` / ``one_of`` metadata),
+renamed keys are moved with a deprecation line.
 """
 
 from __future__ import annotations
@@ -12,14 +13,75 @@ import re
 import sys
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
 import yaml
 
-from selectmoe.config.schema import ConfigError
-
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)")
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be applied; the message names the key."""
+
+
+# ---------------------------------------------------------------------------- allowed values
+
+
+@dataclass(frozen=True)
+class Between:
+    """A number in a range (``None`` = unbounded; ``*_open`` excludes the bound); ``also`` lists
+    values allowed outside it (``-1`` = off)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    also: tuple = ()
+
+    def check(self, value, key: str) -> None:
+        if value in self.also:
+            return
+        low_ok = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        high_ok = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        if not (low_ok and high_ok):
+            raise ConfigError(f"{key}={value!r} is out of range: expected {self.describe()}")
+
+    def describe(self) -> str:
+        if self.low is not None and self.high is not None:
+            text = (
+                f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+            )
+        elif self.low is not None:
+            text = f"{'>' if self.low_open else '>='} {self.low:g}"
+        else:
+            text = f"{'<' if self.high_open else '<='} {self.high:g}"
+        return text + "".join(f" or {v!r}" for v in self.also)
+
+
+@dataclass(frozen=True)
+class OneOf:
+    choices: tuple
+    hint: str = ""
+
+    def check(self, value, key: str) -> None:
+        if value not in self.choices:
+            hint = f" ({self.hint})" if self.hint else ""
+            raise ConfigError(f"{key}={value!r}: expected one of {list(self.choices)}{hint}")
+
+
+def ranged(default, **bounds):
+    """A dataclass field whose value must lie in ``Between(**bounds)``, checked at parse time."""
+    return dataclasses.field(default=default, metadata={"allowed": Between(**bounds)})
+
+
+def one_of(default, choices: tuple, hint: str = ""):
+    """A dataclass field whose value must be one of ``choices``, checked at parse time."""
+    return dataclasses.field(default=default, metadata={"allowed": OneOf(tuple(choices), hint)})
+
+
+# ---------------------------------------------------------------------------- parsing
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -107,6 +169,9 @@ def build(cls: type, data: dict[str, Any], prefix: str = ""):
             kwargs[f.name] = build(tp, deep_merge(to_dict(default), value or {}), f"{prefix}{f.name}.")
         else:
             kwargs[f.name] = _coerce(value, tp, f"{prefix}{f.name}")
+            allowed = f.metadata.get("allowed")
+            if allowed is not None and kwargs[f.name] is not None:
+                allowed.check(kwargs[f.name], f"{prefix}{f.name}")
     return cls(**kwargs)
 
 

@@ -10,8 +10,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from selectmoe.config.loader import load_yaml
-from selectmoe.config.schema import ConfigError
+from selectmoe.config.loader import ConfigError, load_yaml
 
 
 def shipped_yaml(name: str) -> Path:

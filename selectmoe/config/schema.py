@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from selectmoe.layout import STAGE_DIRS
+from selectmoe.config.loader import Between, one_of, ranged
+from selectmoe.layout import SELECTED_JSONL, STAGE_DIRS
 
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be applied; the message names the key."""
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+SELECTION_METHODS = ("top_k", "per_dataset", "diversity", "random", "threshold")
 
 
 # ---------------------------------------------------------------------------- sections
@@ -25,7 +25,7 @@ class SelectorModelConfig:
 
     path: str = "allenai/OLMoE-1B-7B-0125"
     tokenizer_name: str | None = None  # defaults to `path`
-    dtype: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
+    dtype: str = one_of("auto", DTYPES)  # auto = bf16 on GPU, fp32 on CPU
     attn_implementation: str = "sdpa"
     trust_remote_code: bool = False
 
@@ -36,7 +36,7 @@ class TargetModelConfig:
 
     name: str = "meta-llama/Llama-2-7b-hf"
     tokenizer_name: str | None = None
-    dtype: str = "auto"
+    dtype: str = one_of("auto", DTYPES)
     attn_implementation: str = "sdpa"
     trust_remote_code: bool = False
 
@@ -48,39 +48,37 @@ class DatasetConfig:
     data_path: list[str] | None = None  # files, folders, globs or URIs
     data_dir: str | None = None  # with dataset_names: one folder per source dataset
     dataset_names: list[str] | None = None
-    subset_ratio: float = 1.0  # fraction sampled per source dataset (seeded)
-    max_sequence_length: int = 2048
+    subset_ratio: float = ranged(1.0, low=0, high=1, low_open=True)  # fraction sampled per source dataset
+    max_sequence_length: int = ranged(2048, low=2)
 
 
 @dataclass
 class DataConfig:
     """How rows are validated and tokenised."""
 
-    on_bad_row: str = "skip"  # skip -> rejects.jsonl; error -> stop naming file and line
-    loss_on: str = "assistant"  # assistant | all: which tokens carry the LM loss
-    read_parallelism: int = -1  # Ray Data read tasks; -1 = let Ray decide
+    on_bad_row: str = one_of(
+        "skip", ("skip", "error")
+    )  # skip -> rejects.jsonl; error -> stop naming file and line
+    loss_on: str = one_of("assistant", ("assistant", "all"))  # which tokens carry the LM loss
+    read_parallelism: int = ranged(-1, low=1, also=(-1,))  # Ray Data read tasks; -1 = let Ray decide
 
 
 @dataclass
 class ScalingSection:
     """Ray workers and their resources. 0 / empty = sized from the cluster's free resources."""
 
-    num_workers: int = 0
+    num_workers: int = ranged(0, low=0)
     use_gpu: bool | None = None  # None = use GPUs when the cluster has them
     resources_per_worker: dict[str, float] | None = None
-    strategy: str = "ddp"  # ddp | fsdp
-    max_failures: int = 1
-
-    def __post_init__(self):
-        if self.strategy not in ("ddp", "fsdp"):
-            raise ConfigError(f"scaling.strategy must be ddp or fsdp, got {self.strategy!r}")
+    strategy: str = one_of("ddp", ("ddp", "fsdp"))
+    max_failures: int = ranged(1, low=0, also=(-1,))  # -1 = retry forever (Ray Train's FailureConfig)
 
 
 @dataclass
 class LoraSection:
-    r: int = 16
-    lora_alpha: int = 64
-    lora_dropout: float = 0.05
+    r: int = ranged(16, low=1)
+    lora_alpha: int = ranged(64, low=1)
+    lora_dropout: float = ranged(0.05, low=0, high=1, high_open=True)
     target_modules: list[str] | None = None  # None = the stage's default targets
 
 
@@ -88,11 +86,11 @@ class LoraSection:
 class QualityLossParams:
     """Parameters of the quality losses (seed: ``training.quality_loss_params.*``)."""
 
-    beta_target_mean: float = 0.5
-    beta_target_var: float = 0.05
-    w_mean: float = 1.0
-    w_var: float = 1.0
-    lambda_var: float = 0.1
+    beta_target_mean: float = ranged(0.5, low=0, high=1)
+    beta_target_var: float = ranged(0.05, low=0)
+    w_mean: float = ranged(1.0, low=0)
+    w_var: float = ranged(1.0, low=0)
+    lambda_var: float = ranged(0.1, low=0)
     sample_wise_averaging: bool = False
 
 
@@ -100,86 +98,86 @@ class QualityLossParams:
 class PretrainTraining:
     """Stage 1 optimisation; defaults are the seed's."""
 
-    peft_mode: str = "full_rank"  # full_rank | lora
-    learning_rate: float = 3e-4
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.0
-    batch_size: int = 16  # global batch (rows per optimiser step)
-    per_device_batch_size: int = 1
-    epochs: int = 4
-    max_steps: int = -1  # > 0 stops early (debug runs, sweeps)
-    gradient_clipping: float = 1.0
+    peft_mode: str = one_of("full_rank", ("full_rank", "lora"))
+    learning_rate: float = ranged(3e-4, low=0, low_open=True)
+    weight_decay: float = ranged(0.0, low=0)
+    warmup_ratio: float = ranged(0.0, low=0, high=1, high_open=True)
+    batch_size: int = ranged(16, low=1)  # global batch (rows per optimiser step)
+    per_device_batch_size: int = ranged(1, low=1)
+    epochs: int = ranged(4, low=1)
+    max_steps: int = ranged(-1, low=1, also=(-1,))  # > 0 stops early (debug runs, sweeps)
+    gradient_clipping: float = ranged(1.0, low=0)  # max gradient norm; 0 = off
     gradient_checkpointing: bool = True
     # seed: r=16, alpha=64; dropout 0 because PEFT's LoRA on a bare parameter (the router) has none
     lora: LoraSection = field(default_factory=lambda: LoraSection(r=16, lora_alpha=64, lora_dropout=0.0))
-    quality_loss_weight: float = 0.01
+    quality_loss_weight: float = ranged(0.01, low=0)
     quality_gate_init_mean: float = 0.0
-    quality_gate_init_std: float = 0.02
-    trash_expert_mode: str = "zero"
+    quality_gate_init_std: float = ranged(0.02, low=0)
+    trash_expert_mode: str = one_of("zero", ("zero", "noise", "custom"))
     enable_load_balancing: bool = False
     quality_loss_type: str = "sigmoid"
     quality_loss_debug: bool = False
-    quality_loss_tokens: str = "all"  # all | assistant
+    quality_loss_tokens: str = one_of("all", ("all", "assistant"))
     quality_loss_params: QualityLossParams = field(default_factory=QualityLossParams)
-    router_aux_loss_coef: float = 0.01
-    checkpoint_every_steps: int = 50
-    log_every_steps: int = 1
-    fail_at_step: int = -1  # fault injection: raise once at this step (tests recovery)
+    router_aux_loss_coef: float = ranged(0.01, low=0)
+    checkpoint_every_steps: int = ranged(50, low=0)
+    log_every_steps: int = ranged(1, low=1)
+    fail_at_step: int = ranged(-1, low=1, also=(-1,))  # fault injection: raise once at this step
     probe_labels: str | None = None  # labels.jsonl ({"id", "defect"}): report probe_auroc while training
-    probe_rows: int = 256  # labelled rows not trained on, scored every probe_every_steps
-    probe_every_steps: int = 5
+    probe_rows: int = ranged(256, low=1)  # labelled rows not trained on, scored every probe_every_steps
+    probe_every_steps: int = ranged(5, low=0)
     # trusted rows (files/folders/globs, any supported format): stage 1 trains the row score (the
     # stage-2 formula) to tell them from corpus rows, open on reference rows and shut on the corpus on
     # average (class-balanced BCE); None = the original unsupervised recipe
     reference_data: list[str] | None = None
-    reference_loss_weight: float = 1.0
+    reference_loss_weight: float = ranged(1.0, low=0)
 
 
 @dataclass
 class FinetuneTraining:
     """Stage 3 optimisation; defaults are LESS's."""
 
-    learning_rate: float = 2e-5
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
-    batch_size: int = 128  # effective batch = per_device x accumulation x workers
-    per_device_batch_size: int = 1
-    epochs: int = 4
-    max_steps: int = -1
-    gradient_clipping: float = 1.0
+    learning_rate: float = ranged(2e-5, low=0, low_open=True)
+    weight_decay: float = ranged(0.0, low=0)
+    warmup_ratio: float = ranged(0.03, low=0, high=1, high_open=True)
+    batch_size: int = ranged(128, low=1)  # effective batch = per_device x accumulation x workers
+    per_device_batch_size: int = ranged(1, low=1)
+    epochs: int = ranged(4, low=1)
+    max_steps: int = ranged(-1, low=1, also=(-1,))
+    gradient_clipping: float = ranged(1.0, low=0)  # max gradient norm; 0 = off
     gradient_checkpointing: bool = True
     lora: LoraSection = field(
         default_factory=lambda: LoraSection(
             r=128, lora_alpha=512, lora_dropout=0.1, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]
         )
     )
-    checkpoint_every_steps: int = 0  # 0 = only at the end of each epoch (always checkpointed)
-    log_every_steps: int = 1
-    fail_at_step: int = -1  # fault injection: raise once at this step (tests recovery)
+    checkpoint_every_steps: int = ranged(0, low=0)  # 0 = only at the end of each epoch (always checkpointed)
+    log_every_steps: int = ranged(1, low=1)
+    fail_at_step: int = ranged(-1, low=1, also=(-1,))  # fault injection: raise once at this step
 
 
 @dataclass
 class ClusteringParams:
     """Seed keys for the diversity selection."""
 
-    k: int = 26
-    auto_k: bool = False
-    k_range: list[int] = field(default_factory=lambda: [10, 40])
-    max_iters: int = 300
+    k: int = ranged(26, low=1)
+    auto_k: bool = False  # choose k in k_range by the silhouette of the routing features (seeded)
+    k_range: list[int] = field(default_factory=lambda: [10, 40])  # [lowest, highest] k tried
+    max_iters: int = ranged(300, low=1)
 
 
 @dataclass
 class DataProcessSection:
-    batch_size: int = 32  # rows per scoring batch (upper bound; tokens_per_batch also caps it)
+    batch_size: int = ranged(32, low=1)  # rows per scoring batch (upper bound; tokens_per_batch caps it too)
 
 
 @dataclass
 class ScoringSection:
-    tokens: str = "assistant"  # assistant | all: which tokens a row's score averages over
+    tokens: str = one_of("assistant", ("assistant", "all"))  # which tokens a row's score averages over
     # cap on padded tokens in one scoring batch
-    tokens_per_batch: int = field(default=16384, metadata={"execution": True})
+    tokens_per_batch: int = field(default=16384, metadata={"execution": True, "allowed": Between(low=1)})
     # rows sorted by length together before batching
-    sort_window: int = field(default=1024, metadata={"execution": True})
+    sort_window: int = field(default=1024, metadata={"execution": True, "allowed": Between(low=1)})
     store_routing: bool = False  # keep per-layer mean routing distributions (diversity selection)
     lm_loss: bool = False  # also store each row's mean NLL over its scored tokens (perplexity baseline)
     perplexity_weight: float = 0.0  # score = mean gate - this x mean NLL (same pass; > 0 implies lm_loss)
@@ -188,15 +186,16 @@ class ScoringSection:
     expert_effect: bool = False  # also store nll_gates_shut: the NLL with every quality gate forced to 0
     expert_effect_weight: float = 0.0  # score += this x (nll_gates_shut - NLL) (!= 0 implies expert_effect)
     # how the pass runs, not what it computes: not part of the resume key (``scores_depend_on``)
-    num_actors: int = field(default=0, metadata={"execution": True})  # 0 = one per GPU, or from free CPUs
+    # 0 = one per GPU, or from free CPUs
+    num_actors: int = field(default=0, metadata={"execution": True, "allowed": Between(low=0)})
     # fault injection: one scoring actor exits once (tests recovery)
     inject_actor_failure: bool = field(default=False, metadata={"execution": True})
 
 
 @dataclass
 class SelectionSection:
-    method: str = "top_k"  # top_k | per_dataset | diversity | random | threshold
-    count: int = 0  # > 0 overrides selection_percentage
+    method: str = one_of("top_k", SELECTION_METHODS)
+    count: int = ranged(0, low=0)  # > 0 overrides selection_percentage
     threshold: float | None = None
     quotas: dict[str, float] | None = None  # per_dataset: fraction or count per dataset
     exclude_training_rows: bool = True
@@ -207,10 +206,12 @@ class EvalSection:
     adapter: str | None = None
     tasks: list[str] = field(default_factory=lambda: ["less"])
     data_dir: str | None = None
-    limit: float | None = None
-    num_fewshot: int | None = None
+    limit: float | None = ranged(None, low=0, low_open=True)  # < 1: a fraction of each task; else rows
+    num_fewshot: int | None = ranged(None, low=0)
     batch_size: str = "auto"  # auto = lm-eval's search on GPU, 4 on CPU; or an integer
-    max_gen_toks: int | None = None  # cap on generated tokens for generation tasks; None = each task's own
+    max_gen_toks: int | None = ranged(
+        None, low=1
+    )  # cap on generated tokens for generation tasks; None = each task's own
     apply_chat_template: bool = False
 
 
@@ -247,8 +248,8 @@ class SelectConfig(CommonConfig):
     output_dir: str = f"outputs/{STAGE_DIRS['select']}"
     selector_model: SelectorModelConfig = field(default_factory=SelectorModelConfig)
     model_checkpoint_path: str | None = None
-    selection_percentage: float = 0.05
-    clustering_method: str = "kmeans"
+    selection_percentage: float = ranged(0.05, low=0, high=1, low_open=True)
+    clustering_method: str = one_of("kmeans", ("kmeans",), hint="the diversity selection is cosine k-means")
     clustering_params: ClusteringParams = field(default_factory=ClusteringParams)
     data_process: DataProcessSection = field(default_factory=DataProcessSection)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
@@ -282,7 +283,7 @@ class ConvertConfig(CommonConfig):
     olmoe: str = "allenai/OLMoE-1B-7B-0125"
     verify: bool = False
     quality_gate_init_mean: float = 0.0
-    quality_gate_init_std: float = 0.02
+    quality_gate_init_std: float = ranged(0.02, low=0)
 
 
 @dataclass
@@ -311,9 +312,9 @@ class PipelineConfig(CommonConfig):
 
 @dataclass
 class DemoSection:
-    rows: int = 2000  # generated training rows
-    defect_rate: float = 0.3  # share of rows with a planted defect
-    lm_steps: int = 100  # LM pretraining steps of the tiny demo models (cached)
+    rows: int = ranged(2000, low=10)  # generated training rows
+    defect_rate: float = ranged(0.3, low=0, high=1, high_open=True)  # share of rows with a planted defect
+    lm_steps: int = ranged(100, low=0)  # LM pretraining steps of the tiny demo models (cached)
     cache_dir: str | None = None  # default ~/.cache/selectmoe/demo_models
 
 
@@ -328,13 +329,13 @@ class DemoConfig(PipelineConfig):
 @dataclass
 class SweepSection:
     space: str = "tune_spaces/quality_loss.yaml"  # search space YAML (pretrain keys -> samplers)
-    num_samples: int = 8
-    max_concurrent_trials: int = 0  # 0 = from free resources
+    num_samples: int = ranged(8, low=1)
+    max_concurrent_trials: int = ranged(0, low=0)  # 0 = from free resources
     metric: str = "auto"  # auto = probe_auroc (max) with probe_labels, else lm_loss (min)
-    mode: str = "min"  # used when metric is set explicitly
-    grace_period: int = 5  # ASHA: steps every trial runs before it can be stopped
-    reduction_factor: int = 2
-    handoff_top_k: int = 1  # best trials sent through stages 2-4
+    mode: str = one_of("min", ("min", "max"))  # used when metric is set explicitly
+    grace_period: int = ranged(5, low=1)  # ASHA: steps every trial runs before it can be stopped
+    reduction_factor: int = ranged(2, low=2)
+    handoff_top_k: int = ranged(1, low=0)  # best trials sent through stages 2-4
     probe_labels: str | None = None  # labels.jsonl ({"id", "defect"}) of corpus rows: the AUROC proxy
 
 
@@ -368,6 +369,17 @@ DEFAULT_YAML: dict[str, str] = {
     "pipeline": "pipeline.yaml",
     "demo": "demo.yaml",
     "sweep": "sweep.yaml",
+}
+
+# Per-stage keys of a pipeline that the pipeline itself sets (the value says to what).
+PIPELINE_WIRED: dict[str, str] = {
+    **{f"{stage}.{key}": f"from the run's {key}" for stage in STAGE_DIRS for key in ("seed", "tag")},
+    **{f"{stage}.output_dir": f"RUN/{folder}" for stage, folder in STAGE_DIRS.items()},
+    "select.model_checkpoint_path": f"RUN/{STAGE_DIRS['pretrain']}",
+    "finetune.dataset.data_path": f"RUN/{STAGE_DIRS['select']}/{SELECTED_JSONL}",
+    "finetune.dataset.data_dir": f"RUN/{STAGE_DIRS['select']}/{SELECTED_JSONL}",
+    "evaluate.eval.adapter": f"RUN/{STAGE_DIRS['finetune']}",
+    "evaluate.model.name": "finetune.model.name",
 }
 
 # Keys that were renamed: old dotted key -> new one. The loader moves them and prints a deprecation line.

@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from selectmoe.config import DemoConfig, load_preset
+from selectmoe.console import phase
 from selectmoe.demo.corpus import LABELS_FILE, write_demo_corpus
 from selectmoe.layout import MANIFEST, SCORES_DIR, SEPARATION, STAGE_DIRS, TRAINING_IDS
 from selectmoe.manifest import hash_dict, read_manifest
@@ -38,7 +39,8 @@ def run_demo(cfg: DemoConfig) -> Path:
     run = Path(cfg.output_dir).resolve()
     data = run / "data"
     if not (data / LABELS_FILE).exists():
-        write_demo_corpus(data, seed=cfg.seed, n_rows=cfg.demo.rows, defect_rate=cfg.demo.defect_rate)
+        with phase(f"demo: generating {cfg.demo.rows} rows with planted defects"):
+            write_demo_corpus(data, seed=cfg.seed, n_rows=cfg.demo.rows, defect_rate=cfg.demo.defect_rate)
     selector, target = demo_models(cfg)
     if "pretrain.training.reference_data" in load_preset(cfg.preset)["requires"]:
         cfg.pretrain.training.reference_data = cfg.pretrain.training.reference_data or [
@@ -79,9 +81,9 @@ def demo_models(cfg: DemoConfig) -> tuple[Path, Path]:
         for line in f.open()
     ]
     for build, out in ((build_tiny_olmoe, selector), (build_tiny_llama, target)):
-        base = build(cache / f"{out.name}_init", seed=cfg.seed)
-        logger.info("demo: pretraining %s for %d steps on generated clean rows", out.name, cfg.demo.lm_steps)
-        pretrain_tiny_lm(base, rows, out, steps=cfg.demo.lm_steps, seed=cfg.seed)
+        with phase(f"demo: building {out.name} and LM-pretraining it {cfg.demo.lm_steps} steps (cached)"):
+            base = build(cache / f"{out.name}_init", seed=cfg.seed)
+            pretrain_tiny_lm(base, rows, out, steps=cfg.demo.lm_steps, seed=cfg.seed)
     return selector, target
 
 

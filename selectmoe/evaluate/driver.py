@@ -33,10 +33,12 @@ from typing import Any
 import ray
 
 from selectmoe.config import ConfigError, EvaluateConfig
+from selectmoe.console import phase
 from selectmoe.evaluate.results import metric_rows, results_table
 from selectmoe.evaluate.tasks import available_local_tasks, local_family, write_local_tasks
 from selectmoe.layout import RESULTS, RESULTS_TABLE
 from selectmoe.manifest import fingerprint, write_manifest
+from selectmoe.models.loading import require_model
 from selectmoe.scaling import ensure_ray
 
 logger = logging.getLogger(__name__)
@@ -109,8 +111,12 @@ def evaluate(cfg: EvaluateConfig) -> Path:
     jobs = expand_tasks(cfg.eval.tasks, cfg.eval.data_dir, cfg.eval.num_fewshot)
     _check_local_data(jobs, cfg.eval.data_dir)
     _parse_batch_size(cfg.eval.batch_size)  # fail before any Ray work
+    require_model("model.name", cfg.model.name)
+    if cfg.eval.adapter:
+        require_model("eval.adapter", cfg.eval.adapter)
     ensure_ray()
-    results = merge_results(ray.get(_submit(cfg, jobs)))
+    with phase(f"stage 4 evaluate: lm-eval on {', '.join(job.task for job in jobs)}"):
+        results = merge_results(ray.get(_submit(cfg, jobs)))
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -173,7 +179,7 @@ def run_jobs(cfg: EvaluateConfig, jobs: list[EvalJob], device: str) -> list[dict
     from lm_eval.models.huggingface import HFLM
     from lm_eval.utils import handle_non_serializable
 
-    model_args = _model_args(cfg, device)
+    model_args = lm_eval_model_args(cfg, device)
     batch_size = _parse_batch_size(cfg.eval.batch_size)
     if isinstance(batch_size, str) and device != "cuda":
         batch_size = CPU_BATCH_SIZE
@@ -233,7 +239,7 @@ def _check_local_data(jobs: list[EvalJob], data_dir: str | None) -> None:
         )
 
 
-def _model_args(cfg: EvaluateConfig, device: str) -> dict[str, Any]:
+def lm_eval_model_args(cfg: EvaluateConfig, device: str) -> dict[str, Any]:
     """HFLM arguments: the base model, its adapter, and the adapter's tokenizer when it saved one
     (stage 3 adds a pad token, which the embeddings are resized for)."""
     args: dict[str, Any] = {

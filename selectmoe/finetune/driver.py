@@ -30,13 +30,15 @@ import time
 from pathlib import Path
 
 from selectmoe.config import FinetuneConfig
+from selectmoe.console import phase
 from selectmoe.data.template import ensure_pad_token, load_tokenizer
 from selectmoe.figures import plot_training_curves
 from selectmoe.finetune.worker import train_target_per_worker
 from selectmoe.layout import ADAPTER_DIR, METRICS, REJECTS, TRAINING_CURVES
 from selectmoe.manifest import fingerprint, write_manifest
+from selectmoe.models.loading import require_model
 from selectmoe.ray_data import read_rows, tokenize_rows
-from selectmoe.scaling import ensure_ray, worker_layout
+from selectmoe.scaling import worker_layout
 from selectmoe.training.launch import fit, loop_config, plan_steps, run_name
 
 logger = logging.getLogger(__name__)
@@ -45,17 +47,18 @@ logger = logging.getLogger(__name__)
 def finetune(cfg: FinetuneConfig) -> Path:
     """Run stage 3; returns ``output_dir`` (the adapter folder)."""
     started = time.time()
+    require_model("model.name", cfg.model.name)
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    ensure_ray()
     tokenizer_name = cfg.model.tokenizer_name or cfg.model.name
     tokenizer = ensure_pad_token(load_tokenizer(tokenizer_name))
 
     # ---- setup: rows -> tokens (materialised: every worker reads the whole selection)
-    read = read_rows(cfg.dataset, cfg.data, seed=cfg.seed, tokenizer_name=tokenizer_name)
-    read.ledger.write_rejects(out / REJECTS)
-    train = training_tokens(read.rows, cfg, tokenizer_name).materialize()
-    num_rows = train.count()
+    with phase("stage 3 finetune: reading and tokenising rows"):
+        read = read_rows(cfg.dataset, cfg.data, seed=cfg.seed, tokenizer_name=tokenizer_name)
+        read.ledger.write_rejects(out / REJECTS)
+        train = training_tokens(read.rows, cfg, tokenizer_name).materialize()
+        num_rows = train.count()
     layout = worker_layout(cfg.scaling)
     steps = plan_steps("stage 3", num_rows, cfg.training, workers=layout[0])
 
@@ -67,15 +70,16 @@ def finetune(cfg: FinetuneConfig) -> Path:
         attn_implementation=cfg.model.attn_implementation,
         trust_remote_code=cfg.model.trust_remote_code,
     )
-    result = fit(
-        train_target_per_worker,
-        config,
-        train,
-        name=run_name("finetune", cfg),
-        output_dir=out,
-        scaling=cfg.scaling,
-        layout=layout,
-    )
+    with phase(f"stage 3 finetune: training {steps.total_steps} steps on {layout[0]} worker(s)"):
+        result = fit(
+            train_target_per_worker,
+            config,
+            train,
+            name=run_name("finetune", cfg),
+            output_dir=out,
+            scaling=cfg.scaling,
+            layout=layout,
+        )
 
     # ---- save: the adapter and its tokenizer at the top of output_dir
     with result.checkpoint.as_directory() as ckpt:

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer
 
+from selectmoe.config import ConfigError
 from selectmoe.layout import STAGE1_CONFIG
 from selectmoe.models.configuration import SelectMoeConfig
 from selectmoe.models.modeling import SelectMoeForCausalLM, gates_forced, init_quality_gate
@@ -73,14 +74,23 @@ def load_select_moe(
             Path(path), dtype, attn_implementation, trust_remote_code, config_overrides
         )
     config = select_moe_config(path, trust_remote_code=trust_remote_code, **config_overrides)
-    model, info = SelectMoeForCausalLM.from_pretrained(
-        path,
-        config=config,
-        dtype=resolve_dtype(dtype),
-        attn_implementation=attn_implementation,
-        output_loading_info=True,
-        trust_remote_code=trust_remote_code,
-    )
+    # transformers warns that the gates are "newly initialized ... consider training": expected here
+    # (they are initialised below, then trained or overwritten by stage 1), and every other missing or
+    # unexpected key is an error below, so its report is muted and one INFO line says what happened
+    loader = logging.getLogger("transformers.modeling_utils")  # it logs the load report
+    mute = _DropLoadReport()
+    loader.addFilter(mute)
+    try:
+        model, info = SelectMoeForCausalLM.from_pretrained(
+            path,
+            config=config,
+            dtype=resolve_dtype(dtype),
+            attn_implementation=attn_implementation,
+            output_loading_info=True,
+            trust_remote_code=trust_remote_code,
+        )
+    finally:
+        loader.removeFilter(mute)
     missing = sorted(info.get("missing_keys", []))
     unexpected = sorted(info.get("unexpected_keys", []))
     not_gates = [k for k in missing if not k.endswith("mlp.quality_gate.weight")]
@@ -100,6 +110,11 @@ def load_select_moe(
             seed,
         )
     return model
+
+
+class _DropLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
 
 
 def _load_stage1_output(folder: Path, dtype, attn_implementation, trust_remote_code, overrides):
@@ -151,3 +166,15 @@ def max_logit_diff_gates_open(
         expected = reference(input_ids=input_ids).logits
         got = candidate(input_ids=input_ids, output_router_logits=False).logits
     return (expected - got).abs().max().item()
+
+
+def require_model(key: str, path: str) -> None:
+    """Fail at once, naming ``key``, when ``path`` is neither a model folder (a Hugging Face folder,
+    a stage-1 output or a PEFT adapter) nor a hub id (``org/name``, left to the hub)."""
+    folder = Path(path).expanduser()
+    if folder.is_dir():
+        markers = ("config.json", STAGE1_CONFIG, "adapter_config.json")
+        if not any((folder / name).is_file() for name in markers):
+            raise ConfigError(f"{key}={path}: not a model folder (it has none of {', '.join(markers)})")
+    elif folder.exists() or path.startswith(("/", ".", "~")) or path.count("/") != 1:
+        raise ConfigError(f"{key}={path}: no such model folder, and not a hub id (org/name)")

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from selectmoe.config import ConfigError, DatasetConfig, PretrainConfig, to_dict
+from selectmoe.console import phase
 from selectmoe.figures import plot_training_curves
 from selectmoe.layout import (
     ADAPTER_DIR,
@@ -33,9 +34,10 @@ from selectmoe.layout import (
     TRAINING_IDS,
 )
 from selectmoe.manifest import fingerprint, write_manifest
+from selectmoe.models.loading import require_model
 from selectmoe.pretrain.worker import train_router_per_worker
 from selectmoe.ray_data import mix_reference, read_rows, tokenize_rows
-from selectmoe.scaling import ensure_ray, worker_layout
+from selectmoe.scaling import worker_layout
 from selectmoe.training.launch import fit, loop_config, plan_steps, run_name
 
 logger = logging.getLogger(__name__)
@@ -66,25 +68,26 @@ def pretrain(cfg: PretrainConfig, callbacks: list | None = None) -> Path:
             "training.lora.lora_dropout must be 0 in stage 1: the MoE router is a bare weight, and PEFT's "
             "LoRA on parameters (target_parameters) has no dropout"
         )
+    require_model("selector_model.path", cfg.selector_model.path)
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    ensure_ray()
     tokenizer_name = cfg.selector_model.tokenizer_name or cfg.selector_model.path
 
     # ---- setup: rows -> tokens (materialised: the sampled subset is small and read by every worker)
-    read = read_rows(cfg.dataset, cfg.data, seed=cfg.seed, tokenizer_name=tokenizer_name)
-    read.ledger.write_rejects(out / REJECTS)
-    train = tokenize_rows(read.rows, tokenizer_name, cfg.dataset.max_sequence_length, cfg.data.loss_on)
-    train = train.materialize()
-    trained = pa.Table.from_pylist(train.select_columns(["id", "dataset"]).take_all())
-    pq.write_table(trained, out / TRAINING_IDS)  # corpus rows only: stage 2 excludes them
-    trained_ids = set(trained["id"].to_pylist()) if trained.num_rows else set()
-    reference_rows = 0
-    if cfg.training.reference_data:
-        reference = _reference_rows(cfg, tokenizer_name, out)
-        reference_rows = reference.count()
-        train = mix_reference(train, reference, cfg.seed).materialize()
-    num_rows = train.count()
+    with phase("stage 1 pretrain: reading, checking and tokenising rows"):
+        read = read_rows(cfg.dataset, cfg.data, seed=cfg.seed, tokenizer_name=tokenizer_name)
+        read.ledger.write_rejects(out / REJECTS)
+        train = tokenize_rows(read.rows, tokenizer_name, cfg.dataset.max_sequence_length, cfg.data.loss_on)
+        train = train.materialize()
+        trained = pa.Table.from_pylist(train.select_columns(["id", "dataset"]).take_all())
+        pq.write_table(trained, out / TRAINING_IDS)  # corpus rows only: stage 2 excludes them
+        trained_ids = set(trained["id"].to_pylist()) if trained.num_rows else set()
+        reference_rows = 0
+        if cfg.training.reference_data:
+            reference = _reference_rows(cfg, tokenizer_name, out)
+            reference_rows = reference.count()
+            train = mix_reference(train, reference, cfg.seed).materialize()
+        num_rows = train.count()
 
     layout = worker_layout(cfg.scaling)
     steps = plan_steps("stage 1", num_rows, cfg.training, workers=layout[0])
@@ -103,16 +106,17 @@ def pretrain(cfg: PretrainConfig, callbacks: list | None = None) -> Path:
         reference_class_weights=_class_weights(num_rows, reference_rows) if reference_rows else None,
         reference_loss_weight=t.reference_loss_weight,
     )
-    result = fit(
-        train_router_per_worker,
-        config,
-        train,
-        name=run_name("pretrain", cfg),
-        output_dir=out,
-        scaling=cfg.scaling,
-        layout=layout,
-        callbacks=callbacks,
-    )
+    with phase(f"stage 1 pretrain: training {steps.total_steps} steps on {layout[0]} worker(s)"):
+        result = fit(
+            train_router_per_worker,
+            config,
+            train,
+            name=run_name("pretrain", cfg),
+            output_dir=out,
+            scaling=cfg.scaling,
+            layout=layout,
+            callbacks=callbacks,
+        )
 
     # ---- save
     with result.checkpoint.as_directory() as ckpt:

@@ -71,6 +71,8 @@ def write_report(
             f"excluded as stage-1 training rows {c.get('rows_excluded_training', 0)}; selected {c['rows_selected']} "
             f"({m2['config']['selection']['method']}), score cut {m2['metrics'].get('score_threshold')}.",
             "",
+            f"Score of a row: `{m2['metrics'].get('score_formula', 'mean gate')}` (`selectmoe.select.score`).",
+            "",
             _image(run, stage2 / SCORE_HISTOGRAMS, "score histograms per dataset"),
             "",
         ]
@@ -81,6 +83,8 @@ def write_report(
                 composition[name] = m["counts"].get("selected_by_dataset", {})
         lines += [
             "Selection composition (share of rows per source dataset):",
+            "",
+            composition_table(corpus, composition["selected"]),
             "",
             _image(run, plot_selection_composition(composition, run / COMPOSITION), "composition"),
             "",
@@ -104,18 +108,46 @@ def write_report(
             lines += [_image(run, curves, f"stage 3 curves ({name})", prefix=name), ""]
 
     # ---- stage 4
-    evals = [
-        str(root / STAGE_DIRS["evaluate"])
-        for root in branches.values()
+    evals = {
+        name: str(root / STAGE_DIRS["evaluate"])
+        for name, root in branches.items()
         if (root / STAGE_DIRS["evaluate"] / RESULTS).exists()
-    ]
+    }
     if evals:
-        lines += ["## Stage 4: evaluation", "", compare_runs(evals), ""]
+        table = compare_runs(list(evals.values()), labels=list(evals))
+        lines += ["## Stage 4: evaluation", "", table, ""]
     for section in extra_sections or []:
         lines += [section, ""]
     path = run / REPORT
     path.write_text("\n".join(lines))
     return path
+
+
+OVER_REPRESENTED = 2.0  # a dataset with more than this times its corpus share in the selection is flagged
+
+
+def composition_table(corpus: dict[str, int], selected: dict[str, int]) -> str:
+    """Markdown: rows and share per source dataset in the corpus and in the selection, plus one
+    sentence per dataset whose selection share is more than ``OVER_REPRESENTED`` x its corpus share."""
+    n_corpus, n_selected = sum(corpus.values()), sum(selected.values())
+    lines = [
+        "| dataset | corpus rows | corpus share | selected rows | selected share |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    flagged = []
+    for name in sorted(set(corpus) | set(selected)):
+        share_corpus = corpus.get(name, 0) / n_corpus if n_corpus else 0.0
+        share_selected = selected.get(name, 0) / n_selected if n_selected else 0.0
+        lines.append(
+            f"| {name} | {corpus.get(name, 0)} | {share_corpus:.1%} | {selected.get(name, 0)} | {share_selected:.1%} |"
+        )
+        if share_selected > OVER_REPRESENTED * share_corpus:
+            flagged.append(
+                f"**{name} is over-represented**: {share_selected:.0%} of the selection against "
+                f"{share_corpus:.0%} of the corpus; the score may rank datasets rather than rows "
+                "(`select.selection.method=per_dataset` keeps the corpus mix)."
+            )
+    return "\n".join([*lines, "", *flagged]).rstrip() + "\n"
 
 
 def _metrics(path: Path) -> list[dict]:

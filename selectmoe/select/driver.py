@@ -24,7 +24,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from selectmoe.config import SelectConfig, to_dict
+from selectmoe.config import ConfigError, SelectConfig, to_dict
+from selectmoe.console import phase
 from selectmoe.figures import plot_score_histograms
 from selectmoe.layout import (
     REJECTS,
@@ -39,19 +40,21 @@ from selectmoe.layout import (
     score_files,
 )
 from selectmoe.manifest import fingerprint, hash_dict, write_manifest
+from selectmoe.models.loading import require_model
 from selectmoe.ray_data import read_rows, tokenize_rows
-from selectmoe.scaling import RESERVED_CPUS, ensure_ray, free_resources, use_gpu
-from selectmoe.select.score import ScorePasses, scores_depend_on
+from selectmoe.scaling import RESERVED_CPUS, free_resources, use_gpu
+from selectmoe.select.score import ScorePasses, score_formula, scores_depend_on
 from selectmoe.select.scorer import GateScorer
 from selectmoe.select.topk import (
-    METHODS,
     above_threshold,
+    choose_n_clusters,
     dataset_quotas,
     diversity_select,
     excluding,
     order_by_score,
     per_dataset_k,
     random_k,
+    routing_features,
     selection_size,
     top_k,
     with_rank,
@@ -64,25 +67,24 @@ STREAM_ROWS = 65536  # rows per batch when streaming score files
 
 def select(cfg: SelectConfig) -> Path:
     started = time.time()
-    if cfg.selection.method not in METHODS:
-        raise ValueError(f"selection.method must be one of {METHODS}, got {cfg.selection.method!r}")
+    _check_selection(cfg)
+    model_path, tokenizer_name = _selector(cfg)
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    ensure_ray()
-    model_path, tokenizer_name = _selector(cfg)
     passes = ScorePasses.for_scoring(cfg.scoring)
     timings = {}
 
     # ---- read + tokenise
-    read = read_rows(cfg.dataset, cfg.data, seed=cfg.seed, tokenizer_name=tokenizer_name)
-    read.ledger.write_rejects(out / REJECTS)
-    tokens = tokenize_rows(
-        read.rows,
-        tokenizer_name,
-        cfg.dataset.max_sequence_length,
-        "assistant",
-        replies_alone=passes.reply_only,
-    )
+    with phase("stage 2 select: reading and checking rows"):
+        read = read_rows(cfg.dataset, cfg.data, seed=cfg.seed, tokenizer_name=tokenizer_name)
+        read.ledger.write_rejects(out / REJECTS)
+        tokens = tokenize_rows(
+            read.rows,
+            tokenizer_name,
+            cfg.dataset.max_sequence_length,
+            "assistant",
+            replies_alone=passes.reply_only,
+        )
 
     # ---- score (resumable)
     scores_dir = out / SCORES_DIR
@@ -92,45 +94,48 @@ def select(cfg: SelectConfig) -> Path:
         tokens = tokens.map_batches(
             _rows_with_ids, batch_format="pyarrow", fn_kwargs={"ids": done_ids, "keep": False}
         )
-    t0 = time.time()
-    # one sort window per block (streaming, order kept): the pool gets many inputs to spread over actors
-    tokens = tokens.repartition(target_num_rows_per_block=cfg.scoring.sort_window)
-    scored = tokens.map_batches(
-        GateScorer,
-        batch_size=cfg.scoring.sort_window,
-        fn_constructor_kwargs=_scorer_kwargs(cfg, model_path, tokenizer_name, out),
-        **_pool_args(cfg),
-    )
-    scored.write_parquet(str(scores_dir))
+    pool = _pool_args(cfg)
+    with phase(f"stage 2 select: scoring with {pool['compute'].min_size} actor(s)"):
+        t0 = time.time()
+        # one sort window per block (streaming, order kept): the pool gets many inputs to spread over actors
+        tokens = tokens.repartition(target_num_rows_per_block=cfg.scoring.sort_window)
+        scored = tokens.map_batches(
+            GateScorer,
+            batch_size=cfg.scoring.sort_window,
+            fn_constructor_kwargs=_scorer_kwargs(cfg, model_path, tokenizer_name, out),
+            **pool,
+        )
+        scored.write_parquet(str(scores_dir))
     timings["scoring_s"] = round(time.time() - t0, 2)
 
     # ---- select
     t0 = time.time()
-    files = score_files(scores_dir)
-    rows_scored = sum(pq.read_metadata(f).num_rows for f in files)
-    excluded = _training_ids(cfg) if cfg.selection.exclude_training_rows else set()
-    selected = _select(cfg, files, rows_scored, excluded)
-    timings["selection_s"] = round(time.time() - t0, 2)
+    with phase("stage 2 select: selecting and writing the selected rows"):
+        files = score_files(scores_dir)
+        rows_scored = sum(pq.read_metadata(f).num_rows for f in files)
+        excluded = _training_ids(cfg) if cfg.selection.exclude_training_rows else set()
+        selected, selection_info = _select(cfg, files, rows_scored, excluded)
+        timings["selection_s"] = round(time.time() - t0, 2)
 
-    # ---- write the selected rows (originals + score + rank)
-    t0 = time.time()
-    originals = read.rows.map_batches(
-        _rows_with_ids,
-        batch_format="pyarrow",
-        fn_kwargs={"ids": set(selected["id"].to_pylist()), "keep": True},
-    )
-    rows = {r["id"]: r for r in originals.take_all()}
-    records = []
-    for item in selected.to_pylist():
-        row = rows[item["id"]]
-        record = {"dataset": row["dataset"], "id": row["id"], "messages": row["messages"]}
-        record.update(json.loads(row["extra"] or "{}"))
-        record.update(score=item["score"], rank=item["rank"])
-        records.append(record)
-    pq.write_table(pa.Table.from_pylist(records), out / SELECTED_PARQUET)
-    with (out / SELECTED_JSONL).open("w") as fh:
-        for record in records:
-            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+        # ---- write the selected rows (originals + score + rank)
+        t0 = time.time()
+        originals = read.rows.map_batches(
+            _rows_with_ids,
+            batch_format="pyarrow",
+            fn_kwargs={"ids": set(selected["id"].to_pylist()), "keep": True},
+        )
+        rows = {r["id"]: r for r in originals.take_all()}
+        records = []
+        for item in selected.to_pylist():
+            row = rows[item["id"]]
+            record = {"dataset": row["dataset"], "id": row["id"], "messages": row["messages"]}
+            record.update(json.loads(row["extra"] or "{}"))
+            record.update(score=item["score"], rank=item["rank"])
+            records.append(record)
+        pq.write_table(pa.Table.from_pylist(records), out / SELECTED_PARQUET)
+        with (out / SELECTED_JSONL).open("w") as fh:
+            for record in records:
+                fh.write(json.dumps(record, ensure_ascii=False) + "\n")
     timings["write_s"] = round(time.time() - t0, 2)
 
     counts = read.ledger.counts()
@@ -143,11 +148,14 @@ def select(cfg: SelectConfig) -> Path:
     metrics = {
         "score_threshold": min(selected["score"].to_pylist()) if selected.num_rows else None,
         "score_max": max(selected["score"].to_pylist()) if selected.num_rows else None,
+        "score_formula": score_formula(cfg.scoring),
+        **selection_info,
     }
     plot_score_histograms(
         lambda: _stream(files, ["dataset", "score"]),
         out / SCORE_HISTOGRAMS,
         metrics["score_threshold"],
+        score_formula(cfg.scoring),
     )
     write_manifest(
         out,
@@ -177,10 +185,11 @@ def _selector(cfg: SelectConfig) -> tuple[str, str]:
     path = cfg.model_checkpoint_path or cfg.selector_model.path
     folder = Path(path)
     if cfg.model_checkpoint_path and folder.is_file():
-        raise ValueError(
+        raise ConfigError(
             f"model_checkpoint_path={path}: expected a stage-1 output folder (with {STAGE1_CONFIG}); "
             "the seed's full_rank_weights.pt files are not read"
         )
+    require_model("model_checkpoint_path" if cfg.model_checkpoint_path else "selector_model.path", str(path))
     tokenizer = cfg.selector_model.tokenizer_name
     if tokenizer is None and (folder / TOKENIZER_DIR).is_dir():
         tokenizer = str(folder / TOKENIZER_DIR)
@@ -245,8 +254,25 @@ def _training_ids(cfg: SelectConfig) -> set[str]:
     return set(pq.read_table(path, columns=["id"])["id"].to_pylist()) if path.exists() else set()
 
 
-def _select(cfg: SelectConfig, score_files: list[Path], rows_scored: int, excluded: set[str]) -> pa.Table:
+def _check_selection(cfg: SelectConfig) -> None:
+    """Selection keys that need each other: checked before any scoring."""
+    method, p = cfg.selection.method, cfg.clustering_params
+    if method == "threshold" and cfg.selection.threshold is None:
+        raise ConfigError("selection.method=threshold needs selection.threshold")
+    if method == "diversity" and not cfg.scoring.store_routing:
+        raise ConfigError("selection.method=diversity needs scoring.store_routing=true")
+    if p.auto_k and not (len(p.k_range) == 2 and 2 <= p.k_range[0] <= p.k_range[1]):
+        raise ConfigError(
+            f"clustering_params.k_range={p.k_range}: expected [lowest, highest] with 2 <= lowest <= highest"
+        )
+
+
+def _select(
+    cfg: SelectConfig, score_files: list[Path], rows_scored: int, excluded: set[str]
+) -> tuple[pa.Table, dict]:
+    """(the selected rows' id, dataset, score, rank; what the method decided, for the manifest)."""
     method = cfg.selection.method
+    info: dict = {}
     columns = ["id", "dataset", "score"] + (["routing"] if method == "diversity" else [])
 
     def batches():
@@ -259,8 +285,6 @@ def _select(cfg: SelectConfig, score_files: list[Path], rows_scored: int, exclud
     elif method == "random":
         chosen = order_by_score(random_k(batches(), k, cfg.seed))
     elif method == "threshold":
-        if cfg.selection.threshold is None:
-            raise ValueError("selection.method=threshold needs selection.threshold")
         chosen = above_threshold(batches(), cfg.selection.threshold)
     elif method == "per_dataset":
         per_dataset = Counter()
@@ -268,22 +292,36 @@ def _select(cfg: SelectConfig, score_files: list[Path], rows_scored: int, exclud
             per_dataset.update(batch["dataset"].to_pylist())
         chosen = per_dataset_k(batches(), dataset_quotas(dict(per_dataset), k, cfg.selection.quotas))
     else:
-        if not cfg.scoring.store_routing:
-            raise ValueError("selection.method=diversity needs scoring.store_routing=true")
         table = pa.concat_tables(list(batches()))
         p = cfg.clustering_params
-        chosen, _ = diversity_select(table, k, p.k, p.max_iters, cfg.seed)
+        n_clusters = p.k
+        if p.auto_k:
+            n_clusters, silhouettes = choose_n_clusters(
+                routing_features(table), tuple(p.k_range), p.max_iters, cfg.seed
+            )
+            info["clustering"] = {
+                "method": cfg.clustering_method,
+                "k": n_clusters,
+                "chosen_by": f"highest mean cosine silhouette over k in {p.k_range}",
+                "silhouette": {str(n): round(s, 6) for n, s in silhouettes.items()},
+            }
+        else:
+            info["clustering"] = {
+                "method": cfg.clustering_method,
+                "k": n_clusters,
+                "chosen_by": "clustering_params.k",
+            }
+        chosen, _ = diversity_select(table, k, n_clusters, p.max_iters, cfg.seed)
         chosen = chosen.drop_columns(["routing"])
     if chosen.num_columns == 0:
-        return pa.table(
-            {
-                "id": pa.array([], pa.string()),
-                "dataset": pa.array([], pa.string()),
-                "score": pa.array([], pa.float64()),
-                "rank": pa.array([], pa.int64()),
-            }
-        )
-    return with_rank(chosen.select(["id", "dataset", "score"]))
+        empty = {
+            "id": pa.array([], pa.string()),
+            "dataset": pa.array([], pa.string()),
+            "score": pa.array([], pa.float64()),
+            "rank": pa.array([], pa.int64()),
+        }
+        return pa.table(empty), info
+    return with_rank(chosen.select(["id", "dataset", "score"])), info
 
 
 def _scorer_kwargs(cfg: SelectConfig, model_path: str, tokenizer_name: str, out: Path) -> dict:

@@ -201,6 +201,20 @@ def score_of(columns: dict[str, np.ndarray], scoring) -> np.ndarray:
     )
 
 
+def score_formula(scoring) -> str:
+    """``row_score`` under a ``scoring`` config, in words (axis labels, reports, manifests)."""
+    gates = "mean gate" + (" over all tokens" if scoring.tokens == "all" else "")
+    terms = [gates]
+    for weight, name in (
+        (-scoring.perplexity_weight, "NLL"),
+        (scoring.prompt_gain_weight, "prompt gain"),
+        (scoring.expert_effect_weight, "expert effect"),
+    ):
+        if weight:
+            terms.append(f"{'-' if weight < 0 else '+'} {abs(weight):g} x {name}")
+    return " ".join(terms)
+
+
 def row_score_tensor(quality_scores: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
     """(B,): the row score as a differentiable tensor (stage 1 trains it against a reference set)."""
     return layer_gate_means(quality_scores, mask).mean(dim=-1)

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 
 from selectmoe.data.subset import random_key
 
-METHODS = ("top_k", "per_dataset", "diversity", "random", "threshold")
+SILHOUETTE_ROWS = 2000  # rows the auto_k silhouette is measured on (O(rows^2) distances)
 _ORDER = [("score", "descending"), ("id", "ascending")]
 
 
@@ -110,13 +110,18 @@ def excluding(batches: Iterable[pa.Table], excluded_ids: set[str]) -> Iterator[p
 # ---------------------------------------------------------------------------- diversity (k-means)
 
 
+def routing_features(table: pa.Table) -> np.ndarray:
+    """(rows, layers x experts) unit vectors: the rows' mean routing distributions."""
+    features = np.stack(table["routing"].to_numpy(zero_copy_only=False)).astype(np.float64)
+    return features / np.linalg.norm(features, axis=1, keepdims=True).clip(min=1e-12)
+
+
 def diversity_select(table: pa.Table, k: int, n_clusters: int, max_iters: int, seed: int, restarts: int = 3):
     """Cluster the rows' routing features (cosine k-means, k-means++ init, seeded restarts that differ),
     then take rows round-robin across clusters in score order until ``k`` are chosen.
 
     Returns (selected table in selection order, cluster label per row of ``table``)."""
-    features = np.stack(table["routing"].to_numpy(zero_copy_only=False)).astype(np.float64)
-    features /= np.linalg.norm(features, axis=1, keepdims=True).clip(min=1e-12)
+    features = routing_features(table)
     n_clusters = max(1, min(n_clusters, len(features)))
     labels = best_kmeans(features, n_clusters, max_iters, seed, restarts)
     ranked = pc.sort_indices(table, sort_keys=_ORDER).to_numpy()
@@ -129,6 +134,44 @@ def diversity_select(table: pa.Table, k: int, n_clusters: int, max_iters: int, s
                 chosen.append(queue[depth])
         depth += 1
     return table.take(pa.array(chosen, type=pa.int64())), labels
+
+
+def choose_n_clusters(
+    features: np.ndarray, k_range: tuple[int, int], max_iters: int, seed: int, restarts: int = 3
+) -> tuple[int, dict[int, float]]:
+    """``clustering_params.auto_k``: the k in ``k_range`` (inclusive) whose clustering has the highest
+    mean cosine silhouette, measured on a seeded sample of at most ``SILHOUETTE_ROWS`` rows (ties: the
+    smaller k). Returns (k, {k: silhouette})."""
+    low, high = k_range
+    high = min(high, len(features) - 1)
+    rng = np.random.default_rng(seed)
+    sample = np.sort(rng.permutation(len(features))[:SILHOUETTE_ROWS])
+    scores: dict[int, float] = {}
+    for n_clusters in range(max(2, low), high + 1):
+        labels = best_kmeans(features, n_clusters, max_iters, seed, restarts)
+        scores[n_clusters] = cosine_silhouette(features[sample], labels[sample])
+    if not scores:  # fewer rows than the smallest k: one cluster per row at most
+        return max(1, min(low, len(features))), {}
+    best = max(scores, key=lambda n: (scores[n], -n))
+    return best, scores
+
+
+def cosine_silhouette(x: np.ndarray, labels: np.ndarray) -> float:
+    """Mean silhouette with cosine distance (1 - x.y on unit vectors); a row alone in its cluster
+    counts 0, as in scikit-learn."""
+    distance = 1.0 - x @ x.T  # (n, n)
+    clusters = np.unique(labels)
+    if len(clusters) < 2:
+        return 0.0
+    mean_to = np.stack([distance[:, labels == c].mean(axis=1) for c in clusters], axis=1)  # (n, C)
+    sizes = np.array([(labels == c).sum() for c in clusters])
+    own = np.searchsorted(clusters, labels)
+    n_own = sizes[own]
+    a = mean_to[np.arange(len(x)), own] * n_own / np.maximum(n_own - 1, 1)  # leave the row itself out
+    mean_to[np.arange(len(x)), own] = np.inf
+    b = mean_to.min(axis=1)
+    s = np.where(n_own > 1, (b - a) / np.maximum(np.maximum(a, b), 1e-12), 0.0)
+    return float(s.mean())
 
 
 def best_kmeans(

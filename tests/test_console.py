@@ -1,0 +1,29 @@
+"""What a command shows: phase lines and a one-line result on the terminal, the result path alone on
+stdout's last line, everything else in OUT/logs/console.log; --verbose shows it all."""
+
+from __future__ import annotations
+
+from conftest import SHARED_TRAIN
+
+from selectmoe.cli import main
+
+
+def test_quiet_run_shows_phases_and_the_result_and_logs_the_rest(ray_session, tmp_path, capfd):
+    out = tmp_path / "validate"
+    args = ["validate-data", f"dataset.data_path={SHARED_TRAIN / 'oasst1.jsonl'}", f"output_dir={out}"]
+    assert main(args) == 0
+    stdout, stderr = capfd.readouterr()
+    assert stdout.splitlines() == [str(out)]  # the output folder alone
+    lines = stderr.splitlines()
+    assert lines[0] == f"(full output: {out / 'logs' / 'console.log'})"
+    assert "validate-data: reading and checking rows ..." in lines
+    assert any(line.startswith("validate-data: reading and checking rows: done in") for line in lines)
+    assert lines[-1].startswith("validate-data: 374 rows read, 374 accepted, 0 rejected")
+    assert len(lines) <= 8
+    log = (out / "logs" / "console.log").read_text()
+    assert "INFO" in log  # the library's log records went to the file, not the terminal
+
+    assert main([*args, "--verbose"]) == 0
+    stdout, stderr = capfd.readouterr()
+    assert stdout.splitlines()[-1] == str(out)
+    assert "full output" not in stderr
