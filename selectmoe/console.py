@@ -6,8 +6,9 @@ the process's stdout and stderr file descriptors point there while the command r
 processes started meanwhile write there too. ``phase`` and ``say`` write to the terminal that was
 saved before. ``--verbose`` (or ``SELECTMOE_VERBOSE=1``) leaves every stream on the terminal.
 
-Each phase prints its line when it starts; on a terminal (TTY) the line shows the time spent so far
-while the phase runs, and a second line reports the time taken when it ends.
+On a terminal (TTY) a phase's line shows the time spent so far while it runs and is replaced by
+``text: done in N s`` when it ends. Elsewhere (a pipe, a job log) a phase that runs longer than
+``ANNOUNCE_S`` is announced with ``text ...`` then, so short phases take one line and long ones two.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from selectmoe.layout import LOGS_DIR
 
 CONSOLE_LOG = "console.log"
 TICK_S = 1.0  # refresh of a running phase's elapsed time (TTY only)
+ANNOUNCE_S = 10.0  # not a TTY: a phase still running after this long gets a line saying it runs
 
 _terminal = None  # the saved terminal while quiet; None = write to sys.stderr
 _branch = ""  # "[random] " while a pipeline runs a baseline's stage
@@ -83,29 +85,35 @@ def summary(stage: str, manifest: dict) -> str:
 
 @contextlib.contextmanager
 def phase(text: str):
-    """``text ...`` now, ``text: done in N s`` at the end; on a TTY the first line counts the time."""
+    """``text: done in N s`` at the end; while it runs, a live counter (TTY) or one ``text ...`` line
+    after ``ANNOUNCE_S``."""
     stream = _terminal or sys.stderr
     started = time.monotonic()
     live = stream.isatty()
     stop = threading.Event()
+    text = _branch + text
 
     def tick():
+        if not live:
+            if not stop.wait(ANNOUNCE_S):
+                stream.write(f"{text} ...\n")
+                stream.flush()
+            return
         while not stop.wait(TICK_S):
             stream.write(f"\r{text} ... {time.monotonic() - started:.0f} s")
             stream.flush()
 
-    text = _branch + text
-    stream.write(f"{text} ..." + ("" if live else "\n"))
-    stream.flush()
-    ticker = threading.Thread(target=tick, daemon=True) if live else None
-    if ticker:
-        ticker.start()
+    if live:
+        stream.write(f"{text} ...")
+        stream.flush()
+    ticker = threading.Thread(target=tick, daemon=True)
+    ticker.start()
     try:
         yield
     finally:
         stop.set()
-        if ticker:
-            ticker.join()
+        ticker.join()
+        if live:
             stream.write("\r\033[K")  # clear the live line
         status = "done" if sys.exc_info()[0] is None else "failed"
         stream.write(f"{text}: {status} in {time.monotonic() - started:.0f} s\n")

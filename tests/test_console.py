@@ -3,8 +3,11 @@ stdout's last line, everything else in OUT/logs/console.log; --verbose shows it 
 
 from __future__ import annotations
 
+import time
+
 from conftest import SHARED_TRAIN
 
+from selectmoe import console
 from selectmoe.cli import main
 
 
@@ -16,7 +19,6 @@ def test_quiet_run_shows_phases_and_the_result_and_logs_the_rest(ray_session, tm
     assert stdout.splitlines() == [str(out)]  # the output folder alone
     lines = stderr.splitlines()
     assert lines[0] == f"(full output: {out / 'logs' / 'console.log'})"
-    assert "validate-data: reading and checking rows ..." in lines
     assert any(line.startswith("validate-data: reading and checking rows: done in") for line in lines)
     assert lines[-1].startswith("validate-data: 374 rows read, 374 accepted, 0 rejected")
     assert len(lines) <= 8
@@ -27,3 +29,17 @@ def test_quiet_run_shows_phases_and_the_result_and_logs_the_rest(ray_session, tm
     stdout, stderr = capfd.readouterr()
     assert stdout.splitlines()[-1] == str(out)
     assert "full output" not in stderr
+
+
+def test_a_phase_takes_one_line_and_a_long_one_is_announced_while_it_runs(monkeypatch, capsys):
+    monkeypatch.setattr(console, "ANNOUNCE_S", 0.05)
+    with console.phase("quick"):
+        pass
+    with console.phase("slow"):
+        time.sleep(0.3)
+    with console.branch("baseline random"), console.phase("inside"):
+        pass
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("quick: done in") and lines[1] == "slow ..."
+    assert lines[2].startswith("slow: done in") and lines[3].startswith("[baseline random] inside: done in")
+    assert len(lines) == 4

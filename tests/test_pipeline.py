@@ -66,6 +66,11 @@ def test_demo_writes_a_report_with_plots_baseline_and_separation(demo_run, capsy
     assert "| dataset | corpus rows | corpus share | selected rows | selected share |" in report
     formula = "mean gate - 0.03 x NLL + 0.1 x prompt gain"  # the default preset's score, in words
     assert f"Score of a row: `{formula}`" in report
+    gates = next(
+        row for row in json.loads((out / "separation.json").read_text())["table"] if "gates" in row["scorer"]
+    )
+    inverted = "**The gates are inverted on this run**" in report
+    assert inverted == (gates["auroc_all"] < 0.5)  # the gate direction is checked, never assumed
     separation = json.loads((out / "separation.json").read_text())
     scorers = [row["scorer"] for row in separation["table"]]
     assert any("perplexity" in s for s in scorers) and any("length" in s for s in scorers)

@@ -109,6 +109,20 @@ def separation_section(run: Path, data: Path, preset: str) -> str:
     recipe = read_manifest(run / STAGE_DIRS["pretrain"])["config"]["training"]
     (run / SEPARATION).write_text(json.dumps({"k": k, "rows": len(held_out), "table": rows}, indent=2))
     kinds = ", ".join(f"{kind} {int((defect == kind).sum())}" for kind in sorted(set(defect) - {""}))
+    by_name = {row["scorer"]: row for row in rows}
+    gates, score = by_name["gates alone (mean gate)"], by_name[f"Select-MoE score (preset={preset})"]
+    perplexity = by_name["perplexity (-NLL, same model)"]
+    verdicts = [
+        (
+            f"**The gates are inverted on this run**: they rank defective rows above clean ones (AUROC "
+            f"{gates['auroc_all']:.3f} < 0.5); a gate opens where the experts lower the LM loss most, which "
+            "can be the defective tokens."
+        )
+        if gates["auroc_all"] < 0.5
+        else f"The gates alone rank clean rows above defective ones (AUROC {gates['auroc_all']:.3f}).",
+        f"The shipped score {'is at least level with' if score['auroc_all'] >= perplexity['auroc_all'] else 'loses to'} "
+        f"perplexity here (AUROC {score['auroc_all']:.3f} vs {perplexity['auroc_all']:.3f}).",
+    ]
     return "\n".join(
         [
             "## Do the scores find the planted defects?",
@@ -123,5 +137,7 @@ def separation_section(run: Path, data: Path, preset: str) -> str:
             f"trash expert `{recipe['trash_expert_mode']}`; reference set: "
             f"{'yes' if recipe.get('reference_data') else 'no'}. The method is not assumed to work: compare the "
             "score and gate rows with the perplexity baseline.",
+            "",
+            " ".join(verdicts),
         ]
     )
