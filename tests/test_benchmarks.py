@@ -140,3 +140,27 @@ def test_sweep_search_small(tmp_path):
     assert len(report["trials"]) == 2
     assert all(0 <= t["metric"] <= 1 for t in report["trials"])
     assert 0 <= report["perplexity_probe_auroc"] <= 1
+
+
+def test_real_shape_build_writes_loadable_checkpoints_in_the_hub_layout(tmp_path):
+    """The mini shape runs the real-shape build's code: per-expert tensor names as on the hub, shards
+    with an index, and the product loads the OLMoE one with only the quality gates new."""
+    from safetensors import safe_open
+
+    from selectmoe.models.loading import load_select_moe
+
+    out = tmp_path / "ckpt"
+    stdout, report = run_benchmark(
+        "real_shape.py", tmp_path, "build", str(out), "--shape", "mini", "--shard-gb", "0.0005"
+    )
+    assert "peak RSS of this process" in stdout
+    olmoe = out / "olmoe-1b-7b"
+    index = json.loads((olmoe / "model.safetensors.index.json").read_text())["weight_map"]
+    assert (
+        "model.layers.1.mlp.experts.7.down_proj.weight" in index
+        and report["models"]["olmoe-1b-7b"]["shards"] > 1
+    )
+    with safe_open(str(olmoe / index["model.layers.0.mlp.experts.0.gate_proj.weight"]), "pt") as f:
+        assert f.get_tensor("model.layers.0.mlp.experts.0.gate_proj.weight").shape == (32, 64)  # (I, H)
+    model = load_select_moe(str(olmoe), dtype="bfloat16")  # raises on any missing key but the gates
+    assert model.config.num_experts == 8 and model.dtype.is_floating_point
