@@ -166,15 +166,15 @@ def test_cli_rejects_unknown_key_with_exit_code_2(capsys):
     assert "did you mean 'selection_percentage'" in capsys.readouterr().err
 
 
-def test_cli_convert_writes_a_verified_checkpoint(tmp_path, capsys):
+def test_cli_convert_writes_a_verified_checkpoint(tmp_path, capfd):
     from selectmoe.demo.tiny import build_tiny_olmoe
 
     olmoe = build_tiny_olmoe(tmp_path / "olmoe", hidden_size=32, intermediate_size=16)
     out = tmp_path / "converted"
     assert main(["convert", "--olmoe", str(olmoe), "--out", str(out), "--verify"]) == 0
-    printed = capsys.readouterr().out
-    assert "max |logits(OLMoE) - logits(Select-MoE, gates open)|" in printed
-    assert printed.strip().splitlines()[-1] == str(out)  # the stage prints its output dir last
+    printed, shown = capfd.readouterr()
+    assert "verify: max |logits(OLMoE) - logits(Select-MoE, gates open)|" in shown  # on the terminal
+    assert printed.strip().splitlines() == [str(out)]  # stdout: the output dir alone
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["metrics"]["max_abs_logit_diff_gates_open"] <= 1e-5
     assert json.loads((out / "config.json").read_text())["model_type"] == "select_moe"
