@@ -128,7 +128,7 @@ def write_random_checkpoint(cls, config, folder: Path, shard_bytes: int, seed: i
         model = cls(config)
     shapes = [(name, tuple(t.shape)) for name, t in published_names(model.state_dict().items())]
     folder.mkdir(parents=True, exist_ok=True)
-    config.torch_dtype = "bfloat16"
+    config.dtype = "bfloat16"
     config.save_pretrained(str(folder))
     generator = torch.Generator().manual_seed(seed)
     shard: dict[str, torch.Tensor] = {}
