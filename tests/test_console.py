@@ -22,8 +22,8 @@ def test_quiet_run_shows_phases_and_the_result_and_logs_the_rest(ray_session, tm
     assert any(line.startswith("validate-data: reading and checking rows: done in") for line in lines)
     assert lines[-1].startswith("validate-data: 374 rows read, 374 accepted, 0 rejected")
     assert len(lines) <= 8
-    log = (out / "logs" / "console.log").read_text()
-    assert "INFO" in log  # the library's log records went to the file, not the terminal
+    assert (out / "logs" / "console.log").exists()  # what a fresh process logs there: test_select's
+    # two concurrent `selectmoe select` runs check it (here Ray was started before, by the session)
 
     assert main([*args, "--verbose"]) == 0
     stdout, stderr = capfd.readouterr()

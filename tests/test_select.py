@@ -350,7 +350,10 @@ def test_two_commands_started_together_both_finish(tiny_olmoe, tmp_path):
         for i in range(2)
     ]
     outputs = [run.communicate(timeout=540)[0] for run in runs]
-    for run, output in zip(runs, outputs):
+    for i, (run, output) in enumerate(zip(runs, outputs)):
         assert run.returncode == 0, output[-3000:]
+        # the terminal got phase lines and the result; Ray's own output went to the run's log
+        assert output.strip().splitlines()[-1] == str(tmp_path / f"run{i}") and len(output.splitlines()) <= 12
+        assert "Started a local Ray instance" in (tmp_path / f"run{i}" / "logs" / "console.log").read_text()
     first, second = ((tmp_path / f"run{i}" / "selected.jsonl").read_bytes() for i in range(2))
     assert first == second and first
