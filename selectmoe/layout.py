@@ -80,11 +80,6 @@ SWEEP_REPORT = "sweep_report.md"
 ROWS_DIR = "rows"
 
 
-def stage_dir(root: str | Path, stage: str) -> Path:
-    """A stage's folder inside a run (or baseline) folder."""
-    return Path(root) / STAGE_DIRS[stage]
-
-
 def score_files(scores_dir: str | Path) -> list[Path]:
     """The finished score files of a ``scores/`` folder (Ray Data's write leaves no other parquet)."""
     return sorted(p for p in Path(scores_dir).glob("*.parquet") if not p.name.startswith(("_", ".")))

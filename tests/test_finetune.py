@@ -14,6 +14,7 @@ from selectmoe.cli import main
 from selectmoe.config import parse_config
 from selectmoe.data.template import IGNORE_INDEX
 from selectmoe.finetune.driver import finetune, training_tokens
+from selectmoe.layout import RAY_TRAIN_DIR
 from selectmoe.ray_data import read_rows
 from selectmoe.training.common import BatchPlan
 
@@ -270,9 +271,9 @@ def test_fsdp_matches_ddp_and_a_resumed_run_matches_an_uninterrupted_one(finetun
 def test_rerun_with_the_same_config_resumes_instead_of_retraining(finetuned, tiny_llama, selected_jsonl):
     adapter = (finetuned / "adapter_model.safetensors").read_bytes()
     history = metrics(finetuned)
-    checkpoints = sorted((finetuned / "ray_train").rglob("checkpoint_*"))
+    checkpoints = sorted((finetuned / RAY_TRAIN_DIR).rglob("checkpoint_*"))
     overrides = stage3_overrides(tiny_llama, selected_jsonl, finetuned, **FAILS_ONCE)
     finetune(parse_config("finetune", overrides=overrides))
     assert (finetuned / "adapter_model.safetensors").read_bytes() == adapter
     assert metrics(finetuned) == history
-    assert sorted((finetuned / "ray_train").rglob("checkpoint_*")) == checkpoints  # no new training step
+    assert sorted((finetuned / RAY_TRAIN_DIR).rglob("checkpoint_*")) == checkpoints  # no new training step

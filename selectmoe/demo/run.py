@@ -13,7 +13,6 @@ model, response length). The last line printed is the path of ``report.md``.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +27,6 @@ from selectmoe.metrics import separation_table
 from selectmoe.pipeline import run_pipeline
 from selectmoe.reporting.report import markdown_table
 from selectmoe.select.score import row_score
-
-logger = logging.getLogger(__name__)
 
 MODELS_VERSION = 1  # bump when the tiny demo models change
 REFERENCE_ROWS = 300

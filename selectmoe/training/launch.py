@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from selectmoe.config import to_dict
+from selectmoe.layout import RAY_TRAIN_DIR
 from selectmoe.manifest import hash_dict
 from selectmoe.training.common import BatchPlan
 
@@ -101,7 +102,7 @@ def fit(train_fn, config: dict, dataset, *, name: str, output_dir: Path, scaling
         ),
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=str(output_dir / "ray_train"),
+            storage_path=str(output_dir / RAY_TRAIN_DIR),
             failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks or None,
