@@ -33,6 +33,21 @@ OLMOE_1B_7B = dict(
     eos_token_id=50279,
     tie_word_embeddings=False,
 )
+# Llama-2-7B's shape (6.74B parameters)
+LLAMA_2_7B = dict(
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    max_position_embeddings=4096,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
 
 
 # ---------------------------------------------------------------------------- real rows

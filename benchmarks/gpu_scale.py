@@ -35,6 +35,7 @@ import traceback
 
 import torch
 from common import (
+    LLAMA_2_7B,
     OLMOE_1B_7B,
     decoder_flops_per_row,
     matmul_peak,
@@ -54,19 +55,6 @@ LESS_ROWS = 270_679  # flan_v2 100,000 + cot 100,000 + dolly 15,011 + oasst1 55,
 MEAN_ROW_TOKENS = 236
 SEED_GB = {"stage1 full_rank": 16, "stage1 lora": 8, "stage3 llama lora": 24}  # the seed project's notes
 
-LLAMA_2_7B = dict(
-    vocab_size=32000,
-    hidden_size=4096,
-    intermediate_size=11008,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-    max_position_embeddings=4096,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-    tie_word_embeddings=False,
-)
 TINY = dict(
     vocab_size=1024, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4
 )

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import write_json
+from common import LLAMA_2_7B, OLMOE_1B_7B, write_json
 from safetensors.torch import save_file
 
 from selectmoe.demo.tiny import build_tokenizer
@@ -30,34 +30,6 @@ from selectmoe.demo.tiny import build_tokenizer
 SHARD_BYTES = 2 * 1024**3
 INIT_STD = 0.02
 
-# OLMoE-1B-7B (allenai/OLMoE-1B-7B-0125's config.json): 6.9B parameters, 1.3B active per token
-OLMOE_1B_7B = dict(
-    vocab_size=50304,
-    hidden_size=2048,
-    intermediate_size=1024,
-    num_hidden_layers=16,
-    num_attention_heads=16,
-    num_key_value_heads=16,
-    num_experts=64,
-    num_experts_per_tok=8,
-    max_position_embeddings=4096,
-    rms_norm_eps=1e-5,
-    norm_topk_prob=False,
-    tie_word_embeddings=False,
-    pad_token_id=1,
-    eos_token_id=50279,
-)
-LLAMA_2_7B = dict(
-    vocab_size=32000,
-    hidden_size=4096,
-    intermediate_size=11008,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-    max_position_embeddings=4096,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=False,
-)
 # the same code paths at a size CI builds in seconds
 MINI = {
     "olmoe": dict(
