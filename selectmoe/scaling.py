@@ -2,6 +2,10 @@
 
 A 2-CPU laptop must not deadlock: Ray Data's read and write tasks need a CPU while training workers
 or scoring actors hold theirs, so on CPU-only clusters one CPU is always left free for them.
+Ray then starts a 1-CPU worker with OMP_NUM_THREADS=1, which would run torch on one core of two; so
+the CPU workers and actors sized here set their torch threads themselves (``cpu_threads``): the
+cluster's CPUs shared out between them, the one kept free included (Ray Data's short tasks use it
+only now and then).
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from dataclasses import dataclass
 
 import ray
 
@@ -94,18 +99,42 @@ def use_gpu(section: ScalingSection) -> bool:
     return free_resources().get("GPU", 0) >= 1
 
 
-def worker_layout(section: ScalingSection) -> tuple[int, dict[str, float], bool]:
-    """(num_workers, resources_per_worker, use_gpu) for a Ray Train run."""
+@dataclass(frozen=True)
+class WorkerLayout:
+    """A Ray Train run's workers: how many, the resources each holds, and (CPU) its torch threads."""
+
+    workers: int
+    resources: dict[str, float]
+    use_gpu: bool
+    cpu_threads: int | None = None  # None = leave torch's thread count as Ray set it
+
+
+def cpu_threads(processes: int) -> int:
+    """Torch threads for each of ``processes`` CPU workers or actors sized by this module: the
+    cluster's CPUs shared out between them (1 worker on a 2-CPU laptop: 2; 15 actors on 16 CPUs: 1)."""
+    return max(1, int(ray.cluster_resources().get("CPU", 1) // processes))
+
+
+def set_cpu_threads(threads: int | None) -> None:
+    """In a CPU worker or actor: run torch on ``threads`` threads (``cpu_threads``); None = as is."""
+    import torch
+
+    if threads and not torch.cuda.is_available():
+        torch.set_num_threads(threads)
+
+
+def worker_layout(section: ScalingSection) -> WorkerLayout:
+    """The workers of a Ray Train run, sized from the free resources unless the section sets them."""
     gpu = use_gpu(section)
     free = free_resources()
     if gpu:
         workers = section.num_workers or max(1, int(free.get("GPU", 1)))
         resources = section.resources_per_worker or {"GPU": 1.0, "CPU": 1.0}
-        return workers, resources, True
+        return WorkerLayout(workers, resources, True)
     cpus = free.get("CPU", 1.0)
     workers = section.num_workers or 1
-    if section.resources_per_worker:
-        return workers, section.resources_per_worker, False
+    if section.resources_per_worker:  # Ray's OMP_NUM_THREADS follows the CPUs asked for
+        return WorkerLayout(workers, section.resources_per_worker, False)
     per_worker = max(MIN_WORKER_CPUS, (cpus - RESERVED_CPUS) / workers)
     per_worker = round(per_worker, 2)
     if per_worker * workers > cpus - RESERVED_CPUS + 1e-6:
@@ -116,4 +145,4 @@ def worker_layout(section: ScalingSection) -> tuple[int, dict[str, float], bool]
             RESERVED_CPUS,
             cpus,
         )
-    return workers, {"CPU": per_worker}, False
+    return WorkerLayout(workers, {"CPU": per_worker}, False, cpu_threads(workers))

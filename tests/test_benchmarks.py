@@ -18,13 +18,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def run_benchmark(name: str, tmp_path: Path, *args: str) -> tuple[str, dict]:
+def run_benchmark(name: str, tmp_path: Path, *args: str, timeout: int = 280) -> tuple[str, dict]:
     out = tmp_path / f"{name}.json"
     done = subprocess.run(
         [sys.executable, str(BENCHMARKS / name), *args, "--json", str(out)],
         capture_output=True,
         text=True,
-        timeout=280,
+        timeout=timeout,
     )
     assert done.returncode == 0, (
         f"{name} exited {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
@@ -164,3 +164,43 @@ def test_real_shape_build_writes_loadable_checkpoints_in_the_hub_layout(tmp_path
         assert f.get_tensor("model.layers.0.mlp.experts.0.gate_proj.weight").shape == (32, 64)  # (I, H)
     model = load_select_moe(str(olmoe), dtype="bfloat16")  # raises on any missing key but the gates
     assert model.config.num_experts == 8 and model.dtype.is_floating_point
+
+
+@pytest.mark.timeout(660)
+def test_real_shape_run_takes_every_stage_through_the_cli(tmp_path):
+    """The mini shape of ``real_shape.py run``: each stage's CLI in its own local Ray, every process of
+    its tree sampled and named by its Ray role, the stage's own load/step numbers, and the alternating
+    throughput loops on the same rows."""
+    models = tmp_path / "ckpt"
+    run_benchmark("real_shape.py", tmp_path, "build", str(models), "--shape", "mini")
+    stdout, report = run_benchmark(
+        "real_shape.py",
+        tmp_path,
+        "run",
+        str(models),
+        *("--rows", "24", "--throughput-rows", "8", "--steps", "1", "--eval-limit", "2"),
+        timeout=600,
+    )
+    stages = report["stages"]
+    assert list(stages) == ["pretrain_full_rank", "pretrain_lora", "select", "finetune", "evaluate"]
+    assert all(stage["rc"] == 0 for stage in stages.values())
+    roles = {
+        "pretrain_full_rank": "Train worker",
+        "pretrain_lora": "Train worker",
+        "select": "scoring actor",
+        "finetune": "Train worker",
+        "evaluate": "eval task",
+    }
+    for name, role in roles.items():
+        process = stages[name]["processes"][role]
+        assert process["peak_rss_gib"] >= process["peak_anon_gib"] > 0, name
+        assert stages[name]["processes"]["driver"]["peak_rss_gib"] > 0
+    for name in ("pretrain_full_rank", "pretrain_lora", "finetune"):
+        assert stages[name]["load_s"] > 0 and stages[name]["step_s"] > 0
+    # stage 1 writes only the trained gates and routers (full_rank) or a LoRA adapter, not the model
+    assert stages["pretrain_full_rank"]["trainable_bytes"] < report["model_bytes"]["olmoe-1b-7b"] / 5
+    assert stages["select"]["rows_scored"] == 24 and stages["evaluate"]["samples"] == 2
+    throughput = report["throughput"]
+    assert set(throughput["speedup_vs_seed"]) == {"seed loop", "original preset", "default preset"}
+    assert 0 < throughput["share_of_peak"]["original preset"] < 1
+    assert "stage-2 throughput on cpu" in stdout

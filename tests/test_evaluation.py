@@ -72,6 +72,12 @@ def test_presets_map_to_local_tasks_with_data_dir():
     ]
 
 
+def test_named_tasks_with_a_local_version_map_to_it_with_data_dir():
+    """Offline, ``eval.tasks=[arc_challenge]`` would fail reaching the hub; it runs the local copy."""
+    jobs = expand_tasks(["arc_challenge", "winogrande"], data_dir="/data/eval")
+    assert jobs == [EvalJob("arc_challenge_local"), EvalJob("winogrande")]
+
+
 def test_seed_preset_without_local_versions_fails_naming_them():
     assert [job.task for job in expand_tasks(["seed"])] == ["mmlu", "hellaswag", "arc_easy", "arc_challenge"]
     with pytest.raises(ConfigError, match=r"hellaswag', 'arc_easy'.*mmlu_local,arc_challenge_local"):

@@ -144,6 +144,16 @@ def test_two_workers_match_one_worker_with_the_same_global_batch(two_worker_run,
         torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=1e-4)
 
 
+def test_cpu_workers_use_the_cores_ray_would_leave_idle(two_worker_run, one_worker_run):
+    """Ray starts a 1-CPU worker with OMP_NUM_THREADS=1: one worker on this 2-CPU session must still
+    run torch on both cores (its CPU and the one kept for Ray Data); two workers one each. The first
+    step also reports how long the model took to load."""
+    one, two = metrics(one_worker_run)[0], metrics(two_worker_run)[0]
+    assert one["torch_threads"] == 2 and two["torch_threads"] == 1
+    assert one["load_s"] > 0 and all("load_s" not in m for m in metrics(one_worker_run)[1:])
+    assert all(m["step_s"] > 0 for m in metrics(one_worker_run))
+
+
 def test_fsdp_matches_ddp_resumes_after_a_failure_and_probes_on_every_rank(
     fsdp_run, fsdp_config, two_worker_run, tiny_olmoe
 ):

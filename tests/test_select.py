@@ -26,7 +26,7 @@ from selectmoe.data.template import (
 )
 from selectmoe.models.loading import load_select_moe
 from selectmoe.select import select
-from selectmoe.select.score import row_nll, score_mask
+from selectmoe.select.score import row_nll, score_mask, score_terms, term_scales
 from selectmoe.select.scorer import GateScorer
 
 TRAIN_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "train"
@@ -133,6 +133,28 @@ def test_perplexity_weight_subtracts_the_rows_nll_from_the_same_pass(tiny_olmoe)
     np.testing.assert_allclose(weighted["nll"], plain["nll"], rtol=1e-6)
     assert (plain["nll"] > 0).all()
     np.testing.assert_allclose(weighted["score"], plain["score"] - 0.1 * plain["nll"], rtol=1e-6)
+
+
+def test_row_nll_in_chunks_equals_the_full_models_loss(tiny_olmoe):
+    """``row_nll`` runs the LM head over the scored positions ``NLL_CHUNK`` at a time (bounded memory at
+    a real vocabulary); over more positions than one chunk it equals the full model's per-row loss."""
+    from selectmoe.models.loading import load_select_moe
+    from selectmoe.select.score import NLL_CHUNK
+
+    model = load_select_moe(str(tiny_olmoe), dtype="float32").eval()
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (3, NLL_CHUNK // 2 + 7), generator=generator)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[1, -20:] = False  # a shorter row
+    with torch.no_grad():
+        hidden = model.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        got = row_nll(model, hidden, ids, mask)
+        logits = model.lm_head(hidden)[:, :-1]
+        losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+    targets = mask[:, 1:].float()
+    expected = (losses * targets).sum(1) / targets.sum(1)
+    assert int(targets.sum()) > NLL_CHUNK
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_prompt_gain_compares_the_reply_with_and_without_its_prompt(tiny_olmoe):
@@ -328,6 +350,35 @@ def test_prompt_gain_and_expert_effect_weights_rescore_every_row_with_their_pass
         expected += 0.5 * (row["nll_without_prompt"] - row["nll"])
         expected += 2.0 * (row["nll_gates_shut"] - row["nll"])
         assert row["score"] == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+    # scoring.combine=robust_z reuses these scores (it changes how the stored terms combine, not what
+    # is computed) and selects by the robust z-scores of the terms over the scored rows
+    files = {p.name: p.read_bytes() for p in (out / "scores").glob("*.parquet")}
+    run_select(
+        tiny_olmoe,
+        out,
+        sources,
+        **{
+            "scoring.prompt_gain_weight": 0.5,
+            "scoring.expert_effect_weight": 2.0,
+            "scoring.combine": "robust_z",
+        },
+    )
+    assert {p.name: p.read_bytes() for p in (out / "scores").glob("*.parquet")} == files
+    manifest = json.loads((out / "manifest.json").read_text())
+    columns = {
+        k: np.array([r[k] for r in rows])
+        for k in ("layer_scores", "nll", "nll_without_prompt", "nll_gates_shut")
+    }
+    terms = score_terms(**columns)
+    assert manifest["metrics"]["term_scales"] == pytest.approx(term_scales(terms))  # every row: < the sample
+    assert manifest["metrics"]["score_formula"].startswith("z(mean gate) - ")
+    z = {k: (v - term_scales(terms)[k]["median"]) / term_scales(terms)[k]["scale"] for k, v in terms.items()}
+    combined = z["gate"] - weight * z["nll"] + 0.5 * z["prompt_gain"] + 2.0 * z["expert_effect"]
+    order = sorted(zip(combined, [r["id"] for r in rows]), key=lambda x: (-x[0], x[1]))
+    selected = [json.loads(line) for line in (out / "selected.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in selected] == [i for _, i in order[: len(selected)]]
+    assert [r["score"] for r in selected] == pytest.approx([s for s, _ in order[: len(selected)]])
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from selectmoe.select.score import row_score, score_terms, term_scales
 from selectmoe.select.topk import (
     above_threshold,
     best_kmeans,
@@ -125,3 +126,33 @@ def test_cosine_silhouette_matches_a_hand_computed_case():
     assert cosine_silhouette(x, np.array([0, 0, 1, 1])) == pytest.approx(1.0)
     # a row alone in its cluster counts 0 (scikit-learn's rule)
     assert cosine_silhouette(x[:3], np.array([0, 0, 1])) == pytest.approx(2 / 3)
+
+
+def test_robust_z_ranking_does_not_follow_a_terms_scale_or_offset():
+    """``scoring.combine=robust_z``: a weight means the same whatever each term's spread. Scaling the
+    NLL by a constant (a model with sharper or flatter predictions) or shifting the prompt gain leaves
+    the ranking as it was; the raw combination's ranking moves with it."""
+    rng = np.random.default_rng(0)
+    n = 500
+    layers = rng.uniform(0.3, 0.7, size=(n, 4))
+    nll = rng.normal(2.0, 0.5, n)
+    unprompted = nll + rng.normal(0.3, 0.2, n)
+
+    def ranking(nll_values, unprompted_values, combine):
+        terms = score_terms(layers, nll_values, unprompted_values)
+        scales = term_scales(terms) if combine == "robust_z" else None
+        return np.argsort(-row_score(layers, nll_values, 0.5, unprompted_values, 1.0, scales=scales))
+
+    base = ranking(nll, unprompted, "robust_z")
+    sharper = ranking(nll * 8, unprompted * 8, "robust_z")  # every NLL x 8: gain x 8 too
+    shifted = ranking(nll + 3.0, unprompted + 3.0, "robust_z")
+    np.testing.assert_array_equal(base, sharper)
+    np.testing.assert_array_equal(base, shifted)
+    assert not np.array_equal(ranking(nll, unprompted, "raw"), ranking(nll * 8, unprompted * 8, "raw"))
+
+
+def test_term_scales_are_the_median_and_the_iqr_over_1_349():
+    terms = {"gate": np.arange(1.0, 102.0), "nll": np.full(10, 2.0)}
+    scales = term_scales(terms)
+    assert scales["gate"] == {"median": 51.0, "scale": pytest.approx(50.0 / 1.349)}
+    assert scales["nll"] == {"median": 2.0, "scale": 1.0}  # no spread: the term is only centred

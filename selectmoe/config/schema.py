@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from selectmoe.config.loader import Between, one_of, ranged
+from selectmoe.config.loader import Between, OneOf, one_of, ranged
 from selectmoe.layout import SELECTED_JSONL, STAGE_DIRS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -174,8 +174,9 @@ class DataProcessSection:
 @dataclass
 class ScoringSection:
     tokens: str = one_of("assistant", ("assistant", "all"))  # which tokens a row's score averages over
-    # cap on padded tokens in one scoring batch
-    tokens_per_batch: int = field(default=16384, metadata={"execution": True, "allowed": Between(low=1)})
+    # cap on padded tokens in one scoring batch; 0 = 16384 on a GPU, 4096 on CPU (at OLMoE-1B-7B's shape
+    # a 16k-token batch held ~6 GiB of activations beside the 13 GiB of weights: too much for 24 GB)
+    tokens_per_batch: int = field(default=0, metadata={"execution": True, "allowed": Between(low=0)})
     # rows sorted by length together before batching
     sort_window: int = field(default=1024, metadata={"execution": True, "allowed": Between(low=1)})
     store_routing: bool = False  # keep per-layer mean routing distributions (diversity selection)
@@ -185,6 +186,13 @@ class ScoringSection:
     prompt_gain_weight: float = 0.0  # score += this x (nll_without_prompt - NLL) (!= 0 implies prompt_gain)
     expert_effect: bool = False  # also store nll_gates_shut: the NLL with every quality gate forced to 0
     expert_effect_weight: float = 0.0  # score += this x (nll_gates_shut - NLL) (!= 0 implies expert_effect)
+    # raw: the weights multiply the terms as measured; robust_z: each term is first centred on its
+    # median over the scored corpus and divided by its IQR / 1.349 (a seeded sample of the score files,
+    # no rescoring), so that a weight means the same on any model and corpus. Applied when selecting:
+    # the score files keep the raw terms, so changing it reuses them.
+    combine: str = field(
+        default="raw", metadata={"after_scoring": True, "allowed": OneOf(("raw", "robust_z"))}
+    )
     # how the pass runs, not what it computes: not part of the resume key (``scores_depend_on``)
     # 0 = one per GPU, or from free CPUs
     num_actors: int = field(default=0, metadata={"execution": True, "allowed": Between(low=0)})

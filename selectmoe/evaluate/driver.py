@@ -39,7 +39,7 @@ from selectmoe.evaluate.tasks import available_local_tasks, local_family, write_
 from selectmoe.layout import RESULTS, RESULTS_TABLE
 from selectmoe.manifest import fingerprint, write_manifest
 from selectmoe.models.loading import require_model
-from selectmoe.scaling import ensure_ray
+from selectmoe.scaling import cpu_threads, ensure_ray, set_cpu_threads
 
 logger = logging.getLogger(__name__)
 
@@ -83,12 +83,13 @@ class EvalJob:
 def expand_tasks(
     tasks: list[str], data_dir: str | None = None, num_fewshot: int | None = None
 ) -> list[EvalJob]:
-    """Presets -> their tasks (local versions when ``data_dir`` is set); other names pass through.
-    ``num_fewshot`` replaces every preset's shots."""
+    """Presets -> their tasks; with ``data_dir`` every task that has a local version becomes it (the
+    hub's ``arc_challenge`` -> ``arc_challenge_local``); other names pass through. ``num_fewshot``
+    replaces every preset's shots."""
     jobs: list[EvalJob] = []
     for name in tasks:
         if name not in PRESETS:
-            jobs.append(EvalJob(name, num_fewshot))
+            jobs.append(EvalJob(LOCAL_VERSIONS.get(name, name) if data_dir else name, num_fewshot))
             continue
         members = PRESETS[name]
         if data_dir:
@@ -163,12 +164,16 @@ def _submit(cfg: EvaluateConfig, jobs: list[EvalJob]) -> list[ray.ObjectRef]:
         # one task per lm-eval task: Ray runs as many at once as there are GPUs, queues the rest
         remote = _run_jobs_remote.options(num_gpus=1, runtime_env=runtime_env)
         return [remote.remote(cfg, [job], "cuda") for job in jobs]
-    # CPU: one task loads the model once and runs the jobs in turn
-    return [_run_jobs_remote.options(num_cpus=1, runtime_env=runtime_env).remote(cfg, jobs, "cpu")]
+    # CPU: one task loads the model once and runs the jobs in turn, on the free CPUs' threads
+    remote = _run_jobs_remote.options(num_cpus=1, runtime_env=runtime_env)
+    return [remote.remote(cfg, jobs, "cpu", cpu_threads(1))]
 
 
 @ray.remote
-def _run_jobs_remote(cfg: EvaluateConfig, jobs: list[EvalJob], device: str) -> list[dict[str, Any]]:
+def _run_jobs_remote(
+    cfg: EvaluateConfig, jobs: list[EvalJob], device: str, threads: int | None = None
+) -> list[dict[str, Any]]:
+    set_cpu_threads(threads)
     return run_jobs(cfg, jobs, device)
 
 
@@ -183,7 +188,9 @@ def run_jobs(cfg: EvaluateConfig, jobs: list[EvalJob], device: str) -> list[dict
     batch_size = _parse_batch_size(cfg.eval.batch_size)
     if isinstance(batch_size, str) and device != "cuda":
         batch_size = CPU_BATCH_SIZE
+    loading = time.perf_counter()
     lm = HFLM(**model_args, device=device, batch_size=batch_size)
+    load_seconds = time.perf_counter() - loading
     limit = cfg.eval.limit
     if limit is not None and limit >= 1:
         limit = int(limit)
@@ -204,7 +211,13 @@ def run_jobs(cfg: EvaluateConfig, jobs: list[EvalJob], device: str) -> list[dict
                 log_samples=False,
             )
             # lm-eval records only the LM's class name when handed a built model
-            result["config"].update(model="hf", model_args=model_args, batch_size=batch_size, device=device)
+            result["config"].update(
+                model="hf",
+                model_args=model_args,
+                batch_size=batch_size,
+                device=device,
+                model_load_s=load_seconds,
+            )
             results.append(json.loads(json.dumps(result, default=handle_non_serializable)))
     return results
 

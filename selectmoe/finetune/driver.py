@@ -60,7 +60,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
         train = training_tokens(read.rows, cfg, tokenizer_name).materialize()
         num_rows = train.count()
     layout = worker_layout(cfg.scaling)
-    steps = plan_steps("stage 3", num_rows, cfg.training, workers=layout[0])
+    steps = plan_steps("stage 3", num_rows, cfg.training, workers=layout.workers)
 
     # ---- train
     config = loop_config(cfg, steps, pad_token_id=tokenizer.pad_token_id, output_dir=out)
@@ -70,7 +70,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
         attn_implementation=cfg.model.attn_implementation,
         trust_remote_code=cfg.model.trust_remote_code,
     )
-    with phase(f"stage 3 finetune: training {steps.total_steps} steps on {layout[0]} worker(s)"):
+    with phase(f"stage 3 finetune: training {steps.total_steps} steps on {layout.workers} worker(s)"):
         result = fit(
             train_target_per_worker,
             config,

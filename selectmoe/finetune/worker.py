@@ -8,9 +8,12 @@ last checkpoint. The driver is ``selectmoe.finetune.driver``.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from selectmoe.models.loading import resolve_dtype
+from selectmoe.scaling import set_cpu_threads
 from selectmoe.training.common import worker_device
 from selectmoe.training.loop import all_reduce_sum, run_training_loop
 from selectmoe.training.sharding import gradient_sync
@@ -49,7 +52,9 @@ def apply_lora(model, lora: dict, *, gradient_checkpointing: bool):
 
 
 def train_target_per_worker(config: dict) -> None:
+    set_cpu_threads(config["cpu_threads"])
     torch.manual_seed(config["seed"])  # the same LoRA init on every worker
+    started = time.perf_counter()
     model = load_target(
         config["model_name"],
         dtype=config["dtype"],
@@ -57,7 +62,9 @@ def train_target_per_worker(config: dict) -> None:
         trust_remote_code=config["trust_remote_code"],
     )
     model = apply_lora(model, config["lora"], gradient_checkpointing=config["gradient_checkpointing"])
-    run_training_loop(model, config, _train_step, export_adapter=True)
+    run_training_loop(
+        model, config, _train_step, export_adapter=True, load_seconds=time.perf_counter() - started
+    )
 
 
 def _train_step(model, micro_batches, step_tokens, world) -> dict:

@@ -90,7 +90,7 @@ def pretrain(cfg: PretrainConfig, callbacks: list | None = None) -> Path:
         num_rows = train.count()
 
     layout = worker_layout(cfg.scaling)
-    steps = plan_steps("stage 1", num_rows, cfg.training, workers=layout[0])
+    steps = plan_steps("stage 1", num_rows, cfg.training, workers=layout.workers)
 
     # ---- train
     t = cfg.training
@@ -106,7 +106,7 @@ def pretrain(cfg: PretrainConfig, callbacks: list | None = None) -> Path:
         reference_class_weights=_class_weights(num_rows, reference_rows) if reference_rows else None,
         reference_loss_weight=t.reference_loss_weight,
     )
-    with phase(f"stage 1 pretrain: training {steps.total_steps} steps on {layout[0]} worker(s)"):
+    with phase(f"stage 1 pretrain: training {steps.total_steps} steps on {layout.workers} worker(s)"):
         result = fit(
             train_router_per_worker,
             config,

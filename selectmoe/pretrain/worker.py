@@ -11,6 +11,7 @@ a bare weight) with the quality gates fully trainable (``modules_to_save``). Wit
 from __future__ import annotations
 
 import functools
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,7 @@ import torch
 
 from selectmoe.metrics import auroc
 from selectmoe.models.loading import load_select_moe, resolve_dtype
+from selectmoe.scaling import set_cpu_threads
 from selectmoe.select.score import ScorePasses, row_score, row_score_tensor, score_batch, score_mask
 from selectmoe.training.common import BatchPlan, worker_device
 from selectmoe.training.loop import all_reduce_sum, run_training_loop
@@ -56,7 +58,9 @@ def setup_trainable(model, peft_mode: str, lora: dict):
 
 
 def train_router_per_worker(config: dict) -> None:
+    set_cpu_threads(config["cpu_threads"])
     torch.manual_seed(config["seed"])
+    started = time.perf_counter()
     model = load_select_moe(
         config["base_model"],
         dtype=resolve_dtype(config["dtype"], worker_device()),
@@ -88,6 +92,7 @@ def train_router_per_worker(config: dict) -> None:
         export_adapter=config["peft_mode"] == "lora",
         probe=probe,
         probe_every=config.get("probe_every_steps", 0),
+        load_seconds=time.perf_counter() - started,
     )
 
 

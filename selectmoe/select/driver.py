@@ -20,12 +20,14 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from selectmoe.config import ConfigError, SelectConfig, to_dict
 from selectmoe.console import phase
+from selectmoe.data.subset import random_key
 from selectmoe.figures import plot_score_histograms
 from selectmoe.layout import (
     REJECTS,
@@ -42,8 +44,16 @@ from selectmoe.layout import (
 from selectmoe.manifest import fingerprint, hash_dict, write_manifest
 from selectmoe.models.loading import require_model
 from selectmoe.ray_data import read_rows, tokenize_rows
-from selectmoe.scaling import RESERVED_CPUS, free_resources, use_gpu
-from selectmoe.select.score import ScorePasses, score_formula, scores_depend_on
+from selectmoe.scaling import RESERVED_CPUS, cpu_threads, free_resources, use_gpu
+from selectmoe.select.score import (
+    ScorePasses,
+    score_columns,
+    score_formula,
+    score_of,
+    score_terms,
+    scores_depend_on,
+    term_scales,
+)
 from selectmoe.select.scorer import GateScorer
 from selectmoe.select.topk import (
     above_threshold,
@@ -63,6 +73,7 @@ from selectmoe.select.topk import (
 logger = logging.getLogger(__name__)
 
 STREAM_ROWS = 65536  # rows per batch when streaming score files
+TERM_SAMPLE_ROWS = 65536  # rows the robust-z term scales are measured on (scoring.combine=robust_z)
 
 
 def select(cfg: SelectConfig) -> Path:
@@ -94,7 +105,7 @@ def select(cfg: SelectConfig) -> Path:
         tokens = tokens.map_batches(
             _rows_with_ids, batch_format="pyarrow", fn_kwargs={"ids": done_ids, "keep": False}
         )
-    pool = _pool_args(cfg)
+    pool, threads = _pool_args(cfg)
     with phase(f"stage 2 select: scoring with {pool['compute'].min_size} actor(s)"):
         t0 = time.time()
         # one sort window per block (streaming, order kept): the pool gets many inputs to spread over actors
@@ -102,7 +113,7 @@ def select(cfg: SelectConfig) -> Path:
         scored = tokens.map_batches(
             GateScorer,
             batch_size=cfg.scoring.sort_window,
-            fn_constructor_kwargs=_scorer_kwargs(cfg, model_path, tokenizer_name, out),
+            fn_constructor_kwargs=_scorer_kwargs(cfg, model_path, tokenizer_name, out, threads),
             **pool,
         )
         scored.write_parquet(str(scores_dir))
@@ -114,7 +125,8 @@ def select(cfg: SelectConfig) -> Path:
         files = score_files(scores_dir)
         rows_scored = sum(pq.read_metadata(f).num_rows for f in files)
         excluded = _training_ids(cfg) if cfg.selection.exclude_training_rows else set()
-        selected, selection_info = _select(cfg, files, rows_scored, excluded)
+        scales = _term_scales(files, cfg, rows_scored) if cfg.scoring.combine == "robust_z" else None
+        selected, selection_info = _select(cfg, files, rows_scored, excluded, scales)
         timings["selection_s"] = round(time.time() - t0, 2)
 
         # ---- write the selected rows (originals + score + rank)
@@ -149,10 +161,11 @@ def select(cfg: SelectConfig) -> Path:
         "score_threshold": min(selected["score"].to_pylist()) if selected.num_rows else None,
         "score_max": max(selected["score"].to_pylist()) if selected.num_rows else None,
         "score_formula": score_formula(cfg.scoring),
+        **({"term_scales": scales} if scales else {}),
         **selection_info,
     }
     plot_score_histograms(
-        lambda: _stream(files, ["dataset", "score"]),
+        lambda: _scored_stream(files, ["dataset", "score"], cfg.scoring, scales),
         out / SCORE_HISTOGRAMS,
         metrics["score_threshold"],
         score_formula(cfg.scoring),
@@ -241,6 +254,40 @@ def _stream(files: list[Path], columns: list[str]):
         )
 
 
+def _scored_stream(files: list[Path], columns: list[str], scoring, scales: dict | None):
+    """``_stream`` whose ``score`` is the row score under ``scales`` (``scoring.combine=robust_z``);
+    without scales the score files' own (raw) score."""
+    if scales is None:
+        yield from _stream(files, columns)
+        return
+    terms = score_columns(scoring)
+    read = [c for c in columns if c != "score"] + [t for t in terms if t not in columns]
+    for batch in _stream(files, read):
+        score = score_of({name: _matrix(batch[name]) for name in terms}, scoring, scales)
+        yield batch.append_column("score", pa.array(score, pa.float64())).select(columns)
+
+
+def _term_scales(files: list[Path], cfg: SelectConfig, rows_scored: int) -> dict:
+    """``term_scales`` on a seeded sample of at most ~``TERM_SAMPLE_ROWS`` scored rows (by id hash)."""
+    share = min(1.0, TERM_SAMPLE_ROWS / max(rows_scored, 1))
+    parts: dict[str, list] = {}
+    for batch in _stream(files, ["id", *score_columns(cfg.scoring)]):
+        if share < 1:
+            batch = batch.filter(pc.less(random_key(cfg.seed, batch["id"]), share))
+        columns = {name: _matrix(batch[name]) for name in batch.column_names if name != "id"}
+        for name, values in score_terms(**columns).items():
+            parts.setdefault(name, []).append(values)
+    return term_scales({name: np.concatenate(values) for name, values in parts.items()})
+
+
+def _matrix(column: pa.ChunkedArray) -> np.ndarray:
+    """A numeric column, or a list column of equal-length lists as (rows, length)."""
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        values = pc.list_flatten(column).to_numpy(zero_copy_only=False)
+        return values.reshape(len(column), -1)
+    return column.to_numpy(zero_copy_only=False)
+
+
 def _rows_with_ids(batch: pa.Table, *, ids: set[str], keep: bool) -> pa.Table:
     """Keep (or drop) the rows whose id is in ``ids``."""
     inside = pc.is_in(batch["id"], value_set=pa.array(sorted(ids), type=pa.string()))
@@ -268,7 +315,7 @@ def _check_selection(cfg: SelectConfig) -> None:
 
 
 def _select(
-    cfg: SelectConfig, score_files: list[Path], rows_scored: int, excluded: set[str]
+    cfg: SelectConfig, score_files: list[Path], rows_scored: int, excluded: set[str], scales: dict | None
 ) -> tuple[pa.Table, dict]:
     """(the selected rows' id, dataset, score, rank; what the method decided, for the manifest)."""
     method = cfg.selection.method
@@ -276,7 +323,7 @@ def _select(
     columns = ["id", "dataset", "score"] + (["routing"] if method == "diversity" else [])
 
     def batches():
-        return excluding(_stream(score_files, columns), excluded)
+        return excluding(_scored_stream(score_files, columns, cfg.scoring, scales), excluded)
 
     candidates = rows_scored - len(excluded)
     k = selection_size(candidates, cfg.selection_percentage, cfg.selection.count)
@@ -324,7 +371,9 @@ def _select(
     return with_rank(chosen.select(["id", "dataset", "score"])), info
 
 
-def _scorer_kwargs(cfg: SelectConfig, model_path: str, tokenizer_name: str, out: Path) -> dict:
+def _scorer_kwargs(
+    cfg: SelectConfig, model_path: str, tokenizer_name: str, out: Path, threads: int | None
+) -> dict:
     from selectmoe.data.template import ensure_pad_token, load_tokenizer
 
     return {
@@ -334,22 +383,24 @@ def _scorer_kwargs(cfg: SelectConfig, model_path: str, tokenizer_name: str, out:
         "dtype": cfg.selector_model.dtype,
         "attn_implementation": cfg.selector_model.attn_implementation,
         "max_rows": cfg.data_process.batch_size,
+        "cpu_threads": threads,
         "fail_once_marker": str(out / ".injected_actor_failure")
         if cfg.scoring.inject_actor_failure
         else None,
     }
 
 
-def _pool_args(cfg: SelectConfig) -> dict:
-    """Actor pool: one GPU per actor on GPU clusters; on CPU, free CPUs minus one left for Ray Data."""
+def _pool_args(cfg: SelectConfig) -> tuple[dict, int | None]:
+    """(Actor pool, torch threads per actor): one GPU per actor on GPU clusters; on CPU, the free CPUs
+    minus one left for Ray Data (``selectmoe.scaling.cpu_threads``)."""
     from ray.data import ActorPoolStrategy
 
     # Ray Data gives pool actors max_restarts=-1 and max_task_retries=-1: a killed actor is replaced and
     # its batch retried
     if use_gpu(cfg.scaling):
         actors = cfg.scoring.num_actors or max(1, int(free_resources().get("GPU", 1)))
-        return {"compute": ActorPoolStrategy(size=actors), "num_gpus": 1}
+        return {"compute": ActorPoolStrategy(size=actors), "num_gpus": 1}, None
     cpus = free_resources().get("CPU", 1.0)
     actors = cfg.scoring.num_actors or max(1, int(cpus - RESERVED_CPUS))
     per_actor = round(max(0.25, (cpus - RESERVED_CPUS) / actors), 2)
-    return {"compute": ActorPoolStrategy(size=actors), "num_cpus": per_actor}
+    return {"compute": ActorPoolStrategy(size=actors), "num_cpus": per_actor}, cpu_threads(actors)

@@ -18,6 +18,12 @@ mutual information; the inverse view of IFD), low for replies that do not answer
 ``NLL_gates_shut`` is the NLL of the same tokens with every quality gate forced to 0 (only the trash
 expert; a third pass): the expert effect is what the gated experts contribute to predicting the row,
 a score built from what the gate controls rather than from the gate's raw value.
+
+With ``scoring.combine=robust_z`` each term (mean gate, NLL, prompt gain, expert effect) is replaced by
+its robust z-score over the scored corpus, ``(term - median) / (IQR / 1.349)``, before it is weighted
+(``term_scales``, measured on a seeded sample of the score files): raw terms have spreads that follow
+the model and the corpus (a weak base's NLL spread was 0.79 where a good one's was 1.9), so a fixed
+weight meant a different balance on each.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from selectmoe.data.template import IGNORE_INDEX
 from selectmoe.models.modeling import gates_forced
 
 SCORE_TOKENS = ("assistant", "all")
+NLL_CHUNK = 1024  # scored positions per LM-head call in row_nll
 
 
 # ---------------------------------------------------------------------------- what a score needs
@@ -71,8 +78,13 @@ class ScorePasses:
 
 def scores_depend_on(scoring) -> dict:
     """The fields of a ``scoring`` section that change what is computed (the resume key): every field
-    but those marked ``execution`` (batch sizes, actor counts, fault injection)."""
-    return {f.name: getattr(scoring, f.name) for f in fields(scoring) if not f.metadata.get("execution")}
+    but those marked ``execution`` (batch sizes, actor counts, fault injection) or ``after_scoring``
+    (how the stored terms are combined)."""
+    return {
+        f.name: getattr(scoring, f.name)
+        for f in fields(scoring)
+        if not (f.metadata.get("execution") or f.metadata.get("after_scoring"))
+    }
 
 
 # ---------------------------------------------------------------------------- the scoring pass
@@ -173,23 +185,76 @@ def row_score(
     prompt_gain_weight: float = 0.0,
     nll_gates_shut: np.ndarray | None = None,
     expert_effect_weight: float = 0.0,
+    scales: dict[str, dict[str, float]] | None = None,
 ) -> np.ndarray:
     """(B, L) -> (B,): the mean over layers, with the NLL, prompt-gain and expert-effect terms when their
-    weights are set."""
-    score = np.asarray(layer_scores, dtype=np.float64).mean(axis=-1)
-    if perplexity_weight:
-        score = score - perplexity_weight * np.asarray(nll, dtype=np.float64)
-    if prompt_gain_weight:
-        gain = np.asarray(nll_without_prompt, dtype=np.float64) - np.asarray(nll, dtype=np.float64)
-        score = score + prompt_gain_weight * gain
-    if expert_effect_weight:
-        effect = np.asarray(nll_gates_shut, dtype=np.float64) - np.asarray(nll, dtype=np.float64)
-        score = score + expert_effect_weight * effect
+    weights are set; with ``scales`` (``term_scales``) every term is a robust z-score first."""
+    terms = score_terms(layer_scores, nll, nll_without_prompt, nll_gates_shut)
+    if scales is not None:
+        terms = {
+            name: (values - scales[name]["median"]) / scales[name]["scale"] for name, values in terms.items()
+        }
+    score = terms["gate"]
+    for name, weight in (
+        ("nll", -perplexity_weight),
+        ("prompt_gain", prompt_gain_weight),
+        ("expert_effect", expert_effect_weight),
+    ):
+        if weight:
+            score = score + weight * terms[name]
     return score
 
 
-def score_of(columns: dict[str, np.ndarray], scoring) -> np.ndarray:
-    """``row_score`` of ``score_batch``'s (or stored score files') columns under a ``scoring`` config."""
+def score_terms(
+    layer_scores: np.ndarray,
+    nll: np.ndarray | None = None,
+    nll_without_prompt: np.ndarray | None = None,
+    nll_gates_shut: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """The row score's terms that the given columns allow: ``gate`` (mean over layers), ``nll``,
+    ``prompt_gain`` (NLL without the prompt - NLL), ``expert_effect`` (NLL with the gates shut - NLL)."""
+    terms = {"gate": np.asarray(layer_scores, dtype=np.float64).mean(axis=-1)}
+    if nll is not None:
+        terms["nll"] = np.asarray(nll, dtype=np.float64)
+        if nll_without_prompt is not None:
+            terms["prompt_gain"] = np.asarray(nll_without_prompt, dtype=np.float64) - terms["nll"]
+        if nll_gates_shut is not None:
+            terms["expert_effect"] = np.asarray(nll_gates_shut, dtype=np.float64) - terms["nll"]
+    return terms
+
+
+def term_scales(terms: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """Per term, the median and the robust spread IQR / 1.349 (the standard deviation for normal data)
+    of ``terms`` (a sample of the scored rows); a term without spread keeps the scale 1."""
+    scales = {}
+    for name, values in terms.items():
+        values = values[np.isfinite(values)]
+        if values.size == 0:
+            scales[name] = {"median": 0.0, "scale": 1.0}
+            continue
+        q25, median, q75 = np.percentile(values, [25, 50, 75])
+        spread = (q75 - q25) / 1.349
+        scales[name] = {"median": float(median), "scale": float(spread) if spread > 0 else 1.0}
+    return scales
+
+
+def score_columns(scoring) -> list[str]:
+    """The stored columns the row score under ``scoring`` reads."""
+    needed = ["layer_scores"]
+    if scoring.perplexity_weight or scoring.prompt_gain_weight or scoring.expert_effect_weight:
+        needed.append("nll")
+    if scoring.prompt_gain_weight:
+        needed.append("nll_without_prompt")
+    if scoring.expert_effect_weight:
+        needed.append("nll_gates_shut")
+    return needed
+
+
+def score_of(
+    columns: dict[str, np.ndarray], scoring, scales: dict[str, dict[str, float]] | None = None
+) -> np.ndarray:
+    """``row_score`` of ``score_batch``'s (or stored score files') columns under a ``scoring`` config
+    (``scales``: the corpus's term scales, with ``scoring.combine=robust_z``)."""
     return row_score(
         columns["layer_scores"],
         columns.get("nll"),
@@ -198,12 +263,14 @@ def score_of(columns: dict[str, np.ndarray], scoring) -> np.ndarray:
         scoring.prompt_gain_weight,
         columns.get("nll_gates_shut"),
         scoring.expert_effect_weight,
+        scales,
     )
 
 
 def score_formula(scoring) -> str:
     """``row_score`` under a ``scoring`` config, in words (axis labels, reports, manifests)."""
-    gates = "mean gate" + (" over all tokens" if scoring.tokens == "all" else "")
+    z = (lambda term: f"z({term})") if scoring.combine == "robust_z" else (lambda term: term)
+    gates = z("mean gate" + (" over all tokens" if scoring.tokens == "all" else ""))
     terms = [gates]
     for weight, name in (
         (-scoring.perplexity_weight, "NLL"),
@@ -211,7 +278,7 @@ def score_formula(scoring) -> str:
         (scoring.expert_effect_weight, "expert effect"),
     ):
         if weight:
-            terms.append(f"{'-' if weight < 0 else '+'} {abs(weight):g} x {name}")
+            terms.append(f"{'-' if weight < 0 else '+'} {abs(weight):g} x {z(name)}")
     return " ".join(terms)
 
 
@@ -223,12 +290,22 @@ def row_score_tensor(quality_scores: list[torch.Tensor], mask: torch.Tensor) -> 
 def row_nll(model, hidden: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B,): mean next-token NLL over each row's masked tokens, from the decoder's last hidden state.
 
-    Only the positions that predict a masked token go through the LM head, so no (B, T, vocab)
-    logits are built. A baseline and an optional score term (``scoring.lm_loss``)."""
+    Only the positions that predict a masked token go through the LM head, ``NLL_CHUNK`` at a time, so
+    neither (B, T, vocab) logits nor fp32 logits of every scored token exist at once (at OLMoE's
+    vocabulary a batch of 8k scored tokens would hold 1.6 GB of them). A baseline and an optional score
+    term (``scoring.lm_loss``)."""
     targets = mask[:, 1:]  # token t+1 is predicted at position t
     rows = torch.nonzero(targets, as_tuple=True)[0]
-    logits = model.lm_head(hidden[:, :-1][targets])  # (N, V)
-    nll = torch.nn.functional.cross_entropy(logits.float(), input_ids[:, 1:][targets], reduction="none")
+    states, labels = hidden[:, :-1][targets], input_ids[:, 1:][targets]
+    nll = torch.cat(
+        [
+            torch.nn.functional.cross_entropy(
+                model.lm_head(states[i : i + NLL_CHUNK]).float(), labels[i : i + NLL_CHUNK], reduction="none"
+            )
+            for i in range(0, len(labels), NLL_CHUNK)
+        ]
+        or [torch.zeros(0, device=hidden.device)]
+    )
     total = torch.zeros(mask.shape[0], device=nll.device).index_add_(0, rows, nll)
     count = torch.zeros(mask.shape[0], device=nll.device).index_add_(0, rows, torch.ones_like(nll))
     return total / count.clamp(min=1)

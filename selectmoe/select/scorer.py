@@ -12,12 +12,14 @@ import os
 import numpy as np
 import torch
 
-from selectmoe.models.loading import load_select_moe, resolve_dtype
+from selectmoe.models.loading import load_select_moe, release_freed_memory, resolve_dtype
+from selectmoe.scaling import set_cpu_threads
 from selectmoe.select.score import ScorePasses, score_batch, score_of
 
 # columns the score files keep beside id, dataset, score, layer_scores, n_tokens and n_scored_tokens
 OPTIONAL_COLUMNS = ("routing", "nll", "nll_without_prompt", "nll_gates_shut")
 TOKEN_FIELDS = ("input_ids", "labels", "reply_input_ids", "reply_labels")  # what score_batch reads
+DEFAULT_TOKENS_PER_BATCH = {"cuda": 16384, "cpu": 4096}  # scoring.tokens_per_batch=0
 
 
 class GateScorer:
@@ -30,8 +32,10 @@ class GateScorer:
         dtype: str = "auto",
         attn_implementation: str = "sdpa",
         max_rows: int = 32,
+        cpu_threads: int | None = None,
         fail_once_marker: str | None = None,
     ):
+        set_cpu_threads(cpu_threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load_select_moe(
             model_path, dtype=resolve_dtype(dtype, self.device), attn_implementation=attn_implementation
@@ -41,7 +45,7 @@ class GateScorer:
         self.passes = ScorePasses.for_scoring(scoring)
         self.pad_token_id = pad_token_id
         self.max_rows = max_rows
-        self.max_tokens = scoring.tokens_per_batch
+        self.max_tokens = scoring.tokens_per_batch or DEFAULT_TOKENS_PER_BATCH[self.device.type]
         self.fail_once_marker = fail_once_marker
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -53,6 +57,8 @@ class GateScorer:
             rows = [{name: batch[name][i] for name in TOKEN_FIELDS if name in batch} for i in chunk]
             parts.append(score_batch(self.model, rows, self.passes, self.pad_token_id))
             positions.extend(chunk)
+            if self.device.type == "cpu":
+                release_freed_memory()
         inverse = np.empty(len(positions), dtype=np.int64)
         inverse[np.asarray(positions, dtype=np.int64)] = np.arange(len(positions))
         columns = {name: np.concatenate([p[name] for p in parts])[inverse] for name in parts[0]}

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from selectmoe.config import to_dict
+from selectmoe.data import DataError
 from selectmoe.layout import RAY_TRAIN_DIR
 from selectmoe.manifest import hash_dict
 from selectmoe.training.common import BatchPlan
@@ -40,7 +41,7 @@ def plan_steps(stage: str, num_rows: int, training, workers: int) -> StepPlan:
         )
     steps_per_epoch = plan.steps_per_epoch(num_rows)
     if steps_per_epoch == 0:
-        raise ValueError(
+        raise DataError(
             f"{num_rows} training rows are fewer than one global batch of {plan.effective_batch}; "
             "lower training.batch_size or use more rows"
         )
@@ -85,7 +86,7 @@ def run_name(stage: str, cfg) -> str:
 
 
 def fit(train_fn, config: dict, dataset, *, name: str, output_dir: Path, scaling, layout, callbacks=None):
-    """Run ``train_fn`` on ``layout = (workers, resources_per_worker, use_gpu)``; returns the Result.
+    """Run ``train_fn`` on ``layout`` (``selectmoe.scaling.WorkerLayout``); returns the Result.
 
     Every worker reads the whole (small, materialised) dataset and takes its slice of each global
     batch itself (``selectmoe.training.common.step_batches``), so the dataset is not split.
@@ -93,12 +94,11 @@ def fit(train_fn, config: dict, dataset, *, name: str, output_dir: Path, scaling
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    workers, resources, gpu = layout
     trainer = TorchTrainer(
         train_fn,
-        train_loop_config=config,
+        train_loop_config={**config, "cpu_threads": layout.cpu_threads},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=workers, use_gpu=gpu, resources_per_worker=resources
+            num_workers=layout.workers, use_gpu=layout.use_gpu, resources_per_worker=layout.resources
         ),
         run_config=ray.train.RunConfig(
             name=name,

@@ -55,12 +55,15 @@ def run_training_loop(
     export_adapter: bool = False,
     probe: Callable[[torch.nn.Module], dict] | None = None,
     probe_every: int = 0,
+    load_seconds: float | None = None,
 ) -> None:
     """Train ``model`` for ``config["total_steps"]`` optimiser steps; see the module docstring.
 
     ``probe(model) -> metrics`` runs every ``probe_every`` steps and at the last step, on rank 0 (on
     every rank under FSDP, whose forward all-gathers; rank 0's values are the ones reported); its
-    latest values ride along in every later report (Tune's schedulers need the metric each time)."""
+    latest values ride along in every later report (Tune's schedulers need the metric each time).
+    ``load_seconds`` (the worker's model load) is reported as ``load_s`` with the first step it trains,
+    beside ``torch_threads``."""
     import ray.train
 
     ctx = ray.train.get_context()
@@ -108,8 +111,12 @@ def run_training_loop(
                 total_steps=total_steps,
                 epoch=epoch,
                 lr=scheduler.get_last_lr()[0],
+                step_s=seconds,
                 tokens_per_s=metrics["tokens"] / max(seconds, 1e-9),
             )
+            if load_seconds is not None:
+                metrics.update(load_s=load_seconds, torch_threads=torch.get_num_threads())
+                load_seconds = None
             if resumed_from is not None:
                 metrics["resumed_from_step"], resumed_from = resumed_from, None
             if probe is not None and (rank == 0 or is_sharded(model)):
