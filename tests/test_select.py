@@ -371,8 +371,14 @@ def test_prompt_gain_and_expert_effect_weights_rescore_every_row_with_their_pass
         for k in ("layer_scores", "nll", "nll_without_prompt", "nll_gates_shut")
     }
     terms = score_terms(**columns)
-    assert manifest["metrics"]["term_scales"] == pytest.approx(term_scales(terms))  # every row: < the sample
-    assert manifest["metrics"]["score_formula"].startswith("z(mean gate) - ")
+    expected_scales = term_scales(terms)  # over every row: fewer than the sample size
+    assert set(manifest["metrics"]["term_scales"]) == set(expected_scales)
+    for name, scale in expected_scales.items():
+        assert manifest["metrics"]["term_scales"][name] == pytest.approx(scale)
+    assert (
+        manifest["metrics"]["score_formula"].startswith("z(mean gate) ")
+        and "2 x z(expert effect)" in manifest["metrics"]["score_formula"]
+    )
     z = {k: (v - term_scales(terms)[k]["median"]) / term_scales(terms)[k]["scale"] for k, v in terms.items()}
     combined = z["gate"] - weight * z["nll"] + 0.5 * z["prompt_gain"] + 2.0 * z["expert_effect"]
     order = sorted(zip(combined, [r["id"] for r in rows]), key=lambda x: (-x[0], x[1]))

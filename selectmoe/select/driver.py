@@ -281,11 +281,11 @@ def _term_scales(files: list[Path], cfg: SelectConfig, rows_scored: int) -> dict
 
 
 def _matrix(column: pa.ChunkedArray) -> np.ndarray:
-    """A numeric column, or a list column of equal-length lists as (rows, length)."""
-    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
-        values = pc.list_flatten(column).to_numpy(zero_copy_only=False)
-        return values.reshape(len(column), -1)
-    return column.to_numpy(zero_copy_only=False)
+    """A numeric column, or a column of equal-length lists or tensors (``layer_scores``) as (rows, length)."""
+    values = column.to_numpy(zero_copy_only=False)
+    if values.dtype == object:
+        return np.stack(values) if len(values) else np.zeros((0, 0))
+    return values
 
 
 def _rows_with_ids(batch: pa.Table, *, ids: set[str], keep: bool) -> pa.Table:
