@@ -64,6 +64,8 @@ SCORING_KEY = "_scoring_config.json"  # inside scores/: what the score files wer
 SELECTED_JSONL = "selected.jsonl"
 SELECTED_PARQUET = "selected.parquet"
 SCORE_HISTOGRAMS = "score_histograms.png"
+TARGET_REJECTS = "target_rejects.jsonl"  # selection.targets rows that could not be read
+TARGET_EMBEDDINGS = "target_embeddings.parquet"  # selection.targets rows: task, id, embedding
 
 # ---- stage 4
 RESULTS = "results.json"

@@ -199,6 +199,14 @@ def test_selection_preset_sets_the_recipe_under_explicit_keys():
     effect = parse_config("pipeline", overrides=["preset=gates_expert_effect"])
     assert effect.select.scoring.expert_effect_weight == 0.03
     assert effect.select.scoring.prompt_gain_weight == 0.1
+    similarity = parse_config(
+        "pipeline", overrides=["preset=similarity", "select.selection.targets=[mmlu.jsonl]"]
+    )
+    assert similarity.select.selection.method == "similarity"
+    assert similarity.select.scoring.store_embeddings
+    assert similarity.select.selection.targets == ["mmlu.jsonl"]
+    with pytest.raises(ConfigError, match="preset=similarity needs select.selection.targets"):
+        check_preset_inputs(parse_config("pipeline", overrides=["preset=similarity"]))
     # an explicit key wins over the preset's value
     mine = parse_config(
         "pipeline", overrides=["preset=original", "pretrain.training.quality_loss_weight=1.0"]
@@ -218,7 +226,7 @@ def test_the_old_preset_key_still_works_and_says_it_is_deprecated(capsys):
 def test_selection_preset_errors_name_the_missing_key_and_the_choices():
     with pytest.raises(
         ConfigError,
-        match=r"unknown preset; available: \['gates_expert_effect', 'gates_perplexity', 'gates_prompt_gain', 'original', 'reference'\]",
+        match=r"unknown preset; available: \['gates_expert_effect', 'gates_perplexity', 'gates_prompt_gain', 'original', 'reference', 'similarity'\]",
     ):
         parse_config("pipeline", overrides=["preset=best"])
     cfg = parse_config("pipeline", overrides=["preset=reference"])

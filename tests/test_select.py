@@ -187,6 +187,88 @@ def test_prompt_gain_compares_the_reply_with_and_without_its_prompt(tiny_olmoe):
         GateScorer(str(tiny_olmoe), scoring=ScoringSection(prompt_gain=True, tokens="all"), **kwargs)
 
 
+def test_the_reply_only_pass_is_batched_by_the_replies_own_length(tiny_olmoe):
+    """Sub-batches cut by the full rows' length padded each reply to the longest reply beside it; the
+    reply-only pass sorts and cuts the window again by reply length, with the same per-row values."""
+    tokenizer = ensure_pad_token(load_tokenizer(str(tiny_olmoe)))
+    rows = [  # prompt lengths that do not follow the reply lengths
+        {
+            "id": f"r{i}",
+            "messages": [
+                {"role": "user", "content": "Tell me about rivers. " * (1 + 5 * i)},
+                {"role": "assistant", "content": "Rivers flow to the sea. " * (1 + 3 * ((3 * i) % 8))},
+            ],
+        }
+        for i in range(8)
+    ]
+    encoded = [encode_messages(r["messages"], tokenizer, max_seq_length=512) for r in rows]
+    replies = encode_replies_alone(
+        [r["messages"] for r in rows],
+        tokenizer,
+        max_seq_length=512,
+        n_assistant_tokens=[e["n_assistant_tokens"] for e in encoded],
+    )
+    scoring = ScoringSection(prompt_gain_weight=0.5)
+    scorer = GateScorer(
+        str(tiny_olmoe), scoring=scoring, pad_token_id=tokenizer.pad_token_id, dtype="float32", max_rows=2
+    )
+    reply_shapes = []
+
+    def record(module, args, kwargs):
+        if "output_router_logits" not in kwargs:  # the reply-only pass
+            reply_shapes.append(tuple(kwargs["input_ids"].shape))
+
+    handle = scorer.model.model.register_forward_pre_hook(record, with_kwargs=True)
+    together = scorer(scorer_batch(rows, encoded, replies))
+    handle.remove()
+
+    def padded(lengths, order):
+        chunks = [order[i : i + 2] for i in range(0, len(order), 2)]
+        return sum(len(c) * max(lengths[j] for j in c) for c in chunks)
+
+    reply_lengths = [len(r["input_ids"]) for r in replies]
+    by_reply = padded(reply_lengths, sorted(range(8), key=lambda i: reply_lengths[i]))
+    by_full = padded(reply_lengths, sorted(range(8), key=lambda i: len(encoded[i]["input_ids"])))
+    assert sum(b * t for b, t in reply_shapes) == by_reply < by_full
+    for i in range(8):
+        alone = scorer(scorer_batch(rows[i : i + 1], encoded[i : i + 1], replies[i : i + 1]))
+        np.testing.assert_allclose(
+            alone["nll_without_prompt"][0], together["nll_without_prompt"][i], rtol=1e-5
+        )
+        np.testing.assert_allclose(alone["score"][0], together["score"][i], rtol=1e-5)
+
+
+@torch.inference_mode()
+def test_embeddings_come_from_the_scoring_pass_itself(tiny_olmoe):
+    """``scoring.store_embeddings`` adds no forward: the same decoder calls over the same rows, the same
+    scores, and each row's embedding is the position-weighted mean of its own last hidden state."""
+    tokenizer = ensure_pad_token(load_tokenizer(str(tiny_olmoe)))
+    rows, encoded = oasst1_rows(tokenizer, n=5)
+    batch = scorer_batch(rows, encoded)
+    kwargs = {"pad_token_id": tokenizer.pad_token_id, "dtype": "float32", "max_rows": 2}
+    results, forwards = {}, {}
+    for name, scoring in (("plain", ScoringSection()), ("embedded", ScoringSection(store_embeddings=True))):
+        scorer = GateScorer(str(tiny_olmoe), scoring=scoring, **kwargs)
+        shapes = []
+        handle = scorer.model.model.register_forward_pre_hook(
+            lambda module, args, kw, shapes=shapes: shapes.append(tuple(kw["input_ids"].shape)),
+            with_kwargs=True,
+        )
+        results[name] = scorer(batch)
+        handle.remove()
+        forwards[name] = shapes
+    assert forwards["embedded"] == forwards["plain"] and sum(b for b, _ in forwards["plain"]) == len(rows)
+    np.testing.assert_array_equal(results["embedded"]["score"], results["plain"]["score"])
+    model = scorer.model
+    embeddings = results["embedded"]["embedding"]
+    assert embeddings[0].dtype == np.float16 and embeddings[0].shape == (model.config.hidden_size,)
+    for i, e in enumerate(encoded):
+        hidden = model.model(input_ids=torch.as_tensor([list(e["input_ids"])])).last_hidden_state[0]
+        weights = torch.arange(1, hidden.shape[0] + 1, dtype=torch.float32)[:, None]
+        expected = (weights * hidden).sum(0) / weights.sum()
+        np.testing.assert_allclose(embeddings[i].astype(np.float32), expected.numpy(), rtol=2e-3, atol=2e-3)
+
+
 @torch.inference_mode()
 def test_expert_effect_is_the_nll_the_row_loses_without_the_experts(tiny_olmoe, tmp_path):
     tokenizer = ensure_pad_token(load_tokenizer(str(tiny_olmoe)))
@@ -385,6 +467,76 @@ def test_prompt_gain_and_expert_effect_weights_rescore_every_row_with_their_pass
     selected = [json.loads(line) for line in (out / "selected.jsonl").read_text().splitlines()]
     assert [r["id"] for r in selected] == [i for _, i in order[: len(selected)]]
     assert [r["score"] for r in selected] == pytest.approx([s for s, _ in order[: len(selected)]])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_similarity_picks_rows_by_cosine_to_each_tasks_examples_in_turns(
+    one_actor, tiny_olmoe, tmp_path, sources
+):
+    """selection.method=similarity (RDS+): target examples in two formats, a task per file and per
+    field; a target that is a corpus row finds that row first; the selection is the round-robin over
+    the stored embeddings; reruns with another actor count give the same bytes."""
+    from selectmoe.select.topk import similarity_select
+
+    scored = set(scores_by_id(one_actor))
+    corpus = [
+        json.loads(line) for path in sorted(sources.glob("*.jsonl")) for line in path.read_text().splitlines()
+    ]
+    chat = [r for r in corpus if r["dataset"] == "oasst1" and r["id"] in scored][:2]
+    howto = [
+        r
+        for r in corpus
+        if r["dataset"] == "human_instructions" and r["id"] in scored and len(r["messages"]) == 2
+    ][:2]
+    targets = tmp_path / "targets"
+    targets.mkdir()
+    (targets / "chat.jsonl").write_text(
+        "".join(json.dumps({"id": f"t{i}", "messages": r["messages"]}) + "\n" for i, r in enumerate(chat))
+    )
+    (targets / "mixed.jsonl").write_text(  # Alpaca rows whose task is a field
+        "".join(
+            json.dumps(
+                {
+                    "instruction": r["messages"][0]["content"],
+                    "output": r["messages"][1]["content"],
+                    "task": "howto",
+                }
+            )
+            + "\n"
+            for r in howto
+        )
+        + "not json\n"
+    )
+    keys = {
+        "selection.method": "similarity",
+        "selection.targets": f"[{targets}]",
+        "scoring.store_embeddings": True,
+        "scoring.num_actors": 1,
+    }
+    out = run_select(tiny_olmoe, tmp_path / "similar", sources, **keys)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["metrics"]["similarity"]["target_examples"] == {"chat": 2, "howto": 2}
+    assert len((out / "target_rejects.jsonl").read_text().splitlines()) == 1  # the bad line, not lost
+    selected = [json.loads(line) for line in (out / "selected.jsonl").read_text().splitlines()]
+    assert len(selected) == manifest["counts"]["rows_selected"] == int(0.1 * len(scored))
+    assert [r["target_task"] for r in selected[:4]] == ["chat", "howto", "chat", "howto"]
+    assert {r["id"] for r in selected[0:3:2]} == {r["id"] for r in chat}
+    assert {r["id"] for r in selected[1:4:2]} == {r["id"] for r in howto}
+    assert [r["score"] for r in selected[:4]] == pytest.approx([1.0] * 4, abs=1e-3)
+    # the selection is the round-robin over every stored embedding and the written target embeddings
+    stored = pq.read_table(out / "scores", columns=["id", "dataset", "embedding"])
+    target_table = pq.read_table(out / "target_embeddings.parquet").to_pylist()
+    examples = {
+        task: np.array([t["embedding"] for t in target_table if t["task"] == task])
+        for task in ("chat", "howto")
+    }
+    expected = similarity_select([stored], examples, len(selected))
+    assert [r["id"] for r in selected] == expected["id"].to_pylist()
+    assert [r["target_task"] for r in selected] == expected["target_task"].to_pylist()
+    assert scores_by_id(out) == scores_by_id(one_actor)  # the gate scores are still computed and stored
+    rerun = run_select(tiny_olmoe, tmp_path / "similar_2", sources, **{**keys, "scoring.num_actors": 2})
+    assert (rerun / "selected.jsonl").read_bytes() == (out / "selected.jsonl").read_bytes()
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""Selection methods (pure): exact top-k against brute force, quotas, random, threshold, diversity."""
+"""Selection methods (pure): exact top-k against brute force, quotas, random, threshold, diversity,
+similarity."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from selectmoe.select.topk import (
     per_dataset_k,
     random_k,
     selection_size,
+    similarity_select,
     top_k,
 )
 
@@ -156,3 +158,48 @@ def test_term_scales_are_the_median_and_the_iqr_over_1_349():
     scales = term_scales(terms)
     assert scales["gate"] == {"median": 51.0, "scale": pytest.approx(50.0 / 1.349)}
     assert scales["nll"] == {"median": 2.0, "scale": 1.0}  # no spread: the term is only centred
+
+
+def round_robin_brute_force(embeddings: np.ndarray, ids: list[str], targets: dict, k: int) -> list[tuple]:
+    """Every similarity at once; each round, each task (name order) takes its best row not yet taken."""
+    unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    best = {
+        task: (unit @ (e / np.linalg.norm(e, axis=1, keepdims=True)).T).max(axis=1).astype(np.float32)
+        for task, e in sorted(targets.items())
+    }
+    taken: list[tuple] = []
+    while len(taken) < min(k, len(ids)):
+        for task, sims in best.items():
+            free = [i for i in range(len(ids)) if ids[i] not in {t[0] for t in taken}]
+            if free and len(taken) < k:
+                i = min(free, key=lambda j: (-sims[j], ids[j]))
+                taken.append((ids[i], task, sims[i]))
+    return taken
+
+
+@pytest.mark.parametrize("n", [1, 30, 200])
+def test_similarity_select_equals_brute_force_round_robin_over_tasks(n):
+    rng = np.random.default_rng(n)
+    ids = [f"row{i:04d}" for i in rng.permutation(n)]
+    embeddings = rng.normal(size=(n, 16)).astype(np.float16)
+    embeddings[n // 2 :] = embeddings[: n - n // 2]  # duplicated rows: ties broken by id
+    targets = {
+        "b": rng.normal(size=(3, 16)),
+        "a": rng.normal(size=(1, 16)),
+        "c": embeddings[:2].astype(float),
+    }
+    table = pa.table(
+        {"id": ids, "dataset": ["d"] * n, "embedding": [list(map(float, e)) for e in embeddings]}
+    )
+    for k in sorted({1, 2, n // 4 + 1, n, n + 3}):
+        batch = int(rng.integers(1, 40))
+        got = similarity_select([table.slice(i, batch) for i in range(0, n, batch)], targets, k)
+        expected = round_robin_brute_force(embeddings.astype(np.float64), ids, targets, k)
+        assert got["id"].to_pylist() == [i for i, _, _ in expected]
+        assert got["target_task"].to_pylist() == [t for _, t, _ in expected]
+        assert got["score"].to_pylist() == pytest.approx([s for _, _, s in expected])
+    # the tasks take turns in name order; a target that is a row finds it first
+    assert got["target_task"].to_pylist()[:3] == ["a", "b", "c"][: min(3, n)]
+    if n > 2:
+        assert got["id"][2].as_py() in {ids[0], ids[1], ids[n // 2], ids[n // 2 + 1]}
+        assert got["score"][2].as_py() == pytest.approx(1.0)

@@ -13,7 +13,7 @@ from selectmoe.config.loader import Between, OneOf, one_of, ranged
 from selectmoe.layout import SELECTED_JSONL, STAGE_DIRS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-SELECTION_METHODS = ("top_k", "per_dataset", "diversity", "random", "threshold")
+SELECTION_METHODS = ("top_k", "per_dataset", "diversity", "random", "threshold", "similarity")
 
 
 # ---------------------------------------------------------------------------- sections
@@ -180,6 +180,8 @@ class ScoringSection:
     # rows sorted by length together before batching
     sort_window: int = field(default=1024, metadata={"execution": True, "allowed": Between(low=1)})
     store_routing: bool = False  # keep per-layer mean routing distributions (diversity selection)
+    # keep each row's position-weighted mean of the last hidden state, fp16 (similarity selection)
+    store_embeddings: bool = False
     lm_loss: bool = False  # also store each row's mean NLL over its scored tokens (perplexity baseline)
     perplexity_weight: float = 0.0  # score = mean gate - this x mean NLL (same pass; > 0 implies lm_loss)
     prompt_gain: bool = False  # also store nll_without_prompt: the replies' NLL with the prompts removed
@@ -206,6 +208,9 @@ class SelectionSection:
     count: int = ranged(0, low=0)  # > 0 overrides selection_percentage
     threshold: float | None = None
     quotas: dict[str, float] | None = None  # per_dataset: fraction or count per dataset
+    # similarity: files (or folders) of target-task examples, any supported row format; a row's task is
+    # its ``task`` field, else its dataset (the file's stem)
+    targets: list[str] | None = None
     exclude_training_rows: bool = True
 
 

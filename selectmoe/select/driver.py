@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from selectmoe.config import ConfigError, SelectConfig, to_dict
+from selectmoe.config import ConfigError, DatasetConfig, ScoringSection, SelectConfig, to_dict
 from selectmoe.console import phase
 from selectmoe.data.subset import random_key
 from selectmoe.figures import plot_score_histograms
@@ -37,6 +37,8 @@ from selectmoe.layout import (
     SELECTED_JSONL,
     SELECTED_PARQUET,
     STAGE1_CONFIG,
+    TARGET_EMBEDDINGS,
+    TARGET_REJECTS,
     TOKENIZER_DIR,
     TRAINING_IDS,
     score_files,
@@ -58,6 +60,7 @@ from selectmoe.select.scorer import GateScorer
 from selectmoe.select.topk import (
     above_threshold,
     choose_n_clusters,
+    column_matrix,
     dataset_quotas,
     diversity_select,
     excluding,
@@ -66,6 +69,7 @@ from selectmoe.select.topk import (
     random_k,
     routing_features,
     selection_size,
+    similarity_select,
     top_k,
     with_rank,
 )
@@ -97,6 +101,12 @@ def select(cfg: SelectConfig) -> Path:
             replies_alone=passes.reply_only,
         )
 
+    targets = (
+        _target_embeddings(cfg, model_path, tokenizer_name, out)
+        if cfg.selection.method == "similarity"
+        else None
+    )
+
     # ---- score (resumable)
     scores_dir = out / SCORES_DIR
     done_ids = _reusable_scores(scores_dir, _scoring_key(cfg, model_path))
@@ -126,7 +136,7 @@ def select(cfg: SelectConfig) -> Path:
         rows_scored = sum(pq.read_metadata(f).num_rows for f in files)
         excluded = _training_ids(cfg) if cfg.selection.exclude_training_rows else set()
         scales = _term_scales(files, cfg, rows_scored) if cfg.scoring.combine == "robust_z" else None
-        selected, selection_info = _select(cfg, files, rows_scored, excluded, scales)
+        selected, selection_info = _select(cfg, files, rows_scored, excluded, scales, targets)
         timings["selection_s"] = round(time.time() - t0, 2)
 
         # ---- write the selected rows (originals + score + rank)
@@ -143,6 +153,8 @@ def select(cfg: SelectConfig) -> Path:
             record = {"dataset": row["dataset"], "id": row["id"], "messages": row["messages"]}
             record.update(json.loads(row["extra"] or "{}"))
             record.update(score=item["score"], rank=item["rank"])
+            if "target_task" in item:
+                record["target_task"] = item["target_task"]
             records.append(record)
         pq.write_table(pa.Table.from_pylist(records), out / SELECTED_PARQUET)
         with (out / SELECTED_JSONL).open("w") as fh:
@@ -177,6 +189,7 @@ def select(cfg: SelectConfig) -> Path:
         inputs={
             "selector_model": fingerprint(model_path),
             "data": [fingerprint(s.uri) for s in read.sources],
+            **({"targets": [fingerprint(t) for t in cfg.selection.targets]} if targets is not None else {}),
         },
         counts=counts,
         metrics={**metrics, "timings": timings},
@@ -184,6 +197,11 @@ def select(cfg: SelectConfig) -> Path:
             "score_files": SCORES_DIR,
             "selected": [SELECTED_PARQUET, SELECTED_JSONL],
             "rejects": REJECTS,
+            **(
+                {"target_embeddings": TARGET_EMBEDDINGS, "target_rejects": TARGET_REJECTS}
+                if targets is not None
+                else {}
+            ),
         },
         started_at=started,
     )
@@ -263,7 +281,7 @@ def _scored_stream(files: list[Path], columns: list[str], scoring, scales: dict 
     terms = score_columns(scoring)
     read = [c for c in columns if c != "score"] + [t for t in terms if t not in columns]
     for batch in _stream(files, read):
-        score = score_of({name: _matrix(batch[name]) for name in terms}, scoring, scales)
+        score = score_of({name: column_matrix(batch[name]) for name in terms}, scoring, scales)
         yield batch.append_column("score", pa.array(score, pa.float64())).select(columns)
 
 
@@ -274,18 +292,10 @@ def _term_scales(files: list[Path], cfg: SelectConfig, rows_scored: int) -> dict
     for batch in _stream(files, ["id", *score_columns(cfg.scoring)]):
         if share < 1:
             batch = batch.filter(pc.less(random_key(cfg.seed, batch["id"]), share))
-        columns = {name: _matrix(batch[name]) for name in batch.column_names if name != "id"}
+        columns = {name: column_matrix(batch[name]) for name in batch.column_names if name != "id"}
         for name, values in score_terms(**columns).items():
             parts.setdefault(name, []).append(values)
     return term_scales({name: np.concatenate(values) for name, values in parts.items()})
-
-
-def _matrix(column: pa.ChunkedArray) -> np.ndarray:
-    """A numeric column, or a column of equal-length lists or tensors (``layer_scores``) as (rows, length)."""
-    values = column.to_numpy(zero_copy_only=False)
-    if values.dtype == object:
-        return np.stack(values) if len(values) else np.zeros((0, 0))
-    return values
 
 
 def _rows_with_ids(batch: pa.Table, *, ids: set[str], keep: bool) -> pa.Table:
@@ -308,6 +318,11 @@ def _check_selection(cfg: SelectConfig) -> None:
         raise ConfigError("selection.method=threshold needs selection.threshold")
     if method == "diversity" and not cfg.scoring.store_routing:
         raise ConfigError("selection.method=diversity needs scoring.store_routing=true")
+    if method == "similarity" and not (cfg.scoring.store_embeddings and cfg.selection.targets):
+        raise ConfigError(
+            "selection.method=similarity needs selection.targets (files of target-task examples) and "
+            "scoring.store_embeddings=true (preset=similarity sets both but the targets)"
+        )
     if p.auto_k and not (len(p.k_range) == 2 and 2 <= p.k_range[0] <= p.k_range[1]):
         raise ConfigError(
             f"clustering_params.k_range={p.k_range}: expected [lowest, highest] with 2 <= lowest <= highest"
@@ -315,12 +330,19 @@ def _check_selection(cfg: SelectConfig) -> None:
 
 
 def _select(
-    cfg: SelectConfig, score_files: list[Path], rows_scored: int, excluded: set[str], scales: dict | None
+    cfg: SelectConfig,
+    score_files: list[Path],
+    rows_scored: int,
+    excluded: set[str],
+    scales: dict | None,
+    targets: dict[str, np.ndarray] | None,
 ) -> tuple[pa.Table, dict]:
-    """(the selected rows' id, dataset, score, rank; what the method decided, for the manifest)."""
+    """(the selected rows' id, dataset, score, rank (and target_task); what the method decided, for the
+    manifest)."""
     method = cfg.selection.method
     info: dict = {}
-    columns = ["id", "dataset", "score"] + (["routing"] if method == "diversity" else [])
+    extra = {"diversity": ["routing"], "similarity": ["embedding"]}.get(method, [])
+    columns = ["id", "dataset", "score", *extra]
 
     def batches():
         return excluding(_scored_stream(score_files, columns, cfg.scoring, scales), excluded)
@@ -333,6 +355,15 @@ def _select(
         chosen = order_by_score(random_k(batches(), k, cfg.seed))
     elif method == "threshold":
         chosen = above_threshold(batches(), cfg.selection.threshold)
+    elif method == "similarity":
+        chosen = similarity_select(batches(), targets, k)
+        info["similarity"] = {
+            "target_examples": {task: len(examples) for task, examples in sorted(targets.items())},
+            "selected_per_task": dict(sorted(Counter(chosen["target_task"].to_pylist()).items()))
+            if chosen.num_columns
+            else {},
+            "chosen_by": "round-robin over tasks; per task the highest cosine similarity to its examples",
+        }
     elif method == "per_dataset":
         per_dataset = Counter()
         for batch in batches():
@@ -368,7 +399,58 @@ def _select(
             "rank": pa.array([], pa.int64()),
         }
         return pa.table(empty), info
-    return with_rank(chosen.select(["id", "dataset", "score"])), info
+    kept = ["id", "dataset", "score"] + (["target_task"] if method == "similarity" else [])
+    return with_rank(chosen.select(kept)), info
+
+
+def _target_embeddings(
+    cfg: SelectConfig, model_path: str, tokenizer_name: str, out: Path
+) -> dict[str, np.ndarray]:
+    """{task: (examples, hidden) embeddings} of ``selection.targets``, read like the corpus (rejects in
+    ``layout.TARGET_REJECTS``) and embedded by the selector the corpus is scored with, in a pool of one
+    scoring actor (a second model load, before the corpus's); also written to ``layout.TARGET_EMBEDDINGS``."""
+    source = DatasetConfig(
+        data_path=list(cfg.selection.targets), max_sequence_length=cfg.dataset.max_sequence_length
+    )
+    with phase("stage 2 select: embedding the target examples"):
+        read = read_rows(source, cfg.data, seed=cfg.seed, tokenizer_name=tokenizer_name)
+        read.ledger.write_rejects(out / TARGET_REJECTS)
+        rows = read.rows.map_batches(_task_as_dataset, batch_format="pyarrow")
+        tokens = tokenize_rows(rows, tokenizer_name, cfg.dataset.max_sequence_length, "assistant")
+        pool, threads = _pool_args(cfg)
+        embedding_only = ScoringSection(store_embeddings=True, tokens_per_batch=cfg.scoring.tokens_per_batch)
+        kwargs = {**_scorer_kwargs(cfg, model_path, tokenizer_name, out, threads), "scoring": embedding_only}
+        kwargs["fail_once_marker"] = None
+        pool["compute"] = type(pool["compute"])(size=1)
+        embedded = tokens.map_batches(GateScorer, fn_constructor_kwargs=kwargs, **pool)
+        embedded_rows = embedded.select_columns(["id", "dataset", "embedding"]).take_all()
+    if not embedded_rows:
+        raise ConfigError(
+            f"selection.targets={cfg.selection.targets}: no valid row (see {out / TARGET_REJECTS})"
+        )
+    tasks = np.asarray([r["dataset"] for r in embedded_rows])
+    matrix = np.stack([np.asarray(r["embedding"]) for r in embedded_rows])
+    flat = pa.array(matrix.astype(np.float32).ravel())
+    pq.write_table(
+        pa.table(
+            {
+                "task": pa.array(tasks.tolist(), pa.string()),
+                "id": pa.array([r["id"] for r in embedded_rows], pa.string()),
+                "embedding": pa.FixedSizeListArray.from_arrays(flat, matrix.shape[1]),
+            }
+        ),
+        out / TARGET_EMBEDDINGS,
+    )
+    return {task: matrix[tasks == task] for task in sorted(set(tasks))}
+
+
+def _task_as_dataset(batch: pa.Table) -> pa.Table:
+    """A target row's task, in its ``dataset`` column: its ``task`` field, else its dataset."""
+    tasks = [
+        str(json.loads(extra or "{}").get("task") or dataset)
+        for extra, dataset in zip(batch["extra"].to_pylist(), batch["dataset"].to_pylist())
+    ]
+    return batch.set_column(batch.schema.get_field_index("dataset"), "dataset", pa.array(tasks, pa.string()))
 
 
 def _scorer_kwargs(

@@ -29,7 +29,7 @@ weight meant a different balance on each.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -56,6 +56,7 @@ class ScorePasses:
     tokens: str = "assistant"
     gates: bool = True  # layer_scores; False for a model without quality gates (plain OLMoE/Llama)
     routing: bool = False
+    embedding: bool = False
     nll: bool = False
     reply_only: bool = False
     gates_shut: bool = False
@@ -70,10 +71,24 @@ class ScorePasses:
         return cls(
             tokens=scoring.tokens,
             routing=scoring.store_routing,
+            embedding=scoring.store_embeddings,
             nll=scoring.lm_loss or scoring.perplexity_weight != 0 or reply_only or gates_shut,
             reply_only=reply_only,
             gates_shut=gates_shut,
         )
+
+    @property
+    def full_rows(self) -> bool:
+        """Whether a pass over the full rows (prompt and reply) is needed."""
+        return self.gates or self.routing or self.embedding or self.nll or self.gates_shut
+
+    def reply_only_apart(self) -> tuple[ScorePasses, ScorePasses | None]:
+        """The passes over the full rows, and the reply-only pass alone (``None`` without one): the
+        scorer batches replies by their own length, since in batches cut by the full rows' length
+        they were padded to the longest reply."""
+        if not self.reply_only:
+            return self, None
+        return replace(self, reply_only=False), ScorePasses(tokens=self.tokens, gates=False, reply_only=True)
 
 
 def scores_depend_on(scoring) -> dict:
@@ -95,25 +110,34 @@ def score_batch(model, rows: list[dict], what: ScorePasses, pad_token_id: int) -
     """The one scoring forward pass: per-row columns for ``rows`` (tokenised: ``input_ids``,
     ``labels``, and ``reply_input_ids``/``reply_labels`` for ``reply_only``), in their order.
 
-    Columns: ``n_scored_tokens``; ``layer_scores`` (B, L) with ``what.gates``; ``routing`` (B, L*E);
-    ``nll``, ``nll_without_prompt``, ``nll_gates_shut`` (B,). The decoder runs without the LM head;
+    Columns: ``n_scored_tokens`` (with a pass over the full rows); ``layer_scores`` (B, L) with
+    ``what.gates``; ``routing`` (B, L*E); ``embedding`` (B, hidden) fp16; ``nll``, ``nll_without_prompt``, ``nll_gates_shut`` (B,). The decoder runs without the LM head;
     only the scored positions go through it (``row_nll``)."""
     device = next(model.parameters()).device
-    batch = collate(rows, pad_token_id, device)
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    mask = score_mask(batch["attention_mask"], batch["labels"], what.tokens)
-    columns: dict[str, np.ndarray] = {"n_scored_tokens": mask.sum(dim=1).cpu().numpy().astype(np.int64)}
+    columns: dict[str, np.ndarray] = {}
     with _root_gathered(model):
-        out = model.model(**inputs, output_router_logits=what.gates or what.routing)
-        if what.gates:
-            records = out.router_logits
-            quality = [r["quality_score"] for r in records]
-            columns["layer_scores"] = layer_gate_means(quality, mask).cpu().numpy().astype(np.float64)
-        if what.routing:
-            dists = layer_routing_means([r["moe_logits"] for r in out.router_logits], mask)
-            columns["routing"] = dists.reshape(len(rows), -1).cpu().numpy().astype(np.float32)
-        if what.nll:
-            columns["nll"] = _nll(model, out.last_hidden_state, batch["input_ids"], mask)
+        if what.full_rows:
+            batch = collate(rows, pad_token_id, device)
+            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            mask = score_mask(batch["attention_mask"], batch["labels"], what.tokens)
+            columns["n_scored_tokens"] = mask.sum(dim=1).cpu().numpy().astype(np.int64)
+            out = model.model(**inputs, output_router_logits=what.gates or what.routing)
+            if what.gates:
+                records = out.router_logits
+                quality = [r["quality_score"] for r in records]
+                columns["layer_scores"] = layer_gate_means(quality, mask).cpu().numpy().astype(np.float64)
+            if what.routing:
+                dists = layer_routing_means([r["moe_logits"] for r in out.router_logits], mask)
+                columns["routing"] = dists.reshape(len(rows), -1).cpu().numpy().astype(np.float32)
+            if what.embedding:
+                pooled = pooled_hidden(out.last_hidden_state, batch["attention_mask"])
+                columns["embedding"] = pooled.cpu().numpy().astype(np.float16)
+            if what.nll:
+                columns["nll"] = _nll(model, out.last_hidden_state, batch["input_ids"], mask)
+            if what.gates_shut:
+                with gates_forced(model, 0.0):
+                    hidden = model.model(**inputs).last_hidden_state
+                columns["nll_gates_shut"] = _nll(model, hidden, batch["input_ids"], mask)
         if what.reply_only:
             replies = [{"input_ids": r["reply_input_ids"], "labels": r["reply_labels"]} for r in rows]
             reply = collate(replies, pad_token_id, device)
@@ -122,10 +146,6 @@ def score_batch(model, rows: list[dict], what: ScorePasses, pad_token_id: int) -
             ).last_hidden_state
             reply_mask = score_mask(reply["attention_mask"], reply["labels"], "assistant")
             columns["nll_without_prompt"] = _nll(model, hidden, reply["input_ids"], reply_mask)
-        if what.gates_shut:
-            with gates_forced(model, 0.0):
-                hidden = model.model(**inputs).last_hidden_state
-            columns["nll_gates_shut"] = _nll(model, hidden, batch["input_ids"], mask)
     return columns
 
 
@@ -175,6 +195,16 @@ def layer_routing_means(moe_logits: list[torch.Tensor], mask: torch.Tensor) -> t
     probs = torch.stack([torch.softmax(x.float(), dim=-1).view(batch, seq, -1) for x in moe_logits], dim=2)
     weights = mask.float()[..., None, None]  # (B, T, 1, 1)
     return (probs * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+
+
+def pooled_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, H) fp32: each row's position-weighted mean of the decoder's last hidden state over all its
+    real tokens (weight t at position t, 1-based: later tokens have read more of the row), the row
+    representation of RDS+ (Ivison et al. 2025). Prompt tokens count: a target task is told by its
+    questions more than by its (often one-token) answers."""
+    weights = attention_mask.float() * torch.arange(1, attention_mask.shape[1] + 1, device=hidden.device)
+    weights = weights / weights.sum(dim=1, keepdim=True).clamp(min=1)
+    return torch.einsum("bt,bth->bh", weights, hidden.float())
 
 
 def row_score(

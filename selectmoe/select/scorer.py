@@ -2,7 +2,8 @@
 
 Each call gets a window of tokenised rows, sorts it by length, cuts it into sub-batches capped by
 rows and padded tokens, runs the one scoring pass (``score.score_batch``) on each, and returns one
-score record per row in the window's order.
+score record per row in the window's order. A reply-only pass (prompt gain) sorts and cuts the window
+again by the replies' own lengths.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from selectmoe.scaling import set_cpu_threads
 from selectmoe.select.score import ScorePasses, score_batch, score_of
 
 # columns the score files keep beside id, dataset, score, layer_scores, n_tokens and n_scored_tokens
-OPTIONAL_COLUMNS = ("routing", "nll", "nll_without_prompt", "nll_gates_shut")
+OPTIONAL_COLUMNS = ("routing", "embedding", "nll", "nll_without_prompt", "nll_gates_shut")
 TOKEN_FIELDS = ("input_ids", "labels", "reply_input_ids", "reply_labels")  # what score_batch reads
 DEFAULT_TOKENS_PER_BATCH = {"cuda": 16384, "cpu": 4096}  # scoring.tokens_per_batch=0
 
@@ -51,17 +52,11 @@ class GateScorer:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self._maybe_die()
         lengths = np.asarray([len(x) for x in batch["input_ids"]])
-        order = np.argsort(lengths, kind="stable")
-        parts, positions = [], []
-        for chunk in self._chunks(order, lengths):
-            rows = [{name: batch[name][i] for name in TOKEN_FIELDS if name in batch} for i in chunk]
-            parts.append(score_batch(self.model, rows, self.passes, self.pad_token_id))
-            positions.extend(chunk)
-            if self.device.type == "cpu":
-                release_freed_memory()
-        inverse = np.empty(len(positions), dtype=np.int64)
-        inverse[np.asarray(positions, dtype=np.int64)] = np.arange(len(positions))
-        columns = {name: np.concatenate([p[name] for p in parts])[inverse] for name in parts[0]}
+        full_rows, reply_only = self.passes.reply_only_apart()
+        columns = self._columns(batch, lengths, full_rows)
+        if reply_only is not None:
+            reply_lengths = np.asarray([len(x) for x in batch["reply_input_ids"]])
+            columns.update(self._columns(batch, reply_lengths, reply_only))
         result = {
             "id": batch["id"],
             "dataset": batch["dataset"],
@@ -74,6 +69,21 @@ class GateScorer:
             if name in columns:
                 result[name] = list(columns[name]) if columns[name].ndim > 1 else columns[name]
         return result
+
+    def _columns(self, batch: dict[str, np.ndarray], lengths: np.ndarray, passes) -> dict[str, np.ndarray]:
+        """``score_batch``'s columns for the window, in its order: rows sorted by ``lengths`` (the
+        length of what ``passes`` reads) and cut into sub-batches (``_chunks``)."""
+        order = np.argsort(lengths, kind="stable")
+        parts, positions = [], []
+        for chunk in self._chunks(order, lengths):
+            rows = [{name: batch[name][i] for name in TOKEN_FIELDS if name in batch} for i in chunk]
+            parts.append(score_batch(self.model, rows, passes, self.pad_token_id))
+            positions.extend(chunk)
+            if self.device.type == "cpu":
+                release_freed_memory()
+        inverse = np.empty(len(positions), dtype=np.int64)
+        inverse[np.asarray(positions, dtype=np.int64)] = np.arange(len(positions))
+        return {name: np.concatenate([p[name] for p in parts])[inverse] for name in parts[0]}
 
     def _chunks(self, order: np.ndarray, lengths: np.ndarray):
         """Consecutive rows of the length order, at most ``max_rows`` and ``max_tokens`` padded tokens."""

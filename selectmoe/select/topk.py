@@ -1,9 +1,11 @@
-"""Selections over streamed score tables: top-k, per-dataset quotas, diversity, random, threshold.
+"""Selections over streamed score tables: top-k, per-dataset quotas, diversity, random, threshold,
+similarity to target tasks.
 
 Every method is exact at any corpus size. ``top_k`` / ``per_dataset`` / ``random`` keep only the
 current best ``k`` rows while batches stream past (driver memory O(k + batch)); ``threshold`` keeps
 what it selects. ``diversity`` clusters routing features and needs them for every candidate row
-(O(rows x layers x experts)), as the seed's k-means did.
+(O(rows x layers x experts)), as the seed's k-means did. ``similarity`` keeps each target task's
+best ``k`` rows (O(k x tasks)).
 
 Order is total and deterministic: score descending, ties broken by id ascending. ``random`` orders by
 a seeded hash of the id instead of the score, so it is the same sample for the same seed.
@@ -107,13 +109,79 @@ def excluding(batches: Iterable[pa.Table], excluded_ids: set[str]) -> Iterator[p
         yield batch.filter(pc.invert(pc.is_in(batch["id"], value_set=value_set)))
 
 
+def column_matrix(column: pa.ChunkedArray) -> np.ndarray:
+    """A numeric column, or a column of equal-length lists or tensors (``layer_scores``, ``embedding``)
+    as (rows, length)."""
+    values = column.to_numpy(zero_copy_only=False)
+    if values.dtype == object:
+        return np.stack(values) if len(values) else np.zeros((0, 0))
+    return values
+
+
+# ---------------------------------------------------------------------------- similarity (RDS+)
+
+
+def similarity_select(batches: Iterable[pa.Table], targets: dict[str, np.ndarray], k: int) -> pa.Table:
+    """Target-aware selection as RDS+ does it (Ivison et al. 2025, round-robin over tasks, max over a
+    task's examples): a row's score for a task is its highest cosine similarity to that task's example
+    embeddings; the tasks, in name order, take turns picking their best row not yet picked, until ``k``
+    rows are. Streaming and exact: each task keeps its ``k`` best rows (driver memory O(k x tasks)),
+    enough for any turn order. Returns id, dataset, score (the similarity it was picked with) and
+    ``target_task``, in picking order.
+
+    Similarities are computed in float64 and rounded to float32: BLAS gives a row's dot product last-bit
+    differences in differently sized batches, and the rounding keeps them from reordering rows (equal
+    rows tie and are ordered by id)."""
+    units = {task: _unit_rows(np.asarray(e, dtype=np.float64)) for task, e in sorted(targets.items())}
+    best: dict[str, pa.Table] = {}
+    for batch in batches:
+        if batch.num_rows == 0:
+            continue
+        rows = _unit_rows(column_matrix(batch["embedding"]).astype(np.float64))
+        keys = batch.select(["id", "dataset"])
+        for task, examples in units.items():
+            similarity = (rows @ examples.T).max(axis=1).astype(np.float32)  # see the docstring
+            scored = keys.append_column("score", pa.array(similarity.astype(np.float64), pa.float64()))
+            merged = scored if task not in best else pa.concat_tables([best[task], scored])
+            best[task] = merged.take(pc.sort_indices(merged, sort_keys=_ORDER)[:k])
+    queues = {task: best[task].to_pylist() for task in units if task in best}
+    depth = dict.fromkeys(queues, 0)
+    picked: set[str] = set()
+    chosen: list[dict] = []
+    while len(chosen) < k and any(depth[task] < len(queue) for task, queue in queues.items()):
+        for task, queue in queues.items():
+            while depth[task] < len(queue) and queue[depth[task]]["id"] in picked:
+                depth[task] += 1
+            if depth[task] < len(queue) and len(chosen) < k:
+                row = queue[depth[task]]
+                picked.add(row["id"])
+                chosen.append({**row, "target_task": task})
+                depth[task] += 1
+    if not chosen:
+        return pa.table({})
+    return pa.Table.from_pylist(
+        chosen,
+        schema=pa.schema(
+            [
+                ("id", pa.string()),
+                ("dataset", pa.string()),
+                ("score", pa.float64()),
+                ("target_task", pa.string()),
+            ]
+        ),
+    )
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True).clip(min=1e-12)
+
+
 # ---------------------------------------------------------------------------- diversity (k-means)
 
 
 def routing_features(table: pa.Table) -> np.ndarray:
     """(rows, layers x experts) unit vectors: the rows' mean routing distributions."""
-    features = np.stack(table["routing"].to_numpy(zero_copy_only=False)).astype(np.float64)
-    return features / np.linalg.norm(features, axis=1, keepdims=True).clip(min=1e-12)
+    return _unit_rows(column_matrix(table["routing"]).astype(np.float64))
 
 
 def diversity_select(table: pa.Table, k: int, n_clusters: int, max_iters: int, seed: int, restarts: int = 3):
