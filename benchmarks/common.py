@@ -84,6 +84,26 @@ def encode_rows(rows: list[dict], tokenizer, max_length: int) -> list[dict]:
     ]
 
 
+def lm_pretrained_tiny(
+    kind: str, seed: int, lm_rows: list[dict], steps: int, max_length: int, cache: Path, **config_overrides
+) -> Path:
+    """The tiny ``olmoe`` (a selector) or ``llama`` (a target) LM-pretrained ``steps`` steps on ``lm_rows``;
+    cached in ``cache`` by its recipe."""
+    from selectmoe.demo.tiny import build_tiny_llama, build_tiny_olmoe, pretrain_tiny_lm
+    from selectmoe.manifest import hash_dict
+
+    recipe = {"seed": seed, "steps": steps, "model": config_overrides, "ids": [r["id"] for r in lm_rows]}
+    key = hash_dict(recipe if kind == "olmoe" else {**recipe, "kind": kind})
+    out = cache / (f"base_{key}" if kind == "olmoe" else f"{kind}_{key}")
+    if not (out / "config.json").exists():
+        build = {"olmoe": build_tiny_olmoe, "llama": build_tiny_llama}[kind]
+        init = build(cache / f"init_{key}", seed=seed, **config_overrides)
+        pretrain_tiny_lm(
+            init, [r["messages"] for r in lm_rows], out, steps=steps, seed=seed, max_seq_length=max_length
+        )
+    return out
+
+
 # ---------------------------------------------------------------------------- timing
 
 

@@ -37,13 +37,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from common import TRAIN_DIR, print_table, quiet_ray, quiet_transformers, write_json
+from common import TRAIN_DIR, lm_pretrained_tiny, print_table, quiet_ray, quiet_transformers, write_json
 
 from selectmoe.config import PipelineConfig, load_preset, parse_config
 from selectmoe.data import RowError, encode_batch, load_tokenizer, normalize_record
 from selectmoe.demo.defects import cot_wrong_answer, plant_defects
 from selectmoe.layout import TRAINING_IDS
-from selectmoe.manifest import hash_dict
 from selectmoe.metrics import separation_table
 from selectmoe.select.score import row_score
 
@@ -183,24 +182,8 @@ def write_corpus(rows: list[dict], out: Path, defect_rate: float, seed: int) -> 
 
 def base_model(args, seed: int, lm_rows: list[dict], cache: Path) -> Path:
     """The tiny OLMoE LM-pretrained on the clean half (cached by its recipe)."""
-    from selectmoe.demo.tiny import build_tiny_olmoe, pretrain_tiny_lm
-
-    key = hash_dict(
-        {"seed": seed, "steps": args.lm_steps, "model": args.model, "ids": [r["id"] for r in lm_rows]}
-    )
-    out = cache / f"base_{key}"
-    if not (out / "config.json").exists():
-        overrides = {k: int(v) for k, v in (item.split("=") for item in args.model)}
-        init = build_tiny_olmoe(cache / f"init_{key}", seed=seed, **overrides)
-        pretrain_tiny_lm(
-            init,
-            [r["messages"] for r in lm_rows],
-            out,
-            steps=args.lm_steps,
-            seed=seed,
-            max_seq_length=args.max_length,
-        )
-    return out
+    overrides = {k: int(v) for k, v in (item.split("=") for item in args.model)}
+    return lm_pretrained_tiny("olmoe", seed, lm_rows, args.lm_steps, args.max_length, cache, **overrides)
 
 
 @torch.inference_mode()
@@ -288,8 +271,11 @@ def token_level_scores(stage1_dir: Path, rows: list[dict], max_length: int) -> d
 # ---------------------------------------------------------------------------- stages
 
 
-def run_stages(args, corpus: Path, model: Path, out: Path, seed: int, overrides: list[str]):
-    """Stage 1 then stage 2 of the product on the corpus; returns (stage-2 config, stage-2 folder)."""
+def run_stages(
+    args, corpus: Path, model: Path, out: Path, seed: int, overrides: list[str], select_overrides: tuple = ()
+):
+    """Stage 1 (``overrides``: its recipe) then stage 2 of the product on the corpus, every score term
+    stored; returns (stage-2 config, stage-2 folder)."""
     from selectmoe.pretrain import pretrain
     from selectmoe.select import select
 
@@ -324,6 +310,7 @@ def run_stages(args, corpus: Path, model: Path, out: Path, seed: int, overrides:
             "scoring.lm_loss=true",
             "scoring.prompt_gain=true",
             "scoring.expert_effect=true",
+            *select_overrides,
         ],
     )
     return stage2, select(stage2)

@@ -204,3 +204,32 @@ def test_real_shape_run_takes_every_stage_through_the_cli(tmp_path):
     assert set(throughput["speedup_vs_seed"]) == {"seed loop", "original preset", "default preset"}
     assert 0 < throughput["share_of_peak"]["original preset"] < 1
     assert "stage-2 throughput on cpu" in stdout
+
+
+def test_downstream_proxy_small(tmp_path):
+    stdout, report = run_benchmark(
+        "downstream_proxy.py",
+        tmp_path,
+        *("--seeds", "0", "--work-dir", str(tmp_path / "work"), "--families", "3", "--real-rows", "60"),
+        *(
+            "--lm-steps",
+            "5",
+            "--stage1-steps",
+            "2",
+            "--steps",
+            "4",
+            "--random-draws",
+            "2",
+            "--percentage",
+            "0.1",
+        ),
+    )
+    assert "proxy valid in every seed:" in stdout
+    methods = report["per_seed"][0]["methods"]
+    assert {"full", "oracle", "perplexity", "gates", "default", "default_balanced", "similarity"} <= set(
+        methods
+    )
+    assert methods["similarity"]["rows"] < methods["full"]["rows"] <= report["per_seed"][0]["pool_rows"]
+    assert methods["oracle"]["target_rows"] == methods["oracle"]["rows"] > 0
+    assert methods["similarity"]["rows"] == methods["default"]["rows"]
+    assert set(report["summary"]["methods"]) >= {"random", "similarity", "oracle"}

@@ -88,12 +88,35 @@ def test_rerun_redoes_nothing_and_a_stage2_change_redoes_stages_2_to_4(demo_run,
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(out / "report.md")
     assert finished_at(out) == before  # nothing redone
 
-    assert main(demo_args(out, cache, "select.selection_percentage=0.1")) == 0
+    # preset=similarity changes stage 2 only (its stage 1 is the default's): target-aware selection
+    targets = out.parent / "targets.jsonl"
+    targets.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "task": "arithmetic",
+                    "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+                }
+            )
+            + "\n"
+            for q, a in (
+                ("What is 12 plus 30?", "12 plus 30 is 42."),
+                ("Tom has 3 apples and buys 4 more.", "7 apples."),
+            )
+        )
+    )
+    assert main(demo_args(out, cache, "preset=similarity", f"select.selection.targets=[{targets}]")) == 0
     after = finished_at(out)
     assert after["run/stage_1_pretrain"] == before["run/stage_1_pretrain"]
     for stage in STAGES[1:]:
         assert after[f"run/{stage}"] != before[f"run/{stage}"], stage
         assert after[f"baseline_random/{stage}"] != before[f"baseline_random/{stage}"], stage
+    selected = [
+        json.loads(line) for line in (out / "stage_2_select" / "selected.jsonl").read_text().splitlines()
+    ]
+    assert selected and {r["target_task"] for r in selected} == {"arithmetic"}
+    manifest = json.loads((out / "stage_2_select" / "manifest.json").read_text())
+    assert manifest["config"]["selection"]["method"] == "similarity"
 
 
 def test_composition_table_flags_a_dataset_over_twice_its_corpus_share():

@@ -1,0 +1,415 @@
+"""Does a selection help the model finetuned on it? A downstream proxy on CPU.
+
+Per seed, a pool of rows:
+- ``--families`` synthetic task families: each is a made-up language, with a code word for each of the
+  same ``WORDS`` built from syllables of its own two consonants, asked in three question templates
+  ("In Zorbish, what is the word for 'cat'?"). A family's held-out items ask its codes in a fourth
+  template the pool never uses; their answers can be predicted well only from that family's rows (no
+  other family has its syllables). A tiny target learns a family's sounds much sooner than its
+  codebook, so this is closer to domain knowledge than to a skill;
+- ``--real-rows`` real rows from ``../shared/data/train`` as distractors;
+- ``--defect-rate`` of all rows spoiled (``selectmoe.demo.defects``; ``wrong_answer`` gives a family
+  row another word's code).
+
+The first ``--targets`` families are the target tasks: ``--target-examples`` of their held-out items
+are the examples a target-aware method sees (LESS / RDS+ use ~8 per task), the rest are scored.
+
+The product runs stage 1 (``pretrain``) and stage 2 (``select`` with ``selection.method=similarity``,
+storing NLL, prompt gain, gates and embeddings in one scoring pass) on the pool, with a tiny OLMoE
+selector LM-pretrained on other real rows. Every other method is taken from the same score files.
+Each selection (5% of the pool; ``full`` is every row) finetunes the same tiny Llama target (LM-pretrained
+on real rows, all weights trained, ``--steps`` steps of ``--batch`` rows), which is then scored by
+its mean NLL of the right answer on the held-out items of the target families and of the others.
+
+Methods: ``random`` (``--random-draws`` seeded draws), ``full`` (the whole pool), ``oracle`` (clean rows
+of the target families), ``perplexity`` (lowest NLL), ``gates`` (mean gate), ``default`` (the default
+preset's score), ``default_balanced`` (the same, with per-dataset quotas as ``selection.method=per_dataset``
+keeps the pool's mix), ``similarity`` (the product's RDS+ selection).
+
+The proxy is valid when ``oracle`` and ``full`` beat ``random`` by more than 2 standard deviations of
+the random draws, in every seed; until then the methods' numbers say nothing.
+
+    .venv/bin/python benchmarks/downstream_proxy.py --seeds 0 1 2 --json benchmarks/results/downstream_proxy.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from common import TRAIN_DIR, lm_pretrained_tiny, quiet_ray, quiet_transformers, sample_rows, write_json
+from selection_quality import run_stages as run_stages_of_the_product
+
+from selectmoe.demo.defects import plant_defects
+
+WORDS = [
+    "cat", "dog", "house", "river", "tree", "bread", "moon", "stone", "fire", "water", "bird", "road",
+    "apple", "window", "book", "friend", "night", "sun", "horse", "chair", "ship", "mountain", "salt",
+    "rain", "door", "garden", "winter", "milk", "king", "song", "wolf", "cloud",
+]  # fmt: skip
+LANGUAGES = ["Zorbish", "Quellan", "Marundi", "Tovic", "Elbari", "Sunekko", "Drevian", "Palomi"]
+CONSONANTS = "bdfghjklmnprstvz"  # two per language: its code words share no syllable with another's
+VOWELS = "aeiou"
+POOL_TEMPLATES = [
+    ("In {lang}, what is the word for '{word}'?", "In {lang}, '{word}' is {code}."),
+    ("How do {lang} speakers say '{word}'?", "They say {code}."),
+    ("Give the {lang} word for '{word}'.", "The {lang} word for '{word}' is {code}."),
+]
+HELD_OUT_TEMPLATE = ("Translate '{word}' into {lang}.", "{code}")
+DEFAULT_SCORE = {"perplexity_weight": 0.03, "prompt_gain_weight": 0.1}  # preset=gates_prompt_gain
+
+
+def main() -> int:
+    args = parse_args()
+    quiet_transformers()
+    quiet_ray()
+    work = Path(args.work_dir)
+    per_seed = []
+    for seed in args.seeds:
+        started = time.time()
+        result = run_seed(args, seed, work / f"seed{seed}")
+        result["seconds"] = round(time.time() - started, 1)
+        per_seed.append(result)
+        print_seed(result)
+    summary = summarise(per_seed)
+    print_summary(summary)
+    write_json(args.json, {"args": vars(args), "per_seed": per_seed, "summary": summary})
+    return 0
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--work-dir", default="/tmp/selectmoe_downstream_proxy")
+    p.add_argument("--families", type=int, default=6)
+    p.add_argument("--targets", type=int, default=2, help="the first N families are the target tasks")
+    p.add_argument("--target-examples", type=int, default=8, help="held-out items per target task shown")
+    p.add_argument("--real-rows", type=int, default=1200)
+    p.add_argument("--defect-rate", type=float, default=0.3)
+    p.add_argument("--percentage", type=float, default=0.05)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--lm-steps", type=int, default=300, help="LM pretraining of the selector and the target")
+    p.add_argument("--stage1-steps", type=int, default=40)
+    p.add_argument("--stage1-batch", type=int, default=16)
+    p.add_argument("--subset-ratio", type=float, default=0.4, help="share of the pool stage 1 trains on")
+    p.add_argument("--steps", type=int, default=200, help="finetuning steps per selection")
+    p.add_argument("--finetune-max-length", type=int, default=64)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--random-draws", type=int, default=3)
+    p.add_argument("--json", default=None)
+    return p.parse_args()
+
+
+# ---------------------------------------------------------------------------- the pool
+
+
+def codebooks(rng: random.Random, n_families: int) -> dict[str, dict[str, str]]:
+    """{language: {word: code}}: a made-up code per word, distinct within a language, from syllables of
+    the language's own two consonants (a tiny model learns a language's sounds, hardly a codebook: the
+    sounds are what only that language's rows can teach)."""
+    books = {}
+    for f, lang in enumerate(LANGUAGES[:n_families]):
+        syllables = [c + v for c in CONSONANTS[2 * f : 2 * f + 2] for v in VOWELS]
+        codes: set[str] = set()
+        while len(codes) < len(WORDS):
+            codes.add("".join(rng.choice(syllables) for _ in range(3)))
+        books[lang] = dict(zip(WORDS, rng.sample(sorted(codes), len(codes))))
+    return books
+
+
+def family_rows(books: dict[str, dict[str, str]]) -> list[dict]:
+    rows = []
+    for lang, book in books.items():
+        for t, (question, answer) in enumerate(POOL_TEMPLATES):
+            for word, code in book.items():
+                rows.append(
+                    {
+                        "dataset": lang.lower(),
+                        "id": f"{lang.lower()}_{t}_{word}",
+                        "messages": [
+                            {"role": "user", "content": question.format(lang=lang, word=word)},
+                            {"role": "assistant", "content": answer.format(lang=lang, word=word, code=code)},
+                        ],
+                    }
+                )
+    return rows
+
+
+def held_out_items(lang: str, book: dict[str, str]) -> list[dict]:
+    question, answer = HELD_OUT_TEMPLATE
+    return [
+        {
+            "dataset": lang.lower(),
+            "id": f"{lang.lower()}_held_{word}",
+            "messages": [
+                {"role": "user", "content": question.format(lang=lang, word=word)},
+                {"role": "assistant", "content": answer.format(code=code)},
+            ],
+        }
+        for word, code in book.items()
+    ]
+
+
+def build_pool(args, seed: int, out: Path) -> dict:
+    rng = random.Random(seed)
+    books = codebooks(rng, args.families)
+    rows = family_rows(books) + sample_rows(TRAIN_DIR, args.real_rows, seed)
+    rng.shuffle(rows)
+    families = {lang.lower(): book for lang, book in books.items()}
+
+    def wrong_code(i: int, reply: str) -> str | None:
+        book = families.get(rows[i]["dataset"])
+        if book is None:
+            return None
+        right = next(code for code in book.values() if code in reply)
+        return reply.replace(right, rng.choice([c for c in book.values() if c != right]))
+
+    labels = plant_defects(
+        random.Random(seed + 1),
+        rows,
+        args.defect_rate,
+        ("garbled", "shuffled", "swapped", "wrong_answer", "truncated", "empty_ish", "spam"),
+        wrong_reply=wrong_code,
+    )
+    (out / "train").mkdir(parents=True, exist_ok=True)
+    for dataset in sorted({r["dataset"] for r in rows}):
+        with (out / "train" / f"{dataset}.jsonl").open("w") as fh:
+            fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows if r["dataset"] == dataset)
+    targets = [lang for lang in LANGUAGES[: args.targets]]
+    (out / "targets").mkdir(exist_ok=True)
+    held_out = {}
+    for lang in LANGUAGES[: args.families]:
+        items = held_out_items(lang, books[lang])
+        random.Random(seed + 2).shuffle(items)
+        if lang in targets:
+            shown, items = items[: args.target_examples], items[args.target_examples :]
+            with (out / "targets" / f"{lang.lower()}.jsonl").open("w") as fh:
+                fh.writelines(json.dumps(r) + "\n" for r in shown)
+        held_out[lang.lower()] = items
+    return {
+        "rows": rows,
+        "clean": {label["id"]: label["quality"] == "clean" for label in labels},
+        "targets": [lang.lower() for lang in targets],
+        "held_out": held_out,
+    }
+
+
+# ---------------------------------------------------------------------------- models and stages
+
+
+def tiny_lm(kind: str, seed: int, args, cache: Path) -> Path:
+    """A tiny OLMoE (selector) or Llama (target), LM-pretrained on real rows the pool does not hold."""
+    lm_rows = sample_rows(TRAIN_DIR, 1500, seed + 7919)
+    return lm_pretrained_tiny(kind, seed, lm_rows, args.lm_steps, args.max_length, cache)
+
+
+def run_stages(args, seed: int, selector: Path, out: Path) -> Path:
+    """The product's stage 1 and stage 2 on the pool (``selection_quality.run_stages``: every score term
+    stored), selecting by similarity to the target examples among all its rows."""
+    select_overrides = (
+        "selection.exclude_training_rows=false",  # the target model never saw them: the whole pool
+        "selection.method=similarity",
+        f"selection.targets=[{out / 'targets'}]",
+        "scoring.store_embeddings=true",
+    )
+    return run_stages_of_the_product(args, out, selector, out, seed, [], select_overrides)[1]
+
+
+# ---------------------------------------------------------------------------- the methods
+
+
+def selections(args, seed: int, pool: dict, stage2: Path) -> dict[str, list[str]]:
+    from selectmoe.select.score import row_score
+    from selectmoe.select.topk import dataset_quotas, selection_size
+
+    table = pq.read_table(
+        stage2 / "scores", columns=["id", "dataset", "layer_scores", "nll", "nll_without_prompt"]
+    )
+    ids = np.asarray(table["id"].to_pylist())
+    datasets = np.asarray(table["dataset"].to_pylist())
+    layer_scores = np.stack(table["layer_scores"].to_numpy(zero_copy_only=False))
+    nll = table["nll"].to_numpy()
+    default = row_score(
+        layer_scores, nll, DEFAULT_SCORE["perplexity_weight"], table["nll_without_prompt"].to_numpy(),
+        DEFAULT_SCORE["prompt_gain_weight"],
+    )  # fmt: skip
+    k = selection_size(len(ids), args.percentage)
+
+    def best(score: np.ndarray, among: np.ndarray | None = None) -> list[str]:
+        order = sorted(range(len(ids)), key=lambda i: (-score[i], ids[i]))
+        if among is not None:
+            order = [i for i in order if among[i]]
+        return [str(ids[i]) for i in order[:k]]
+
+    chosen = {
+        f"random_{d}": random.Random(seed * 1000 + d).sample(sorted(ids.tolist()), k)
+        for d in range(args.random_draws)
+    }
+    chosen["full"] = sorted(ids.tolist())
+    target = np.isin(datasets, pool["targets"]) & np.asarray([pool["clean"][i] for i in ids])
+    chosen["oracle"] = random.Random(seed).sample(sorted(ids[target].tolist()), min(k, int(target.sum())))
+    chosen["perplexity"] = best(-nll)
+    chosen["gates"] = best(layer_scores.mean(axis=1))
+    chosen["default"] = best(default)
+    quotas = dataset_quotas({d: int((datasets == d).sum()) for d in set(datasets)}, k, None)
+    chosen["default_balanced"] = [
+        i for d in sorted(quotas) for i in best(default, datasets == d)[: quotas[d]]
+    ]
+    selected = [json.loads(line) for line in (stage2 / "selected.jsonl").read_text().splitlines()]
+    chosen["similarity"] = [r["id"] for r in selected]
+    return chosen
+
+
+# ---------------------------------------------------------------------------- finetune and judge
+
+
+def finetune_and_judge(
+    args, seed: int, target: Path, rows: list[dict], held_out: dict[str, list[dict]]
+) -> dict:
+    """Train every weight of the tiny target on ``rows`` (loss on the replies), then its mean NLL of the
+    right answer on each family's held-out items."""
+    from transformers import AutoModelForCausalLM
+
+    from selectmoe.data.collate import collate
+    from selectmoe.data.template import encode_batch, ensure_pad_token, load_tokenizer
+    from selectmoe.select.score import row_nll, score_mask
+
+    torch.manual_seed(seed)
+    tokenizer = ensure_pad_token(load_tokenizer(str(target)))
+    model = AutoModelForCausalLM.from_pretrained(str(target), dtype=torch.float32)
+    encoded = [
+        e
+        for e in encode_batch(
+            [r["messages"] for r in rows], tokenizer, max_seq_length=args.finetune_max_length
+        )
+        if isinstance(e, dict)
+    ]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / args.steps)
+    rng = random.Random(seed)
+    order: list[int] = []
+    model.train()
+    for _ in range(args.steps):  # epochs of a seeded shuffle, as many as the steps take
+        if len(order) < args.batch:
+            order += rng.sample(range(len(encoded)), len(encoded))
+        batch, order = [encoded[i] for i in order[: args.batch]], order[args.batch :]
+        model(**collate(batch, tokenizer.pad_token_id, torch.device("cpu"))).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    result = {}
+    with torch.inference_mode():
+        for family, items in held_out.items():
+            e = encode_batch([r["messages"] for r in items], tokenizer, max_seq_length=args.max_length)
+            batch = collate(e, tokenizer.pad_token_id, torch.device("cpu"))
+            hidden = model.model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).last_hidden_state
+            mask = score_mask(batch["attention_mask"], batch["labels"], "assistant")
+            result[family] = float(row_nll(model, hidden, batch["input_ids"], mask).mean())
+    return result
+
+
+def run_seed(args, seed: int, out: Path) -> dict:
+    pool = build_pool(args, seed, out)
+    cache = Path(args.work_dir) / "models"
+    selector, target = tiny_lm("olmoe", seed, args, cache), tiny_lm("llama", seed, args, cache)
+    stage2 = run_stages(args, seed, selector, out)
+    by_id = {r["id"]: r for r in pool["rows"]}
+    results = {}
+    for method, ids in selections(args, seed, pool, stage2).items():
+        started = time.time()
+        nll = finetune_and_judge(args, seed, target, [by_id[i] for i in ids], pool["held_out"])
+        print(f"  finetuned on {method} ({len(ids)} rows) in {time.time() - started:.0f} s", flush=True)
+        results[method] = {
+            "target_nll": statistics.mean(nll[f] for f in pool["targets"]),
+            "other_nll": statistics.mean(v for f, v in nll.items() if f not in pool["targets"]),
+            "rows": len(ids),
+            "target_rows": sum(by_id[i]["dataset"] in pool["targets"] for i in ids),
+            "clean_share": sum(pool["clean"][i] for i in ids) / max(len(ids), 1),
+            "nll_per_family": nll,
+        }
+    draws = [v["target_nll"] for m, v in results.items() if m.startswith("random_")]
+    random_mean, random_std = statistics.mean(draws), statistics.stdev(draws)
+    return {
+        "seed": seed,
+        "targets": pool["targets"],
+        "pool_rows": len(pool["rows"]),
+        "random": {"target_nll_mean": random_mean, "target_nll_std": random_std},
+        "methods": results,
+        "valid": all(random_mean - results[m]["target_nll"] > 2 * random_std for m in ("oracle", "full")),
+    }
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def summarise(per_seed: list[dict]) -> dict:
+    methods = ["random"] + [m for m in per_seed[0]["methods"] if not m.startswith("random_")]
+    rows = {}
+    for method in methods:
+        if method == "random":
+            target = [s["random"]["target_nll_mean"] for s in per_seed]
+            other = [
+                statistics.mean(v["other_nll"] for m, v in s["methods"].items() if m.startswith("random_"))
+                for s in per_seed
+            ]
+            target_rows = [
+                statistics.mean(v["target_rows"] for m, v in s["methods"].items() if m.startswith("random_"))
+                for s in per_seed
+            ]
+        else:
+            target = [s["methods"][method]["target_nll"] for s in per_seed]
+            other = [s["methods"][method]["other_nll"] for s in per_seed]
+            target_rows = [s["methods"][method]["target_rows"] for s in per_seed]
+        margins = [s["random"]["target_nll_mean"] - t for s, t in zip(per_seed, target)]
+        rows[method] = {
+            "target_nll_mean": statistics.mean(target),
+            "target_nll_std": statistics.stdev(target) if len(target) > 1 else 0.0,
+            "other_nll_mean": statistics.mean(other),
+            "margin_vs_random_mean": statistics.mean(margins),
+            "beats_random_in_seeds": sum(m > 0 for m in margins),
+            "target_rows_mean": statistics.mean(target_rows),
+        }
+    return {"seeds": len(per_seed), "valid_in_every_seed": all(s["valid"] for s in per_seed), "methods": rows}
+
+
+def print_seed(result: dict) -> None:
+    r = result["random"]
+    print(
+        f"\nseed {result['seed']} ({result['seconds']} s, pool {result['pool_rows']} rows, targets {result['targets']}): "
+        f"random target NLL {r['target_nll_mean']:.3f} +- {r['target_nll_std']:.3f}; proxy valid: {result['valid']}"
+    )
+    for method, v in result["methods"].items():
+        print(
+            f"  {method:17s} target NLL {v['target_nll']:.3f}  other {v['other_nll']:.3f}  "
+            f"rows {v['rows']:5d}  target rows {v['target_rows']:4d}  clean {v['clean_share']:.2f}"
+        )
+
+
+def print_summary(summary: dict) -> None:
+    print(f"\n{summary['seeds']} seeds; proxy valid in every seed: {summary['valid_in_every_seed']}")
+    print(
+        "| method | target NLL (mean +- std over seeds) | margin vs random | beats random in seeds | other families NLL | target-family rows |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    for method, v in summary["methods"].items():
+        print(
+            f"| {method} | {v['target_nll_mean']:.3f} +- {v['target_nll_std']:.3f} | {v['margin_vs_random_mean']:+.3f} | "
+            f"{v['beats_random_in_seeds']}/{summary['seeds']} | {v['other_nll_mean']:.3f} | {v['target_rows_mean']:.1f} |"
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
