@@ -48,6 +48,7 @@ import torch
 from common import TRAIN_DIR, lm_pretrained_tiny, quiet_ray, quiet_transformers, sample_rows, write_json
 from selection_quality import run_stages as run_stages_of_the_product
 
+from selectmoe.config import load_preset
 from selectmoe.demo.defects import plant_defects
 
 WORDS = [
@@ -64,7 +65,7 @@ POOL_TEMPLATES = [
     ("Give the {lang} word for '{word}'.", "The {lang} word for '{word}' is {code}."),
 ]
 HELD_OUT_TEMPLATE = ("Translate '{word}' into {lang}.", "{code}")
-DEFAULT_SCORE = {"perplexity_weight": 0.03, "prompt_gain_weight": 0.1}  # preset=gates_prompt_gain
+DEFAULT_SCORE = load_preset("gates_prompt_gain")["keys"]["select"]["scoring"]  # the default preset's weights
 
 
 def main() -> int:
@@ -106,7 +107,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--random-draws", type=int, default=3)
     p.add_argument("--json", default=None)
-    return p.parse_args()
+    args = p.parse_args()
+    if not 1 <= args.targets < args.families <= len(LANGUAGES):
+        p.error(f"need 1 <= --targets < --families <= {len(LANGUAGES)} (non-target families are judged too)")
+    return args
 
 
 # ---------------------------------------------------------------------------- the pool
@@ -184,7 +188,7 @@ def build_pool(args, seed: int, out: Path) -> dict:
     for dataset in sorted({r["dataset"] for r in rows}):
         with (out / "train" / f"{dataset}.jsonl").open("w") as fh:
             fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows if r["dataset"] == dataset)
-    targets = [lang for lang in LANGUAGES[: args.targets]]
+    targets = LANGUAGES[: args.targets]
     (out / "targets").mkdir(exist_ok=True)
     held_out = {}
     for lang in LANGUAGES[: args.families]:

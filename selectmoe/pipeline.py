@@ -69,6 +69,7 @@ def baseline_configs(baseline: str, sel: SelectConfig, fin: FinetuneConfig, ev: 
     b_sel, b_fin, b_ev = copy.deepcopy(sel), copy.deepcopy(fin), copy.deepcopy(ev)
     b_sel.output_dir = str(root / STAGE_DIRS["select"])
     b_sel.selection.method = "random"
+    b_sel.selection.targets = None  # read only by selection.method=similarity
     _feed(b_sel, b_fin, b_ev, root)
     if baseline == "full":
         b_fin.dataset = copy.deepcopy(sel.dataset)

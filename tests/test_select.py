@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from selectmoe.config import ScoringSection, parse_config
+from selectmoe.config import ConfigError, ScoringSection, parse_config
 from selectmoe.data.collate import collate
 from selectmoe.data.template import (
     encode_messages,
@@ -537,6 +537,8 @@ def test_similarity_picks_rows_by_cosine_to_each_tasks_examples_in_turns(
     assert scores_by_id(out) == scores_by_id(one_actor)  # the gate scores are still computed and stored
     rerun = run_select(tiny_olmoe, tmp_path / "similar_2", sources, **{**keys, "scoring.num_actors": 2})
     assert (rerun / "selected.jsonl").read_bytes() == (out / "selected.jsonl").read_bytes()
+    with pytest.raises(ConfigError, match="selection.targets is read only by selection.method=similarity"):
+        run_select(tiny_olmoe, tmp_path / "top", sources, **{**keys, "selection.method": "top_k"})
 
 
 @pytest.mark.slow

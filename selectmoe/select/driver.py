@@ -323,6 +323,11 @@ def _check_selection(cfg: SelectConfig) -> None:
             "selection.method=similarity needs selection.targets (files of target-task examples) and "
             "scoring.store_embeddings=true (preset=similarity sets both but the targets)"
         )
+    if cfg.selection.targets and method != "similarity":
+        raise ConfigError(
+            f"selection.targets is read only by selection.method=similarity (method is {method}); "
+            "drop it or set selection.method=similarity"
+        )
     if p.auto_k and not (len(p.k_range) == 2 and 2 <= p.k_range[0] <= p.k_range[1]):
         raise ConfigError(
             f"clustering_params.k_range={p.k_range}: expected [lowest, highest] with 2 <= lowest <= highest"

@@ -111,8 +111,9 @@ def score_batch(model, rows: list[dict], what: ScorePasses, pad_token_id: int) -
     ``labels``, and ``reply_input_ids``/``reply_labels`` for ``reply_only``), in their order.
 
     Columns: ``n_scored_tokens`` (with a pass over the full rows); ``layer_scores`` (B, L) with
-    ``what.gates``; ``routing`` (B, L*E); ``embedding`` (B, hidden) fp16; ``nll``, ``nll_without_prompt``, ``nll_gates_shut`` (B,). The decoder runs without the LM head;
-    only the scored positions go through it (``row_nll``)."""
+    ``what.gates``; ``routing`` (B, L*E); ``embedding`` (B, hidden) fp16; ``nll``,
+    ``nll_without_prompt``, ``nll_gates_shut`` (B,). The decoder runs without the LM head; only the
+    scored positions go through it (``row_nll``)."""
     device = next(model.parameters()).device
     columns: dict[str, np.ndarray] = {}
     with _root_gathered(model):
