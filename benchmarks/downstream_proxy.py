@@ -22,9 +22,11 @@ on real rows, all weights trained, ``--steps`` steps of ``--batch`` rows), which
 its mean NLL of the right answer on the held-out items of the target families and of the others.
 
 Methods: ``random`` (``--random-draws`` seeded draws), ``full`` (the whole pool), ``oracle`` (clean rows
-of the target families), ``perplexity`` (lowest NLL), ``gates`` (mean gate), ``default`` (the default
-preset's score), ``default_balanced`` (the same, with per-dataset quotas as ``selection.method=per_dataset``
-keeps the pool's mix), ``similarity`` (the product's RDS+ selection).
+of the target families), ``perplexity`` (lowest NLL), ``gates`` (mean gate), ``gates_prompt_gain`` (top
+rows by that preset's score), ``gates_prompt_gain_balanced`` (the same, with per-dataset quotas as
+``selection.method=per_dataset`` keeps the pool's mix), ``default`` (the default preset,
+``filtered_random``: a random draw among the better half of each dataset by its score), ``similarity``
+(the product's RDS+ selection).
 
 The proxy is valid when ``oracle`` and ``full`` beat ``random`` by more than 2 standard deviations of
 the random draws, in every seed; until then the methods' numbers say nothing.
@@ -48,7 +50,7 @@ import torch
 from common import TRAIN_DIR, lm_pretrained_tiny, quiet_ray, quiet_transformers, sample_rows, write_json
 from selection_quality import run_stages as run_stages_of_the_product
 
-from selectmoe.config import load_preset
+from selectmoe.config import PipelineConfig, load_preset
 from selectmoe.demo.defects import plant_defects
 
 WORDS = [
@@ -65,7 +67,8 @@ POOL_TEMPLATES = [
     ("Give the {lang} word for '{word}'.", "The {lang} word for '{word}' is {code}."),
 ]
 HELD_OUT_TEMPLATE = ("Translate '{word}' into {lang}.", "{code}")
-DEFAULT_SCORE = load_preset("gates_prompt_gain")["keys"]["select"]["scoring"]  # the default preset's weights
+GATES_PROMPT_GAIN = load_preset("gates_prompt_gain")["keys"]["select"]  # the former default's weights
+DEFAULT = load_preset(PipelineConfig().preset)["keys"]["select"]  # the default preset's score and keep share
 
 
 def main() -> int:
@@ -232,8 +235,16 @@ def run_stages(args, seed: int, selector: Path, out: Path) -> Path:
 
 
 def selections(args, seed: int, pool: dict, stage2: Path) -> dict[str, list[str]]:
-    from selectmoe.select.score import row_score
-    from selectmoe.select.topk import dataset_quotas, selection_size
+    import pyarrow as pa
+
+    from selectmoe.select.score import row_score, score_terms, term_scales
+    from selectmoe.select.topk import (
+        above_dataset_thresholds,
+        dataset_quotas,
+        dataset_thresholds,
+        random_per_dataset_k,
+        selection_size,
+    )
 
     table = pq.read_table(
         stage2 / "scores", columns=["id", "dataset", "layer_scores", "nll", "nll_without_prompt"]
@@ -241,10 +252,15 @@ def selections(args, seed: int, pool: dict, stage2: Path) -> dict[str, list[str]
     ids = np.asarray(table["id"].to_pylist())
     datasets = np.asarray(table["dataset"].to_pylist())
     layer_scores = np.stack(table["layer_scores"].to_numpy(zero_copy_only=False))
-    nll = table["nll"].to_numpy()
+    nll, unprompted = table["nll"].to_numpy(), table["nll_without_prompt"].to_numpy()
+    former = GATES_PROMPT_GAIN["scoring"]
+    gates_prompt_gain = row_score(
+        layer_scores, nll, former["perplexity_weight"], unprompted, former["prompt_gain_weight"]
+    )
+    scoring = DEFAULT["scoring"]
     default = row_score(
-        layer_scores, nll, DEFAULT_SCORE["perplexity_weight"], table["nll_without_prompt"].to_numpy(),
-        DEFAULT_SCORE["prompt_gain_weight"],
+        layer_scores, nll, scoring["perplexity_weight"], unprompted, scoring["prompt_gain_weight"],
+        scales=term_scales(score_terms(layer_scores, nll, unprompted)), gate_weight=scoring["gate_weight"],
     )  # fmt: skip
     k = selection_size(len(ids), args.percentage)
 
@@ -263,11 +279,17 @@ def selections(args, seed: int, pool: dict, stage2: Path) -> dict[str, list[str]
     chosen["oracle"] = random.Random(seed).sample(sorted(ids[target].tolist()), min(k, int(target.sum())))
     chosen["perplexity"] = best(-nll)
     chosen["gates"] = best(layer_scores.mean(axis=1))
-    chosen["default"] = best(default)
+    chosen["gates_prompt_gain"] = best(gates_prompt_gain)
     quotas = dataset_quotas({d: int((datasets == d).sum()) for d in set(datasets)}, k, None)
-    chosen["default_balanced"] = [
-        i for d in sorted(quotas) for i in best(default, datasets == d)[: quotas[d]]
+    chosen["gates_prompt_gain_balanced"] = [
+        i for d in sorted(quotas) for i in best(gates_prompt_gain, datasets == d)[: quotas[d]]
     ]
+    scored = pa.table({"id": ids, "dataset": datasets, "score": default})
+    thresholds = dataset_thresholds(
+        {d: default[datasets == d] for d in set(datasets)}, DEFAULT["selection"]["keep_fraction"]
+    )
+    drawn = random_per_dataset_k(above_dataset_thresholds([scored], thresholds), quotas, seed)
+    chosen["default"] = drawn["id"].to_pylist()
     selected = [json.loads(line) for line in (stage2 / "selected.jsonl").read_text().splitlines()]
     chosen["similarity"] = [r["id"] for r in selected]
     return chosen

@@ -208,7 +208,8 @@ def published_names(items):
 
 STAGES = ("pretrain_full_rank", "pretrain_lora", "select", "finetune", "evaluate")
 SEED_BATCH = 32
-# the default preset's scoring terms (selectmoe/configs/presets/gates_prompt_gain.yaml)
+# preset=gates_prompt_gain's scoring terms: the same two passes (full rows, replies alone) as the
+# default preset's (filtered_random), which weighs the same stored terms differently
 DEFAULT_SCORING = {"perplexity_weight": 0.03, "prompt_gain_weight": 0.1}
 # what the seed project states each stage needs (GPU memory), beside the measured peaks
 SEED_STATED_GB = {"pretrain_full_rank": 16, "pretrain_lora": 8, "finetune": 24}

@@ -44,7 +44,7 @@ from selectmoe.data import RowError, encode_batch, load_tokenizer, normalize_rec
 from selectmoe.demo.defects import cot_wrong_answer, plant_defects
 from selectmoe.layout import TRAINING_IDS
 from selectmoe.metrics import separation_table
-from selectmoe.select.score import row_score
+from selectmoe.select.score import row_score, score_terms, term_scales
 
 SCORE_COLUMNS = ["id", "score", "layer_scores", "nll", "nll_without_prompt", "nll_gates_shut"]
 PERPLEXITY_WEIGHTS = (0.01, 0.03, 0.1, 0.3)
@@ -423,6 +423,14 @@ def score_aggregations(name: str, records: list[dict]) -> dict[str, np.ndarray]:
     for weight, gain_weight in PROMPT_GAIN_WEIGHTS:
         label = f"{name}: gates - {weight} x NLL + {gain_weight} x prompt gain"
         out[label] = row_score(layers, nll, weight, unprompted, gain_weight)
+    default = load_preset(PipelineConfig().preset)["keys"]["select"]["scoring"]  # robust z over these rows
+    scales = (
+        term_scales(score_terms(layers, nll, unprompted)) if default.get("combine") == "robust_z" else None
+    )
+    out[f"{name}: the default preset's score ({PipelineConfig().preset})"] = row_score(
+        layers, nll, default["perplexity_weight"], unprompted, default["prompt_gain_weight"],
+        scales=scales, gate_weight=default.get("gate_weight", 1.0),
+    )  # fmt: skip
     return out
 
 
@@ -446,10 +454,10 @@ def token_level_aggregations(
     out[f"{name}: -NLL, gates forced open"] = -column["nll gates open"]
     out[f"{name}: expert effect (NLL shut - NLL)"] = effect
     out[f"{name}: expert effect, gates open (NLL shut - NLL open)"] = shut - column["nll gates open"]
-    scoring = load_preset(PipelineConfig.preset)["keys"]["select"]["scoring"]
+    scoring = load_preset("gates_prompt_gain")["keys"]["select"]["scoring"]
     default_terms = (layers, nll, scoring["perplexity_weight"], unprompted, scoring["prompt_gain_weight"])
     for weight in EFFECT_WEIGHTS:  # the product's formula with scoring.expert_effect_weight
-        label = f"{name}: default score + {weight} x expert effect"
+        label = f"{name}: gates_prompt_gain score + {weight} x expert effect"
         out[label] = row_score(*default_terms, shut, weight)
     return out
 

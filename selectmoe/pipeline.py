@@ -69,7 +69,7 @@ def baseline_configs(baseline: str, sel: SelectConfig, fin: FinetuneConfig, ev: 
     b_sel, b_fin, b_ev = copy.deepcopy(sel), copy.deepcopy(fin), copy.deepcopy(ev)
     b_sel.output_dir = str(root / STAGE_DIRS["select"])
     b_sel.selection.method = "random"
-    b_sel.selection.targets = None  # read only by selection.method=similarity
+    b_sel.selection.targets = b_sel.selection.target_eval_dir = None  # read only by method=similarity
     _feed(b_sel, b_fin, b_ev, root)
     if baseline == "full":
         b_fin.dataset = copy.deepcopy(sel.dataset)
@@ -109,7 +109,7 @@ def run_pipeline(cfg: PipelineConfig, extra_sections: Callable[[Path], list[str]
         b_sel, b_fin, b_ev = baseline_configs(baseline, sel, fin, ev, root)
         with console.branch(f"baseline {baseline}"):
             if b_sel is not None:
-                _share_scores(Path(sel.output_dir), Path(b_sel.output_dir))
+                share_scores(Path(sel.output_dir), Path(b_sel.output_dir))
                 upstream = run_stage("select", b_sel, select, [keys["pretrain"]], wanted)
             else:
                 upstream = hash_dict(to_dict(b_fin.dataset))
@@ -147,7 +147,7 @@ def run_stage(name: str, cfg, fn: Callable, upstream: list[str], wanted: set[str
     return key
 
 
-def _share_scores(source: Path, target: Path) -> None:
+def share_scores(source: Path, target: Path) -> None:
     """A baseline selection over the same corpus reuses the main run's score files (no rescoring)."""
     scores = source / SCORES_DIR
     if scores.is_dir() and not (target / SCORES_DIR).exists():

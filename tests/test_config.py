@@ -182,9 +182,17 @@ def test_cli_convert_writes_a_verified_checkpoint(tmp_path, capfd):
 
 def test_selection_preset_sets_the_recipe_under_explicit_keys():
     default = parse_config("pipeline")
-    assert default.preset == "gates_prompt_gain"
-    assert default.select.scoring.perplexity_weight == 0.03
-    assert default.select.scoring.prompt_gain_weight == 0.1
+    assert default.preset == "filtered_random"
+    assert default.select.selection.method == "filtered_random"
+    assert default.select.selection.keep_fraction == 0.5
+    assert default.select.scoring.combine == "robust_z" and default.select.scoring.gate_weight == 0.0
+    assert default.select.scoring.perplexity_weight == 1.0
+    assert default.select.scoring.prompt_gain_weight == 1.0
+    former = parse_config("pipeline", overrides=["preset=gates_prompt_gain"])
+    assert former.select.selection.method == "top_k" and former.select.scoring.combine == "raw"
+    assert former.select.scoring.gate_weight == 1.0
+    assert former.select.scoring.perplexity_weight == 0.03
+    assert former.select.scoring.prompt_gain_weight == 0.1
     reference = parse_config(
         "pipeline",
         overrides=["preset=reference", "pretrain.training.reference_data=[trusted.jsonl]"],
@@ -207,6 +215,12 @@ def test_selection_preset_sets_the_recipe_under_explicit_keys():
     assert similarity.select.selection.targets == ["mmlu.jsonl"]
     with pytest.raises(ConfigError, match="preset=similarity needs select.selection.targets"):
         check_preset_inputs(parse_config("pipeline", overrides=["preset=similarity"]))
+    less = parse_config(
+        "pipeline", overrides=["preset=less_targets", "select.selection.target_eval_dir=/eval"]
+    )
+    assert less.select.selection.method == "similarity" and less.select.scoring.store_embeddings
+    with pytest.raises(ConfigError, match="preset=less_targets needs select.selection.target_eval_dir"):
+        check_preset_inputs(parse_config("pipeline", overrides=["preset=less_targets"]))
     # an explicit key wins over the preset's value
     mine = parse_config(
         "pipeline", overrides=["preset=original", "pretrain.training.quality_loss_weight=1.0"]
@@ -226,7 +240,7 @@ def test_the_old_preset_key_still_works_and_says_it_is_deprecated(capsys):
 def test_selection_preset_errors_name_the_missing_key_and_the_choices():
     with pytest.raises(
         ConfigError,
-        match=r"unknown preset; available: \['gates_expert_effect', 'gates_perplexity', 'gates_prompt_gain', 'original', 'reference', 'similarity'\]",
+        match=r"unknown preset; available: \['filtered_random', 'gates_expert_effect', 'gates_perplexity', 'gates_prompt_gain', 'less_targets', 'original', 'reference', 'similarity'\]",
     ):
         parse_config("pipeline", overrides=["preset=best"])
     cfg = parse_config("pipeline", overrides=["preset=reference"])

@@ -64,8 +64,9 @@ def test_demo_writes_a_report_with_plots_baseline_and_separation(demo_run, capsy
     assert "random" in report and "baseline_random" in report  # the baseline is tabled beside the selection
     assert "| task | metric | selected | random | Δ random |" in report  # runs labelled by name, not path
     assert "| dataset | corpus rows | corpus share | selected rows | selected share |" in report
-    formula = "mean gate - 0.03 x NLL + 0.1 x prompt gain"  # the default preset's score, in words
+    formula = "-1 x z(NLL) + 1 x z(prompt gain)"  # the default preset's score, in words
     assert f"Score of a row: `{formula}`" in report
+    assert "How the rows were chosen: per dataset at the corpus's mix, a seeded random draw" in report
     gates = next(
         row for row in json.loads((out / "separation.json").read_text())["table"] if "gates" in row["scorer"]
     )
@@ -74,7 +75,7 @@ def test_demo_writes_a_report_with_plots_baseline_and_separation(demo_run, capsy
     separation = json.loads((out / "separation.json").read_text())
     scorers = [row["scorer"] for row in separation["table"]]
     assert any("perplexity" in s for s in scorers) and any("length" in s for s in scorers)
-    assert scorers[:2] == ["Select-MoE score (preset=gates_prompt_gain)", "gates alone (mean gate)"]
+    assert scorers[:2] == ["Select-MoE score (preset=filtered_random)", "gates alone (mean gate)"]
     assert all(0 <= row["auroc_all"] <= 1 for row in separation["table"])
     for stage in STAGES:
         assert (out / stage / "manifest.json").exists()

@@ -11,15 +11,18 @@ import pytest
 
 from selectmoe.select.score import row_score, score_terms, term_scales
 from selectmoe.select.topk import (
+    above_dataset_thresholds,
     above_threshold,
     best_kmeans,
     choose_n_clusters,
     cosine_silhouette,
     dataset_quotas,
+    dataset_thresholds,
     diversity_select,
     excluding,
     per_dataset_k,
     random_k,
+    random_per_dataset_k,
     selection_size,
     similarity_select,
     top_k,
@@ -75,6 +78,46 @@ def test_per_dataset_quotas_are_proportional_and_exact():
         expected = {i for _, i in sorted(mine, key=lambda x: (-x[0], x[1]))[:quota]}
         got = {i for i, d in zip(chosen["id"].to_pylist(), chosen["dataset"].to_pylist()) if d == name}
         assert got == expected
+
+
+@pytest.mark.parametrize("keep", [0.25, 0.5, 1.0])
+def test_filtered_random_draws_each_datasets_quota_from_its_better_share(keep):
+    """filtered_random: per dataset, the rows at or above its keep-quantile (ties kept), then a seeded
+    draw of the dataset's quota among them; the same for any batching, another for another seed."""
+    from selectmoe.data.subset import random_key
+
+    rng = np.random.default_rng(7)
+    n = 300
+    ids = [f"r{i:04d}" for i in rng.permutation(n)]
+    datasets = list(rng.choice(["a", "b", "c"], size=n, p=[0.6, 0.3, 0.1]))
+    # dataset b's scores sit far below a's: a corpus-wide threshold would drop it whole
+    scores = [float(np.round(rng.normal(-5 if d == "b" else 0), 1)) for d in datasets]  # rounded: ties
+    by_dataset = {d: np.array([s for s, e in zip(scores, datasets) if e == d]) for d in "abc"}
+    thresholds = dataset_thresholds(by_dataset, keep)
+    kept = {}
+    for d, values in by_dataset.items():
+        assert thresholds[d] == np.sort(values)[int(np.floor((1 - keep) * len(values)))]
+        kept[d] = [i for i, s, e in zip(ids, scores, datasets) if e == d and s >= thresholds[d]]
+        assert len(kept[d]) >= keep * len(values)
+    quotas = dataset_quotas({d: len(v) for d, v in by_dataset.items()}, 30, None)
+    keys = dict(zip(ids, random_key(11, pa.array(ids)).to_pylist()))
+    expected = {d: sorted(kept[d], key=lambda i: (keys[i], i))[: quotas[d]] for d in "abc"}
+    for batch in (1, 17, n):
+        got = random_per_dataset_k(
+            above_dataset_thresholds(score_batches(scores, ids, datasets, batch=batch), thresholds),
+            quotas,
+            11,
+        )
+        by = {
+            d: sorted(i for i, e in zip(got["id"].to_pylist(), got["dataset"].to_pylist()) if e == d)
+            for d in "abc"
+        }
+        assert by == {d: sorted(v) for d, v in expected.items()}
+        assert got["score"].to_pylist() == sorted(got["score"].to_pylist(), reverse=True)  # ranked by score
+    other = random_per_dataset_k(
+        above_dataset_thresholds(score_batches(scores, ids, datasets), thresholds), quotas, 12
+    )
+    assert set(other["id"].to_pylist()) != {i for v in expected.values() for i in v}
 
 
 def test_threshold_and_exclusion():
@@ -151,6 +194,12 @@ def test_robust_z_ranking_does_not_follow_a_terms_scale_or_offset():
     np.testing.assert_array_equal(base, sharper)
     np.testing.assert_array_equal(base, shifted)
     assert not np.array_equal(ranking(nll, unprompted, "raw"), ranking(nll * 8, unprompted * 8, "raw"))
+    # gate_weight 0 (the default preset): the gates do not move a row; a negative weight flips their term
+    no_gates = row_score(layers, nll, 1.0, unprompted, 1.0, gate_weight=0.0)
+    np.testing.assert_array_equal(
+        no_gates, row_score(layers[::-1], nll, 1.0, unprompted, 1.0, gate_weight=0.0)
+    )
+    np.testing.assert_allclose(row_score(layers, gate_weight=-2.0), -2 * layers.mean(axis=1))
 
 
 def test_term_scales_are_the_median_and_the_iqr_over_1_349():

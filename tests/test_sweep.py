@@ -75,9 +75,11 @@ def test_ranking_follows_the_metrics_direction_and_puts_nan_last():
     assert not higher_is_better(results, perplexity) and higher_is_better(results, acc)
 
 
-def sweep_args(out: Path, data: Path, olmoe: Path, llama: Path) -> list[str]:
+def sweep_args(out: Path, data: Path, olmoe: Path, llama: Path, targets: Path) -> list[str]:
     return [
         "sweep",
+        "preset=similarity",  # the hand-off selects by similarity to the target examples
+        f"select.selection.targets=[{targets}]",
         f"output_dir={out}",
         f"dataset.data_path={data / 'train'}",
         f"pretrain.selector_model.path={olmoe}",
@@ -234,8 +236,11 @@ def test_sweep_killed_mid_run_resumes_and_a_finished_sweep_restores(tiny_olmoe, 
     end: finished trials are not trained again, the others run, the hand-off and the report complete;
     3) once more: a finished sweep restores and trains, selects, finetunes and evaluates nothing."""
     data = write_demo_corpus(tmp_path / "data", seed=0, n_rows=300, eval_questions=4)
+    targets = tmp_path / "targets.jsonl"
+    first_rows = (sorted((data / "train").glob("*.jsonl"))[0]).read_text().splitlines()[:2]
+    targets.write_text("".join(json.dumps({**json.loads(r), "task": "demo_task"}) + "\n" for r in first_rows))
     out = tmp_path / "sweep"
-    args = sweep_args(out, data, tiny_olmoe, tiny_llama)
+    args = sweep_args(out, data, tiny_olmoe, tiny_llama, targets)
 
     def finished() -> dict[str, dict]:
         return {k: v for k, v in tune_trials(out).items() if v["status"] == "TERMINATED"}
@@ -270,6 +275,8 @@ def test_sweep_killed_mid_run_resumes_and_a_finished_sweep_restores(tiny_olmoe, 
     assert max(steps.values()) == 6 and min(steps.values()) < 6  # ASHA stopped at least one trial early
     handed_off = [t for t in folders if (t / "stage_4_evaluate" / "results.json").exists()]
     assert len(handed_off) == 1 and steps[handed_off[0].name] == 6
+    selected = (handed_off[0] / "stage_2_select" / "selected.jsonl").read_text().splitlines()
+    assert selected and {json.loads(r)["target_task"] for r in selected} == {"demo_task"}
     text = report.read_text()
     assert "probe_auroc" in text and "Handed off to stages 2-4" in text and "4 trials" in text
     rows = [line for line in text.splitlines() if line.startswith("| trial_")]

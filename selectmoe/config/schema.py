@@ -13,7 +13,15 @@ from selectmoe.config.loader import Between, OneOf, one_of, ranged
 from selectmoe.layout import SELECTED_JSONL, STAGE_DIRS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-SELECTION_METHODS = ("top_k", "per_dataset", "diversity", "random", "threshold", "similarity")
+SELECTION_METHODS = (
+    "top_k",
+    "per_dataset",
+    "diversity",
+    "random",
+    "filtered_random",
+    "threshold",
+    "similarity",
+)
 
 
 # ---------------------------------------------------------------------------- sections
@@ -182,6 +190,9 @@ class ScoringSection:
     store_routing: bool = False  # keep per-layer mean routing distributions (diversity selection)
     # keep each row's position-weighted mean of the last hidden state, fp16 (similarity selection)
     store_embeddings: bool = False
+    # the mean gate's weight in the row score; 0 = the gates are still scored, stored and reported but
+    # do not rank rows (the default: they ranked defective rows higher in every measured run)
+    gate_weight: float = 1.0
     lm_loss: bool = False  # also store each row's mean NLL over its scored tokens (perplexity baseline)
     perplexity_weight: float = 0.0  # score = mean gate - this x mean NLL (same pass; > 0 implies lm_loss)
     prompt_gain: bool = False  # also store nll_without_prompt: the replies' NLL with the prompts removed
@@ -208,9 +219,15 @@ class SelectionSection:
     count: int = ranged(0, low=0)  # > 0 overrides selection_percentage
     threshold: float | None = None
     quotas: dict[str, float] | None = None  # per_dataset: fraction or count per dataset
+    # filtered_random: the share of each dataset (its best-scored rows) the random draw is made from
+    keep_fraction: float = ranged(0.5, low=0, high=1, low_open=True)
     # similarity: files (or folders) of target-task examples, any supported row format; a row's task is
     # its ``task`` field, else its dataset (the file's stem)
     targets: list[str] | None = None
+    # similarity: a folder of evaluation sets in eval.data_dir's layout; the shots LESS took as target
+    # examples are added to the targets (MMLU's 5 dev questions per subject, BBH's 3 CoT shots per task,
+    # TyDi QA's 1 per language; one task per benchmark)
+    target_eval_dir: str | None = None
     exclude_training_rows: bool = True
 
 
@@ -320,7 +337,7 @@ class PipelineConfig(CommonConfig):
     pipeline: PipelineSection = field(default_factory=PipelineSection)
     # a named recipe in selectmoe/configs/presets/NAME.yaml: its keys go under the shipped YAML's, your
     # config file's and your overrides (which win); was `selection.preset`
-    preset: str = "gates_prompt_gain"
+    preset: str = "filtered_random"
 
 
 @dataclass

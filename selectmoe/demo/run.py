@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from selectmoe.config import DemoConfig, load_preset
+from selectmoe.config import DemoConfig, ScoringSection, load_preset
 from selectmoe.console import phase
 from selectmoe.demo.corpus import LABELS_FILE, write_demo_corpus
 from selectmoe.layout import MANIFEST, SCORES_DIR, SEPARATION, STAGE_DIRS, TRAINING_IDS
@@ -26,7 +26,7 @@ from selectmoe.manifest import hash_dict, read_manifest
 from selectmoe.metrics import separation_table
 from selectmoe.pipeline import run_pipeline
 from selectmoe.reporting.report import markdown_table
-from selectmoe.select.score import row_score
+from selectmoe.select.score import row_score, score_columns, score_of
 
 MODELS_VERSION = 1  # bump when the tiny demo models change
 REFERENCE_ROWS = 300
@@ -93,14 +93,18 @@ def separation_section(run: Path, data: Path, preset: str) -> str:
     held_out = sorted((r for r in scores if r["id"] not in trained), key=lambda r: r["id"])
     defect = np.array([labels[r["id"]]["defect"] or "" for r in held_out], dtype=object)
     rng = np.random.default_rng(0)
-    scorers = {
-        f"Select-MoE score (preset={preset})": np.array([r["score"] for r in held_out]),
+    manifest = json.loads((run / STAGE_DIRS["select"] / MANIFEST).read_text())
+    scoring = ScoringSection(**manifest["config"]["scoring"])
+    terms = {name: np.array([r[name] for r in held_out]) for name in score_columns(scoring)}
+    scorers = {  # the preset's score as stage 2 selected by (robust z-scores over the corpus when set)
+        f"Select-MoE score (preset={preset})": score_of(
+            terms, scoring, manifest["metrics"].get("term_scales")
+        ),
         "gates alone (mean gate)": row_score(np.array([r["layer_scores"] for r in held_out])),
         "perplexity (-NLL, same model)": -np.array([r.get("nll", np.nan) for r in held_out]),
         "response length (scored tokens)": np.array([r["n_scored_tokens"] for r in held_out], dtype=float),
         "random": rng.random(len(held_out)),
     }
-    manifest = json.loads((run / STAGE_DIRS["select"] / MANIFEST).read_text())
     k = max(1, manifest["counts"]["rows_selected"])
     columns, rows = separation_table(scorers, defect, k)
     recipe = read_manifest(run / STAGE_DIRS["pretrain"])["config"]["training"]

@@ -73,6 +73,12 @@ def write_report(
             "",
             f"Score of a row: `{m2['metrics'].get('score_formula', 'mean gate')}` (`selectmoe.select.score`).",
             "",
+        ]
+        how = next((v for v in m2["metrics"].values() if isinstance(v, dict) and "chosen_by" in v), None)
+        if how:
+            keep = f" (selection.keep_fraction {how['keep_fraction']})" if "keep_fraction" in how else ""
+            lines += [f"How the rows were chosen: {how['chosen_by']}{keep}.", ""]
+        lines += [
             _image(run, stage2 / SCORE_HISTOGRAMS, "score histograms per dataset"),
             "",
         ]

@@ -28,8 +28,10 @@ import pyarrow.parquet as pq
 from selectmoe.config import ConfigError, DatasetConfig, ScoringSection, SelectConfig, to_dict
 from selectmoe.console import phase
 from selectmoe.data.subset import random_key
+from selectmoe.evaluate.tasks import less_shot_rows
 from selectmoe.figures import plot_score_histograms
 from selectmoe.layout import (
+    EVAL_TARGETS,
     REJECTS,
     SCORE_HISTOGRAMS,
     SCORES_DIR,
@@ -58,15 +60,18 @@ from selectmoe.select.score import (
 )
 from selectmoe.select.scorer import GateScorer
 from selectmoe.select.topk import (
+    above_dataset_thresholds,
     above_threshold,
     choose_n_clusters,
     column_matrix,
     dataset_quotas,
+    dataset_thresholds,
     diversity_select,
     excluding,
     order_by_score,
     per_dataset_k,
     random_k,
+    random_per_dataset_k,
     routing_features,
     selection_size,
     similarity_select,
@@ -189,7 +194,7 @@ def select(cfg: SelectConfig) -> Path:
         inputs={
             "selector_model": fingerprint(model_path),
             "data": [fingerprint(s.uri) for s in read.sources],
-            **({"targets": [fingerprint(t) for t in cfg.selection.targets]} if targets is not None else {}),
+            **({"targets": [fingerprint(t) for t in _target_paths(cfg, out)]} if targets is not None else {}),
         },
         counts=counts,
         metrics={**metrics, "timings": timings},
@@ -198,7 +203,11 @@ def select(cfg: SelectConfig) -> Path:
             "selected": [SELECTED_PARQUET, SELECTED_JSONL],
             "rejects": REJECTS,
             **(
-                {"target_embeddings": TARGET_EMBEDDINGS, "target_rejects": TARGET_REJECTS}
+                {
+                    "target_embeddings": TARGET_EMBEDDINGS,
+                    "target_rejects": TARGET_REJECTS,
+                    **({"eval_targets": EVAL_TARGETS} if cfg.selection.target_eval_dir else {}),
+                }
                 if targets is not None
                 else {}
             ),
@@ -318,14 +327,17 @@ def _check_selection(cfg: SelectConfig) -> None:
         raise ConfigError("selection.method=threshold needs selection.threshold")
     if method == "diversity" and not cfg.scoring.store_routing:
         raise ConfigError("selection.method=diversity needs scoring.store_routing=true")
-    if method == "similarity" and not (cfg.scoring.store_embeddings and cfg.selection.targets):
+    has_targets = bool(cfg.selection.targets or cfg.selection.target_eval_dir)
+    if method == "similarity" and not (cfg.scoring.store_embeddings and has_targets):
         raise ConfigError(
-            "selection.method=similarity needs selection.targets (files of target-task examples) and "
+            "selection.method=similarity needs selection.targets (files of target-task examples) or "
+            "selection.target_eval_dir (evaluation sets whose shots are the examples) and "
             "scoring.store_embeddings=true (preset=similarity sets both but the targets)"
         )
-    if cfg.selection.targets and method != "similarity":
+    if has_targets and method != "similarity":
         raise ConfigError(
-            f"selection.targets is read only by selection.method=similarity (method is {method}); "
+            f"selection.targets and selection.target_eval_dir are read only by selection.method=similarity "
+            f"(method is {method}); "
             "drop it or set selection.method=similarity"
         )
     if p.auto_k and not (len(p.k_range) == 2 and 2 <= p.k_range[0] <= p.k_range[1]):
@@ -358,6 +370,8 @@ def _select(
         chosen = top_k(batches(), k)
     elif method == "random":
         chosen = order_by_score(random_k(batches(), k, cfg.seed))
+    elif method == "filtered_random":
+        chosen, info["filtered_random"] = _filtered_random(cfg, batches, rows_scored, k)
     elif method == "threshold":
         chosen = above_threshold(batches(), cfg.selection.threshold)
     elif method == "similarity":
@@ -408,15 +422,58 @@ def _select(
     return with_rank(chosen.select(kept)), info
 
 
+def _filtered_random(cfg: SelectConfig, batches, rows_scored: int, k: int) -> tuple[pa.Table, dict]:
+    """A seeded random draw from the best ``selection.keep_fraction`` of each dataset, the datasets
+    keeping their share of the corpus (thresholds from a seeded sample of at most ~``TERM_SAMPLE_ROWS``
+    rows, exact below that)."""
+    share = min(1.0, TERM_SAMPLE_ROWS / max(rows_scored, 1))
+    sampled: dict[str, list] = {}
+    rows = Counter()
+    for batch in batches():
+        rows.update(batch["dataset"].to_pylist())
+        if share < 1:
+            batch = batch.filter(pc.less(random_key(cfg.seed, batch["id"]), share))
+        for name, score in zip(batch["dataset"].to_pylist(), batch["score"].to_pylist()):
+            sampled.setdefault(name, []).append(score)
+    thresholds = dataset_thresholds(sampled, cfg.selection.keep_fraction)
+    quotas = dataset_quotas(dict(rows), k, None)
+    kept = Counter()
+
+    def kept_rows():
+        for batch in above_dataset_thresholds(batches(), thresholds):
+            kept.update(batch["dataset"].to_pylist())
+            yield batch
+
+    chosen = random_per_dataset_k(kept_rows(), quotas, cfg.seed)
+    short = {name: (kept[name], quota) for name, quota in quotas.items() if kept[name] < quota}
+    if short:
+        raise ConfigError(
+            f"selection.keep_fraction={cfg.selection.keep_fraction} keeps fewer rows than the dataset's "
+            f"share of the selection ((kept, share) by dataset: {short}); raise it or select fewer rows"
+        )
+    info = {
+        "keep_fraction": cfg.selection.keep_fraction,
+        "dataset_thresholds": dict(sorted(thresholds.items())),
+        "rows_kept_by_dataset": dict(sorted(kept.items())),
+        "threshold_sample_rows": sum(len(v) for v in sampled.values()),
+        "chosen_by": "per dataset at the corpus's mix, a seeded random draw among the rows at or above "
+        "the dataset's score threshold",
+    }
+    return chosen, info
+
+
 def _target_embeddings(
     cfg: SelectConfig, model_path: str, tokenizer_name: str, out: Path
 ) -> dict[str, np.ndarray]:
-    """{task: (examples, hidden) embeddings} of ``selection.targets``, read like the corpus (rejects in
+    """{task: (examples, hidden) embeddings} of ``_target_paths``, read like the corpus (rejects in
     ``layout.TARGET_REJECTS``) and embedded by the selector the corpus is scored with, in a pool of one
     scoring actor (a second model load, before the corpus's); also written to ``layout.TARGET_EMBEDDINGS``."""
-    source = DatasetConfig(
-        data_path=list(cfg.selection.targets), max_sequence_length=cfg.dataset.max_sequence_length
-    )
+    if cfg.selection.target_eval_dir:
+        with (out / EVAL_TARGETS).open("w", encoding="utf-8") as fh:
+            for row in less_shot_rows(cfg.selection.target_eval_dir):
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    paths = _target_paths(cfg, out)
+    source = DatasetConfig(data_path=paths, max_sequence_length=cfg.dataset.max_sequence_length)
     with phase("stage 2 select: embedding the target examples"):
         read = read_rows(source, cfg.data, seed=cfg.seed, tokenizer_name=tokenizer_name)
         read.ledger.write_rejects(out / TARGET_REJECTS)
@@ -430,9 +487,7 @@ def _target_embeddings(
         embedded = tokens.map_batches(GateScorer, fn_constructor_kwargs=kwargs, **pool)
         embedded_rows = embedded.select_columns(["id", "dataset", "embedding"]).take_all()
     if not embedded_rows:
-        raise ConfigError(
-            f"selection.targets={cfg.selection.targets}: no valid row (see {out / TARGET_REJECTS})"
-        )
+        raise ConfigError(f"target examples {paths}: no valid row (see {out / TARGET_REJECTS})")
     tasks = np.asarray([r["dataset"] for r in embedded_rows])
     matrix = np.stack([np.asarray(r["embedding"]) for r in embedded_rows])
     flat = pa.array(matrix.astype(np.float32).ravel())
@@ -447,6 +502,12 @@ def _target_embeddings(
         out / TARGET_EMBEDDINGS,
     )
     return {task: matrix[tasks == task] for task in sorted(set(tasks))}
+
+
+def _target_paths(cfg: SelectConfig, out: Path) -> list[str]:
+    """``selection.targets``, and the eval shots' file when ``selection.target_eval_dir`` is set."""
+    eval_shots = [str(out / EVAL_TARGETS)] if cfg.selection.target_eval_dir else []
+    return list(cfg.selection.targets or []) + eval_shots
 
 
 def _task_as_dataset(batch: pa.Table) -> pa.Table:

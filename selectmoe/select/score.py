@@ -1,7 +1,7 @@
 """Row scores from gate outputs: the one score formula.
 
     layer_score[l] = mean over the row's scored tokens of g[l, t],   g = sigmoid(quality_score)
-    score          = mean over layers of layer_score[l]
+    score          = gate_weight x mean over layers of layer_score[l]
                      - perplexity_weight x NLL                          (when set)
                      + prompt_gain_weight x (NLL_without_prompt - NLL)  (when set)
                      + expert_effect_weight x (NLL_gates_shut - NLL)    (when set)
@@ -217,15 +217,16 @@ def row_score(
     nll_gates_shut: np.ndarray | None = None,
     expert_effect_weight: float = 0.0,
     scales: dict[str, dict[str, float]] | None = None,
+    gate_weight: float = 1.0,
 ) -> np.ndarray:
-    """(B, L) -> (B,): the mean over layers, with the NLL, prompt-gain and expert-effect terms when their
-    weights are set; with ``scales`` (``term_scales``) every term is a robust z-score first."""
+    """(B, L) -> (B,): ``gate_weight`` x the mean over layers, with the NLL, prompt-gain and expert-effect
+    terms when their weights are set; with ``scales`` (``term_scales``) every term is a robust z-score first."""
     terms = score_terms(layer_scores, nll, nll_without_prompt, nll_gates_shut)
     if scales is not None:
         terms = {
             name: (values - scales[name]["median"]) / scales[name]["scale"] for name, values in terms.items()
         }
-    score = terms["gate"]
+    score = gate_weight * terms["gate"]
     for name, weight in (
         ("nll", -perplexity_weight),
         ("prompt_gain", prompt_gain_weight),
@@ -295,6 +296,7 @@ def score_of(
         columns.get("nll_gates_shut"),
         scoring.expert_effect_weight,
         scales,
+        scoring.gate_weight,
     )
 
 
@@ -302,15 +304,20 @@ def score_formula(scoring) -> str:
     """``row_score`` under a ``scoring`` config, in words (axis labels, reports, manifests)."""
     z = (lambda term: f"z({term})") if scoring.combine == "robust_z" else (lambda term: term)
     gates = z("mean gate" + (" over all tokens" if scoring.tokens == "all" else ""))
-    terms = [gates]
-    for weight, name in (
-        (-scoring.perplexity_weight, "NLL"),
-        (scoring.prompt_gain_weight, "prompt gain"),
-        (scoring.expert_effect_weight, "expert effect"),
-    ):
-        if weight:
-            terms.append(f"{'-' if weight < 0 else '+'} {abs(weight):g} x {z(name)}")
-    return " ".join(terms)
+    weighted = [(scoring.gate_weight, gates)] + [
+        (weight, z(name))
+        for weight, name in (
+            (-scoring.perplexity_weight, "NLL"),
+            (scoring.prompt_gain_weight, "prompt gain"),
+            (scoring.expert_effect_weight, "expert effect"),
+        )
+    ]
+    terms = []
+    for weight, name in ((w, n) for w, n in weighted if w):
+        body = name if abs(weight) == 1 and name == gates else f"{abs(weight):g} x {name}"
+        sign = "-" if weight < 0 else "+"
+        terms.append(f"{sign} {body}" if terms else ("-" if weight < 0 else "") + body)
+    return " ".join(terms) or "0"
 
 
 def row_score_tensor(quality_scores: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""Selections over streamed score tables: top-k, per-dataset quotas, diversity, random, threshold,
-similarity to target tasks.
+"""Selections over streamed score tables: top-k, per-dataset quotas, diversity, random, filtered random,
+threshold, similarity to target tasks.
 
 Every method is exact at any corpus size. ``top_k`` / ``per_dataset`` / ``random`` keep only the
 current best ``k`` rows while batches stream past (driver memory O(k + batch)); ``threshold`` keeps
@@ -8,7 +8,9 @@ what it selects. ``diversity`` clusters routing features and needs them for ever
 best ``k`` rows (O(k x tasks)).
 
 Order is total and deterministic: score descending, ties broken by id ascending. ``random`` orders by
-a seeded hash of the id instead of the score, so it is the same sample for the same seed.
+a seeded hash of the id instead of the score, so it is the same sample for the same seed;
+``filtered_random`` draws the same way, per dataset at the corpus's mix, among the rows at or above
+their dataset's score threshold.
 """
 
 from __future__ import annotations
@@ -48,8 +50,27 @@ def random_k(batches: Iterable[pa.Table], k: int, seed: int) -> pa.Table:
     return chosen.drop_columns(["random_key"]) if chosen.num_columns else chosen
 
 
-def per_dataset_k(batches: Iterable[pa.Table], quotas: dict[str, int]) -> pa.Table:
-    """Top rows of each dataset by score, ``quotas[dataset]`` of them; datasets without a quota get none."""
+def dataset_thresholds(scores: dict[str, np.ndarray], keep_fraction: float) -> dict[str, float]:
+    """Per dataset, the lowest score among its best ``keep_fraction`` of ``scores`` (rows at or above it
+    are kept: at least that share of the dataset, more on ties)."""
+    thresholds = {}
+    for name, values in scores.items():
+        ordered = np.sort(np.asarray(values, dtype=np.float64))
+        thresholds[name] = float(ordered[int(np.floor((1 - keep_fraction) * len(ordered)))])
+    return thresholds
+
+
+def above_dataset_thresholds(batches: Iterable[pa.Table], thresholds: dict[str, float]) -> Iterator[pa.Table]:
+    """The rows whose score is at or above their dataset's threshold (a dataset without one keeps all)."""
+    for batch in batches:
+        floor = [thresholds.get(name, -np.inf) for name in batch["dataset"].to_pylist()]
+        yield batch.filter(pc.greater_equal(batch["score"], pa.array(floor, pa.float64())))
+
+
+def per_dataset_k(batches: Iterable[pa.Table], quotas: dict[str, int], order=None) -> pa.Table:
+    """The first rows of each dataset under ``order`` (default: score desc, id asc), ``quotas[dataset]``
+    of them; datasets without a quota get none."""
+    order = order or _ORDER
     best: dict[str, pa.Table] = {}
     for batch in batches:
         for name, quota in quotas.items():
@@ -61,10 +82,17 @@ def per_dataset_k(batches: Iterable[pa.Table], quotas: dict[str, int]) -> pa.Tab
                 if name not in best
                 else pa.concat_tables([best[name], rows.select(best[name].column_names)])
             )
-            best[name] = merged.take(pc.sort_indices(merged, sort_keys=_ORDER)[:quota])
+            best[name] = merged.take(pc.sort_indices(merged, sort_keys=order)[:quota])
     if not best:
         return pa.table({})
     return order_by_score(pa.concat_tables([best[name] for name in sorted(best)]))
+
+
+def random_per_dataset_k(batches: Iterable[pa.Table], quotas: dict[str, int], seed: int) -> pa.Table:
+    """A seeded random ``quotas[dataset]`` rows of each dataset (the ``random`` order, per dataset)."""
+    keyed = (b.append_column("random_key", random_key(seed, b["id"])) for b in batches)
+    chosen = per_dataset_k(keyed, quotas, order=[("random_key", "ascending"), ("id", "ascending")])
+    return chosen.drop_columns(["random_key"]) if chosen.num_columns else chosen
 
 
 def dataset_quotas(dataset_counts: dict[str, int], k: int, given: dict[str, float] | None) -> dict[str, int]:

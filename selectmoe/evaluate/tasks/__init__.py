@@ -40,6 +40,27 @@ LOCAL_TASKS: dict[str, Callable[[Path], dict[str, dict[str, Any]]]] = {
 }
 
 
+# the few-shot examples LESS took as its target tasks' examples, by benchmark
+LESS_SHOTS: dict[str, Callable[[Path], list[dict[str, Any]]]] = {
+    "mmlu": mmlu.shot_rows,
+    "bbh": bbh.shot_rows,
+    "tydiqa": tydiqa.shot_rows,
+}
+
+
+def less_shot_rows(data_dir: str | Path) -> list[dict[str, Any]]:
+    """The LESS benchmarks' shots under ``data_dir`` (this module's layout) as chat rows, ``task`` = the
+    benchmark: MMLU's 5 dev questions per subject, BBH's 3 CoT shots per task, TyDi QA's 1 per language."""
+    root = Path(data_dir).resolve()
+    rows = [row for shot_rows in LESS_SHOTS.values() for row in shot_rows(root)]
+    if not rows:
+        raise FileNotFoundError(
+            f"{root}: no mmlu/dev/*_dev.csv, bbh/cot-prompts/*.txt or tydiqa/*_tydiqa_dev.json "
+            "(the layout is in selectmoe/evaluate/tasks/__init__.py)"
+        )
+    return rows
+
+
 def local_family(task: str) -> str | None:
     """The family a task name belongs to (``mmlu_local_anatomy`` -> ``mmlu_local``), or None."""
     for family in LOCAL_TASKS:

@@ -10,6 +10,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from selectmoe.evaluate.tasks.shots import shot_row
+
 TEMPLATE = Path(__file__).with_name("bbh_local_template.yaml")
 _COT_OPENING = "Let's think step by step."
 _ANSWER = re.compile(r"[Tt]he answer is (.+)")
@@ -43,6 +45,18 @@ def task_yamls(data_dir: Path) -> dict[str, dict[str, Any]]:
             "metadata": {"version": 1.0},
         }
     return yamls
+
+
+def shot_rows(data_dir: Path) -> list[dict[str, Any]]:
+    """Each task's 3 CoT shots (the evaluation's) as chat rows in the evaluation's prompt."""
+    rows = []
+    for prompt_file in sorted((data_dir / "bbh" / "cot-prompts").glob("*.txt")):
+        description, shots = parse_cot_prompt(prompt_file.read_text(encoding="utf-8"))
+        for i, shot in enumerate(shots):
+            prompt = f"{description}\n\nQ: {shot['input']}" if description else f"Q: {shot['input']}"
+            reply = f"{_COT_OPENING}\n{shot['target']}"  # as the evaluation prompts it
+            rows.append(shot_row("bbh", f"{prompt_file.stem}_{i}", prompt, reply))
+    return rows
 
 
 def parse_cot_prompt(text: str) -> tuple[str, list[dict[str, str]]]:

@@ -11,6 +11,8 @@ from typing import Any
 
 import datasets
 
+from selectmoe.evaluate.tasks.shots import shot_row
+
 TEMPLATE = Path(__file__).with_name("mmlu_local_template.yaml")
 
 
@@ -27,8 +29,7 @@ def task_yamls(data_dir: Path) -> dict[str, dict[str, Any]]:
             "include": str(TEMPLATE),
             "task": f"mmlu_local_{subject}",
             "task_alias": subject,
-            "description": "The following are multiple choice questions (with answers) about "
-            f"{subject.replace('_', ' ')}.\n\n",
+            "description": _description(subject),
             "dataset_kwargs": {
                 "test_file": str(test_dir / f"{subject}_test.csv"),
                 "dev_file": str(dev_dir / f"{subject}_dev.csv"),
@@ -45,6 +46,25 @@ def task_yamls(data_dir: Path) -> dict[str, dict[str, Any]]:
             "metadata": {"version": 1.0},
         }
     return yamls
+
+
+def shot_rows(data_dir: Path) -> list[dict[str, Any]]:
+    """Each subject's 5 dev questions (the evaluation's shots) as chat rows in the evaluation's prompt:
+    question and lettered choices from the user, the answer's letter from the assistant."""
+    rows = []
+    for dev_file in sorted((data_dir / "mmlu" / "dev").glob("*_dev.csv")):
+        subject = dev_file.name.removesuffix("_dev.csv")
+        for i, shot in enumerate(_read_csv(str(dev_file)).to_list()[:5]):
+            choices = "".join(f"\n{letter}. {text}" for letter, text in zip("ABCD", shot["choices"]))
+            prompt = f"{_description(subject)}{shot['question'].strip()}{choices}\nAnswer:"
+            rows.append(shot_row("mmlu", f"{subject}_{i}", prompt, "ABCD"[shot["answer"]]))
+    return rows
+
+
+def _description(subject: str) -> str:
+    return (
+        f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+    )
 
 
 def load_subject(test_file: str, dev_file: str, **_task_metadata: Any) -> datasets.DatasetDict:

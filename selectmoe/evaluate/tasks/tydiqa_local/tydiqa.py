@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import unicodedata
 from collections import Counter
@@ -12,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+
+from selectmoe.evaluate.tasks.shots import shot_row
 
 TEMPLATE = Path(__file__).with_name("tydiqa_local_template.yaml")
 _SUFFIX = "_tydiqa_dev.json"
@@ -40,6 +43,23 @@ def task_yamls(data_dir: Path) -> dict[str, dict[str, Any]]:
             "metadata": {"version": 1.0},
         }
     return yamls
+
+
+def shot_rows(data_dir: Path) -> list[dict[str, Any]]:
+    """Each language's first dev question (the evaluation takes its one shot from the same file) as a
+    chat row in the evaluation's prompt."""
+    rows = []
+    for data_file in sorted((data_dir / "tydiqa").glob(f"*{_SUFFIX}")):
+        articles = json.loads(data_file.read_text(encoding="utf-8"))["data"]
+        paragraph = articles[0]["paragraphs"][0]
+        qa = paragraph["qas"][0]
+        prompt = (
+            "Answer the following question based on the information in the given passage.\n\n"
+            f"Passage: {paragraph['context']}\nQuestion: {qa['question']}\nAnswer:"
+        )
+        language = data_file.name.removesuffix(_SUFFIX)
+        rows.append(shot_row("tydiqa", language, prompt, qa["answers"][0]["text"]))
+    return rows
 
 
 def flatten_articles(articles: datasets.Dataset) -> datasets.Dataset:
