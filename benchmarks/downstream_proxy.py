@@ -26,7 +26,8 @@ of the target families), ``perplexity`` (lowest NLL), ``gates`` (mean gate), ``g
 rows by that preset's score), ``gates_prompt_gain_balanced`` (the same, with per-dataset quotas as
 ``selection.method=per_dataset`` keeps the pool's mix), ``default`` (the default preset,
 ``filtered_random``: a random draw among the better half of each dataset by its score), ``similarity``
-(the product's RDS+ selection).
+(the product's RDS+ selection), ``calibrated`` (the product's calibrated mode, the target examples as
+its trusted rows).
 
 The proxy is valid when ``oracle`` and ``full`` beat ``random`` by more than 2 standard deviations of
 the random draws, in every seed; until then the methods' numbers say nothing.
@@ -48,6 +49,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 from common import TRAIN_DIR, lm_pretrained_tiny, quiet_ray, quiet_transformers, sample_rows, write_json
+from selection_quality import reselect
 from selection_quality import run_stages as run_stages_of_the_product
 
 from selectmoe.config import PipelineConfig, load_preset
@@ -219,22 +221,36 @@ def tiny_lm(kind: str, seed: int, args, cache: Path) -> Path:
     return lm_pretrained_tiny(kind, seed, lm_rows, args.lm_steps, args.max_length, cache)
 
 
-def run_stages(args, seed: int, selector: Path, out: Path) -> Path:
+def run_stages(args, seed: int, selector: Path, out: Path) -> tuple[Path, dict[str, list[str]]]:
     """The product's stage 1 and stage 2 on the pool (``selection_quality.run_stages``: every score term
-    stored), selecting by similarity to the target examples among all its rows."""
+    stored), selecting by similarity to the target examples among all its rows, then again (the same
+    score files) by ``selection.method=calibrated`` with the target examples as the trusted rows.
+    Returns the stage-2 folder and those two selections' ids."""
     select_overrides = (
         "selection.exclude_training_rows=false",  # the target model never saw them: the whole pool
         "selection.method=similarity",
         f"selection.targets=[{out / 'targets'}]",
         "scoring.store_embeddings=true",
     )
-    return run_stages_of_the_product(args, out, selector, out, seed, [], select_overrides)[1]
+    stage2_cfg, stage2 = run_stages_of_the_product(args, out, selector, out, seed, [], select_overrides)
+    chosen = {"similarity": _selected_ids(stage2)}
+    stage2_cfg.selection.targets, stage2_cfg.selection.trusted = None, [str(out / "targets")]
+    chosen["calibrated"] = [r["id"] for r in reselect(stage2_cfg, "calibrated")]
+    return stage2, chosen
+
+
+def _selected_ids(stage2: Path) -> list[str]:
+    return [json.loads(line)["id"] for line in (stage2 / "selected.jsonl").read_text().splitlines()]
 
 
 # ---------------------------------------------------------------------------- the methods
 
 
-def selections(args, seed: int, pool: dict, stage2: Path) -> dict[str, list[str]]:
+def selections(
+    args, seed: int, pool: dict, stage2: Path, product: dict[str, list[str]]
+) -> dict[str, list[str]]:
+    """Every method's ids: those computed here from the score files, and ``product``'s (the product's
+    own similarity and calibrated selections)."""
     import pyarrow as pa
 
     from selectmoe.select.score import row_score, score_terms, term_scales
@@ -290,9 +306,7 @@ def selections(args, seed: int, pool: dict, stage2: Path) -> dict[str, list[str]
     )
     drawn = random_per_dataset_k(above_dataset_thresholds([scored], thresholds), quotas, seed)
     chosen["default"] = drawn["id"].to_pylist()
-    selected = [json.loads(line) for line in (stage2 / "selected.jsonl").read_text().splitlines()]
-    chosen["similarity"] = [r["id"] for r in selected]
-    return chosen
+    return {**chosen, **product}
 
 
 # ---------------------------------------------------------------------------- finetune and judge
@@ -351,10 +365,10 @@ def run_seed(args, seed: int, out: Path) -> dict:
     pool = build_pool(args, seed, out)
     cache = Path(args.work_dir) / "models"
     selector, target = tiny_lm("olmoe", seed, args, cache), tiny_lm("llama", seed, args, cache)
-    stage2 = run_stages(args, seed, selector, out)
+    stage2, product = run_stages(args, seed, selector, out)
     by_id = {r["id"]: r for r in pool["rows"]}
     results = {}
-    for method, ids in selections(args, seed, pool, stage2).items():
+    for method, ids in selections(args, seed, pool, stage2, product).items():
         started = time.time()
         nll = finetune_and_judge(args, seed, target, [by_id[i] for i in ids], pool["held_out"])
         print(f"  finetuned on {method} ({len(ids)} rows) in {time.time() - started:.0f} s", flush=True)

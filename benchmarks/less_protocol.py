@@ -7,6 +7,8 @@ BBH 3-shot CoT and TyDi QA 1-shot (``evaluate.eval.tasks=[less]``). Methods:
 
 - ``default``: the default preset (``filtered_random``);
 - ``similarity``: ``preset=less_targets``, similarity to the evaluations' own shots (RDS+);
+- ``calibrated``: ``preset=calibrated`` with those shots as the trusted rows (a logistic regression on
+  the stored per-row features that tells them from the pool);
 - ``random_S``: a seeded random 5% for each ``--random-seeds`` S (the same score files, no rescoring).
 
 Every method runs the product's stages with the product's configs (``selectmoe.pipeline.stage_configs``
@@ -19,11 +21,11 @@ sets in ``eval.data_dir``'s layout)::
     RAY_AUTH_MODE=token ray job submit --address http://HEAD:8265 --working-dir . \\
         --runtime-env cluster_configs/runtime_env.yaml -- python benchmarks/less_protocol.py \\
         --train-dir /data/less/train --eval-dir /data/eval --work-dir /shared/less_protocol \\
-        --json /shared/less_protocol/less_protocol.json
+        --json /shared/less_protocol/less_protocol.json --set finetune.scaling.num_workers=8
 
 ``--tiny`` runs the same code at a tiny shape on CPU (tiny offline models, a few hundred rows, two
-items per evaluation task); CI runs it. Extra ``key=value`` arguments go to every method's pipeline
-config (``finetune.scaling.num_workers=8``, ``select.scoring.tokens_per_batch=16384``, ...).
+items per evaluation task); CI runs it. ``--set KEY=VALUE`` (repeatable) goes to every method's pipeline
+config (``--set finetune.scaling.num_workers=8``, ``--set select.scoring.tokens_per_batch=16384``, ...).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from common import TRAIN_DIR, quiet_ray, quiet_transformers, sample_rows, write_
 from selectmoe.config import PipelineConfig, parse_config, to_dict
 from selectmoe.evaluate import evaluate
 from selectmoe.evaluate.results import metric_rows
+from selectmoe.evaluate.tasks import less_shot_rows
 from selectmoe.finetune import finetune
 from selectmoe.layout import RESULTS, SELECTED_JSONL
 from selectmoe.pipeline import run_stage, share_scores, stage_configs
@@ -105,13 +108,23 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--selector", default="allenai/OLMoE-1B-7B-0125")
     p.add_argument("--target", default="meta-llama/Llama-2-7b-hf")
     p.add_argument(
-        "--methods", nargs="+", default=["default", "similarity"], choices=["default", "similarity"]
+        "--methods",
+        nargs="+",
+        default=["default", "similarity", "calibrated"],
+        choices=["default", "similarity", "calibrated"],
     )
     p.add_argument("--random-seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--tiny", action="store_true", help="tiny offline models and a few hundred rows (CI)")
     p.add_argument("--tiny-rows", type=int, default=240)
     p.add_argument("--json", default=None)
-    p.add_argument("overrides", nargs="*", help="key=value for every method's pipeline config")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a key for every method's pipeline config (repeat it)",
+    )
     return p.parse_args()
 
 
@@ -133,7 +146,7 @@ def tiny_setup(work: Path, train_dir: Path, rows: int) -> tuple[str, str, str]:
 # ---------------------------------------------------------------------------- the runs
 
 
-def method_config(args, preset: str, overrides: list[str]) -> PipelineConfig:
+def method_config(args, preset: str, overrides: list[str], work: Path) -> PipelineConfig:
     keys = [
         f"preset={preset}",
         f"dataset.data_path={args.train_dir}",
@@ -143,16 +156,23 @@ def method_config(args, preset: str, overrides: list[str]) -> PipelineConfig:
     ]
     if preset == "less_targets":
         keys.append(f"select.selection.target_eval_dir={args.eval_dir}")
+    if preset == "calibrated":  # the evaluations' shots are the trusted rows
+        shots = work / "eval_shots.jsonl"
+        shots.write_text(
+            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in less_shot_rows(args.eval_dir))
+        )
+        keys.append(f"select.selection.trusted=[{shots}]")
     return parse_config("pipeline", overrides=[*keys, *overrides])
 
 
 def run_protocol(args, work: Path, overrides: list[str]) -> dict[str, dict]:
     """{method: {"selected_rows", "metrics": {benchmark: value}}}: one shared stage 1, then per method
     its own stage 2 (random draws reuse the default's score files), 3 and 4."""
-    default_cfg = method_config(args, PipelineConfig().preset, overrides)
+    default_cfg = method_config(args, PipelineConfig().preset, overrides, work)
     configs = {"default": default_cfg}
-    if "similarity" in args.methods:
-        configs["similarity"] = method_config(args, "less_targets", overrides)
+    for method, preset in (("similarity", "less_targets"), ("calibrated", "calibrated")):
+        if method in args.methods:
+            configs[method] = method_config(args, preset, overrides, work)
     pre = stage_configs(default_cfg, work)[0]
     for name, cfg in configs.items():
         if to_dict(stage_configs(cfg, work)[0]) != to_dict(pre):
@@ -163,10 +183,10 @@ def run_protocol(args, work: Path, overrides: list[str]) -> dict[str, dict]:
     _, default_sel, *_ = stage_configs(default_cfg, work / "default")
     wanted = ["default"] if "default" in args.methods else []
     wanted += [f"random_{s}" for s in args.random_seeds]
-    wanted += ["similarity"] if "similarity" in args.methods else []
+    wanted += [m for m in ("similarity", "calibrated") if m in args.methods]
     results = {}
     for method in ["default", *[m for m in wanted if m != "default"]]:
-        cfg = configs["similarity" if method == "similarity" else "default"]
+        cfg = configs.get(method, default_cfg)
         _, sel, fin, ev = stage_configs(cfg, work / method)
         sel.model_checkpoint_path = pre.output_dir
         if method.startswith("random_"):

@@ -64,6 +64,8 @@ SCORING_KEY = "_scoring_config.json"  # inside scores/: what the score files wer
 SELECTED_JSONL = "selected.jsonl"
 SELECTED_PARQUET = "selected.parquet"
 SCORE_HISTOGRAMS = "score_histograms.png"
+CALIBRATION = "calibration.json"  # selection.method=calibrated: the fitted combiner, its CV AUROC
+TRUSTED_REJECTS = "trusted_rejects.jsonl"  # selection.trusted rows that could not be read
 EVAL_TARGETS = "eval_targets.jsonl"  # selection.target_eval_dir's few-shot examples as target rows
 TARGET_REJECTS = "target_rejects.jsonl"  # selection.targets rows that could not be read
 TARGET_EMBEDDINGS = "target_embeddings.parquet"  # selection.targets rows: task, id, embedding

@@ -221,6 +221,13 @@ def test_selection_preset_sets_the_recipe_under_explicit_keys():
     assert less.select.selection.method == "similarity" and less.select.scoring.store_embeddings
     with pytest.raises(ConfigError, match="preset=less_targets needs select.selection.target_eval_dir"):
         check_preset_inputs(parse_config("pipeline", overrides=["preset=less_targets"]))
+    calibrated = parse_config(
+        "pipeline", overrides=["preset=calibrated", "select.selection.trusted=[t.jsonl]"]
+    )
+    assert calibrated.select.selection.method == "calibrated"
+    assert calibrated.select.scoring.lm_loss and calibrated.select.scoring.prompt_gain
+    with pytest.raises(ConfigError, match="preset=calibrated needs select.selection.trusted"):
+        check_preset_inputs(parse_config("pipeline", overrides=["preset=calibrated"]))
     # an explicit key wins over the preset's value
     mine = parse_config(
         "pipeline", overrides=["preset=original", "pretrain.training.quality_loss_weight=1.0"]
@@ -240,7 +247,7 @@ def test_the_old_preset_key_still_works_and_says_it_is_deprecated(capsys):
 def test_selection_preset_errors_name_the_missing_key_and_the_choices():
     with pytest.raises(
         ConfigError,
-        match=r"unknown preset; available: \['filtered_random', 'gates_expert_effect', 'gates_perplexity', 'gates_prompt_gain', 'less_targets', 'original', 'reference', 'similarity'\]",
+        match=r"unknown preset; available: \['calibrated', 'filtered_random', 'gates_expert_effect', 'gates_perplexity', 'gates_prompt_gain', 'less_targets', 'original', 'reference', 'similarity'\]",
     ):
         parse_config("pipeline", overrides=["preset=best"])
     cfg = parse_config("pipeline", overrides=["preset=reference"])

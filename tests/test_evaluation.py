@@ -289,3 +289,39 @@ def test_results_table_lists_filtered_metrics():
         "results": {"bbh_local": {"exact_match,get-answer": 0.5, "exact_match_stderr,get-answer": 0.1}}
     }
     assert "| bbh_local | exact_match (get-answer) | 0.5000 | 0.1000 |" in results_table(results)
+
+
+def test_less_shots_are_the_evaluations_shots_as_chat_rows():
+    """``selection.target_eval_dir`` (preset=less_targets): MMLU's 5 dev questions per subject, BBH's 3
+    CoT shots per task, TyDi QA's first question per language, each in the evaluation's own prompt and
+    with the benchmark as its task."""
+    import csv
+    from collections import Counter
+
+    from selectmoe.evaluate.tasks import less_shot_rows
+
+    rows = less_shot_rows(EVAL_DATA)
+    assert Counter(r["task"] for r in rows) == {
+        "mmlu": 5 * len(list((EVAL_DATA / "mmlu" / "dev").glob("*_dev.csv"))),
+        "bbh": 3 * len(list((EVAL_DATA / "bbh" / "cot-prompts").glob("*.txt"))),
+        "tydiqa": len(list((EVAL_DATA / "tydiqa").glob("*_tydiqa_dev.json"))),
+    }
+    assert len({r["id"] for r in rows}) == len(rows) and all(r["dataset"] == r["task"] for r in rows)
+    by_id = {r["id"]: r["messages"] for r in rows}
+    with open(EVAL_DATA / "mmlu" / "dev" / "anatomy_dev.csv", newline="", encoding="utf-8") as fh:
+        first = next(csv.DictReader(fh))
+    assert by_id["mmlu_shot_anatomy_0"][0]["content"] == (
+        "The following are multiple choice questions (with answers) about anatomy.\n\n"
+        f"{first['question'].strip()}\nA. {first['choice0']}\nB. {first['choice1']}\nC. {first['choice2']}"
+        f"\nD. {first['choice3']}\nAnswer:"
+    )
+    assert by_id["mmlu_shot_anatomy_0"][1]["content"] == "ABCD"[int(first["answer"])]
+    prompt_file = (EVAL_DATA / "bbh" / "cot-prompts" / "boolean_expressions.txt").read_text(encoding="utf-8")
+    user, reply = (m["content"] for m in by_id["bbh_shot_boolean_expressions_0"])
+    description, question = user.split("\n\nQ: ", 1)
+    assert description == "Evaluate the result of a random Boolean expression."
+    assert f"Q: {question}\nA: {reply}\n\nQ: " in prompt_file  # the file's first shot, as written
+    english = json.loads((EVAL_DATA / "tydiqa" / "english_tydiqa_dev.json").read_text())["data"][0]
+    qa = english["paragraphs"][0]["qas"][0]
+    user, reply = (m["content"] for m in by_id["tydiqa_shot_english"])
+    assert user.endswith(f"Question: {qa['question']}\nAnswer:") and reply == qa["answers"][0]["text"]

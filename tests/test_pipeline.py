@@ -72,6 +72,9 @@ def test_demo_writes_a_report_with_plots_baseline_and_separation(demo_run, capsy
     )
     inverted = "**The gates are inverted on this run**" in report
     assert inverted == (gates["auroc_all"] < 0.5)  # the gate direction is checked, never assumed
+    assert re.search(
+        r"Clean rows in what was selected .*: the selection \d+ of \d+, the random baseline", report
+    )
     separation = json.loads((out / "separation.json").read_text())
     scorers = [row["scorer"] for row in separation["table"]]
     assert any("perplexity" in s for s in scorers) and any("length" in s for s in scorers)

@@ -3,13 +3,11 @@ a killed scoring actor, training-row exclusion, counts that add up."""
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
 import subprocess
 import sys
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +30,6 @@ from selectmoe.select.score import row_nll, score_mask, score_terms, term_scales
 from selectmoe.select.scorer import GateScorer
 
 TRAIN_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "train"
-EVAL_DIR = TRAIN_DIR.parent / "eval"
 
 
 @pytest.fixture(scope="module")
@@ -545,49 +542,46 @@ def test_similarity_picks_rows_by_cosine_to_each_tasks_examples_in_turns(
 
 
 @pytest.mark.timeout(600)
-def test_the_evaluations_own_shots_are_the_targets_with_target_eval_dir(tiny_olmoe, tmp_path, sources):
-    """selection.target_eval_dir (preset=less_targets): the shots LESS used, one task per benchmark, in
-    the prompt the evaluation shows them in; the selection takes turns over the three benchmarks."""
-    out = run_select(
-        tiny_olmoe,
-        tmp_path / "less",
-        sources,
-        **{
-            "selection.method": "similarity",
-            "selection.target_eval_dir": str(EVAL_DIR),
-            "scoring.store_embeddings": True,
-            "scoring.num_actors": 1,
-        },
-    )
-    shots = [json.loads(line) for line in (out / "eval_targets.jsonl").read_text().splitlines()]
-    expected = {
-        "mmlu": 5 * len(list((EVAL_DIR / "mmlu" / "dev").glob("*_dev.csv"))),
-        "bbh": 3 * len(list((EVAL_DIR / "bbh" / "cot-prompts").glob("*.txt"))),
-        "tydiqa": len(list((EVAL_DIR / "tydiqa").glob("*_tydiqa_dev.json"))),
+def test_calibrated_ranks_rows_by_a_combiner_fitted_on_the_trusted_rows(tiny_olmoe, tmp_path, sources):
+    """selection.method=calibrated (preset=calibrated): trusted rows scored with the corpus's passes, a
+    logistic regression against the corpus, its log-odds ranks the corpus; bad trusted lines are
+    rejects; the combiner's stored numbers give the selection again from the score files."""
+    from selectmoe.select.calibrate import combiner_score
+
+    trusted = tmp_path / "trusted.jsonl"
+    lines = (TRAIN_DIR / "cot.jsonl").read_text().splitlines()[:40]
+    trusted.write_text("\n".join(lines) + "\n{broken\n")
+    keys = {
+        "selection.method": "calibrated",
+        "selection.trusted": f"[{trusted}]",
+        "scoring.lm_loss": True,
+        "scoring.prompt_gain": True,
+        "scoring.num_actors": 1,
     }
-    assert Counter(r["task"] for r in shots) == expected
-    # a shot too long for dataset.max_sequence_length (128 here) is a reject, never lost silently
-    rejects = Counter(
-        shots[json.loads(line)["line"] - 1]["task"]
-        for line in (out / "target_rejects.jsonl").read_text().splitlines()
+    out = run_select(tiny_olmoe, tmp_path / "calibrated", sources, **keys)
+    manifest = json.loads((out / "manifest.json").read_text())
+    info = manifest["metrics"]["calibrated"]
+    combiner = json.loads((out / "calibration.json").read_text())
+    rejects = [json.loads(line) for line in (out / "trusted_rejects.jsonl").read_text().splitlines()]
+    assert rejects[-1]["line"] == 41 and rejects[-1]["reason"].startswith("bad_json")
+    # the rest are rows too long for dataset.max_sequence_length (128 here): nothing lost silently
+    assert info["trusted_rows"] == combiner["trusted_rows"] == 41 - len(rejects) >= 10
+    assert info["corpus_rows"] == manifest["counts"]["rows_scored"]  # every corpus row: below the sample cap
+    assert set(info["coefficients"]) == {
+        "gate_layer_0", "gate_layer_1", "nll", "prompt_gain", "log_scored_tokens"
+    }  # fmt: skip
+    assert 0.5 < info["cv_auroc"] <= 1.0  # cot rows look unlike oasst1 / human_instructions rows
+    stored = pq.read_table(out / "scores").to_pydict()
+    score = combiner_score(
+        combiner,
+        {k: np.asarray(v, dtype=np.float64) for k, v in stored.items() if k != "id" and k != "dataset"},
     )
-    embedded = json.loads((out / "manifest.json").read_text())["metrics"]["similarity"]["target_examples"]
-    assert all(embedded[task] > 0 and embedded[task] + rejects[task] == n for task, n in expected.items())
-    with open(EVAL_DIR / "mmlu" / "dev" / "anatomy_dev.csv", newline="", encoding="utf-8") as fh:
-        first = next(csv.DictReader(fh))
-    anatomy = next(r for r in shots if r["id"] == "mmlu_shot_anatomy_0")["messages"]
-    assert anatomy[0]["content"] == (
-        "The following are multiple choice questions (with answers) about anatomy.\n\n"
-        f"{first['question'].strip()}\nA. {first['choice0']}\nB. {first['choice1']}\nC. {first['choice2']}"
-        f"\nD. {first['choice3']}\nAnswer:"
-    )
-    assert anatomy[1]["content"] == "ABCD"[int(first["answer"])]
-    prompt_file = (EVAL_DIR / "bbh" / "cot-prompts" / "boolean_expressions.txt").read_text(encoding="utf-8")
-    bbh = next(r for r in shots if r["id"] == "bbh_shot_boolean_expressions_0")["messages"]
-    question = bbh[0]["content"].split("\n\nQ: ", 1)[1]
-    assert f"Q: {question}\nA: {bbh[1]['content']}" in prompt_file  # the file's first shot, as written
+    expected = sorted(zip(-score, stored["id"]))[: manifest["counts"]["rows_selected"]]
     selected = [json.loads(line) for line in (out / "selected.jsonl").read_text().splitlines()]
-    assert [r["target_task"] for r in selected[:6]] == ["bbh", "mmlu", "tydiqa"] * 2
+    assert [r["id"] for r in selected] == [i for _, i in expected]
+    assert [r["score"] for r in selected] == pytest.approx([-s for s, _ in expected])
+    with pytest.raises(ConfigError, match="selection.trusted is read only by selection.method=calibrated"):
+        run_select(tiny_olmoe, tmp_path / "top", sources, **{**keys, "selection.method": "top_k"})
 
 
 @pytest.mark.slow

@@ -21,11 +21,21 @@ import pyarrow.parquet as pq
 from selectmoe.config import DemoConfig, ScoringSection, load_preset
 from selectmoe.console import phase
 from selectmoe.demo.corpus import LABELS_FILE, write_demo_corpus
-from selectmoe.layout import MANIFEST, SCORES_DIR, SEPARATION, STAGE_DIRS, TRAINING_IDS
+from selectmoe.layout import (
+    BASELINE_PREFIX,
+    CALIBRATION,
+    MANIFEST,
+    SCORES_DIR,
+    SELECTED_JSONL,
+    SEPARATION,
+    STAGE_DIRS,
+    TRAINING_IDS,
+)
 from selectmoe.manifest import hash_dict, read_manifest
 from selectmoe.metrics import separation_table
 from selectmoe.pipeline import run_pipeline
 from selectmoe.reporting.report import markdown_table
+from selectmoe.select.calibrate import combiner_columns, combiner_score
 from selectmoe.select.score import row_score, score_columns, score_of
 
 MODELS_VERSION = 1  # bump when the tiny demo models change
@@ -39,8 +49,13 @@ def run_demo(cfg: DemoConfig) -> Path:
         with phase(f"demo: generating {cfg.demo.rows} rows with planted defects"):
             write_demo_corpus(data, seed=cfg.seed, n_rows=cfg.demo.rows, defect_rate=cfg.demo.defect_rate)
     selector, target = demo_models(cfg)
-    if "pretrain.training.reference_data" in load_preset(cfg.preset)["requires"]:
+    requires = load_preset(cfg.preset)["requires"]
+    if "pretrain.training.reference_data" in requires:
         cfg.pretrain.training.reference_data = cfg.pretrain.training.reference_data or [
+            str(demo_reference(data / "reference", cfg.seed))
+        ]
+    if "select.selection.trusted" in requires:
+        cfg.select.selection.trusted = cfg.select.selection.trusted or [
             str(demo_reference(data / "reference", cfg.seed))
         ]
     cfg.dataset.data_path = [str(data / "train")]
@@ -52,8 +67,8 @@ def run_demo(cfg: DemoConfig) -> Path:
 
 
 def demo_reference(out: Path, seed: int) -> Path:
-    """Trusted rows for ``preset=reference``: clean rows generated with another seed (the
-    demo's stand-in for the few hundred target-task examples a user would bring)."""
+    """Trusted rows for ``preset=reference`` and ``preset=calibrated``: clean rows generated with another
+    seed (the demo's stand-in for the few hundred target-task examples a user would bring)."""
     if not (out / LABELS_FILE).exists():
         write_demo_corpus(out, seed=seed + 2000, n_rows=REFERENCE_ROWS, defect_rate=0.0, eval_questions=1)
     return out / "train"
@@ -84,6 +99,17 @@ def demo_models(cfg: DemoConfig) -> tuple[Path, Path]:
     return selector, target
 
 
+def _selection_score(stage2: Path, manifest: dict, rows: list[dict]) -> np.ndarray:
+    if "calibrated" in manifest["metrics"]:
+        combiner = json.loads((stage2 / CALIBRATION).read_text())
+        return combiner_score(
+            combiner, {c: np.array([r[c] for r in rows]) for c in combiner_columns(combiner)}
+        )
+    scoring = ScoringSection(**manifest["config"]["scoring"])
+    terms = {name: np.array([r[name] for r in rows]) for name in score_columns(scoring)}
+    return score_of(terms, scoring, manifest["metrics"].get("term_scales"))
+
+
 def separation_section(run: Path, data: Path, preset: str) -> str:
     """Markdown: AUROC / precision@k of the gate score and the baselines on the held-out rows."""
     scores = pq.read_table(run / STAGE_DIRS["select"] / SCORES_DIR).to_pylist()
@@ -94,11 +120,9 @@ def separation_section(run: Path, data: Path, preset: str) -> str:
     defect = np.array([labels[r["id"]]["defect"] or "" for r in held_out], dtype=object)
     rng = np.random.default_rng(0)
     manifest = json.loads((run / STAGE_DIRS["select"] / MANIFEST).read_text())
-    scoring = ScoringSection(**manifest["config"]["scoring"])
-    terms = {name: np.array([r[name] for r in held_out]) for name in score_columns(scoring)}
-    scorers = {  # the preset's score as stage 2 selected by (robust z-scores over the corpus when set)
-        f"Select-MoE score (preset={preset})": score_of(
-            terms, scoring, manifest["metrics"].get("term_scales")
+    scorers = {  # the score stage 2 selected by: robust z-scores over the corpus, or the calibrated combiner
+        f"Select-MoE score (preset={preset})": _selection_score(
+            run / STAGE_DIRS["select"], manifest, held_out
         ),
         "gates alone (mean gate)": row_score(np.array([r["layer_scores"] for r in held_out])),
         "perplexity (-NLL, same model)": -np.array([r.get("nll", np.nan) for r in held_out]),
@@ -124,6 +148,18 @@ def separation_section(run: Path, data: Path, preset: str) -> str:
         f"The shipped score {'is at least level with' if score['auroc_all'] >= perplexity['auroc_all'] else 'loses to'} "
         f"perplexity here (AUROC {score['auroc_all']:.3f} vs {perplexity['auroc_all']:.3f}).",
     ]
+    clean = {i for i, r in labels.items() if not r["defect"]}
+    shares = []
+    for name, branch in (("the selection", run), ("the random baseline", run / f"{BASELINE_PREFIX}random")):
+        selected = branch / STAGE_DIRS["select"] / SELECTED_JSONL
+        if selected.exists():
+            ids = [json.loads(line)["id"] for line in selected.read_text().splitlines()]
+            shares.append(f"{name} {sum(i in clean for i in ids)} of {len(ids)}")
+    if shares:
+        verdicts.append(
+            f"Clean rows in what was selected (the rows stage 3 trains on): {', '.join(shares)}; among the "
+            f"held-out rows {int((defect == '').sum()) / len(defect):.0%}."
+        )
     return "\n".join(
         [
             "## Do the scores find the planted defects?",

@@ -78,6 +78,14 @@ def write_report(
         if how:
             keep = f" (selection.keep_fraction {how['keep_fraction']})" if "keep_fraction" in how else ""
             lines += [f"How the rows were chosen: {how['chosen_by']}{keep}.", ""]
+        if cal := m2["metrics"].get("calibrated"):
+            weights = ", ".join(f"{name} {value:+.3f}" for name, value in cal["coefficients"].items())
+            lines += [
+                f"Calibrated combiner (`{cal['combiner']}`): {cal['trusted_rows']} trusted rows against "
+                f"{cal['corpus_rows']} corpus rows, cross-validated AUROC {cal['cv_auroc']:.3f}; standardised "
+                f"coefficients: {weights}. Gate direction: {cal['gate_direction']}.",
+                "",
+            ]
         lines += [
             _image(run, stage2 / SCORE_HISTOGRAMS, "score histograms per dataset"),
             "",

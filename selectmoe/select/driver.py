@@ -31,6 +31,7 @@ from selectmoe.data.subset import random_key
 from selectmoe.evaluate.tasks import less_shot_rows
 from selectmoe.figures import plot_score_histograms
 from selectmoe.layout import (
+    CALIBRATION,
     EVAL_TARGETS,
     REJECTS,
     SCORE_HISTOGRAMS,
@@ -43,12 +44,21 @@ from selectmoe.layout import (
     TARGET_REJECTS,
     TOKENIZER_DIR,
     TRAINING_IDS,
+    TRUSTED_REJECTS,
     score_files,
 )
 from selectmoe.manifest import fingerprint, hash_dict, write_manifest
 from selectmoe.models.loading import require_model
 from selectmoe.ray_data import read_rows, tokenize_rows
 from selectmoe.scaling import RESERVED_CPUS, cpu_threads, free_resources, use_gpu
+from selectmoe.select.calibrate import (
+    FEATURE_COLUMNS,
+    combiner_columns,
+    combiner_score,
+    feature_matrix,
+    fit_combiner,
+    gate_direction,
+)
 from selectmoe.select.score import (
     ScorePasses,
     score_columns,
@@ -96,19 +106,16 @@ def select(cfg: SelectConfig) -> Path:
 
     # ---- read + tokenise
     with phase("stage 2 select: reading and checking rows"):
-        read = read_rows(cfg.dataset, cfg.data, seed=cfg.seed, tokenizer_name=tokenizer_name)
-        read.ledger.write_rejects(out / REJECTS)
-        tokens = tokenize_rows(
-            read.rows,
-            tokenizer_name,
-            cfg.dataset.max_sequence_length,
-            "assistant",
-            replies_alone=passes.reply_only,
-        )
+        read, tokens = _read_and_tokenise(cfg, cfg.dataset, tokenizer_name, out / REJECTS, passes)
 
     targets = (
         _target_embeddings(cfg, model_path, tokenizer_name, out)
         if cfg.selection.method == "similarity"
+        else None
+    )
+    trusted = (
+        _trusted_features(cfg, model_path, tokenizer_name, out)
+        if cfg.selection.method == "calibrated"
         else None
     )
 
@@ -141,7 +148,10 @@ def select(cfg: SelectConfig) -> Path:
         rows_scored = sum(pq.read_metadata(f).num_rows for f in files)
         excluded = _training_ids(cfg) if cfg.selection.exclude_training_rows else set()
         scales = _term_scales(files, cfg, rows_scored) if cfg.scoring.combine == "robust_z" else None
-        selected, selection_info = _select(cfg, files, rows_scored, excluded, scales, targets)
+        combiner = _fit_combiner(cfg, files, rows_scored, excluded, trusted, out) if trusted else None
+        rescore = _rescorer(cfg.scoring, scales, combiner)
+        formula = "calibrated combiner (log-odds of trusted)" if combiner else score_formula(cfg.scoring)
+        selected, selection_info = _select(cfg, files, rows_scored, excluded, rescore, targets)
         timings["selection_s"] = round(time.time() - t0, 2)
 
         # ---- write the selected rows (originals + score + rank)
@@ -177,15 +187,16 @@ def select(cfg: SelectConfig) -> Path:
     metrics = {
         "score_threshold": min(selected["score"].to_pylist()) if selected.num_rows else None,
         "score_max": max(selected["score"].to_pylist()) if selected.num_rows else None,
-        "score_formula": score_formula(cfg.scoring),
+        "score_formula": formula,
         **({"term_scales": scales} if scales else {}),
+        **({"calibrated": _calibration_info(combiner)} if combiner else {}),
         **selection_info,
     }
     plot_score_histograms(
-        lambda: _scored_stream(files, ["dataset", "score"], cfg.scoring, scales),
+        lambda: _scored_stream(files, ["dataset", "score"], rescore),
         out / SCORE_HISTOGRAMS,
         metrics["score_threshold"],
-        score_formula(cfg.scoring),
+        formula,
     )
     write_manifest(
         out,
@@ -195,6 +206,7 @@ def select(cfg: SelectConfig) -> Path:
             "selector_model": fingerprint(model_path),
             "data": [fingerprint(s.uri) for s in read.sources],
             **({"targets": [fingerprint(t) for t in _target_paths(cfg, out)]} if targets is not None else {}),
+            **({"trusted": [fingerprint(t) for t in cfg.selection.trusted]} if combiner else {}),
         },
         counts=counts,
         metrics={**metrics, "timings": timings},
@@ -202,6 +214,7 @@ def select(cfg: SelectConfig) -> Path:
             "score_files": SCORES_DIR,
             "selected": [SELECTED_PARQUET, SELECTED_JSONL],
             "rejects": REJECTS,
+            **({"calibration": CALIBRATION, "trusted_rejects": TRUSTED_REJECTS} if combiner else {}),
             **(
                 {
                     "target_embeddings": TARGET_EMBEDDINGS,
@@ -281,17 +294,26 @@ def _stream(files: list[Path], columns: list[str]):
         )
 
 
-def _scored_stream(files: list[Path], columns: list[str], scoring, scales: dict | None):
-    """``_stream`` whose ``score`` is the row score under ``scales`` (``scoring.combine=robust_z``);
-    without scales the score files' own (raw) score."""
-    if scales is None:
+def _scored_stream(files: list[Path], columns: list[str], rescore):
+    """``_stream`` whose ``score`` is recomputed by ``rescore`` (``_rescorer``: robust z-scores, or the
+    calibrated combiner); without it the score files' own (raw) score."""
+    if rescore is None:
         yield from _stream(files, columns)
         return
-    terms = score_columns(scoring)
-    read = [c for c in columns if c != "score"] + [t for t in terms if t not in columns]
+    needed, score_fn = rescore
+    read = [c for c in columns if c != "score"] + [t for t in needed if t not in columns]
     for batch in _stream(files, read):
-        score = score_of({name: column_matrix(batch[name]) for name in terms}, scoring, scales)
+        score = score_fn({name: column_matrix(batch[name]) for name in needed})
         yield batch.append_column("score", pa.array(score, pa.float64())).select(columns)
+
+
+def _rescorer(scoring, scales: dict | None, combiner: dict | None):
+    """(columns read, row score function) when the selection score is not the stored one, else None."""
+    if combiner is not None:
+        return combiner_columns(combiner), lambda columns: combiner_score(combiner, columns)
+    if scales is not None:
+        return score_columns(scoring), lambda columns: score_of(columns, scoring, scales)
+    return None
 
 
 def _term_scales(files: list[Path], cfg: SelectConfig, rows_scored: int) -> dict:
@@ -340,6 +362,16 @@ def _check_selection(cfg: SelectConfig) -> None:
             f"(method is {method}); "
             "drop it or set selection.method=similarity"
         )
+    if method == "calibrated" and not cfg.selection.trusted:
+        raise ConfigError(
+            "selection.method=calibrated needs selection.trusted (files of rows you trust: a few hundred "
+            "of the target tasks, clean rows of your sources)"
+        )
+    if cfg.selection.trusted and method != "calibrated":
+        raise ConfigError(
+            f"selection.trusted is read only by selection.method=calibrated (method is {method}); "
+            "drop it or set selection.method=calibrated"
+        )
     if p.auto_k and not (len(p.k_range) == 2 and 2 <= p.k_range[0] <= p.k_range[1]):
         raise ConfigError(
             f"clustering_params.k_range={p.k_range}: expected [lowest, highest] with 2 <= lowest <= highest"
@@ -351,7 +383,7 @@ def _select(
     score_files: list[Path],
     rows_scored: int,
     excluded: set[str],
-    scales: dict | None,
+    rescore,
     targets: dict[str, np.ndarray] | None,
 ) -> tuple[pa.Table, dict]:
     """(the selected rows' id, dataset, score, rank (and target_task); what the method decided, for the
@@ -362,11 +394,11 @@ def _select(
     columns = ["id", "dataset", "score", *extra]
 
     def batches():
-        return excluding(_scored_stream(score_files, columns, cfg.scoring, scales), excluded)
+        return excluding(_scored_stream(score_files, columns, rescore), excluded)
 
     candidates = rows_scored - len(excluded)
     k = selection_size(candidates, cfg.selection_percentage, cfg.selection.count)
-    if method == "top_k":
+    if method in ("top_k", "calibrated"):  # calibrated: the score is the combiner's (``rescore``)
         chosen = top_k(batches(), k)
     elif method == "random":
         chosen = order_by_score(random_k(batches(), k, cfg.seed))
@@ -479,12 +511,8 @@ def _target_embeddings(
         read.ledger.write_rejects(out / TARGET_REJECTS)
         rows = read.rows.map_batches(_task_as_dataset, batch_format="pyarrow")
         tokens = tokenize_rows(rows, tokenizer_name, cfg.dataset.max_sequence_length, "assistant")
-        pool, threads = _pool_args(cfg)
         embedding_only = ScoringSection(store_embeddings=True, tokens_per_batch=cfg.scoring.tokens_per_batch)
-        kwargs = {**_scorer_kwargs(cfg, model_path, tokenizer_name, out, threads), "scoring": embedding_only}
-        kwargs["fail_once_marker"] = None
-        pool["compute"] = type(pool["compute"])(size=1)
-        embedded = tokens.map_batches(GateScorer, fn_constructor_kwargs=kwargs, **pool)
+        embedded = _one_actor_pass(cfg, model_path, tokenizer_name, out, tokens, embedding_only)
         embedded_rows = embedded.select_columns(["id", "dataset", "embedding"]).take_all()
     if not embedded_rows:
         raise ConfigError(f"target examples {paths}: no valid row (see {out / TARGET_REJECTS})")
@@ -502,6 +530,78 @@ def _target_embeddings(
         out / TARGET_EMBEDDINGS,
     )
     return {task: matrix[tasks == task] for task in sorted(set(tasks))}
+
+
+def _trusted_features(cfg: SelectConfig, model_path: str, tokenizer_name: str, out: Path) -> dict:
+    """{column: values}: ``selection.trusted`` rows scored like the corpus (same scoring passes, a
+    one-actor pool; rejects in ``layout.TRUSTED_REJECTS``)."""
+    source = DatasetConfig(
+        data_path=list(cfg.selection.trusted), max_sequence_length=cfg.dataset.max_sequence_length
+    )
+    passes = ScorePasses.for_scoring(cfg.scoring)
+    with phase("stage 2 select: scoring the trusted rows"):
+        _, tokens = _read_and_tokenise(cfg, source, tokenizer_name, out / TRUSTED_REJECTS, passes)
+        rows = _one_actor_pass(cfg, model_path, tokenizer_name, out, tokens, cfg.scoring).take_all()
+    if len(rows) < 2:
+        raise ConfigError(
+            f"selection.trusted={cfg.selection.trusted}: {len(rows)} usable row(s), at least 2 are needed "
+            f"(see {out / TRUSTED_REJECTS})"
+        )
+    present = [c for c in FEATURE_COLUMNS if c in rows[0]]
+    return {c: np.asarray([np.asarray(r[c], dtype=np.float64) for r in rows]) for c in present}
+
+
+def _read_and_tokenise(cfg: SelectConfig, source: DatasetConfig, tokenizer_name: str, rejects: Path, passes):
+    """(``read_rows``' result, its rows tokenised for ``passes``); its rejects written to ``rejects``."""
+    read = read_rows(source, cfg.data, seed=cfg.seed, tokenizer_name=tokenizer_name)
+    read.ledger.write_rejects(rejects)
+    tokens = tokenize_rows(
+        read.rows, tokenizer_name, source.max_sequence_length, "assistant", replies_alone=passes.reply_only
+    )
+    return read, tokens
+
+
+def _fit_combiner(
+    cfg: SelectConfig, files: list[Path], rows_scored: int, excluded: set[str], trusted: dict, out: Path
+) -> dict:
+    """The calibrated combiner: trusted rows against a seeded sample of at most ~``TERM_SAMPLE_ROWS``
+    corpus rows (stage-1 training rows left out); written to ``layout.CALIBRATION``."""
+    share = min(1.0, TERM_SAMPLE_ROWS / max(rows_scored, 1))
+    present = list(trusted)
+    parts: dict[str, list] = {}
+    for batch in excluding(_stream(files, ["id", *present]), excluded):
+        if share < 1:
+            batch = batch.filter(pc.less(random_key(cfg.seed, batch["id"]), share))
+        for name in present:
+            parts.setdefault(name, []).append(column_matrix(batch[name]))
+    corpus = {name: np.concatenate(values) for name, values in parts.items()}
+    trusted_x, names = feature_matrix(trusted)
+    combiner = fit_combiner(trusted_x, feature_matrix(corpus)[0], names, cfg.seed)
+    (out / CALIBRATION).write_text(json.dumps(combiner, indent=2))
+    return combiner
+
+
+def _calibration_info(combiner: dict) -> dict:
+    return {
+        "cv_auroc": combiner["cv_auroc"],
+        "trusted_rows": combiner["trusted_rows"],
+        "corpus_rows": combiner["corpus_rows"],
+        "coefficients": dict(zip(combiner["features"], combiner["coefficients"])),
+        "gate_direction": gate_direction(combiner),
+        "combiner": CALIBRATION,
+        "chosen_by": f"top rows by a logistic regression on the stored features, fitted to tell "
+        f"selection.trusted from the corpus (cross-validated AUROC {combiner['cv_auroc']:.3f})",
+    }
+
+
+def _one_actor_pass(cfg: SelectConfig, model_path: str, tokenizer_name: str, out: Path, tokens, scoring):
+    """``tokens`` through a pool of one ``GateScorer`` under ``scoring`` (rows scored apart from the
+    corpus: target examples, trusted rows; a second model load, before the corpus's pool)."""
+    pool, threads = _pool_args(cfg)
+    kwargs = {**_scorer_kwargs(cfg, model_path, tokenizer_name, out, threads), "scoring": scoring}
+    kwargs["fail_once_marker"] = None
+    pool["compute"] = type(pool["compute"])(size=1)
+    return tokens.map_batches(GateScorer, fn_constructor_kwargs=kwargs, **pool)
 
 
 def _target_paths(cfg: SelectConfig, out: Path) -> list[str]:

@@ -1,0 +1,95 @@
+"""The calibrated mode (``selection.method=calibrated``): a logistic regression on the stored per-row
+features that tells trusted rows (``selection.trusted``) from corpus rows. Its decision value is the
+row score, so the weights and the gates' sign come from the trusted set, not from a benchmark.
+
+Features (those the score files hold): each layer's mean gate, the NLL, the prompt gain
+(``nll_without_prompt - nll``), the expert effect (``nll_gates_shut - nll``) and log(1 + scored
+tokens). They are standardised inside the fitted model, and the combiner is stored as plain numbers
+(feature names, means, scales, coefficients, intercept), so any row's score can be recomputed from
+its stored columns without scikit-learn.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+FEATURE_COLUMNS = ("layer_scores", "nll", "nll_without_prompt", "nll_gates_shut", "n_scored_tokens")
+CV_FOLDS = 5
+
+
+def feature_matrix(columns: dict[str, np.ndarray]) -> tuple[np.ndarray, list[str]]:
+    """(rows, features) and the feature names, from score-file columns (``FEATURE_COLUMNS`` present)."""
+    layers = np.asarray(columns["layer_scores"], dtype=np.float64)
+    names = [f"gate_layer_{i}" for i in range(layers.shape[1])]
+    parts = [layers]
+    if "nll" in columns:
+        nll = np.asarray(columns["nll"], dtype=np.float64)
+        parts.append(nll[:, None])
+        names.append("nll")
+        for column, name in (("nll_without_prompt", "prompt_gain"), ("nll_gates_shut", "expert_effect")):
+            if column in columns:
+                parts.append((np.asarray(columns[column], dtype=np.float64) - nll)[:, None])
+                names.append(name)
+    parts.append(np.log1p(np.asarray(columns["n_scored_tokens"], dtype=np.float64))[:, None])
+    names.append("log_scored_tokens")
+    return np.hstack(parts), names
+
+
+def fit_combiner(trusted: np.ndarray, corpus: np.ndarray, names: list[str], seed: int) -> dict:
+    """Class-balanced logistic regression, trusted = 1, corpus = 0, on standardised features; its
+    cross-validated AUROC (stratified, seeded folds) and the model refitted on every row."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x = np.vstack([trusted, corpus])
+    y = np.concatenate([np.ones(len(trusted)), np.zeros(len(corpus))])
+    folds = min(CV_FOLDS, len(trusted), len(corpus))
+    if folds < 2:
+        raise ValueError(
+            f"the combiner needs at least 2 trusted and 2 corpus rows (got {len(trusted)}, {len(corpus)})"
+        )
+    model = make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced", max_iter=2000))
+    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    aurocs = cross_val_score(model, x, y, cv=cv, scoring="roc_auc")
+    model.fit(x, y)
+    scaler, regression = model[0], model[1]
+    scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
+    return {
+        "features": names,
+        "mean": scaler.mean_.tolist(),
+        "scale": scale.tolist(),
+        "coefficients": regression.coef_[0].tolist(),
+        "intercept": float(regression.intercept_[0]),
+        "cv_auroc": float(np.mean(aurocs)),
+        "cv_auroc_folds": [float(a) for a in aurocs],
+        "trusted_rows": int(len(trusted)),
+        "corpus_rows": int(len(corpus)),
+    }
+
+
+def combiner_columns(combiner: dict) -> list[str]:
+    """The score-file columns ``combiner_score`` reads for this combiner's features."""
+    wanted = {"nll": "nll", "prompt_gain": "nll_without_prompt", "expert_effect": "nll_gates_shut"}
+    return ["layer_scores", "n_scored_tokens"] + [c for f, c in wanted.items() if f in combiner["features"]]
+
+
+def combiner_score(combiner: dict, columns: dict[str, np.ndarray]) -> np.ndarray:
+    """The fitted combiner's decision value (log-odds of "trusted") of score-file rows."""
+    x, names = feature_matrix(columns)
+    if names != combiner["features"]:
+        raise ValueError(f"the rows have features {names}; the combiner was fitted on {combiner['features']}")
+    z = (x - np.asarray(combiner["mean"])) / np.asarray(combiner["scale"])
+    return z @ np.asarray(combiner["coefficients"]) + combiner["intercept"]
+
+
+def gate_direction(combiner: dict) -> str:
+    """In words: whether the trusted set says higher gates mean better rows (the gates' summed
+    standardised coefficient)."""
+    gates = sum(c for f, c in zip(combiner["features"], combiner["coefficients"]) if f.startswith("gate_"))
+    return (
+        "positive: open gates mark trusted-like rows"
+        if gates > 0
+        else ("negative: the gates are inverted on this corpus (open gates mark rows unlike the trusted set)")
+    )
