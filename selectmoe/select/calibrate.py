@@ -13,26 +13,23 @@ from __future__ import annotations
 
 import numpy as np
 
+from selectmoe.select.score import score_terms
+
 FEATURE_COLUMNS = ("layer_scores", "nll", "nll_without_prompt", "nll_gates_shut", "n_scored_tokens")
 CV_FOLDS = 5
 
 
 def feature_matrix(columns: dict[str, np.ndarray]) -> tuple[np.ndarray, list[str]]:
-    """(rows, features) and the feature names, from score-file columns (``FEATURE_COLUMNS`` present)."""
+    """(rows, features) and the feature names, from score-file columns (``FEATURE_COLUMNS`` present):
+    the per-layer gates, ``score.score_terms`` but the mean gate, and log(1 + scored tokens)."""
     layers = np.asarray(columns["layer_scores"], dtype=np.float64)
-    names = [f"gate_layer_{i}" for i in range(layers.shape[1])]
-    parts = [layers]
-    if "nll" in columns:
-        nll = np.asarray(columns["nll"], dtype=np.float64)
-        parts.append(nll[:, None])
-        names.append("nll")
-        for column, name in (("nll_without_prompt", "prompt_gain"), ("nll_gates_shut", "expert_effect")):
-            if column in columns:
-                parts.append((np.asarray(columns[column], dtype=np.float64) - nll)[:, None])
-                names.append(name)
-    parts.append(np.log1p(np.asarray(columns["n_scored_tokens"], dtype=np.float64))[:, None])
-    names.append("log_scored_tokens")
-    return np.hstack(parts), names
+    terms = score_terms(
+        layers, columns.get("nll"), columns.get("nll_without_prompt"), columns.get("nll_gates_shut")
+    )
+    terms.pop("gate")
+    names = [f"gate_layer_{i}" for i in range(layers.shape[1])] + list(terms) + ["log_scored_tokens"]
+    tokens = np.log1p(np.asarray(columns["n_scored_tokens"], dtype=np.float64))
+    return np.column_stack([layers, *terms.values(), tokens]), names
 
 
 def fit_combiner(trusted: np.ndarray, corpus: np.ndarray, names: list[str], seed: int) -> dict:
