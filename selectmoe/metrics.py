@@ -8,6 +8,7 @@ perplexity under the same model, response length).
 from __future__ import annotations
 
 import numpy as np
+from scipy.stats import rankdata
 
 
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -16,15 +17,16 @@ def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
     n_pos, n_neg = positive.sum(), (~positive).sum()
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores), dtype=np.float64)
-    sorted_scores = scores[order]
-    # average ranks over ties
-    starts = np.r_[0, np.flatnonzero(np.diff(sorted_scores)) + 1]
-    ends = np.r_[starts[1:], len(scores)]
-    for start, end in zip(starts, ends):
-        ranks[order[start:end]] = (start + end + 1) / 2
+    ranks = rankdata(scores)  # ties get their average rank
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def auroc_within_groups(scores: np.ndarray, positive: np.ndarray, groups: np.ndarray) -> dict[str, float]:
+    """AUROC inside each group (a source dataset): a score can rank one dataset above another without
+    telling good rows from bad ones inside either. Groups with one class only are left out."""
+    scores, positive, groups = np.asarray(scores), np.asarray(positive, dtype=bool), np.asarray(groups)
+    within = {str(g): auroc(scores[groups == g], positive[groups == g]) for g in sorted(set(groups.tolist()))}
+    return {g: value for g, value in within.items() if not np.isnan(value)}
 
 
 def precision_at_k(scores: np.ndarray, positive: np.ndarray, k: int) -> float:
@@ -36,15 +38,19 @@ def precision_at_k(scores: np.ndarray, positive: np.ndarray, k: int) -> float:
 
 
 def separation_table(
-    scorers: dict[str, np.ndarray], defect: np.ndarray, k: int
+    scorers: dict[str, np.ndarray], defect: np.ndarray, k: int, datasets: np.ndarray | None = None
 ) -> tuple[list[str], list[dict[str, float | str]]]:
-    """One row per scorer: AUROC overall and per defect kind (clean vs that kind), precision@k.
+    """One row per scorer: AUROC overall and per defect kind (clean vs that kind), precision@k, and with
+    ``datasets`` (each row's source dataset) the macro mean of the AUROCs within each dataset and the
+    lowest of them.
 
     ``defect`` holds the defect kind per row, or "" for a clean row."""
     defect = np.asarray(defect, dtype=object)
     clean = defect == ""
     kinds = sorted(set(defect[~clean]))
     columns = ["scorer", "auroc_all", *[f"auroc_{kind}" for kind in kinds], f"precision_at_{k}"]
+    if datasets is not None:
+        columns += ["auroc_within_datasets", "auroc_worst_dataset"]
     rows = []
     for name, scores in scorers.items():
         scores = np.asarray(scores, dtype=np.float64)
@@ -53,5 +59,9 @@ def separation_table(
             keep = clean | (defect == kind)
             row[f"auroc_{kind}"] = auroc(scores[keep], clean[keep])
         row[f"precision_at_{k}"] = precision_at_k(scores, clean, k)
+        if datasets is not None:
+            within = auroc_within_groups(scores, clean, datasets)
+            row["auroc_within_datasets"] = float(np.mean(list(within.values()))) if within else float("nan")
+            row["auroc_worst_dataset"] = min(within.values(), default=float("nan"))
         rows.append(row)
     return columns, rows

@@ -17,7 +17,7 @@ from conftest import SHARED_TRAIN
 from selectmoe.config import DataConfig, DatasetConfig
 from selectmoe.data import RowLedger, iter_rows, load_tokenizer
 from selectmoe.demo.corpus import DATASET_SHARES, DEFAULT_ROWS, write_demo_corpus
-from selectmoe.demo.defects import DEFECT_KINDS, cot_wrong_answer, plant_defects
+from selectmoe.demo.defects import DEFECT_KINDS, HELD_OUT_KINDS, cot_wrong_answer, plant_defects
 from selectmoe.demo.synthetic_facts import EMPTYISH_RESPONSES, SPAM_PHRASES
 from selectmoe.evaluate.tasks import LOCAL_TASKS, available_local_tasks
 from selectmoe.evaluate.tasks.bbh_local.bbh import parse_cot_prompt
@@ -203,3 +203,24 @@ def test_plant_defects_on_real_rows_applies_each_kind_only_where_it_can():
         if label["defect"] == "wrong_answer":
             assert row["dataset"] == "cot"
             assert "So the answer is" in row["messages"][-1]["content"]
+
+
+def test_held_out_kinds_loop_the_reply_or_echo_the_request():
+    """``looped`` and ``echo`` (kept out of the demo and of every weight choice) on real rows."""
+    lines = (SHARED_TRAIN / "oasst1.jsonl").read_text().split("\n")[:100]
+    rows = [json.loads(line) for line in lines if line.strip()]
+    originals = copy.deepcopy(rows)
+    labels = plant_defects(random.Random(0), rows, 0.5, HELD_OUT_KINDS)
+    assert Counter(label["defect"] for label in labels if label["defect"]) == {"looped": 25, "echo": 25}
+    for label, row, original in zip(labels, rows, originals):
+        reply = row["messages"][-1]["content"]
+        request = [m["content"] for m in original["messages"][:-1] if m["role"] == "user"][-1]
+        if label["defect"] == "echo":
+            assert reply == request
+        elif label["defect"] == "looped":
+            words = original["messages"][-1]["content"].split()
+            head = " ".join(words[: min(len(words), 3)])
+            assert reply.startswith(head) and reply.count(head) >= 3
+        else:
+            assert row == original
+    assert set(HELD_OUT_KINDS).isdisjoint(DEFECT_KINDS)

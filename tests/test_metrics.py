@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from selectmoe.metrics import auroc, precision_at_k, separation_table
+from selectmoe.metrics import auroc, auroc_within_groups, precision_at_k, separation_table
 
 
 def brute_force_auroc(scores, positive) -> float:
@@ -56,3 +56,20 @@ def test_separation_table_judges_each_defect_kind_against_the_clean_rows():
     best, worst = rows
     assert best["auroc_all"] == best["auroc_garbled"] == best["auroc_spam"] == best["precision_at_2"] == 1.0
     assert worst["auroc_all"] == worst["auroc_spam"] == worst["precision_at_2"] == 0.0
+
+
+def test_within_dataset_auroc_sees_through_a_score_that_only_ranks_datasets():
+    """Dataset "a" is mostly clean and scores high, "b" mostly defective and scores low: overall the
+    score looks good, inside each dataset it cannot tell anything (ties: 0.5)."""
+    datasets = np.array(["a"] * 10 + ["b"] * 10)
+    defect = np.array([""] * 9 + ["spam"] + [""] + ["spam"] * 9, dtype=object)
+    by_dataset = np.where(datasets == "a", 1.0, 0.0)
+    columns, (row,) = separation_table({"by dataset": by_dataset}, defect, k=5, datasets=datasets)
+    assert columns[-2:] == ["auroc_within_datasets", "auroc_worst_dataset"]
+    assert row["auroc_all"] == pytest.approx(0.9)  # 81 of 90 clean-vs-defect pairs cross the datasets
+    assert row["auroc_within_datasets"] == row["auroc_worst_dataset"] == 0.5
+    # a score that is right inside "a" and wrong inside "b"; a dataset with one class only is left out
+    inside = np.array([1.0] * 9 + [0.0] + [0.0] + [1.0] * 9)
+    assert auroc_within_groups(inside, defect == "", datasets) == {"a": 1.0, "b": 0.0}
+    regrouped = np.array(["a"] * 9 + ["c"] + ["b"] * 10)  # "a" all clean, "c" one defect: no pairs
+    assert auroc_within_groups(inside, defect == "", regrouped) == {"b": 0.0}

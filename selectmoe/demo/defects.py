@@ -5,8 +5,11 @@ equal numbers, and returns one label per row (``{"id", "dataset", "quality", "de
 ``garbled`` (characters replaced by symbols), ``shuffled`` (words, or the letters of a short reply,
 shuffled), ``swapped`` (another row's reply), ``wrong_answer`` (a fluent reply with a wrong final
 answer; only rows for which the caller can make one), ``truncated`` (cut off mid-reply),
-``empty_ish`` (".", "N/A", ...), ``spam`` (a promotional phrase repeated). A spoiled row is still a
-valid row: the defects are of quality, not of format, so only a quality score can find them.
+``empty_ish`` (".", "N/A", ...), ``spam`` (a promotional phrase repeated). ``HELD_OUT_KINDS`` are
+kept out of the demo and out of every weight choice (``benchmarks/loko.py`` judges on them only):
+``looped`` (the reply's opening words repeated, a generation loop) and ``echo`` (the user's request
+restated instead of answered). A spoiled row is still a valid row: the defects are of quality, not of
+format, so only a quality score can find them.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections.abc import Callable, Sequence
 from selectmoe.demo.synthetic_facts import EMPTYISH_RESPONSES, SPAM_PHRASES
 
 DEFECT_KINDS = ("garbled", "shuffled", "swapped", "wrong_answer", "truncated", "empty_ish", "spam")
+HELD_OUT_KINDS = ("looped", "echo")
 _GARBLE_CHARS = "#$%&@!?*~^+=<>|"
 
 # wrong_reply(row index, reply) -> a reply with a wrong answer, or None where the row has none to spoil
@@ -32,9 +36,9 @@ def plant_defects(
     wrong_reply: WrongReply | None = None,
 ) -> list[dict]:
     """Spoil the final reply of ``rate`` of the rows in place; returns one label per row."""
-    unknown = set(kinds) - set(DEFECT_KINDS)
+    unknown = set(kinds) - set(DEFECT_KINDS + HELD_OUT_KINDS)
     if unknown:
-        raise ValueError(f"unknown defect kinds {sorted(unknown)}; known: {DEFECT_KINDS}")
+        raise ValueError(f"unknown defect kinds {sorted(unknown)}; known: {DEFECT_KINDS + HELD_OUT_KINDS}")
     if "wrong_answer" in kinds and wrong_reply is None:
         raise ValueError("defect kind 'wrong_answer' needs a wrong_reply function")
     originals = [row["messages"][-1]["content"] for row in rows]
@@ -47,7 +51,7 @@ def plant_defects(
             donor = _donor_reply(rng, originals, index)
             row["messages"][-1] = {
                 "role": "assistant",
-                "content": spoil(kind, originals[index], rng, donor, wrong[index]),
+                "content": spoil(kind, originals[index], rng, donor, wrong[index], _request(row)),
             }
         labels.append(
             {
@@ -60,8 +64,11 @@ def plant_defects(
     return labels
 
 
-def spoil(kind: str, reply: str, rng: random.Random, donor: str, wrong: str | None = None) -> str:
-    """``reply`` spoiled by ``kind``; ``donor`` is another row's reply, ``wrong`` a wrong-answer reply."""
+def spoil(
+    kind: str, reply: str, rng: random.Random, donor: str, wrong: str | None = None, request: str = ""
+) -> str:
+    """``reply`` spoiled by ``kind``; ``donor`` is another row's reply, ``wrong`` a wrong-answer reply,
+    ``request`` the user message the reply answers."""
     if kind == "garbled":
         return _garble(reply, rng)
     if kind == "shuffled":
@@ -74,6 +81,10 @@ def spoil(kind: str, reply: str, rng: random.Random, donor: str, wrong: str | No
         return _truncate(reply, rng)
     if kind == "empty_ish":
         return rng.choice(EMPTYISH_RESPONSES)
+    if kind == "looped":
+        return _loop(reply, rng)
+    if kind == "echo":
+        return request
     return " ".join([rng.choice(SPAM_PHRASES)] * rng.randint(4, 12))
 
 
@@ -102,6 +113,11 @@ def _applies(kind: str, reply: str, wrong: str | None) -> bool:
     return True
 
 
+def _request(row: dict) -> str:
+    """The last user message before the final reply."""
+    return next((m["content"] for m in reversed(row["messages"][:-1]) if m["role"] == "user"), "")
+
+
 def _donor_reply(rng: random.Random, originals: list[str], index: int) -> str:
     while True:
         donor = originals[rng.randrange(len(originals))]
@@ -125,6 +141,13 @@ def _shuffle(reply: str, rng: random.Random) -> str:
         if shuffled != pieces:
             return joiner.join(shuffled)
     return joiner.join(reversed(pieces)) if pieces[::-1] != pieces else f"{reply} {reply}"
+
+
+def _loop(reply: str, rng: random.Random) -> str:
+    """The reply's first few words repeated to about the reply's length (at least three times)."""
+    words = reply.split()
+    head = " ".join(words[: rng.randint(3, 8)]) if len(words) > 3 else reply
+    return " ".join([head] * max(3, len(reply) // max(1, len(head) + 1)))
 
 
 def _truncate(reply: str, rng: random.Random) -> str:
