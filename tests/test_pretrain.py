@@ -179,6 +179,10 @@ def test_fsdp_matches_ddp_resumes_after_a_failure_and_probes_on_every_rank(
     expected = probe_auroc(load_select_moe(str(out), dtype="float32"), rows=rows, pad_token_id=pad)
     assert expected["probe_auroc"] != 0.5  # the labels tell something apart on these rows
     assert history[-1]["probe_auroc"] == pytest.approx(expected["probe_auroc"], abs=1e-6)
+    # the manifest says which way the gates point on the probe, whichever way that is
+    final = json.loads((out / "manifest.json").read_text())["metrics"]
+    assert final["gate_quality_correlation"] == pytest.approx(2 * expected["probe_auroc"] - 1, abs=1e-6)
+    assert final["gate_direction"].startswith("inverted" if expected["probe_auroc"] < 0.5 else "aligned")
 
 
 def test_fsdp_units_of_a_bf16_body_with_fp32_trainable_parameters():

@@ -160,7 +160,7 @@ def pretrain(cfg: PretrainConfig, callbacks: list | None = None) -> Path:
             "data": [fingerprint(s.uri) for s in read.sources],
         },
         counts=counts,
-        metrics=history[-1] if history else {},
+        metrics={**history[-1], **probe_verdict(history[-1])} if history else {},
         outputs={
             "weights": ADAPTER_DIR if t.peft_mode == "lora" else ROUTER_WEIGHTS,
             "config": STAGE1_CONFIG,
@@ -168,6 +168,20 @@ def pretrain(cfg: PretrainConfig, callbacks: list | None = None) -> Path:
         started_at=started,
     )
     return out
+
+
+def probe_verdict(last: dict) -> dict:
+    """With a probe: the gates' direction on the labelled rows at the last step, checked, never assumed
+    (the rank-biserial correlation 2 x AUROC - 1 of the row score with "clean")."""
+    if last.get("probe_auroc") is None or last["probe_auroc"] != last["probe_auroc"]:  # none, or nan
+        return {}
+    correlation = 2 * last["probe_auroc"] - 1
+    return {
+        "gate_quality_correlation": correlation,
+        "gate_direction": "inverted: the gates rank defective rows above clean ones"
+        if correlation < 0
+        else "aligned: the gates rank clean rows above defective ones",
+    }
 
 
 def probe_rows(cfg: PretrainConfig, tokenizer_name: str, trained_ids: set[str]) -> list[dict]:

@@ -47,6 +47,16 @@ def write_report(
             "",
             _image(run, stage1 / TRAINING_CURVES, "stage 1 training curves"),
             "",
+            *(
+                [
+                    f"Probe (labelled rows stage 1 did not train on): gate AUROC {last['probe_auroc']:.3f}, "
+                    f"correlation with quality {m1['metrics']['gate_quality_correlation']:+.3f}; gates "
+                    f"{m1['metrics']['gate_direction']}.",
+                    "",
+                ]
+                if "gate_direction" in m1.get("metrics", {})
+                else []
+            ),
             "Gate statistics per layer at the last step (g = sigmoid(quality score), over all tokens):",
             "",
             "| layer | mean g | std g |",
