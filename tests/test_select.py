@@ -25,8 +25,17 @@ from selectmoe.data.template import (
     load_tokenizer,
 )
 from selectmoe.models.loading import load_select_moe
+from selectmoe.models.modeling import gates_shifted
 from selectmoe.select import select
-from selectmoe.select.score import row_nll, score_mask, score_terms, term_scales
+from selectmoe.select.score import (
+    DRIVING_FORCE_TAU,
+    driving_force,
+    gate_derivatives,
+    row_nll,
+    score_mask,
+    score_terms,
+    term_scales,
+)
 from selectmoe.select.scorer import GateScorer
 
 TRAIN_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "train"
@@ -411,6 +420,74 @@ def test_stage1_folder_excludes_training_rows_and_diversity_selects(one_actor, t
     assert counts["rows_excluded_training"] == 5
     assert len(selected) == int(0.1 * (counts["rows_scored"] - 5))
     assert scores_by_id(out) == scores_by_id(one_actor)  # same weights -> same scores
+
+
+def test_driving_force_is_a_damped_newton_step_on_the_gates():
+    """D2 = max(-A, 0)^2 / (2 (tau + max(B, 0) + 10 max(-B, 0))): nothing where opening the gates raises
+    the loss, the Newton decrease A^2 / 2B where the curvature is positive, ten times damped where it is
+    negative."""
+    slope = np.array([[-0.2, 0.1], [-0.2, -0.2]])
+    curvature = np.array([[0.1, 0.1], [-0.1, 0.0]])
+    expected = [
+        [0.04 / (2 * (DRIVING_FORCE_TAU + 0.1)), 0.0],
+        [0.04 / (2 * (DRIVING_FORCE_TAU + 1.0)), 0.04 / (2 * DRIVING_FORCE_TAU)],
+    ]
+    np.testing.assert_allclose(driving_force(slope, curvature), expected)
+
+
+def test_gate_derivatives_are_the_nlls_slope_and_curvature_along_opening_a_layers_gates(tiny_olmoe, tmp_path):
+    """A and B against central finite differences of an independent float64 NLL, on a model whose
+    experts matter (scaled up) and in float64 (eager experts), then GateScorer's stored columns and score."""
+    tokenizer = ensure_pad_token(load_tokenizer(str(tiny_olmoe)))
+    rows, encoded = oasst1_rows(tokenizer, n=3)
+    model = load_select_moe(str(tiny_olmoe), dtype="float32").eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for param in layer.mlp.experts.parameters():
+                param.mul_(30.0)
+    model.save_pretrained(tmp_path / "model")
+    exact = model.double()
+    exact.set_experts_implementation("eager")
+    batch = collate(encoded, tokenizer.pad_token_id, torch.device("cpu"))
+    ids, attention = batch["input_ids"], batch["attention_mask"]
+    mask = score_mask(attention, batch["labels"], "assistant")
+    slope, curvature = gate_derivatives(exact, ids, attention, mask)
+
+    @torch.no_grad()
+    def nll(layer: int, e: float) -> np.ndarray:
+        shifts = [
+            (e if i == layer else 0.0) * attention[..., None].double() for i in range(len(exact.model.layers))
+        ]
+        with gates_shifted(exact, shifts):
+            logits = exact(input_ids=ids, attention_mask=attention).logits[:, :-1]
+        token = -torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
+        target = mask[:, 1:].double()
+        return ((token * target).sum(1) / target.sum(1)).numpy()
+
+    tokens = attention.sum(1).double().numpy()
+    h = 1e-2  # smaller steps drown in rounding (the quality gates stay float32)
+    for layer in range(len(exact.model.layers)):
+        up, mid, down = nll(layer, h), nll(layer, 0.0), nll(layer, -h)
+        np.testing.assert_allclose(slope[:, layer], (up - down) / (2 * h) / tokens, rtol=2e-3)
+        np.testing.assert_allclose(curvature[:, layer], (up - 2 * mid + down) / h**2 / tokens, rtol=1e-2)
+    assert np.abs(slope).min() > 1e-5  # the gates move the loss: not a comparison of zeros
+
+    scorer = GateScorer(
+        str(tmp_path / "model"),
+        scoring=ScoringSection(driving_force_weight=2.0),
+        pad_token_id=tokenizer.pad_token_id,
+        dtype="float32",
+    )
+    columns = scorer(scorer_batch(rows, encoded))
+    stored = (
+        np.array(columns["gate_slope"]),
+        np.array(columns["gate_curvature"]),
+        np.array(columns["driving_force"]),
+    )
+    np.testing.assert_allclose(stored[0], slope, rtol=1e-3, atol=1e-7)  # float32 and grouped_mm here
+    np.testing.assert_allclose(stored[2], driving_force(stored[0], stored[1]))
+    expected = np.array(columns["layer_scores"]).mean(1) + 2.0 * stored[2].mean(1)
+    np.testing.assert_allclose(columns["score"], expected)
 
 
 @pytest.mark.slow

@@ -200,6 +200,10 @@ class ScoringSection:
     prompt_gain_weight: float = 0.0  # score += this x (nll_without_prompt - NLL) (!= 0 implies prompt_gain)
     expert_effect: bool = False  # also store nll_gates_shut: the NLL with every quality gate forced to 0
     expert_effect_weight: float = 0.0  # score += this x (nll_gates_shut - NLL) (!= 0 implies expert_effect)
+    # also store gate_slope, gate_curvature and driving_force (D2) per layer: derivatives of the row's NLL
+    # with respect to its gates (one forward, a double backward per layer; selectmoe.select.score)
+    driving_force: bool = False
+    driving_force_weight: float = 0.0  # score += this x mean over layers of D2 (!= 0 implies driving_force)
     # raw: the weights multiply the terms as measured; robust_z: each term is first centred on its
     # median over the scored corpus and divided by its IQR / 1.349 (a seeded sample of the score files,
     # no rescoring), so that a weight means the same on any model and corpus. Applied when selecting:
@@ -349,7 +353,7 @@ class PipelineConfig(CommonConfig):
 class DemoSection:
     rows: int = ranged(2000, low=10)  # generated training rows
     defect_rate: float = ranged(0.3, low=0, high=1, high_open=True)  # share of rows with a planted defect
-    lm_steps: int = ranged(100, low=0)  # LM pretraining steps of the tiny demo models (cached)
+    lm_steps: int = ranged(400, low=0)  # LM pretraining steps of the tiny demo models (cached)
     cache_dir: str | None = None  # default ~/.cache/selectmoe/demo_models
 
 

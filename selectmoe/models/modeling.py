@@ -111,6 +111,7 @@ class SelectMoeSparseMoeBlock(OlmoeSparseMoeBlock):
         self.quality_gate = SelectMoeQualityGate(config)
         self.trash_expert = SelectMoeTrashExpert(config, layer_idx)
         self.forced_gate: float | None = None  # set by `gates_forced`: g is this value exactly
+        self.gate_shift: torch.Tensor | None = None  # set by `gates_shifted`: added to g, (B, T, 1)
 
     def forward(self, hidden_states: torch.Tensor, position_ids: torch.Tensor | None = None):
         batch_size, seq_len, hidden_dim = hidden_states.shape
@@ -126,9 +127,27 @@ class SelectMoeSparseMoeBlock(OlmoeSparseMoeBlock):
             good = torch.sigmoid(quality_score)
         else:
             good = torch.full_like(quality_score, self.forced_gate)
+        if self.gate_shift is not None:
+            good = good + self.gate_shift
         mixed = good * expert_output + (1.0 - good) * trash
         # the second output is what `outputs.router_logits` records for this layer (seed API)
         return mixed.to(hidden_states.dtype), {"quality_score": quality_score, "moe_logits": router_logits}
+
+
+@contextmanager
+def gates_shifted(model: nn.Module, shifts: list[torch.Tensor]):
+    """Within the block layer l's gate is g + ``shifts[l]`` ((B, T, 1), broadcast): a differentiable
+    handle on the gates, for derivatives of a row's loss with respect to them."""
+    blocks = [m for m in model.modules() if isinstance(m, SelectMoeSparseMoeBlock)]
+    if len(shifts) != len(blocks):
+        raise ValueError(f"{len(shifts)} gate shifts for {len(blocks)} MoE layers")
+    for block, shift in zip(blocks, shifts):
+        block.gate_shift = shift
+    try:
+        yield model
+    finally:
+        for block in blocks:
+            block.gate_shift = None
 
 
 @contextmanager

@@ -5,6 +5,7 @@
                      - perplexity_weight x NLL                          (when set)
                      + prompt_gain_weight x (NLL_without_prompt - NLL)  (when set)
                      + expert_effect_weight x (NLL_gates_shut - NLL)    (when set)
+                     + driving_force_weight x mean over layers of D2[l]  (when set)
 
 Scored tokens are the assistant tokens (labels not ``IGNORE_INDEX``) by default, or every real token with
 ``scoring.tokens=all``; padding never counts. ``layer_scores`` are stored beside ``score`` so any
@@ -18,6 +19,12 @@ mutual information; the inverse view of IFD), low for replies that do not answer
 ``NLL_gates_shut`` is the NLL of the same tokens with every quality gate forced to 0 (only the trash
 expert; a third pass): the expert effect is what the gated experts contribute to predicting the row,
 a score built from what the gate controls rather than from the gate's raw value.
+``D2`` is the original project's later "net driving force" of the gates, the expert effect's local,
+second-order cousin: with every gate of layer l shifted by the same e over the row's real tokens,
+``A[l]`` = dNLL/de / T and ``B[l]`` = d2NLL/de2 / T (T real tokens: the token means of the gradient and of
+the Hessian along that direction; one forward and, by double backward, one backward per layer), and
+``D2[l] = max(-(A + lambda), 0)^2 / (2 (tau + max(B + mu, 0) + kappa max(-(B + mu), 0)))``: the NLL a
+Newton step opening the layer's gates would save, damped where the curvature is flat or negative.
 
 With ``scoring.combine=robust_z`` each term (mean gate, NLL, prompt gain, expert effect) is replaced by
 its robust z-score over the scored corpus, ``(term - median) / (IQR / 1.349)``, before it is weighted
@@ -36,9 +43,11 @@ import torch
 
 from selectmoe.data.collate import collate
 from selectmoe.data.template import IGNORE_INDEX
-from selectmoe.models.modeling import gates_forced
+from selectmoe.models.modeling import gates_forced, gates_shifted
 
 SCORE_TOKENS = ("assistant", "all")
+# D2's constants as the original project's design note gives them
+DRIVING_FORCE_LAMBDA, DRIVING_FORCE_TAU, DRIVING_FORCE_KAPPA, DRIVING_FORCE_MU = 0.0, 1e-4, 10.0, 0.0
 NLL_CHUNK = 1024  # scored positions per LM-head call in row_nll
 
 
@@ -51,7 +60,8 @@ class ScorePasses:
 
     The decoder pass gives ``layer_scores`` (and ``routing``, ``nll``); ``reply_only`` adds a pass
     over the replies without their prompts (``nll_without_prompt``); ``gates_shut`` a pass with every
-    quality gate forced to 0 (``nll_gates_shut``)."""
+    quality gate forced to 0 (``nll_gates_shut``); ``gate_derivatives`` a forward and a double backward
+    with respect to the gates (``gate_slope``, ``gate_curvature``, ``driving_force``)."""
 
     tokens: str = "assistant"
     gates: bool = True  # layer_scores; False for a model without quality gates (plain OLMoE/Llama)
@@ -60,12 +70,14 @@ class ScorePasses:
     nll: bool = False
     reply_only: bool = False
     gates_shut: bool = False
+    gate_derivatives: bool = False
 
     @classmethod
     def for_scoring(cls, scoring) -> ScorePasses:
         """The passes a ``scoring`` config section needs: a term's weight != 0 turns its pass on."""
         reply_only = scoring.prompt_gain or scoring.prompt_gain_weight != 0
         gates_shut = scoring.expert_effect or scoring.expert_effect_weight != 0
+        gate_derivatives = scoring.driving_force or scoring.driving_force_weight != 0
         if reply_only and scoring.tokens != "assistant":
             raise ValueError("scoring.prompt_gain needs scoring.tokens=assistant (it compares reply tokens)")
         return cls(
@@ -75,12 +87,20 @@ class ScorePasses:
             nll=scoring.lm_loss or scoring.perplexity_weight != 0 or reply_only or gates_shut,
             reply_only=reply_only,
             gates_shut=gates_shut,
+            gate_derivatives=gate_derivatives,
         )
 
     @property
     def full_rows(self) -> bool:
         """Whether a pass over the full rows (prompt and reply) is needed."""
-        return self.gates or self.routing or self.embedding or self.nll or self.gates_shut
+        return (
+            self.gates
+            or self.routing
+            or self.embedding
+            or self.nll
+            or self.gates_shut
+            or self.gate_derivatives
+        )
 
     def reply_only_apart(self) -> tuple[ScorePasses, ScorePasses | None]:
         """The passes over the full rows, and the reply-only pass alone (``None`` without one): the
@@ -112,8 +132,9 @@ def score_batch(model, rows: list[dict], what: ScorePasses, pad_token_id: int) -
 
     Columns: ``n_scored_tokens`` (with a pass over the full rows); ``layer_scores`` (B, L) with
     ``what.gates``; ``routing`` (B, L*E); ``embedding`` (B, hidden) fp16; ``nll``,
-    ``nll_without_prompt``, ``nll_gates_shut`` (B,). The decoder runs without the LM head; only the
-    scored positions go through it (``row_nll``)."""
+    ``nll_without_prompt``, ``nll_gates_shut`` (B,); ``gate_slope``, ``gate_curvature``,
+    ``driving_force`` (B, L). The decoder runs without the LM head; only the scored positions go through
+    it (``row_nll``)."""
     device = next(model.parameters()).device
     columns: dict[str, np.ndarray] = {}
     with _root_gathered(model):
@@ -139,6 +160,10 @@ def score_batch(model, rows: list[dict], what: ScorePasses, pad_token_id: int) -
                 with gates_forced(model, 0.0):
                     hidden = model.model(**inputs).last_hidden_state
                 columns["nll_gates_shut"] = _nll(model, hidden, batch["input_ids"], mask)
+            if what.gate_derivatives:
+                slope, curvature = gate_derivatives(model, batch["input_ids"], batch["attention_mask"], mask)
+                columns["gate_slope"], columns["gate_curvature"] = slope, curvature
+                columns["driving_force"] = driving_force(slope, curvature)
         if what.reply_only:
             replies = [{"input_ids": r["reply_input_ids"], "labels": r["reply_labels"]} for r in rows]
             reply = collate(replies, pad_token_id, device)
@@ -148,6 +173,50 @@ def score_batch(model, rows: list[dict], what: ScorePasses, pad_token_id: int) -
             reply_mask = score_mask(reply["attention_mask"], reply["labels"], "assistant")
             columns["nll_without_prompt"] = _nll(model, hidden, reply["input_ids"], reply_mask)
     return columns
+
+
+def gate_derivatives(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor
+) -> tuple[np.ndarray, np.ndarray]:
+    """(B, L) each: ``A`` and ``B`` of ``D2`` (module docstring), the first and second derivative of each
+    row's NLL over ``mask`` with respect to one shift of layer l's gates at every real token, per real
+    token. Rows are independent, so one backward of the summed NLL gives every row's derivative, and one
+    more per layer its curvature. Attention runs on the math kernel: the fused CPU/GPU kernels have no
+    double backward."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    n_layers = len(model.model.layers)
+    with torch.inference_mode(False), torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+        input_ids, attention_mask, mask = input_ids.clone(), attention_mask.clone(), mask.clone()
+        real = attention_mask[..., None].float()
+        shift = torch.zeros(len(input_ids), n_layers, device=input_ids.device, requires_grad=True)
+        with gates_shifted(model, [shift[:, layer, None, None] * real for layer in range(n_layers)]):
+            hidden = model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        nll = row_nll(model, hidden, input_ids, mask)
+        (slope,) = torch.autograd.grad(nll.sum(), shift, create_graph=True)
+        curvature = torch.stack(
+            [
+                torch.autograd.grad(slope[:, layer].sum(), shift, retain_graph=layer < n_layers - 1)[0][
+                    :, layer
+                ]
+                for layer in range(n_layers)
+            ],
+            dim=1,
+        )
+        tokens = real.sum(dim=(1, 2))[:, None].clamp(min=1)
+        return (
+            (slope.detach() / tokens).cpu().numpy().astype(np.float64),
+            (curvature / tokens).cpu().numpy().astype(np.float64),
+        )
+
+
+def driving_force(slope: np.ndarray, curvature: np.ndarray) -> np.ndarray:
+    """``D2`` per layer from ``A`` (``slope``) and ``B`` (``curvature``): module docstring."""
+    push = np.maximum(-(slope + DRIVING_FORCE_LAMBDA), 0.0) ** 2
+    bent = curvature + DRIVING_FORCE_MU
+    return push / (
+        2 * (DRIVING_FORCE_TAU + np.maximum(bent, 0.0) + DRIVING_FORCE_KAPPA * np.maximum(-bent, 0.0))
+    )
 
 
 def _nll(model, hidden: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
@@ -218,10 +287,13 @@ def row_score(
     expert_effect_weight: float = 0.0,
     scales: dict[str, dict[str, float]] | None = None,
     gate_weight: float = 1.0,
+    driving_force: np.ndarray | None = None,
+    driving_force_weight: float = 0.0,
 ) -> np.ndarray:
-    """(B, L) -> (B,): ``gate_weight`` x the mean over layers, with the NLL, prompt-gain and expert-effect
-    terms when their weights are set; with ``scales`` (``term_scales``) every term is a robust z-score first."""
-    terms = score_terms(layer_scores, nll, nll_without_prompt, nll_gates_shut)
+    """(B, L) -> (B,): ``gate_weight`` x the mean over layers, with the NLL, prompt-gain, expert-effect and
+    driving-force terms when their weights are set; with ``scales`` (``term_scales``) every term is a
+    robust z-score first."""
+    terms = score_terms(layer_scores, nll, nll_without_prompt, nll_gates_shut, driving_force)
     if scales is not None:
         terms = {
             name: (values - scales[name]["median"]) / scales[name]["scale"] for name, values in terms.items()
@@ -231,6 +303,7 @@ def row_score(
         ("nll", -perplexity_weight),
         ("prompt_gain", prompt_gain_weight),
         ("expert_effect", expert_effect_weight),
+        ("driving_force", driving_force_weight),
     ):
         if weight:
             score = score + weight * terms[name]
@@ -242,10 +315,14 @@ def score_terms(
     nll: np.ndarray | None = None,
     nll_without_prompt: np.ndarray | None = None,
     nll_gates_shut: np.ndarray | None = None,
+    driving_force: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """The row score's terms that the given columns allow: ``gate`` (mean over layers), ``nll``,
-    ``prompt_gain`` (NLL without the prompt - NLL), ``expert_effect`` (NLL with the gates shut - NLL)."""
+    ``prompt_gain`` (NLL without the prompt - NLL), ``expert_effect`` (NLL with the gates shut - NLL),
+    ``driving_force`` (D2, mean over layers)."""
     terms = {"gate": np.asarray(layer_scores, dtype=np.float64).mean(axis=-1)}
+    if driving_force is not None:
+        terms["driving_force"] = np.asarray(driving_force, dtype=np.float64).mean(axis=-1)
     if nll is not None:
         terms["nll"] = np.asarray(nll, dtype=np.float64)
         if nll_without_prompt is not None:
@@ -279,6 +356,8 @@ def score_columns(scoring) -> list[str]:
         needed.append("nll_without_prompt")
     if scoring.expert_effect_weight:
         needed.append("nll_gates_shut")
+    if scoring.driving_force_weight:
+        needed.append("driving_force")
     return needed
 
 
@@ -297,6 +376,8 @@ def score_of(
         scoring.expert_effect_weight,
         scales,
         scoring.gate_weight,
+        columns.get("driving_force"),
+        scoring.driving_force_weight,
     )
 
 
@@ -310,6 +391,7 @@ def score_formula(scoring) -> str:
             (-scoring.perplexity_weight, "NLL"),
             (scoring.prompt_gain_weight, "prompt gain"),
             (scoring.expert_effect_weight, "expert effect"),
+            (scoring.driving_force_weight, "driving force D2"),
         )
     ]
     terms = []

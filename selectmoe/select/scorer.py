@@ -18,7 +18,10 @@ from selectmoe.scaling import set_cpu_threads
 from selectmoe.select.score import ScorePasses, score_batch, score_of
 
 # columns the score files keep beside id, dataset, score, layer_scores, n_tokens and n_scored_tokens
-OPTIONAL_COLUMNS = ("routing", "embedding", "nll", "nll_without_prompt", "nll_gates_shut")
+OPTIONAL_COLUMNS = (
+    "routing", "embedding", "nll", "nll_without_prompt", "nll_gates_shut", "gate_slope", "gate_curvature",
+    "driving_force",
+)  # fmt: skip
 TOKEN_FIELDS = ("input_ids", "labels", "reply_input_ids", "reply_labels")  # what score_batch reads
 DEFAULT_TOKENS_PER_BATCH = {"cuda": 16384, "cpu": 4096}  # scoring.tokens_per_batch=0
 
@@ -41,7 +44,7 @@ class GateScorer:
         self.model = load_select_moe(
             model_path, dtype=resolve_dtype(dtype, self.device), attn_implementation=attn_implementation
         ).to(self.device)
-        self.model.eval()
+        self.model.eval().requires_grad_(False)  # D2's derivatives are taken with respect to the gates only
         self.scoring = scoring
         self.passes = ScorePasses.for_scoring(scoring)
         self.pad_token_id = pad_token_id
