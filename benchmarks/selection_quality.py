@@ -158,15 +158,17 @@ def sample_by_file(data_dir: Path, n: int, seed: int) -> list[dict]:
     return rows
 
 
-def write_corpus(rows: list[dict], out: Path, defect_rate: float, seed: int) -> Path:
-    """The corpus with planted defects: ``out/train/DATASET.jsonl`` and ``out/labels.jsonl``."""
+def write_corpus(
+    rows: list[dict], out: Path, defect_rate: float, seed: int, kinds: tuple[str, ...] = BENCH_KINDS
+) -> Path:
+    """The corpus with planted defects (``kinds``): ``out/train/DATASET.jsonl`` and ``out/labels.jsonl``."""
     rng = random.Random(seed)
     wrong_rng = random.Random(seed + 1)
     labels = plant_defects(
         rng,
         rows,
         defect_rate,
-        BENCH_KINDS,
+        kinds,
         wrong_reply=lambda i, reply: (
             cot_wrong_answer(reply, wrong_rng) if rows[i]["dataset"] == "cot" else None
         ),

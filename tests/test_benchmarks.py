@@ -105,6 +105,43 @@ def test_selection_quality_small(tmp_path):
     assert all(row["datasets_covered"] >= 1 for row in report["coverage"])
 
 
+def test_loko_tiny_chooses_without_the_judged_kind_and_judges_unseen_kinds(tmp_path):
+    """One tiny run (strong base, fast stage 1) with D2 from the product's scorer: every planted kind is
+    judged by a recipe chosen without it, the unseen kinds are judged, per-dataset columns exist."""
+    stdout, report = run_benchmark(
+        "loko.py",
+        tmp_path,
+        *("--tiny", "--d2", "--seeds", "0", "--bases", "strong", "--regimes", "fast"),
+        *("--work-dir", str(tmp_path / "work")),
+        timeout=600,
+    )
+    assert "Leave one planted kind out (1 runs)" in stdout
+    loko = report["leave_one_kind_out"]
+    assert [row["held_out_kind"] for row in loko] == [
+        "garbled", "shuffled", "swapped", "truncated", "spam", "wrong_answer"
+    ]  # fmt: skip
+    assert all(0 <= row["chosen"] <= 1 for row in loko)
+    scorers = {row["scorer"] for row in report["by_group"]}
+    assert (
+        "driving force alone: 1 x z(driving force D2)" in scorers
+        and "perplexity (-NLL, base model)" in scorers
+    )
+    groups = {row["runs"] for row in report["by_group"]}
+    assert groups == {"all runs", "small/strong/fast"}
+    row = report["by_group"][0]
+    assert {"echo", "looped", "empty_ish", "unseen", "within_datasets", "worst_dataset"} <= set(row)
+    assert row["worst_dataset"] <= row["within_datasets"]
+    # the default preset's recipe is judged like every other: NLL and prompt gain, no gates
+    assert report["default_recipe"] == "-1 x z(NLL) + 1 x z(prompt gain)"
+
+
+def test_demo_lm_plateau_small(tmp_path):
+    stdout, report = run_benchmark("demo_lm_plateau.py", tmp_path, "--steps", "2", "4")
+    assert "shortest length within 2% of the longest's held-out loss" in stdout
+    assert [r["steps"] for r in report["results"]] == [2, 4] and report["plateau_steps"] in (2, 4)
+    assert all(r["held_out_loss"] > 0 for r in report["results"])
+
+
 def test_sweep_search_small(tmp_path):
     space = tmp_path / "space.yaml"  # the shipped search's keys, short trials
     space.write_text(
@@ -170,7 +207,9 @@ def test_real_shape_build_writes_loadable_checkpoints_in_the_hub_layout(tmp_path
 def test_real_shape_run_takes_every_stage_through_the_cli(tmp_path):
     """The mini shape of ``real_shape.py run``: each stage's CLI in its own local Ray, every process of
     its tree sampled and named by its Ray role, the stage's own load/step numbers, and the alternating
-    throughput loops on the same rows."""
+    throughput loops on the same rows. (``pretrain_lora`` and ``evaluate`` are left out for CI time: the
+    script runs them as it runs ``pretrain_full_rank`` and ``finetune``; test_pretrain and test_evaluate
+    cover those stages.)"""
     models = tmp_path / "ckpt"
     run_benchmark("real_shape.py", tmp_path, "build", str(models), "--shape", "mini")
     stdout, report = run_benchmark(
@@ -178,28 +217,27 @@ def test_real_shape_run_takes_every_stage_through_the_cli(tmp_path):
         tmp_path,
         "run",
         str(models),
-        *("--rows", "24", "--throughput-rows", "8", "--steps", "1", "--eval-limit", "2"),
+        *("--rows", "24", "--throughput-rows", "8", "--steps", "1"),
+        *("--stages", "pretrain_full_rank", "select", "finetune", "throughput"),
         timeout=600,
     )
     stages = report["stages"]
-    assert list(stages) == ["pretrain_full_rank", "pretrain_lora", "select", "finetune", "evaluate"]
+    assert list(stages) == ["pretrain_full_rank", "select", "finetune"]
     assert all(stage["rc"] == 0 for stage in stages.values())
     roles = {
         "pretrain_full_rank": "Train worker",
-        "pretrain_lora": "Train worker",
         "select": "scoring actor",
         "finetune": "Train worker",
-        "evaluate": "eval task",
     }
     for name, role in roles.items():
         process = stages[name]["processes"][role]
         assert process["peak_rss_gib"] >= process["peak_anon_gib"] > 0, name
         assert stages[name]["processes"]["driver"]["peak_rss_gib"] > 0
-    for name in ("pretrain_full_rank", "pretrain_lora", "finetune"):
+    for name in ("pretrain_full_rank", "finetune"):
         assert stages[name]["load_s"] > 0 and stages[name]["step_s"] > 0
     # stage 1 writes only the trained gates and routers (full_rank) or a LoRA adapter, not the model
     assert stages["pretrain_full_rank"]["trainable_bytes"] < report["model_bytes"]["olmoe-1b-7b"] / 5
-    assert stages["select"]["rows_scored"] == 24 and stages["evaluate"]["samples"] == 2
+    assert stages["select"]["rows_scored"] == 24
     throughput = report["throughput"]
     assert set(throughput["speedup_vs_seed"]) == {"seed loop", "original preset", "default preset"}
     assert 0 < throughput["share_of_peak"]["original preset"] < 1

@@ -1,0 +1,410 @@
+"""Which row score generalises? Weights chosen leave-one-defect-kind-out, judged on kinds never tuned on.
+
+Runs the product's stage 1 (``pretrain``) and stage 2 (``select``, every score term stored) on real rows
+from ``../shared/data/train`` with planted defects, over a grid of runs: selector sizes (``--sizes``),
+LM-pretraining of the base (``--bases``: a barely and a well pretrained selector), stage-1 regimes
+(``--regimes``: the seed's lr 3e-4 / 40 steps and lr 1e-2 / 60 steps) and seeds. Each run's per-row
+terms (mean gate, NLL, prompt gain, expert effect; perplexity under the base model) are cached, so the
+analysis reruns without rescoring.
+
+Candidate recipes are the product's robust-z formula (``scoring.combine=robust_z``) over a weight grid
+on z(mean gate), z(-NLL), z(prompt gain), z(expert effect). The analysis:
+
+- **Leave one kind out.** For each planted kind K, the recipe with the best worst-kind AUROC over the
+  other kinds (mean over every run) is chosen without K, then judged on K. The worst of those held-out
+  AUROCs is the honest estimate of how the choice generalises to a new kind of defect.
+- **Kinds no weight ever saw.** ``empty_ish``, ``looped`` and ``echo`` are planted too and kept out of
+  every choice; they are judged only.
+- **Per regime**: for the default preset's recipe, the recipe chosen on every planted kind, gates alone
+  and perplexity: AUROC on the planted kinds, the worst planted kind, the unseen kinds, the mean and the
+  lowest AUROC within a source dataset, and precision at 5%.
+
+    .venv/bin/python benchmarks/loko.py --seeds 0 1 2 3 4 --json benchmarks/results/loko.json   # ~1 h
+    .venv/bin/python benchmarks/loko.py --sizes medium --seeds 0 1 --bases strong --json ...    # 4 layers x 256
+    .venv/bin/python benchmarks/loko.py --tiny --json /tmp/loko.json                            # CI size
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow.parquet as pq
+from common import TRAIN_DIR, lm_pretrained_tiny, print_table, quiet_ray, quiet_transformers, write_json
+from selection_quality import BENCH_KINDS, perplexity_nll, run_stages, sample_by_file, write_corpus
+
+from selectmoe.config import PipelineConfig, load_preset
+from selectmoe.demo.defects import HELD_OUT_KINDS
+from selectmoe.layout import TRAINING_IDS
+from selectmoe.manifest import hash_dict
+from selectmoe.metrics import auroc, auroc_within_groups, precision_at_k
+from selectmoe.select.score import row_score, score_formula, score_terms, term_scales
+
+UNSEEN_KINDS = ("empty_ish", *HELD_OUT_KINDS)  # planted, judged, never used to choose a weight
+SIZES = {
+    "small": {},  # the tiny OLMoE of the tests and the demo: 2 layers, hidden 64
+    "medium": {"num_hidden_layers": 4, "hidden_size": 256, "intermediate_size": 128},
+}
+BASES = {"weak": 30, "strong": 300}  # LM-pretraining steps of the selector before stage 1
+REGIMES = {"seed": (3e-4, 40), "fast": (1e-2, 60)}  # stage 1: learning rate, steps
+# weights on z(mean gate), z(-NLL), z(prompt gain), z(expert effect), z(driving force D2; with --d2)
+GRID = {
+    "gate": (-1.0, -0.5, 0.0, 0.5, 1.0),
+    "nll": (0.0, 0.5, 1.0, 2.0),
+    "prompt_gain": (0.0, 0.5, 1.0, 2.0),
+    "expert_effect": (-0.5, 0.0, 0.5, 1.0),
+    "driving_force": (-1.0, -0.5, 0.0, 0.5, 1.0),
+}
+PERPLEXITY = "perplexity (-NLL, base model)"
+
+
+def main() -> None:
+    args = parse_args()
+    quiet_transformers()
+    quiet_ray(dashboard=True)
+    started = time.time()
+    runs = {}
+    for seed, size, base in itertools.product(
+        args.seeds, args.sizes, args.bases
+    ):  # seed-major: stop any time
+        runs.update(run_model(args, size, base, seed))
+    recipes = recipe_grid(args.d2)
+    judged = {name: judge(terms, recipes, args.percentage) for name, terms in runs.items()}
+    results = analyse(judged, recipes)
+    print_results(results, len(runs))
+    print(f"\ntotal {time.time() - started:.0f} s")
+    write_json(args.json, {"args": vars(args), "grid": GRID, "runs": sorted(runs), **results})
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default=str(TRAIN_DIR))
+    p.add_argument("--work-dir", default="/tmp/selectmoe_loko")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--sizes", nargs="+", default=["small"], choices=list(SIZES))
+    p.add_argument("--bases", nargs="+", default=list(BASES), choices=list(BASES))
+    p.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
+    p.add_argument("--rows", type=int, default=1500, help="corpus rows (as many again LM-pretrain the base)")
+    p.add_argument("--defect-rate", type=float, default=0.3)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--subset-ratio", type=float, default=0.4, help="share of the corpus stage 1 trains on")
+    p.add_argument("--stage1-batch", type=int, default=16)
+    p.add_argument("--percentage", type=float, default=0.05, help="precision at this share of the rows")
+    p.add_argument("--tiny", action="store_true", help="CI size: 200 rows, 5/10 LM steps, 3 stage-1 steps")
+    p.add_argument(
+        "--d2", action="store_true", help="add the driving force D2 (scoring.driving_force) to the grid"
+    )
+    p.add_argument("--cached-only", action="store_true", help="analyse the runs already cached; run nothing")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    args.lm_steps = {"weak": 5, "strong": 10} if args.tiny else BASES
+    args.stage1_steps = 3 if args.tiny else None  # None: the regime's own length
+    if args.tiny:
+        args.rows = 200
+    return args
+
+
+# ---------------------------------------------------------------------------- runs
+
+
+def run_model(args, size: str, base: str, seed: int) -> dict[str, dict]:
+    """Every regime's stage 1 + stage 2 on one base model and one corpus; run name -> per-row terms
+    (cached by the run's recipe in the work folder)."""
+    recipe = {
+        "size": size, "base_steps": args.lm_steps[base], "seed": seed, "rows": args.rows,
+        "defect_rate": args.defect_rate, "max_length": args.max_length, "subset_ratio": args.subset_ratio,
+        "stage1_batch": args.stage1_batch, "stage1_steps": args.stage1_steps,
+    }  # fmt: skip
+    work = Path(args.work_dir) / f"{size}_{base}_seed{seed}_{hash_dict(recipe)}"
+    cached = {regime: work / regime / "terms.json" for regime in args.regimes}
+    if args.cached_only or all(path.exists() for path in cached.values()):
+        return {
+            f"{size}/{base}/{regime}/seed{seed}": with_driving_force(
+                args, work, regime, json.loads(path.read_text())
+            )
+            for regime, path in cached.items()
+            if path.exists()
+        }
+    rows = sample_by_file(Path(args.data_dir), 2 * args.rows, seed)
+    lm_rows, corpus_rows = rows[::2], rows[1::2]
+    corpus = work / "corpus"
+    shutil.rmtree(corpus, ignore_errors=True)
+    write_corpus(corpus_rows, corpus, args.defect_rate, seed, (*BENCH_KINDS, *UNSEEN_KINDS))
+    model = lm_pretrained_tiny(
+        "olmoe",
+        seed,
+        lm_rows,
+        args.lm_steps[base],
+        args.max_length,
+        Path(args.work_dir) / "models",
+        **SIZES[size],
+    )
+    labels = {r["id"]: r for r in map(json.loads, (corpus / "labels.jsonl").open())}
+    base_nll, _ = perplexity_nll(model, corpus_rows, args.max_length)
+    out = {}
+    for regime in args.regimes:
+        learning_rate, steps = REGIMES[regime]
+        stage_args = SimpleNamespace(**{**vars(args), "stage1_steps": args.stage1_steps or steps})
+        _, stage2 = run_stages(
+            stage_args, corpus, model, work / regime, seed, [f"training.learning_rate={learning_rate}"]
+        )
+        trained = set(
+            pq.read_table(work / regime / "stage1" / TRAINING_IDS, columns=["id"])["id"].to_pylist()
+        )
+        columns = ["id", "layer_scores", "nll", "nll_without_prompt", "nll_gates_shut"]
+        scored = [
+            r for r in pq.read_table(stage2 / "scores", columns=columns).to_pylist() if r["id"] not in trained
+        ]
+        scored.sort(key=lambda r: r["id"])
+        terms = {
+            "id": [r["id"] for r in scored],
+            "defect": [labels[r["id"]]["defect"] or "" for r in scored],
+            "dataset": [labels[r["id"]]["dataset"] for r in scored],
+            "gate": [float(np.mean(r["layer_scores"])) for r in scored],
+            **{c: [r[c] for r in scored] for c in ("nll", "nll_without_prompt", "nll_gates_shut")},
+            "base_nll": [base_nll.get(r["id"], float("nan")) for r in scored],
+        }
+        cached[regime].write_text(json.dumps(terms))
+        out[f"{size}/{base}/{regime}/seed{seed}"] = with_driving_force(args, work, regime, terms)
+    return out
+
+
+def with_driving_force(args, work: Path, regime: str, terms: dict) -> dict:
+    """With ``--d2``: the terms with each row's mean D2 over layers, from the product's scorer
+    (``GateScorer``, ``scoring.driving_force=true``) on the run's stage-1 model (cached beside the terms)."""
+    if not args.d2 or "driving_force" in terms:
+        return terms
+    from selectmoe.config import ScoringSection
+    from selectmoe.data import encode_batch, ensure_pad_token, load_tokenizer
+    from selectmoe.select.scorer import GateScorer
+
+    stage1 = work / regime / "stage1"
+    tokenizer = ensure_pad_token(load_tokenizer(str(stage1 / "tokenizer")))
+    rows = {
+        r["id"]: r
+        for f in sorted((work / "corpus" / "train").glob("*.jsonl"))
+        for r in map(json.loads, f.open())
+    }
+    encoded = encode_batch(
+        [rows[i]["messages"] for i in terms["id"]], tokenizer, max_seq_length=args.max_length
+    )
+    scorer = GateScorer(
+        str(stage1),
+        scoring=ScoringSection(driving_force=True),
+        pad_token_id=tokenizer.pad_token_id,
+        dtype="float32",
+    )
+    columns = scorer(
+        {
+            "id": np.array(terms["id"]),
+            "dataset": np.array(terms["dataset"]),
+            "input_ids": [e["input_ids"] for e in encoded],
+            "labels": [e["labels"] for e in encoded],
+        }
+    )
+    terms = {**terms, "driving_force": [float(np.mean(d)) for d in columns["driving_force"]]}
+    (work / regime / "terms.json").write_text(json.dumps(terms))
+    return terms
+
+
+# ---------------------------------------------------------------------------- recipes and judging
+
+
+def recipe_grid(d2: bool) -> dict[str, tuple[float, ...]]:
+    """Formula text -> weights (gate, -NLL, prompt gain, expert effect, D2), every grid point but all
+    zeros; D2's weight stays 0 without ``d2``."""
+    recipes = {}
+    for weights in itertools.product(*GRID.values()):
+        if any(weights) and (d2 or weights[-1] == 0):
+            recipes[formula(weights)] = weights
+    return recipes
+
+
+def formula(weights: tuple[float, ...]) -> str:
+    gate, nll, gain, effect, d2 = weights
+    scoring = SimpleNamespace(
+        combine="robust_z", tokens="assistant", gate_weight=gate, perplexity_weight=nll,
+        prompt_gain_weight=gain, expert_effect_weight=effect, driving_force_weight=d2,
+    )  # fmt: skip
+    return score_formula(scoring)
+
+
+def recipe_scores(terms: dict, weights: tuple[float, ...]) -> np.ndarray:
+    """The product's row score (``row_score`` with robust-z scales over these rows)."""
+    layers = np.asarray(terms["gate"], dtype=float)[:, None]
+    nll, unprompted, shut = (
+        np.asarray(terms[c], dtype=float) for c in ("nll", "nll_without_prompt", "nll_gates_shut")
+    )
+    d2 = np.asarray(terms["driving_force"], dtype=float)[:, None] if "driving_force" in terms else None
+    scales = term_scales(score_terms(layers, nll, unprompted, shut, d2))
+    gate, nll_w, gain, effect, d2_w = weights
+    return row_score(
+        layers, nll, nll_w, unprompted, gain, shut, effect, scales=scales, gate_weight=gate,
+        driving_force=d2, driving_force_weight=d2_w,
+    )  # fmt: skip
+
+
+def judge(terms: dict, recipes: dict, percentage: float) -> dict[str, dict[str, float]]:
+    """Scorer -> AUROC per kind (clean vs that kind), over the planted kinds, over the unseen kinds,
+    within source datasets (planted kinds; mean and lowest), precision at ``percentage``."""
+    defect = np.asarray(terms["defect"], dtype=object)
+    datasets = np.asarray(terms["dataset"])
+    clean = defect == ""
+    planted, unseen = np.isin(defect, BENCH_KINDS), np.isin(defect, UNSEEN_KINDS)
+    k = max(1, int(percentage * len(defect)))
+    scorers = {name: recipe_scores(terms, weights) for name, weights in recipes.items()}
+    scorers[PERPLEXITY] = -np.asarray(terms["base_nll"], dtype=float)
+    scorers["random"] = np.random.default_rng(len(defect)).random(len(defect))
+    out = {}
+    for name, scores in scorers.items():
+        row = {
+            kind: auroc(scores[clean | (defect == kind)], clean[clean | (defect == kind)])
+            for kind in (*BENCH_KINDS, *UNSEEN_KINDS)
+        }
+        row["planted"] = auroc(scores[clean | planted], clean[clean | planted])
+        row["unseen"] = auroc(scores[clean | unseen], clean[clean | unseen])
+        within = auroc_within_groups(
+            scores[clean | planted], clean[clean | planted], datasets[clean | planted]
+        )
+        row["within_datasets"] = float(np.mean(list(within.values()))) if within else float("nan")
+        row["worst_dataset"] = min(within.values(), default=float("nan"))
+        row["precision_at_5pct"] = precision_at_k(scores, clean, k)
+        out[name] = row
+    return out
+
+
+# ---------------------------------------------------------------------------- analysis
+
+
+def analyse(judged: dict[str, dict], recipes: dict) -> dict:
+    runs = sorted(judged)
+    scorers = list(next(iter(judged.values())))
+
+    def mean(scorer: str, metric: str, among=runs) -> float:
+        return float(np.nanmean([judged[run][scorer][metric] for run in among]))
+
+    def worst_kind(scorer: str, kinds) -> float:
+        return min(mean(scorer, kind) for kind in kinds)
+
+    def choose(kinds) -> str:  # the best worst-kind AUROC over ``kinds``, ties to the higher mean
+        return max(
+            recipes, key=lambda r: (round(worst_kind(r, kinds), 4), np.mean([mean(r, k) for k in kinds]))
+        )
+
+    default_scoring = load_preset(PipelineConfig().preset)["keys"]["select"]["scoring"]
+    default = formula(
+        (
+            default_scoring.get("gate_weight", 1.0),
+            default_scoring.get("perplexity_weight", 0.0),
+            default_scoring.get("prompt_gain_weight", 0.0),
+            default_scoring.get("expert_effect_weight", 0.0),
+            default_scoring.get("driving_force_weight", 0.0),
+        )
+    )
+    gates = formula((1.0, 0.0, 0.0, 0.0, 0.0))
+    loko = []
+    for kind in BENCH_KINDS:
+        chosen = choose([k for k in BENCH_KINDS if k != kind])
+        loko.append(
+            {
+                "held_out_kind": kind,
+                "chosen_without_it": chosen,
+                "chosen": mean(chosen, kind),
+                "default": mean(default, kind),
+                "perplexity": mean(PERPLEXITY, kind),
+                "gates_alone": mean(gates, kind),
+            }
+        )
+    chosen_all = choose(BENCH_KINDS)
+    named = {
+        f"default preset ({PipelineConfig().preset}): {default}": default,
+        f"chosen on every planted kind: {chosen_all}": chosen_all,
+        f"gates alone: {gates}": gates,
+        PERPLEXITY: PERPLEXITY,
+        "random": "random",
+    }
+    d2 = formula((0.0, 0.0, 0.0, 0.0, 1.0))
+    if d2 in recipes:
+        named[f"driving force alone: {d2}"] = d2
+    groups = sorted({run.rsplit("/", 1)[0] for run in runs})
+    metrics = (
+        "planted",
+        "worst_planted_kind",
+        "unseen",
+        *UNSEEN_KINDS,
+        "within_datasets",
+        "worst_dataset",
+        "precision_at_5pct",
+    )
+    by_group = []
+    for group in ["all runs", *groups]:
+        among = runs if group == "all runs" else [r for r in runs if r.startswith(group + "/")]
+        for label, scorer in named.items():
+            row = {"runs": group, "scorer": label}
+            for metric in metrics:
+                row[metric] = (
+                    min(mean(scorer, k, among) for k in BENCH_KINDS)
+                    if metric == "worst_planted_kind"
+                    else mean(scorer, metric, among)
+                )
+            row["worst_dataset"] = min(judged[run][scorer]["worst_dataset"] for run in among)
+            by_group.append(row)
+    top = sorted(recipes, key=lambda r: -worst_kind(r, BENCH_KINDS))[:10]
+    return {
+        "default_recipe": default,
+        "chosen_on_all_planted_kinds": chosen_all,
+        "leave_one_kind_out": loko,
+        "loko_worst": {
+            name: min(row[name] for row in loko)
+            for name in ("chosen", "default", "perplexity", "gates_alone")
+        },
+        "by_group": by_group,
+        "top_recipes_by_worst_planted_kind": [
+            {"recipe": r, "worst_planted_kind": worst_kind(r, BENCH_KINDS), "unseen": mean(r, "unseen")}
+            for r in top
+        ],
+        "per_run": {run: {s: judged[run][s] for s in named.values()} for run in runs},
+        "scorers": len(scorers),
+    }
+
+
+def print_results(results: dict, n_runs: int) -> None:
+    loko = results["leave_one_kind_out"]
+    print_table(
+        f"Leave one planted kind out ({n_runs} runs): the recipe chosen on the other kinds, judged on the held-out one",
+        ["held-out kind", "recipe chosen without it", "its AUROC", "default", "perplexity", "gates alone"],
+        [
+            [
+                r["held_out_kind"],
+                r["chosen_without_it"],
+                r["chosen"],
+                r["default"],
+                r["perplexity"],
+                r["gates_alone"],
+            ]
+            for r in loko
+        ],
+    )
+    worst = results["loko_worst"]
+    print(
+        f"worst held-out kind: chosen {worst['chosen']:.3f}, default {worst['default']:.3f}, "
+        f"perplexity {worst['perplexity']:.3f}, gates alone {worst['gates_alone']:.3f}"
+    )
+    rows = results["by_group"]
+    columns = [c for c in rows[0] if c not in ("runs", "scorer")]
+    print_table(
+        "Per base / regime (mean over seeds; worst_dataset: the lowest over every run)",
+        ["runs", "scorer", *columns],
+        [[r["runs"], r["scorer"], *[r[c] for c in columns]] for r in rows],
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
