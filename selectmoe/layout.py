@@ -84,6 +84,9 @@ SWEEP_REPORT = "sweep_report.md"
 # ---- validate-data
 ROWS_DIR = "rows"
 
+# ---- tiny models (demo, benchmarks): their LM pretraining, {"steps", "loss": per-step training loss}
+LM_PRETRAINING = "lm_pretraining.json"
+
 
 def score_files(scores_dir: str | Path) -> list[Path]:
     """The finished score files of a ``scores/`` folder (Ray Data's write leaves no other parquet)."""

@@ -23,6 +23,7 @@ def demo_args(out: Path, cache: Path, *extra: str) -> list[str]:
         f"demo.cache_dir={cache}",
         "demo.rows=400",
         "demo.lm_steps=4",  # the LM pretraining of the tiny models; nothing here depends on its quality
+        "demo.target_lm_steps=4",
         "pretrain.training.max_steps=6",
         "finetune.training.epochs=1",
         "evaluate.eval.tasks=[mmlu_local,gsm8k_local]",
@@ -75,11 +76,16 @@ def test_demo_writes_a_report_with_plots_baseline_and_separation(demo_run, capsy
     assert re.search(
         r"Clean rows in what was selected .*: the selection \d+ of \d+, the random baseline", report
     )
+    assert "The selector was LM-pretrained 4 steps first (training loss over the last tenth" in report
     separation = json.loads((out / "separation.json").read_text())
     scorers = [row["scorer"] for row in separation["table"]]
     assert any("perplexity" in s for s in scorers) and any("length" in s for s in scorers)
     assert scorers[:2] == ["Select-MoE score (preset=filtered_random)", "gates alone (mean gate)"]
     assert all(0 <= row["auroc_all"] <= 1 for row in separation["table"])
+    # judged inside each source dataset too: the worst dataset is at most the mean over them
+    assert all(
+        0 <= row["auroc_worst_dataset"] <= row["auroc_within_datasets"] <= 1 for row in separation["table"]
+    )
     for stage in STAGES:
         assert (out / stage / "manifest.json").exists()
         assert (out / "baseline_random" / stage / "manifest.json").exists() or stage == "stage_1_pretrain"

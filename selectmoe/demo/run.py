@@ -24,6 +24,7 @@ from selectmoe.demo.corpus import LABELS_FILE, write_demo_corpus
 from selectmoe.layout import (
     BASELINE_PREFIX,
     CALIBRATION,
+    LM_PRETRAINING,
     MANIFEST,
     SCORES_DIR,
     SELECTED_JSONL,
@@ -38,7 +39,7 @@ from selectmoe.reporting.report import markdown_table
 from selectmoe.select.calibrate import combiner_columns, combiner_score
 from selectmoe.select.score import row_score, score_columns, score_of
 
-MODELS_VERSION = 1  # bump when the tiny demo models change
+MODELS_VERSION = 2  # bump when the tiny demo models change (2: they keep their LM-pretraining loss)
 REFERENCE_ROWS = 300
 
 
@@ -78,7 +79,8 @@ def demo_models(cfg: DemoConfig) -> tuple[Path, Path]:
     """(selector, target): a tiny OLMoE and a tiny Llama, LM-pretrained on generated clean rows; cached."""
     from selectmoe.demo.tiny import build_tiny_llama, build_tiny_olmoe, pretrain_tiny_lm
 
-    key = hash_dict({"version": MODELS_VERSION, "seed": cfg.seed, "steps": cfg.demo.lm_steps})
+    steps = {"selector_olmoe": cfg.demo.lm_steps, "target_llama": cfg.demo.target_lm_steps}
+    key = hash_dict({"version": MODELS_VERSION, "seed": cfg.seed, "steps": steps})
     cache = (
         Path(cfg.demo.cache_dir or Path.home() / ".cache" / "selectmoe" / "demo_models").expanduser() / key
     )
@@ -93,9 +95,9 @@ def demo_models(cfg: DemoConfig) -> tuple[Path, Path]:
         for line in f.open()
     ]
     for build, out in ((build_tiny_olmoe, selector), (build_tiny_llama, target)):
-        with phase(f"demo: building {out.name} and LM-pretraining it {cfg.demo.lm_steps} steps (cached)"):
+        with phase(f"demo: building {out.name} and LM-pretraining it {steps[out.name]} steps (cached)"):
             base = build(cache / f"{out.name}_init", seed=cfg.seed)
-            pretrain_tiny_lm(base, rows, out, steps=cfg.demo.lm_steps, seed=cfg.seed)
+            pretrain_tiny_lm(base, rows, out, steps=steps[out.name], seed=cfg.seed)
     return selector, target
 
 
@@ -130,8 +132,12 @@ def separation_section(run: Path, data: Path, preset: str) -> str:
         "random": rng.random(len(held_out)),
     }
     k = max(1, manifest["counts"]["rows_selected"])
-    columns, rows = separation_table(scorers, defect, k)
-    recipe = read_manifest(run / STAGE_DIRS["pretrain"])["config"]["training"]
+    datasets = np.array([labels[r["id"]]["dataset"] for r in held_out])
+    columns, rows = separation_table(scorers, defect, k, datasets)
+    stage1_config = read_manifest(run / STAGE_DIRS["pretrain"])["config"]
+    recipe = stage1_config["training"]
+    lm = Path(stage1_config["selector_model"]["path"]) / LM_PRETRAINING
+    losses = json.loads(lm.read_text())["loss"] if lm.exists() else []
     (run / SEPARATION).write_text(json.dumps({"k": k, "rows": len(held_out), "table": rows}, indent=2))
     kinds = ", ".join(f"{kind} {int((defect == kind).sum())}" for kind in sorted(set(defect) - {""}))
     by_name = {row["scorer"]: row for row in rows}
@@ -166,14 +172,22 @@ def separation_section(run: Path, data: Path, preset: str) -> str:
             "",
             f"{len(held_out)} rows not used in stage 1: {int((defect == '').sum())} clean, defective: {kinds}. "
             f"Clean rows are the positives; AUROC 0.5 is chance; precision@{k} is the share of clean rows "
-            "among the k best-scored (k = the selection size).",
+            "among the k best-scored (k = the selection size); within datasets: the mean of the AUROCs "
+            "inside each source dataset (a score can rank datasets without telling rows apart), and the "
+            "lowest of them.",
             "",
             markdown_table(columns, rows),
             "",
             f"Stage-1 recipe: quality loss `{recipe['quality_loss_type']}`, weight {recipe['quality_loss_weight']}, "
             f"trash expert `{recipe['trash_expert_mode']}`; reference set: "
-            f"{'yes' if recipe.get('reference_data') else 'no'}. The method is not assumed to work: compare the "
-            "score and gate rows with the perplexity baseline.",
+            f"{'yes' if recipe.get('reference_data') else 'no'}. "
+            + (
+                f"The selector was LM-pretrained {len(losses)} steps first (training loss over the last tenth "
+                f"{np.mean(losses[-max(1, len(losses) // 10) :]):.2f}; `demo.lm_steps`). "
+                if losses
+                else ""
+            )
+            + "The method is not assumed to work: compare the score and gate rows with the perplexity baseline.",
             "",
             " ".join(verdicts),
         ]

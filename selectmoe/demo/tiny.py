@@ -7,10 +7,13 @@ random weights and saved as normal Hugging Face folders, so the real loading cod
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import torch
+
+from selectmoe.layout import LM_PRETRAINING
 
 
 def build_tokenizer(out_dir: str | os.PathLike | None = None):
@@ -112,7 +115,8 @@ def pretrain_tiny_lm(
     learning_rate: float = 3e-3,
 ) -> Path:
     """Briefly train a tiny model as a plain LM on chat rows (the shared template, loss on every
-    token), so that its perplexity and its experts mean something; save it with its tokenizer."""
+    token), so that its perplexity and its experts mean something; save it with its tokenizer and its
+    per-step training loss (``LM_PRETRAINING``)."""
     import random
 
     from transformers import AutoModelForCausalLM
@@ -132,11 +136,14 @@ def pretrain_tiny_lm(
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
     rng = random.Random(seed)
+    losses = []
     for _ in range(steps):
         batch = collate(
             rng.sample(encoded, min(batch_size, len(encoded))), tokenizer.pad_token_id, torch.device("cpu")
         )
-        model(**batch).loss.backward()
+        loss = model(**batch).loss
+        loss.backward()
+        losses.append(loss.item())
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
@@ -144,4 +151,5 @@ def pretrain_tiny_lm(
     out = Path(out_dir)
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
+    (out / LM_PRETRAINING).write_text(json.dumps({"steps": steps, "loss": losses}))
     return out
