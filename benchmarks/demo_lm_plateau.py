@@ -17,15 +17,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from common import print_table, quiet_transformers, write_json
 
 from selectmoe.data.collate import collate
 from selectmoe.data.template import encode_batch, ensure_pad_token, load_tokenizer
 from selectmoe.demo.corpus import write_demo_corpus
-from selectmoe.demo.tiny import build_tiny_olmoe, pretrain_tiny_lm
-from selectmoe.layout import LM_PRETRAINING
+from selectmoe.demo.tiny import build_tiny_olmoe, final_lm_loss, pretrain_tiny_lm
 
 
 def main() -> None:
@@ -46,11 +44,10 @@ def main() -> None:
         for steps in args.steps:
             started = time.time()
             out = pretrain_tiny_lm(base, rows, work / f"lm{steps}", steps=steps, seed=args.seed)
-            losses = json.loads((out / LM_PRETRAINING).read_text())["loss"]
             results.append(
                 {
                     "steps": steps,
-                    "train_loss_last_tenth": float(np.mean(losses[-max(1, steps // 10) :])),
+                    "train_loss_last_tenth": final_lm_loss(out)[1],
                     "held_out_loss": held_out_loss(out, held_out),
                     "seconds": round(time.time() - started, 1),
                 }

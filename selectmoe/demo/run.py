@@ -24,7 +24,6 @@ from selectmoe.demo.corpus import LABELS_FILE, write_demo_corpus
 from selectmoe.layout import (
     BASELINE_PREFIX,
     CALIBRATION,
-    LM_PRETRAINING,
     MANIFEST,
     SCORES_DIR,
     SELECTED_JSONL,
@@ -136,8 +135,9 @@ def separation_section(run: Path, data: Path, preset: str) -> str:
     columns, rows = separation_table(scorers, defect, k, datasets)
     stage1_config = read_manifest(run / STAGE_DIRS["pretrain"])["config"]
     recipe = stage1_config["training"]
-    lm = Path(stage1_config["selector_model"]["path"]) / LM_PRETRAINING
-    losses = json.loads(lm.read_text())["loss"] if lm.exists() else []
+    from selectmoe.demo.tiny import final_lm_loss
+
+    selector_lm = final_lm_loss(stage1_config["selector_model"]["path"])
     (run / SEPARATION).write_text(json.dumps({"k": k, "rows": len(held_out), "table": rows}, indent=2))
     kinds = ", ".join(f"{kind} {int((defect == kind).sum())}" for kind in sorted(set(defect) - {""}))
     by_name = {row["scorer"]: row for row in rows}
@@ -182,9 +182,9 @@ def separation_section(run: Path, data: Path, preset: str) -> str:
             f"trash expert `{recipe['trash_expert_mode']}`; reference set: "
             f"{'yes' if recipe.get('reference_data') else 'no'}. "
             + (
-                f"The selector was LM-pretrained {len(losses)} steps first (training loss over the last tenth "
-                f"{np.mean(losses[-max(1, len(losses) // 10) :]):.2f}; `demo.lm_steps`). "
-                if losses
+                f"The selector was LM-pretrained {selector_lm[0]} steps first (training loss over the last tenth "
+                f"{selector_lm[1]:.2f}; `demo.lm_steps`). "
+                if selector_lm
                 else ""
             )
             + "The method is not assumed to work: compare the score and gate rows with the perplexity baseline.",

@@ -103,6 +103,17 @@ def _save_tiny(model_cls, config, out_dir, seed: int) -> Path:
     return out
 
 
+def final_lm_loss(model_dir: str | os.PathLike) -> tuple[int, float] | None:
+    """(steps, mean training loss over the last tenth of them) of a model ``pretrain_tiny_lm`` saved;
+    None for a model without that record."""
+    record = Path(model_dir) / LM_PRETRAINING
+    if not record.exists():
+        return None
+    losses = json.loads(record.read_text())["loss"]
+    last = losses[-max(1, len(losses) // 10) :]
+    return (len(losses), sum(last) / len(last)) if last else None
+
+
 def pretrain_tiny_lm(
     model_dir: str | os.PathLike,
     rows: list[list[dict]],
