@@ -9,8 +9,7 @@ import pytest
 
 # Ray Train's controller polls its workers every 2 s by default, and each state change of a run
 # (start, running, finished) waits for a poll: ~9 s of every tiny run here. Poll faster in this
-# process and in the Rays and benchmarks it starts (they inherit the environment); the sweep
-# kill-and-resume test's driver drops it and runs with the default, as a user's does.
+# process and in the Rays, drivers and benchmarks it starts (they inherit the environment).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 # the real rows beside the project (../shared/data/train); read in place, never copied

@@ -370,6 +370,35 @@ def test_resume_after_a_crash_reuses_scores_and_gives_identical_output(
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
+def test_a_rerun_with_another_method_loads_no_model_and_an_edited_input_is_rescored(
+    one_actor, tiny_olmoe, tmp_path, sources, capfd
+):
+    out = tmp_path / "select_again"
+    shutil.copytree(one_actor, out)
+    stored = {p.name: p.stat().st_mtime_ns for p in (out / "scores").glob("*.parquet")}
+    capfd.readouterr()
+    run_select(tiny_olmoe, out, sources, **{"selection.method": "random"})
+    assert "rows were scored before; scoring skipped" in capfd.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "scores").glob("*.parquet")} == stored
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["rows_selected"] == int(0.1 * manifest["counts"]["rows_scored"])
+
+    # a file edited in place (same ids, another reply): its scores are stale, so every row is scored again
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    shutil.copy(sources / "part0.jsonl", corpus / "part0.jsonl")
+    first = run_select(tiny_olmoe, tmp_path / "select_edit", corpus)
+    before = scores_by_id(first)
+    rows = [json.loads(line) for line in (corpus / "part0.jsonl").read_text().splitlines()]
+    rows[0]["messages"][-1]["content"] = "no"
+    (corpus / "part0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    after = scores_by_id(run_select(tiny_olmoe, tmp_path / "select_edit", corpus))
+    assert "scoring skipped" not in capfd.readouterr().err
+    assert set(after) == set(before) and after[rows[0]["id"]] != before[rows[0]["id"]]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_a_killed_scoring_actor_changes_nothing(one_actor, tiny_olmoe, tmp_path, sources):
     out = run_select(tiny_olmoe, tmp_path / "select_kill", sources, **{"scoring.inject_actor_failure": True})
     assert (out / ".injected_actor_failure").exists()

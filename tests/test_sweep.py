@@ -162,12 +162,7 @@ class Driver:
     driver leaves behind (e.g. Ray's runtime-env agent outlives its raylet) is stopped on close."""
 
     def __init__(self, args: list[str], logs: Path):
-        # the driver runs Ray Train with its default controller poll, as a user's does (not the test session's)
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if k not in ("RAY_ADDRESS", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
-        }
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         self.stdout, self.stderr = logs.with_suffix(".out"), logs.with_suffix(".err")
         with self.stdout.open("w") as out, self.stderr.open("w") as err:
             self.proc = subprocess.Popen(

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from selectmoe.config import ConfigError, DatasetConfig, ScoringSection, SelectConfig, to_dict
-from selectmoe.console import phase
+from selectmoe.console import phase, say
 from selectmoe.data.subset import random_key
 from selectmoe.evaluate.tasks import less_shot_rows
 from selectmoe.figures import plot_score_histograms
@@ -121,24 +121,20 @@ def select(cfg: SelectConfig) -> Path:
 
     # ---- score (resumable)
     scores_dir = out / SCORES_DIR
-    done_ids = _reusable_scores(scores_dir, _scoring_key(cfg, model_path))
+    done_ids = _reusable_scores(scores_dir, _scoring_key(cfg, model_path, read.sources))
     if done_ids:
         logger.info("resuming: %d rows already scored in %s", len(done_ids), scores_dir)
         tokens = tokens.map_batches(
             _rows_with_ids, batch_format="pyarrow", fn_kwargs={"ids": done_ids, "keep": False}
         )
+    # the key holds the inputs' fingerprints, so the stored ids are ids of this very sample
+    all_scored = len(done_ids) == read.ledger.counts()["rows_sampled"]
     pool, threads = _pool_args(cfg)
-    with phase(f"stage 2 select: scoring with {pool['compute'].min_size} actor(s)"):
-        t0 = time.time()
-        # one sort window per block (streaming, order kept): the pool gets many inputs to spread over actors
-        tokens = tokens.repartition(target_num_rows_per_block=cfg.scoring.sort_window)
-        scored = tokens.map_batches(
-            GateScorer,
-            batch_size=cfg.scoring.sort_window,
-            fn_constructor_kwargs=_scorer_kwargs(cfg, model_path, tokenizer_name, out, threads),
-            **pool,
-        )
-        scored.write_parquet(str(scores_dir))
+    t0 = time.time()
+    if all_scored:  # e.g. a rerun with another selection method: no model is loaded
+        say(f"stage 2 select: all {len(done_ids)} rows were scored before; scoring skipped")
+    else:
+        _score(cfg, tokens, pool, threads, model_path, tokenizer_name, out, scores_dir)
     timings["scoring_s"] = round(time.time() - t0, 2)
 
     # ---- select
@@ -233,6 +229,21 @@ def select(cfg: SelectConfig) -> Path:
 # ---------------------------------------------------------------------------- helpers
 
 
+def _score(
+    cfg: SelectConfig, tokens, pool: dict, threads, model_path, tokenizer_name, out, scores_dir
+) -> None:
+    with phase(f"stage 2 select: scoring with {pool['compute'].min_size} actor(s)"):
+        # one sort window per block (streaming, order kept): the pool gets many inputs to spread over actors
+        tokens = tokens.repartition(target_num_rows_per_block=cfg.scoring.sort_window)
+        scored = tokens.map_batches(
+            GateScorer,
+            batch_size=cfg.scoring.sort_window,
+            fn_constructor_kwargs=_scorer_kwargs(cfg, model_path, tokenizer_name, out, threads),
+            **pool,
+        )
+        scored.write_parquet(str(scores_dir))
+
+
 def _selector(cfg: SelectConfig) -> tuple[str, str]:
     """(model to load, tokenizer): a stage-1 folder names its base and carries its tokenizer."""
     path = cfg.model_checkpoint_path or cfg.selector_model.path
@@ -251,8 +262,9 @@ def _selector(cfg: SelectConfig) -> tuple[str, str]:
     return str(path), tokenizer or str(path)
 
 
-def _scoring_key(cfg: SelectConfig, model_path: str) -> dict:
-    """What the scores depend on; score files written under another key are not reused."""
+def _scoring_key(cfg: SelectConfig, model_path: str, sources) -> dict:
+    """What the scores depend on (config, selector weights, input files); score files written under
+    another key are not reused."""
     model = Path(model_path)
     weights = (
         {p.name: fingerprint(p) for p in sorted(model.glob("*")) if p.is_file()} if model.is_dir() else {}
@@ -264,6 +276,7 @@ def _scoring_key(cfg: SelectConfig, model_path: str) -> dict:
         "dataset": to_dict(cfg.dataset),
         "selector_model": to_dict(cfg.selector_model),
         "seed": cfg.seed,
+        "inputs": hash_dict({source.uri: fingerprint(source.uri) for source in sources}),
     }
 
 
