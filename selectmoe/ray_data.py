@@ -1,15 +1,19 @@
 """Ray Data front end of the data layer: normalised rows as a ``ray.data.Dataset``.
 
-Built on the same pieces as ``selectmoe.data.iter_rows`` (``scan_source`` per file, one
-``RowLedger``), so the rows, line numbers, ids, rejects and counts are the same. ``read_rows``
-makes two passes, one Ray task per input file in each:
+Built on the same pieces as ``selectmoe.data.iter_rows`` (``scan_piece``, one ``RowLedger``), so
+the rows, line numbers, ids, rejects and counts are the same. Files larger than ``data.split_bytes``
+are read in pieces (byte ranges of JSON lines, row groups of Parquet; ``data.readers``), sized so
+that a corpus of few large files still gives every CPU of the cluster reads (at least two pieces a
+CPU, none under ``MIN_PIECE_BYTES``). ``read_rows`` makes two passes, one Ray task per piece in each:
 
-1. a scan: every record becomes a small summary (id, dataset, token count; reason and raw text
-   for a reject) streamed to the driver in source order, where the ledger finds duplicate ids,
-   applies ``on_bad_row`` (failing fast, before any expensive stage work) and counts; the raw
-   text of duplicates is then read back from their files (only files that have duplicates);
-2. the returned lazy ``Dataset``: the files read again, keeping rows that are neither rejected
-   nor outside the ``subset_ratio`` sample. It streams (memory follows the block, not the corpus)
+1. a scan (Ray tasks): each task normalises (and, given a tokenizer, checks) its piece and returns
+   its rejects, its counts (per dataset, in the sample, a histogram of token lengths) and its rows'
+   ids cut into hash buckets; one task per bucket then finds the ids seen twice (the first by
+   (file, line) wins, as in ``iter_rows``). The driver adds up counts and holds rejects and
+   duplicates only, never a per-row entry; it applies ``on_bad_row`` before any expensive stage
+   work; the raw text of duplicates is read back from their files (only files that have some);
+2. the returned lazy ``Dataset``: the pieces read again, each dropping its own rejected lines and
+   rows outside the ``subset_ratio`` sample. It streams (memory follows the block, not the corpus)
    and can be executed any number of times.
 
 ``tokenize_rows`` maps those rows through the one chat template (``input_ids``, ``labels``).
@@ -21,22 +25,41 @@ must reach the input URIs.
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from selectmoe.data.ledger import RowLedger
-from selectmoe.data.readers import Source, raw_text, read_records, resolve_sources
+from selectmoe.data.readers import (
+    Piece,
+    Source,
+    count_newlines,
+    file_size,
+    newline_ranges,
+    raw_text,
+    read_records,
+    resolve_sources,
+    split_source,
+    with_lines_before,
+)
 from selectmoe.data.rejects import MAX_RAW_CHARS, DataError, RowError
-from selectmoe.data.rows import Scanned, admit, scan_source
+from selectmoe.data.rows import scan_piece
 from selectmoe.data.subset import in_subset
 from selectmoe.data.template import encode_batch, encode_replies_alone, load_tokenizer
 from selectmoe.scaling import ensure_ray
 
 OUTPUT_ROWS = 1024  # rows per table a read task yields
+MIN_PIECE_BYTES = 8 << 20  # pieces made smaller to give every CPU reads stay at least this big
+# the read's own Ray tasks: one CPU each, spread over the nodes, and outside any placement group the
+# caller runs in (a Tune trial's captures its children's tasks, and its bundles hold no free CPU)
+_READ_TASK = {"num_cpus": 1, "scheduling_strategy": "SPREAD"}
 TOKENIZE_BATCH_ROWS = 256
 
 MESSAGE_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
@@ -48,18 +71,6 @@ ROW_SCHEMA = pa.schema(
         ("extra", pa.string()),
         ("source", pa.string()),
         ("line", pa.int64()),
-    ]
-)
-_SUMMARY_SCHEMA = pa.schema(
-    [
-        ("source", pa.string()),
-        ("line", pa.int64()),
-        ("dataset", pa.string()),
-        ("id", pa.string()),
-        ("reason", pa.string()),
-        ("raw", pa.string()),
-        ("n_tokens", pa.int64()),
-        ("truncated", pa.bool_()),
     ]
 )
 
@@ -80,34 +91,48 @@ def read_rows(dataset_cfg, data_cfg, *, seed: int = 0, tokenizer_name: str | Non
     sources = resolve_sources(dataset_cfg)  # before Ray starts: a missing input fails at once
     ensure_ray()
     ledger = RowLedger.from_config(dataset_cfg, data_cfg, seed)
-    scan = _per_source(
-        sources,
-        data_cfg,
-        _summarise_sources,
-        tokenizer_name=tokenizer_name,
-        max_seq_length=dataset_cfg.max_sequence_length,
-    )
-    for batch in scan.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for item in batch.to_pylist():
-            if item["reason"] is not None:
-                ledger.reject({key: item[key] for key in ("source", "line", "reason", "raw")})
-            else:
-                admit(ledger, _summary_as_scanned(item))
-    _fill_duplicates_raw(ledger.rejects)
-    rows = _per_source(
-        sources,
+    pieces = plan_pieces(sources, data_cfg.split_bytes)
+    dropped = _scan(pieces, ledger, data_cfg, dataset_cfg, seed, tokenizer_name)
+    rows = _per_piece(
+        pieces,
         data_cfg,
         _accepted_rows,
-        rejected_lines=ledger.rejected_lines(),
+        dropped=dropped,
         seed=seed,
         subset_ratio=dataset_cfg.subset_ratio,
     )
     return RowsRead(rows=rows, ledger=ledger, sources=sources)
 
 
-def _per_source(sources: list[Source], data_cfg, fn, **fn_kwargs) -> ray.data.Dataset:
-    """One task per input file running ``fn``; output kept in source order (deterministic)."""
-    items = [{"uri": source.uri, "dataset": source.dataset} for source in sources]
+def plan_pieces(sources: list[Source], split_bytes: int) -> list[Piece]:
+    """The pieces the read tasks take, in source order, line numbers known (``data.readers``)."""
+    if split_bytes <= 0:
+        return [Piece(source) for source in sources]
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    total = sum(file_size(source.uri) for source in sources)
+    piece_bytes = min(split_bytes, max(MIN_PIECE_BYTES, -(-total // (2 * cpus))))
+    pieces = [piece for source in sources for piece in split_source(source, piece_bytes)]
+    counting = newline_ranges(pieces)
+    if not counting:
+        return pieces
+    count = ray.remote(count_newlines).options(**_READ_TASK)
+    return with_lines_before(pieces, ray.get([count.remote(piece) for piece in counting]))
+
+
+def _per_piece(pieces: list[Piece], data_cfg, fn, dropped: list[list[int]], **fn_kwargs) -> ray.data.Dataset:
+    """One task per piece running ``fn`` (each told its own ``dropped`` lines); output kept in source
+    order (deterministic)."""
+    items = [
+        {
+            "uri": piece.source.uri,
+            "dataset": piece.source.dataset,
+            "start": piece.start,
+            "end": -1 if piece.end is None else piece.end,
+            "lines_before": piece.lines_before,
+            "dropped": json.dumps(lines),
+        }
+        for piece, lines in zip(pieces, dropped, strict=True)
+    ]
     concurrency = data_cfg.read_parallelism if data_cfg.read_parallelism > 0 else None
     dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         fn, batch_size=1, batch_format="pyarrow", fn_kwargs=fn_kwargs, concurrency=concurrency
@@ -116,41 +141,119 @@ def _per_source(sources: list[Source], data_cfg, fn, **fn_kwargs) -> ray.data.Da
     return dataset
 
 
-def _source_of(batch: pa.Table) -> Source:
-    return Source(uri=batch["uri"][0].as_py(), dataset=batch["dataset"][0].as_py())
+def _piece_of(batch: pa.Table) -> Piece:
+    item = batch.slice(0, 1).to_pylist()[0]
+    return Piece(
+        Source(item["uri"], item["dataset"]),
+        start=item["start"],
+        end=None if item["end"] < 0 else item["end"],
+        lines_before=item["lines_before"],
+    )
 
 
-def _summarise_sources(
-    batch: pa.Table, *, tokenizer_name: str | None, max_seq_length: int
-) -> Iterator[pa.Table]:
-    tokenizer = load_tokenizer(tokenizer_name) if tokenizer_name else None
-    summaries = []
-    for item in scan_source(_source_of(batch), tokenizer=tokenizer, max_seq_length=max_seq_length):
-        if item.reject is not None:
-            summary = dict(item.reject, dataset=None, id=None, n_tokens=None, truncated=False)
+def _scan(pieces: list[Piece], ledger: RowLedger, data_cfg, dataset_cfg, seed: int, tokenizer_name) -> list:
+    """Pass 1 into ``ledger``; returns the lines each piece's second read must drop (rejects whose
+    reason a read without tokenizer cannot see, and duplicates), one sorted list per piece."""
+    buckets = max(1, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    scan = ray.remote(_scan_piece).options(num_returns=2 + buckets, **_READ_TASK)
+    kwargs = {
+        "tokenizer_name": tokenizer_name,
+        "max_seq_length": dataset_cfg.max_sequence_length,
+        "seed": seed,
+        "subset_ratio": dataset_cfg.subset_ratio,
+        "buckets": buckets,
+    }
+    limit = data_cfg.read_parallelism if data_cfg.read_parallelism > 0 else len(pieces)
+    outputs, running = [], []
+    for index, piece in enumerate(pieces):
+        if len(running) >= limit:
+            _, running = ray.wait(running, num_returns=1)
+        outputs.append(scan.remote(piece, index, **kwargs))
+        running.append(outputs[-1][0])
+    find = ray.remote(_duplicates_in_bucket).options(**_READ_TASK)
+    duplicates = [find.remote(*[out[2 + bucket] for out in outputs]) for bucket in range(buckets)]
+
+    rejects = []  # (piece, line, reject): this order is the files' order
+    for index, out in enumerate(outputs):
+        counts, piece_rejects = ray.get(out[:2])
+        ledger.add_counts(*counts)
+        rejects += [(index, reject["line"], reject) for reject in piece_rejects]
+    losers = pa.concat_tables(ray.get(duplicates)).to_pylist()
+    for row in losers:
+        first = pieces[row["first_piece"]].source.uri
+        rejects.append((row["piece"], row["line"], {**row, "first": (first, row["first_line"])}))
+    dropped: list[list[int]] = [[] for _ in pieces]
+    for index, line, item in sorted(rejects, key=lambda r: r[:2]):
+        if "first" in item:
+            ledger.drop_duplicate(dict(item, source=pieces[index].source.uri), *item["first"])
         else:
-            row = item.row
-            summary = {
-                "source": row["source"],
-                "line": row["line"],
-                "dataset": row["dataset"],
-                "id": row["id"],
-                "reason": None,
-                "raw": None,  # only a duplicate needs it: read back by _fill_duplicates_raw
-                "n_tokens": item.n_tokens,
-                "truncated": item.truncated,
-            }
-        summaries.append(summary)
-        if len(summaries) >= OUTPUT_ROWS:
-            yield pa.Table.from_pylist(summaries, schema=_SUMMARY_SCHEMA)
-            summaries = []
-    if summaries:
-        yield pa.Table.from_pylist(summaries, schema=_SUMMARY_SCHEMA)
+            ledger.reject(item)
+        dropped[index].append(line)
+    _fill_duplicates_raw(ledger.rejects)
+    return dropped
 
 
-def _summary_as_scanned(item: dict) -> Scanned:
-    row = {key: item[key] for key in ("dataset", "id", "source", "line")}
-    return Scanned(row, None, item["raw"], item["n_tokens"], item["truncated"])
+_ID_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("dataset", pa.string()),
+        ("piece", pa.int64()),
+        ("line", pa.int64()),
+        ("n_tokens", pa.int64()),
+        ("truncated", pa.bool_()),
+        ("sampled", pa.bool_()),
+    ]
+)
+
+
+def _scan_piece(
+    piece: Piece,
+    index: int,
+    *,
+    tokenizer_name: str | None,
+    max_seq_length: int,
+    seed: int,
+    subset_ratio: float,
+    buckets: int,
+) -> tuple:
+    """One piece of pass 1: (counts, rejects, then the accepted rows' ids in ``buckets`` tables)."""
+    tokenizer = load_tokenizer(tokenizer_name) if tokenizer_name else None
+    accepted, sampled, lengths, truncated = Counter(), Counter(), Counter(), 0
+    rejects, rows = [], {name: [] for name in _ID_SCHEMA.names}
+    for item in scan_piece(piece, tokenizer=tokenizer, max_seq_length=max_seq_length):
+        if item.reject is not None:
+            rejects.append(item.reject)
+            continue
+        dataset, row_id = item.row["dataset"], item.row["id"]
+        in_sample = in_subset(seed, dataset, row_id, subset_ratio)
+        accepted[dataset] += 1
+        sampled[dataset] += int(in_sample)
+        if item.n_tokens is not None:
+            lengths[item.n_tokens] += 1
+            truncated += int(item.truncated)
+        for name, value in zip(
+            _ID_SCHEMA.names,
+            (row_id, dataset, index, item.row["line"], item.n_tokens, item.truncated, in_sample),
+        ):
+            rows[name].append(value)
+    table = pa.table(rows, schema=_ID_SCHEMA)
+    bucket = pd.util.hash_array(np.array(rows["id"], dtype=object)) % buckets
+    parts = [table.filter(pa.array(bucket == b)) for b in range(buckets)]
+    return ((accepted, sampled, lengths, truncated), rejects, *parts)
+
+
+def _duplicates_in_bucket(*tables: pa.Table) -> pa.Table:
+    """The rows of one hash bucket whose id an earlier row (by piece, line) has, with that row's
+    piece and line as ``first_piece``, ``first_line``."""
+    table = pa.concat_tables(tables).sort_by([("piece", "ascending"), ("line", "ascending")])
+    codes = pc.dictionary_encode(table["id"]).combine_chunks().indices.to_numpy()
+    _, first_of_code = np.unique(codes, return_index=True)
+    first = first_of_code[codes]
+    later = first != np.arange(len(codes))
+    where = first[later]
+    losers = table.filter(pa.array(later))
+    losers = losers.append_column("first_piece", table["piece"].take(where))
+    return losers.append_column("first_line", table["line"].take(where))
 
 
 def _fill_duplicates_raw(rejects: list[dict]) -> None:
@@ -167,13 +270,11 @@ def _fill_duplicates_raw(rejects: list[dict]) -> None:
                 break
 
 
-def _accepted_rows(
-    batch: pa.Table, *, rejected_lines: dict[str, set[int]], seed: int, subset_ratio: float
-) -> Iterator[pa.Table]:
-    source = _source_of(batch)
-    rejected = rejected_lines.get(source.uri, set())
+def _accepted_rows(batch: pa.Table, *, seed: int, subset_ratio: float) -> Iterator[pa.Table]:
+    piece = _piece_of(batch)
+    rejected = set(json.loads(batch["dropped"][0].as_py()))
     rows = []
-    for item in scan_source(source):
+    for item in scan_piece(piece):
         row = item.row
         if row is None or row["line"] in rejected:
             continue

@@ -207,9 +207,9 @@ def test_real_shape_build_writes_loadable_checkpoints_in_the_hub_layout(tmp_path
 def test_real_shape_run_takes_every_stage_through_the_cli(tmp_path):
     """The mini shape of ``real_shape.py run``: each stage's CLI in its own local Ray, every process of
     its tree sampled and named by its Ray role, the stage's own load/step numbers, and the alternating
-    throughput loops on the same rows. (``pretrain_lora`` and ``evaluate`` are left out for CI time: the
-    script runs them as it runs ``pretrain_full_rank`` and ``finetune``; test_pretrain and test_evaluate
-    cover those stages.)"""
+    throughput loops on the same rows. (``pretrain_lora``, ``finetune`` and ``evaluate`` are left out for
+    CI time: the script runs them as it runs ``pretrain_full_rank``; test_pretrain, test_finetune and
+    test_evaluate cover those stages.)"""
     models = tmp_path / "ckpt"
     run_benchmark("real_shape.py", tmp_path, "build", str(models), "--shape", "mini")
     stdout, report = run_benchmark(
@@ -218,23 +218,18 @@ def test_real_shape_run_takes_every_stage_through_the_cli(tmp_path):
         "run",
         str(models),
         *("--rows", "24", "--throughput-rows", "8", "--steps", "1"),
-        *("--stages", "pretrain_full_rank", "select", "finetune", "throughput"),
+        *("--stages", "pretrain_full_rank", "select", "throughput"),
         timeout=600,
     )
     stages = report["stages"]
-    assert list(stages) == ["pretrain_full_rank", "select", "finetune"]
+    assert list(stages) == ["pretrain_full_rank", "select"]
     assert all(stage["rc"] == 0 for stage in stages.values())
-    roles = {
-        "pretrain_full_rank": "Train worker",
-        "select": "scoring actor",
-        "finetune": "Train worker",
-    }
+    roles = {"pretrain_full_rank": "Train worker", "select": "scoring actor"}
     for name, role in roles.items():
         process = stages[name]["processes"][role]
         assert process["peak_rss_gib"] >= process["peak_anon_gib"] > 0, name
         assert stages[name]["processes"]["driver"]["peak_rss_gib"] > 0
-    for name in ("pretrain_full_rank", "finetune"):
-        assert stages[name]["load_s"] > 0 and stages[name]["step_s"] > 0
+    assert stages["pretrain_full_rank"]["load_s"] > 0 and stages["pretrain_full_rank"]["step_s"] > 0
     # stage 1 writes only the trained gates and routers (full_rank) or a LoRA adapter, not the model
     assert stages["pretrain_full_rank"]["trainable_bytes"] < report["model_bytes"]["olmoe-1b-7b"] / 5
     assert stages["select"]["rows_scored"] == 24
@@ -299,3 +294,20 @@ def test_less_protocol_tiny(tmp_path):
     summary = report["summary"]
     assert summary["random_draws"] == 1 and set(summary["methods"]) == {"similarity"}
     assert "| random (1 draws) |" in stdout
+
+
+def test_data_plane_scale_small(tmp_path):
+    """Two layouts of a generated corpus with planted duplicates and broken lines through validate-data,
+    pieces forced small: the counts come back the same from one file and from several."""
+    stdout, report = run_benchmark(
+        "data_plane_scale.py",
+        tmp_path,
+        *("--rows", "2500", "--files", "3", "--split-bytes", "200000"),
+        *("--duplicate-every", "1000", "--bad-every", "700", "--work-dir", str(tmp_path / "work")),
+    )
+    assert "ratio now, 2500 rows: rows/s one file / many files:" in stdout
+    one, many = report["runs"]
+    assert (one["layout"], many["layout"]) == ("one file", "3 files")
+    assert one["counts"] == many["counts"]
+    assert one["counts"]["rejected_by_reason"] == {"bad_json": 3, "duplicate_id": 1}
+    assert one["counts"]["rows_read"] == 2500 and one["driver_peak_rss_gib"] > 0

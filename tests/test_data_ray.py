@@ -14,7 +14,7 @@ from test_data_rejects import bad_folder  # noqa: F401 (fixture)
 
 from selectmoe.config import DataConfig, DatasetConfig
 from selectmoe.data import RowLedger, encode_batch, iter_rows, load_tokenizer
-from selectmoe.ray_data import ROW_SCHEMA, read_rows, tokenize_rows
+from selectmoe.ray_data import ROW_SCHEMA, plan_pieces, read_rows, tokenize_rows
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -64,6 +64,27 @@ def test_ray_rows_rejects_and_counts_equal_the_iterator(ray_session, mixed_input
         assert [{k: v for k, v in r.items() if k != "source"} for r in same] == [
             {k: v for k, v in r.items() if k != "source"} for r in reference
         ], fmt
+
+
+def test_files_read_in_pieces_give_the_same_rows_rejects_and_counts(
+    ray_session, mixed_inputs, tokenizer_dir, tmp_path
+):
+    """Byte ranges of JSON lines and row groups of Parquet, read by parallel tasks, with duplicate ids
+    in another file and in a later piece of the same one: what one task per file gives, and iter_rows."""
+    cot = COT.read_text().splitlines()
+    (tmp_path / "a.jsonl").write_text("\n".join(cot[:30]) + "\n")
+    (tmp_path / "b.jsonl").write_text("\n".join(cot[25:35] + cot[3:4]) + "\n")  # 5 + 1 duplicates
+    cfg = DatasetConfig(data_path=[*mixed_inputs, str(tmp_path)], max_sequence_length=128)
+    whole, expected, ledger = read_both(cfg, tokenizer_dir)
+    split = read_rows(cfg, DataConfig(split_bytes=700), seed=0, tokenizer_name=tokenizer_dir)
+    assert len(plan_pieces(split.sources, 700)) > 2 * len(split.sources)
+    assert split.rows.take_all() == whole.rows.take_all() == expected
+    assert split.ledger.rejects == whole.ledger.rejects == ledger.rejects
+    assert (
+        split.ledger.counts() == ledger.counts()
+        and ledger.counts()["rejected_by_reason"]["duplicate_id"] >= 6
+    )
+    assert split.ledger.token_length_stats() == ledger.token_length_stats()
 
 
 def test_ray_subset_equals_the_iterator_subset(ray_session, mixed_inputs):

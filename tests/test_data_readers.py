@@ -15,6 +15,15 @@ from conftest import SHARED_TRAIN
 
 from selectmoe.config import DataConfig, DatasetConfig
 from selectmoe.data import DataError, RowLedger, content_id, iter_rows, resolve_sources
+from selectmoe.data.readers import (
+    Piece,
+    Source,
+    count_newlines,
+    newline_ranges,
+    read_records,
+    split_source,
+    with_lines_before,
+)
 
 SAMPLE_LINES = 12
 FORMATS = ["jsonl", "jsonl_gz", "json_array", "json_lines", "parquet"]
@@ -234,3 +243,54 @@ def test_subset_ratio_is_deterministic_and_order_independent(less_formats):
     assert ledger.counts()["rows_accepted"] == len(everything)
     assert ledger.counts()["rows_sampled"] == len(half)
     assert {r["id"] for r in other_seed} != {r["id"] for r in half}
+
+
+# ---------------------------------------------------------------------------- pieces of large files
+
+TRICKY_LINES = [
+    '\ufeff{"id": "a", "text": "first line after a byte-order mark"}',
+    '{"id": "b", "text": "multi-byte: é 中文 🙂 at the end 🙂"}',
+    "",
+    '{"id": "c", "text": "a blank line before me, \\r\\n after me"}\r',
+    "{not json at all",
+    '{"id": "d", "text": "🙂🙂🙂🙂🙂🙂🙂🙂 four-byte characters across any boundary"}',
+    '{"id": "e", "text": "no newline at the end of the file"}',
+]
+
+
+def read_in_pieces(source: Source, piece_bytes: int) -> list:
+    pieces = split_source(source, piece_bytes)
+    pieces = with_lines_before(pieces, [count_newlines(p) for p in newline_ranges(pieces)])
+    return pieces, [comparable(record) for piece in pieces for record in read_records(source.uri, piece)]
+
+
+def comparable(record) -> tuple:
+    return record.line, record.value, record.raw, None if record.error is None else str(record.error)
+
+
+def test_every_split_of_a_json_lines_file_reads_each_line_once_with_its_own_number(tmp_path):
+    path = tmp_path / "tricky.jsonl"
+    path.write_bytes("\n".join(TRICKY_LINES).encode())  # \r\n on one line, none after the last
+    source = Source(str(path), "tricky")
+    whole = [comparable(record) for record in read_records(str(path))]
+    assert [r[0] for r in whole] == [1, 2, 4, 5, 6, 7] and whole[0][1]["id"] == "a"
+    assert whole[3][3].startswith("bad_json")
+    size = path.stat().st_size
+    for piece_bytes in range(1, size + 1):  # boundaries inside characters, lines, \r\n, the BOM
+        pieces, records = read_in_pieces(source, piece_bytes)
+        assert len(pieces) == -(-size // piece_bytes)
+        assert records == whole, piece_bytes
+
+
+def test_a_parquet_file_splits_by_row_groups_and_keeps_row_numbers(tmp_path):
+    path = tmp_path / "rows.parquet"
+    pq.write_table(pa.Table.from_pylist([{"id": str(i), "n": i} for i in range(23)]), path, row_group_size=4)
+    source = Source(str(path), "rows")
+    whole = [comparable(record) for record in read_records(str(path))]
+    pieces, records = read_in_pieces(source, 1)
+    assert len(pieces) == 6 and records == whole
+    assert [r[0] for r in records] == list(range(1, 24))
+    # a gzip file is not seekable by line: it stays one piece
+    gz = tmp_path / "rows.jsonl.gz"
+    gz.write_bytes(gzip.compress(b'{"id": "x"}\n' * 50))
+    assert split_source(Source(str(gz), "rows"), 10) == [Piece(Source(str(gz), "rows"))]

@@ -70,6 +70,9 @@ class DataConfig:
     )  # skip -> rejects.jsonl; error -> stop naming file and line
     loss_on: str = one_of("assistant", ("assistant", "all"))  # which tokens carry the LM loss
     read_parallelism: int = ranged(-1, low=1, also=(-1,))  # Ray Data read tasks; -1 = let Ray decide
+    # files above this are read in pieces by parallel tasks (JSON lines byte ranges, Parquet row
+    # groups), smaller pieces when that gives each CPU two; 0 = one task per file
+    split_bytes: int = ranged(128 << 20, low=0)
 
 
 @dataclass

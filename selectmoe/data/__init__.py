@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from selectmoe.data.ledger import RowLedger
 from selectmoe.data.normalize import content_id, normalize_record
-from selectmoe.data.readers import Source, read_records, resolve_sources
+from selectmoe.data.readers import Piece, Source, read_records, resolve_sources
 from selectmoe.data.rejects import REASONS, DataError, RowError, write_rejects
-from selectmoe.data.rows import iter_rows, scan_source
+from selectmoe.data.rows import iter_rows, scan_piece
 from selectmoe.data.subset import in_subset
 from selectmoe.data.template import (
     IGNORE_INDEX,
@@ -28,6 +28,7 @@ __all__ = [
     "REASONS",
     "DataError",
     "RowError",
+    "Piece",
     "RowLedger",
     "Source",
     "content_id",
@@ -42,6 +43,6 @@ __all__ = [
     "normalize_record",
     "read_records",
     "resolve_sources",
-    "scan_source",
+    "scan_piece",
     "write_rejects",
 ]

@@ -5,13 +5,14 @@ into one ``RowLedger``, which applies ``data.on_bad_row``, rejects later duplica
 decides the ``subset_ratio`` sample and counts. ``rows_read == rows_accepted + rows_rejected``
 holds by construction; ``rows_sampled`` (<= ``rows_accepted``) is what the stage goes on with.
 
-Memory: one entry per accepted id (to find duplicates) plus the reject records (raw text capped
-at 2000 characters each) and, with a tokenizer, one int per row for the length percentiles.
+Memory (``iter_rows``): one entry per accepted id (to find duplicates) plus the reject records (raw
+text capped at 2000 characters each) and a histogram of token lengths. The Ray front end finds
+duplicates in its workers and only adds up their per-piece counts here (``add_counts``,
+``drop_duplicate``): no per-row entry.
 """
 
 from __future__ import annotations
 
-from array import array
 from collections import Counter
 from pathlib import Path
 
@@ -36,7 +37,7 @@ class RowLedger:
         self._first_seen: dict[str, tuple[int, int]] = {}  # id -> (source index, line)
         self._accepted: Counter[str] = Counter()
         self._sampled: Counter[str] = Counter()
-        self._token_lengths = array("q")
+        self._token_lengths: Counter[int] = Counter()  # length -> rows
         self._truncated = 0
 
     @classmethod
@@ -67,18 +68,34 @@ class RowLedger:
         """
         first = self._first_seen.get(row_id)
         if first is not None:
-            detail = f"id {row_id!r} first seen in {self._sources[first[0]]}, line {first[1]}"
-            self.reject(reject_record(source, line, RowError("duplicate_id", detail), raw))
+            self.reject(duplicate_reject(row_id, source, line, self._sources[first[0]], first[1], raw))
             return False
         self._first_seen[row_id] = (self._index(source), line)
         self._accepted[dataset] += 1
         if n_tokens is not None:
-            self._token_lengths.append(n_tokens)
+            self._token_lengths[n_tokens] += 1
             self._truncated += int(truncated)
         if not in_subset(self.seed, dataset, row_id, self.subset_ratio):
             return False
         self._sampled[dataset] += 1
         return True
+
+    def add_counts(self, accepted: Counter, sampled: Counter, token_lengths: Counter, truncated: int) -> None:
+        """Rows some worker accepted (duplicates included: see ``drop_duplicate``)."""
+        self._accepted.update(accepted)
+        self._sampled.update(sampled)
+        self._token_lengths.update(token_lengths)
+        self._truncated += truncated
+
+    def drop_duplicate(self, row: dict, first_source: str, first_line: int) -> None:
+        """Take back a row ``add_counts`` counted whose id came earlier: it becomes a ``duplicate_id``
+        reject. ``row``: dataset, id, source, line, n_tokens, truncated, sampled."""
+        self.reject(duplicate_reject(row["id"], row["source"], row["line"], first_source, first_line, None))
+        self._accepted[row["dataset"]] -= 1
+        self._sampled[row["dataset"]] -= int(row["sampled"])
+        if row["n_tokens"] is not None:
+            self._token_lengths[row["n_tokens"]] -= 1
+            self._truncated -= int(row["truncated"])
 
     def write_rejects(self, path: str | Path) -> int:
         """``rejects.jsonl``: one reject record per line, in source order; returns how many."""
@@ -99,7 +116,7 @@ class RowLedger:
             "rows_rejected": rejected,
             "rows_sampled": sum(self._sampled.values()),
         }
-        if self._token_lengths:
+        if +self._token_lengths:
             counts["rows_truncated"] = self._truncated
         counts["datasets"] = {
             name: {"rows_accepted": self._accepted[name], "rows_sampled": self._sampled[name]}
@@ -111,16 +128,25 @@ class RowLedger:
 
     def token_length_stats(self) -> dict[str, float]:
         """Percentiles of accepted rows' token lengths before truncation; {} without a tokenizer."""
-        if not self._token_lengths:
+        histogram = +self._token_lengths
+        if not histogram:
             return {}
-        lengths = np.frombuffer(self._token_lengths, dtype=np.int64)
-        p50, p90, p99 = np.percentile(lengths, [50, 90, 99])
+        values = np.array(sorted(histogram), dtype=np.int64)
+        ends = np.cumsum([histogram[v] for v in values])  # rank of the last row of each length, + 1
+        rows = int(ends[-1])
+
+        def percentile(p: float) -> float:  # numpy's default (linear) on the rows sorted
+            position = (rows - 1) * p / 100
+            low = int(np.floor(position))
+            below, above = values[np.searchsorted(ends, [low, min(low + 1, rows - 1)], side="right")]
+            return float(below + (above - below) * (position - low))
+
         return {
-            "p50": float(p50),
-            "p90": float(p90),
-            "p99": float(p99),
-            "max": int(lengths.max()),
-            "mean": round(float(lengths.mean()), 2),
+            "p50": percentile(50),
+            "p90": percentile(90),
+            "p99": percentile(99),
+            "max": int(values[-1]),
+            "mean": round(float((values * np.diff(ends, prepend=0)).sum() / rows), 2),
         }
 
     def _index(self, source: str) -> int:
@@ -129,3 +155,10 @@ class RowLedger:
             index = self._source_index[source] = len(self._sources)
             self._sources.append(source)
         return index
+
+
+def duplicate_reject(
+    row_id: str, source: str, line: int, first_source: str, first_line: int, raw: str | None
+) -> dict:
+    detail = f"id {row_id!r} first seen in {first_source}, line {first_line}"
+    return reject_record(source, line, RowError("duplicate_id", detail), raw)

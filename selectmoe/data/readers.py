@@ -8,6 +8,13 @@ array is parsed whole (use JSON lines or Parquet for big corpora).
 
 A record's ``line`` is 1-based: the line number in JSON lines (blank lines are skipped but
 counted), the row number in Parquet files and JSON arrays.
+
+A large file is read in ``Piece``s by parallel tasks (``split_source``): plain JSON lines in byte
+ranges, each task reading the lines that *start* in its range (so a boundary inside a line, inside a
+multi-byte character or between ``\r`` and ``\n`` loses and repeats nothing), Parquet by row
+groups. Line numbers stay the file's own: a JSON lines piece is told how many newlines come before
+it (``count_newlines`` over the earlier pieces, a fast byte count). Gzip files and JSON arrays are
+not seekable by line, so each is one piece.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from __future__ import annotations
 import json
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 import fsspec
@@ -38,6 +45,18 @@ class Source:
 
     uri: str
     dataset: str
+
+
+@dataclass(frozen=True)
+class Piece:
+    """What one read task reads of a file: bytes ``[start, end)`` of JSON lines (the lines that
+    start there) or row groups ``[start, end)`` of Parquet; the whole file when ``end`` is None.
+    ``lines_before``: newlines (JSON lines) or rows (Parquet) before the piece."""
+
+    source: Source
+    start: int = 0
+    end: int | None = None
+    lines_before: int = 0
 
 
 class RawRecord(NamedTuple):
@@ -141,25 +160,101 @@ def _uri(fs, path: str) -> str:
     return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
 
 
+# ---------------------------------------------------------------------------- splitting files
+
+
+def split_source(source: Source, piece_bytes: int) -> list[Piece]:
+    """The pieces of one file, about ``piece_bytes`` each (``<= 0``: the whole file). JSON lines
+    pieces after a file's first still need their ``lines_before`` (``with_lines_before``)."""
+    uri = source.uri
+    if piece_bytes <= 0 or uri.endswith(".gz"):
+        return [Piece(source)]
+    if uri.endswith(".parquet"):
+        return _row_group_pieces(source, piece_bytes)
+    if uri.endswith(".json") and _starts_with_array(uri):
+        return [Piece(source)]
+    size = file_size(uri)
+    starts = range(0, size, piece_bytes)
+    return [
+        Piece(source, start, start + piece_bytes if start + piece_bytes < size else None) for start in starts
+    ] or [Piece(source)]
+
+
+def file_size(uri: str) -> int:
+    fs, path = url_to_fs(uri)
+    return fs.size(path)
+
+
+def _row_group_pieces(source: Source, piece_bytes: int) -> list[Piece]:
+    with _open(source.uri) as fh:
+        meta = pq.ParquetFile(fh).metadata
+    pieces, first, size, rows, rows_before = [], 0, 0, 0, 0
+    for group in range(meta.num_row_groups):
+        size += meta.row_group(group).total_byte_size
+        rows += meta.row_group(group).num_rows
+        if size >= piece_bytes or group == meta.num_row_groups - 1:
+            pieces.append(Piece(source, first, group + 1, rows_before))
+            first, size, rows_before, rows = group + 1, 0, rows_before + rows, 0
+    return pieces if len(pieces) > 1 else [Piece(source)]
+
+
+def newline_ranges(pieces: list[Piece]) -> list[Piece]:
+    """The JSON lines pieces whose newlines (``count_newlines``) the later pieces of their file need."""
+    return [p for p in pieces if p.end is not None and not p.source.uri.endswith(".parquet")]
+
+
+def count_newlines(piece: Piece) -> int:
+    """Newlines in a piece's byte range (a byte count, no parsing)."""
+    count = 0
+    with _open(piece.source.uri) as fh:
+        fh.seek(piece.start)
+        remaining = piece.end - piece.start
+        while remaining > 0:
+            chunk = fh.read(min(1 << 24, remaining))
+            if not chunk:
+                break
+            count += chunk.count(b"\n")
+            remaining -= len(chunk)
+    return count
+
+
+def with_lines_before(pieces: list[Piece], newlines: list[int]) -> list[Piece]:
+    """The pieces with ``lines_before`` set; ``newlines``: ``count_newlines`` of each
+    ``newline_ranges(pieces)``, in order."""
+    counts = {(p.source.uri, p.start): n for p, n in zip(newline_ranges(pieces), newlines, strict=True)}
+    done, before = [], {}
+    for piece in pieces:
+        uri = piece.source.uri
+        if uri.endswith(".parquet"):
+            done.append(piece)
+            continue
+        lines = before.get(uri, 0)
+        done.append(replace(piece, lines_before=lines))
+        before[uri] = lines + counts.get((uri, piece.start), 0)
+    return done
+
+
 # ---------------------------------------------------------------------------- reading records
 
 
-def read_records(uri: str) -> Iterator[RawRecord]:
-    """Stream the records of one file; a file that breaks off ends with one ``unreadable_file`` record."""
-    line = 0
+def read_records(uri: str, piece: Piece | None = None) -> Iterator[RawRecord]:
+    """Stream the records of one file (or of one ``piece`` of it); a file that breaks off ends with
+    one ``unreadable_file`` record."""
+    piece = piece or Piece(Source(uri, ""))
+    line = piece.lines_before
     try:
-        for record in _read_by_format(uri):
+        for record in _read_by_format(uri, piece):
             line = record.line
             yield record
     except (OSError, EOFError, zlib.error, pa.ArrowException) as err:
         yield RawRecord(line + 1, None, "", RowError("unreadable_file", f"{type(err).__name__}: {err}"))
 
 
-def _read_by_format(uri: str) -> Iterator[RawRecord]:
+def _read_by_format(uri: str, piece: Piece) -> Iterator[RawRecord]:
     if uri.endswith(".parquet"):
-        yield from _read_parquet(uri)
+        yield from _read_parquet(uri, piece)
     elif uri.endswith((".jsonl", ".jsonl.gz")) or not _starts_with_array(uri):
-        yield from _read_json_lines(uri)
+        yield from _read_json_lines(uri, piece)
     else:
         yield from _read_json_array(uri)
 
@@ -174,9 +269,28 @@ def _starts_with_array(uri: str) -> bool:
     return head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
 
 
-def _read_json_lines(uri: str) -> Iterator[RawRecord]:
+def _json_lines(fh, piece: Piece) -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes) of the lines that start in the piece's byte range."""
+    line, position = piece.lines_before, piece.start
+    if piece.start > 0:
+        fh.seek(piece.start - 1)
+        head = fh.readline()  # the end of a line that started before the range (or just its newline)
+        if not head.endswith(b"\n"):
+            return
+        position += len(head) - 1
+        line += len(head) > 1  # that newline lies in the range: not counted in lines_before
+    while piece.end is None or position < piece.end:
+        data = fh.readline()
+        if not data:
+            return
+        position += len(data)
+        line += 1
+        yield line, data
+
+
+def _read_json_lines(uri: str, piece: Piece) -> Iterator[RawRecord]:
     with _open(uri) as fh:
-        for line, data in enumerate(fh, start=1):
+        for line, data in _json_lines(fh, piece):
             try:
                 text = data.decode("utf-8-sig" if line == 1 else "utf-8").rstrip("\r\n")
             except UnicodeDecodeError as err:
@@ -211,10 +325,12 @@ def _read_json_array(uri: str) -> Iterator[RawRecord]:
         yield RawRecord(row, value, None, None)
 
 
-def _read_parquet(uri: str) -> Iterator[RawRecord]:
+def _read_parquet(uri: str, piece: Piece) -> Iterator[RawRecord]:
     with _open(uri) as fh:
-        row = 0
-        for batch in pq.ParquetFile(fh).iter_batches(batch_size=PARQUET_BATCH_ROWS):
+        file = pq.ParquetFile(fh)
+        end = file.metadata.num_row_groups if piece.end is None else piece.end
+        row = piece.lines_before
+        for batch in file.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=range(piece.start, end)):
             for value in batch.to_pylist():
                 row += 1
                 yield RawRecord(row, value, None, None)

@@ -1,9 +1,9 @@
 """From files to normalised rows: the scan both front ends run, and the plain-Python front end.
 
-``scan_source`` reads one file, normalises each record and (given a tokenizer) checks that the
+``scan_piece`` reads one file (or a piece of it), normalises each record and (given a tokenizer) checks that the
 template keeps an assistant token within ``max_sequence_length``; it yields each record as a row or
 a reject. ``iter_rows`` chains the scans of every input in source order through a ``RowLedger``.
-``selectmoe.ray_data.read_rows`` runs the same scan in Ray tasks, one per file.
+``selectmoe.ray_data.read_rows`` runs the same scan in Ray tasks, one per piece.
 
 A normalised row is ``{"dataset", "id", "messages", "extra", "source", "line"}``: the LESS row,
 the original row's other fields as a JSON string (``extra``), and where it was read.
@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 from selectmoe.data.ledger import RowLedger
 from selectmoe.data.normalize import normalize_record
-from selectmoe.data.readers import RawRecord, Source, raw_text, read_records, resolve_sources
+from selectmoe.data.readers import Piece, RawRecord, Source, raw_text, read_records, resolve_sources
 from selectmoe.data.rejects import MAX_RAW_CHARS, RowError, reject_record
 from selectmoe.data.template import encode_batch
 
@@ -31,10 +31,12 @@ class Scanned(NamedTuple):
     truncated: bool = False
 
 
-def scan_source(source: Source, *, tokenizer=None, max_seq_length: int = 2048) -> Iterator[Scanned]:
-    """Every record of one file as a row or a reject, in line order."""
+def scan_piece(piece: Piece, *, tokenizer=None, max_seq_length: int = 2048) -> Iterator[Scanned]:
+    """Every record of one file's piece (``Piece(source)``: the whole file) as a row or a reject, in
+    line order."""
+    source = piece.source
     pending: list[Scanned] = []
-    for record in read_records(source.uri):
+    for record in read_records(source.uri, piece):
         pending.append(_normalise(source, record))
         if len(pending) >= ENCODE_BATCH_ROWS:
             yield from _check_tokens(pending, tokenizer, max_seq_length)
@@ -48,7 +50,10 @@ def iter_rows(dataset_cfg, ledger: RowLedger, *, tokenizer=None) -> Iterator[dic
     Rejects, duplicates and counts land in ``ledger`` (read them once the iterator is exhausted).
     """
     for source in resolve_sources(dataset_cfg):
-        for item in scan_source(source, tokenizer=tokenizer, max_seq_length=dataset_cfg.max_sequence_length):
+        scanned = scan_piece(
+            Piece(source), tokenizer=tokenizer, max_seq_length=dataset_cfg.max_sequence_length
+        )
+        for item in scanned:
             if item.reject is not None:
                 ledger.reject(item.reject)
             elif admit(ledger, item):

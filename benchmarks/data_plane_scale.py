@@ -1,0 +1,197 @@
+"""Data plane at scale (issue 18): ``selectmoe validate-data`` over a generated corpus of N rows laid out as
+one file and as 16 files, today's code beside an older commit's, each run its own local Ray.
+
+    .venv/bin/python benchmarks/data_plane_scale.py --rows 1000000 5000000 --baseline ea723d1 \
+        --json benchmarks/results/data_plane_scale.json
+    .venv/bin/python benchmarks/data_plane_scale.py --rows 2000 --files 4 --split-bytes 100000  # CI size
+
+The corpus: rows of --data-dir cycled with fresh ids, every --duplicate-every-th row repeating the id of a
+row 1,000 rows earlier (a ``duplicate_id`` reject) and every --bad-every-th line broken JSON (``bad_json``).
+The 16-file layout holds the same lines in the same order, split evenly. No tokenizer (the data plane
+alone) unless --tokenizer is given.
+
+Per run: rows/s end to end (wall time of the command, Ray start-up included), the CPU seconds of the
+command's process tree (sampled every 0.5 s) over wall x cores, the driver's peak RSS from the OS
+(``wait4`` rusage of the driver process alone, not its Ray workers) and the manifest's counts.
+``--baseline REF`` runs the same command from a git worktree of REF (``PYTHONPATH``) for "today's" figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+from common import TRAIN_DIR, print_table, write_json
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    args = parse_args()
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    codes = {"now": REPO}
+    if args.baseline:
+        codes[f"baseline {args.baseline}"] = worktree(args.baseline, work / "baseline")
+    runs = []
+    for n in args.rows:
+        layouts = write_corpus(n, args.files, Path(args.data_dir), work / f"corpus_{n}", args)
+        for (code, root), (layout, path) in itertools.product(codes.items(), layouts.items()):
+            run = validate(root, path, work / "out", args)
+            run.update(rows=n, layout=layout, code=code)
+            runs.append(run)
+            print(
+                f"{n:>9,} rows  {layout:<9} {code:<20} {run['rows_per_s']:>9,.0f} rows/s  "
+                f"cpu {run['cpu_use']:.0%}  driver peak {run['driver_peak_rss_gib']:.2f} GiB",
+                flush=True,
+            )
+    ratios = summarise(runs, args.rows, list(codes))
+    print_table(
+        "validate-data end to end",
+        ["rows", "layout", "code", "wall s", "rows/s", "cpu use", "driver peak GiB", "read", "rejected"],
+        [
+            [r["rows"], r["layout"], r["code"], r["wall_s"], round(r["rows_per_s"]), f"{r['cpu_use']:.0%}"]
+            + [r["driver_peak_rss_gib"], r["counts"]["rows_read"], r["counts"]["rows_rejected"]]
+            for r in runs
+        ],
+    )
+    for line in ratios["lines"]:
+        print(line)
+    write_json(args.json, {"args": vars(args), "cores": os.cpu_count(), "runs": runs, "ratios": ratios})
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 5_000_000])
+    parser.add_argument("--files", type=int, default=16, help="files of the many-file layout")
+    parser.add_argument("--data-dir", default=str(TRAIN_DIR))
+    parser.add_argument("--duplicate-every", type=int, default=100_000)
+    parser.add_argument("--bad-every", type=int, default=50_000)
+    parser.add_argument("--split-bytes", type=int, default=None, help="data.split_bytes (default: the key's)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer_name: also tokenise every row")
+    parser.add_argument("--baseline", default=None, help="a git ref to measure beside today's code")
+    parser.add_argument("--work-dir", default="/tmp/selectmoe_data_plane")
+    parser.add_argument("--json", default=None)
+    return parser.parse_args()
+
+
+def worktree(ref: str, path: Path) -> Path:
+    subprocess.run(["git", "worktree", "remove", "--force", str(path)], cwd=REPO, capture_output=True)
+    shutil.rmtree(path, ignore_errors=True)
+    subprocess.run(["git", "worktree", "add", "--detach", str(path), ref], cwd=REPO, check=True)
+    return path
+
+
+def write_corpus(n: int, files: int, data_dir: Path, folder: Path, args) -> dict[str, Path]:
+    """The same n lines as one file and as ``files`` files; reused when already written."""
+    one, many = folder / "one" / "corpus.jsonl", folder / "many"
+    if (folder / "done").exists():
+        return {"one file": one, f"{files} files": many}
+    shutil.rmtree(folder, ignore_errors=True)
+    one.parent.mkdir(parents=True)
+    many.mkdir()
+    sources = [json.loads(line) for path in sorted(data_dir.glob("*.jsonl")) for line in path.open()]
+    per_file = -(-n // files)
+    outs = [(many / f"part_{i:02d}.jsonl").open("w") for i in range(files)]
+    with one.open("w") as whole:
+        for i in range(n):
+            if i % args.bad_every == args.bad_every - 1:
+                line = '{"id": "broken", "messages": [\n'
+            else:
+                duplicate = i % args.duplicate_every == args.duplicate_every - 1 and i >= 1000
+                index = i - 1000 if duplicate else i  # a duplicate: the line 1,000 rows earlier again
+                row = sources[index % len(sources)]
+                line = json.dumps({**row, "id": f"{row['id']}#{index}"}, ensure_ascii=False) + "\n"
+            whole.write(line)
+            outs[i // per_file].write(line)
+    for out in outs:
+        out.close()
+    (folder / "done").touch()
+    return {"one file": one, f"{files} files": many}
+
+
+def validate(code: Path, data: Path, out: Path, args) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    command = [sys.executable, "-m", "selectmoe.cli", "validate-data", f"dataset.data_path={data}"]
+    command += [f"output_dir={out}", "dataset.max_sequence_length=2048"]
+    if args.split_bytes is not None and code == REPO:  # an older commit may not have the key
+        command.append(f"data.split_bytes={args.split_bytes}")
+    if args.tokenizer:
+        command.append(f"tokenizer_name={args.tokenizer}")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = str(code)
+    started = time.time()
+    log = out.parent / "validate.log"
+    with log.open("w") as fh:
+        proc = subprocess.Popen(command, cwd=code, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    cpu: dict[int, float] = {}
+    root = psutil.Process(proc.pid)
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        try:
+            for p in [root, *root.children(recursive=True)]:
+                times = p.cpu_times()
+                cpu[p.pid] = times.user + times.system
+        except psutil.Error:
+            pass
+        time.sleep(0.5)
+    wall = time.time() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"validate-data failed on {data} ({code}):\n{log.read_text()[-3000:]}")
+    manifest = json.loads((out / "manifest.json").read_text())
+    counts = {k: manifest["counts"][k] for k in ("rows_read", "rows_accepted", "rows_rejected")}
+    counts["rejected_by_reason"] = manifest["counts"]["rejected_by_reason"]
+    cpu_s = sum(cpu.values())
+    return {
+        "wall_s": round(wall, 1),
+        "rows_per_s": counts["rows_read"] / wall,
+        "cpu_s": round(cpu_s, 1),
+        "cpu_use": cpu_s / (wall * os.cpu_count()),
+        "driver_peak_rss_gib": round(usage.ru_maxrss * 1024 / 1024**3, 3),  # ru_maxrss is in KiB on Linux
+        "counts": counts,
+    }
+
+
+def summarise(runs: list[dict], sizes: list[int], codes: list[str]) -> dict:
+    def find(n, layout_one, code):
+        return next(
+            r
+            for r in runs
+            if r["rows"] == n and (r["layout"] == "one file") == layout_one and r["code"] == code
+        )
+
+    ratios = {}
+    for code in codes:
+        for n in sizes:
+            one, many = find(n, True, code), find(n, False, code)
+            key = f"{code}, {n} rows"
+            ratios[f"{key}: rows/s one file / many files"] = one["rows_per_s"] / many["rows_per_s"]
+        if len(sizes) > 1:
+            small, large = find(sizes[0], True, code), find(sizes[-1], True, code)
+            ratios[f"{code}: driver peak RSS {sizes[-1]} / {sizes[0]} rows (one file)"] = (
+                large["driver_peak_rss_gib"] / small["driver_peak_rss_gib"]
+            )
+    if len(codes) > 1:
+        for n, layout_one in itertools.product(sizes, (True, False)):
+            layout = "one file" if layout_one else "many files"
+            ratios[f"{n} rows, {layout}: rows/s now / {codes[1]}"] = (
+                find(n, layout_one, codes[0])["rows_per_s"] / find(n, layout_one, codes[1])["rows_per_s"]
+            )
+    lines = [f"ratio {name}: {value:.2f}" for name, value in ratios.items()]
+    return {"values": ratios, "lines": lines}
+
+
+if __name__ == "__main__":
+    main()
