@@ -5,8 +5,8 @@ one file and as 16 files, today's code beside an older commit's, each run its ow
         --json benchmarks/results/data_plane_scale.json
     .venv/bin/python benchmarks/data_plane_scale.py --rows 2000 --files 4 --split-bytes 100000  # CI size
 
-The corpus: rows of --data-dir cycled with fresh ids, every --duplicate-every-th row repeating the id of a
-row 1,000 rows earlier (a ``duplicate_id`` reject) and every --bad-every-th line broken JSON (``bad_json``).
+The corpus: rows of --data-dir cycled with fresh ids, one row in every --duplicate-every repeating the row
+1,000 rows earlier (a ``duplicate_id`` reject) and every --bad-every-th line broken JSON (``bad_json``).
 The 16-file layout holds the same lines in the same order, split evenly. No tokenizer (the data plane
 alone) unless --tokenizer is given.
 
@@ -43,7 +43,8 @@ def main() -> None:
         codes[f"baseline {args.baseline}"] = worktree(args.baseline, work / "baseline")
     runs = []
     for n in args.rows:
-        layouts = write_corpus(n, args.files, Path(args.data_dir), work / f"corpus_{n}", args)
+        folder = work / f"corpus_{n}_{args.files}_{args.duplicate_every}_{args.bad_every}"
+        layouts = write_corpus(n, args.files, Path(args.data_dir), folder, args)
         for (code, root), (layout, path) in itertools.product(codes.items(), layouts.items()):
             run = validate(root, path, work / "out", args)
             run.update(rows=n, layout=layout, code=code)
@@ -108,7 +109,7 @@ def write_corpus(n: int, files: int, data_dir: Path, folder: Path, args) -> dict
             if i % args.bad_every == args.bad_every - 1:
                 line = '{"id": "broken", "messages": [\n'
             else:
-                duplicate = i % args.duplicate_every == args.duplicate_every - 1 and i >= 1000
+                duplicate = i % args.duplicate_every == args.duplicate_every // 2 and i >= 1000
                 index = i - 1000 if duplicate else i  # a duplicate: the line 1,000 rows earlier again
                 row = sources[index % len(sources)]
                 line = json.dumps({**row, "id": f"{row['id']}#{index}"}, ensure_ascii=False) + "\n"
