@@ -152,8 +152,8 @@ def _piece_of(batch: pa.Table) -> Piece:
 
 
 def _scan(pieces: list[Piece], ledger: RowLedger, data_cfg, dataset_cfg, seed: int, tokenizer_name) -> list:
-    """Pass 1 into ``ledger``; returns the lines each piece's second read must drop (rejects whose
-    reason a read without tokenizer cannot see, and duplicates), one sorted list per piece."""
+    """Pass 1 into ``ledger``; returns the lines each piece's second read must drop (its rejects, some
+    of which a read without the tokenizer would not see, and its duplicates), one sorted list a piece."""
     buckets = max(1, 2 * int(ray.cluster_resources().get("CPU", 1)))
     scan = ray.remote(_scan_piece).options(num_returns=2 + buckets, **_READ_TASK)
     kwargs = {
