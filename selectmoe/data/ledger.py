@@ -101,13 +101,6 @@ class RowLedger:
         """``rejects.jsonl``: one reject record per line, in source order; returns how many."""
         return write_rejects(path, self.rejects)
 
-    def rejected_lines(self) -> dict[str, set[int]]:
-        """source -> lines rejected there (what a second read must drop besides format errors)."""
-        lines: dict[str, set[int]] = {}
-        for reject in self.rejects:
-            lines.setdefault(reject["source"], set()).add(reject["line"])
-        return lines
-
     def counts(self) -> dict:
         accepted, rejected = sum(self._accepted.values()), len(self.rejects)
         counts = {
