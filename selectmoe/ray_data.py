@@ -367,6 +367,22 @@ def _int32_lists(arrays: list[np.ndarray]) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=pa.int32()))
 
 
+def rows_with_ids(batch: pa.Table, *, ids: set[str], keep: bool) -> pa.Table:
+    """Keep (or drop) the rows whose id is in ``ids`` (a ``map_batches`` function)."""
+    inside = pc.is_in(batch["id"], value_set=pa.array(sorted(ids), type=pa.string()))
+    return batch.filter(inside if keep else pc.invert(inside))
+
+
+def task_as_dataset(batch: pa.Table) -> pa.Table:
+    """A target row's task, in its ``dataset`` column: its ``task`` field, else its dataset (a
+    ``map_batches`` function)."""
+    tasks = [
+        str(json.loads(extra or "{}").get("task") or dataset)
+        for extra, dataset in zip(batch["extra"].to_pylist(), batch["dataset"].to_pylist())
+    ]
+    return batch.set_column(batch.schema.get_field_index("dataset"), "dataset", pa.array(tasks, pa.string()))
+
+
 def mix_reference(corpus: ray.data.Dataset, reference: ray.data.Dataset, seed: int) -> ray.data.Dataset:
     """Tokenised corpus and reference rows in one dataset with a ``reference`` flag, in a seeded order
     (a hash of each id; independent of blocks and files), so every training step sees both kinds."""

@@ -4,6 +4,7 @@
 writes ``results.json`` + ``results.md`` (``results``).
 """
 
-from selectmoe.evaluate.driver import evaluate
+from selectmoe.lazy import lazy_attribute
 
 __all__ = ["evaluate"]
+__getattr__ = lazy_attribute(__name__, "evaluate", "selectmoe.evaluate.driver")

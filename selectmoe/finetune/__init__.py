@@ -4,6 +4,7 @@
 shared loop (``selectmoe.training``); the output folder is a PEFT adapter with its tokenizer.
 """
 
-from selectmoe.finetune.driver import finetune
+from selectmoe.lazy import lazy_attribute
 
 __all__ = ["finetune"]
+__getattr__ = lazy_attribute(__name__, "finetune", "selectmoe.finetune.driver")

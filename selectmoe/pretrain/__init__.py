@@ -4,6 +4,7 @@
 every worker through the shared loop (``selectmoe.training``) and writes the trained router weights.
 """
 
-from selectmoe.pretrain.driver import pretrain
+from selectmoe.lazy import lazy_attribute
 
 __all__ = ["pretrain"]
+__getattr__ = lazy_attribute(__name__, "pretrain", "selectmoe.pretrain.driver")

@@ -6,6 +6,7 @@ rows. ``score`` also holds the one score formula (``row_score``), which stage 1'
 loss use too.
 """
 
-from selectmoe.select.driver import select
+from selectmoe.lazy import lazy_attribute
 
 __all__ = ["select"]
+__getattr__ = lazy_attribute(__name__, "select", "selectmoe.select.driver")

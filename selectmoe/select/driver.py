@@ -49,7 +49,7 @@ from selectmoe.layout import (
 )
 from selectmoe.manifest import fingerprint, hash_dict, write_manifest
 from selectmoe.models.loading import require_model
-from selectmoe.ray_data import read_rows, tokenize_rows
+from selectmoe.ray_data import read_rows, rows_with_ids, task_as_dataset, tokenize_rows
 from selectmoe.scaling import RESERVED_CPUS, cpu_threads, free_resources, use_gpu
 from selectmoe.select.calibrate import (
     FEATURE_COLUMNS,
@@ -125,7 +125,7 @@ def select(cfg: SelectConfig) -> Path:
     if done_ids:
         logger.info("resuming: %d rows already scored in %s", len(done_ids), scores_dir)
         tokens = tokens.map_batches(
-            _rows_with_ids, batch_format="pyarrow", fn_kwargs={"ids": done_ids, "keep": False}
+            rows_with_ids, batch_format="pyarrow", fn_kwargs={"ids": done_ids, "keep": False}
         )
     # the key holds the inputs' fingerprints, so the stored ids are ids of this very sample
     all_scored = len(done_ids) == read.ledger.counts()["rows_sampled"]
@@ -153,7 +153,7 @@ def select(cfg: SelectConfig) -> Path:
         # ---- write the selected rows (originals + score + rank)
         t0 = time.time()
         originals = read.rows.map_batches(
-            _rows_with_ids,
+            rows_with_ids,
             batch_format="pyarrow",
             fn_kwargs={"ids": set(selected["id"].to_pylist()), "keep": True},
         )
@@ -342,12 +342,6 @@ def _term_scales(files: list[Path], cfg: SelectConfig, rows_scored: int) -> dict
     return term_scales({name: np.concatenate(values) for name, values in parts.items()})
 
 
-def _rows_with_ids(batch: pa.Table, *, ids: set[str], keep: bool) -> pa.Table:
-    """Keep (or drop) the rows whose id is in ``ids``."""
-    inside = pc.is_in(batch["id"], value_set=pa.array(sorted(ids), type=pa.string()))
-    return batch.filter(inside if keep else pc.invert(inside))
-
-
 def _training_ids(cfg: SelectConfig) -> set[str]:
     if not cfg.model_checkpoint_path:
         return set()
@@ -522,7 +516,7 @@ def _target_embeddings(
     with phase("stage 2 select: embedding the target examples"):
         read = read_rows(source, cfg.data, seed=cfg.seed, tokenizer_name=tokenizer_name)
         read.ledger.write_rejects(out / TARGET_REJECTS)
-        rows = read.rows.map_batches(_task_as_dataset, batch_format="pyarrow")
+        rows = read.rows.map_batches(task_as_dataset, batch_format="pyarrow")
         tokens = tokenize_rows(rows, tokenizer_name, cfg.dataset.max_sequence_length, "assistant")
         embedding_only = ScoringSection(store_embeddings=True, tokens_per_batch=cfg.scoring.tokens_per_batch)
         embedded = _one_actor_pass(cfg, model_path, tokenizer_name, out, tokens, embedding_only)
@@ -621,15 +615,6 @@ def _target_paths(cfg: SelectConfig, out: Path) -> list[str]:
     """``selection.targets``, and the eval shots' file when ``selection.target_eval_dir`` is set."""
     eval_shots = [str(out / EVAL_TARGETS)] if cfg.selection.target_eval_dir else []
     return list(cfg.selection.targets or []) + eval_shots
-
-
-def _task_as_dataset(batch: pa.Table) -> pa.Table:
-    """A target row's task, in its ``dataset`` column: its ``task`` field, else its dataset."""
-    tasks = [
-        str(json.loads(extra or "{}").get("task") or dataset)
-        for extra, dataset in zip(batch["extra"].to_pylist(), batch["dataset"].to_pylist())
-    ]
-    return batch.set_column(batch.schema.get_field_index("dataset"), "dataset", pa.array(tasks, pa.string()))
 
 
 def _scorer_kwargs(
