@@ -63,6 +63,7 @@ SCORES_DIR = "scores"
 SCORING_KEY = "_scoring_config.json"  # inside scores/: what the score files were computed under
 SELECTED_JSONL = "selected.jsonl"
 SELECTED_PARQUET = "selected.parquet"
+SELECTED_PARTS = ".selected_parts"  # scratch: the selected rows in rank-sorted parts, before the merge
 SCORE_HISTOGRAMS = "score_histograms.png"
 CALIBRATION = "calibration.json"  # selection.method=calibrated: the fitted combiner, its CV AUROC
 TRUSTED_REJECTS = "trusted_rejects.jsonl"  # selection.trusted rows that could not be read

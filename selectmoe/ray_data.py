@@ -367,10 +367,11 @@ def _int32_lists(arrays: list[np.ndarray]) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=pa.int32()))
 
 
-def rows_with_ids(batch: pa.Table, *, ids: set[str], keep: bool) -> pa.Table:
-    """Keep (or drop) the rows whose id is in ``ids`` (a ``map_batches`` function)."""
-    inside = pc.is_in(batch["id"], value_set=pa.array(sorted(ids), type=pa.string()))
-    return batch.filter(inside if keep else pc.invert(inside))
+def rows_without_ids(batch: pa.Table, *, ids) -> pa.Table:
+    """Drop the rows whose id is in ``ids``, an Arrow array or an object ref of one, which every task
+    of a node then reads from one shared copy (a ``map_batches`` function)."""
+    ids = ray.get(ids) if isinstance(ids, ray.ObjectRef) else ids
+    return batch.filter(pc.invert(pc.is_in(batch["id"], value_set=ids)))
 
 
 def task_as_dataset(batch: pa.Table) -> pa.Table:

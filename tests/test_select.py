@@ -11,12 +11,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from selectmoe.config import ConfigError, ScoringSection, parse_config
+from selectmoe.config import ConfigError, DatasetConfig, ScoringSection, parse_config
+from selectmoe.data import RowLedger, iter_rows
 from selectmoe.data.collate import collate
 from selectmoe.data.template import (
     encode_messages,
@@ -320,7 +322,7 @@ def one_actor(tiny_olmoe, ray_session, tmp_path_factory, sources):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_counts_add_up_and_outputs_are_complete(one_actor):
+def test_counts_add_up_and_outputs_are_complete(one_actor, sources):
     manifest = json.loads((one_actor / "manifest.json").read_text())
     counts = manifest["counts"]
     assert counts["rows_read"] == counts["rows_scored"] + counts["rows_rejected"]
@@ -339,8 +341,63 @@ def test_counts_add_up_and_outputs_are_complete(one_actor):
     assert [r["id"] for r in selected] == [i for i, _ in best]
     table = pq.read_table(one_actor / "scores")
     assert {"layer_scores", "n_tokens", "n_scored_tokens", "dataset"} <= set(table.column_names)
-    assert pq.read_table(one_actor / "selected.parquet").num_rows == len(selected)
+    # a record is its row's fields, then score and rank: one JSON line each, non-ASCII kept as is
+    rows = {r["id"]: r for r in iter_rows(DatasetConfig(data_path=[str(sources)]), RowLedger())}
+    for line, record in zip((one_actor / "selected.jsonl").read_text().splitlines(), selected):
+        row = rows[record["id"]]
+        fields = {k: row[k] for k in ("dataset", "id", "messages")} | json.loads(row["extra"])
+        assert line == json.dumps(
+            {**fields, "score": record["score"], "rank": record["rank"]}, ensure_ascii=False
+        )
+    assert pq.read_table(one_actor / "selected.parquet").to_pylist() == selected
     assert (one_actor / "score_histograms.png").stat().st_size > 0
+
+
+@pytest.mark.timeout(300)
+def test_the_selection_is_written_in_rank_order_with_every_field_of_any_row(
+    ray_session, tmp_path, monkeypatch
+):
+    """Records rendered by Ray tasks into rank-sorted parts (one a block), merged in rounds and streamed
+    two at a time: the JSON lines keep each row's own fields; Parquet has every field any row has (null
+    elsewhere), typed across batches."""
+    from selectmoe.select import output
+
+    monkeypatch.setattr(output, "WRITE_BATCH_ROWS", 2)  # several batches and row groups
+    extras = [{}, {"source": "web"}, {"lang": "fr", "n": 3}, {}, {"source": None}, {"lang": "日本語"}]
+    rows = ray_session.data.from_items(
+        [
+            {
+                "dataset": f"d{i % 2}",
+                "id": f"row{i}",
+                "messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}],
+                "extra": json.dumps(extra, ensure_ascii=False),
+            }
+            for i, extra in enumerate(extras)
+        ],
+        override_num_blocks=3,
+    )
+    chosen = ["row5", "row1", "row2", "row0", "row4"]  # rank order; row3 is not selected
+    selected = pa.table(
+        {"id": chosen, "score": [5.0, 4.0, 3.0, 2.0, 1.0], "rank": pa.array(range(1, 6), pa.int64())}
+    )
+    jsonl, parquet = tmp_path / "selected.jsonl", tmp_path / "selected.parquet"
+    monkeypatch.setattr(output, "MERGE_FILES", 2)  # and merged in rounds
+    output.write_selection(rows, selected, jsonl, parquet, tmp_path / "parts")
+    assert not (tmp_path / "parts").exists()
+    expected = []
+    for rank, row_id in enumerate(chosen, 1):
+        i = int(row_id.removeprefix("row"))
+        messages = [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]
+        fields = {"dataset": f"d{i % 2}", "id": row_id, "messages": messages, **extras[i]}
+        expected.append({**fields, "score": 6.0 - rank, "rank": rank})
+    assert jsonl.read_text(encoding="utf-8") == "".join(
+        json.dumps(record, ensure_ascii=False) + "\n" for record in expected
+    )
+    table = pq.read_table(parquet)
+    assert table.column_names == ["dataset", "id", "messages", "lang", "score", "rank", "source", "n"]
+    assert pq.ParquetFile(parquet).num_row_groups == 3
+    columns = table.column_names
+    assert table.to_pylist() == [{c: record.get(c) for c in columns} for record in expected]
 
 
 @pytest.mark.slow

@@ -3,8 +3,9 @@
 Ray Data: read -> normalise/validate (rejects) -> tokenise with the shared template -> scoring actor
 pool (``GateScorer``: windows sorted by length, sub-batches capped by rows and tokens) -> streaming
 Parquet write of one score record per row into ``scores/``. Then an exact selection streams the score
-files (driver memory O(k)), and a second pass over the rows writes the selected originals with
-``score`` and ``rank`` to ``selected.parquet`` and ``selected.jsonl``.
+files (driver memory O(k)), and a second pass over the rows, in Ray tasks, renders the selected
+originals with ``score`` and ``rank``; sorted by rank they stream into ``selected.jsonl`` and
+``selected.parquet`` (``output``).
 
 Resume: score files already in ``scores/`` (same scoring config) are kept and their rows skipped;
 a partly written file is removed and its rows scored again. Rows are scored independently of their
@@ -24,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import ray
 
 from selectmoe.config import ConfigError, DatasetConfig, ScoringSection, SelectConfig, to_dict
 from selectmoe.console import phase, say
@@ -39,6 +41,7 @@ from selectmoe.layout import (
     SCORING_KEY,
     SELECTED_JSONL,
     SELECTED_PARQUET,
+    SELECTED_PARTS,
     STAGE1_CONFIG,
     TARGET_EMBEDDINGS,
     TARGET_REJECTS,
@@ -49,7 +52,7 @@ from selectmoe.layout import (
 )
 from selectmoe.manifest import fingerprint, hash_dict, write_manifest
 from selectmoe.models.loading import require_model
-from selectmoe.ray_data import read_rows, rows_with_ids, task_as_dataset, tokenize_rows
+from selectmoe.ray_data import read_rows, rows_without_ids, task_as_dataset, tokenize_rows
 from selectmoe.scaling import RESERVED_CPUS, cpu_threads, free_resources, use_gpu
 from selectmoe.select.calibrate import (
     FEATURE_COLUMNS,
@@ -59,6 +62,7 @@ from selectmoe.select.calibrate import (
     fit_combiner,
     gate_direction,
 )
+from selectmoe.select.output import write_selection
 from selectmoe.select.score import (
     ScorePasses,
     score_columns,
@@ -122,10 +126,10 @@ def select(cfg: SelectConfig) -> Path:
     # ---- score (resumable)
     scores_dir = out / SCORES_DIR
     done_ids = _reusable_scores(scores_dir, _scoring_key(cfg, model_path, read.sources))
-    if done_ids:
+    if len(done_ids):
         logger.info("resuming: %d rows already scored in %s", len(done_ids), scores_dir)
         tokens = tokens.map_batches(
-            rows_with_ids, batch_format="pyarrow", fn_kwargs={"ids": done_ids, "keep": False}
+            rows_without_ids, batch_format="pyarrow", fn_kwargs={"ids": ray.put(done_ids)}
         )
     # the key holds the inputs' fingerprints, so the stored ids are ids of this very sample
     all_scored = len(done_ids) == read.ledger.counts()["rows_sampled"]
@@ -150,27 +154,11 @@ def select(cfg: SelectConfig) -> Path:
         selected, selection_info = _select(cfg, files, rows_scored, excluded, rescore, targets)
         timings["selection_s"] = round(time.time() - t0, 2)
 
-        # ---- write the selected rows (originals + score + rank)
+        # ---- write the selected rows (originals + score + rank), rendered by Ray tasks
         t0 = time.time()
-        originals = read.rows.map_batches(
-            rows_with_ids,
-            batch_format="pyarrow",
-            fn_kwargs={"ids": set(selected["id"].to_pylist()), "keep": True},
+        write_selection(
+            read.rows, selected, out / SELECTED_JSONL, out / SELECTED_PARQUET, out / SELECTED_PARTS
         )
-        rows = {r["id"]: r for r in originals.take_all()}
-        records = []
-        for item in selected.to_pylist():
-            row = rows[item["id"]]
-            record = {"dataset": row["dataset"], "id": row["id"], "messages": row["messages"]}
-            record.update(json.loads(row["extra"] or "{}"))
-            record.update(score=item["score"], rank=item["rank"])
-            if "target_task" in item:
-                record["target_task"] = item["target_task"]
-            records.append(record)
-        pq.write_table(pa.Table.from_pylist(records), out / SELECTED_PARQUET)
-        with (out / SELECTED_JSONL).open("w") as fh:
-            for record in records:
-                fh.write(json.dumps(record, ensure_ascii=False) + "\n")
     timings["write_s"] = round(time.time() - t0, 2)
 
     counts = read.ledger.counts()
@@ -280,23 +268,24 @@ def _scoring_key(cfg: SelectConfig, model_path: str, sources) -> dict:
     }
 
 
-def _reusable_scores(scores_dir: Path, key: dict) -> set[str]:
-    """Ids of rows already scored under ``key``; clears the folder when the key differs."""
+def _reusable_scores(scores_dir: Path, key: dict) -> pa.Array:
+    """Ids of rows already scored under ``key`` (an Arrow array: compact, and shared with the tasks
+    through the object store); clears the folder when the key differs."""
     key_file = scores_dir / SCORING_KEY
     if scores_dir.exists() and (not key_file.exists() or json.loads(key_file.read_text()) != key):
         shutil.rmtree(scores_dir)
     scores_dir.mkdir(parents=True, exist_ok=True)
     key_file.write_text(json.dumps(key, sort_keys=True))
-    done: set[str] = set()
+    done = [pa.array([], pa.string())]
     for path in score_files(scores_dir):
         try:
-            done.update(pq.read_table(path, columns=["id"])["id"].to_pylist())
+            done += [ids.cast(pa.string()) for ids in pq.read_table(path, columns=["id"])["id"].chunks]
         except (pa.ArrowInvalid, OSError):
             logger.warning(
                 "removing unreadable score file %s (an interrupted write); its rows are rescored", path
             )
             path.unlink()
-    return done
+    return pa.concat_arrays(done)
 
 
 def _stream(files: list[Path], columns: list[str]):
