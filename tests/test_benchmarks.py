@@ -142,6 +142,7 @@ def test_demo_lm_plateau_small(tmp_path):
     assert all(r["held_out_loss"] > 0 for r in report["results"])
 
 
+@pytest.mark.timeout(660)  # a sweep of Ray Train runs: from 57 s to over 280 s on this 2-core machine
 def test_sweep_search_small(tmp_path):
     space = tmp_path / "space.yaml"  # the shipped search's keys, short trials
     space.write_text(
@@ -172,6 +173,7 @@ def test_sweep_search_small(tmp_path):
             "--models-dir",
             str(tmp_path / "models"),
         ),
+        timeout=600,
     )
     assert "Sweep trials, best first" in stdout and "--variant best:" in stdout
     assert len(report["trials"]) == 2
