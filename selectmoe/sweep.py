@@ -170,8 +170,10 @@ def run_sweep(cfg: SweepConfig) -> Path:
 
 
 def _longest_trial(cfg: SweepConfig, space: dict) -> int:
-    """ASHA's ``max_t``: the most steps a trial can run. ``training.max_steps`` may be searched; without
-    a step limit (epochs decide) the bound is open, so ASHA never stops a trial for its length."""
+    """ASHA's ``max_t``: one more than the most steps a trial can run. ASHA stops a trial that reports
+    ``max_t``, and a trial stopped at its last step never wrote its stage-1 outputs (router weights,
+    manifest). ``training.max_steps`` may be searched; without a step limit (epochs decide) the bound is
+    open, so ASHA never stops a trial for its length."""
     steps = [cfg.pretrain.training.max_steps]
     domain = space.get("training.max_steps")
     if isinstance(domain, dict):  # grid_search
@@ -182,7 +184,7 @@ def _longest_trial(cfg: SweepConfig, space: dict) -> int:
         steps.append(domain.upper)
     if min(steps) <= 0:
         return 10**9
-    return max(cfg.sweep.grace_period + 1, *(int(s) for s in steps))
+    return max(cfg.sweep.grace_period + 1, *(int(s) for s in steps)) + 1
 
 
 def rank_trials(trials: list[dict], mode: str) -> list[dict]:

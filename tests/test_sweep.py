@@ -19,6 +19,7 @@ import pytest
 from selectmoe.config import parse_config
 from selectmoe.demo.corpus import write_demo_corpus
 from selectmoe.evaluate.results import metric_rows
+from selectmoe.manifest import read_manifest
 from selectmoe.sweep import _longest_trial, higher_is_better, load_space, rank_trials, trial_folder
 
 pytestmark = [pytest.mark.timeout(900)]
@@ -41,7 +42,7 @@ def test_shipped_spaces_load_from_any_working_directory(tmp_path, monkeypatch):
 
 def test_searched_training_length_sets_ashas_bound_and_the_ranking():
     search = load_space("tune_spaces/selection_search.yaml")
-    assert _longest_trial(parse_config("sweep", overrides=["pretrain.training.max_steps=30"]), search) == 80
+    assert _longest_trial(parse_config("sweep", overrides=["pretrain.training.max_steps=30"]), search) == 81
     # no step limit (epochs decide): ASHA must not stop trials for their length
     assert _longest_trial(parse_config("sweep"), load_space("tune_spaces/quality_loss.yaml")) >= 10**6
     trials = [
@@ -254,6 +255,16 @@ def test_sweep_killed_mid_run_resumes_and_a_finished_sweep_restores(tiny_olmoe, 
     done_before = finished()
     assert 1 <= len(done_before) < 3
     before = {trial_id: trained(out, trial) for trial_id, trial in done_before.items()}
+    # a trial that ran its whole stage 1 wrote its outputs there (ASHA did not stop it at its last step)
+    full_length = [
+        trial_folder(out, t["config"]) / "stage_1_pretrain"
+        for t in done_before.values()
+        if last_history(trial_folder(out, t["config"]) / "stage_1_pretrain")[-1]["step"] == 6
+    ]
+    assert full_length, "the first trial has no rival at ASHA's rungs: it runs all 6 steps"
+    for stage1 in full_length:
+        assert (read_manifest(stage1) or {}).get("status") == "finished", stage1
+        assert (stage1 / "router_weights.safetensors").is_file()
 
     # 2) the same command: Tune restores its experiment and runs what was left
     rc, driver = run_driver(args, tmp_path / "run2", 600)
