@@ -743,8 +743,45 @@ def test_calibrated_ranks_rows_by_a_combiner_fitted_on_the_trusted_rows(tiny_olm
     selected = [json.loads(line) for line in (out / "selected.jsonl").read_text().splitlines()]
     assert [r["id"] for r in selected] == [i for _, i in expected]
     assert [r["score"] for r in selected] == pytest.approx([-s for s, _ in expected])
-    with pytest.raises(ConfigError, match="selection.trusted is read only by selection.method=calibrated"):
-        run_select(tiny_olmoe, tmp_path / "top", sources, **{**keys, "selection.method": "top_k"})
+    with pytest.raises(ConfigError, match="selection.trusted is read by selection.method=calibrated, or"):
+        run_select(tiny_olmoe, tmp_path / "random", sources, **{**keys, "selection.method": "random"})
+
+
+@pytest.mark.timeout(600)
+def test_a_trusted_set_sets_the_sign_of_the_gate_term(one_actor, tiny_olmoe, tmp_path, sources):
+    """With a score formula (here the original mean gate, top_k) selection.trusted decides the gate
+    term's sign: trusted rows the gates score lowest make it negative and the selection the rows with
+    the lowest mean gate; those they score highest keep it, and the selection is the plain one's. The
+    corpus's scores are reused (copied): only the trusted rows are scored."""
+    stored = pq.read_table(one_actor / "scores", columns=["id", "layer_scores"])
+    gate = dict(zip(stored["id"].to_pylist(), np.asarray(stored["layer_scores"].to_pylist()).mean(axis=1)))
+    lines = {
+        json.loads(line)["id"]: line
+        for f in sorted(sources.glob("*.jsonl"))
+        for line in f.read_text().splitlines(keepends=True)
+    }
+    by_gate = sorted(gate, key=lambda i: (gate[i], i))
+    out = tmp_path / "signed"
+    shutil.copytree(one_actor / "scores", out / "scores")
+    plain = [json.loads(line)["id"] for line in (one_actor / "selected.jsonl").read_text().splitlines()]
+    for name, trusted_ids, sign in (("low", by_gate[:20], -1.0), ("high", by_gate[-20:], 1.0)):
+        trusted = tmp_path / f"{name}.jsonl"
+        trusted.write_text("".join(lines[i] for i in trusted_ids))
+        run_select(tiny_olmoe, out, sources, **{"selection.trusted": f"[{trusted}]", "scoring.num_actors": 1})
+        manifest = json.loads((out / "manifest.json").read_text())
+        signed = manifest["metrics"]["gate_sign"]
+        assert signed["gate_weight"] == sign and signed["configured_gate_weight"] == 1.0
+        assert signed["trusted_rows"] == 20 and signed["corpus_rows"] == len(gate)
+        assert (signed["mean_gate_auroc"] < 0.1) if sign < 0 else (signed["mean_gate_auroc"] > 0.9)
+        assert manifest["metrics"]["score_formula"] == ("-mean gate" if sign < 0 else "mean gate")
+        selected = [json.loads(line) for line in (out / "selected.jsonl").read_text().splitlines()]
+        expected = by_gate[: len(plain)] if sign < 0 else plain
+        assert [r["id"] for r in selected] == expected
+        assert [r["score"] for r in selected] == pytest.approx([sign * gate[i] for i in expected])
+    with pytest.raises(ConfigError, match="scoring.gate_weight is 0"):
+        run_select(
+            tiny_olmoe, out, sources, **{"selection.trusted": f"[{trusted}]", "scoring.gate_weight": 0}
+        )
 
 
 @pytest.mark.slow

@@ -236,9 +236,10 @@ class SelectionSection:
     # examples are added to the targets (MMLU's 5 dev questions per subject, BBH's 3 CoT shots per task,
     # TyDi QA's 1 per language; one task per benchmark)
     target_eval_dir: str | None = None
-    # calibrated: files (or folders) of rows you trust, any supported row format (a few hundred of the
-    # target tasks, or clean rows of your sources); a logistic regression on the stored features learns to
-    # tell them from the corpus, and its log-odds is the row score
+    # files (or folders) of rows you trust, any supported row format (a few hundred of the target tasks,
+    # or clean rows of your sources). calibrated: a logistic regression on the stored features learns to
+    # tell them from the corpus, and its log-odds is the row score; top_k / per_dataset / filtered_random
+    # with scoring.gate_weight != 0: they set the gate term's sign (select/calibrate.gate_sign)
     trusted: list[str] | None = None
     exclude_training_rows: bool = True
 

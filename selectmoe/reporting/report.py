@@ -96,6 +96,15 @@ def write_report(
                 f"coefficients: {weights}. Gate direction: {cal['gate_direction']}.",
                 "",
             ]
+        if signed := m2["metrics"].get("gate_sign"):
+            lines += [
+                f"Gate term's sign from `selection.trusted`: the mean gate tells {signed['trusted_rows']} "
+                f"trusted rows from {signed['corpus_rows']} corpus rows with AUROC "
+                f"{signed['mean_gate_auroc']:.3f} (trusted positive), so the gate weight "
+                f"{signed['configured_gate_weight']:g} is used as {signed['gate_weight']:g}: "
+                f"{signed['direction']}.",
+                "",
+            ]
         lines += [
             _image(run, stage2 / SCORE_HISTOGRAMS, "score histograms per dataset"),
             "",

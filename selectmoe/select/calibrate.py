@@ -1,6 +1,10 @@
-"""The calibrated mode (``selection.method=calibrated``): a logistic regression on the stored per-row
-features that tells trusted rows (``selection.trusted``) from corpus rows. Its decision value is the
-row score, so the weights and the gates' sign come from the trusted set, not from a benchmark.
+"""What a trusted set (``selection.trusted``) decides in stage 2.
+
+``selection.method=calibrated``: a logistic regression on the stored per-row features that tells
+trusted rows from corpus rows. Its decision value is the row score, so the weights and the gates' sign
+come from the trusted set, not from a benchmark. With any other score-ranked method and a gate term in
+the formula (``scoring.gate_weight`` != 0), the trusted set sets that term's sign only (``gate_sign``):
+the gates were inverted in every measured run, so their direction is checked, never assumed.
 
 Features (those the score files hold): each layer's mean gate, the NLL, the prompt gain
 (``nll_without_prompt - nll``), the expert effect (``nll_gates_shut - nll``) and log(1 + scored
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from selectmoe.metrics import auroc
 from selectmoe.select.score import score_terms
 
 FEATURE_COLUMNS = ("layer_scores", "nll", "nll_without_prompt", "nll_gates_shut", "n_scored_tokens")
@@ -90,3 +95,24 @@ def gate_direction(combiner: dict) -> str:
         if gates > 0
         else ("negative: the gates are inverted on this corpus (open gates mark rows unlike the trusted set)")
     )
+
+
+def gate_sign(trusted_layers: np.ndarray, corpus_layers: np.ndarray, gate_weight: float) -> dict:
+    """The gate term's weight as the trusted set orders it: ``|gate_weight|`` when the mean gate ranks
+    trusted rows above corpus rows (AUROC >= 0.5, trusted positive), ``-|gate_weight|`` when below."""
+    trusted = np.asarray(trusted_layers, dtype=np.float64).mean(axis=-1)
+    corpus = np.asarray(corpus_layers, dtype=np.float64).mean(axis=-1)
+    separation = auroc(
+        np.concatenate([trusted, corpus]), np.concatenate([np.ones(len(trusted)), np.zeros(len(corpus))])
+    )
+    sign = 1.0 if separation >= 0.5 else -1.0
+    return {
+        "mean_gate_auroc": separation,
+        "trusted_rows": int(len(trusted)),
+        "corpus_rows": int(len(corpus)),
+        "configured_gate_weight": gate_weight,
+        "gate_weight": sign * abs(gate_weight),
+        "direction": "positive: open gates mark trusted-like rows"
+        if sign > 0
+        else "inverted: open gates mark rows unlike the trusted set, so the gate term is subtracted",
+    }

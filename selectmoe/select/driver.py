@@ -19,6 +19,7 @@ import logging
 import shutil
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,7 @@ from selectmoe.select.calibrate import (
     feature_matrix,
     fit_combiner,
     gate_direction,
+    gate_sign,
 )
 from selectmoe.select.output import write_selection
 from selectmoe.select.score import (
@@ -95,6 +97,11 @@ from selectmoe.select.topk import (
 
 logger = logging.getLogger(__name__)
 
+GATE_SIGNED_METHODS = (
+    "top_k",
+    "per_dataset",
+    "filtered_random",
+)  # rank by the score: a trusted set signs the gates
 STREAM_ROWS = 65536  # rows per batch when streaming score files
 TERM_SAMPLE_ROWS = 65536  # rows the robust-z term scales are measured on (scoring.combine=robust_z)
 
@@ -117,11 +124,7 @@ def select(cfg: SelectConfig) -> Path:
         if cfg.selection.method == "similarity"
         else None
     )
-    trusted = (
-        _trusted_features(cfg, model_path, tokenizer_name, out)
-        if cfg.selection.method == "calibrated"
-        else None
-    )
+    trusted = _trusted_features(cfg, model_path, tokenizer_name, out) if cfg.selection.trusted else None
 
     # ---- score (resumable)
     scores_dir = out / SCORES_DIR
@@ -148,9 +151,14 @@ def select(cfg: SelectConfig) -> Path:
         rows_scored = sum(pq.read_metadata(f).num_rows for f in files)
         excluded = _training_ids(cfg) if cfg.selection.exclude_training_rows else set()
         scales = _term_scales(files, cfg, rows_scored) if cfg.scoring.combine == "robust_z" else None
-        combiner = _fit_combiner(cfg, files, rows_scored, excluded, trusted, out) if trusted else None
-        rescore = _rescorer(cfg.scoring, scales, combiner)
-        formula = "calibrated combiner (log-odds of trusted)" if combiner else score_formula(cfg.scoring)
+        calibrated = trusted is not None and cfg.selection.method == "calibrated"
+        combiner = _fit_combiner(cfg, files, rows_scored, excluded, trusted, out) if calibrated else None
+        signed = (
+            _gate_sign(cfg, files, rows_scored, excluded, trusted) if trusted and not calibrated else None
+        )
+        scoring = replace(cfg.scoring, gate_weight=signed["gate_weight"]) if signed else cfg.scoring
+        rescore = _rescorer(scoring, scales, combiner, recompute=signed is not None)
+        formula = "calibrated combiner (log-odds of trusted)" if combiner else score_formula(scoring)
         selected, selection_info = _select(cfg, files, rows_scored, excluded, rescore, targets)
         timings["selection_s"] = round(time.time() - t0, 2)
 
@@ -174,6 +182,7 @@ def select(cfg: SelectConfig) -> Path:
         "score_formula": formula,
         **({"term_scales": scales} if scales else {}),
         **({"calibrated": _calibration_info(combiner)} if combiner else {}),
+        **({"gate_sign": signed} if signed else {}),
         **selection_info,
     }
     plot_score_histograms(
@@ -190,7 +199,7 @@ def select(cfg: SelectConfig) -> Path:
             "selector_model": fingerprint(model_path),
             "data": [fingerprint(s.uri) for s in read.sources],
             **({"targets": [fingerprint(t) for t in _target_paths(cfg, out)]} if targets is not None else {}),
-            **({"trusted": [fingerprint(t) for t in cfg.selection.trusted]} if combiner else {}),
+            **({"trusted": [fingerprint(t) for t in cfg.selection.trusted]} if trusted else {}),
         },
         counts=counts,
         metrics={**metrics, "timings": timings},
@@ -198,7 +207,8 @@ def select(cfg: SelectConfig) -> Path:
             "score_files": SCORES_DIR,
             "selected": [SELECTED_PARQUET, SELECTED_JSONL],
             "rejects": REJECTS,
-            **({"calibration": CALIBRATION, "trusted_rejects": TRUSTED_REJECTS} if combiner else {}),
+            **({"calibration": CALIBRATION} if combiner else {}),
+            **({"trusted_rejects": TRUSTED_REJECTS} if trusted else {}),
             **(
                 {
                     "target_embeddings": TARGET_EMBEDDINGS,
@@ -309,11 +319,13 @@ def _scored_stream(files: list[Path], columns: list[str], rescore):
         yield batch.append_column("score", pa.array(score, pa.float64())).select(columns)
 
 
-def _rescorer(scoring, scales: dict | None, combiner: dict | None):
-    """(columns read, row score function) when the selection score is not the stored one, else None."""
+def _rescorer(scoring, scales: dict | None, combiner: dict | None, recompute: bool = False):
+    """(columns read, row score function) when the selection score is not the stored one (robust
+    z-scores, the calibrated combiner, or ``recompute``: a gate weight whose sign the trusted set
+    set), else None."""
     if combiner is not None:
         return combiner_columns(combiner), lambda columns: combiner_score(combiner, columns)
-    if scales is not None:
+    if scales is not None or recompute:
         return score_columns(scoring), lambda columns: score_of(columns, scoring, scales)
     return None
 
@@ -364,10 +376,17 @@ def _check_selection(cfg: SelectConfig) -> None:
             "of the target tasks, clean rows of your sources)"
         )
     if cfg.selection.trusted and method != "calibrated":
-        raise ConfigError(
-            f"selection.trusted is read only by selection.method=calibrated (method is {method}); "
-            "drop it or set selection.method=calibrated"
-        )
+        if method not in GATE_SIGNED_METHODS:
+            raise ConfigError(
+                f"selection.trusted is read by selection.method=calibrated, or sets the gate term's sign "
+                f"for a method that ranks by score ({', '.join(GATE_SIGNED_METHODS)}); method is {method}"
+            )
+        if cfg.scoring.gate_weight == 0:
+            raise ConfigError(
+                f"selection.trusted sets the sign of the gate term with selection.method={method}, and "
+                "scoring.gate_weight is 0 (the gates do not rank rows): drop it, set scoring.gate_weight, "
+                "or set selection.method=calibrated"
+            )
     if p.auto_k and not (len(p.k_range) == 2 and 2 <= p.k_range[0] <= p.k_range[1]):
         raise ConfigError(
             f"clustering_params.k_range={p.k_range}: expected [lowest, highest] with 2 <= lowest <= highest"
@@ -529,15 +548,19 @@ def _target_embeddings(
 
 
 def _trusted_features(cfg: SelectConfig, model_path: str, tokenizer_name: str, out: Path) -> dict:
-    """{column: values}: ``selection.trusted`` rows scored like the corpus (same scoring passes, a
-    one-actor pool; rejects in ``layout.TRUSTED_REJECTS``)."""
+    """{column: values}: ``selection.trusted`` rows scored like the corpus (a one-actor pool; rejects
+    in ``layout.TRUSTED_REJECTS``): every pass of the corpus for the calibrated combiner, the gates
+    alone for the gate term's sign."""
     source = DatasetConfig(
         data_path=list(cfg.selection.trusted), max_sequence_length=cfg.dataset.max_sequence_length
     )
-    passes = ScorePasses.for_scoring(cfg.scoring)
+    scoring = cfg.scoring
+    if cfg.selection.method != "calibrated":
+        scoring = ScoringSection(tokens=cfg.scoring.tokens, tokens_per_batch=cfg.scoring.tokens_per_batch)
+    passes = ScorePasses.for_scoring(scoring)
     with phase("stage 2 select: scoring the trusted rows"):
         _, tokens = _read_and_tokenise(cfg, source, tokenizer_name, out / TRUSTED_REJECTS, passes)
-        rows = _one_actor_pass(cfg, model_path, tokenizer_name, out, tokens, cfg.scoring).take_all()
+        rows = _one_actor_pass(cfg, model_path, tokenizer_name, out, tokens, scoring).take_all()
     if len(rows) < 2:
         raise ConfigError(
             f"selection.trusted={cfg.selection.trusted}: {len(rows)} usable row(s), at least 2 are needed "
@@ -557,20 +580,35 @@ def _read_and_tokenise(cfg: SelectConfig, source: DatasetConfig, tokenizer_name:
     return read, tokens
 
 
+def _corpus_sample(
+    cfg: SelectConfig, files: list[Path], rows_scored: int, excluded: set[str], columns: list[str]
+) -> dict[str, np.ndarray]:
+    """``columns`` of a seeded sample of at most ~``TERM_SAMPLE_ROWS`` scored corpus rows (stage-1
+    training rows left out): what trusted rows are compared with."""
+    share = min(1.0, TERM_SAMPLE_ROWS / max(rows_scored, 1))
+    parts: dict[str, list] = {}
+    for batch in excluding(_stream(files, ["id", *columns]), excluded):
+        if share < 1:
+            batch = batch.filter(pc.less(random_key(cfg.seed, batch["id"]), share))
+        for name in columns:
+            parts.setdefault(name, []).append(column_matrix(batch[name]))
+    return {name: np.concatenate(values) for name, values in parts.items()}
+
+
+def _gate_sign(
+    cfg: SelectConfig, files: list[Path], rows_scored: int, excluded: set[str], trusted: dict
+) -> dict:
+    """``calibrate.gate_sign`` of the trusted rows against the corpus sample."""
+    corpus = _corpus_sample(cfg, files, rows_scored, excluded, ["layer_scores"])
+    return gate_sign(trusted["layer_scores"], corpus["layer_scores"], cfg.scoring.gate_weight)
+
+
 def _fit_combiner(
     cfg: SelectConfig, files: list[Path], rows_scored: int, excluded: set[str], trusted: dict, out: Path
 ) -> dict:
-    """The calibrated combiner: trusted rows against a seeded sample of at most ~``TERM_SAMPLE_ROWS``
-    corpus rows (stage-1 training rows left out); written to ``layout.CALIBRATION``."""
-    share = min(1.0, TERM_SAMPLE_ROWS / max(rows_scored, 1))
-    present = list(trusted)
-    parts: dict[str, list] = {}
-    for batch in excluding(_stream(files, ["id", *present]), excluded):
-        if share < 1:
-            batch = batch.filter(pc.less(random_key(cfg.seed, batch["id"]), share))
-        for name in present:
-            parts.setdefault(name, []).append(column_matrix(batch[name]))
-    corpus = {name: np.concatenate(values) for name, values in parts.items()}
+    """The calibrated combiner: trusted rows against ``_corpus_sample``; written to
+    ``layout.CALIBRATION``."""
+    corpus = _corpus_sample(cfg, files, rows_scored, excluded, list(trusted))
     trusted_x, names = feature_matrix(trusted)
     combiner = fit_combiner(trusted_x, feature_matrix(corpus)[0], names, cfg.seed)
     (out / CALIBRATION).write_text(json.dumps(combiner, indent=2))
