@@ -24,7 +24,7 @@ its mean NLL of the right answer on the held-out items of the target families an
 Methods: ``random`` (``--random-draws`` seeded draws), ``full`` (the whole pool), ``oracle`` (clean rows
 of the target families), ``perplexity`` (lowest NLL), ``gates`` (mean gate), ``gates_prompt_gain`` (top
 rows by that preset's score), ``gates_prompt_gain_balanced`` (the same, with per-dataset quotas as
-``selection.method=per_dataset`` keeps the pool's mix), ``default`` (the default preset,
+``selection.balance=dataset`` keeps the pool's mix), ``default`` (the default preset,
 ``filtered_random``: a random draw among the better half of each dataset by its score), ``similarity``
 (the product's RDS+ selection), ``calibrated`` (the product's calibrated mode, the target examples as
 its trusted rows).

@@ -67,7 +67,10 @@ def test_demo_writes_a_report_with_plots_baseline_and_separation(demo_run, capsy
     assert "| dataset | corpus rows | corpus share | selected rows | selected share |" in report
     formula = "-1 x z(NLL) + 1 x z(prompt gain)"  # the default preset's score, in words
     assert f"Score of a row: `{formula}`" in report
-    assert "How the rows were chosen: per dataset at the corpus's mix, a seeded random draw" in report
+    assert (
+        "How the rows were chosen: per dataset at its quota (selection.balance=dataset), a seeded random draw"
+        in report
+    )
     gates = next(
         row for row in json.loads((out / "separation.json").read_text())["table"] if "gates" in row["scorer"]
     )

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -745,6 +746,56 @@ def test_calibrated_ranks_rows_by_a_combiner_fitted_on_the_trusted_rows(tiny_olm
     assert [r["score"] for r in selected] == pytest.approx([-s for s, _ in expected])
     with pytest.raises(ConfigError, match="selection.trusted is read by selection.method=calibrated, or"):
         run_select(tiny_olmoe, tmp_path / "random", sources, **{**keys, "selection.method": "random"})
+
+
+@pytest.mark.timeout(600)
+def test_balance_dataset_keeps_the_corpus_mix_in_each_methods_order(one_actor, tiny_olmoe, tmp_path, sources):
+    """selection.balance=dataset: each source dataset gets its share of k (or selection.quotas), top_k
+    takes each dataset's best-scored rows, random a seeded draw inside each; other methods reject it.
+    The corpus's scores are reused (copied): no model loads."""
+    from selectmoe.select.topk import dataset_quotas
+
+    stored = pq.read_table(one_actor / "scores", columns=["id", "dataset", "score"]).to_pylist()
+    counts = Counter(r["dataset"] for r in stored)
+    k = int(0.1 * len(stored))
+    out = tmp_path / "balanced"
+    shutil.copytree(one_actor / "scores", out / "scores")
+
+    def selected(**keys) -> list[dict]:
+        run_select(tiny_olmoe, out, sources, **keys)
+        return [json.loads(line) for line in (out / "selected.jsonl").read_text().splitlines()]
+
+    def best(name: str, n: int) -> list[str]:
+        mine = sorted((r for r in stored if r["dataset"] == name), key=lambda r: (-r["score"], r["id"]))
+        return [r["id"] for r in mine[:n]]
+
+    quotas = dataset_quotas(dict(counts), k, None)
+    assert len(quotas) == 2 and sum(quotas.values()) == k  # two source datasets here
+    top = selected(**{"selection.balance": "dataset"})
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["metrics"]["balance"]["quotas"] == quotas
+    assert manifest["counts"]["selected_by_dataset"] == quotas
+    for name, quota in quotas.items():
+        assert [r["id"] for r in top if r["dataset"] == name] == best(name, quota)
+    assert [r["score"] for r in top] == sorted((r["score"] for r in top), reverse=True)
+
+    drawn = selected(**{"selection.balance": "dataset", "selection.method": "random"})
+    assert Counter(r["dataset"] for r in drawn) == Counter(quotas)
+    assert {r["id"] for r in drawn} != {r["id"] for r in top}
+    assert drawn == selected(**{"selection.balance": "dataset", "selection.method": "random"})  # seeded
+
+    name, other = sorted(counts)
+    given = selected(**{"selection.balance": "dataset", "selection.quotas": f"{{{name}: 3, {other}: 0.05}}"})
+    assert [r["id"] for r in given if r["dataset"] == name] == best(name, 3)
+    assert [r["id"] for r in given if r["dataset"] == other] == best(other, int(0.05 * counts[other]))
+
+    with pytest.raises(ConfigError, match="selection.balance=dataset keeps the corpus mix"):
+        run_select(
+            tiny_olmoe, out, sources, **{"selection.balance": "dataset", "selection.method": "threshold",
+                                         "selection.threshold": 0.5}
+        )  # fmt: skip
+    with pytest.raises(ConfigError, match="selection.quotas are the per-dataset quotas"):
+        run_select(tiny_olmoe, out, sources, **{"selection.quotas": f"{{{name}: 3}}"})
 
 
 @pytest.mark.timeout(600)

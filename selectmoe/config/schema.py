@@ -15,7 +15,6 @@ from selectmoe.layout import SELECTED_JSONL, STAGE_DIRS
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SELECTION_METHODS = (
     "top_k",
-    "per_dataset",
     "diversity",
     "random",
     "filtered_random",
@@ -226,7 +225,11 @@ class SelectionSection:
     method: str = one_of("top_k", SELECTION_METHODS)
     count: int = ranged(0, low=0)  # > 0 overrides selection_percentage
     threshold: float | None = None
-    quotas: dict[str, float] | None = None  # per_dataset: fraction or count per dataset
+    # dataset: the selection keeps the corpus's mix, each source dataset its share of the k rows (largest
+    # remainder) or its selection.quotas, the method's own order inside it (top_k, calibrated, random,
+    # filtered_random); none: one order over the whole corpus
+    balance: str = one_of("none", ("none", "dataset"))
+    quotas: dict[str, float] | None = None  # balance=dataset: fraction (< 1) or row count per dataset
     # filtered_random: the share of each dataset (its best-scored rows) the random draw is made from
     keep_fraction: float = ranged(0.5, low=0, high=1, low_open=True)
     # similarity: files (or folders) of target-task examples, any supported row format; a row's task is

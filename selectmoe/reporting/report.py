@@ -178,7 +178,7 @@ def composition_table(corpus: dict[str, int], selected: dict[str, int]) -> str:
             flagged.append(
                 f"**{name} is over-represented**: {share_selected:.0%} of the selection against "
                 f"{share_corpus:.0%} of the corpus; the score may rank datasets rather than rows "
-                "(`select.selection.method=per_dataset` keeps the corpus mix)."
+                "(`select.selection.balance=dataset` keeps the corpus mix)."
             )
     return "\n".join([*lines, "", *flagged]).rstrip() + "\n"
 

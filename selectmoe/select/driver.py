@@ -97,11 +97,8 @@ from selectmoe.select.topk import (
 
 logger = logging.getLogger(__name__)
 
-GATE_SIGNED_METHODS = (
-    "top_k",
-    "per_dataset",
-    "filtered_random",
-)  # rank by the score: a trusted set signs the gates
+GATE_SIGNED_METHODS = ("top_k", "filtered_random")  # rank by the score: a trusted set signs the gates
+BALANCED_METHODS = ("top_k", "calibrated", "random", "filtered_random")  # selection.balance=dataset
 STREAM_ROWS = 65536  # rows per batch when streaming score files
 TERM_SAMPLE_ROWS = 65536  # rows the robust-z term scales are measured on (scoring.combine=robust_z)
 
@@ -387,6 +384,13 @@ def _check_selection(cfg: SelectConfig) -> None:
                 "scoring.gate_weight is 0 (the gates do not rank rows): drop it, set scoring.gate_weight, "
                 "or set selection.method=calibrated"
             )
+    if cfg.selection.balance == "dataset" and method not in BALANCED_METHODS:
+        raise ConfigError(
+            f"selection.balance=dataset keeps the corpus mix for a method that picks k rows "
+            f"({', '.join(BALANCED_METHODS)}); method is {method}"
+        )
+    if cfg.selection.quotas and cfg.selection.balance != "dataset":
+        raise ConfigError("selection.quotas are the per-dataset quotas of selection.balance=dataset; set it")
     if p.auto_k and not (len(p.k_range) == 2 and 2 <= p.k_range[0] <= p.k_range[1]):
         raise ConfigError(
             f"clustering_params.k_range={p.k_range}: expected [lowest, highest] with 2 <= lowest <= highest"
@@ -413,10 +417,27 @@ def _select(
 
     candidates = rows_scored - len(excluded)
     k = selection_size(candidates, cfg.selection_percentage, cfg.selection.count)
+    balanced = cfg.selection.balance == "dataset"
+    if balanced and method in ("top_k", "calibrated", "random"):
+        counts = Counter()
+        for batch in batches():
+            counts.update(batch["dataset"].to_pylist())
+        quotas = dataset_quotas(dict(counts), k, cfg.selection.quotas)
+        order = "a seeded random draw" if method == "random" else "the best-scored rows"
+        info["balance"] = {
+            "quotas": dict(sorted(quotas.items())),
+            "rows_by_dataset": dict(sorted(counts.items())),
+            "chosen_by": f"per dataset at its quota (selection.balance=dataset), {order}",
+        }
     if method in ("top_k", "calibrated"):  # calibrated: the score is the combiner's (``rescore``)
-        chosen = top_k(batches(), k)
+        chosen = per_dataset_k(batches(), quotas) if balanced else top_k(batches(), k)
     elif method == "random":
-        chosen = order_by_score(random_k(batches(), k, cfg.seed))
+        drawn = (
+            random_per_dataset_k(batches(), quotas, cfg.seed)
+            if balanced
+            else random_k(batches(), k, cfg.seed)
+        )
+        chosen = order_by_score(drawn)
     elif method == "filtered_random":
         chosen, info["filtered_random"] = _filtered_random(cfg, batches, rows_scored, k)
     elif method == "threshold":
@@ -430,11 +451,6 @@ def _select(
             else {},
             "chosen_by": "round-robin over tasks; per task the highest cosine similarity to its examples",
         }
-    elif method == "per_dataset":
-        per_dataset = Counter()
-        for batch in batches():
-            per_dataset.update(batch["dataset"].to_pylist())
-        chosen = per_dataset_k(batches(), dataset_quotas(dict(per_dataset), k, cfg.selection.quotas))
     else:
         table = pa.concat_tables(list(batches()))
         p = cfg.clustering_params
@@ -470,9 +486,10 @@ def _select(
 
 
 def _filtered_random(cfg: SelectConfig, batches, rows_scored: int, k: int) -> tuple[pa.Table, dict]:
-    """A seeded random draw from the best ``selection.keep_fraction`` of each dataset, the datasets
-    keeping their share of the corpus (thresholds from a seeded sample of at most ~``TERM_SAMPLE_ROWS``
-    rows, exact below that)."""
+    """A seeded random draw from the best ``selection.keep_fraction`` of each dataset (thresholds from
+    a seeded sample of at most ~``TERM_SAMPLE_ROWS`` rows, exact below that); with
+    ``selection.balance=dataset`` each dataset keeps its share of the corpus (or ``selection.quotas``)
+    exactly, else one draw over every kept row keeps it in expectation."""
     share = min(1.0, TERM_SAMPLE_ROWS / max(rows_scored, 1))
     sampled: dict[str, list] = {}
     rows = Counter()
@@ -483,7 +500,6 @@ def _filtered_random(cfg: SelectConfig, batches, rows_scored: int, k: int) -> tu
         for name, score in zip(batch["dataset"].to_pylist(), batch["score"].to_pylist()):
             sampled.setdefault(name, []).append(score)
     thresholds = dataset_thresholds(sampled, cfg.selection.keep_fraction)
-    quotas = dataset_quotas(dict(rows), k, None)
     kept = Counter()
 
     def kept_rows():
@@ -491,8 +507,14 @@ def _filtered_random(cfg: SelectConfig, batches, rows_scored: int, k: int) -> tu
             kept.update(batch["dataset"].to_pylist())
             yield batch
 
-    chosen = random_per_dataset_k(kept_rows(), quotas, cfg.seed)
-    short = {name: (kept[name], quota) for name, quota in quotas.items() if kept[name] < quota}
+    if cfg.selection.balance != "dataset":
+        chosen = order_by_score(random_k(kept_rows(), k, cfg.seed))
+        quotas = {}
+        short = {"every dataset": (kept.total(), k)} if kept.total() < k else {}
+    else:
+        quotas = dataset_quotas(dict(rows), k, cfg.selection.quotas)
+        chosen = random_per_dataset_k(kept_rows(), quotas, cfg.seed)
+        short = {name: (kept[name], quota) for name, quota in quotas.items() if kept[name] < quota}
     if short:
         raise ConfigError(
             f"selection.keep_fraction={cfg.selection.keep_fraction} keeps fewer rows than the dataset's "
@@ -503,8 +525,13 @@ def _filtered_random(cfg: SelectConfig, batches, rows_scored: int, k: int) -> tu
         "dataset_thresholds": dict(sorted(thresholds.items())),
         "rows_kept_by_dataset": dict(sorted(kept.items())),
         "threshold_sample_rows": sum(len(v) for v in sampled.values()),
-        "chosen_by": "per dataset at the corpus's mix, a seeded random draw among the rows at or above "
-        "the dataset's score threshold",
+        **({"quotas": dict(sorted(quotas.items()))} if quotas else {}),
+        "chosen_by": (
+            "per dataset at its quota (selection.balance=dataset), a seeded random draw among the rows at "
+            "or above the dataset's score threshold"
+            if quotas
+            else "a seeded random draw among the rows at or above their dataset's score threshold"
+        ),
     }
     return chosen, info
 

@@ -1,7 +1,7 @@
 """Selections over streamed score tables: top-k, per-dataset quotas, diversity, random, filtered random,
 threshold, similarity to target tasks.
 
-Every method is exact at any corpus size. ``top_k`` / ``per_dataset`` / ``random`` keep only the
+Every method is exact at any corpus size. ``top_k`` / ``per_dataset_k`` / ``random`` keep only the
 current best ``k`` rows while batches stream past (driver memory O(k + batch)); ``threshold`` keeps
 what it selects. ``diversity`` clusters routing features and needs them for every candidate row
 (O(rows x layers x experts)), as the seed's k-means did. ``similarity`` keeps each target task's
