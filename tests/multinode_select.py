@@ -1,0 +1,124 @@
+"""``selectmoe select`` on a three-node Ray cluster simulated on this machine (``ray.cluster_utils``):
+run by ``tests/test_cluster.py`` in a process of its own, so the test session's Ray is untouched.
+
+    python tests/multinode_select.py MODEL DATA WORK
+
+1. an uninterrupted run into WORK/whole, recording on which nodes the scan tasks and the scoring actors
+   ran (Ray's State API);
+2. the same run into WORK/killed, with a worker node removed (its raylet and workers killed) once the
+   first score file is written; rerun (resumed) until it finishes.
+
+Writes WORK/report.json; the test reads the outputs themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+
+NODE_CPUS = 2
+SCORE_FILES = "scores"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _select(model: str, data: str, out: Path):
+    from selectmoe.config import parse_config
+    from selectmoe.select import select
+
+    overrides = {
+        "selector_model.path": model,
+        "dataset.data_path": data,
+        "output_dir": str(out),
+        "dataset.max_sequence_length": 128,
+        "selection_percentage": 0.1,
+        "scoring.sort_window": 16,  # many blocks: scoring is still running when a node is removed
+    }
+    return select(parse_config("select", overrides=[f"{k}={v}" for k, v in overrides.items()]))
+
+
+def _placements(before: set[str] = frozenset()) -> dict:
+    """Node ids where the scan tasks ran and where the scoring actors lived (actors in ``before``, a
+    previous run's, left out), and the actor ids seen."""
+    from ray.util.state import list_actors, list_tasks
+
+    tasks = list_tasks(filters=[("name", "=", "_scan_piece")], limit=10_000, raise_on_missing_output=False)
+    actors = [
+        a
+        for a in list_actors(limit=10_000, raise_on_missing_output=False)
+        if "GateScorer" in a.class_name and a.actor_id not in before
+    ]
+    return {
+        "scan": sorted({t.node_id for t in tasks if t.node_id}),
+        "scoring_actors": sorted({a.node_id for a in actors if a.node_id}),
+        "actor_ids": sorted(a.actor_id for a in actors),
+    }
+
+
+def main(model: str, data: str, work: Path) -> None:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    # a temp dir of its own keeps this cluster's address file out of /tmp/ray (a plain ray.init()
+    # elsewhere must not join it); short: Ray's Unix sockets live under it
+    temp_dir = tempfile.mkdtemp(prefix="smoe-nodes-", dir="/tmp")
+    node = {"num_cpus": NODE_CPUS, "object_store_memory": 128 * 1024**2, "temp_dir": temp_dir}
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={**node, "include_dashboard": True, "dashboard_port": _free_port()},  # State API
+    )
+    workers = [cluster.add_node(**node) for _ in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    report: dict = {"nodes": sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])}
+    try:
+        _select(model, data, work / "whole")
+        report["whole"] = _placements()
+
+        killed = work / "killed"
+        removed = threading.Event()
+
+        def remove_a_node_mid_scoring():
+            while not removed.is_set():
+                written = list((killed / SCORE_FILES).glob("*.parquet"))
+                if written:
+                    report["at_kill"] = _placements(set(report["whole"]["actor_ids"]))
+                    report["score_files_at_kill"] = len(list((killed / SCORE_FILES).glob("*.parquet")))
+                    cluster.remove_node(workers[0], allow_graceful=False)
+                    removed.set()
+                    return
+                time.sleep(0.05)
+
+        watcher = threading.Thread(target=remove_a_node_mid_scoring, daemon=True)
+        watcher.start()
+        runs = []
+        for _ in range(3):
+            try:
+                _select(model, data, killed)
+                runs.append("finished")
+                break
+            except Exception:  # the lost node's work: resumed by the next run
+                runs.append(traceback.format_exc(limit=3)[-1500:])
+        removed.set()
+        report["killed_runs"] = runs
+        report["killed_node"] = workers[0].node_id
+    finally:
+        (work / "report.json").write_text(json.dumps(report, indent=2))
+        ray.shutdown()
+        cluster.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], Path(sys.argv[3]))
