@@ -9,9 +9,11 @@ CPU, none under ``MIN_PIECE_BYTES``). ``read_rows`` makes two passes, one Ray ta
 1. a scan (Ray tasks): each task normalises (and, given a tokenizer, checks) its piece and returns
    its rejects, its counts (per dataset, in the sample, a histogram of token lengths) and its rows'
    ids cut into hash buckets; one task per bucket then finds the ids seen twice (the first by
-   (file, line) wins, as in ``iter_rows``). The driver adds up counts and holds rejects and
-   duplicates only, never a per-row entry; it applies ``on_bad_row`` before any expensive stage
-   work; the raw text of duplicates is read back from their files (only files that have some);
+   (file, line) wins, as in ``iter_rows``). The driver adds up counts and keeps each piece's reject
+   line numbers and its duplicates, never a per-row entry; the reject records stay in the object
+   store until ``RowLedger.write_rejects`` streams them in source order, one piece at a time, with
+   the duplicates' raw text read back from their pieces. ``on_bad_row`` applies before any
+   expensive stage work;
 2. the returned lazy ``Dataset``: the pieces read again, each dropping its own rejected lines and
    rows outside the ``subset_ratio`` sample. It streams (memory follows the block, not the corpus)
    and can be executed any number of times.
@@ -25,6 +27,8 @@ must reach the input URIs.
 
 from __future__ import annotations
 
+import functools
+import heapq
 import json
 from collections import Counter
 from collections.abc import Iterator
@@ -36,7 +40,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from selectmoe.data.ledger import RowLedger
+from selectmoe.data.ledger import RowLedger, duplicate_reject
 from selectmoe.data.readers import (
     Piece,
     Source,
@@ -49,7 +53,7 @@ from selectmoe.data.readers import (
     split_source,
     with_lines_before,
 )
-from selectmoe.data.rejects import MAX_RAW_CHARS, DataError, RowError
+from selectmoe.data.rejects import MAX_RAW_CHARS, DataError, RowError, reason_code, reject_error
 from selectmoe.data.rows import scan_piece
 from selectmoe.data.subset import in_subset
 from selectmoe.data.template import encode_batch, encode_replies_alone, load_tokenizer
@@ -173,24 +177,46 @@ def _scan(pieces: list[Piece], ledger: RowLedger, data_cfg, dataset_cfg, seed: i
     find = ray.remote(_duplicates_in_bucket).options(**_READ_TASK)
     duplicates = [find.remote(*[out[2 + bucket] for out in outputs]) for bucket in range(buckets)]
 
-    rejects = []  # (piece, line, reject): this order is the files' order
+    reject_lines = []  # per piece: the lines of its scan rejects (their records stay in the object store)
     for index, out in enumerate(outputs):
-        counts, piece_rejects = ray.get(out[:2])
+        counts, (lines, by_reason) = ray.get(out[0])
         ledger.add_counts(*counts)
-        rejects += [(index, reject["line"], reject) for reject in piece_rejects]
-    losers = pa.concat_tables(ray.get(duplicates)).to_pylist()
-    for row in losers:
-        first = pieces[row["first_piece"]].source.uri
-        rejects.append((row["piece"], row["line"], {**row, "first": (first, row["first_line"])}))
-    dropped: list[list[int]] = [[] for _ in pieces]
-    for index, line, item in sorted(rejects, key=lambda r: r[:2]):
-        if "first" in item:
-            ledger.drop_duplicate(dict(item, source=pieces[index].source.uri), *item["first"])
-        else:
-            ledger.reject(item)
-        dropped[index].append(line)
-    _fill_duplicates_raw(ledger.rejects)
-    return dropped
+        ledger.count_rejects(by_reason, pieces[index].source.uri)
+        reject_lines.append(lines)
+    losers = pa.concat_tables(ray.get(duplicates)).sort_by([("piece", "ascending"), ("line", "ascending")])
+    duplicates_by_piece: dict[int, list[dict]] = {}
+    for row in losers.to_pylist():
+        ledger.take_back(row)
+        ledger.count_rejects(Counter(["duplicate_id"]), pieces[row["piece"]].source.uri)
+        duplicates_by_piece.setdefault(row["piece"], []).append(row)
+    records = functools.partial(_rejects_in_order, pieces, [out[1] for out in outputs], duplicates_by_piece)
+    ledger.stream_rejects_from(records)
+    if ledger.on_bad_row == "error" and ledger.counts()["rows_rejected"]:
+        raise reject_error(next(iter(records())))
+    return [
+        sorted(lines + [row["line"] for row in duplicates_by_piece.get(index, [])])
+        for index, lines in enumerate(reject_lines)
+    ]
+
+
+def _rejects_in_order(pieces: list[Piece], scan_rejects: list, duplicates_by_piece: dict[int, list[dict]]):
+    """Every reject record in source order: per piece, its scan rejects (fetched from the object store
+    one piece at a time) merged by line with its ``duplicate_id`` rejects, whose raw text is read back
+    from the piece."""
+    for index, piece in enumerate(pieces):
+        duplicates = [
+            duplicate_reject(
+                row["id"],
+                piece.source.uri,
+                row["line"],
+                pieces[row["first_piece"]].source.uri,
+                row["first_line"],
+                None,
+            )
+            for row in duplicates_by_piece.get(index, [])
+        ]
+        _fill_raw(piece, duplicates)
+        yield from heapq.merge(ray.get(scan_rejects[index]), duplicates, key=lambda reject: reject["line"])
 
 
 _ID_SCHEMA = pa.schema(
@@ -216,7 +242,8 @@ def _scan_piece(
     subset_ratio: float,
     buckets: int,
 ) -> tuple:
-    """One piece of pass 1: (counts, rejects, then the accepted rows' ids in ``buckets`` tables)."""
+    """One piece of pass 1: ((counts, (reject lines, rejects by reason)), the reject records, then the
+    accepted rows' ids in ``buckets`` tables)."""
     tokenizer = load_tokenizer(tokenizer_name) if tokenizer_name else None
     accepted, sampled, lengths, truncated = Counter(), Counter(), Counter(), 0
     rejects, rows = [], {name: [] for name in _ID_SCHEMA.names}
@@ -239,7 +266,8 @@ def _scan_piece(
     table = pa.table(rows, schema=_ID_SCHEMA)
     bucket = pd.util.hash_array(np.array(rows["id"], dtype=object)) % buckets
     parts = [table.filter(pa.array(bucket == b)) for b in range(buckets)]
-    return ((accepted, sampled, lengths, truncated), rejects, *parts)
+    summary = ([reject["line"] for reject in rejects], Counter(map(reason_code, rejects)))
+    return ((accepted, sampled, lengths, truncated), summary), rejects, *parts
 
 
 def _duplicates_in_bucket(*tables: pa.Table) -> pa.Table:
@@ -256,18 +284,17 @@ def _duplicates_in_bucket(*tables: pa.Table) -> pa.Table:
     return losers.append_column("first_line", table["line"].take(where))
 
 
-def _fill_duplicates_raw(rejects: list[dict]) -> None:
-    missing: dict[str, dict[int, dict]] = {}
-    for reject in rejects:
-        if reject["raw"] is None:
-            missing.setdefault(reject["source"], {})[reject["line"]] = reject
-    for source, by_line in missing.items():
-        for record in read_records(source):
-            reject = by_line.pop(record.line, None)
-            if reject is not None:
-                reject["raw"] = raw_text(record)[:MAX_RAW_CHARS]
-            if not by_line:
-                break
+def _fill_raw(piece: Piece, rejects: list[dict]) -> None:
+    """Read the raw text of ``rejects`` (lines of ``piece``) back from the piece."""
+    by_line = {reject["line"]: reject for reject in rejects}
+    if not by_line:
+        return
+    for record in read_records(piece.source.uri, piece):
+        reject = by_line.pop(record.line, None)
+        if reject is not None:
+            reject["raw"] = raw_text(record)[:MAX_RAW_CHARS]
+        if not by_line:
+            return
 
 
 def _accepted_rows(batch: pa.Table, *, seed: int, subset_ratio: float) -> Iterator[pa.Table]:

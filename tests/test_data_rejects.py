@@ -75,7 +75,7 @@ def as_triples(rejects: list[dict]) -> list[tuple[str, int, str]]:
 
 def test_every_bad_row_is_rejected_with_its_reason(bad_folder, tokenizer_dir):
     rows, ledger = read(bad_folder, tokenizer=load_tokenizer(tokenizer_dir))
-    assert as_triples(ledger.rejects) == expected_rejects()
+    assert as_triples(list(ledger.rejected())) == expected_rejects()
     assert [row["id"] for row in rows] == ["dup-across", "good-1", "good-2"]
     assert {code for _, _, code in expected_rejects()} == set(REASONS)  # the fixture covers every code
 
@@ -94,8 +94,8 @@ def test_without_a_tokenizer_long_rows_are_kept(bad_folder):
 
 def test_reject_records_say_where_why_and_what(bad_folder):
     _, ledger = read(bad_folder)
-    by_line = {r["line"]: r for r in ledger.rejects if r["source"].endswith("bad.jsonl")}
-    assert set(ledger.rejects[0]) == {"source", "line", "reason", "raw"}
+    by_line = {r["line"]: r for r in ledger.rejected() if r["source"].endswith("bad.jsonl")}
+    assert set(list(ledger.rejected())[0]) == {"source", "line", "reason", "raw"}
     assert by_line[2]["raw"] == BAD_LINES[1][0]
     assert by_line[2]["reason"].startswith("bad_json: ")
     assert "\ufffd" in by_line[3]["raw"]  # undecodable bytes shown as replacement characters
@@ -138,7 +138,7 @@ def test_validate_data_writes_rows_rejects_and_manifest(ray_session, bad_folder,
 
     expected_rows, expected_ledger = read(bad_folder, tokenizer=load_tokenizer(tokenizer_dir))
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
-    assert rejects == expected_ledger.rejects
+    assert rejects == list(expected_ledger.rejected())
     assert as_triples(rejects) == expected_rejects()
 
     rows = pq.read_table(out / "rows").to_pylist()

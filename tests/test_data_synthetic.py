@@ -99,7 +99,7 @@ def test_every_row_passes_validation(corpus, tokenizer_dir):
     )
     ledger = RowLedger.from_config(cfg, DataConfig(), seed=0)
     rows = list(iter_rows(cfg, ledger, tokenizer=load_tokenizer(tokenizer_dir)))
-    assert ledger.rejects == []
+    assert list(ledger.rejected()) == []
     assert {row["id"] for row in rows} == set(train_rows(corpus))
     assert ledger.counts()["rows_accepted"] == N_ROWS
 

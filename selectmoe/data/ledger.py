@@ -8,12 +8,14 @@ holds by construction; ``rows_sampled`` (<= ``rows_accepted``) is what the stage
 Memory (``iter_rows``): one entry per accepted id (to find duplicates) plus the reject records (raw
 text capped at 2000 characters each) and a histogram of token lengths. The Ray front end finds
 duplicates in its workers and only adds up their per-piece counts here (``add_counts``,
-``drop_duplicate``): no per-row entry.
+``take_back``, ``count_rejects``): no per-row entry, and its reject records stay in Ray's object
+store until ``write_rejects`` streams them, one piece at a time (``stream_rejects_from``).
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +33,10 @@ class RowLedger:
         self.on_bad_row = on_bad_row
         self.subset_ratio = subset_ratio
         self.seed = seed
-        self.rejects: list[dict] = []
+        self._rejects: list[dict] = []
+        self._reject_stream: Callable[[], Iterable[dict]] | None = None
+        self._rejected_by_reason: Counter[str] = Counter()
+        self._rejected_by_source: Counter[str] = Counter()
         self._sources: list[str] = []
         self._source_index: dict[str, int] = {}
         self._first_seen: dict[str, tuple[int, int]] = {}  # id -> (source index, line)
@@ -48,7 +53,24 @@ class RowLedger:
         """Record a reject; under ``on_bad_row=error`` raise ``DataError`` naming file and line."""
         if self.on_bad_row == "error":
             raise reject_error(reject)
-        self.rejects.append(reject)
+        self._rejects.append(reject)
+        self.count_rejects(Counter([reason_code(reject)]), reject["source"])
+
+    def count_rejects(self, by_reason: Counter, source: str) -> None:
+        """Rejects of ``source`` whose records someone else holds (see ``stream_rejects_from``)."""
+        self._rejected_by_reason.update(by_reason)
+        self._rejected_by_source[source] += sum(by_reason.values())
+
+    def stream_rejects_from(self, records: Callable[[], Iterable[dict]]) -> None:
+        """Where the counted rejects' records come from, in source order, when written: a function
+        that streams them (the Ray front end's, from the object store)."""
+        self._reject_stream = records
+
+    def rejected(self) -> Iterator[dict]:
+        """The reject records, in source order."""
+        yield from self._rejects
+        if self._reject_stream is not None:
+            yield from self._reject_stream()
 
     def admit(
         self,
@@ -81,16 +103,15 @@ class RowLedger:
         return True
 
     def add_counts(self, accepted: Counter, sampled: Counter, token_lengths: Counter, truncated: int) -> None:
-        """Rows some worker accepted (duplicates included: see ``drop_duplicate``)."""
+        """Rows some worker accepted (duplicates included: see ``take_back``)."""
         self._accepted.update(accepted)
         self._sampled.update(sampled)
         self._token_lengths.update(token_lengths)
         self._truncated += truncated
 
-    def drop_duplicate(self, row: dict, first_source: str, first_line: int) -> None:
-        """Take back a row ``add_counts`` counted whose id came earlier: it becomes a ``duplicate_id``
-        reject. ``row``: dataset, id, source, line, n_tokens, truncated, sampled."""
-        self.reject(duplicate_reject(row["id"], row["source"], row["line"], first_source, first_line, None))
+    def take_back(self, row: dict) -> None:
+        """Take back a row ``add_counts`` counted whose id came earlier (its ``duplicate_id`` reject is
+        counted with ``count_rejects``). ``row``: dataset, n_tokens, truncated, sampled."""
         self._accepted[row["dataset"]] -= 1
         self._sampled[row["dataset"]] -= int(row["sampled"])
         if row["n_tokens"] is not None:
@@ -99,10 +120,10 @@ class RowLedger:
 
     def write_rejects(self, path: str | Path) -> int:
         """``rejects.jsonl``: one reject record per line, in source order; returns how many."""
-        return write_rejects(path, self.rejects)
+        return write_rejects(path, self.rejected())
 
     def counts(self) -> dict:
-        accepted, rejected = sum(self._accepted.values()), len(self.rejects)
+        accepted, rejected = sum(self._accepted.values()), sum(self._rejected_by_reason.values())
         counts = {
             "rows_read": accepted + rejected,
             "rows_accepted": accepted,
@@ -115,8 +136,8 @@ class RowLedger:
             name: {"rows_accepted": self._accepted[name], "rows_sampled": self._sampled[name]}
             for name in sorted(self._accepted)
         }
-        counts["rejected_by_reason"] = dict(sorted(Counter(map(reason_code, self.rejects)).items()))
-        counts["rejected_by_source"] = dict(sorted(Counter(r["source"] for r in self.rejects).items()))
+        counts["rejected_by_reason"] = dict(sorted((+self._rejected_by_reason).items()))
+        counts["rejected_by_source"] = dict(sorted((+self._rejected_by_source).items()))
         return counts
 
     def token_length_stats(self) -> dict[str, float]:
