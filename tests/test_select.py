@@ -493,7 +493,8 @@ def test_stage1_folder_excludes_training_rows_and_diversity_selects(one_actor, t
     top = [json.loads(line)["id"] for line in (one_actor / "selected.jsonl").read_text().splitlines()]
     import pyarrow as pa
 
-    pq.write_table(pa.table({"id": top[:5], "dataset": ["x"] * 5}), stage1 / "training_ids.parquet")
+    trained = top[:5] + ["trained-but-not-in-this-corpus"]  # counts for nothing here
+    pq.write_table(pa.table({"id": trained, "dataset": ["x"] * 6}), stage1 / "training_ids.parquet")
     out = run_select(
         tiny_olmoe,
         tmp_path / "select_div",

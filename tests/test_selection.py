@@ -123,7 +123,7 @@ def test_filtered_random_draws_each_datasets_quota_from_its_better_share(keep):
 def test_threshold_and_exclusion():
     ids = [f"r{i}" for i in range(10)]
     scores = [i / 10 for i in range(10)]
-    kept = above_threshold(excluding(score_batches(scores, ids, batch=3), {"r9"}), 0.7)
+    kept = above_threshold(excluding(score_batches(scores, ids, batch=3), pa.array(["r9"])), 0.7)
     assert kept["id"].to_pylist() == ["r8", "r7"]
 
 

@@ -146,7 +146,8 @@ def select(cfg: SelectConfig) -> Path:
     with phase("stage 2 select: selecting and writing the selected rows"):
         files = score_files(scores_dir)
         rows_scored = sum(pq.read_metadata(f).num_rows for f in files)
-        excluded = _training_ids(cfg) if cfg.selection.exclude_training_rows else set()
+        excluded = _training_ids(cfg)
+        candidates = rows_scored - _scored_among(files, excluded)
         scales = _term_scales(files, cfg, rows_scored) if cfg.scoring.combine == "robust_z" else None
         calibrated = trusted is not None and cfg.selection.method == "calibrated"
         combiner = _fit_combiner(cfg, files, rows_scored, excluded, trusted, out) if calibrated else None
@@ -156,7 +157,7 @@ def select(cfg: SelectConfig) -> Path:
         scoring = replace(cfg.scoring, gate_weight=signed["gate_weight"]) if signed else cfg.scoring
         rescore = _rescorer(scoring, scales, combiner, recompute=signed is not None)
         formula = "calibrated combiner (log-odds of trusted)" if combiner else score_formula(scoring)
-        selected, selection_info = _select(cfg, files, rows_scored, excluded, rescore, targets)
+        selected, selection_info = _select(cfg, files, candidates, excluded, rescore, targets)
         timings["selection_s"] = round(time.time() - t0, 2)
 
         # ---- write the selected rows (originals + score + rank), rendered by Ray tasks
@@ -169,7 +170,7 @@ def select(cfg: SelectConfig) -> Path:
     counts = read.ledger.counts()
     counts.update(
         rows_scored=rows_scored,
-        rows_excluded_training=len(excluded),
+        rows_excluded_training=rows_scored - candidates,
         rows_selected=selected.num_rows,
         selected_by_dataset=dict(Counter(selected["dataset"].to_pylist())) if selected.num_rows else {},
     )
@@ -340,11 +341,20 @@ def _term_scales(files: list[Path], cfg: SelectConfig, rows_scored: int) -> dict
     return term_scales({name: np.concatenate(values) for name, values in parts.items()})
 
 
-def _training_ids(cfg: SelectConfig) -> set[str]:
-    if not cfg.model_checkpoint_path:
-        return set()
-    path = Path(cfg.model_checkpoint_path) / TRAINING_IDS
-    return set(pq.read_table(path, columns=["id"])["id"].to_pylist()) if path.exists() else set()
+def _training_ids(cfg: SelectConfig) -> pa.Array:
+    """The ids stage 1 trained on (its folder's ``training_ids.parquet``) when
+    ``selection.exclude_training_rows``, as an Arrow array; empty otherwise."""
+    path = Path(cfg.model_checkpoint_path or "") / TRAINING_IDS
+    if not (cfg.selection.exclude_training_rows and cfg.model_checkpoint_path and path.exists()):
+        return pa.array([], pa.string())
+    return pc.unique(pq.read_table(path, columns=["id"])["id"].combine_chunks().cast(pa.string()))
+
+
+def _scored_among(files: list[Path], ids: pa.Array) -> int:
+    """How many scored rows have one of ``ids`` (training ids stage 2 does not score count for nothing)."""
+    if len(ids) == 0:
+        return 0
+    return sum(pc.sum(pc.is_in(batch["id"], value_set=ids)).as_py() or 0 for batch in _stream(files, ["id"]))
 
 
 def _check_selection(cfg: SelectConfig) -> None:
@@ -400,8 +410,8 @@ def _check_selection(cfg: SelectConfig) -> None:
 def _select(
     cfg: SelectConfig,
     score_files: list[Path],
-    rows_scored: int,
-    excluded: set[str],
+    candidates: int,
+    excluded: pa.Array,
     rescore,
     targets: dict[str, np.ndarray] | None,
 ) -> tuple[pa.Table, dict]:
@@ -415,7 +425,6 @@ def _select(
     def batches():
         return excluding(_scored_stream(score_files, columns, rescore), excluded)
 
-    candidates = rows_scored - len(excluded)
     k = selection_size(candidates, cfg.selection_percentage, cfg.selection.count)
     balanced = cfg.selection.balance == "dataset"
     if balanced and method in ("top_k", "calibrated", "random"):
@@ -439,7 +448,7 @@ def _select(
         )
         chosen = order_by_score(drawn)
     elif method == "filtered_random":
-        chosen, info["filtered_random"] = _filtered_random(cfg, batches, rows_scored, k)
+        chosen, info["filtered_random"] = _filtered_random(cfg, batches, candidates, k)
     elif method == "threshold":
         chosen = above_threshold(batches(), cfg.selection.threshold)
     elif method == "similarity":
@@ -485,12 +494,12 @@ def _select(
     return with_rank(chosen.select(kept)), info
 
 
-def _filtered_random(cfg: SelectConfig, batches, rows_scored: int, k: int) -> tuple[pa.Table, dict]:
+def _filtered_random(cfg: SelectConfig, batches, candidates: int, k: int) -> tuple[pa.Table, dict]:
     """A seeded random draw from the best ``selection.keep_fraction`` of each dataset (thresholds from
     a seeded sample of at most ~``TERM_SAMPLE_ROWS`` rows, exact below that); with
     ``selection.balance=dataset`` each dataset keeps its share of the corpus (or ``selection.quotas``)
     exactly, else one draw over every kept row keeps it in expectation."""
-    share = min(1.0, TERM_SAMPLE_ROWS / max(rows_scored, 1))
+    share = min(1.0, TERM_SAMPLE_ROWS / max(candidates, 1))
     sampled: dict[str, list] = {}
     rows = Counter()
     for batch in batches():
@@ -608,7 +617,7 @@ def _read_and_tokenise(cfg: SelectConfig, source: DatasetConfig, tokenizer_name:
 
 
 def _corpus_sample(
-    cfg: SelectConfig, files: list[Path], rows_scored: int, excluded: set[str], columns: list[str]
+    cfg: SelectConfig, files: list[Path], rows_scored: int, excluded: pa.Array, columns: list[str]
 ) -> dict[str, np.ndarray]:
     """``columns`` of a seeded sample of at most ~``TERM_SAMPLE_ROWS`` scored corpus rows (stage-1
     training rows left out): what trusted rows are compared with."""
@@ -623,7 +632,7 @@ def _corpus_sample(
 
 
 def _gate_sign(
-    cfg: SelectConfig, files: list[Path], rows_scored: int, excluded: set[str], trusted: dict
+    cfg: SelectConfig, files: list[Path], rows_scored: int, excluded: pa.Array, trusted: dict
 ) -> dict:
     """``calibrate.gate_sign`` of the trusted rows against the corpus sample."""
     corpus = _corpus_sample(cfg, files, rows_scored, excluded, ["layer_scores"])
@@ -631,7 +640,7 @@ def _gate_sign(
 
 
 def _fit_combiner(
-    cfg: SelectConfig, files: list[Path], rows_scored: int, excluded: set[str], trusted: dict, out: Path
+    cfg: SelectConfig, files: list[Path], rows_scored: int, excluded: pa.Array, trusted: dict, out: Path
 ) -> dict:
     """The calibrated combiner: trusted rows against ``_corpus_sample``; written to
     ``layout.CALIBRATION``."""
