@@ -191,7 +191,6 @@ def run_protocol(args, work: Path, overrides: list[str]) -> dict[str, dict]:
         sel.model_checkpoint_path = pre.output_dir
         if method.startswith("random_"):
             sel.selection.method, sel.seed = "random", int(method.removeprefix("random_"))
-            sel.selection.balance = "none"  # a plain random draw, as the pipeline's random baseline
             share_scores(Path(default_sel.output_dir), Path(sel.output_dir))
         sel_key = run_stage("select", sel, select, [pre_key], STAGES)
         if method not in wanted:

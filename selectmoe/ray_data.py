@@ -12,7 +12,8 @@ CPU, none under ``MIN_PIECE_BYTES``). ``read_rows`` makes two passes, one Ray ta
    (file, line) wins, as in ``iter_rows``). The driver adds up counts and keeps each piece's reject
    line numbers and its duplicates, never a per-row entry; the reject records stay in the object
    store until ``RowLedger.write_rejects`` streams them in source order, one piece at a time, with
-   the duplicates' raw text read back from their pieces. ``on_bad_row`` applies before any
+   the duplicates' raw text read back from their pieces (Ray keeps a piece's records in the driver's
+   own memory store when they are under ~100 KiB: at most that much a piece). ``on_bad_row`` applies before any
    expensive stage work;
 2. the returned lazy ``Dataset``: the pieces read again, each dropping its own rejected lines and
    rows outside the ``subset_ratio`` sample. It streams (memory follows the block, not the corpus)
@@ -53,7 +54,7 @@ from selectmoe.data.readers import (
     split_source,
     with_lines_before,
 )
-from selectmoe.data.rejects import MAX_RAW_CHARS, DataError, RowError, reason_code, reject_error
+from selectmoe.data.rejects import MAX_RAW_CHARS, DataError, RowError, reason_code
 from selectmoe.data.rows import scan_piece
 from selectmoe.data.subset import in_subset
 from selectmoe.data.template import encode_batch, encode_replies_alone, load_tokenizer
@@ -186,13 +187,12 @@ def _scan(pieces: list[Piece], ledger: RowLedger, data_cfg, dataset_cfg, seed: i
     losers = pa.concat_tables(ray.get(duplicates)).sort_by([("piece", "ascending"), ("line", "ascending")])
     duplicates_by_piece: dict[int, list[dict]] = {}
     for row in losers.to_pylist():
-        ledger.take_back(row)
-        ledger.count_rejects(Counter(["duplicate_id"]), pieces[row["piece"]].source.uri)
+        ledger.take_back(row, pieces[row["piece"]].source.uri)
         duplicates_by_piece.setdefault(row["piece"], []).append(row)
     records = functools.partial(_rejects_in_order, pieces, [out[1] for out in outputs], duplicates_by_piece)
     ledger.stream_rejects_from(records)
     if ledger.on_bad_row == "error" and ledger.counts()["rows_rejected"]:
-        raise reject_error(next(iter(records())))
+        ledger.reject(next(iter(records())))  # raises, naming the first bad row's file and line
     return [
         sorted(lines + [row["line"] for row in duplicates_by_piece.get(index, [])])
         for index, lines in enumerate(reject_lines)

@@ -68,7 +68,7 @@ def test_demo_writes_a_report_with_plots_baseline_and_separation(demo_run, capsy
     formula = "-1 x z(NLL) + 1 x z(prompt gain)"  # the default preset's score, in words
     assert f"Score of a row: `{formula}`" in report
     assert (
-        "How the rows were chosen: per dataset at its quota (selection.balance=dataset), a seeded random draw"
+        "How the rows were chosen: per dataset at its quota (selection.balance), a seeded random draw"
         in report
     )
     gates = next(

@@ -790,6 +790,20 @@ def test_balance_dataset_keeps_the_corpus_mix_in_each_methods_order(one_actor, t
     assert [r["id"] for r in given if r["dataset"] == name] == best(name, 3)
     assert [r["id"] for r in given if r["dataset"] == other] == best(other, int(0.05 * counts[other]))
 
+    # filtered_random keeps the mix by default (balance=auto); balance=none draws once over the kept rows
+    for balance in ("auto", "none"):
+        drawn = selected(**{"selection.method": "filtered_random", "selection.balance": balance})
+        info = json.loads((out / "manifest.json").read_text())["metrics"]["filtered_random"]
+        floor = info["dataset_thresholds"]
+        assert len(drawn) == k and all(r["score"] >= floor[r["dataset"]] for r in drawn)
+        assert ("quotas" in info) == (balance == "auto")
+        if balance == "auto":
+            assert Counter(r["dataset"] for r in drawn) == Counter(quotas)
+
+    with pytest.raises(ConfigError, match=r"selection.quotas names \['nowhere'\]"):
+        run_select(
+            tiny_olmoe, out, sources, **{"selection.balance": "dataset", "selection.quotas": "{nowhere: 3}"}
+        )
     with pytest.raises(ConfigError, match="selection.balance=dataset keeps the corpus mix"):
         run_select(
             tiny_olmoe, out, sources, **{"selection.balance": "dataset", "selection.method": "threshold",

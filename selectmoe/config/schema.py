@@ -227,9 +227,11 @@ class SelectionSection:
     threshold: float | None = None
     # dataset: the selection keeps the corpus's mix, each source dataset its share of the k rows (largest
     # remainder) or its selection.quotas, the method's own order inside it (top_k, calibrated, random,
-    # filtered_random); none: one order over the whole corpus
-    balance: str = one_of("none", ("none", "dataset"))
-    quotas: dict[str, float] | None = None  # balance=dataset: fraction (< 1) or row count per dataset
+    # filtered_random); none: one order over the whole corpus; auto: dataset for filtered_random, else none
+    balance: str = one_of("auto", ("auto", "none", "dataset"))
+    # balance=dataset: {dataset: fraction (< 1) or row count}; replaces selection_percentage / count, and a
+    # dataset it does not name gets no rows
+    quotas: dict[str, float] | None = None
     # filtered_random: the share of each dataset (its best-scored rows) the random draw is made from
     keep_fraction: float = ranged(0.5, low=0, high=1, low_open=True)
     # similarity: files (or folders) of target-task examples, any supported row format; a row's task is
@@ -241,8 +243,8 @@ class SelectionSection:
     target_eval_dir: str | None = None
     # files (or folders) of rows you trust, any supported row format (a few hundred of the target tasks,
     # or clean rows of your sources). calibrated: a logistic regression on the stored features learns to
-    # tell them from the corpus, and its log-odds is the row score; top_k / per_dataset / filtered_random
-    # with scoring.gate_weight != 0: they set the gate term's sign (select/calibrate.gate_sign)
+    # tell them from the corpus, and its log-odds is the row score; top_k / filtered_random with
+    # scoring.gate_weight != 0: they set the gate term's sign (select/calibrate.gate_sign)
     trusted: list[str] | None = None
     exclude_training_rows: bool = True
 

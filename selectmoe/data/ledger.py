@@ -109,9 +109,11 @@ class RowLedger:
         self._token_lengths.update(token_lengths)
         self._truncated += truncated
 
-    def take_back(self, row: dict) -> None:
-        """Take back a row ``add_counts`` counted whose id came earlier (its ``duplicate_id`` reject is
-        counted with ``count_rejects``). ``row``: dataset, n_tokens, truncated, sampled."""
+    def take_back(self, row: dict, source: str) -> None:
+        """Take back a row of ``source`` that ``add_counts`` counted and whose id came earlier: a
+        ``duplicate_id`` reject (its record comes from ``stream_rejects_from``). ``row``: dataset,
+        n_tokens, truncated, sampled."""
+        self.count_rejects(Counter(["duplicate_id"]), source)
         self._accepted[row["dataset"]] -= 1
         self._sampled[row["dataset"]] -= int(row["sampled"])
         if row["n_tokens"] is not None:

@@ -154,8 +154,9 @@ def select(cfg: SelectConfig) -> Path:
         signed = (
             _gate_sign(cfg, files, rows_scored, excluded, trusted) if trusted and not calibrated else None
         )
-        scoring = replace(cfg.scoring, gate_weight=signed["gate_weight"]) if signed else cfg.scoring
-        rescore = _rescorer(scoring, scales, combiner, recompute=signed is not None)
+        flipped = signed and signed["gate_weight"] != cfg.scoring.gate_weight
+        scoring = replace(cfg.scoring, gate_weight=signed["gate_weight"]) if flipped else cfg.scoring
+        rescore = _rescorer(scoring, scales, combiner, recompute=scoring is not cfg.scoring)
         formula = "calibrated combiner (log-odds of trusted)" if combiner else score_formula(scoring)
         selected, selection_info = _select(cfg, files, candidates, excluded, rescore, targets)
         timings["selection_s"] = round(time.time() - t0, 2)
@@ -305,8 +306,9 @@ def _stream(files: list[Path], columns: list[str]):
 
 
 def _scored_stream(files: list[Path], columns: list[str], rescore):
-    """``_stream`` whose ``score`` is recomputed by ``rescore`` (``_rescorer``: robust z-scores, or the
-    calibrated combiner); without it the score files' own (raw) score."""
+    """``_stream`` whose ``score`` is recomputed by ``rescore`` (``_rescorer``: robust z-scores, the
+    calibrated combiner, or a gate weight the trusted set flipped); without it the score files' own
+    (raw) score."""
     if rescore is None:
         yield from _stream(files, columns)
         return
@@ -399,8 +401,11 @@ def _check_selection(cfg: SelectConfig) -> None:
             f"selection.balance=dataset keeps the corpus mix for a method that picks k rows "
             f"({', '.join(BALANCED_METHODS)}); method is {method}"
         )
-    if cfg.selection.quotas and cfg.selection.balance != "dataset":
-        raise ConfigError("selection.quotas are the per-dataset quotas of selection.balance=dataset; set it")
+    if cfg.selection.quotas and not _balanced(cfg.selection):
+        raise ConfigError(
+            "selection.quotas are the per-dataset quotas of selection.balance=dataset "
+            f"(balance is {cfg.selection.balance}, method {method}); set it"
+        )
     if p.auto_k and not (len(p.k_range) == 2 and 2 <= p.k_range[0] <= p.k_range[1]):
         raise ConfigError(
             f"clustering_params.k_range={p.k_range}: expected [lowest, highest] with 2 <= lowest <= highest"
@@ -426,24 +431,22 @@ def _select(
         return excluding(_scored_stream(score_files, columns, rescore), excluded)
 
     k = selection_size(candidates, cfg.selection_percentage, cfg.selection.count)
-    balanced = cfg.selection.balance == "dataset"
-    if balanced and method in ("top_k", "calibrated", "random"):
-        counts = Counter()
-        for batch in batches():
-            counts.update(batch["dataset"].to_pylist())
-        quotas = dataset_quotas(dict(counts), k, cfg.selection.quotas)
+    by_dataset = _balanced(cfg.selection)
+    if by_dataset and method in ("top_k", "calibrated", "random"):
+        counts = _rows_by_dataset(score_files, excluded)
+        quotas = _quotas(cfg, counts, k)
         order = "a seeded random draw" if method == "random" else "the best-scored rows"
         info["balance"] = {
             "quotas": dict(sorted(quotas.items())),
             "rows_by_dataset": dict(sorted(counts.items())),
-            "chosen_by": f"per dataset at its quota (selection.balance=dataset), {order}",
+            "chosen_by": f"per dataset at its quota (selection.balance), {order}",
         }
     if method in ("top_k", "calibrated"):  # calibrated: the score is the combiner's (``rescore``)
-        chosen = per_dataset_k(batches(), quotas) if balanced else top_k(batches(), k)
+        chosen = per_dataset_k(batches(), quotas) if by_dataset else top_k(batches(), k)
     elif method == "random":
         drawn = (
             random_per_dataset_k(batches(), quotas, cfg.seed)
-            if balanced
+            if by_dataset
             else random_k(batches(), k, cfg.seed)
         )
         chosen = order_by_score(drawn)
@@ -494,6 +497,32 @@ def _select(
     return with_rank(chosen.select(kept)), info
 
 
+def _balanced(selection) -> bool:
+    """Whether ``selection.balance`` keeps the corpus mix (``auto``: for ``filtered_random`` only)."""
+    if selection.balance == "auto":
+        return selection.method == "filtered_random"
+    return selection.balance == "dataset"
+
+
+def _rows_by_dataset(files: list[Path], excluded: pa.Array) -> Counter:
+    counts = Counter()
+    for batch in excluding(_stream(files, ["id", "dataset"]), excluded):
+        counts.update(batch["dataset"].to_pylist())
+    return counts
+
+
+def _quotas(cfg: SelectConfig, rows_by_dataset: Counter, k: int) -> dict[str, int]:
+    """``topk.dataset_quotas`` of the candidate rows; ``selection.quotas`` naming a dataset the corpus
+    does not have is an error."""
+    unknown = sorted(set(cfg.selection.quotas or {}) - set(rows_by_dataset))
+    if unknown:
+        raise ConfigError(
+            f"selection.quotas names {unknown}, not datasets of this corpus (its datasets: "
+            f"{sorted(rows_by_dataset)})"
+        )
+    return dataset_quotas(dict(rows_by_dataset), k, cfg.selection.quotas)
+
+
 def _filtered_random(cfg: SelectConfig, batches, candidates: int, k: int) -> tuple[pa.Table, dict]:
     """A seeded random draw from the best ``selection.keep_fraction`` of each dataset (thresholds from
     a seeded sample of at most ~``TERM_SAMPLE_ROWS`` rows, exact below that); with
@@ -516,18 +545,18 @@ def _filtered_random(cfg: SelectConfig, batches, candidates: int, k: int) -> tup
             kept.update(batch["dataset"].to_pylist())
             yield batch
 
-    if cfg.selection.balance != "dataset":
+    if not _balanced(cfg.selection):
         chosen = order_by_score(random_k(kept_rows(), k, cfg.seed))
         quotas = {}
-        short = {"every dataset": (kept.total(), k)} if kept.total() < k else {}
+        short = {"all datasets": (kept.total(), k)} if kept.total() < k else {}
     else:
-        quotas = dataset_quotas(dict(rows), k, cfg.selection.quotas)
+        quotas = _quotas(cfg, rows, k)
         chosen = random_per_dataset_k(kept_rows(), quotas, cfg.seed)
         short = {name: (kept[name], quota) for name, quota in quotas.items() if kept[name] < quota}
     if short:
         raise ConfigError(
-            f"selection.keep_fraction={cfg.selection.keep_fraction} keeps fewer rows than the dataset's "
-            f"share of the selection ((kept, share) by dataset: {short}); raise it or select fewer rows"
+            f"selection.keep_fraction={cfg.selection.keep_fraction} keeps fewer rows than the selection "
+            f"takes ((rows kept, rows to take): {short}); raise it or select fewer rows"
         )
     info = {
         "keep_fraction": cfg.selection.keep_fraction,
@@ -536,7 +565,7 @@ def _filtered_random(cfg: SelectConfig, batches, candidates: int, k: int) -> tup
         "threshold_sample_rows": sum(len(v) for v in sampled.values()),
         **({"quotas": dict(sorted(quotas.items()))} if quotas else {}),
         "chosen_by": (
-            "per dataset at its quota (selection.balance=dataset), a seeded random draw among the rows at "
+            "per dataset at its quota (selection.balance), a seeded random draw among the rows at "
             "or above the dataset's score threshold"
             if quotas
             else "a seeded random draw among the rows at or above their dataset's score threshold"

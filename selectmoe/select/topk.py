@@ -119,6 +119,8 @@ def above_threshold(batches: Iterable[pa.Table], threshold: float) -> pa.Table:
 
 
 def order_by_score(table: pa.Table) -> pa.Table:
+    if table.num_columns == 0:  # nothing was selected (no batches)
+        return table
     return table.take(pc.sort_indices(table, sort_keys=_ORDER))
 
 
