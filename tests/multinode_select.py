@@ -5,8 +5,8 @@ run by ``tests/test_cluster.py`` in a process of its own, so the test session's 
 
 1. an uninterrupted run into WORK/whole, recording on which nodes the scan tasks and the scoring actors
    ran (Ray's State API);
-2. the same run into WORK/killed, with a worker node removed (its raylet and workers killed) once the
-   first score file is written; rerun (resumed) until it finishes.
+2. the same run into WORK/killed, with a worker node that holds a scoring actor removed (its raylet and
+   workers killed) once the first score file is written; rerun (resumed) until it finishes.
 
 Writes WORK/report.json; the test reads the outputs themselves.
 """
@@ -14,6 +14,7 @@ Writes WORK/report.json; the test reads the outputs themselves.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import sys
@@ -67,13 +68,17 @@ def _placements(before: set[str] = frozenset()) -> dict:
 
 
 def main(model: str, data: str, work: Path) -> None:
+    # a temp dir of its own, short (Ray's Unix sockets live under it); RAY_TMPDIR also moves the address
+    # file the cluster writes (ray_current_cluster) out of /tmp/ray, so a plain ray.init() elsewhere,
+    # even after a crash of this script, starts its own Ray instead of joining (a dead) this one
+    temp_dir = tempfile.mkdtemp(prefix="smoe-nodes-", dir="/tmp")
+    os.environ["RAY_TMPDIR"] = temp_dir
+    ray_dir = os.path.join(temp_dir, "ray")  # what Ray makes of RAY_TMPDIR; the nodes' sessions too
+    os.makedirs(ray_dir)
     import ray
     from ray.cluster_utils import Cluster
 
-    # a temp dir of its own keeps this cluster's address file out of /tmp/ray (a plain ray.init()
-    # elsewhere must not join it); short: Ray's Unix sockets live under it
-    temp_dir = tempfile.mkdtemp(prefix="smoe-nodes-", dir="/tmp")
-    node = {"num_cpus": NODE_CPUS, "object_store_memory": 128 * 1024**2, "temp_dir": temp_dir}
+    node = {"num_cpus": NODE_CPUS, "object_store_memory": 128 * 1024**2, "temp_dir": ray_dir}
     cluster = Cluster(
         initialize_head=True,
         head_node_args={**node, "include_dashboard": True, "dashboard_port": _free_port()},  # State API
@@ -86,21 +91,30 @@ def main(model: str, data: str, work: Path) -> None:
         _select(model, data, work / "whole")
         report["whole"] = _placements()
 
+        # the first run's actors release their CPUs: the second run gets as many actors, on every node
+        deadline = time.monotonic() + 60
+        while ray.available_resources().get("CPU", 0) < 3 * NODE_CPUS and time.monotonic() < deadline:
+            time.sleep(0.5)
+
         killed = work / "killed"
         removed = threading.Event()
 
-        def remove_a_node_mid_scoring():
+        def remove_a_scoring_node():
+            """Once a score file exists, remove a worker node that holds a scoring actor of this run."""
             while not removed.is_set():
-                written = list((killed / SCORE_FILES).glob("*.parquet"))
-                if written:
-                    report["at_kill"] = _placements(set(report["whole"]["actor_ids"]))
-                    report["score_files_at_kill"] = len(list((killed / SCORE_FILES).glob("*.parquet")))
-                    cluster.remove_node(workers[0], allow_graceful=False)
-                    removed.set()
-                    return
+                if list((killed / SCORE_FILES).glob("*.parquet")):
+                    placed = _placements(set(report["whole"]["actor_ids"]))
+                    scoring = [w for w in workers if w.node_id in placed["scoring_actors"]]
+                    if scoring:
+                        report["at_kill"] = placed
+                        report["score_files_at_kill"] = len(list((killed / SCORE_FILES).glob("*.parquet")))
+                        report["killed_node"] = scoring[0].node_id
+                        cluster.remove_node(scoring[0], allow_graceful=False)
+                        removed.set()
+                        return
                 time.sleep(0.05)
 
-        watcher = threading.Thread(target=remove_a_node_mid_scoring, daemon=True)
+        watcher = threading.Thread(target=remove_a_scoring_node, daemon=True)
         watcher.start()
         runs = []
         for _ in range(3):
@@ -112,7 +126,6 @@ def main(model: str, data: str, work: Path) -> None:
                 runs.append(traceback.format_exc(limit=3)[-1500:])
         removed.set()
         report["killed_runs"] = runs
-        report["killed_node"] = workers[0].node_id
     finally:
         (work / "report.json").write_text(json.dumps(report, indent=2))
         ray.shutdown()
