@@ -37,6 +37,8 @@ def test_every_key_is_read_by_the_code(command):
         ("training.max_steps=0", None),  # pretrain: -1 (off) or >= 1
         ("clustering_method=hdbscan", r"clustering_method='hdbscan': expected one of \['kmeans'\]"),
         ("scoring.tokens=some", r"scoring.tokens='some': expected one of \['assistant', 'all'\]"),
+        ("selection.method=per_dataset", r"'per_dataset': expected one of .* set selection.balance=dataset"),
+        ("training.reference_holdout=1", r"training.reference_holdout=1.0 is out of range"),
     ],
 )
 def test_out_of_range_values_fail_at_parse_time_naming_key_value_and_range(override, message):

@@ -18,7 +18,7 @@ from selectmoe.config import parse_config
 from selectmoe.data.template import ensure_pad_token, load_tokenizer
 from selectmoe.models.loading import load_select_moe
 from selectmoe.pretrain.driver import pretrain, probe_rows
-from selectmoe.pretrain.worker import probe_auroc, setup_trainable
+from selectmoe.pretrain.worker import probe_aurocs, setup_trainable
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -176,7 +176,8 @@ def test_fsdp_matches_ddp_resumes_after_a_failure_and_probes_on_every_rank(
     rows = probe_rows(fsdp_config, str(tiny_olmoe), trained_ids)
     assert len(rows) > 8 and 0 < sum(r["clean"] for r in rows) < len(rows)  # both classes
     pad = ensure_pad_token(load_tokenizer(str(tiny_olmoe))).pad_token_id
-    expected = probe_auroc(load_select_moe(str(out), dtype="float32"), rows=rows, pad_token_id=pad)
+    model = load_select_moe(str(out), dtype="float32")
+    expected = probe_aurocs(model, probes={"probe_auroc": rows}, pad_token_id=pad)
     assert expected["probe_auroc"] != 0.5  # the labels tell something apart on these rows
     assert history[-1]["probe_auroc"] == pytest.approx(expected["probe_auroc"], abs=1e-6)
     # the manifest says which way the gates point on the probe, whichever way that is

@@ -12,6 +12,7 @@ from selectmoe.config import ConfigError, parse_config
 from selectmoe.demo.corpus import write_demo_corpus
 from selectmoe.layout import TRAINING_IDS
 from selectmoe.pretrain import pretrain
+from selectmoe.pretrain.driver import probe_verdict
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -53,8 +54,10 @@ def test_reference_gates_learn_to_tell_trusted_rows_from_the_corpus(ray_session,
         trained and set(trained) <= corpus_ids
     )  # stage 2 excludes corpus rows; reference rows are not in it
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["counts"]["reference_rows_trained"] == 160
-    assert manifest["counts"]["rows_trained"] == len(trained) + 160
+    counts = manifest["counts"]
+    held_out = counts["reference_rows_held_out"]  # training.reference_holdout=0.2 of the 160, by id hash
+    assert 16 <= held_out <= 48 and counts["reference_rows_trained"] == 160 - held_out
+    assert counts["rows_trained"] == len(trained) + 160 - held_out
 
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [m["reference_loss"] for m in history]
@@ -62,6 +65,22 @@ def test_reference_gates_learn_to_tell_trusted_rows_from_the_corpus(ray_session,
     # clean corpus rows not trained on now score above defective ones (planted defects, labels unseen)
     assert history[0]["probe_auroc"] < history[-1]["probe_auroc"]
     assert history[-1]["probe_auroc"] > 0.6
+    # trusted rows it never trained on move above corpus rows it never trained on (from 0.45 to 0.52
+    # here: the corpus's 70% clean rows look like the trusted ones, which caps this AUROC near 0.65)
+    assert history[0]["probe_reference_auroc"] < history[-1]["probe_reference_auroc"]
+    assert history[-1]["probe_reference_auroc"] > 0.5
+    # labels, when given, decide the verdict the manifest states
+    assert manifest["metrics"]["gate_direction_from"] == "labelled probe rows"
+
+
+def test_the_gate_verdict_names_what_it_was_checked_on():
+    trusted = probe_verdict({"probe_reference_auroc": 0.25})
+    assert trusted["gate_quality_correlation"] == -0.5
+    assert trusted["gate_direction_from"] == "held-out trusted rows vs corpus rows"
+    assert trusted["gate_direction"] == "inverted: the gates rank corpus rows above held-out trusted rows"
+    both = probe_verdict({"probe_auroc": 0.9, "probe_reference_auroc": 0.25})
+    assert both["gate_direction"] == "aligned: the gates rank clean rows above defective ones"
+    assert probe_verdict({"probe_auroc": float("nan")}) == {} and probe_verdict({"lm_loss": 1.0}) == {}
 
 
 def test_reference_data_without_valid_rows_is_a_clear_error(ray_session, tiny_olmoe, tmp_path):

@@ -142,6 +142,9 @@ class PretrainTraining:
     # average (class-balanced BCE); None = the original unsupervised recipe
     reference_data: list[str] | None = None
     reference_loss_weight: float = ranged(1.0, low=0)
+    # a seeded share of the reference rows kept out of training: scored with corpus rows stage 1 did not
+    # train on (probe_rows of them) every probe_every_steps, the gates' direction on unseen trusted rows
+    reference_holdout: float = ranged(0.2, low=0, high=1, high_open=True)
 
 
 @dataclass
@@ -222,7 +225,9 @@ class ScoringSection:
 
 @dataclass
 class SelectionSection:
-    method: str = one_of("top_k", SELECTION_METHODS)
+    method: str = one_of(
+        "top_k", SELECTION_METHODS, hint="to keep the corpus's mix per dataset, set selection.balance=dataset"
+    )
     count: int = ranged(0, low=0)  # > 0 overrides selection_percentage
     threshold: float | None = None
     # dataset: the selection keeps the corpus's mix, each source dataset its share of the k rows (largest

@@ -16,10 +16,13 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import ray
 
 from selectmoe.config import ConfigError, DatasetConfig, PretrainConfig, to_dict
 from selectmoe.console import phase
+from selectmoe.data.subset import random_key
 from selectmoe.figures import plot_training_curves
 from selectmoe.layout import (
     ADAPTER_DIR,
@@ -82,11 +85,13 @@ def pretrain(cfg: PretrainConfig, callbacks: list | None = None) -> Path:
         trained = pa.Table.from_pylist(train.select_columns(["id", "dataset"]).take_all())
         pq.write_table(trained, out / TRAINING_IDS)  # corpus rows only: stage 2 excludes them
         trained_ids = set(trained["id"].to_pylist()) if trained.num_rows else set()
-        reference_rows = 0
+        reference_rows, reference_probe = 0, None
         if cfg.training.reference_data:
-            reference = _reference_rows(cfg, tokenizer_name, out)
+            reference, held_out = _reference_rows(cfg, tokenizer_name, out)
             reference_rows = reference.count()
             train = mix_reference(train, reference, cfg.seed).materialize()
+            if held_out:
+                reference_probe = reference_probe_rows(cfg, tokenizer_name, trained_ids, held_out)
         num_rows = train.count()
 
     layout = worker_layout(cfg.scaling)
@@ -102,6 +107,7 @@ def pretrain(cfg: PretrainConfig, callbacks: list | None = None) -> Path:
         select_moe=select_moe_overrides(cfg),
         peft_mode=t.peft_mode,
         probe=probe_rows(cfg, tokenizer_name, trained_ids) if t.probe_labels else None,
+        reference_probe=reference_probe,
         probe_every_steps=t.probe_every_steps,
         reference_class_weights=_class_weights(num_rows, reference_rows) if reference_rows else None,
         reference_loss_weight=t.reference_loss_weight,
@@ -147,6 +153,7 @@ def pretrain(cfg: PretrainConfig, callbacks: list | None = None) -> Path:
     counts.update(
         rows_trained=num_rows,
         reference_rows_trained=reference_rows,
+        reference_rows_held_out=sum(r["clean"] for r in reference_probe or ()),
         steps=steps.total_steps,
         effective_batch=steps.batch.effective_batch,
         workers=steps.batch.world_size,
@@ -170,65 +177,116 @@ def pretrain(cfg: PretrainConfig, callbacks: list | None = None) -> Path:
     return out
 
 
+PROBES = (  # (metrics key, what it compares, the rows it ranks first when aligned, the others)
+    ("probe_auroc", "labelled probe rows", "clean rows", "defective ones"),
+    ("probe_reference_auroc", "held-out trusted rows vs corpus rows", "held-out trusted rows", "corpus rows"),
+)
+
+
 def probe_verdict(last: dict) -> dict:
-    """With a probe: the gates' direction on the labelled rows at the last step, checked, never assumed
-    (the rank-biserial correlation 2 x AUROC - 1 of the row score with "clean")."""
-    if last.get("probe_auroc") is None or last["probe_auroc"] != last["probe_auroc"]:  # none, or nan
-        return {}
-    correlation = 2 * last["probe_auroc"] - 1
-    return {
-        "gate_quality_correlation": correlation,
-        "gate_direction": "inverted: the gates rank defective rows above clean ones"
-        if correlation < 0
-        else "aligned: the gates rank clean rows above defective ones",
-    }
+    """With a probe: the gates' direction at the last step, checked, never assumed (the rank-biserial
+    correlation 2 x AUROC - 1 of the row score with "clean", or with "trusted"); labels win over a
+    trusted set when both are given."""
+    for key, source, first, second in PROBES:
+        value = last.get(key)
+        if value is None or value != value:  # none, or nan
+            continue
+        correlation = 2 * value - 1
+        above, below = (first, second) if correlation >= 0 else (second, first)
+        return {
+            "gate_quality_correlation": correlation,
+            "gate_direction_from": source,
+            "gate_direction": f"{'inverted' if correlation < 0 else 'aligned'}: the gates rank {above} "
+            f"above {below}",
+        }
+    return {}
 
 
 def probe_rows(cfg: PretrainConfig, tokenizer_name: str, trained_ids: set[str]) -> list[dict]:
-    """Up to ``training.probe_rows`` labelled corpus rows that stage 1 does not train on, tokenised:
-    a seeded choice (by a hash of the id, so independent of file order)."""
-    from selectmoe.data.ledger import RowLedger
-    from selectmoe.data.rows import iter_rows
-    from selectmoe.data.subset import random_key
-    from selectmoe.data.template import encode_batch, load_tokenizer
-
+    """Up to ``training.probe_rows`` labelled corpus rows that stage 1 does not train on, tokenised."""
     lines = Path(cfg.training.probe_labels).read_text().splitlines()
     labels = {r["id"]: r.get("defect") or "" for r in map(json.loads, lines)}
-    ledger = RowLedger(on_bad_row="skip", subset_ratio=1.0, seed=cfg.seed)
-    candidates = [
-        r for r in iter_rows(cfg.dataset, ledger) if r["id"] in labels and r["id"] not in trained_ids
-    ]
-    if not candidates:
+    chosen = _untrained_rows(cfg, trained_ids, labels.__contains__)
+    if not chosen:
         raise ConfigError(
             f"training.probe_labels={cfg.training.probe_labels}: no labelled row outside the training subset"
         )
+    return _probe_encoded(cfg, tokenizer_name, chosen, [labels[r["id"]] == "" for r in chosen])
+
+
+def reference_probe_rows(
+    cfg: PretrainConfig, tokenizer_name: str, trained_ids: set[str], held_out: list[dict]
+) -> list[dict] | None:
+    """The held-out reference rows (positives) and up to ``training.probe_rows`` corpus rows stage 1
+    does not train on; None (and a warning) when every corpus row is trained on."""
+    corpus = _untrained_rows(cfg, trained_ids, lambda _: True)
+    if not corpus:
+        logger.warning(
+            "training.reference_holdout: every corpus row is trained on (dataset.subset_ratio=1), so the "
+            "held-out reference rows have no unseen corpus rows to be ranked against; no probe_reference_auroc"
+        )
+        return None
+    return held_out + _probe_encoded(cfg, tokenizer_name, corpus, [False] * len(corpus))
+
+
+def _untrained_rows(cfg: PretrainConfig, trained_ids: set[str], wanted) -> list[dict]:
+    """Up to ``training.probe_rows`` corpus rows that stage 1 does not train on and ``wanted(id)``
+    keeps: a seeded choice (by a hash of the id, so independent of file order)."""
+    from selectmoe.data.ledger import RowLedger
+    from selectmoe.data.rows import iter_rows
+
+    ledger = RowLedger(on_bad_row="skip", subset_ratio=1.0, seed=cfg.seed)
+    candidates = [r for r in iter_rows(cfg.dataset, ledger) if r["id"] not in trained_ids and wanted(r["id"])]
+    if not candidates:
+        return []
     keys = random_key(cfg.seed, pa.array([r["id"] for r in candidates])).to_pylist()
-    chosen = [r for _, r in sorted(zip(keys, candidates), key=lambda x: x[0])][: cfg.training.probe_rows]
+    return [r for _, r in sorted(zip(keys, candidates), key=lambda x: x[0])][: cfg.training.probe_rows]
+
+
+def _probe_encoded(
+    cfg: PretrainConfig, tokenizer_name: str, rows: list[dict], clean: list[bool]
+) -> list[dict]:
+    from selectmoe.data.template import encode_batch, load_tokenizer
+
     encoded = encode_batch(
-        [r["messages"] for r in chosen],
+        [r["messages"] for r in rows],
         load_tokenizer(tokenizer_name),
         max_seq_length=cfg.dataset.max_sequence_length,
     )
     return [
-        {"input_ids": e["input_ids"].tolist(), "labels": e["labels"].tolist(), "clean": labels[r["id"]] == ""}
-        for r, e in zip(chosen, encoded)
+        {"input_ids": e["input_ids"].tolist(), "labels": e["labels"].tolist(), "clean": c}
+        for c, e in zip(clean, encoded)
         if isinstance(e, dict)
     ]
 
 
-def _reference_rows(cfg: PretrainConfig, tokenizer_name: str, out: Path):
-    """The trusted rows of ``training.reference_data``, read and tokenised like the corpus (all of them;
-    their rejects in ``layout.REFERENCE_REJECTS``)."""
+def _reference_rows(
+    cfg: PretrainConfig, tokenizer_name: str, out: Path
+) -> tuple[ray.data.Dataset, list[dict]]:
+    """The trusted rows of ``training.reference_data``, read and tokenised like the corpus (their rejects
+    in ``layout.REFERENCE_REJECTS``): the rows to train on, and the ``training.reference_holdout`` share
+    (a seeded hash of the id) kept out as probe rows (``clean``: trusted)."""
     source = DatasetConfig(
         data_path=list(cfg.training.reference_data), max_sequence_length=cfg.dataset.max_sequence_length
     )
     read = read_rows(source, cfg.data, seed=cfg.seed, tokenizer_name=tokenizer_name)
     read.ledger.write_rejects(out / REFERENCE_REJECTS)
     rows = tokenize_rows(read.rows, tokenizer_name, cfg.dataset.max_sequence_length, cfg.data.loss_on)
-    rows = rows.materialize()
-    if rows.count() == 0:
+    table = pa.concat_tables(ray.get(rows.materialize().to_arrow_refs()))
+    if table.num_rows == 0:
         raise ConfigError(f"training.reference_data={cfg.training.reference_data}: no valid row")
-    return rows
+    held = pc.less(random_key(cfg.seed, table["id"]), cfg.training.reference_holdout)
+    train = table.filter(pc.invert(held))
+    if train.num_rows == 0:
+        raise ConfigError(
+            f"training.reference_holdout={cfg.training.reference_holdout} leaves none of the "
+            f"{table.num_rows} reference rows to train on"
+        )
+    held_out = [
+        {"input_ids": r["input_ids"], "labels": r["labels"], "clean": True}
+        for r in table.filter(held).select(["input_ids", "labels"]).to_pylist()
+    ]
+    return ray.data.from_arrow(train), held_out
 
 
 def _class_weights(num_rows: int, reference_rows: int) -> dict[str, float]:

@@ -82,9 +82,16 @@ def train_router_per_worker(config: dict) -> None:
             ).effective_batch,
         )
     train_step = functools.partial(_train_step, coef=model.config.router_aux_loss_coef, reference=reference)
-    probe = None
-    if config.get("probe"):
-        probe = functools.partial(probe_auroc, rows=config["probe"], pad_token_id=config["pad_token_id"])
+    probes = {
+        key: config.get(rows)
+        for key, rows in (("probe_auroc", "probe"), ("probe_reference_auroc", "reference_probe"))
+    }
+    probes = {key: rows for key, rows in probes.items() if rows}
+    probe = (
+        functools.partial(probe_aurocs, probes=probes, pad_token_id=config["pad_token_id"])
+        if probes
+        else None
+    )
     run_training_loop(
         model,
         config,
@@ -96,16 +103,21 @@ def train_router_per_worker(config: dict) -> None:
     )
 
 
-def probe_auroc(model, *, rows: list[dict], pad_token_id: int, batch_size: int = 16) -> dict:
-    """AUROC of the row scores (the stage-2 formula) on labelled probe rows, clean rows positive."""
+def probe_aurocs(model, *, probes: dict[str, list[dict]], pad_token_id: int, batch_size: int = 16) -> dict:
+    """AUROC of the row scores (the stage-2 formula) on each probe's rows, ``clean`` rows positive:
+    labelled corpus rows (``probe_auroc``), held-out reference rows against corpus rows
+    (``probe_reference_auroc``)."""
     was_training = model.training
     model.eval()
-    scores = []
-    for start in range(0, len(rows), batch_size):
-        columns = score_batch(model, rows[start : start + batch_size], ScorePasses(), pad_token_id)
-        scores.extend(row_score(columns["layer_scores"]).tolist())
+    metrics = {}
+    for key, rows in probes.items():
+        scores = []
+        for start in range(0, len(rows), batch_size):
+            columns = score_batch(model, rows[start : start + batch_size], ScorePasses(), pad_token_id)
+            scores.extend(row_score(columns["layer_scores"]).tolist())
+        metrics[key] = auroc(np.asarray(scores), np.asarray([r["clean"] for r in rows]))
     model.train(was_training)
-    return {"probe_auroc": auroc(np.asarray(scores), np.asarray([r["clean"] for r in rows]))}
+    return metrics
 
 
 @dataclass(frozen=True)

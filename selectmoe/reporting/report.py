@@ -49,8 +49,9 @@ def write_report(
             "",
             *(
                 [
-                    f"Probe (labelled rows stage 1 did not train on): gate AUROC {last['probe_auroc']:.3f}, "
-                    f"correlation with quality {m1['metrics']['gate_quality_correlation']:+.3f}; gates "
+                    f"Gate direction, checked on {m1['metrics'].get('gate_direction_from', 'labelled probe rows')}"
+                    f" that stage 1 did not train on: AUROC {(m1['metrics']['gate_quality_correlation'] + 1) / 2:.3f}"
+                    f" (correlation {m1['metrics']['gate_quality_correlation']:+.3f}); "
                     f"{m1['metrics']['gate_direction']}.",
                     "",
                 ]
