@@ -150,10 +150,8 @@ def select(cfg: SelectConfig) -> Path:
         candidates = rows_scored - _scored_among(files, excluded)
         scales = _term_scales(files, cfg, rows_scored) if cfg.scoring.combine == "robust_z" else None
         calibrated = trusted is not None and cfg.selection.method == "calibrated"
-        combiner = _fit_combiner(cfg, files, rows_scored, excluded, trusted, out) if calibrated else None
-        signed = (
-            _gate_sign(cfg, files, rows_scored, excluded, trusted) if trusted and not calibrated else None
-        )
+        combiner = _fit_combiner(cfg, files, candidates, excluded, trusted, out) if calibrated else None
+        signed = _gate_sign(cfg, files, candidates, excluded, trusted) if trusted and not calibrated else None
         flipped = signed and signed["gate_weight"] != cfg.scoring.gate_weight
         scoring = replace(cfg.scoring, gate_weight=signed["gate_weight"]) if flipped else cfg.scoring
         rescore = _rescorer(scoring, scales, combiner, recompute=scoring is not cfg.scoring)
@@ -330,13 +328,18 @@ def _rescorer(scoring, scales: dict | None, combiner: dict | None, recompute: bo
     return None
 
 
+def _seeded_sample(batches, seed: int, rows: int):
+    """``batches`` (of ``rows`` rows in all) thinned to a seeded sample of at most ~``TERM_SAMPLE_ROWS``
+    rows, by a hash of the id (independent of order); all of them below that."""
+    share = min(1.0, TERM_SAMPLE_ROWS / max(rows, 1))
+    for batch in batches:
+        yield batch.filter(pc.less(random_key(seed, batch["id"]), share)) if share < 1 else batch
+
+
 def _term_scales(files: list[Path], cfg: SelectConfig, rows_scored: int) -> dict:
-    """``term_scales`` on a seeded sample of at most ~``TERM_SAMPLE_ROWS`` scored rows (by id hash)."""
-    share = min(1.0, TERM_SAMPLE_ROWS / max(rows_scored, 1))
+    """``term_scales`` on a seeded sample of the scored rows (``_seeded_sample``)."""
     parts: dict[str, list] = {}
-    for batch in _stream(files, ["id", *score_columns(cfg.scoring)]):
-        if share < 1:
-            batch = batch.filter(pc.less(random_key(cfg.seed, batch["id"]), share))
+    for batch in _seeded_sample(_stream(files, ["id", *score_columns(cfg.scoring)]), cfg.seed, rows_scored):
         columns = {name: column_matrix(batch[name]) for name in batch.column_names if name != "id"}
         for name, values in score_terms(**columns).items():
             parts.setdefault(name, []).append(values)
@@ -528,13 +531,15 @@ def _filtered_random(cfg: SelectConfig, batches, candidates: int, k: int) -> tup
     a seeded sample of at most ~``TERM_SAMPLE_ROWS`` rows, exact below that); with
     ``selection.balance=dataset`` each dataset keeps its share of the corpus (or ``selection.quotas``)
     exactly, else one draw over every kept row keeps it in expectation."""
-    share = min(1.0, TERM_SAMPLE_ROWS / max(candidates, 1))
     sampled: dict[str, list] = {}
     rows = Counter()
-    for batch in batches():
-        rows.update(batch["dataset"].to_pylist())
-        if share < 1:
-            batch = batch.filter(pc.less(random_key(cfg.seed, batch["id"]), share))
+
+    def counted():
+        for batch in batches():
+            rows.update(batch["dataset"].to_pylist())
+            yield batch
+
+    for batch in _seeded_sample(counted(), cfg.seed, candidates):
         for name, score in zip(batch["dataset"].to_pylist(), batch["score"].to_pylist()):
             sampled.setdefault(name, []).append(score)
     thresholds = dataset_thresholds(sampled, cfg.selection.keep_fraction)
@@ -646,34 +651,31 @@ def _read_and_tokenise(cfg: SelectConfig, source: DatasetConfig, tokenizer_name:
 
 
 def _corpus_sample(
-    cfg: SelectConfig, files: list[Path], rows_scored: int, excluded: pa.Array, columns: list[str]
+    cfg: SelectConfig, files: list[Path], candidates: int, excluded: pa.Array, columns: list[str]
 ) -> dict[str, np.ndarray]:
-    """``columns`` of a seeded sample of at most ~``TERM_SAMPLE_ROWS`` scored corpus rows (stage-1
-    training rows left out): what trusted rows are compared with."""
-    share = min(1.0, TERM_SAMPLE_ROWS / max(rows_scored, 1))
+    """``columns`` of a seeded sample (``_seeded_sample``) of the ``candidates`` scored corpus rows
+    (stage-1 training rows left out): what trusted rows are compared with."""
     parts: dict[str, list] = {}
-    for batch in excluding(_stream(files, ["id", *columns]), excluded):
-        if share < 1:
-            batch = batch.filter(pc.less(random_key(cfg.seed, batch["id"]), share))
+    for batch in _seeded_sample(excluding(_stream(files, ["id", *columns]), excluded), cfg.seed, candidates):
         for name in columns:
             parts.setdefault(name, []).append(column_matrix(batch[name]))
     return {name: np.concatenate(values) for name, values in parts.items()}
 
 
 def _gate_sign(
-    cfg: SelectConfig, files: list[Path], rows_scored: int, excluded: pa.Array, trusted: dict
+    cfg: SelectConfig, files: list[Path], candidates: int, excluded: pa.Array, trusted: dict
 ) -> dict:
     """``calibrate.gate_sign`` of the trusted rows against the corpus sample."""
-    corpus = _corpus_sample(cfg, files, rows_scored, excluded, ["layer_scores"])
+    corpus = _corpus_sample(cfg, files, candidates, excluded, ["layer_scores"])
     return gate_sign(trusted["layer_scores"], corpus["layer_scores"], cfg.scoring.gate_weight)
 
 
 def _fit_combiner(
-    cfg: SelectConfig, files: list[Path], rows_scored: int, excluded: pa.Array, trusted: dict, out: Path
+    cfg: SelectConfig, files: list[Path], candidates: int, excluded: pa.Array, trusted: dict, out: Path
 ) -> dict:
     """The calibrated combiner: trusted rows against ``_corpus_sample``; written to
     ``layout.CALIBRATION``."""
-    corpus = _corpus_sample(cfg, files, rows_scored, excluded, list(trusted))
+    corpus = _corpus_sample(cfg, files, candidates, excluded, list(trusted))
     trusted_x, names = feature_matrix(trusted)
     combiner = fit_combiner(trusted_x, feature_matrix(corpus)[0], names, cfg.seed)
     (out / CALIBRATION).write_text(json.dumps(combiner, indent=2))
