@@ -336,6 +336,10 @@ def analyse(judged: dict[str, dict], recipes: dict) -> dict:
         PERPLEXITY: PERPLEXITY,
         "random": "random",
     }
+    for nll, gain in ((2.0, 1.0), (2.0, 0.5)):  # the default's two terms with NLL weighted more
+        recipe = formula((0.0, nll, gain, 0.0, 0.0))
+        if recipe in recipes:
+            named[f"NLL weighted {nll / gain:g}x prompt gain: {recipe}"] = recipe
     d2 = formula((0.0, 0.0, 0.0, 0.0, 1.0))
     if d2 in recipes:
         named[f"driving force alone: {d2}"] = d2
