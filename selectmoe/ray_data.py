@@ -32,7 +32,7 @@ import functools
 import heapq
 import json
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,7 +56,7 @@ from selectmoe.data.readers import (
 )
 from selectmoe.data.rejects import MAX_RAW_CHARS, DataError, RowError, reason_code
 from selectmoe.data.rows import scan_piece
-from selectmoe.data.subset import in_subset
+from selectmoe.data.subset import in_subset, random_key
 from selectmoe.data.template import encode_batch, encode_replies_alone, load_tokenizer
 from selectmoe.scaling import ensure_ray
 
@@ -85,6 +85,24 @@ class RowsRead:
     rows: ray.data.Dataset  # accepted rows in the subset, schema ``ROW_SCHEMA``, source order
     ledger: RowLedger  # counts(), rejects, token_length_stats()
     sources: list[Source]
+    outside_subset: Callable[..., ray.data.Dataset]  # ``(ids=None, key_below=1.0)``: see ``_outside``
+
+
+def _outside(pieces, data_cfg, dropped, seed: int, subset_ratio: float, *, ids=None, key_below: float = 1.0):
+    """The accepted, de-duplicated rows ``dataset.subset_ratio`` left out (rows a stage does not train
+    on), read again by one task per piece, never through the driver: those of ``ids`` (an Arrow array),
+    or a seeded sample, ``random_key(seed, id) < key_below``."""
+    return _per_piece(
+        pieces,
+        data_cfg,
+        _accepted_rows,
+        dropped=dropped,
+        seed=seed,
+        subset_ratio=subset_ratio,
+        outside=True,
+        ids=None if ids is None else ray.put(ids),
+        key_below=key_below,
+    )
 
 
 def read_rows(dataset_cfg, data_cfg, *, seed: int = 0, tokenizer_name: str | None = None) -> RowsRead:
@@ -106,7 +124,8 @@ def read_rows(dataset_cfg, data_cfg, *, seed: int = 0, tokenizer_name: str | Non
         seed=seed,
         subset_ratio=dataset_cfg.subset_ratio,
     )
-    return RowsRead(rows=rows, ledger=ledger, sources=sources)
+    outside = functools.partial(_outside, pieces, data_cfg, dropped, seed, dataset_cfg.subset_ratio)
+    return RowsRead(rows=rows, ledger=ledger, sources=sources, outside_subset=outside)
 
 
 def plan_pieces(sources: list[Source], split_bytes: int) -> list[Piece]:
@@ -297,22 +316,40 @@ def _fill_raw(piece: Piece, rejects: list[dict]) -> None:
             return
 
 
-def _accepted_rows(batch: pa.Table, *, seed: int, subset_ratio: float) -> Iterator[pa.Table]:
+def _accepted_rows(
+    batch: pa.Table,
+    *,
+    seed: int,
+    subset_ratio: float,
+    outside: bool = False,
+    ids=None,
+    key_below: float = 1.0,
+) -> Iterator[pa.Table]:
+    """One piece's accepted rows in the subset (``outside``: those it left out, of ``ids`` or with a
+    ``random_key`` below ``key_below``)."""
     piece = _piece_of(batch)
     rejected = set(json.loads(batch["dropped"][0].as_py()))
+    ids = ray.get(ids) if isinstance(ids, ray.ObjectRef) else ids
     rows = []
+
+    def table() -> pa.Table:
+        out = pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+        if ids is not None:
+            return out.filter(pc.is_in(out["id"], value_set=ids))
+        return out.filter(pc.less(random_key(seed, out["id"]), key_below)) if key_below < 1 else out
+
     for item in scan_piece(piece):
         row = item.row
         if row is None or row["line"] in rejected:
             continue
-        if not in_subset(seed, row["dataset"], row["id"], subset_ratio):
+        if in_subset(seed, row["dataset"], row["id"], subset_ratio) == outside:
             continue
         rows.append(row)
         if len(rows) >= OUTPUT_ROWS:
-            yield pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+            yield table()
             rows = []
     if rows:
-        yield pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+        yield table()
 
 
 # ---------------------------------------------------------------------------- tokenisation
@@ -422,7 +459,5 @@ def mix_reference(corpus: ray.data.Dataset, reference: ray.data.Dataset, seed: i
 
 
 def _with_flag(batch: pa.Table, *, flag: bool, seed: int) -> pa.Table:
-    from selectmoe.data.subset import random_key
-
     batch = batch.append_column("reference", pa.array([flag] * batch.num_rows, pa.bool_()))
     return batch.append_column("order_key", random_key(seed, batch["id"]))

@@ -19,6 +19,7 @@ from selectmoe.data.template import ensure_pad_token, load_tokenizer
 from selectmoe.models.loading import load_select_moe
 from selectmoe.pretrain.driver import pretrain, probe_rows
 from selectmoe.pretrain.worker import probe_aurocs, setup_trainable
+from selectmoe.ray_data import read_rows
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -172,8 +173,12 @@ def test_fsdp_matches_ddp_resumes_after_a_failure_and_probes_on_every_rank(
 
     # the last step's probe ran on the sharded model: the same AUROC as on the saved weights
     assert [m["step"] for m in history if "probe_auroc" in m] == [1, 2, 3, 4]  # latest value rides along
+    read = read_rows(
+        fsdp_config.dataset, fsdp_config.data, seed=fsdp_config.seed, tokenizer_name=str(tiny_olmoe)
+    )
+    rows = probe_rows(fsdp_config, str(tiny_olmoe), read)
     trained_ids = set(pq.read_table(out / "training_ids.parquet")["id"].to_pylist())
-    rows = probe_rows(fsdp_config, str(tiny_olmoe), trained_ids)
+    assert not trained_ids & {r["id"] for r in read.outside_subset().take_all()}  # probes are unseen rows
     assert len(rows) > 8 and 0 < sum(r["clean"] for r in rows) < len(rows)  # both classes
     pad = ensure_pad_token(load_tokenizer(str(tiny_olmoe))).pad_token_id
     model = load_select_moe(str(out), dtype="float32")

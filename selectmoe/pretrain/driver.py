@@ -39,7 +39,7 @@ from selectmoe.layout import (
 from selectmoe.manifest import fingerprint, write_manifest
 from selectmoe.models.loading import require_model
 from selectmoe.pretrain.worker import train_router_per_worker
-from selectmoe.ray_data import mix_reference, read_rows, tokenize_rows
+from selectmoe.ray_data import RowsRead, mix_reference, read_rows, tokenize_rows
 from selectmoe.scaling import worker_layout
 from selectmoe.training.launch import fit, loop_config, plan_steps, run_name
 
@@ -84,14 +84,13 @@ def pretrain(cfg: PretrainConfig, callbacks: list | None = None) -> Path:
         train = train.materialize()
         trained = pa.Table.from_pylist(train.select_columns(["id", "dataset"]).take_all())
         pq.write_table(trained, out / TRAINING_IDS)  # corpus rows only: stage 2 excludes them
-        trained_ids = set(trained["id"].to_pylist()) if trained.num_rows else set()
         reference_rows, reference_probe = 0, None
         if cfg.training.reference_data:
             reference, held_out = _reference_rows(cfg, tokenizer_name, out)
             reference_rows = reference.count()
             train = mix_reference(train, reference, cfg.seed).materialize()
             if held_out:
-                reference_probe = reference_probe_rows(cfg, tokenizer_name, trained_ids, held_out)
+                reference_probe = reference_probe_rows(cfg, tokenizer_name, read, held_out)
         num_rows = train.count()
 
     layout = worker_layout(cfg.scaling)
@@ -106,7 +105,7 @@ def pretrain(cfg: PretrainConfig, callbacks: list | None = None) -> Path:
         attn_implementation=cfg.selector_model.attn_implementation,
         select_moe=select_moe_overrides(cfg),
         peft_mode=t.peft_mode,
-        probe=probe_rows(cfg, tokenizer_name, trained_ids) if t.probe_labels else None,
+        probe=probe_rows(cfg, tokenizer_name, read) if t.probe_labels else None,
         reference_probe=reference_probe,
         probe_every_steps=t.probe_every_steps,
         reference_class_weights=_class_weights(num_rows, reference_rows) if reference_rows else None,
@@ -202,11 +201,11 @@ def probe_verdict(last: dict) -> dict:
     return {}
 
 
-def probe_rows(cfg: PretrainConfig, tokenizer_name: str, trained_ids: set[str]) -> list[dict]:
+def probe_rows(cfg: PretrainConfig, tokenizer_name: str, read: RowsRead) -> list[dict]:
     """Up to ``training.probe_rows`` labelled corpus rows that stage 1 does not train on, tokenised."""
     lines = Path(cfg.training.probe_labels).read_text().splitlines()
     labels = {r["id"]: r.get("defect") or "" for r in map(json.loads, lines)}
-    chosen = _untrained_rows(cfg, trained_ids, labels.__contains__)
+    chosen = _untrained_rows(cfg, read, ids=pa.array(list(labels), pa.string()))
     if not chosen:
         raise ConfigError(
             f"training.probe_labels={cfg.training.probe_labels}: no labelled row outside the training subset"
@@ -215,32 +214,32 @@ def probe_rows(cfg: PretrainConfig, tokenizer_name: str, trained_ids: set[str]) 
 
 
 def reference_probe_rows(
-    cfg: PretrainConfig, tokenizer_name: str, trained_ids: set[str], held_out: list[dict]
+    cfg: PretrainConfig, tokenizer_name: str, read: RowsRead, held_out: list[dict]
 ) -> list[dict] | None:
     """The held-out reference rows (positives) and up to ``training.probe_rows`` corpus rows stage 1
     does not train on; None (and a warning) when every corpus row is trained on."""
-    corpus = _untrained_rows(cfg, trained_ids, lambda _: True)
-    if not corpus:
+    counts = read.ledger.counts()
+    untrained = counts["rows_accepted"] - counts["rows_sampled"]
+    if untrained == 0:
         logger.warning(
             "training.reference_holdout: every corpus row is trained on (dataset.subset_ratio=1), so the "
             "held-out reference rows have no unseen corpus rows to be ranked against; no probe_reference_auroc"
         )
         return None
+    # a seeded sample of ~4x the rows kept, so that the read returns few rows to the driver
+    corpus = _untrained_rows(cfg, read, key_below=min(1.0, 4 * cfg.training.probe_rows / untrained))
     return held_out + _probe_encoded(cfg, tokenizer_name, corpus, [False] * len(corpus))
 
 
-def _untrained_rows(cfg: PretrainConfig, trained_ids: set[str], wanted) -> list[dict]:
-    """Up to ``training.probe_rows`` corpus rows that stage 1 does not train on and ``wanted(id)``
-    keeps: a seeded choice (by a hash of the id, so independent of file order)."""
-    from selectmoe.data.ledger import RowLedger
-    from selectmoe.data.rows import iter_rows
-
-    ledger = RowLedger(on_bad_row="skip", subset_ratio=1.0, seed=cfg.seed)
-    candidates = [r for r in iter_rows(cfg.dataset, ledger) if r["id"] not in trained_ids and wanted(r["id"])]
-    if not candidates:
+def _untrained_rows(cfg: PretrainConfig, read: RowsRead, **which) -> list[dict]:
+    """Up to ``training.probe_rows`` of the rows ``read.outside_subset(**which)`` returns (rows stage 1
+    does not train on, read by Ray tasks), the smallest ``random_key`` first: a seeded choice,
+    independent of file order."""
+    rows = read.outside_subset(**which).take_all()
+    if not rows:
         return []
-    keys = random_key(cfg.seed, pa.array([r["id"] for r in candidates])).to_pylist()
-    return [r for _, r in sorted(zip(keys, candidates), key=lambda x: x[0])][: cfg.training.probe_rows]
+    keys = random_key(cfg.seed, pa.array([r["id"] for r in rows])).to_pylist()
+    return [r for _, r in sorted(zip(keys, rows), key=lambda x: x[0])][: cfg.training.probe_rows]
 
 
 def _probe_encoded(
@@ -272,8 +271,9 @@ def _reference_rows(
     read = read_rows(source, cfg.data, seed=cfg.seed, tokenizer_name=tokenizer_name)
     read.ledger.write_rejects(out / REFERENCE_REJECTS)
     rows = tokenize_rows(read.rows, tokenizer_name, cfg.dataset.max_sequence_length, cfg.data.loss_on)
-    table = pa.concat_tables(ray.get(rows.materialize().to_arrow_refs()))
-    if table.num_rows == 0:
+    tables = ray.get(rows.materialize().to_arrow_refs())
+    table = pa.concat_tables(tables) if tables else None
+    if table is None or table.num_rows == 0:
         raise ConfigError(f"training.reference_data={cfg.training.reference_data}: no valid row")
     held = pc.less(random_key(cfg.seed, table["id"]), cfg.training.reference_holdout)
     train = table.filter(pc.invert(held))
