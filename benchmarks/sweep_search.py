@@ -22,13 +22,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from common import TRAIN_DIR, print_table, quiet_ray, quiet_transformers, write_json
 from selection_quality import base_model, sample_by_file, write_corpus
 
 from selectmoe.config import parse_config
-from selectmoe.layout import STAGE_DIRS, TRAINING_IDS, TRIALS_DIR, TRIALS_FILE
+from selectmoe.layout import TRIALS_DIR, TRIALS_FILE
 from selectmoe.metrics import auroc
 from selectmoe.sweep import run_sweep
 
@@ -133,14 +132,15 @@ def perplexity_on_probe_rows(cfg, trial: Path, model_dir: Path) -> float:
     from selectmoe.data import ensure_pad_token, load_tokenizer
     from selectmoe.pipeline import stage_configs
     from selectmoe.pretrain.driver import probe_rows
+    from selectmoe.ray_data import read_rows
     from selectmoe.select.score import ScorePasses, score_batch
 
     pretrain_cfg = stage_configs(cfg, trial)[0]
     pretrain_cfg.training.probe_labels = cfg.sweep.probe_labels  # as run_sweep gives it to every trial
-    trained = set(
-        pq.read_table(trial / STAGE_DIRS["pretrain"] / TRAINING_IDS, columns=["id"])["id"].to_pylist()
+    read = read_rows(
+        pretrain_cfg.dataset, pretrain_cfg.data, seed=pretrain_cfg.seed, tokenizer_name=str(model_dir)
     )
-    rows = probe_rows(pretrain_cfg, str(model_dir), trained)
+    rows = probe_rows(pretrain_cfg, str(model_dir), read)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     pad = ensure_pad_token(load_tokenizer(str(model_dir))).pad_token_id
     nll = []
