@@ -4,15 +4,18 @@ reference rows from the corpus, and the ids stage 2 excludes are the corpus rows
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pyarrow.parquet as pq
 import pytest
 
 from selectmoe.config import ConfigError, parse_config
+from selectmoe.data.ledger import RowLedger
 from selectmoe.demo.corpus import write_demo_corpus
 from selectmoe.layout import TRAINING_IDS
 from selectmoe.pretrain import pretrain
-from selectmoe.pretrain.driver import probe_verdict
+from selectmoe.pretrain.driver import _reference_holdout, probe_verdict
+from selectmoe.ray_data import RowsRead
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -71,6 +74,17 @@ def test_reference_gates_learn_to_tell_trusted_rows_from_the_corpus(ray_session,
     assert history[-1]["probe_reference_auroc"] > 0.5
     # labels, when given, decide the verdict the manifest states
     assert manifest["metrics"]["gate_direction_from"] == "labelled probe rows"
+
+
+def test_no_reference_row_is_held_out_when_stage_1_trains_on_every_corpus_row(tiny_olmoe, tmp_path):
+    """With nothing left untrained to rank them against, held-out reference rows would only be lost."""
+    ledger = RowLedger()
+    ledger.add_counts(Counter(a=10), Counter(a=10), Counter(), 0)  # every accepted row in the subset
+    read = RowsRead(rows=None, ledger=ledger, sources=[], outside_subset=None)
+    cfg = reference_config(tiny_olmoe, tmp_path, tmp_path / "ref.jsonl", tmp_path / "out")
+    assert cfg.training.reference_holdout == 0.2 and _reference_holdout(cfg, read) == 0.0
+    ledger.add_counts(Counter(a=5), Counter(), Counter(), 0)  # five rows stage 1 does not train on
+    assert _reference_holdout(cfg, read) == 0.2
 
 
 def test_the_gate_verdict_names_what_it_was_checked_on():

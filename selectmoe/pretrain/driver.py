@@ -86,7 +86,7 @@ def pretrain(cfg: PretrainConfig, callbacks: list | None = None) -> Path:
         pq.write_table(trained, out / TRAINING_IDS)  # corpus rows only: stage 2 excludes them
         reference_rows, reference_probe = 0, None
         if cfg.training.reference_data:
-            reference, held_out = _reference_rows(cfg, tokenizer_name, out)
+            reference, held_out = _reference_rows(cfg, tokenizer_name, out, _reference_holdout(cfg, read))
             reference_rows = reference.count()
             train = mix_reference(train, reference, cfg.seed).materialize()
             if held_out:
@@ -152,7 +152,7 @@ def pretrain(cfg: PretrainConfig, callbacks: list | None = None) -> Path:
     counts.update(
         rows_trained=num_rows,
         reference_rows_trained=reference_rows,
-        reference_rows_held_out=sum(r["clean"] for r in reference_probe or ()),
+        reference_rows_held_out=sum(r["clean"] for r in reference_probe) if reference_probe else 0,
         steps=steps.total_steps,
         effective_batch=steps.batch.effective_batch,
         workers=steps.batch.world_size,
@@ -217,18 +217,29 @@ def reference_probe_rows(
     cfg: PretrainConfig, tokenizer_name: str, read: RowsRead, held_out: list[dict]
 ) -> list[dict] | None:
     """The held-out reference rows (positives) and up to ``training.probe_rows`` corpus rows stage 1
-    does not train on; None (and a warning) when every corpus row is trained on."""
-    counts = read.ledger.counts()
-    untrained = counts["rows_accepted"] - counts["rows_sampled"]
-    if untrained == 0:
-        logger.warning(
-            "training.reference_holdout: every corpus row is trained on (dataset.subset_ratio=1), so the "
-            "held-out reference rows have no unseen corpus rows to be ranked against; no probe_reference_auroc"
-        )
-        return None
+    does not train on."""
     # a seeded sample of ~4x the rows kept, so that the read returns few rows to the driver
-    corpus = _untrained_rows(cfg, read, key_below=min(1.0, 4 * cfg.training.probe_rows / untrained))
+    share = min(1.0, 4 * cfg.training.probe_rows / max(1, _untrained_count(read)))
+    corpus = _untrained_rows(cfg, read, key_below=share)
     return held_out + _probe_encoded(cfg, tokenizer_name, corpus, [False] * len(corpus))
+
+
+def _untrained_count(read: RowsRead) -> int:
+    counts = read.ledger.counts()
+    return counts["rows_accepted"] - counts["rows_sampled"]
+
+
+def _reference_holdout(cfg: PretrainConfig, read: RowsRead) -> float:
+    """``training.reference_holdout``, or 0 (all reference rows trained on, and a warning) when stage 1
+    trains on every corpus row, leaving none to rank the held-out ones against."""
+    if cfg.training.reference_holdout and _untrained_count(read) == 0:
+        logger.warning(
+            "training.reference_holdout=%s: every corpus row is trained on (dataset.subset_ratio=1), so no "
+            "reference row is held out and there is no probe_reference_auroc",
+            cfg.training.reference_holdout,
+        )
+        return 0.0
+    return cfg.training.reference_holdout
 
 
 def _untrained_rows(cfg: PretrainConfig, read: RowsRead, **which) -> list[dict]:
@@ -260,11 +271,11 @@ def _probe_encoded(
 
 
 def _reference_rows(
-    cfg: PretrainConfig, tokenizer_name: str, out: Path
+    cfg: PretrainConfig, tokenizer_name: str, out: Path, holdout: float
 ) -> tuple[ray.data.Dataset, list[dict]]:
     """The trusted rows of ``training.reference_data``, read and tokenised like the corpus (their rejects
-    in ``layout.REFERENCE_REJECTS``): the rows to train on, and the ``training.reference_holdout`` share
-    (a seeded hash of the id) kept out as probe rows (``clean``: trusted)."""
+    in ``layout.REFERENCE_REJECTS``): the rows to train on, and the ``holdout`` share (a seeded hash of
+    the id) kept out as probe rows (``clean``: trusted)."""
     source = DatasetConfig(
         data_path=list(cfg.training.reference_data), max_sequence_length=cfg.dataset.max_sequence_length
     )
@@ -275,12 +286,11 @@ def _reference_rows(
     table = pa.concat_tables(tables) if tables else None
     if table is None or table.num_rows == 0:
         raise ConfigError(f"training.reference_data={cfg.training.reference_data}: no valid row")
-    held = pc.less(random_key(cfg.seed, table["id"]), cfg.training.reference_holdout)
+    held = pc.less(random_key(cfg.seed, table["id"]), holdout)
     train = table.filter(pc.invert(held))
     if train.num_rows == 0:
         raise ConfigError(
-            f"training.reference_holdout={cfg.training.reference_holdout} leaves none of the "
-            f"{table.num_rows} reference rows to train on"
+            f"training.reference_holdout={holdout} leaves none of the {table.num_rows} reference rows to train on"
         )
     held_out = [
         {"input_ids": r["input_ids"], "labels": r["labels"], "clean": True}
