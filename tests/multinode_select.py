@@ -49,17 +49,20 @@ def _select(model: str, data: str, out: Path):
     return select(parse_config("select", overrides=[f"{k}={v}" for k, v in overrides.items()]))
 
 
-def _placements(before: set[str] = frozenset()) -> dict:
-    """Node ids where the scan tasks ran and where the scoring actors lived (actors in ``before``, a
-    previous run's, left out), and the actor ids seen."""
+def _scoring_actors(before: set[str] = frozenset()) -> list:
+    """The scoring actors Ray's State API lists, those in ``before`` (a previous run's) left out."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("state", "=", "ALIVE")], limit=10_000, raise_on_missing_output=False)
+    return [a for a in actors if "GateScorer" in a.class_name and a.actor_id not in before]
+
+
+def _placements() -> dict:
+    """Node ids where the scan tasks ran and where the scoring actors lived, and the actor ids seen."""
     from ray.util.state import list_actors, list_tasks
 
     tasks = list_tasks(filters=[("name", "=", "_scan_piece")], limit=10_000, raise_on_missing_output=False)
-    actors = [
-        a
-        for a in list_actors(limit=10_000, raise_on_missing_output=False)
-        if "GateScorer" in a.class_name and a.actor_id not in before
-    ]
+    actors = [a for a in list_actors(limit=10_000, raise_on_missing_output=False) if "GateScorer" in a.class_name]
     return {
         "scan": sorted({t.node_id for t in tasks if t.node_id}),
         "scoring_actors": sorted({a.node_id for a in actors if a.node_id}),
@@ -88,8 +91,10 @@ def main(model: str, data: str, work: Path) -> None:
     ray.init(address=cluster.address)
     report: dict = {"nodes": sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])}
     try:
+        started = time.monotonic()
         _select(model, data, work / "whole")
         report["whole"] = _placements()
+        report["whole_s"] = round(time.monotonic() - started, 1)
 
         # the first run's actors release their CPUs: the second run gets as many actors, on every node
         deadline = time.monotonic() + 60
@@ -100,23 +105,31 @@ def main(model: str, data: str, work: Path) -> None:
         removed = threading.Event()
 
         def remove_a_scoring_node():
-            """Once a score file exists, remove a worker node that holds a scoring actor of this run."""
+            """Remove a worker node that holds a scoring actor of this run right after the first score file
+            is written. The State API answers slowly, so the actors' nodes are looked up while the run
+            starts, and the score files are then watched alone: on a fast machine the scoring would
+            otherwise be over before a lookup made after the first file came back."""
+            scoring_nodes: set[str] = set()
             while not removed.is_set():
-                if list((killed / SCORE_FILES).glob("*.parquet")):
-                    placed = _placements(set(report["whole"]["actor_ids"]))
-                    scoring = [w for w in workers if w.node_id in placed["scoring_actors"]]
-                    if scoring:
-                        report["at_kill"] = placed
-                        report["score_files_at_kill"] = len(list((killed / SCORE_FILES).glob("*.parquet")))
-                        report["killed_node"] = scoring[0].node_id
-                        cluster.remove_node(scoring[0], allow_graceful=False)
-                        removed.set()
-                        return
-                time.sleep(0.05)
+                scoring = [w for w in workers if w.node_id in scoring_nodes]
+                files = list((killed / SCORE_FILES).glob("*.parquet"))
+                if scoring and files:
+                    report["scoring_nodes_at_kill"] = sorted(scoring_nodes)
+                    report["score_files_at_kill"] = len(files)
+                    report["killed_node"] = scoring[0].node_id
+                    cluster.remove_node(scoring[0], allow_graceful=False)
+                    removed.set()
+                    return
+                if scoring:
+                    time.sleep(0.01)
+                else:
+                    scoring_nodes = {a.node_id for a in _scoring_actors(set(report["whole"]["actor_ids"]))}
+                    time.sleep(0.5)
 
         watcher = threading.Thread(target=remove_a_scoring_node, daemon=True)
         watcher.start()
         runs = []
+        started = time.monotonic()
         for _ in range(3):
             try:
                 _select(model, data, killed)
@@ -126,6 +139,7 @@ def main(model: str, data: str, work: Path) -> None:
                 runs.append(traceback.format_exc(limit=3)[-1500:])
         removed.set()
         report["killed_runs"] = runs
+        report["killed_s"] = round(time.monotonic() - started, 1)
     finally:
         (work / "report.json").write_text(json.dumps(report, indent=2))
         ray.shutdown()
