@@ -7,6 +7,7 @@ import json
 import os
 
 import psutil
+import pyarrow as pa
 import pytest
 from conftest import SHARED_TRAIN
 from test_data_readers import FORMATS, SCHEMA_ROWS, less_rows, write_formats  # noqa: F401 (fixture)
@@ -14,6 +15,7 @@ from test_data_rejects import bad_folder  # noqa: F401 (fixture)
 
 from selectmoe.config import DataConfig, DatasetConfig
 from selectmoe.data import RowLedger, encode_batch, iter_rows, load_tokenizer
+from selectmoe.data.subset import random_key
 from selectmoe.ray_data import ROW_SCHEMA, plan_pieces, read_rows, tokenize_rows
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -95,6 +97,21 @@ def test_ray_subset_equals_the_iterator_subset(ray_session, mixed_inputs):
     assert 0 < len(rows) < ledger.counts()["rows_accepted"]
     assert result.ledger.counts() == ledger.counts()
     assert read_rows(cfg, DataConfig(), seed=0).rows.take_all() == rows  # re-read: the same sample
+
+    # what the subset left out (stage 1's probe rows): every other accepted row, once, duplicates' and
+    # rejects' lines never among them
+    every = read_rows(DatasetConfig(data_path=mixed_inputs), DataConfig(), seed=0).rows.take_all()
+    inside = {r["id"] for r in rows}
+    left_out = result.outside_subset().take_all()
+    assert sorted(r["id"] for r in left_out) == sorted(r["id"] for r in every if r["id"] not in inside)
+    assert {(r["id"], r["line"]) for r in left_out} <= {(r["id"], r["line"]) for r in every}
+    wanted = pa.array([r["id"] for r in left_out[::3]] + [rows[0]["id"]])  # a subset row is not returned
+    assert [r["id"] for r in result.outside_subset(ids=wanted).take_all()] == [r["id"] for r in left_out[::3]]
+    sample = [r["id"] for r in result.outside_subset(key_below=0.5).take_all()]
+    keys = random_key(0, pa.array([r["id"] for r in left_out])).to_pylist()
+    assert sample == [r["id"] for r, key in zip(left_out, keys) if key < 0.5] and 0 < len(sample) < len(
+        left_out
+    )
 
 
 def test_reading_30k_rows_streams_on_two_cpus(ray_session):
