@@ -83,10 +83,10 @@ def train_router_per_worker(config: dict) -> None:
         )
     train_step = functools.partial(_train_step, coef=model.config.router_aux_loss_coef, reference=reference)
     probes = {
-        key: config.get(rows)
+        key: config[rows]
         for key, rows in (("probe_auroc", "probe"), ("probe_reference_auroc", "reference_probe"))
+        if config.get(rows)
     }
-    probes = {key: rows for key, rows in probes.items() if rows}
     probe = (
         functools.partial(probe_aurocs, probes=probes, pad_token_id=config["pad_token_id"])
         if probes
