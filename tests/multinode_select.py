@@ -62,7 +62,9 @@ def _placements() -> dict:
     from ray.util.state import list_actors, list_tasks
 
     tasks = list_tasks(filters=[("name", "=", "_scan_piece")], limit=10_000, raise_on_missing_output=False)
-    actors = [a for a in list_actors(limit=10_000, raise_on_missing_output=False) if "GateScorer" in a.class_name]
+    actors = [
+        a for a in list_actors(limit=10_000, raise_on_missing_output=False) if "GateScorer" in a.class_name
+    ]
     return {
         "scan": sorted({t.node_id for t in tasks if t.node_id}),
         "scoring_actors": sorted({a.node_id for a in actors if a.node_id}),
