@@ -49,12 +49,12 @@ def _select(model: str, data: str, out: Path):
     return select(parse_config("select", overrides=[f"{k}={v}" for k, v in overrides.items()]))
 
 
-def _scoring_actors(before: set[str] = frozenset()) -> list:
-    """The scoring actors Ray's State API lists, those in ``before`` (a previous run's) left out."""
+def _scoring_nodes(before: set[str] = frozenset()) -> set[str]:
+    """Nodes of the live scoring actors Ray's State API lists, actors in ``before`` (a previous run's) left out."""
     from ray.util.state import list_actors
 
     actors = list_actors(filters=[("state", "=", "ALIVE")], limit=10_000, raise_on_missing_output=False)
-    return [a for a in actors if "GateScorer" in a.class_name and a.actor_id not in before]
+    return {a.node_id for a in actors if "GateScorer" in a.class_name and a.actor_id not in before}
 
 
 def _placements() -> dict:
@@ -125,7 +125,7 @@ def main(model: str, data: str, work: Path) -> None:
                 if scoring:
                     time.sleep(0.01)
                 else:
-                    scoring_nodes = {a.node_id for a in _scoring_actors(set(report["whole"]["actor_ids"]))}
+                    scoring_nodes = _scoring_nodes(set(report["whole"]["actor_ids"]))
                     time.sleep(0.5)
 
         watcher = threading.Thread(target=remove_a_scoring_node, daemon=True)

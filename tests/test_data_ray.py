@@ -109,9 +109,8 @@ def test_ray_subset_equals_the_iterator_subset(ray_session, mixed_inputs):
     assert [r["id"] for r in result.outside_subset(ids=wanted).take_all()] == [r["id"] for r in left_out[::3]]
     sample = [r["id"] for r in result.outside_subset(key_below=0.5).take_all()]
     keys = random_key(0, pa.array([r["id"] for r in left_out])).to_pylist()
-    assert sample == [r["id"] for r, key in zip(left_out, keys) if key < 0.5] and 0 < len(sample) < len(
-        left_out
-    )
+    assert sample == [r["id"] for r, key in zip(left_out, keys) if key < 0.5]
+    assert 0 < len(sample) < len(left_out)
 
 
 def test_reading_30k_rows_streams_on_two_cpus(ray_session):
