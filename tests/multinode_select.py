@@ -49,22 +49,21 @@ def _select(model: str, data: str, out: Path):
     return select(parse_config("select", overrides=[f"{k}={v}" for k, v in overrides.items()]))
 
 
-def _scoring_nodes(before: set[str] = frozenset()) -> set[str]:
-    """Nodes of the live scoring actors Ray's State API lists, actors in ``before`` (a previous run's) left out."""
+def _scoring_actors(before: set[str] = frozenset(), alive: bool = False) -> list:
+    """The scoring actors Ray's State API lists, those in ``before`` (a previous run's) left out."""
     from ray.util.state import list_actors
 
-    actors = list_actors(filters=[("state", "=", "ALIVE")], limit=10_000, raise_on_missing_output=False)
-    return {a.node_id for a in actors if "GateScorer" in a.class_name and a.actor_id not in before}
+    filters = [("state", "=", "ALIVE")] if alive else None
+    actors = list_actors(filters=filters, limit=10_000, raise_on_missing_output=False)
+    return [a for a in actors if "GateScorer" in a.class_name and a.actor_id not in before]
 
 
 def _placements() -> dict:
     """Node ids where the scan tasks ran and where the scoring actors lived, and the actor ids seen."""
-    from ray.util.state import list_actors, list_tasks
+    from ray.util.state import list_tasks
 
     tasks = list_tasks(filters=[("name", "=", "_scan_piece")], limit=10_000, raise_on_missing_output=False)
-    actors = [
-        a for a in list_actors(limit=10_000, raise_on_missing_output=False) if "GateScorer" in a.class_name
-    ]
+    actors = _scoring_actors()
     return {
         "scan": sorted({t.node_id for t in tasks if t.node_id}),
         "scoring_actors": sorted({a.node_id for a in actors if a.node_id}),
@@ -99,19 +98,31 @@ def main(model: str, data: str, work: Path) -> None:
         report["whole_s"] = round(time.monotonic() - started, 1)
 
         # the first run's actors release their CPUs: the second run gets as many actors, on every node
-        deadline = time.monotonic() + 60
+        # (under load that takes a while: with 60 s the run once got 1 actor, on the head node)
+        deadline = time.monotonic() + 300
         while ray.available_resources().get("CPU", 0) < 3 * NODE_CPUS and time.monotonic() < deadline:
             time.sleep(0.5)
+        report["free_cpus_before_killed"] = ray.available_resources().get("CPU", 0)
 
         killed = work / "killed"
         removed = threading.Event()
+        whole_actors = set(report["whole"]["actor_ids"])
+        scoring_nodes: set[str] = set()  # the latest lookup's
+
+        def look_up_scoring_nodes():
+            """The State API answers slowly, and under load it times out: the lookups run beside the file
+            watch, so the node goes within ~10 ms of the first score file whatever they take."""
+            nonlocal scoring_nodes
+            while not removed.is_set():
+                try:
+                    scoring_nodes = {a.node_id for a in _scoring_actors(whole_actors, alive=True)}
+                except Exception as error:  # a timed-out lookup: the next one may answer
+                    report.setdefault("lookup_errors", []).append(repr(error)[:300])
+                time.sleep(0.5)
 
         def remove_a_scoring_node():
-            """Remove a worker node that holds a scoring actor of this run right after the first score file
-            is written. The State API answers slowly, so the actors' nodes are looked up while the run
-            starts, and the score files are then watched alone: on a fast machine the scoring would
-            otherwise be over before a lookup made after the first file came back."""
-            scoring_nodes: set[str] = set()
+            """Remove a worker node the lookups saw holding a scoring actor of this run, right after the
+            first score file is written (or, if the lookups are late, once they see one)."""
             while not removed.is_set():
                 scoring = [w for w in workers if w.node_id in scoring_nodes]
                 files = list((killed / SCORE_FILES).glob("*.parquet"))
@@ -122,14 +133,13 @@ def main(model: str, data: str, work: Path) -> None:
                     cluster.remove_node(scoring[0], allow_graceful=False)
                     removed.set()
                     return
-                if scoring:
-                    time.sleep(0.01)
-                else:
-                    scoring_nodes = _scoring_nodes(set(report["whole"]["actor_ids"]))
-                    time.sleep(0.5)
+                time.sleep(0.01)
 
-        watcher = threading.Thread(target=remove_a_scoring_node, daemon=True)
-        watcher.start()
+        threads = [
+            threading.Thread(target=t, daemon=True) for t in (look_up_scoring_nodes, remove_a_scoring_node)
+        ]
+        for thread in threads:
+            thread.start()
         runs = []
         started = time.monotonic()
         for _ in range(3):
@@ -140,6 +150,8 @@ def main(model: str, data: str, work: Path) -> None:
             except Exception:  # the lost node's work: resumed by the next run
                 runs.append(traceback.format_exc(limit=3)[-1500:])
         removed.set()
+        for thread in threads:
+            thread.join(timeout=60)
         report["killed_runs"] = runs
         report["killed_s"] = round(time.monotonic() - started, 1)
     finally:
