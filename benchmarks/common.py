@@ -107,6 +107,9 @@ def lm_pretrained_tiny(
 # ---------------------------------------------------------------------------- timing
 
 
+PEAK_PROBE_SIZE = 256  # matmul_peak times one of these first, to size its own
+
+
 def timed(fn: Callable[[], object], sync: Callable[[], None] = lambda: None) -> float:
     """Seconds one call of ``fn`` takes (``sync`` waits for queued device work before and after)."""
     sync()
@@ -177,10 +180,20 @@ def decoder_flops_per_row(config, length: int, lm_head: bool) -> float:
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, size: int, seconds: float) -> float:
-    """Best FLOP/s of ``size`` x ``size`` matmuls over about ``seconds`` (the machine's practical peak)."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
+    """Best FLOP/s of ``size`` x ``size`` matmuls over about ``seconds`` (the machine's practical peak).
+    ``size`` is halved while a 256 matmul's speed predicts over a tenth of ``seconds`` a matmul (bf16 on
+    a CPU without bf16 instructions is emulated: one 2048 matmul took a minute)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+
+    def operands(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+
+    probe_a, probe_b = operands(PEAK_PROBE_SIZE)
+    probe_a @ probe_b  # warm-up
+    probe_s = timed(lambda: probe_a @ probe_b, sync)
+    while size > PEAK_PROBE_SIZE and probe_s * (size / PEAK_PROBE_SIZE) ** 3 > seconds / 10:
+        size //= 2
+    a, b = operands(size)
     a @ b  # warm-up
     best, deadline = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < deadline:
