@@ -181,8 +181,8 @@ def decoder_flops_per_row(config, length: int, lm_head: bool) -> float:
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, size: int, seconds: float) -> float:
     """Best FLOP/s of ``size`` x ``size`` matmuls over about ``seconds`` (the machine's practical peak).
-    ``size`` is halved while a 256 matmul's speed predicts over a tenth of ``seconds`` a matmul (bf16 on
-    a CPU without bf16 instructions is emulated: one 2048 matmul took a minute)."""
+    ``size`` is halved while the speed of a ``PEAK_PROBE_SIZE`` matmul predicts that one ``size`` matmul
+    takes over a tenth of ``seconds`` (bf16 on a CPU without bf16 instructions is emulated and slow)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
 
     def operands(n: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -98,7 +98,7 @@ def main(model: str, data: str, work: Path) -> None:
         report["whole_s"] = round(time.monotonic() - started, 1)
 
         # the first run's actors release their CPUs: the second run gets as many actors, on every node
-        # (under load that takes a while: with 60 s the run once got 1 actor, on the head node)
+        # (under load that can take minutes; with fewer free CPUs the pool can be one actor on the head node)
         deadline = time.monotonic() + 300
         while ray.available_resources().get("CPU", 0) < 3 * NODE_CPUS and time.monotonic() < deadline:
             time.sleep(0.5)
