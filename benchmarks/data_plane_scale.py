@@ -4,6 +4,12 @@ one file and as 16 files, today's code beside an older commit's, each run its ow
     .venv/bin/python benchmarks/data_plane_scale.py --rows 1000000 5000000 --baseline ea723d1 \
         --json benchmarks/results/data_plane_scale.json
     .venv/bin/python benchmarks/data_plane_scale.py --rows 2000 --files 4 --split-bytes 100000  # CI size
+    .venv/bin/python benchmarks/data_plane_scale.py --select --rows 100000 500000 --json ...  # stage 2
+
+``--select`` runs ``selectmoe select`` instead (today's code only), with a tiny randomly initialised OLMoE
+(built once in the work folder) and ``--select-max-length`` tokens a row, so that the data plane weighs as
+much as it can beside scoring: first from scratch, then resumed after every other score file was deleted
+(as a crash leaves a run), and checks that the resumed ``selected.jsonl`` is byte-identical to the first.
 
 The corpus: rows of --data-dir cycled with fresh ids, one row in every --duplicate-every repeating the row
 1,000 rows earlier (a ``duplicate_id`` reject) and every --bad-every-th line broken JSON (``bad_json``).
@@ -29,6 +35,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pyarrow.parquet as pq
 from common import TRAIN_DIR, print_table, write_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,28 +46,42 @@ def main() -> None:
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     codes = {"now": REPO}
-    if args.baseline:
+    if args.baseline and not args.select:
         codes[f"baseline {args.baseline}"] = worktree(args.baseline, work / "baseline")
+    selector = tiny_selector(work / "selector") if args.select else None
     runs = []
     for n in args.rows:
         folder = work / f"corpus_{n}_{args.files}_{args.duplicate_every}_{args.bad_every}"
         layouts = write_corpus(n, args.files, Path(args.data_dir), folder, args)
+        if args.one_file_only:
+            layouts = {"one file": layouts["one file"]}
         for (code, root), (layout, path) in itertools.product(codes.items(), layouts.items()):
-            run = validate(root, path, work / "out", args)
-            run.update(rows=n, layout=layout, code=code)
-            runs.append(run)
-            print(
-                f"{n:>9,} rows  {layout:<9} {code:<20} {run['rows_per_s']:>9,.0f} rows/s  "
-                f"cpu {run['cpu_use']:.0%}  driver peak {run['driver_peak_rss_gib']:.2f} GiB",
-                flush=True,
+            measured = (
+                select_twice(path, work / "out", selector, args)
+                if selector
+                else [("now", validate(root, path, work / "out", args))]
             )
-    ratios = summarise(runs, args.rows, list(codes))
+            for name, run in measured:
+                run.update(rows=n, layout=layout, code=name if selector else code)
+                runs.append(run)
+                print(
+                    f"{n:>9,} rows  {layout:<9} {run['code']:<20} {run['rows_per_s']:>9,.0f} rows/s  "
+                    f"cpu {run['cpu_use']:.0%}  driver peak {run['driver_peak_rss_gib']:.2f} GiB",
+                    flush=True,
+                )
+    ratios = summarise(runs, args.rows, list(SELECT_RUNS) if selector else list(codes), compare=not selector)
     print_table(
-        "validate-data end to end",
-        ["rows", "layout", "code", "wall s", "rows/s", "cpu use", "driver peak GiB", "read", "rejected"],
+        "select end to end" if selector else "validate-data end to end",
+        ["rows", "layout", "code", "wall s", "rows/s", "cpu use", "driver peak GiB", "read", "rejected"]
+        + (["scored", "selected", "same selection"] if selector else []),
         [
             [r["rows"], r["layout"], r["code"], r["wall_s"], round(r["rows_per_s"]), f"{r['cpu_use']:.0%}"]
             + [r["driver_peak_rss_gib"], r["counts"]["rows_read"], r["counts"]["rows_rejected"]]
+            + (
+                [r["counts"]["rows_scored"], r["counts"]["rows_selected"], r["same_selection"]]
+                if selector
+                else []
+            )
             for r in runs
         ],
     )
@@ -81,6 +102,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--split-bytes", type=int, default=None, help="data.split_bytes (default: the key's)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer_name: also tokenise every row")
     parser.add_argument("--baseline", default=None, help="a git ref to measure beside today's code")
+    parser.add_argument("--sort-window", type=int, default=None, help="select's scoring.sort_window")
+    parser.add_argument("--one-file-only", action="store_true", help="skip the many-file layout")
+    parser.add_argument("--select", action="store_true", help="run select (tiny selector), fresh and resumed")
+    parser.add_argument(
+        "--select-max-length", type=int, default=128, help="select's dataset.max_sequence_length"
+    )
     parser.add_argument("--work-dir", default="/tmp/selectmoe_data_plane")
     parser.add_argument("--json", default=None)
     return parser.parse_args()
@@ -121,6 +148,40 @@ def write_corpus(n: int, files: int, data_dir: Path, folder: Path, args) -> dict
     return {"one file": one, f"{files} files": many}
 
 
+SELECT_RUNS = ("fresh", "resumed")
+
+
+def tiny_selector(folder: Path) -> Path:
+    from selectmoe.demo.tiny import build_tiny_olmoe
+
+    if not (folder / "config.json").exists():
+        build_tiny_olmoe(folder)
+    return folder
+
+
+def select_twice(data: Path, out: Path, selector: Path, args) -> list[tuple[str, dict]]:
+    """``select`` from scratch, then resumed with every other score file deleted."""
+    shutil.rmtree(out, ignore_errors=True)
+    command = [sys.executable, "-m", "selectmoe.cli", "select", f"selector_model.path={selector}"]
+    command += [f"dataset.data_path={data}", f"output_dir={out}", "selection_percentage=0.05"]
+    command += [f"dataset.max_sequence_length={args.select_max_length}"]
+    if args.sort_window is not None:
+        command.append(f"scoring.sort_window={args.sort_window}")
+    if args.split_bytes is not None:
+        command.append(f"data.split_bytes={args.split_bytes}")
+    fresh = measure(command, REPO, out, "select")
+    first = (out / "selected.jsonl").read_bytes()
+    deleted = sorted((out / "scores").glob("*.parquet"))[::2]
+    rescored = sum(pq.read_metadata(path).num_rows for path in deleted)
+    for path in deleted:
+        path.unlink()
+    resumed = measure(command, REPO, out, "select")
+    resumed.update(rows_rescored=rescored, score_files_deleted=len(deleted))
+    for run in (fresh, resumed):
+        run["same_selection"] = (out / "selected.jsonl").read_bytes() == first
+    return list(zip(SELECT_RUNS, (fresh, resumed), strict=True))
+
+
 def validate(code: Path, data: Path, out: Path, args) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     command = [sys.executable, "-m", "selectmoe.cli", "validate-data", f"dataset.data_path={data}"]
@@ -129,10 +190,16 @@ def validate(code: Path, data: Path, out: Path, args) -> dict:
         command.append(f"data.split_bytes={args.split_bytes}")
     if args.tokenizer:
         command.append(f"tokenizer_name={args.tokenizer}")
+    return measure(command, code, out, "validate-data")
+
+
+def measure(command: list[str], code: Path, out: Path, name: str) -> dict:
+    """Run ``command`` with ``code`` on the path: wall time, CPU use of its process tree, the driver's
+    peak RSS, the manifest's counts."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = str(code)
     started = time.time()
-    log = out.parent / "validate.log"
+    log = out.parent / f"{name}.log"
     with log.open("w") as fh:
         proc = subprocess.Popen(command, cwd=code, env=env, stdout=fh, stderr=subprocess.STDOUT)
     cpu: dict[int, float] = {}
@@ -150,9 +217,10 @@ def validate(code: Path, data: Path, out: Path, args) -> dict:
         time.sleep(0.5)
     wall = time.time() - started
     if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"validate-data failed on {data} ({code}):\n{log.read_text()[-3000:]}")
+        raise RuntimeError(f"{' '.join(command)} failed ({code}):\n{log.read_text()[-3000:]}")
     manifest = json.loads((out / "manifest.json").read_text())
-    counts = {k: manifest["counts"][k] for k in ("rows_read", "rows_accepted", "rows_rejected")}
+    kept = ("rows_read", "rows_accepted", "rows_rejected", "rows_scored", "rows_selected")
+    counts = {k: manifest["counts"][k] for k in kept if k in manifest["counts"]}
     counts["rejected_by_reason"] = manifest["counts"]["rejected_by_reason"]
     cpu_s = sum(cpu.values())
     return {
@@ -165,31 +233,38 @@ def validate(code: Path, data: Path, out: Path, args) -> dict:
     }
 
 
-def summarise(runs: list[dict], sizes: list[int], codes: list[str]) -> dict:
+def summarise(runs: list[dict], sizes: list[int], codes: list[str], compare: bool = True) -> dict:
     def find(n, layout_one, code):
         return next(
-            r
-            for r in runs
-            if r["rows"] == n and (r["layout"] == "one file") == layout_one and r["code"] == code
+            (
+                r
+                for r in runs
+                if r["rows"] == n and (r["layout"] == "one file") == layout_one and r["code"] == code
+            ),
+            None,
         )
 
     ratios = {}
     for code in codes:
         for n in sizes:
             one, many = find(n, True, code), find(n, False, code)
-            key = f"{code}, {n} rows"
-            ratios[f"{key}: rows/s one file / many files"] = one["rows_per_s"] / many["rows_per_s"]
+            if many is not None:
+                ratios[f"{code}, {n} rows: rows/s one file / many files"] = (
+                    one["rows_per_s"] / many["rows_per_s"]
+                )
         if len(sizes) > 1:
             small, large = find(sizes[0], True, code), find(sizes[-1], True, code)
             ratios[f"{code}: driver peak RSS {sizes[-1]} / {sizes[0]} rows (one file)"] = (
                 large["driver_peak_rss_gib"] / small["driver_peak_rss_gib"]
             )
-    if len(codes) > 1:
+    if compare and len(codes) > 1:
         for n, layout_one in itertools.product(sizes, (True, False)):
-            layout = "one file" if layout_one else "many files"
-            ratios[f"{n} rows, {layout}: rows/s now / {codes[1]}"] = (
-                find(n, layout_one, codes[0])["rows_per_s"] / find(n, layout_one, codes[1])["rows_per_s"]
-            )
+            now, before = find(n, layout_one, codes[0]), find(n, layout_one, codes[1])
+            if now is not None:
+                layout = "one file" if layout_one else "many files"
+                ratios[f"{n} rows, {layout}: rows/s now / {codes[1]}"] = (
+                    now["rows_per_s"] / before["rows_per_s"]
+                )
     lines = [f"ratio {name}: {value:.2f}" for name, value in ratios.items()]
     return {"values": ratios, "lines": lines}
 

@@ -86,6 +86,26 @@ class RowsRead:
     ledger: RowLedger  # counts(), rejects, token_length_stats()
     sources: list[Source]
     outside_subset: Callable[..., ray.data.Dataset]  # ``(ids=None, key_below=1.0)``: see ``_outside``
+    rows_not_done: Callable[..., RowsLeft]  # ``(done)``: see ``_rows_not_done``
+
+
+@dataclass
+class RowsLeft:
+    rows: ray.data.Dataset | None  # the rows in the subset not done before, source order; None: none
+    rows_done: int
+    pieces_skipped: int  # pieces all of whose rows were done: not read again
+    pieces: int
+
+
+@dataclass
+class _Plan:
+    """What the scan learnt about each piece: the lines its second read drops (rejects,
+    duplicates), its rows in the subset, and the line of its last row (-1: it has none)."""
+
+    pieces: list[Piece]
+    dropped: list[list[int]]
+    in_subset: np.ndarray
+    last_row_line: np.ndarray
 
 
 def _outside(pieces, data_cfg, dropped, seed: int, subset_ratio: float, *, ids=None, key_below: float = 1.0):
@@ -115,17 +135,90 @@ def read_rows(dataset_cfg, data_cfg, *, seed: int = 0, tokenizer_name: str | Non
     ensure_ray()
     ledger = RowLedger.from_config(dataset_cfg, data_cfg, seed)
     pieces = plan_pieces(sources, data_cfg.split_bytes)
-    dropped = _scan(pieces, ledger, data_cfg, dataset_cfg, seed, tokenizer_name)
+    plan = _scan(pieces, ledger, data_cfg, dataset_cfg, seed, tokenizer_name)
     rows = _per_piece(
         pieces,
         data_cfg,
         _accepted_rows,
-        dropped=dropped,
+        dropped=plan.dropped,
         seed=seed,
         subset_ratio=dataset_cfg.subset_ratio,
     )
-    outside = functools.partial(_outside, pieces, data_cfg, dropped, seed, dataset_cfg.subset_ratio)
-    return RowsRead(rows=rows, ledger=ledger, sources=sources, outside_subset=outside)
+    outside = functools.partial(_outside, pieces, data_cfg, plan.dropped, seed, dataset_cfg.subset_ratio)
+    not_done = functools.partial(_rows_not_done, plan, data_cfg, seed, dataset_cfg.subset_ratio)
+    return RowsRead(rows=rows, ledger=ledger, sources=sources, outside_subset=outside, rows_not_done=not_done)
+
+
+def _rows_not_done(
+    plan: _Plan, data_cfg, seed: int, subset_ratio: float, done: Callable[[], Iterator[pa.Table]]
+) -> RowsLeft:
+    """The rows in the subset that are not among ``done`` (a callable streaming tables with ``source``
+    and ``line``: the rows a resumed stage finished before), without holding the done rows: a pass over
+    them counts each piece's done rows; pieces whose rows are all done are not read again, and a second
+    pass (only when some piece is done in part) collects the lines of those pieces, which their read
+    tasks then drop. Driver memory: O(pieces), plus the lines of the pieces done in part (those in
+    flight when the earlier run stopped)."""
+    owners = _line_owners(plan)
+    done_per_piece = np.zeros(len(plan.pieces), dtype=np.int64)
+    for table in done():
+        for index, _ in _owned_lines(table, owners):
+            done_per_piece += np.bincount(index, minlength=len(plan.pieces))
+    over = np.flatnonzero(done_per_piece > plan.in_subset)
+    if len(over):
+        piece = plan.pieces[over[0]]
+        raise DataError(
+            f"{piece.source.uri}: {done_per_piece[over[0]]} rows done before in bytes/row groups "
+            f"[{piece.start}, {piece.end}), which hold {plan.in_subset[over[0]]} rows of the subset: the "
+            "rows done before were written more than once, or for other inputs"
+        )
+    partly = set(np.flatnonzero((done_per_piece > 0) & (done_per_piece < plan.in_subset)).tolist())
+    done_lines: dict[int, list[int]] = {index: [] for index in partly}
+    if partly:
+        for table in done():
+            for index, lines in _owned_lines(table, owners):
+                for piece in partly.intersection(np.unique(index).tolist()):
+                    done_lines[piece].extend(lines[index == piece].tolist())
+    left = [index for index in range(len(plan.pieces)) if done_per_piece[index] < plan.in_subset[index]]
+    rows = None
+    if left:
+        rows = _per_piece(
+            [plan.pieces[index] for index in left],
+            data_cfg,
+            _accepted_rows,
+            dropped=[sorted(plan.dropped[index] + done_lines.get(index, [])) for index in left],
+            seed=seed,
+            subset_ratio=subset_ratio,
+        )
+    skipped = int(np.count_nonzero(plan.in_subset > 0)) - len(left)
+    return RowsLeft(rows, int(done_per_piece.sum()), skipped, len(plan.pieces))
+
+
+def _line_owners(plan: _Plan) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per source: the last row lines of its pieces with rows (ascending) and those pieces' indices;
+    a row's piece is the first whose last row line is at or after the row's line."""
+    owners: dict[str, tuple[list, list]] = {}
+    for index, (piece, last) in enumerate(zip(plan.pieces, plan.last_row_line, strict=True)):
+        if last >= 0:
+            lasts, indices = owners.setdefault(piece.source.uri, ([], []))
+            lasts.append(last)
+            indices.append(index)
+    return {uri: (np.asarray(lasts), np.asarray(indices)) for uri, (lasts, indices) in owners.items()}
+
+
+def _owned_lines(table: pa.Table, owners: dict) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Per source in ``table``: (the piece index of each of its rows, their lines)."""
+    sources = pc.dictionary_encode(table["source"]).combine_chunks()
+    codes = sources.indices.to_numpy(zero_copy_only=False)
+    lines = table["line"].to_numpy()
+    for code, uri in enumerate(sources.dictionary.to_pylist()):
+        mine = lines[codes == code]
+        lasts, indices = owners.get(uri, (np.zeros(0, np.int64), np.zeros(0, np.int64)))
+        position = np.searchsorted(lasts, mine, side="left")
+        if (position >= len(lasts)).any():
+            raise DataError(
+                f"{uri}: rows done before are at lines past its last row (done for other inputs?)"
+            )
+        yield indices[position], mine
 
 
 def plan_pieces(sources: list[Source], split_bytes: int) -> list[Piece]:
@@ -175,9 +268,10 @@ def _piece_of(batch: pa.Table) -> Piece:
     )
 
 
-def _scan(pieces: list[Piece], ledger: RowLedger, data_cfg, dataset_cfg, seed: int, tokenizer_name) -> list:
-    """Pass 1 into ``ledger``; returns the lines each piece's second read must drop (its rejects, some
-    of which a read without the tokenizer would not see, and its duplicates), one sorted list a piece."""
+def _scan(pieces: list[Piece], ledger: RowLedger, data_cfg, dataset_cfg, seed: int, tokenizer_name) -> _Plan:
+    """Pass 1 into ``ledger``; returns, per piece, the lines its second read must drop (its rejects, some
+    of which a read without the tokenizer would not see, and its duplicates), its rows in the subset and
+    the line of its last row."""
     buckets = max(1, 2 * int(ray.cluster_resources().get("CPU", 1)))
     scan = ray.remote(_scan_piece).options(num_returns=2 + buckets, **_READ_TASK)
     kwargs = {
@@ -198,24 +292,29 @@ def _scan(pieces: list[Piece], ledger: RowLedger, data_cfg, dataset_cfg, seed: i
     duplicates = [find.remote(*[out[2 + bucket] for out in outputs]) for bucket in range(buckets)]
 
     reject_lines = []  # per piece: the lines of its scan rejects (their records stay in the object store)
+    in_subset = np.zeros(len(pieces), dtype=np.int64)
+    last_row_line = np.full(len(pieces), -1, dtype=np.int64)
     for index, out in enumerate(outputs):
-        counts, (lines, by_reason) = ray.get(out[0])
+        counts, (lines, by_reason, last_row_line[index]) = ray.get(out[0])
         ledger.add_counts(*counts)
         ledger.count_rejects(by_reason, pieces[index].source.uri)
         reject_lines.append(lines)
+        in_subset[index] = sum(counts[1].values())
     losers = pa.concat_tables(ray.get(duplicates)).sort_by([("piece", "ascending"), ("line", "ascending")])
     duplicates_by_piece: dict[int, list[dict]] = {}
     for row in losers.to_pylist():
         ledger.take_back(row, pieces[row["piece"]].source.uri)
         duplicates_by_piece.setdefault(row["piece"], []).append(row)
+        in_subset[row["piece"]] -= int(row["sampled"])
     records = functools.partial(_rejects_in_order, pieces, [out[1] for out in outputs], duplicates_by_piece)
     ledger.stream_rejects_from(records)
     if ledger.on_bad_row == "error" and ledger.counts()["rows_rejected"]:
         ledger.reject(next(iter(records())))  # raises, naming the first bad row's file and line
-    return [
+    dropped = [
         sorted(lines + [row["line"] for row in duplicates_by_piece.get(index, [])])
         for index, lines in enumerate(reject_lines)
     ]
+    return _Plan(pieces, dropped, in_subset, last_row_line)
 
 
 def _rejects_in_order(pieces: list[Piece], scan_rejects: list, duplicates_by_piece: dict[int, list[dict]]):
@@ -261,8 +360,8 @@ def _scan_piece(
     subset_ratio: float,
     buckets: int,
 ) -> tuple:
-    """One piece of pass 1: ((counts, (reject lines, rejects by reason)), the reject records, then the
-    accepted rows' ids in ``buckets`` tables)."""
+    """One piece of pass 1: ((counts, (reject lines, rejects by reason, last row line)), the reject
+    records, then the accepted rows' ids in ``buckets`` tables)."""
     tokenizer = load_tokenizer(tokenizer_name) if tokenizer_name else None
     accepted, sampled, lengths, truncated = Counter(), Counter(), Counter(), 0
     rejects, rows = [], {name: [] for name in _ID_SCHEMA.names}
@@ -285,7 +384,8 @@ def _scan_piece(
     table = pa.table(rows, schema=_ID_SCHEMA)
     bucket = pd.util.hash_array(np.array(rows["id"], dtype=object)) % buckets
     parts = [table.filter(pa.array(bucket == b)) for b in range(buckets)]
-    summary = ([reject["line"] for reject in rejects], Counter(map(reason_code, rejects)))
+    last_row_line = rows["line"][-1] if rows["line"] else -1
+    summary = ([reject["line"] for reject in rejects], Counter(map(reason_code, rejects)), last_row_line)
     return ((accepted, sampled, lengths, truncated), summary), rejects, *parts
 
 
@@ -429,13 +529,6 @@ def _int32_lists(arrays: list[np.ndarray]) -> pa.ListArray:
     np.cumsum([len(array) for array in arrays], out=offsets[1:])
     values = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int32)
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=pa.int32()))
-
-
-def rows_without_ids(batch: pa.Table, *, ids) -> pa.Table:
-    """Drop the rows whose id is in ``ids``, an Arrow array or an object ref of one, which every task
-    of a node then reads from one shared copy (a ``map_batches`` function)."""
-    ids = ray.get(ids) if isinstance(ids, ray.ObjectRef) else ids
-    return batch.filter(pc.invert(pc.is_in(batch["id"], value_set=ids)))
 
 
 def task_as_dataset(batch: pa.Table) -> pa.Table:

@@ -316,3 +316,21 @@ def test_data_plane_scale_small(tmp_path):
     assert one["counts"] == many["counts"]
     assert one["counts"]["rejected_by_reason"] == {"bad_json": 3, "duplicate_id": 1}
     assert one["counts"]["rows_read"] == 2500 and one["driver_peak_rss_gib"] > 0
+
+
+def test_data_plane_scale_select_resumes_to_the_same_selection(tmp_path):
+    """``--select``: stage 2 from scratch on one file read in several pieces, then resumed with every
+    other score file deleted: the rerun rescores those rows only and writes the same selection."""
+    stdout, report = run_benchmark(
+        "data_plane_scale.py",
+        tmp_path,
+        *("--select", "--one-file-only", "--rows", "600", "--split-bytes", "100000", "--sort-window", "64"),
+        *("--duplicate-every", "250", "--bad-every", "400", "--work-dir", str(tmp_path / "work")),
+    )
+    assert "select end to end" in stdout
+    fresh, resumed = report["runs"]
+    assert (fresh["code"], resumed["code"]) == ("fresh", "resumed")
+    assert fresh["counts"] == resumed["counts"] and fresh["counts"]["rows_selected"] > 0
+    assert fresh["counts"]["rows_scored"] == fresh["counts"]["rows_accepted"]
+    assert 0 < resumed["rows_rescored"] < fresh["counts"]["rows_scored"]
+    assert resumed["same_selection"]

@@ -15,6 +15,7 @@ from test_data_rejects import bad_folder  # noqa: F401 (fixture)
 
 from selectmoe.config import DataConfig, DatasetConfig
 from selectmoe.data import RowLedger, encode_batch, iter_rows, load_tokenizer
+from selectmoe.data.rejects import DataError
 from selectmoe.data.subset import random_key
 from selectmoe.ray_data import ROW_SCHEMA, plan_pieces, read_rows, tokenize_rows
 
@@ -87,6 +88,33 @@ def test_files_read_in_pieces_give_the_same_rows_rejects_and_counts(
         and ledger.counts()["rejected_by_reason"]["duplicate_id"] >= 6
     )
     assert split.ledger.token_length_stats() == ledger.token_length_stats()
+
+
+def test_a_resumed_read_skips_pieces_done_and_drops_the_lines_done(ray_session, mixed_inputs, tmp_path):
+    """What a resumed stage 2 reads (``rows_not_done``): every row of the subset not done before (found
+    by source and line, in any order), pieces all done not read again; rows done at lines these inputs
+    have no row at are an error."""
+    cot = COT.read_text().splitlines()
+    (tmp_path / "a.jsonl").write_text("\n".join(cot[:60]) + "\n")
+    (tmp_path / "b.jsonl").write_text("\n".join(cot[55:70] + cot[3:4]) + "\n")  # 6 duplicates
+    cfg = DatasetConfig(data_path=[*mixed_inputs, str(tmp_path)], subset_ratio=0.8)
+    read = read_rows(cfg, DataConfig(split_bytes=700), seed=0)
+    rows = read.rows.take_all()
+    done = rows[len(rows) // 2 :: 3] + rows[: len(rows) // 2]  # the first half, and every third after it
+
+    def where(rows: list[dict]) -> pa.Table:
+        return pa.Table.from_pylist([{"source": r["source"], "line": r["line"]} for r in rows])
+
+    left = read.rows_not_done(lambda: iter([where(done[:7]), where(done[7:])]))
+    done_at = {(r["source"], r["line"]) for r in done}
+    assert left.rows.take_all() == [r for r in rows if (r["source"], r["line"]) not in done_at]
+    assert left.rows_done == len(done)
+    assert 0 < left.pieces_skipped < left.pieces
+
+    every = read.rows_not_done(lambda: iter([where(rows)]))
+    assert every.rows is None and every.rows_done == len(rows)
+    with pytest.raises(DataError, match="past its last row"):
+        read.rows_not_done(lambda: iter([pa.table({"source": [rows[-1]["source"]], "line": [10**6]})]))
 
 
 def test_ray_subset_equals_the_iterator_subset(ray_session, mixed_inputs):

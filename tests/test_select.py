@@ -344,6 +344,9 @@ def test_counts_add_up_and_outputs_are_complete(one_actor, sources):
     assert {"layer_scores", "n_tokens", "n_scored_tokens", "dataset"} <= set(table.column_names)
     # a record is its row's fields, then score and rank: one JSON line each, non-ASCII kept as is
     rows = {r["id"]: r for r in iter_rows(DatasetConfig(data_path=[str(sources)]), RowLedger())}
+    # each score row says where its row was read (what a resumed run finds the rows scored before by)
+    where = zip(*(table[c].to_pylist() for c in ("id", "source", "line")), strict=True)
+    assert {i: (s, n) for i, s, n in where} == {i: (rows[i]["source"], rows[i]["line"]) for i in all_scores}
     for line, record in zip((one_actor / "selected.jsonl").read_text().splitlines(), selected):
         row = rows[record["id"]]
         fields = {k: row[k] for k in ("dataset", "id", "messages")} | json.loads(row["extra"])
@@ -739,7 +742,11 @@ def test_calibrated_ranks_rows_by_a_combiner_fitted_on_the_trusted_rows(tiny_olm
     stored = pq.read_table(out / "scores").to_pydict()
     score = combiner_score(
         combiner,
-        {k: np.asarray(v, dtype=np.float64) for k, v in stored.items() if k != "id" and k != "dataset"},
+        {
+            k: np.asarray(v, dtype=np.float64)
+            for k, v in stored.items()
+            if k not in ("id", "dataset", "source")
+        },
     )
     expected = sorted(zip(-score, stored["id"]))[: manifest["counts"]["rows_selected"]]
     selected = [json.loads(line) for line in (out / "selected.jsonl").read_text().splitlines()]

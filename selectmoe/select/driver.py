@@ -7,9 +7,11 @@ files (driver memory O(k)), and a second pass over the rows, in Ray tasks, rende
 originals with ``score`` and ``rank``; sorted by rank they stream into ``selected.jsonl`` and
 ``selected.parquet`` (``output``).
 
-Resume: score files already in ``scores/`` (same scoring config) are kept and their rows skipped;
-a partly written file is removed and its rows scored again. Rows are scored independently of their
-batch, so a resumed run gives the same outputs as an uninterrupted one.
+Resume: score files already in ``scores/`` (same scoring config) are kept and their rows, found by
+``source`` and ``line``, skipped without the driver holding them (``RowsRead.rows_not_done``: pieces
+of the input all scored are not read again); a partly written file is removed and its rows scored
+again. Rows are scored independently of their batch, so a resumed run gives the same outputs as an
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import ray
 
 from selectmoe.config import ConfigError, DatasetConfig, ScoringSection, SelectConfig, to_dict
 from selectmoe.console import phase, say
@@ -53,7 +54,7 @@ from selectmoe.layout import (
 )
 from selectmoe.manifest import fingerprint, hash_dict, write_manifest
 from selectmoe.models.loading import require_model
-from selectmoe.ray_data import read_rows, rows_without_ids, task_as_dataset, tokenize_rows
+from selectmoe.ray_data import read_rows, task_as_dataset, tokenize_rows
 from selectmoe.scaling import RESERVED_CPUS, cpu_threads, free_resources, use_gpu
 from selectmoe.select.calibrate import (
     FEATURE_COLUMNS,
@@ -112,9 +113,9 @@ def select(cfg: SelectConfig) -> Path:
     passes = ScorePasses.for_scoring(cfg.scoring)
     timings = {}
 
-    # ---- read + tokenise
+    # ---- read
     with phase("stage 2 select: reading and checking rows"):
-        read, tokens = _read_and_tokenise(cfg, cfg.dataset, tokenizer_name, out / REJECTS, passes)
+        read = _read(cfg, cfg.dataset, tokenizer_name, out / REJECTS)
 
     targets = (
         _target_embeddings(cfg, model_path, tokenizer_name, out)
@@ -123,21 +124,24 @@ def select(cfg: SelectConfig) -> Path:
     )
     trusted = _trusted_features(cfg, model_path, tokenizer_name, out) if cfg.selection.trusted else None
 
-    # ---- score (resumable)
+    # ---- score (resumable; the key holds the inputs' fingerprints, so stored rows are rows of this sample)
     scores_dir = out / SCORES_DIR
-    done_ids = _reusable_scores(scores_dir, _scoring_key(cfg, model_path, read.sources))
-    if len(done_ids):
-        logger.info("resuming: %d rows already scored in %s", len(done_ids), scores_dir)
-        tokens = tokens.map_batches(
-            rows_without_ids, batch_format="pyarrow", fn_kwargs={"ids": ray.put(done_ids)}
+    stored = _reusable_scores(scores_dir, _scoring_key(cfg, model_path, read.sources))
+    left = read.rows_not_done(lambda: _stream(stored, ["source", "line"]))
+    if left.rows_done:
+        logger.info(
+            "resuming: %d rows already scored in %s; %d of %d pieces of the input not read again",
+            left.rows_done,
+            scores_dir,
+            left.pieces_skipped,
+            left.pieces,
         )
-    # the key holds the inputs' fingerprints, so the stored ids are ids of this very sample
-    all_scored = len(done_ids) == read.ledger.counts()["rows_sampled"]
     pool, threads = _pool_args(cfg)
     t0 = time.time()
-    if all_scored:  # e.g. a rerun with another selection method: no model is loaded
-        say(f"stage 2 select: all {len(done_ids)} rows were scored before; scoring skipped")
+    if left.rows is None:  # e.g. a rerun with another selection method: no model is loaded
+        say(f"stage 2 select: all {left.rows_done} rows were scored before; scoring skipped")
     else:
+        tokens = _tokenise(left.rows, tokenizer_name, cfg.dataset, passes)
         _score(cfg, tokens, pool, threads, model_path, tokenizer_name, out, scores_dir)
     timings["scoring_s"] = round(time.time() - t0, 2)
 
@@ -272,27 +276,29 @@ def _scoring_key(cfg: SelectConfig, model_path: str, sources) -> dict:
         "selector_model": to_dict(cfg.selector_model),
         "seed": cfg.seed,
         "inputs": hash_dict({source.uri: fingerprint(source.uri) for source in sources}),
+        "resumed_by": ["source", "line"],  # score files before this held no source and line
     }
 
 
-def _reusable_scores(scores_dir: Path, key: dict) -> pa.Array:
-    """Ids of rows already scored under ``key`` (an Arrow array: compact, and shared with the tasks
-    through the object store); clears the folder when the key differs."""
+def _reusable_scores(scores_dir: Path, key: dict) -> list[Path]:
+    """The score files already written under ``key``; clears the folder when the key differs and
+    removes files an interrupted write left unreadable (their rows are scored again)."""
     key_file = scores_dir / SCORING_KEY
     if scores_dir.exists() and (not key_file.exists() or json.loads(key_file.read_text()) != key):
         shutil.rmtree(scores_dir)
     scores_dir.mkdir(parents=True, exist_ok=True)
     key_file.write_text(json.dumps(key, sort_keys=True))
-    done = [pa.array([], pa.string())]
+    readable = []
     for path in score_files(scores_dir):
         try:
-            done += [ids.cast(pa.string()) for ids in pq.read_table(path, columns=["id"])["id"].chunks]
+            pq.read_metadata(path)
+            readable.append(path)
         except (pa.ArrowInvalid, OSError):
             logger.warning(
                 "removing unreadable score file %s (an interrupted write); its rows are rescored", path
             )
             path.unlink()
-    return pa.concat_arrays(done)
+    return readable
 
 
 def _stream(files: list[Path], columns: list[str]):
@@ -629,7 +635,8 @@ def _trusted_features(cfg: SelectConfig, model_path: str, tokenizer_name: str, o
         scoring = ScoringSection(tokens=cfg.scoring.tokens, tokens_per_batch=cfg.scoring.tokens_per_batch)
     passes = ScorePasses.for_scoring(scoring)
     with phase("stage 2 select: scoring the trusted rows"):
-        _, tokens = _read_and_tokenise(cfg, source, tokenizer_name, out / TRUSTED_REJECTS, passes)
+        read = _read(cfg, source, tokenizer_name, out / TRUSTED_REJECTS)
+        tokens = _tokenise(read.rows, tokenizer_name, source, passes)
         rows = _one_actor_pass(cfg, model_path, tokenizer_name, out, tokens, scoring).take_all()
     if len(rows) < 2:
         raise ConfigError(
@@ -640,14 +647,18 @@ def _trusted_features(cfg: SelectConfig, model_path: str, tokenizer_name: str, o
     return {c: np.asarray([np.asarray(r[c], dtype=np.float64) for r in rows]) for c in present}
 
 
-def _read_and_tokenise(cfg: SelectConfig, source: DatasetConfig, tokenizer_name: str, rejects: Path, passes):
-    """(``read_rows``' result, its rows tokenised for ``passes``); its rejects written to ``rejects``."""
+def _read(cfg: SelectConfig, source: DatasetConfig, tokenizer_name: str, rejects: Path):
+    """``read_rows``' result for ``source``; its rejects written to ``rejects``."""
     read = read_rows(source, cfg.data, seed=cfg.seed, tokenizer_name=tokenizer_name)
     read.ledger.write_rejects(rejects)
-    tokens = tokenize_rows(
-        read.rows, tokenizer_name, source.max_sequence_length, "assistant", replies_alone=passes.reply_only
+    return read
+
+
+def _tokenise(rows, tokenizer_name: str, source: DatasetConfig, passes):
+    """``rows`` tokenised for ``passes`` (the replies alone too, for prompt gain)."""
+    return tokenize_rows(
+        rows, tokenizer_name, source.max_sequence_length, "assistant", replies_alone=passes.reply_only
     )
-    return read, tokens
 
 
 def _corpus_sample(

@@ -22,6 +22,7 @@ OPTIONAL_COLUMNS = (
     "routing", "embedding", "nll", "nll_without_prompt", "nll_gates_shut", "gate_slope", "gate_curvature",
     "driving_force",
 )  # fmt: skip
+WHERE_READ = ("source", "line")  # passed through: a resumed run finds the rows scored before by them
 TOKEN_FIELDS = ("input_ids", "labels", "reply_input_ids", "reply_labels")  # what score_batch reads
 DEFAULT_TOKENS_PER_BATCH = {"cuda": 16384, "cpu": 4096}  # scoring.tokens_per_batch=0
 
@@ -71,6 +72,9 @@ class GateScorer:
         for name in OPTIONAL_COLUMNS:
             if name in columns:
                 result[name] = list(columns[name]) if columns[name].ndim > 1 else columns[name]
+        for name in WHERE_READ:
+            if name in batch:
+                result[name] = batch[name]
         return result
 
     def _columns(self, batch: dict[str, np.ndarray], lengths: np.ndarray, passes) -> dict[str, np.ndarray]:
