@@ -18,7 +18,9 @@ alone) unless --tokenizer is given.
 
 Per run: rows/s end to end (wall time of the command, Ray start-up included), the CPU seconds of the
 command's process tree (sampled every 0.5 s) over wall x cores, the driver's peak RSS from the OS
-(``wait4`` rusage of the driver process alone, not its Ray workers) and the manifest's counts.
+(``wait4`` rusage of the driver process alone, not its Ray workers), the driver's peak private memory
+(``RssAnon``, sampled every 0.5 s: the RSS counts the object-store pages the driver maps when it reads
+an object, which are the store's memory, not the driver's) and the manifest's counts.
 ``--baseline REF`` runs the same command from a git worktree of REF (``PYTHONPATH``) for "today's" figure.
 """
 
@@ -66,17 +68,20 @@ def main() -> None:
                 runs.append(run)
                 print(
                     f"{n:>9,} rows  {layout:<9} {run['code']:<20} {run['rows_per_s']:>9,.0f} rows/s  "
-                    f"cpu {run['cpu_use']:.0%}  driver peak {run['driver_peak_rss_gib']:.2f} GiB",
+                    f"cpu {run['cpu_use']:.0%}  driver peak {run['driver_peak_rss_gib']:.2f} GiB "
+                    f"(private {run['driver_peak_private_gib']:.2f})",
                     flush=True,
                 )
     ratios = summarise(runs, args.rows, list(SELECT_RUNS) if selector else list(codes), compare=not selector)
     print_table(
         "select end to end" if selector else "validate-data end to end",
-        ["rows", "layout", "code", "wall s", "rows/s", "cpu use", "driver peak GiB", "read", "rejected"]
+        ["rows", "layout", "code", "wall s", "rows/s", "cpu use", "driver peak GiB", "private GiB", "read"]
+        + ["rejected"]
         + (["scored", "selected", "same selection"] if selector else []),
         [
             [r["rows"], r["layout"], r["code"], r["wall_s"], round(r["rows_per_s"]), f"{r['cpu_use']:.0%}"]
-            + [r["driver_peak_rss_gib"], r["counts"]["rows_read"], r["counts"]["rows_rejected"]]
+            + [r["driver_peak_rss_gib"], r["driver_peak_private_gib"]]
+            + [r["counts"]["rows_read"], r["counts"]["rows_rejected"]]
             + (
                 [r["counts"]["rows_scored"], r["counts"]["rows_selected"], r["same_selection"]]
                 if selector
@@ -195,7 +200,7 @@ def validate(code: Path, data: Path, out: Path, args) -> dict:
 
 def measure(command: list[str], code: Path, out: Path, name: str) -> dict:
     """Run ``command`` with ``code`` on the path: wall time, CPU use of its process tree, the driver's
-    peak RSS, the manifest's counts."""
+    peak RSS and private memory, the manifest's counts."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = str(code)
     started = time.time()
@@ -203,12 +208,14 @@ def measure(command: list[str], code: Path, out: Path, name: str) -> dict:
     with log.open("w") as fh:
         proc = subprocess.Popen(command, cwd=code, env=env, stdout=fh, stderr=subprocess.STDOUT)
     cpu: dict[int, float] = {}
+    private = 0  # the driver's own memory (RssAnon), sampled
     root = psutil.Process(proc.pid)
     while True:
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
         if pid:
             break
         try:
+            private = max(private, rss_anon(proc.pid))
             for p in [root, *root.children(recursive=True)]:
                 times = p.cpu_times()
                 cpu[p.pid] = times.user + times.system
@@ -229,8 +236,23 @@ def measure(command: list[str], code: Path, out: Path, name: str) -> dict:
         "cpu_s": round(cpu_s, 1),
         "cpu_use": cpu_s / (wall * os.cpu_count()),
         "driver_peak_rss_gib": round(usage.ru_maxrss * 1024 / 1024**3, 3),  # ru_maxrss is in KiB on Linux
+        "driver_peak_private_gib": round(private / 1024**3, 3),
         "counts": counts,
     }
+
+
+def rss_anon(pid: int) -> int:
+    """Bytes of the process's private resident memory (``RssAnon``): its RSS without the shared pages
+    it maps, such as Ray's object store (reading a reject record from it maps its pages into the
+    driver, and the OS counts them in the driver's RSS); 0 once the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def summarise(runs: list[dict], sizes: list[int], codes: list[str], compare: bool = True) -> dict:
@@ -256,6 +278,9 @@ def summarise(runs: list[dict], sizes: list[int], codes: list[str], compare: boo
             small, large = find(sizes[0], True, code), find(sizes[-1], True, code)
             ratios[f"{code}: driver peak RSS {sizes[-1]} / {sizes[0]} rows (one file)"] = (
                 large["driver_peak_rss_gib"] / small["driver_peak_rss_gib"]
+            )
+            ratios[f"{code}: driver peak private memory {sizes[-1]} / {sizes[0]} rows (one file)"] = (
+                large["driver_peak_private_gib"] / small["driver_peak_private_gib"]
             )
     if compare and len(codes) > 1:
         for n, layout_one in itertools.product(sizes, (True, False)):

@@ -334,3 +334,4 @@ def test_data_plane_scale_select_resumes_to_the_same_selection(tmp_path):
     assert fresh["counts"]["rows_scored"] == fresh["counts"]["rows_accepted"]
     assert 0 < resumed["rows_rescored"] < fresh["counts"]["rows_scored"]
     assert resumed["same_selection"]
+    assert 0 < fresh["driver_peak_private_gib"] <= fresh["driver_peak_rss_gib"]

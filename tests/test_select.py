@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from selectmoe.config import ConfigError, DatasetConfig, ScoringSection, parse_config
 from selectmoe.data import RowLedger, iter_rows
 from selectmoe.data.collate import collate
+from selectmoe.data.rejects import DataError
 from selectmoe.data.template import (
     encode_messages,
     encode_replies_alone,
@@ -456,6 +457,16 @@ def test_a_rerun_with_another_method_loads_no_model_and_an_edited_input_is_resco
     after = scores_by_id(run_select(tiny_olmoe, tmp_path / "select_edit", corpus))
     assert "scoring skipped" not in capfd.readouterr().err
     assert set(after) == set(before) and after[rows[0]["id"]] != before[rows[0]["id"]]
+
+
+@pytest.mark.timeout(300)
+def test_no_row_to_score_is_an_error_that_names_the_rejects(ray_session, tiny_olmoe, tmp_path, sources):
+    """Rows too long for any reply token to survive truncation: not an empty selection but an error
+    that says why and where the rejects are."""
+    out = tmp_path / "too_short"
+    with pytest.raises(DataError, match=r"no row to score: \d+ read, \d+ rejected \(no_assistant_tokens"):
+        run_select(tiny_olmoe, out, sources, **{"dataset.max_sequence_length": 8})
+    assert not (out / "selected.jsonl").exists() and (out / "rejects.jsonl").read_text()
 
 
 @pytest.mark.slow

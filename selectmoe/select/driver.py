@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from selectmoe.config import ConfigError, DatasetConfig, ScoringSection, SelectConfig, to_dict
 from selectmoe.console import phase, say
+from selectmoe.data.rejects import DataError
 from selectmoe.data.subset import random_key
 from selectmoe.evaluate.tasks import less_shot_rows
 from selectmoe.figures import plot_score_histograms
@@ -116,6 +117,7 @@ def select(cfg: SelectConfig) -> Path:
     # ---- read
     with phase("stage 2 select: reading and checking rows"):
         read = _read(cfg, cfg.dataset, tokenizer_name, out / REJECTS)
+        _require_rows(read.ledger.counts(), out / REJECTS)
 
     targets = (
         _target_embeddings(cfg, model_path, tokenizer_name, out)
@@ -652,6 +654,19 @@ def _read(cfg: SelectConfig, source: DatasetConfig, tokenizer_name: str, rejects
     read = read_rows(source, cfg.data, seed=cfg.seed, tokenizer_name=tokenizer_name)
     read.ledger.write_rejects(rejects)
     return read
+
+
+def _require_rows(counts: dict, rejects: Path) -> None:
+    """No row to score is a mistake (every row rejected, or none in the sample), not an empty selection."""
+    if counts["rows_sampled"]:
+        return
+    reasons = ", ".join(f"{reason} {n}" for reason, n in counts["rejected_by_reason"].items())
+    accepted = counts["rows_accepted"]
+    raise DataError(
+        f"no row to score: {counts['rows_read']} read, {counts['rows_rejected']} rejected"
+        + (f" ({reasons}; see {rejects})" if reasons else "")
+        + (f"; the {accepted} accepted are all outside dataset.subset_ratio's sample" if accepted else "")
+    )
 
 
 def _tokenise(rows, tokenizer_name: str, source: DatasetConfig, passes):
