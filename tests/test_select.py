@@ -427,7 +427,9 @@ def test_resume_after_a_crash_reuses_scores_and_gives_identical_output(
     rerun = run_select(tiny_olmoe, out, sources, **{"scoring.num_actors": 1})
     assert (rerun / "selected.jsonl").read_bytes() == (one_actor / "selected.jsonl").read_bytes()
     assert scores_by_id(rerun) == scores_by_id(one_actor)  # nothing lost, nothing duplicated
-    assert kept > 0
+    manifest = json.loads((rerun / "manifest.json").read_text())
+    reused = sum(pq.read_metadata(f).num_rows for f in files[1:])
+    assert kept > 0 and manifest["counts"]["rows_scored_before"] == reused > 0
 
 
 @pytest.mark.slow

@@ -130,13 +130,10 @@ def select(cfg: SelectConfig) -> Path:
     scores_dir = out / SCORES_DIR
     stored = _reusable_scores(scores_dir, _scoring_key(cfg, model_path, read.sources))
     left = read.rows_not_done(lambda: _stream(stored, ["source", "line"]))
-    if left.rows_done:
-        logger.info(
-            "resuming: %d rows already scored in %s; %d of %d pieces of the input not read again",
-            left.rows_done,
-            scores_dir,
-            left.pieces_skipped,
-            left.pieces,
+    if left.rows_done and left.rows is not None:
+        say(
+            f"stage 2 select: resuming: {left.rows_done} rows were scored before (in {scores_dir}); "
+            f"{left.pieces_skipped} of {left.pieces} pieces of the input are not read again"
         )
     pool, threads = _pool_args(cfg)
     t0 = time.time()
@@ -175,6 +172,7 @@ def select(cfg: SelectConfig) -> Path:
     counts = read.ledger.counts()
     counts.update(
         rows_scored=rows_scored,
+        rows_scored_before=left.rows_done,
         rows_excluded_training=rows_scored - candidates,
         rows_selected=selected.num_rows,
         selected_by_dataset=dict(Counter(selected["dataset"].to_pylist())) if selected.num_rows else {},
