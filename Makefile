@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint format clean job-local
+.PHONY: install demo test test-benchmarks lint format clean job-local
 
 install: $(STAMP)
 
@@ -25,7 +25,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/pytest -q -ra --durations=15
+	$(VENV)/bin/pytest -q -ra --durations=15 -m "not benchmark"
+
+# The benchmark scripts at small sizes (tests/test_benchmarks.py, ~16 min): not in CI's budget; run
+# them when a change touches a benchmark or what one calls.
+test-benchmarks: $(STAMP)
+	$(VENV)/bin/pytest -q -ra --durations=15 -m benchmark
 
 # Try `ray job submit` locally: a head started from the project's environment (so the job's
 # `python` is .venv's), token auth on, one ray_jobs entry, then the head stopped. `ray stop` stops

@@ -1,7 +1,8 @@
 """The benchmark scripts run end to end at small sizes and print their ratio lines (so they cannot rot).
 
 They measure nothing here: the sizes are too small and CI machines too noisy; only exit status, the ratio
-lines and the JSON keys are checked.
+lines and the JSON keys are checked. ``make test`` (CI) leaves them out: together they took ~16 of CI's
+~41 minutes. ``make test-benchmarks`` runs them; run it when a change touches a benchmark or what one calls.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.slow, pytest.mark.benchmark, pytest.mark.timeout(300)]
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 

@@ -80,7 +80,7 @@ def test_no_reference_row_is_held_out_when_stage_1_trains_on_every_corpus_row(ti
     """With nothing left untrained to rank them against, held-out reference rows would only be lost."""
     ledger = RowLedger()
     ledger.add_counts(Counter(a=10), Counter(a=10), Counter(), 0)  # every accepted row in the subset
-    read = RowsRead(rows=None, ledger=ledger, sources=[], outside_subset=None)
+    read = RowsRead(rows=None, ledger=ledger, sources=[], outside_subset=None, rows_not_done=None)
     cfg = reference_config(tiny_olmoe, tmp_path, tmp_path / "ref.jsonl", tmp_path / "out")
     assert cfg.training.reference_holdout == 0.2 and _reference_holdout(cfg, read) == 0.0
     ledger.add_counts(Counter(a=5), Counter(), Counter(), 0)  # five rows stage 1 does not train on
