@@ -77,6 +77,7 @@ RESULTS_TABLE = "results.md"
 
 # ---- sweep
 TUNE_DIR = "tune"  # Ray Tune's storage
+ASHA_RUNGS = "asha_rungs.json"  # in TUNE_DIR: ASHA's rung records, which Tune does not save
 TRIALS_DIR = "trials"  # one pipeline run folder per trial
 TRIAL_OVERRIDES = "overrides.json"  # a trial's sampled values
 TRIALS_FILE = "sweep_trials.json"  # the trials with a metric, best first (machine-readable report)

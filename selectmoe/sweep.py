@@ -22,6 +22,7 @@ import math
 from pathlib import Path
 
 import yaml
+from ray.tune.schedulers import ASHAScheduler
 
 from selectmoe.config import (
     ConfigError,
@@ -35,7 +36,15 @@ from selectmoe.config import (
     to_dict,
 )
 from selectmoe.evaluate.results import find_results, metric_rows
-from selectmoe.layout import STAGE_DIRS, SWEEP_REPORT, TRIAL_OVERRIDES, TRIALS_DIR, TRIALS_FILE, TUNE_DIR
+from selectmoe.layout import (
+    ASHA_RUNGS,
+    STAGE_DIRS,
+    SWEEP_REPORT,
+    TRIAL_OVERRIDES,
+    TRIALS_DIR,
+    TRIALS_FILE,
+    TUNE_DIR,
+)
 from selectmoe.manifest import hash_dict
 from selectmoe.pipeline import run_pipeline, run_stage, stage_configs
 from selectmoe.reporting.compare import compare_runs
@@ -99,7 +108,6 @@ def _run_trial(overrides: dict, *, base: dict, sweep_dir: str) -> None:
 
 def run_sweep(cfg: SweepConfig) -> Path:
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     check_preset_inputs(cfg)
     ensure_ray()
@@ -117,6 +125,7 @@ def run_sweep(cfg: SweepConfig) -> Path:
         logger.info("restoring the interrupted sweep in %s/%s", storage, name)
         tuner = tune.Tuner.restore(f"{storage}/{name}", trainable, resume_errored=True)
     else:
+        (out / TUNE_DIR / ASHA_RUNGS).unlink(missing_ok=True)  # an earlier sweep's, never restored
         space = load_space(cfg.sweep.space)
         tuner = tune.Tuner(
             trainable,
@@ -129,7 +138,8 @@ def run_sweep(cfg: SweepConfig) -> Path:
                 mode=mode,
                 num_samples=cfg.sweep.num_samples,
                 max_concurrent_trials=cfg.sweep.max_concurrent_trials or _concurrent_trials(cfg),
-                scheduler=ASHAScheduler(
+                scheduler=RestorableASHA(
+                    out / TUNE_DIR / ASHA_RUNGS,
                     time_attr="step",
                     grace_period=cfg.sweep.grace_period,
                     reduction_factor=cfg.sweep.reduction_factor,
@@ -167,6 +177,51 @@ def run_sweep(cfg: SweepConfig) -> Path:
         run_pipeline(trial_cfg)
         runs.append((trial, run))
     return _write_sweep_report(out, trials, runs, metric, mode)
+
+
+class RestorableASHA(ASHAScheduler):
+    """ASHA that keeps its rung records in a JSON file beside Tune's state. Tune saves no scheduler
+    state: ``Tuner.restore`` unpickles the scheduler as it was built, with empty rungs, so the trials
+    left after a restore would only be compared with each other. This one reads the file back before
+    its first decision and rewrites it after each result."""
+
+    def __init__(self, rungs_file: Path, **kwargs):
+        super().__init__(**kwargs)
+        self._rungs_file = Path(rungs_file)
+        self._rungs_read = False
+
+    def _read_rungs(self) -> None:
+        if self._rungs_read:
+            return
+        self._rungs_read = True
+        if not self._rungs_file.exists():
+            return
+        saved = json.loads(self._rungs_file.read_text())
+        for bracket, rungs in zip(self._brackets, saved, strict=True):
+            for (_, recorded), (_, saved_recorded) in zip(bracket._rungs, rungs, strict=True):
+                recorded.update(saved_recorded)
+
+    def _write_rungs(self) -> None:
+        rungs = [[[milestone, recorded] for milestone, recorded in b._rungs] for b in self._brackets]
+        partial = self._rungs_file.with_suffix(".partial")
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps(rungs))
+        partial.replace(self._rungs_file)
+
+    def on_trial_add(self, tune_controller, trial):
+        self._read_rungs()
+        super().on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result):
+        self._read_rungs()
+        action = super().on_trial_result(tune_controller, trial, result)
+        self._write_rungs()
+        return action
+
+    def on_trial_complete(self, tune_controller, trial, result):
+        self._read_rungs()
+        super().on_trial_complete(tune_controller, trial, result)
+        self._write_rungs()
 
 
 def _longest_trial(cfg: SweepConfig, space: dict) -> int:
