@@ -128,11 +128,11 @@ def main(model: str, data: str, work: Path) -> None:
             while not removed.is_set():
                 files = list((killed / SCORE_FILES).glob("*.parquet"))
                 if files:
-                    seen = [w for w in workers if w.node_id in scoring_nodes]
+                    node = ([w for w in workers if w.node_id in scoring_nodes] or workers)[0]
                     report["scoring_nodes_at_kill"] = sorted(scoring_nodes)
                     report["score_files_at_kill"] = len(files)
-                    report["killed_node"] = (seen or workers)[0].node_id
-                    cluster.remove_node((seen or workers)[0], allow_graceful=False)
+                    report["killed_node"] = node.node_id
+                    cluster.remove_node(node, allow_graceful=False)
                     removed.set()
                     return
                 time.sleep(0.01)
