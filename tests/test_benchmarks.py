@@ -136,11 +136,16 @@ def test_loko_tiny_chooses_without_the_judged_kind_and_judges_unseen_kinds(tmp_p
     assert report["default_recipe"] == "-1 x z(NLL) + 1 x z(prompt gain)"
 
 
-def test_demo_lm_plateau_small(tmp_path):
-    stdout, report = run_benchmark("demo_lm_plateau.py", tmp_path, "--steps", "2", "4")
+def test_lm_plateau_small(tmp_path):
+    stdout, report = run_benchmark("lm_plateau.py", tmp_path, "--steps", "2", "4")
     assert "shortest length within 2% of the longest's held-out loss" in stdout
     assert [r["steps"] for r in report["results"]] == [2, 4] and report["plateau_steps"] in (2, 4)
     assert all(r["held_out_loss"] > 0 for r in report["results"])
+    work = tmp_path / "loko"
+    _, real = run_benchmark("lm_plateau.py", tmp_path, "--corpus", "real", "--rows", "20", "--steps", "2", "3",
+                            "--work-dir", str(work))  # fmt: skip
+    assert [r["steps"] for r in real["results"]] == [2, 3]
+    assert len(list((work / "models").glob("base_*"))) == 2  # where loko.py finds its bases
 
 
 @pytest.mark.timeout(660)  # a sweep of Ray Train runs: from 57 s to over 280 s on this 2-core machine

@@ -368,7 +368,7 @@ class DemoSection:
     rows: int = ranged(2000, low=10)  # generated training rows
     defect_rate: float = ranged(0.3, low=0, high=1, high_open=True)  # share of rows with a planted defect
     # LM pretraining steps of the tiny selector (cached): its regime decides whether the scores work
-    # (benchmarks/demo_lm_plateau.py); the target's matters less, and costs as much per step
+    # (benchmarks/lm_plateau.py); the target's matters less, and costs as much per step
     lm_steps: int = ranged(400, low=0)
     target_lm_steps: int = ranged(100, low=0)
     cache_dir: str | None = None  # default ~/.cache/selectmoe/demo_models
