@@ -276,6 +276,12 @@ def judge(terms: dict, recipes: dict, percentage: float) -> dict[str, dict[str, 
         row["within_datasets"] = float(np.mean(list(within.values()))) if within else float("nan")
         row["worst_dataset"] = min(within.values(), default=float("nan"))
         row["precision_at_5pct"] = precision_at_k(scores, clean, k)
+        row.update({f"dataset/{dataset}": value for dataset, value in within.items()})
+        for kind in BENCH_KINDS:  # the same without one kind: a leave-one-kind-out choice must not see it
+            rows = clean | (planted & (defect != kind))
+            row[f"planted/without/{kind}"] = auroc(scores[rows], clean[rows])
+            for dataset, value in auroc_within_groups(scores[rows], clean[rows], datasets[rows]).items():
+                row[f"dataset/{dataset}/without/{kind}"] = value
         out[name] = row
     return out
 
@@ -301,6 +307,34 @@ def analyse(judged: dict[str, dict], recipes: dict) -> dict:
     def choose_by_mean(kinds) -> str:  # the best mean AUROC over ``kinds``
         return max(recipes, key=lambda r: np.mean([mean(r, k) for k in kinds]))
 
+    # issue 19 item 9: a default never loses to perplexity overall nor within any dataset, for either base
+    bases = sorted({run.rsplit("/", 2)[0] for run in runs})  # size/base: both regimes, every seed
+    datasets = sorted({m.split("/")[1] for m in judged[runs[0]][PERPLEXITY] if m.count("/") == 1})
+
+    def level_with_perplexity(scorer: str, without: str | None = None) -> bool:
+        """Planted-kind AUROC and every within-dataset AUROC not below perplexity's, in each size/base:
+        below means the mean paired difference over its runs (both regimes, every seed) is under minus
+        two standard errors (under zero with one run); ``without``: the planted kinds but that one."""
+        tail = f"/without/{without}" if without else ""
+        metrics = [f"planted{tail}" if without else "planted", *(f"dataset/{d}{tail}" for d in datasets)]
+        for base in bases:
+            among = [run for run in runs if run.startswith(base + "/")]
+            for metric in metrics:
+                diff = np.array([judged[r][scorer][metric] - judged[r][PERPLEXITY][metric] for r in among])
+                diff = diff[~np.isnan(diff)]
+                error = 2 * diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else 0.0
+                if len(diff) and diff.mean() < -error:
+                    return False
+        return True
+
+    def choose_level(kinds, without: str | None = None) -> str | None:  # ``choose`` among those level
+        level = [r for r in recipes if level_with_perplexity(r, without)]
+        return max(
+            level,
+            key=lambda r: (round(worst_kind(r, kinds), 4), np.mean([mean(r, k) for k in kinds])),
+            default=None,
+        )
+
     default_scoring = load_preset(PipelineConfig().preset)["keys"]["select"]["scoring"]
     default = formula(
         (
@@ -316,6 +350,7 @@ def analyse(judged: dict[str, dict], recipes: dict) -> dict:
     for kind in BENCH_KINDS:
         chosen = choose([k for k in BENCH_KINDS if k != kind])
         by_mean = choose_by_mean([k for k in BENCH_KINDS if k != kind])
+        level = choose_level([k for k in BENCH_KINDS if k != kind], without=kind)
         loko.append(
             {
                 "held_out_kind": kind,
@@ -323,15 +358,19 @@ def analyse(judged: dict[str, dict], recipes: dict) -> dict:
                 "chosen": mean(chosen, kind),
                 "chosen_by_mean_without_it": by_mean,
                 "chosen_by_mean": mean(by_mean, kind),
+                "chosen_level_without_it": level,
+                "chosen_level": mean(level, kind) if level else float("nan"),
                 "default": mean(default, kind),
                 "perplexity": mean(PERPLEXITY, kind),
                 "gates_alone": mean(gates, kind),
             }
         )
     chosen_all = choose(BENCH_KINDS)
+    level_all = choose_level(BENCH_KINDS)
     named = {
         f"default preset ({PipelineConfig().preset}): {default}": default,
         f"chosen on every planted kind: {chosen_all}": chosen_all,
+        **({f"chosen among those level with perplexity: {level_all}": level_all} if level_all else {}),
         f"gates alone: {gates}": gates,
         PERPLEXITY: PERPLEXITY,
         "random": "random",
@@ -340,6 +379,9 @@ def analyse(judged: dict[str, dict], recipes: dict) -> dict:
         recipe = formula((0.0, nll, gain, 0.0, 0.0))
         if recipe in recipes:
             named[f"NLL weighted {nll / gain:g}x prompt gain: {recipe}"] = recipe
+    named[f"NLL alone (the stage-1 model): {formula((0.0, 1.0, 0.0, 0.0, 0.0))}"] = formula(
+        (0.0, 1.0, 0.0, 0.0, 0.0)
+    )
     d2 = formula((0.0, 0.0, 0.0, 0.0, 1.0))
     if d2 in recipes:
         named[f"driving force alone: {d2}"] = d2
@@ -370,10 +412,18 @@ def analyse(judged: dict[str, dict], recipes: dict) -> dict:
     return {
         "default_recipe": default,
         "chosen_on_all_planted_kinds": chosen_all,
+        "item_9": {
+            "rule": "among the recipes level with perplexity (planted kinds and every dataset, per size/base: "
+            "the mean paired difference over the runs not under minus two standard errors), the best "
+            "worst planted kind",
+            "recipes_level_with_perplexity": sum(level_with_perplexity(r) for r in recipes),
+            "chosen": level_all,
+            "default_is_level": level_with_perplexity(default),
+        },
         "leave_one_kind_out": loko,
         "loko_worst": {
-            name: min(row[name] for row in loko)
-            for name in ("chosen", "chosen_by_mean", "default", "perplexity", "gates_alone")
+            name: float(np.nanmin([row[name] for row in loko]))
+            for name in ("chosen", "chosen_by_mean", "chosen_level", "default", "perplexity", "gates_alone")
         },
         "by_group": by_group,
         "top_recipes_by_worst_planted_kind": [
@@ -395,6 +445,8 @@ def print_results(results: dict, n_runs: int) -> None:
             "its AUROC",
             "best mean without it",
             "its AUROC",
+            "best worst kind level with perplexity without it",
+            "its AUROC",
             "default",
             "perplexity",
             "gates alone",
@@ -406,6 +458,8 @@ def print_results(results: dict, n_runs: int) -> None:
                 r["chosen"],
                 r["chosen_by_mean_without_it"],
                 r["chosen_by_mean"],
+                r["chosen_level_without_it"],
+                r["chosen_level"],
                 r["default"],
                 r["perplexity"],
                 r["gates_alone"],
@@ -416,8 +470,15 @@ def print_results(results: dict, n_runs: int) -> None:
     worst = results["loko_worst"]
     print(
         f"worst held-out kind: chosen by worst kind {worst['chosen']:.3f}, by mean {worst['chosen_by_mean']:.3f}, "
+        f"by worst kind among those level with perplexity {worst['chosen_level']:.3f}, "
         f"default {worst['default']:.3f}, "
         f"perplexity {worst['perplexity']:.3f}, gates alone {worst['gates_alone']:.3f}"
+    )
+    item_9 = results["item_9"]
+    print(
+        f"level with perplexity (planted kinds and every dataset, per size/base): "
+        f"{item_9['recipes_level_with_perplexity']} recipes; the best worst kind among them: {item_9['chosen']}; "
+        f"the default is {'' if item_9['default_is_level'] else 'not '}level"
     )
     rows = results["by_group"]
     columns = [c for c in rows[0] if c not in ("runs", "scorer")]

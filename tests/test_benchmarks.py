@@ -134,6 +134,21 @@ def test_loko_tiny_chooses_without_the_judged_kind_and_judges_unseen_kinds(tmp_p
     assert row["worst_dataset"] <= row["within_datasets"]
     # the default preset's recipe is judged like every other: NLL and prompt gain, no gates
     assert report["default_recipe"] == "-1 x z(NLL) + 1 x z(prompt gain)"
+    # item 9's rule: the recipe it picks is level with perplexity on the planted kinds, in the run's base
+    item_9 = report["item_9"]
+    assert isinstance(item_9["default_is_level"], bool)
+    if item_9["chosen"] is not None:
+        level = next(
+            r
+            for r in report["by_group"]
+            if r["runs"] == "small/strong/fast" and item_9["chosen"] in r["scorer"]
+        )
+        perplexity = next(
+            r
+            for r in report["by_group"]
+            if r["runs"] == "small/strong/fast" and r["scorer"] == "perplexity (-NLL, base model)"
+        )
+        assert round(level["planted"], 3) >= round(perplexity["planted"], 3)
 
 
 def test_lm_plateau_small(tmp_path):
