@@ -15,12 +15,18 @@ on z(mean gate), z(-NLL), z(prompt gain), z(expert effect). The analysis:
   AUROCs is the honest estimate of how the choice generalises to a new kind of defect.
 - **Kinds no weight ever saw.** ``empty_ish``, ``looped`` and ``echo`` are planted too and kept out of
   every choice; they are judged only.
+- **Item 9's rule** (issue 19): among the recipes not below perplexity on the planted kinds nor within
+  any source dataset, in each size/base (a paired test over its runs), the best worst kind; also left
+  one kind out.
+- **A held-out corpus** (``--check-on RUN``): the named recipes judged on a ``selectmoe demo`` run's rows
+  (generated, never used to choose a weight; run it with ``select.scoring.expert_effect=true``).
 - **Per regime**: for the default preset's recipe, the recipe chosen on every planted kind, gates alone
   and perplexity: AUROC on the planted kinds, the worst planted kind, the unseen kinds, the mean and the
   lowest AUROC within a source dataset, and precision at 5%.
 
     .venv/bin/python benchmarks/loko.py --seeds 0 1 2 3 4 --json benchmarks/results/loko.json   # ~1 h
     .venv/bin/python benchmarks/loko.py --sizes medium --seeds 0 1 --bases strong --json ...    # 4 layers x 256
+    .venv/bin/python benchmarks/loko.py --cached-only --seeds 0 1 2 3 4 --d2 --check-on /tmp/demo_heldout ...
     .venv/bin/python benchmarks/loko.py --tiny --json /tmp/loko.json                            # CI size
 """
 
@@ -42,7 +48,7 @@ from selection_quality import BENCH_KINDS, perplexity_nll, run_stages, sample_by
 
 from selectmoe.config import PipelineConfig, load_preset
 from selectmoe.demo.defects import HELD_OUT_KINDS
-from selectmoe.layout import TRAINING_IDS
+from selectmoe.layout import MANIFEST, SCORES_DIR, STAGE_DIRS, TRAINING_IDS
 from selectmoe.manifest import hash_dict
 from selectmoe.metrics import auroc, auroc_within_groups, precision_at_k
 from selectmoe.select.score import row_score, score_formula, score_terms, term_scales
@@ -78,6 +84,8 @@ def main() -> None:
     recipes = recipe_grid(args.d2)
     judged = {name: judge(terms, recipes, args.percentage) for name, terms in runs.items()}
     results = analyse(judged, recipes)
+    if args.check_on:
+        results["held_out_corpus"] = check_on_demo(Path(args.check_on), results["named"], args)
     print_results(results, len(runs))
     print(f"\ntotal {time.time() - started:.0f} s")
     write_json(args.json, {"args": vars(args), "grid": GRID, "runs": sorted(runs), **results})
@@ -102,6 +110,12 @@ def parse_args() -> argparse.Namespace:
         "--d2", action="store_true", help="add the driving force D2 (scoring.driving_force) to the grid"
     )
     p.add_argument("--cached-only", action="store_true", help="analyse the runs already cached; run nothing")
+    p.add_argument(
+        "--check-on",
+        default=None,
+        help="a `selectmoe demo` run folder scored with select.scoring.expert_effect=true: the named "
+        "recipes judged on its held-out rows, a corpus no weight was chosen on",
+    )
     p.add_argument("--json", default=None)
     args = p.parse_args()
     args.lm_steps = {"weak": 5, "strong": 10} if args.tiny else BASES
@@ -431,8 +445,45 @@ def analyse(judged: dict[str, dict], recipes: dict) -> dict:
             for r in top
         ],
         "per_run": {run: {s: judged[run][s] for s in named.values()} for run in runs},
+        "named": named,
         "scorers": len(scorers),
     }
+
+
+def check_on_demo(run: Path, named: dict[str, str], args) -> list[dict]:
+    """The named recipes (D2 left out: the demo does not score it) judged like every run on a demo run's
+    rows stage 1 did not train on; perplexity under the demo's base selector."""
+    stage1, stage2 = run / STAGE_DIRS["pretrain"], run / STAGE_DIRS["select"]
+    columns = ["id", "layer_scores", "nll", "nll_without_prompt", "nll_gates_shut"]
+    scores = pq.read_table(stage2 / SCORES_DIR, columns=columns).to_pylist()
+    trained = set(pq.read_table(stage1 / TRAINING_IDS, columns=["id"])["id"].to_pylist())
+    labels = {r["id"]: r for r in map(json.loads, (run / "data" / "labels.jsonl").open())}
+    rows = {
+        r["id"]: r
+        for f in sorted((run / "data" / "train").glob("*.jsonl"))
+        for r in map(json.loads, f.open())
+    }
+    held_out = sorted((r for r in scores if r["id"] not in trained), key=lambda r: r["id"])
+    selector = json.loads((stage1 / MANIFEST).read_text())["config"]["selector_model"]["path"]
+    base_nll, _ = perplexity_nll(Path(selector), [rows[r["id"]] for r in held_out], args.max_length)
+    terms = {
+        "id": [r["id"] for r in held_out],
+        "defect": [labels[r["id"]]["defect"] or "" for r in held_out],
+        "dataset": [labels[r["id"]]["dataset"] for r in held_out],
+        "gate": [float(np.mean(r["layer_scores"])) for r in held_out],
+        **{c: [r[c] for r in held_out] for c in ("nll", "nll_without_prompt", "nll_gates_shut")},
+        "base_nll": [base_nll.get(r["id"], float("nan")) for r in held_out],
+    }
+    grid = recipe_grid(True)
+    recipes = {r: grid[r] for r in named.values() if r in grid and grid[r][-1] == 0}
+    judged = judge(terms, recipes, args.percentage)
+    metrics = ("planted", *(k for k in BENCH_KINDS if (np.asarray(terms["defect"]) == k).any()), "within_datasets",
+               "worst_dataset", "precision_at_5pct")  # fmt: skip
+    return [
+        {"scorer": label, **{m: judged[recipe][m] for m in metrics}}
+        for label, recipe in named.items()
+        if recipe in judged
+    ]
 
 
 def print_results(results: dict, n_runs: int) -> None:
@@ -474,6 +525,14 @@ def print_results(results: dict, n_runs: int) -> None:
         f"default {worst['default']:.3f}, "
         f"perplexity {worst['perplexity']:.3f}, gates alone {worst['gates_alone']:.3f}"
     )
+    if "held_out_corpus" in results:
+        rows = results["held_out_corpus"]
+        columns = [c for c in rows[0] if c != "scorer"]
+        print_table(
+            "On the demo's corpus (held out: generated rows, no weight chosen on them)",
+            ["scorer", *columns],
+            [[r["scorer"], *[r[c] for c in columns]] for r in rows],
+        )
     item_9 = results["item_9"]
     print(
         f"level with perplexity (planted kinds and every dataset, per size/base): "
