@@ -169,25 +169,27 @@ def run_model(args, size: str, base: str, seed: int) -> dict[str, dict]:
         _, stage2 = run_stages(
             stage_args, corpus, model, work / regime, seed, [f"training.learning_rate={learning_rate}"]
         )
-        trained = set(
-            pq.read_table(work / regime / "stage1" / TRAINING_IDS, columns=["id"])["id"].to_pylist()
-        )
-        columns = ["id", "layer_scores", "nll", "nll_without_prompt", "nll_gates_shut"]
-        scored = [
-            r for r in pq.read_table(stage2 / "scores", columns=columns).to_pylist() if r["id"] not in trained
-        ]
-        scored.sort(key=lambda r: r["id"])
-        terms = {
-            "id": [r["id"] for r in scored],
-            "defect": [labels[r["id"]]["defect"] or "" for r in scored],
-            "dataset": [labels[r["id"]]["dataset"] for r in scored],
-            "gate": [float(np.mean(r["layer_scores"])) for r in scored],
-            **{c: [r[c] for r in scored] for c in ("nll", "nll_without_prompt", "nll_gates_shut")},
-            "base_nll": [base_nll.get(r["id"], float("nan")) for r in scored],
-        }
+        terms = held_out_terms(stage2 / SCORES_DIR, work / regime / "stage1" / TRAINING_IDS, labels, base_nll)
         cached[regime].write_text(json.dumps(terms))
         out[f"{size}/{base}/{regime}/seed{seed}"] = with_driving_force(args, work, regime, terms)
     return out
+
+
+def held_out_terms(scores: Path, training_ids: Path, labels: dict, base_nll: dict) -> dict:
+    """Per-row terms (sorted by id) of the scored rows stage 1 did not train on: label, source dataset,
+    mean gate, the NLLs stage 2 stored, and ``base_nll`` (id -> NLL under the base model)."""
+    trained = set(pq.read_table(training_ids, columns=["id"])["id"].to_pylist())
+    columns = ["id", "layer_scores", "nll", "nll_without_prompt", "nll_gates_shut"]
+    scored = [r for r in pq.read_table(scores, columns=columns).to_pylist() if r["id"] not in trained]
+    scored.sort(key=lambda r: r["id"])
+    return {
+        "id": [r["id"] for r in scored],
+        "defect": [labels[r["id"]]["defect"] or "" for r in scored],
+        "dataset": [labels[r["id"]]["dataset"] for r in scored],
+        "gate": [float(np.mean(r["layer_scores"])) for r in scored],
+        **{c: [r[c] for r in scored] for c in ("nll", "nll_without_prompt", "nll_gates_shut")},
+        "base_nll": [base_nll.get(r["id"], float("nan")) for r in scored],
+    }
 
 
 def with_driving_force(args, work: Path, regime: str, terms: dict) -> dict:
@@ -453,27 +455,12 @@ def analyse(judged: dict[str, dict], recipes: dict) -> dict:
 def check_on_demo(run: Path, named: dict[str, str], args) -> list[dict]:
     """The named recipes (D2 left out: the demo does not score it) judged like every run on a demo run's
     rows stage 1 did not train on; perplexity under the demo's base selector."""
-    stage1, stage2 = run / STAGE_DIRS["pretrain"], run / STAGE_DIRS["select"]
-    columns = ["id", "layer_scores", "nll", "nll_without_prompt", "nll_gates_shut"]
-    scores = pq.read_table(stage2 / SCORES_DIR, columns=columns).to_pylist()
-    trained = set(pq.read_table(stage1 / TRAINING_IDS, columns=["id"])["id"].to_pylist())
+    stage1 = run / STAGE_DIRS["pretrain"]
     labels = {r["id"]: r for r in map(json.loads, (run / "data" / "labels.jsonl").open())}
-    rows = {
-        r["id"]: r
-        for f in sorted((run / "data" / "train").glob("*.jsonl"))
-        for r in map(json.loads, f.open())
-    }
-    held_out = sorted((r for r in scores if r["id"] not in trained), key=lambda r: r["id"])
+    rows = [r for f in sorted((run / "data" / "train").glob("*.jsonl")) for r in map(json.loads, f.open())]
     selector = json.loads((stage1 / MANIFEST).read_text())["config"]["selector_model"]["path"]
-    base_nll, _ = perplexity_nll(Path(selector), [rows[r["id"]] for r in held_out], args.max_length)
-    terms = {
-        "id": [r["id"] for r in held_out],
-        "defect": [labels[r["id"]]["defect"] or "" for r in held_out],
-        "dataset": [labels[r["id"]]["dataset"] for r in held_out],
-        "gate": [float(np.mean(r["layer_scores"])) for r in held_out],
-        **{c: [r[c] for r in held_out] for c in ("nll", "nll_without_prompt", "nll_gates_shut")},
-        "base_nll": [base_nll.get(r["id"], float("nan")) for r in held_out],
-    }
+    base_nll, _ = perplexity_nll(Path(selector), rows, args.max_length)
+    terms = held_out_terms(run / STAGE_DIRS["select"] / SCORES_DIR, stage1 / TRAINING_IDS, labels, base_nll)
     grid = recipe_grid(True)
     recipes = {r: grid[r] for r in named.values() if r in grid and grid[r][-1] == 0}
     judged = judge(terms, recipes, args.percentage)
