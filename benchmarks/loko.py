@@ -24,7 +24,7 @@ on z(mean gate), z(-NLL), z(prompt gain), z(expert effect). The analysis:
   and perplexity: AUROC on the planted kinds, the worst planted kind, the unseen kinds, the mean and the
   lowest AUROC within a source dataset, and precision at 5%.
 
-    .venv/bin/python benchmarks/loko.py --seeds 0 1 2 3 4 --json benchmarks/results/loko.json   # ~1 h
+    .venv/bin/python benchmarks/loko.py --seeds 0 1 2 3 4 --d2 --json benchmarks/results/loko.json  # ~2 h
     .venv/bin/python benchmarks/loko.py --sizes medium --seeds 0 1 --bases strong --json ...    # 4 layers x 256
     .venv/bin/python benchmarks/loko.py --cached-only --seeds 0 1 2 3 4 --d2 --check-on /tmp/demo_heldout ...
     .venv/bin/python benchmarks/loko.py --tiny --json /tmp/loko.json                            # CI size
