@@ -446,7 +446,12 @@ def analyse(judged: dict[str, dict], recipes: dict) -> dict:
             {"recipe": r, "worst_planted_kind": worst_kind(r, BENCH_KINDS), "unseen": mean(r, "unseen")}
             for r in top
         ],
-        "per_run": {run: {s: judged[run][s] for s in named.values()} for run in runs},
+        "per_run": {  # the leave-one-kind-out metrics ("/without/") stay out: they only serve the choice
+            run: {
+                s: {m: v for m, v in judged[run][s].items() if "/without/" not in m} for s in named.values()
+            }
+            for run in runs
+        },
         "named": named,
         "scorers": len(scorers),
     }
