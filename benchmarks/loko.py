@@ -47,6 +47,7 @@ from common import TRAIN_DIR, lm_pretrained_tiny, print_table, quiet_ray, quiet_
 from selection_quality import BENCH_KINDS, perplexity_nll, run_stages, sample_by_file, write_corpus
 
 from selectmoe.config import PipelineConfig, load_preset
+from selectmoe.demo.corpus import LABELS_FILE
 from selectmoe.demo.defects import HELD_OUT_KINDS
 from selectmoe.layout import MANIFEST, SCORES_DIR, STAGE_DIRS, TRAINING_IDS
 from selectmoe.manifest import hash_dict
@@ -85,7 +86,7 @@ def main() -> None:
     judged = {name: judge(terms, recipes, args.percentage) for name, terms in runs.items()}
     results = analyse(judged, recipes)
     if args.check_on:
-        results["held_out_corpus"] = check_on_demo(Path(args.check_on), results["named"], args)
+        results["held_out_corpus"] = check_on_demo(Path(args.check_on), results["named"], recipes, args)
     print_results(results, len(runs))
     print(f"\ntotal {time.time() - started:.0f} s")
     write_json(args.json, {"args": vars(args), "grid": GRID, "runs": sorted(runs), **results})
@@ -457,18 +458,20 @@ def analyse(judged: dict[str, dict], recipes: dict) -> dict:
     }
 
 
-def check_on_demo(run: Path, named: dict[str, str], args) -> list[dict]:
+def check_on_demo(run: Path, named: dict[str, str], recipes: dict, args) -> list[dict]:
     """The named recipes (D2 left out: the demo does not score it) judged like every run on a demo run's
     rows stage 1 did not train on; perplexity under the demo's base selector."""
     stage1 = run / STAGE_DIRS["pretrain"]
-    labels = {r["id"]: r for r in map(json.loads, (run / "data" / "labels.jsonl").open())}
+    labels = {r["id"]: r for r in map(json.loads, (run / "data" / LABELS_FILE).open())}
     rows = [r for f in sorted((run / "data" / "train").glob("*.jsonl")) for r in map(json.loads, f.open())]
     selector = json.loads((stage1 / MANIFEST).read_text())["config"]["selector_model"]["path"]
     base_nll, _ = perplexity_nll(Path(selector), rows, args.max_length)
     terms = held_out_terms(run / STAGE_DIRS["select"] / SCORES_DIR, stage1 / TRAINING_IDS, labels, base_nll)
-    grid = recipe_grid(True)
-    recipes = {r: grid[r] for r in named.values() if r in grid and grid[r][-1] == 0}
-    judged = judge(terms, recipes, args.percentage)
+    judged = judge(
+        terms,
+        {r: recipes[r] for r in named.values() if r in recipes and recipes[r][-1] == 0},
+        args.percentage,
+    )
     metrics = ("planted", *(k for k in BENCH_KINDS if (np.asarray(terms["defect"]) == k).any()), "within_datasets",
                "worst_dataset", "precision_at_5pct")  # fmt: skip
     return [
