@@ -24,8 +24,10 @@ its mean NLL of the right answer on the held-out items of the target families an
 Methods: ``random`` (``--random-draws`` seeded draws), ``full`` (the whole pool), ``oracle`` (clean rows
 of the target families), ``perplexity`` (lowest NLL), ``gates`` (mean gate), ``gates_prompt_gain`` (top
 rows by that preset's score), ``gates_prompt_gain_balanced`` (the same, with per-dataset quotas as
-``selection.balance=dataset`` keeps the pool's mix), ``default`` (the default preset,
-``filtered_random``: a random draw among the better half of each dataset by its score), ``similarity``
+``selection.balance=dataset`` keeps the pool's mix), ``filtered_random_nll_prompt_gain`` and
+``filtered_random_nll`` (``selection.method=filtered_random``: a random draw among the better half of
+each dataset by z(-NLL) + z(prompt gain), or by NLL alone; the summary's ``default`` names the one the
+default preset is), ``similarity``
 (the product's RDS+ selection), ``calibrated`` (the product's calibrated mode, the target examples as
 its trusted rows).
 
@@ -71,6 +73,16 @@ POOL_TEMPLATES = [
 HELD_OUT_TEMPLATE = ("Translate '{word}' into {lang}.", "{code}")
 GATES_PROMPT_GAIN = load_preset("gates_prompt_gain")["keys"]["select"]  # the former default's weights
 DEFAULT = load_preset(PipelineConfig().preset)["keys"]["select"]  # the default preset's score and keep share
+# filtered_random's draw among each dataset's better half by z(-NLL) x w1 + z(prompt gain) x w2: (w1, w2)
+FILTERED_RANDOM_RECIPES = {"filtered_random_nll_prompt_gain": (1.0, 1.0), "filtered_random_nll": (1.0, 0.0)}
+
+
+def default_method() -> str:
+    """The row that is the default preset's recipe (filtered_random, no gate term)."""
+    scoring = DEFAULT["scoring"]
+    weights = (scoring["perplexity_weight"], scoring["prompt_gain_weight"])
+    assert DEFAULT["selection"]["method"] == "filtered_random" and not scoring["gate_weight"]
+    return next(name for name, recipe in FILTERED_RANDOM_RECIPES.items() if recipe == weights)
 
 
 def main() -> int:
@@ -273,11 +285,13 @@ def selections(
     gates_prompt_gain = row_score(
         layer_scores, nll, former["perplexity_weight"], unprompted, former["prompt_gain_weight"]
     )
-    scoring = DEFAULT["scoring"]
-    default = row_score(
-        layer_scores, nll, scoring["perplexity_weight"], unprompted, scoring["prompt_gain_weight"],
-        scales=term_scales(score_terms(layer_scores, nll, unprompted)), gate_weight=scoring["gate_weight"],
-    )  # fmt: skip
+    scales = term_scales(score_terms(layer_scores, nll, unprompted))
+    filter_scores = {
+        name: row_score(
+            layer_scores, nll, nll_weight, unprompted, gain_weight, scales=scales, gate_weight=0.0
+        )
+        for name, (nll_weight, gain_weight) in FILTERED_RANDOM_RECIPES.items()
+    }
     k = selection_size(len(ids), args.percentage)
 
     def best(score: np.ndarray, among: np.ndarray | None = None) -> list[str]:
@@ -300,12 +314,17 @@ def selections(
     chosen["gates_prompt_gain_balanced"] = [
         i for d in sorted(quotas) for i in best(gates_prompt_gain, datasets == d)[: quotas[d]]
     ]
-    scored = pa.table({"id": ids, "dataset": datasets, "score": default})
-    thresholds = dataset_thresholds(
-        {d: default[datasets == d] for d in set(datasets)}, DEFAULT["selection"]["keep_fraction"]
-    )
-    drawn = random_per_dataset_k(above_dataset_thresholds([scored], thresholds), quotas, seed)
-    chosen["default"] = drawn["id"].to_pylist()
+
+    def filtered_random(score: np.ndarray) -> list[str]:
+        scored = pa.table({"id": ids, "dataset": datasets, "score": score})
+        thresholds = dataset_thresholds(
+            {d: score[datasets == d] for d in set(datasets)}, DEFAULT["selection"]["keep_fraction"]
+        )
+        return random_per_dataset_k(above_dataset_thresholds([scored], thresholds), quotas, seed)[
+            "id"
+        ].to_pylist()
+
+    chosen.update({name: filtered_random(score) for name, score in filter_scores.items()})
     return {**chosen, **product}
 
 
@@ -422,7 +441,12 @@ def summarise(per_seed: list[dict]) -> dict:
             "beats_random_in_seeds": sum(m > 0 for m in margins),
             "target_rows_mean": statistics.mean(target_rows),
         }
-    return {"seeds": len(per_seed), "valid_in_every_seed": all(s["valid"] for s in per_seed), "methods": rows}
+    return {
+        "seeds": len(per_seed),
+        "valid_in_every_seed": all(s["valid"] for s in per_seed),
+        "default": default_method(),
+        "methods": rows,
+    }
 
 
 def print_seed(result: dict) -> None:
@@ -433,13 +457,16 @@ def print_seed(result: dict) -> None:
     )
     for method, v in result["methods"].items():
         print(
-            f"  {method:17s} target NLL {v['target_nll']:.3f}  other {v['other_nll']:.3f}  "
+            f"  {method:31s} target NLL {v['target_nll']:.3f}  other {v['other_nll']:.3f}  "
             f"rows {v['rows']:5d}  target rows {v['target_rows']:4d}  clean {v['clean_share']:.2f}"
         )
 
 
 def print_summary(summary: dict) -> None:
-    print(f"\n{summary['seeds']} seeds; proxy valid in every seed: {summary['valid_in_every_seed']}")
+    print(
+        f"\n{summary['seeds']} seeds; proxy valid in every seed: {summary['valid_in_every_seed']}; "
+        f"the default preset is {summary['default']}"
+    )
     print(
         "| method | target NLL (mean +- std over seeds) | margin vs random | beats random in seeds | other families NLL | target-family rows |"
     )

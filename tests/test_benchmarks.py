@@ -286,13 +286,15 @@ def test_downstream_proxy_small(tmp_path):
     assert "proxy valid in every seed:" in stdout
     methods = report["per_seed"][0]["methods"]
     assert {
-        "full", "oracle", "perplexity", "gates", "gates_prompt_gain", "gates_prompt_gain_balanced", "default",
-        "similarity", "calibrated",
+        "full", "oracle", "perplexity", "gates", "gates_prompt_gain", "gates_prompt_gain_balanced",
+        "filtered_random_nll_prompt_gain", "filtered_random_nll", "similarity", "calibrated",
     } <= set(methods)  # fmt: skip
-    assert methods["calibrated"]["rows"] == methods["default"]["rows"]
+    default = report["summary"]["default"]
+    assert default in methods and default.startswith("filtered_random")
+    assert methods["calibrated"]["rows"] == methods[default]["rows"]
     assert methods["similarity"]["rows"] < methods["full"]["rows"] <= report["per_seed"][0]["pool_rows"]
     assert methods["oracle"]["target_rows"] == methods["oracle"]["rows"] > 0
-    assert methods["similarity"]["rows"] == methods["default"]["rows"]
+    assert methods["similarity"]["rows"] == methods[default]["rows"]
     assert set(report["summary"]["methods"]) >= {"random", "similarity", "oracle"}
 
 
