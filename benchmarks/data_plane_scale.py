@@ -21,7 +21,8 @@ command's process tree (sampled every 0.5 s) over wall x cores, the driver's pea
 (``wait4`` rusage of the driver process alone, not its Ray workers), the driver's peak private memory
 (``RssAnon``, sampled every 0.5 s: the RSS counts the object-store pages the driver maps when it reads
 an object, which are the store's memory, not the driver's) and the manifest's counts.
-``--baseline REF`` runs the same command from a git worktree of REF (``PYTHONPATH``) for "today's" figure.
+``--baseline REF [REF ...]`` runs the same command from a git worktree of each REF (``PYTHONPATH``) for
+"today's" figure.
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ def main() -> None:
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     codes = {"now": REPO}
-    if args.baseline and not args.select:
-        codes[f"baseline {args.baseline}"] = worktree(args.baseline, work / "baseline")
+    for ref in args.baseline if not args.select else []:
+        codes[f"baseline {ref}"] = worktree(ref, work / f"baseline_{ref}")
     selector = tiny_selector(work / "selector") if args.select else None
     runs = []
     for n in args.rows:
@@ -106,7 +107,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--bad-every", type=int, default=50_000)
     parser.add_argument("--split-bytes", type=int, default=None, help="data.split_bytes (default: the key's)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer_name: also tokenise every row")
-    parser.add_argument("--baseline", default=None, help="a git ref to measure beside today's code")
+    parser.add_argument(
+        "--baseline",
+        nargs="*",
+        default=[],
+        help="git refs to measure beside today's code, each in its own worktree",
+    )
     parser.add_argument("--sort-window", type=int, default=None, help="select's scoring.sort_window")
     parser.add_argument("--one-file-only", action="store_true", help="skip the many-file layout")
     parser.add_argument("--select", action="store_true", help="run select (tiny selector), fresh and resumed")

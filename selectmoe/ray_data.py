@@ -19,6 +19,10 @@ CPU, none under ``MIN_PIECE_BYTES``). ``read_rows`` makes two passes, one Ray ta
    rows outside the ``subset_ratio`` sample. It streams (memory follows the block, not the corpus)
    and can be executed any number of times.
 
+Given ``rows_dir``, the scan also writes each piece's accepted rows in the subset there
+(``part-<piece>.parquet``, source order by name) and the parts holding a later duplicate are then
+rewritten without it: a caller that only needs the rows written (``validate-data``) reads the text once.
+
 ``tokenize_rows`` maps those rows through the one chat template (``input_ids``, ``labels``).
 
 Tasks take one CPU each and no actor pool is created, so on a 2-CPU laptop nothing starves.
@@ -34,11 +38,13 @@ import json
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
 
 from selectmoe.data.ledger import RowLedger, duplicate_reject
@@ -125,17 +131,20 @@ def _outside(pieces, data_cfg, dropped, seed: int, subset_ratio: float, *, ids=N
     )
 
 
-def read_rows(dataset_cfg, data_cfg, *, seed: int = 0, tokenizer_name: str | None = None) -> RowsRead:
+def read_rows(
+    dataset_cfg, data_cfg, *, seed: int = 0, tokenizer_name: str | None = None, rows_dir: Path | None = None
+) -> RowsRead:
     """Scan the inputs of ``dataset_cfg`` (pass 1) and return the lazy dataset of accepted rows.
 
     With ``tokenizer_name`` the scan also checks the template against
-    ``dataset.max_sequence_length`` and records token lengths for the percentiles.
+    ``dataset.max_sequence_length`` and records token lengths for the percentiles. With ``rows_dir`` (an
+    empty folder the workers reach) the scan also writes the rows there as Parquet parts.
     """
     sources = resolve_sources(dataset_cfg)  # before Ray starts: a missing input fails at once
     ensure_ray()
     ledger = RowLedger.from_config(dataset_cfg, data_cfg, seed)
     pieces = plan_pieces(sources, data_cfg.split_bytes)
-    plan = _scan(pieces, ledger, data_cfg, dataset_cfg, seed, tokenizer_name)
+    plan = _scan(pieces, ledger, data_cfg, dataset_cfg, seed, tokenizer_name, rows_dir)
     rows = _per_piece(
         pieces,
         data_cfg,
@@ -268,10 +277,12 @@ def _piece_of(batch: pa.Table) -> Piece:
     )
 
 
-def _scan(pieces: list[Piece], ledger: RowLedger, data_cfg, dataset_cfg, seed: int, tokenizer_name) -> _Plan:
+def _scan(
+    pieces: list[Piece], ledger: RowLedger, data_cfg, dataset_cfg, seed: int, tokenizer_name, rows_dir
+) -> _Plan:
     """Pass 1 into ``ledger``; returns, per piece, the lines its second read must drop (its rejects, some
     of which a read without the tokenizer would not see, and its duplicates), its rows in the subset and
-    the line of its last row."""
+    the line of its last row. With ``rows_dir``: the rows written there, duplicates removed."""
     buckets = max(1, 2 * int(ray.cluster_resources().get("CPU", 1)))
     scan = ray.remote(_scan_piece).options(num_returns=2 + buckets, **_READ_TASK)
     kwargs = {
@@ -280,6 +291,7 @@ def _scan(pieces: list[Piece], ledger: RowLedger, data_cfg, dataset_cfg, seed: i
         "seed": seed,
         "subset_ratio": dataset_cfg.subset_ratio,
         "buckets": buckets,
+        "rows_dir": None if rows_dir is None else str(rows_dir),
     }
     limit = data_cfg.read_parallelism if data_cfg.read_parallelism > 0 else len(pieces)
     outputs, running = [], []
@@ -306,6 +318,8 @@ def _scan(pieces: list[Piece], ledger: RowLedger, data_cfg, dataset_cfg, seed: i
         ledger.take_back(row, pieces[row["piece"]].source.uri)
         duplicates_by_piece.setdefault(row["piece"], []).append(row)
         in_subset[row["piece"]] -= int(row["sampled"])
+    if rows_dir is not None:
+        _drop_duplicates_written(rows_dir, duplicates_by_piece)
     records = functools.partial(_rejects_in_order, pieces, [out[1] for out in outputs], duplicates_by_piece)
     ledger.stream_rejects_from(records)
     if ledger.on_bad_row == "error" and ledger.counts()["rows_rejected"]:
@@ -359,12 +373,15 @@ def _scan_piece(
     seed: int,
     subset_ratio: float,
     buckets: int,
+    rows_dir: str | None,
 ) -> tuple:
     """One piece of pass 1: ((counts, (reject lines, rejects by reason, last row line)), the reject
-    records, then the accepted rows' ids in ``buckets`` tables)."""
+    records, then the accepted rows' ids in ``buckets`` tables). With ``rows_dir`` the rows in the
+    subset are written to its ``part-<index>.parquet`` (none when the piece has no such row)."""
     tokenizer = load_tokenizer(tokenizer_name) if tokenizer_name else None
     accepted, sampled, lengths, truncated = Counter(), Counter(), Counter(), 0
     rejects, rows = [], {name: [] for name in _ID_SCHEMA.names}
+    writer = _PartWriter(rows_dir, index) if rows_dir is not None else None
     for item in scan_piece(piece, tokenizer=tokenizer, max_seq_length=max_seq_length):
         if item.reject is not None:
             rejects.append(item.reject)
@@ -381,12 +398,68 @@ def _scan_piece(
             (row_id, dataset, index, item.row["line"], item.n_tokens, item.truncated, in_sample),
         ):
             rows[name].append(value)
+        if writer is not None and in_sample:
+            writer.add(item.row)
+    if writer is not None:
+        writer.close()
     table = pa.table(rows, schema=_ID_SCHEMA)
     bucket = pd.util.hash_array(np.array(rows["id"], dtype=object)) % buckets
     parts = [table.filter(pa.array(bucket == b)) for b in range(buckets)]
     last_row_line = rows["line"][-1] if rows["line"] else -1
     summary = ([reject["line"] for reject in rejects], Counter(map(reason_code, rejects)), last_row_line)
     return ((accepted, sampled, lengths, truncated), summary), rejects, *parts
+
+
+class _PartWriter:
+    """A piece's rows (``ROW_SCHEMA``) into ``rows_dir/part-<index>.parquet``, ``OUTPUT_ROWS`` at a time."""
+
+    def __init__(self, rows_dir: str, index: int):
+        self.path = _part_path(rows_dir, index)
+        self.rows: list[dict] = []
+        self.writer: pq.ParquetWriter | None = None
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        if len(self.rows) >= OUTPUT_ROWS:
+            self._flush()
+
+    def close(self) -> None:
+        self._flush()
+        if self.writer is not None:
+            self.writer.close()
+
+    def _flush(self) -> None:
+        if not self.rows:
+            return
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.path, ROW_SCHEMA)
+        self.writer.write_table(pa.Table.from_pylist(self.rows, schema=ROW_SCHEMA))
+        self.rows = []
+
+
+def _part_path(rows_dir: str | Path, index: int) -> Path:
+    return Path(rows_dir) / f"part-{index:06d}.parquet"
+
+
+def _drop_duplicates_written(rows_dir: Path, duplicates_by_piece: dict[int, list[dict]]) -> None:
+    """Rewrite, in Ray tasks, the parts that hold a duplicate in the subset without it."""
+    drop = ray.remote(_drop_lines).options(**_READ_TASK)
+    ray.get(
+        [
+            drop.remote(str(_part_path(rows_dir, index)), [row["line"] for row in rows if row["sampled"]])
+            for index, rows in duplicates_by_piece.items()
+            if any(row["sampled"] for row in rows)
+        ]
+    )
+
+
+def _drop_lines(path: str, lines: list[int]) -> None:
+    table = pq.read_table(path, schema=ROW_SCHEMA)
+    kept = table.filter(pc.invert(pc.is_in(table["line"], value_set=pa.array(lines, pa.int64()))))
+    if kept.num_rows:
+        pq.write_table(kept, path)
+    else:
+        Path(path).unlink()
 
 
 def _duplicates_in_bucket(*tables: pa.Table) -> pa.Table:

@@ -3,7 +3,9 @@
 Reads ``dataset.data_path`` (or ``dataset.data_dir`` + ``dataset.dataset_names``) through Ray
 Data exactly as the stages will, and writes into ``output_dir``:
 
-- ``rows/``: the accepted rows (subset applied) as Parquet, schema ``selectmoe.ray_data.ROW_SCHEMA``;
+- ``rows/``: the accepted rows (subset applied) as Parquet, schema ``selectmoe.ray_data.ROW_SCHEMA``,
+  one ``part-<piece>.parquet`` per piece of the input that has rows, in source order by name (written
+  by the scan itself: the text is read once);
 - ``rejects.jsonl``: one ``{"source", "line", "reason", "raw"}`` per rejected row;
 - ``manifest.json``: counts (rows read = accepted + rejected, per dataset, rejects by reason and
   file) and, with ``tokenizer_name``, token-length percentiles of the template text.
@@ -29,13 +31,18 @@ def validate_data(cfg: ValidateDataConfig) -> Path:
     started = time.time()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with phase("validate-data: reading and checking rows"):
-        result = read_rows(cfg.dataset, cfg.data, seed=cfg.seed, tokenizer_name=cfg.tokenizer_name)
-    with phase("validate-data: writing the normalised rows"):
-        rows_dir = out / ROWS_DIR
-        shutil.rmtree(rows_dir, ignore_errors=True)  # a rerun replaces the rows, never appends
-        rows_dir.mkdir()
-        result.rows.write_parquet(str(rows_dir))
+    rows_dir = out / ROWS_DIR
+    shutil.rmtree(rows_dir, ignore_errors=True)  # a rerun replaces the rows, never appends
+    rows_dir.mkdir()
+    with phase("validate-data: reading, checking and writing the rows"):
+        try:
+            result = read_rows(
+                cfg.dataset, cfg.data, seed=cfg.seed, tokenizer_name=cfg.tokenizer_name, rows_dir=rows_dir
+            )
+        except BaseException:
+            shutil.rmtree(rows_dir, ignore_errors=True)  # no half-written rows/ (on_bad_row=error)
+            raise
+    with phase("validate-data: writing the rejects"):
         result.ledger.write_rejects(out / REJECTS)
 
     metrics = {}

@@ -19,7 +19,9 @@ def test_quiet_run_shows_phases_and_the_result_and_logs_the_rest(ray_session, tm
     assert stdout.splitlines() == [str(out)]  # the output folder alone
     lines = stderr.splitlines()
     assert lines[0] == f"(full output: {out / 'logs' / 'console.log'})"
-    assert any(line.startswith("validate-data: reading and checking rows: done in") for line in lines)
+    assert any(
+        line.startswith("validate-data: reading, checking and writing the rows: done in") for line in lines
+    )
     assert lines[-1].startswith("validate-data: 374 rows read, 374 accepted, 0 rejected")
     assert len(lines) <= 8
     assert (out / "logs" / "console.log").exists()  # what a fresh process logs there: test_select's

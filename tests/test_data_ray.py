@@ -8,6 +8,7 @@ import os
 
 import psutil
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from conftest import SHARED_TRAIN
 from test_data_readers import FORMATS, SCHEMA_ROWS, less_rows, write_formats  # noqa: F401 (fixture)
@@ -89,6 +90,12 @@ def test_files_read_in_pieces_give_the_same_rows_rejects_and_counts(
     )
     assert split.ledger.token_length_stats() == ledger.token_length_stats()
 
+    # the scan writing the rows itself (validate-data): the same rows, duplicates dropped from the parts
+    written = tmp_path / "written"
+    written.mkdir()
+    read_rows(cfg, DataConfig(split_bytes=700), seed=0, tokenizer_name=tokenizer_dir, rows_dir=written)
+    assert pq.read_table(written).to_pylist() == expected
+
 
 def test_a_resumed_read_skips_pieces_done_and_drops_the_lines_done(ray_session, mixed_inputs, tmp_path):
     """What a resumed stage 2 reads (``rows_not_done``): every row of the subset not done before (found
@@ -117,7 +124,7 @@ def test_a_resumed_read_skips_pieces_done_and_drops_the_lines_done(ray_session, 
         read.rows_not_done(lambda: iter([pa.table({"source": [rows[-1]["source"]], "line": [10**6]})]))
 
 
-def test_ray_subset_equals_the_iterator_subset(ray_session, mixed_inputs):
+def test_ray_subset_equals_the_iterator_subset(ray_session, mixed_inputs, tmp_path):
     cfg = DatasetConfig(data_path=mixed_inputs, subset_ratio=0.3)
     result, expected, ledger = read_both(cfg)
     rows = result.rows.take_all()
@@ -125,6 +132,10 @@ def test_ray_subset_equals_the_iterator_subset(ray_session, mixed_inputs):
     assert 0 < len(rows) < ledger.counts()["rows_accepted"]
     assert result.ledger.counts() == ledger.counts()
     assert read_rows(cfg, DataConfig(), seed=0).rows.take_all() == rows  # re-read: the same sample
+    written = tmp_path / "written"
+    written.mkdir()
+    read_rows(cfg, DataConfig(), seed=0, rows_dir=written)
+    assert pq.read_table(written).to_pylist() == rows  # the scan writes the sample alone
 
     # what the subset left out (stage 1's probe rows): every other accepted row, once, duplicates' and
     # rejects' lines never among them
