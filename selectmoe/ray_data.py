@@ -54,8 +54,7 @@ from selectmoe.data.readers import (
     count_newlines,
     file_size,
     newline_ranges,
-    raw_text,
-    read_records,
+    raw_texts,
     resolve_sources,
     split_source,
     with_lines_before,
@@ -478,15 +477,9 @@ def _duplicates_in_bucket(*tables: pa.Table) -> pa.Table:
 
 def _fill_raw(piece: Piece, rejects: list[dict]) -> None:
     """Read the raw text of ``rejects`` (lines of ``piece``) back from the piece."""
-    by_line = {reject["line"]: reject for reject in rejects}
-    if not by_line:
-        return
-    for record in read_records(piece.source.uri, piece):
-        reject = by_line.pop(record.line, None)
-        if reject is not None:
-            reject["raw"] = raw_text(record)[:MAX_RAW_CHARS]
-        if not by_line:
-            return
+    texts = raw_texts(piece, {reject["line"] for reject in rejects})
+    for reject in rejects:
+        reject["raw"] = texts[reject["line"]][:MAX_RAW_CHARS]
 
 
 def _accepted_rows(

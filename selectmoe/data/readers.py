@@ -250,10 +250,39 @@ def read_records(uri: str, piece: Piece | None = None) -> Iterator[RawRecord]:
         yield RawRecord(line + 1, None, "", RowError("unreadable_file", f"{type(err).__name__}: {err}"))
 
 
+def raw_texts(piece: Piece, lines: set[int]) -> dict[int, str]:
+    """The raw text (``raw_text``) of ``lines`` of a piece, reading no further than the last of them;
+    JSON lines are not parsed (the duplicates' raw text in ``rejects.jsonl``)."""
+    found: dict[int, str] = {}
+    if lines:
+        for line, text in _raw_lines(piece):
+            if line in lines:
+                found[line] = text
+                if len(found) == len(lines):
+                    break
+    return found
+
+
+def _raw_lines(piece: Piece) -> Iterator[tuple[int, str]]:
+    uri = piece.source.uri
+    if not _is_json_lines(uri):
+        yield from ((record.line, raw_text(record)) for record in read_records(uri, piece))
+        return
+    with _open(uri) as fh:
+        for line, data in _json_lines(fh, piece):
+            yield line, data.decode("utf-8-sig" if line == 1 else "utf-8", errors="replace").rstrip("\r\n")
+
+
+def _is_json_lines(uri: str) -> bool:
+    return not uri.endswith(".parquet") and (
+        uri.endswith((".jsonl", ".jsonl.gz")) or not _starts_with_array(uri)
+    )
+
+
 def _read_by_format(uri: str, piece: Piece) -> Iterator[RawRecord]:
     if uri.endswith(".parquet"):
         yield from _read_parquet(uri, piece)
-    elif uri.endswith((".jsonl", ".jsonl.gz")) or not _starts_with_array(uri):
+    elif _is_json_lines(uri):
         yield from _read_json_lines(uri, piece)
     else:
         yield from _read_json_array(uri)
