@@ -431,6 +431,7 @@ class _PartWriter:
         if not self.rows:
             return
         if self.writer is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)  # a node other than the driver's
             self.writer = pq.ParquetWriter(self.path, ROW_SCHEMA)
         self.writer.write_table(pa.Table.from_pylist(self.rows, schema=ROW_SCHEMA))
         self.rows = []
