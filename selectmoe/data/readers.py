@@ -270,7 +270,7 @@ def _raw_lines(piece: Piece) -> Iterator[tuple[int, str]]:
         return
     with _open(uri) as fh:
         for line, data in _json_lines(fh, piece):
-            yield line, data.decode("utf-8-sig" if line == 1 else "utf-8", errors="replace").rstrip("\r\n")
+            yield line, _line_text(line, data, errors="replace")
 
 
 def _is_json_lines(uri: str) -> bool:
@@ -317,13 +317,18 @@ def _json_lines(fh, piece: Piece) -> Iterator[tuple[int, bytes]]:
         yield line, data
 
 
+def _line_text(line: int, data: bytes, errors: str = "strict") -> str:
+    """A JSON line's text: UTF-8 (a byte-order mark dropped on line 1), without its line ending."""
+    return data.decode("utf-8-sig" if line == 1 else "utf-8", errors=errors).rstrip("\r\n")
+
+
 def _read_json_lines(uri: str, piece: Piece) -> Iterator[RawRecord]:
     with _open(uri) as fh:
         for line, data in _json_lines(fh, piece):
             try:
-                text = data.decode("utf-8-sig" if line == 1 else "utf-8").rstrip("\r\n")
+                text = _line_text(line, data)
             except UnicodeDecodeError as err:
-                raw = data.decode("utf-8", errors="replace").rstrip("\r\n")
+                raw = _line_text(line, data, errors="replace")
                 yield RawRecord(line, None, raw, RowError("bad_encoding", str(err)))
                 continue
             if not text.strip():
