@@ -25,9 +25,10 @@ Methods: ``random`` (``--random-draws`` seeded draws), ``full`` (the whole pool)
 of the target families), ``perplexity`` (lowest NLL), ``gates`` (mean gate), ``gates_prompt_gain`` (top
 rows by that preset's score), ``gates_prompt_gain_balanced`` (the same, with per-dataset quotas as
 ``selection.balance=dataset`` keeps the pool's mix), ``filtered_random_nll_prompt_gain`` and
-``filtered_random_nll`` (``selection.method=filtered_random``: a random draw among the better half of
-each dataset by z(-NLL) + z(prompt gain), or by NLL alone; the summary's ``default`` names the one the
-default preset is), ``similarity``
+``filtered_random_nll`` and ``filtered_random_nll_8x_prompt_gain`` (``selection.method=filtered_random``:
+a random draw among the better half of each dataset by z(-NLL) + z(prompt gain), by NLL alone, or by
+-2 z(NLL) + 0.25 z(prompt gain); the summary's ``default`` names the one the default preset is),
+``similarity``
 (the product's RDS+ selection), ``calibrated`` (the product's calibrated mode, the target examples as
 its trusted rows).
 
@@ -74,7 +75,16 @@ HELD_OUT_TEMPLATE = ("Translate '{word}' into {lang}.", "{code}")
 GATES_PROMPT_GAIN = load_preset("gates_prompt_gain")["keys"]["select"]  # the former default's weights
 DEFAULT = load_preset(PipelineConfig().preset)["keys"]["select"]  # the default preset's score and keep share
 # filtered_random's draw among each dataset's better half by z(-NLL) x w1 + z(prompt gain) x w2: (w1, w2)
-FILTERED_RANDOM_RECIPES = {"filtered_random_nll_prompt_gain": (1.0, 1.0), "filtered_random_nll": (1.0, 0.0)}
+FILTERED_RANDOM_RECIPES = {
+    "filtered_random_nll_prompt_gain": (1.0, 1.0),
+    "filtered_random_nll": (1.0, 0.0),
+    "filtered_random_nll_8x_prompt_gain": (2.0, 0.25),  # loko.py's one gate-free recipe level with perplexity
+}
+METHODS = (
+    "full", "oracle", "perplexity", "gates", "gates_prompt_gain", "gates_prompt_gain_balanced",
+    *FILTERED_RANDOM_RECIPES, "similarity", "calibrated",
+)  # fmt: skip  # besides the random draws
+ALWAYS_RUN = ("full", "oracle")  # with the random draws: the validity check needs them
 
 
 def default_method() -> str:
@@ -123,6 +133,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--random-draws", type=int, default=3)
+    p.add_argument(
+        "--methods", nargs="+", choices=METHODS, help="only these (random, full and oracle always run)"
+    )
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if not 1 <= args.targets < args.families <= len(LANGUAGES):
@@ -388,6 +401,8 @@ def run_seed(args, seed: int, out: Path) -> dict:
     by_id = {r["id"]: r for r in pool["rows"]}
     results = {}
     for method, ids in selections(args, seed, pool, stage2, product).items():
+        if args.methods and method not in (*args.methods, *ALWAYS_RUN) and not method.startswith("random_"):
+            continue
         started = time.time()
         nll = finetune_and_judge(args, seed, target, [by_id[i] for i in ids], pool["held_out"])
         print(f"  finetuned on {method} ({len(ids)} rows) in {time.time() - started:.0f} s", flush=True)

@@ -65,7 +65,7 @@ REGIMES = {"seed": (3e-4, 40), "fast": (1e-2, 60)}  # stage 1: learning rate, st
 GRID = {
     "gate": (-1.0, -0.5, 0.0, 0.5, 1.0),
     "nll": (0.0, 0.5, 1.0, 2.0),
-    "prompt_gain": (0.0, 0.5, 1.0, 2.0),
+    "prompt_gain": (0.0, 0.25, 0.5, 1.0, 2.0),
     "expert_effect": (-0.5, 0.0, 0.5, 1.0),
     "driving_force": (-1.0, -0.5, 0.0, 0.5, 1.0),
 }
@@ -392,7 +392,7 @@ def analyse(judged: dict[str, dict], recipes: dict) -> dict:
         PERPLEXITY: PERPLEXITY,
         "random": "random",
     }
-    for nll, gain in ((2.0, 1.0), (2.0, 0.5)):  # the default's two terms with NLL weighted more
+    for nll, gain in ((2.0, 1.0), (2.0, 0.5), (2.0, 0.25)):  # the default's two terms with NLL weighted more
         recipe = formula((0.0, nll, gain, 0.0, 0.0))
         if recipe in recipes:
             named[f"NLL weighted {nll / gain:g}x prompt gain: {recipe}"] = recipe
