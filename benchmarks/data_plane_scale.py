@@ -6,7 +6,7 @@ one file and as 16 files, today's code beside an older commit's, each run its ow
     .venv/bin/python benchmarks/data_plane_scale.py --rows 2000 --files 4 --split-bytes 100000  # CI size
     .venv/bin/python benchmarks/data_plane_scale.py --select --rows 100000 500000 --json ...  # stage 2
 
-``--select`` runs ``selectmoe select`` instead (today's code only), with a tiny randomly initialised OLMoE
+``--select`` runs ``selectmoe select`` instead (each ``--baseline`` REF's too), with a tiny randomly initialised OLMoE
 (built once in the work folder) and ``--select-max-length`` tokens a row, so that the data plane weighs as
 much as it can beside scoring: first from scratch, then resumed after every other score file was deleted
 (as a crash leaves a run), and checks that the resumed ``selected.jsonl`` is byte-identical to the first.
@@ -49,7 +49,7 @@ def main() -> None:
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     codes = {"now": REPO}
-    for ref in args.baseline if not args.select else []:
+    for ref in args.baseline:
         codes[f"baseline {ref}"] = worktree(ref, work / f"baseline_{ref}")
     selector = tiny_selector(work / "selector") if args.select else None
     runs = []
@@ -60,12 +60,15 @@ def main() -> None:
             layouts = {"one file": layouts["one file"]}
         for (code, root), (layout, path) in itertools.product(codes.items(), layouts.items()):
             measured = (
-                select_twice(path, work / "out", selector, args)
+                [
+                    (select_label(run, code), result)
+                    for run, result in select_twice(root, path, work, selector, args)
+                ]
                 if selector
-                else [("now", validate(root, path, work / "out", args))]
+                else [(code, validate(root, path, work / "out", args))]
             )
-            for name, run in measured:
-                run.update(rows=n, layout=layout, code=name if selector else code)
+            for label, run in measured:
+                run.update(rows=n, layout=layout, code=label)
                 runs.append(run)
                 print(
                     f"{n:>9,} rows  {layout:<9} {run['code']:<20} {run['rows_per_s']:>9,.0f} rows/s  "
@@ -73,7 +76,16 @@ def main() -> None:
                     f"(private {run['driver_peak_private_gib']:.2f})",
                     flush=True,
                 )
-    ratios = summarise(runs, args.rows, list(SELECT_RUNS) if selector else list(codes), compare=not selector)
+    if selector:
+        labels = [select_label(run, code) for code in codes for run in SELECT_RUNS]
+        compared = [
+            (select_label(run, "now"), select_label(run, code))
+            for code in list(codes)[1:]
+            for run in SELECT_RUNS
+        ]
+    else:
+        labels, compared = list(codes), [("now", code) for code in list(codes)[1:]]
+    ratios = summarise(runs, args.rows, labels, compared)
     print_table(
         "select end to end" if selector else "validate-data end to end",
         ["rows", "layout", "code", "wall s", "rows/s", "cpu use", "driver peak GiB", "private GiB", "read"]
@@ -170,8 +182,14 @@ def tiny_selector(folder: Path) -> Path:
     return folder
 
 
-def select_twice(data: Path, out: Path, selector: Path, args) -> list[tuple[str, dict]]:
-    """``select`` from scratch, then resumed with every other score file deleted."""
+def select_label(run: str, code: str) -> str:
+    """A select run's name in the table: "fresh" / "resumed", with the baseline's name for a baseline."""
+    return run if code == "now" else f"{run}, {code}"
+
+
+def select_twice(code: Path, data: Path, work: Path, selector: Path, args) -> list[tuple[str, dict]]:
+    """``select`` (the ``code`` checkout's) from scratch, then resumed with every other score file deleted."""
+    out = work / "out"
     shutil.rmtree(out, ignore_errors=True)
     command = [sys.executable, "-m", "selectmoe.cli", "select", f"selector_model.path={selector}"]
     command += [f"dataset.data_path={data}", f"output_dir={out}", "selection_percentage=0.05"]
@@ -180,13 +198,13 @@ def select_twice(data: Path, out: Path, selector: Path, args) -> list[tuple[str,
         command.append(f"scoring.sort_window={args.sort_window}")
     if args.split_bytes is not None:
         command.append(f"data.split_bytes={args.split_bytes}")
-    fresh = measure(command, REPO, out, "select")
+    fresh = measure(command, code, out, "select")
     first = (out / "selected.jsonl").read_bytes()
     deleted = sorted((out / "scores").glob("*.parquet"))[::2]
     rescored = sum(pq.read_metadata(path).num_rows for path in deleted)
     for path in deleted:
         path.unlink()
-    resumed = measure(command, REPO, out, "select")
+    resumed = measure(command, code, out, "select")
     resumed.update(rows_rescored=rescored, score_files_deleted=len(deleted))
     for run in (fresh, resumed):
         run["same_selection"] = (out / "selected.jsonl").read_bytes() == first
@@ -261,7 +279,10 @@ def rss_anon(pid: int) -> int:
     return 0
 
 
-def summarise(runs: list[dict], sizes: list[int], codes: list[str], compare: bool = True) -> dict:
+def summarise(runs: list[dict], sizes: list[int], codes: list[str], compared: list[tuple[str, str]]) -> dict:
+    """Ratios: one file / many files and (with several sizes) driver memory large / small, per code;
+    rows/s of each ``compared`` pair (now, before)."""
+
     def find(n, layout_one, code):
         return next(
             (
@@ -288,14 +309,13 @@ def summarise(runs: list[dict], sizes: list[int], codes: list[str], compare: boo
             ratios[f"{code}: driver peak private memory {sizes[-1]} / {sizes[0]} rows (one file)"] = (
                 large["driver_peak_private_gib"] / small["driver_peak_private_gib"]
             )
-    if compare and len(codes) > 1:
-        for n, layout_one in itertools.product(sizes, (True, False)):
-            now, before = find(n, layout_one, codes[0]), find(n, layout_one, codes[1])
-            if now is not None:
-                layout = "one file" if layout_one else "many files"
-                ratios[f"{n} rows, {layout}: rows/s now / {codes[1]}"] = (
-                    now["rows_per_s"] / before["rows_per_s"]
-                )
+    for (now_code, before_code), n, layout_one in itertools.product(compared, sizes, (True, False)):
+        now, before = find(n, layout_one, now_code), find(n, layout_one, before_code)
+        if now is not None and before is not None:
+            layout = "one file" if layout_one else "many files"
+            ratios[f"{n} rows, {layout}: rows/s {now_code} / {before_code}"] = (
+                now["rows_per_s"] / before["rows_per_s"]
+            )
     lines = [f"ratio {name}: {value:.2f}" for name, value in ratios.items()]
     return {"values": ratios, "lines": lines}
 
