@@ -85,13 +85,23 @@ ROW_SCHEMA = pa.schema(
 )
 
 
+TOKEN_FIELDS = [("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))]
+TOKEN_COUNT_FIELDS = [("n_tokens", pa.int64()), ("n_assistant_tokens", pa.int64())]
+REPLY_FIELDS = [("reply_input_ids", pa.list_(pa.int32())), ("reply_labels", pa.list_(pa.int32()))]
+
+
+def token_schema(replies_alone: bool = False) -> pa.Schema:
+    """The columns ``tokenize_rows`` adds to the rows (and ``read_rows(tokens=True)`` writes)."""
+    return pa.schema(TOKEN_FIELDS + TOKEN_COUNT_FIELDS + (REPLY_FIELDS if replies_alone else []))
+
+
 @dataclass
 class RowsRead:
     rows: ray.data.Dataset  # accepted rows in the subset, schema ``ROW_SCHEMA``, source order
     ledger: RowLedger  # counts(), rejects, token_length_stats()
     sources: list[Source]
     outside_subset: Callable[..., ray.data.Dataset]  # ``(ids=None, key_below=1.0)``: see ``_outside``
-    rows_not_done: Callable[..., RowsLeft]  # ``(done)``: see ``_rows_not_done``
+    rows_not_done: Callable[..., RowsLeft]  # ``(done, columns=None)``: see ``_rows_not_done``
 
 
 @dataclass
@@ -105,12 +115,14 @@ class RowsLeft:
 @dataclass
 class _Plan:
     """What the scan learnt about each piece: the lines its second read drops (rejects,
-    duplicates), its rows in the subset, and the line of its last row (-1: it has none)."""
+    duplicates), its rows in the subset, and the line of its last row (-1: it has none); and where it
+    wrote the rows in the subset (``read_rows(rows_dir=)``), if it did."""
 
     pieces: list[Piece]
     dropped: list[list[int]]
     in_subset: np.ndarray
     last_row_line: np.ndarray
+    rows_dir: Path | None
 
 
 def _outside(pieces, data_cfg, dropped, seed: int, subset_ratio: float, *, ids=None, key_below: float = 1.0):
@@ -131,41 +143,66 @@ def _outside(pieces, data_cfg, dropped, seed: int, subset_ratio: float, *, ids=N
 
 
 def read_rows(
-    dataset_cfg, data_cfg, *, seed: int = 0, tokenizer_name: str | None = None, rows_dir: Path | None = None
+    dataset_cfg,
+    data_cfg,
+    *,
+    seed: int = 0,
+    tokenizer_name: str | None = None,
+    rows_dir: Path | None = None,
+    tokens: bool = False,
+    replies_alone: bool = False,
 ) -> RowsRead:
     """Scan the inputs of ``dataset_cfg`` (pass 1) and return the lazy dataset of accepted rows.
 
     With ``tokenizer_name`` the scan also checks the template against
     ``dataset.max_sequence_length`` and records token lengths for the percentiles. With ``rows_dir`` (an
-    empty folder the workers reach) the scan also writes the rows there as Parquet parts.
+    empty folder the workers reach) the scan also writes the rows there as Parquet parts, and the
+    returned datasets read those parts instead of the text; with ``tokens`` (and a tokenizer) the parts
+    also hold the scan's encodings, ``token_schema(replies_alone)``: the columns ``tokenize_rows`` would
+    add (``rows_not_done(done, columns=...)`` reads them).
     """
+    if tokens and (tokenizer_name is None or rows_dir is None):
+        raise ValueError("read_rows(tokens=True) needs tokenizer_name and rows_dir")
     sources = resolve_sources(dataset_cfg)  # before Ray starts: a missing input fails at once
     ensure_ray()
     ledger = RowLedger.from_config(dataset_cfg, data_cfg, seed)
     pieces = plan_pieces(sources, data_cfg.split_bytes)
-    plan = _scan(pieces, ledger, data_cfg, dataset_cfg, seed, tokenizer_name, rows_dir)
-    rows = _per_piece(
-        pieces,
-        data_cfg,
-        _accepted_rows,
-        dropped=plan.dropped,
-        seed=seed,
-        subset_ratio=dataset_cfg.subset_ratio,
-    )
+    written = {"tokens": tokens, "replies_alone": replies_alone}
+    plan = _scan(pieces, ledger, data_cfg, dataset_cfg, seed, tokenizer_name, rows_dir, written)
+    if rows_dir is None:
+        rows = _per_piece(
+            pieces,
+            data_cfg,
+            _accepted_rows,
+            dropped=plan.dropped,
+            seed=seed,
+            subset_ratio=dataset_cfg.subset_ratio,
+        )
+    else:
+        rows = _rows_not_done(plan, data_cfg, seed, dataset_cfg.subset_ratio, lambda: iter(())).rows
+        rows = rows if rows is not None else ray.data.from_arrow(ROW_SCHEMA.empty_table())
     outside = functools.partial(_outside, pieces, data_cfg, plan.dropped, seed, dataset_cfg.subset_ratio)
     not_done = functools.partial(_rows_not_done, plan, data_cfg, seed, dataset_cfg.subset_ratio)
     return RowsRead(rows=rows, ledger=ledger, sources=sources, outside_subset=outside, rows_not_done=not_done)
 
 
 def _rows_not_done(
-    plan: _Plan, data_cfg, seed: int, subset_ratio: float, done: Callable[[], Iterator[pa.Table]]
+    plan: _Plan,
+    data_cfg,
+    seed: int,
+    subset_ratio: float,
+    done: Callable[[], Iterator[pa.Table]],
+    columns: list[str] | None = None,
 ) -> RowsLeft:
     """The rows in the subset that are not among ``done`` (a callable streaming tables with ``source``
     and ``line``: the rows a resumed stage finished before), without holding the done rows: a pass over
     them counts each piece's done rows; pieces whose rows are all done are not read again, and a second
     pass (only when some piece is done in part) collects the lines of those pieces, which their read
     tasks then drop. Driver memory: O(pieces), plus the lines of the pieces done in part (those in
-    flight when the earlier run stopped)."""
+    flight when the earlier run stopped). The rows come from the parts the scan wrote when it wrote
+    them (``columns`` of them; default ``ROW_SCHEMA``'s), else from the text again."""
+    if columns is not None and plan.rows_dir is None:
+        raise ValueError("columns= reads the parts the scan wrote: read_rows(rows_dir=...)")
     owners = _line_owners(plan)
     done_per_piece = np.zeros(len(plan.pieces), dtype=np.int64)
     for table in done():
@@ -188,7 +225,17 @@ def _rows_not_done(
                     done_lines[piece].extend(lines[index == piece].tolist())
     left = [index for index in range(len(plan.pieces)) if done_per_piece[index] < plan.in_subset[index]]
     rows = None
-    if left:
+    if left and plan.rows_dir is not None:
+        rows = _per_piece(
+            [plan.pieces[index] for index in left],
+            data_cfg,
+            _written_rows,
+            dropped=[sorted(done_lines.get(index, [])) for index in left],
+            indices=left,
+            rows_dir=str(plan.rows_dir),
+            columns=columns or ROW_SCHEMA.names,
+        )
+    elif left:
         rows = _per_piece(
             [plan.pieces[index] for index in left],
             data_cfg,
@@ -244,11 +291,14 @@ def plan_pieces(sources: list[Source], split_bytes: int) -> list[Piece]:
     return with_lines_before(pieces, ray.get([count.remote(piece) for piece in counting]))
 
 
-def _per_piece(pieces: list[Piece], data_cfg, fn, dropped: list[list[int]], **fn_kwargs) -> ray.data.Dataset:
-    """One task per piece running ``fn`` (each told its own ``dropped`` lines); output kept in source
-    order (deterministic)."""
+def _per_piece(
+    pieces: list[Piece], data_cfg, fn, dropped: list[list[int]], indices: list[int] | None = None, **fn_kwargs
+) -> ray.data.Dataset:
+    """One task per piece running ``fn`` (each told its own ``dropped`` lines, and its index in the
+    scan's plan: ``indices``, default their order); output kept in source order (deterministic)."""
     items = [
         {
+            "index": index,
             "uri": piece.source.uri,
             "dataset": piece.source.dataset,
             "start": piece.start,
@@ -256,7 +306,7 @@ def _per_piece(pieces: list[Piece], data_cfg, fn, dropped: list[list[int]], **fn
             "lines_before": piece.lines_before,
             "dropped": json.dumps(lines),
         }
-        for piece, lines in zip(pieces, dropped, strict=True)
+        for index, piece, lines in zip(indices or range(len(pieces)), pieces, dropped, strict=True)
     ]
     concurrency = data_cfg.read_parallelism if data_cfg.read_parallelism > 0 else None
     dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
@@ -277,11 +327,19 @@ def _piece_of(batch: pa.Table) -> Piece:
 
 
 def _scan(
-    pieces: list[Piece], ledger: RowLedger, data_cfg, dataset_cfg, seed: int, tokenizer_name, rows_dir
+    pieces: list[Piece],
+    ledger: RowLedger,
+    data_cfg,
+    dataset_cfg,
+    seed: int,
+    tokenizer_name,
+    rows_dir,
+    written,
 ) -> _Plan:
     """Pass 1 into ``ledger``; returns, per piece, the lines its second read must drop (its rejects, some
     of which a read without the tokenizer would not see, and its duplicates), its rows in the subset and
-    the line of its last row. With ``rows_dir``: the rows written there, duplicates removed."""
+    the line of its last row. With ``rows_dir``: the rows written there (with their tokens, as
+    ``written`` says), duplicates removed."""
     buckets = max(1, 2 * int(ray.cluster_resources().get("CPU", 1)))
     scan = ray.remote(_scan_piece).options(num_returns=2 + buckets, **_READ_TASK)
     kwargs = {
@@ -291,6 +349,7 @@ def _scan(
         "subset_ratio": dataset_cfg.subset_ratio,
         "buckets": buckets,
         "rows_dir": None if rows_dir is None else str(rows_dir),
+        **written,
     }
     limit = data_cfg.read_parallelism if data_cfg.read_parallelism > 0 else len(pieces)
     outputs, running = [], []
@@ -327,7 +386,7 @@ def _scan(
         sorted(lines + [row["line"] for row in duplicates_by_piece.get(index, [])])
         for index, lines in enumerate(reject_lines)
     ]
-    return _Plan(pieces, dropped, in_subset, last_row_line)
+    return _Plan(pieces, dropped, in_subset, last_row_line, rows_dir)
 
 
 def _rejects_in_order(pieces: list[Piece], scan_rejects: list, duplicates_by_piece: dict[int, list[dict]]):
@@ -373,15 +432,21 @@ def _scan_piece(
     subset_ratio: float,
     buckets: int,
     rows_dir: str | None,
+    tokens: bool = False,
+    replies_alone: bool = False,
 ) -> tuple:
     """One piece of pass 1: ((counts, (reject lines, rejects by reason, last row line)), the reject
     records, then the accepted rows' ids in ``buckets`` tables). With ``rows_dir`` the rows in the
-    subset are written to its ``part-<index>.parquet`` (none when the piece has no such row)."""
+    subset are written to its ``part-<index>.parquet`` (none when the piece has no such row), with
+    ``tokens`` their encodings too (``token_schema``)."""
     tokenizer = load_tokenizer(tokenizer_name) if tokenizer_name else None
     accepted, sampled, lengths, truncated = Counter(), Counter(), Counter(), 0
     rejects, rows = [], {name: [] for name in _ID_SCHEMA.names}
-    writer = _PartWriter(rows_dir, index) if rows_dir is not None else None
-    for item in scan_piece(piece, tokenizer=tokenizer, max_seq_length=max_seq_length):
+    writer = None
+    if rows_dir is not None:
+        encoder = _Encoder(tokenizer, max_seq_length, replies_alone) if tokens else None
+        writer = _PartWriter(rows_dir, index, encoder)
+    for item in scan_piece(piece, tokenizer=tokenizer, max_seq_length=max_seq_length, keep_tokens=tokens):
         if item.reject is not None:
             rejects.append(item.reject)
             continue
@@ -398,7 +463,7 @@ def _scan_piece(
         ):
             rows[name].append(value)
         if writer is not None and in_sample:
-            writer.add(item.row)
+            writer.add(item.row, item.encoded)
     if writer is not None:
         writer.close()
     table = pa.table(rows, schema=_ID_SCHEMA)
@@ -409,16 +474,35 @@ def _scan_piece(
     return ((accepted, sampled, lengths, truncated), summary), rejects, *parts
 
 
-class _PartWriter:
-    """A piece's rows (``ROW_SCHEMA``) into ``rows_dir/part-<index>.parquet``, ``OUTPUT_ROWS`` at a time."""
+@dataclass
+class _Encoder:
+    """Token columns from the scan's encodings (``encode_batch`` results), as ``tokenize_rows`` makes them."""
 
-    def __init__(self, rows_dir: str, index: int):
+    tokenizer: object
+    max_seq_length: int
+    replies_alone: bool
+
+    def columns(self, messages: list[list[dict]], encoded: list[dict]) -> dict[str, pa.Array]:
+        return _token_columns(messages, encoded, self.tokenizer, self.max_seq_length, self.replies_alone)
+
+
+class _PartWriter:
+    """A piece's rows (``ROW_SCHEMA``; with an ``encoder``, their token columns too) into
+    ``rows_dir/part-<index>.parquet``, ``OUTPUT_ROWS`` at a time."""
+
+    def __init__(self, rows_dir: str, index: int, encoder: _Encoder | None = None):
         self.path = _part_path(rows_dir, index)
+        self.encoder = encoder
+        self.schema = ROW_SCHEMA
+        if encoder is not None:
+            self.schema = pa.schema(list(ROW_SCHEMA) + list(token_schema(encoder.replies_alone)))
         self.rows: list[dict] = []
+        self.encoded: list[dict | None] = []
         self.writer: pq.ParquetWriter | None = None
 
-    def add(self, row: dict) -> None:
+    def add(self, row: dict, encoded: dict | None = None) -> None:
         self.rows.append(row)
+        self.encoded.append(encoded)
         if len(self.rows) >= OUTPUT_ROWS:
             self._flush()
 
@@ -432,9 +516,14 @@ class _PartWriter:
             return
         if self.writer is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)  # a node other than the driver's
-            self.writer = pq.ParquetWriter(self.path, ROW_SCHEMA)
-        self.writer.write_table(pa.Table.from_pylist(self.rows, schema=ROW_SCHEMA))
-        self.rows = []
+            self.writer = pq.ParquetWriter(self.path, self.schema)
+        table = pa.Table.from_pylist(self.rows, schema=ROW_SCHEMA)
+        if self.encoder is not None:
+            messages = [row["messages"] for row in self.rows]
+            for name, column in self.encoder.columns(messages, self.encoded).items():
+                table = table.append_column(name, column)
+        self.writer.write_table(table)
+        self.rows, self.encoded = [], []
 
 
 def _part_path(rows_dir: str | Path, index: int) -> Path:
@@ -454,7 +543,7 @@ def _drop_duplicates_written(rows_dir: Path, duplicates_by_piece: dict[int, list
 
 
 def _drop_lines(path: str, lines: list[int]) -> None:
-    table = pq.read_table(path, schema=ROW_SCHEMA)
+    table = pq.read_table(path)
     kept = table.filter(pc.invert(pc.is_in(table["line"], value_set=pa.array(lines, pa.int64()))))
     if kept.num_rows:
         pq.write_table(kept, path)
@@ -519,6 +608,20 @@ def _accepted_rows(
         yield table()
 
 
+def _written_rows(batch: pa.Table, *, rows_dir: str, columns: list[str]) -> Iterator[pa.Table]:
+    """``columns`` of one piece's part (its rows in the subset, as the scan wrote them) but its
+    ``dropped`` lines."""
+    path = _part_path(rows_dir, batch["index"][0].as_py())
+    dropped = pa.array(json.loads(batch["dropped"][0].as_py()), pa.int64())
+    if not path.exists():  # the piece has no row in the subset
+        return
+    for part in pq.ParquetFile(path).iter_batches(OUTPUT_ROWS, columns=[*columns, "line"]):
+        table = pa.Table.from_batches([part])
+        if len(dropped):
+            table = table.filter(pc.invert(pc.is_in(table["line"], value_set=dropped)))
+        yield table.select(columns)
+
+
 # ---------------------------------------------------------------------------- tokenisation
 
 
@@ -573,12 +676,20 @@ def _tokenize_batch(
                 "max_sequence_length, so that read_rows rejects such rows)"
             )
     columns = {name: batch[name] for name in keep}
-    columns["input_ids"] = _int32_lists([result["input_ids"] for result in encoded])
-    columns["labels"] = _int32_lists([result["labels"] for result in encoded])
-    columns["n_tokens"] = pa.array([result["n_tokens"] for result in encoded], type=pa.int64())
-    columns["n_assistant_tokens"] = pa.array(
-        [result["n_assistant_tokens"] for result in encoded], type=pa.int64()
-    )
+    columns.update(_token_columns(messages, encoded, tokenizer, max_seq_length, replies_alone))
+    return pa.table(columns)
+
+
+def _token_columns(
+    messages: list[list[dict]], encoded: list[dict], tokenizer, max_seq_length: int, replies_alone: bool
+) -> dict[str, pa.Array]:
+    """``token_schema(replies_alone)``'s columns for rows and their ``encode_batch`` results."""
+    columns = {
+        "input_ids": _int32_lists([result["input_ids"] for result in encoded]),
+        "labels": _int32_lists([result["labels"] for result in encoded]),
+        "n_tokens": pa.array([result["n_tokens"] for result in encoded], type=pa.int64()),
+        "n_assistant_tokens": pa.array([result["n_assistant_tokens"] for result in encoded], type=pa.int64()),
+    }
     if replies_alone:
         replies = encode_replies_alone(
             messages,
@@ -588,7 +699,7 @@ def _tokenize_batch(
         )
         columns["reply_input_ids"] = _int32_lists([reply["input_ids"] for reply in replies])
         columns["reply_labels"] = _int32_lists([reply["labels"] for reply in replies])
-    return pa.table(columns)
+    return columns
 
 
 def _int32_lists(arrays: list[np.ndarray]) -> pa.ListArray:

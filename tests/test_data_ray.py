@@ -93,8 +93,50 @@ def test_files_read_in_pieces_give_the_same_rows_rejects_and_counts(
     # the scan writing the rows itself (validate-data): the same rows, duplicates dropped from the parts
     written = tmp_path / "written"
     written.mkdir()
-    read_rows(cfg, DataConfig(split_bytes=700), seed=0, tokenizer_name=tokenizer_dir, rows_dir=written)
+    read = read_rows(cfg, DataConfig(split_bytes=700), seed=0, tokenizer_name=tokenizer_dir, rows_dir=written)
     assert pq.read_table(written).to_pylist() == expected
+    assert read.rows.take_all() == expected  # read back from the parts, not from the text
+
+
+def test_the_scan_writes_the_tokens_tokenize_rows_would_add(
+    ray_session, mixed_inputs, tokenizer_dir, tmp_path
+):
+    """``read_rows(tokens=True)`` (stage 2 reads the text once): the parts hold, beside the rows, the
+    columns ``tokenize_rows`` makes of them, the replies alone included, in pieces with duplicates; a
+    resumed read gets them but the rows done."""
+    cot = COT.read_text().splitlines()
+    (tmp_path / "a.jsonl").write_text("\n".join(cot[:30]) + "\n")
+    (tmp_path / "b.jsonl").write_text("\n".join(cot[25:35] + cot[3:4]) + "\n")  # 6 duplicates
+    cfg = DatasetConfig(data_path=[*mixed_inputs, str(tmp_path / "*.jsonl")], max_sequence_length=128)
+    plain = read_rows(cfg, DataConfig(split_bytes=700), seed=0, tokenizer_name=tokenizer_dir)
+    expected = tokenize_rows(plain.rows, tokenizer_dir, 128, replies_alone=True).take_all()
+    (tmp_path / "parts").mkdir()
+    read = read_rows(
+        cfg,
+        DataConfig(split_bytes=700),
+        seed=0,
+        tokenizer_name=tokenizer_dir,
+        rows_dir=tmp_path / "parts",
+        tokens=True,
+        replies_alone=True,
+    )
+    columns = list(expected[0])
+    assert "reply_input_ids" in columns
+
+    def plain_lists(rows: list[dict]) -> list[dict]:
+        return [{k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in row.items()} for row in rows]
+
+    written = read.rows_not_done(lambda: iter(()), columns=columns).rows.take_all()
+    assert plain_lists(written) == plain_lists(expected) and len(expected) > 30
+    assert read.rows.take_all() == plain.rows.take_all()  # the rows themselves, without the tokens
+    done = expected[::2]
+    done_at = pa.Table.from_pylist([{"source": r["source"], "line": r["line"]} for r in done])
+    left = read.rows_not_done(lambda: iter([done_at]), columns=["id", "input_ids"]).rows.take_all()
+    assert plain_lists(left) == [
+        {"id": r["id"], "input_ids": r["input_ids"]} for r in plain_lists(expected)[1::2]
+    ]
+    with pytest.raises(ValueError, match="rows_dir"):
+        plain.rows_not_done(lambda: iter(()), columns=["id"])
 
 
 def test_a_resumed_read_skips_pieces_done_and_drops_the_lines_done(ray_session, mixed_inputs, tmp_path):

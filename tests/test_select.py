@@ -28,6 +28,7 @@ from selectmoe.data.template import (
     ensure_pad_token,
     load_tokenizer,
 )
+from selectmoe.layout import ROWS_SCRATCH
 from selectmoe.models.loading import load_select_moe
 from selectmoe.models.modeling import gates_shifted
 from selectmoe.select import select
@@ -356,6 +357,7 @@ def test_counts_add_up_and_outputs_are_complete(one_actor, sources):
         )
     assert pq.read_table(one_actor / "selected.parquet").to_pylist() == selected
     assert (one_actor / "score_histograms.png").stat().st_size > 0
+    assert not (one_actor / ROWS_SCRATCH).exists()  # the rows the scan wrote were scratch
 
 
 @pytest.mark.timeout(300)
@@ -469,6 +471,7 @@ def test_no_row_to_score_is_an_error_that_names_the_rejects(ray_session, tiny_ol
     with pytest.raises(DataError, match=r"no row to score: \d+ read, \d+ rejected \(no_assistant_tokens"):
         run_select(tiny_olmoe, out, sources, **{"dataset.max_sequence_length": 8})
     assert not (out / "selected.jsonl").exists() and (out / "rejects.jsonl").read_text()
+    assert not (out / ROWS_SCRATCH).exists()
 
 
 @pytest.mark.slow

@@ -29,19 +29,22 @@ class Scanned(NamedTuple):
     raw: str | None  # the raw text (capped), for a duplicate-id reject found later
     n_tokens: int | None = None  # template length before truncation (with a tokenizer)
     truncated: bool = False
+    encoded: dict | None = None  # ``encode_batch``'s result for the row (``keep_tokens``)
 
 
-def scan_piece(piece: Piece, *, tokenizer=None, max_seq_length: int = 2048) -> Iterator[Scanned]:
+def scan_piece(
+    piece: Piece, *, tokenizer=None, max_seq_length: int = 2048, keep_tokens: bool = False
+) -> Iterator[Scanned]:
     """Every record of one file's piece (``Piece(source)``: the whole file) as a row or a reject, in
-    line order."""
+    line order; ``keep_tokens``: each row keeps the encoding its check made (``Scanned.encoded``)."""
     source = piece.source
     pending: list[Scanned] = []
     for record in read_records(source.uri, piece):
         pending.append(_normalise(source, record))
         if len(pending) >= ENCODE_BATCH_ROWS:
-            yield from _check_tokens(pending, tokenizer, max_seq_length)
+            yield from _check_tokens(pending, tokenizer, max_seq_length, keep_tokens)
             pending = []
-    yield from _check_tokens(pending, tokenizer, max_seq_length)
+    yield from _check_tokens(pending, tokenizer, max_seq_length, keep_tokens)
 
 
 def iter_rows(dataset_cfg, ledger: RowLedger, *, tokenizer=None) -> Iterator[dict]:
@@ -86,7 +89,7 @@ def _normalise(source: Source, record: RawRecord) -> Scanned:
     return Scanned(row, None, raw)
 
 
-def _check_tokens(items: list[Scanned], tokenizer, max_seq_length: int) -> list[Scanned]:
+def _check_tokens(items: list[Scanned], tokenizer, max_seq_length: int, keep: bool) -> list[Scanned]:
     if tokenizer is None:
         return items
     messages = [item.row["messages"] for item in items if item.row is not None]
@@ -102,5 +105,9 @@ def _check_tokens(items: list[Scanned], tokenizer, max_seq_length: int) -> list[
             checked.append(Scanned(None, reject, item.raw))
         else:
             before = result["n_tokens_before_truncation"]
-            checked.append(item._replace(n_tokens=before, truncated=before > result["n_tokens"]))
+            checked.append(
+                item._replace(
+                    n_tokens=before, truncated=before > result["n_tokens"], encoded=result if keep else None
+                )
+            )
     return checked

@@ -1,11 +1,13 @@
 """Stage 2 driver: ``selectmoe select`` / ``python -m ray_jobs.select``.
 
-Ray Data: read -> normalise/validate (rejects) -> tokenise with the shared template -> scoring actor
-pool (``GateScorer``: windows sorted by length, sub-batches capped by rows and tokens) -> streaming
-Parquet write of one score record per row into ``scores/``. Then an exact selection streams the score
-files (driver memory O(k)), and a second pass over the rows, in Ray tasks, renders the selected
-originals with ``score`` and ``rank``; sorted by rank they stream into ``selected.jsonl`` and
-``selected.parquet`` (``output``).
+Ray Data: one scan of the text (Ray tasks: read -> normalise/validate (rejects) -> tokenise with the
+shared template), which writes the rows in the subset with their tokens to the scratch folder
+``layout.ROWS_SCRATCH`` -> scoring actor pool reading those parts (``GateScorer``: windows sorted by
+length, sub-batches capped by rows and tokens) -> streaming Parquet write of one score record per row
+into ``scores/``. Then an exact selection streams the score files (driver memory O(k)), and a pass over
+the parts, in Ray tasks, renders the selected originals with ``score`` and ``rank``; sorted by rank
+they stream into ``selected.jsonl`` and ``selected.parquet`` (``output``); the scratch folder is
+removed when the command ends, done or failed.
 
 Resume: score files already in ``scores/`` (same scoring config) are kept and their rows, found by
 ``source`` and ``line``, skipped without the driver holding them (``RowsRead.rows_not_done``: pieces
@@ -39,6 +41,7 @@ from selectmoe.layout import (
     CALIBRATION,
     EVAL_TARGETS,
     REJECTS,
+    ROWS_SCRATCH,
     SCORE_HISTOGRAMS,
     SCORES_DIR,
     SCORING_KEY,
@@ -51,11 +54,12 @@ from selectmoe.layout import (
     TOKENIZER_DIR,
     TRAINING_IDS,
     TRUSTED_REJECTS,
+    TRUSTED_ROWS_SCRATCH,
     score_files,
 )
 from selectmoe.manifest import fingerprint, hash_dict, write_manifest
 from selectmoe.models.loading import require_model
-from selectmoe.ray_data import read_rows, task_as_dataset, tokenize_rows
+from selectmoe.ray_data import read_rows, task_as_dataset, token_schema, tokenize_rows
 from selectmoe.scaling import RESERVED_CPUS, cpu_threads, free_resources, use_gpu
 from selectmoe.select.calibrate import (
     FEATURE_COLUMNS,
@@ -106,17 +110,25 @@ TERM_SAMPLE_ROWS = 65536  # rows the robust-z term scales are measured on (scori
 
 
 def select(cfg: SelectConfig) -> Path:
+    out = Path(cfg.output_dir).resolve()
+    try:
+        return _run(cfg, out)
+    finally:  # the scratch copies of the rows are the run's own: a rerun writes them again
+        shutil.rmtree(out / ROWS_SCRATCH, ignore_errors=True)
+        shutil.rmtree(out / TRUSTED_ROWS_SCRATCH, ignore_errors=True)
+
+
+def _run(cfg: SelectConfig, out: Path) -> Path:
     started = time.time()
     _check_selection(cfg)
     model_path, tokenizer_name = _selector(cfg)
-    out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     passes = ScorePasses.for_scoring(cfg.scoring)
     timings = {}
 
     # ---- read
     with phase("stage 2 select: reading and checking rows"):
-        read = _read(cfg, cfg.dataset, tokenizer_name, out / REJECTS)
+        read = _read(cfg, cfg.dataset, tokenizer_name, out / REJECTS, out / ROWS_SCRATCH, passes)
         _require_rows(read.ledger.counts(), out / REJECTS)
 
     targets = (
@@ -129,7 +141,7 @@ def select(cfg: SelectConfig) -> Path:
     # ---- score (resumable; the key holds the inputs' fingerprints, so stored rows are rows of this sample)
     scores_dir = out / SCORES_DIR
     stored = _reusable_scores(scores_dir, _scoring_key(cfg, model_path, read.sources))
-    left = read.rows_not_done(lambda: _stream(stored, ["source", "line"]))
+    left = read.rows_not_done(lambda: _stream(stored, ["source", "line"]), columns=_scoring_input(passes))
     if left.rows_done and left.rows is not None:
         say(
             f"stage 2 select: resuming: {left.rows_done} rows were scored before (in {scores_dir}); "
@@ -140,8 +152,7 @@ def select(cfg: SelectConfig) -> Path:
     if left.rows is None:  # e.g. a rerun with another selection method: no model is loaded
         say(f"stage 2 select: all {left.rows_done} rows were scored before; scoring skipped")
     else:
-        tokens = _tokenise(left.rows, tokenizer_name, cfg.dataset, passes)
-        _score(cfg, tokens, pool, threads, model_path, tokenizer_name, out, scores_dir)
+        _score(cfg, left.rows, pool, threads, model_path, tokenizer_name, out, scores_dir)
     timings["scoring_s"] = round(time.time() - t0, 2)
 
     # ---- select
@@ -635,8 +646,8 @@ def _trusted_features(cfg: SelectConfig, model_path: str, tokenizer_name: str, o
         scoring = ScoringSection(tokens=cfg.scoring.tokens, tokens_per_batch=cfg.scoring.tokens_per_batch)
     passes = ScorePasses.for_scoring(scoring)
     with phase("stage 2 select: scoring the trusted rows"):
-        read = _read(cfg, source, tokenizer_name, out / TRUSTED_REJECTS)
-        tokens = _tokenise(read.rows, tokenizer_name, source, passes)
+        read = _read(cfg, source, tokenizer_name, out / TRUSTED_REJECTS, out / TRUSTED_ROWS_SCRATCH, passes)
+        tokens = read.rows_not_done(lambda: iter(()), columns=_scoring_input(passes)).rows
         rows = _one_actor_pass(cfg, model_path, tokenizer_name, out, tokens, scoring).take_all()
     if len(rows) < 2:
         raise ConfigError(
@@ -647,9 +658,22 @@ def _trusted_features(cfg: SelectConfig, model_path: str, tokenizer_name: str, o
     return {c: np.asarray([np.asarray(r[c], dtype=np.float64) for r in rows]) for c in present}
 
 
-def _read(cfg: SelectConfig, source: DatasetConfig, tokenizer_name: str, rejects: Path):
-    """``read_rows``' result for ``source``; its rejects written to ``rejects``."""
-    read = read_rows(source, cfg.data, seed=cfg.seed, tokenizer_name=tokenizer_name)
+def _read(
+    cfg: SelectConfig, source: DatasetConfig, tokenizer_name: str, rejects: Path, rows_dir: Path, passes
+):
+    """``read_rows``' result for ``source``, its rejects written to ``rejects``: the text is read once,
+    by the scan, which writes the rows in the subset with the tokens ``passes`` score to ``rows_dir``
+    (emptied first; ``select`` removes it when it returns or fails)."""
+    shutil.rmtree(rows_dir, ignore_errors=True)
+    read = read_rows(
+        source,
+        cfg.data,
+        seed=cfg.seed,
+        tokenizer_name=tokenizer_name,
+        rows_dir=rows_dir,
+        tokens=True,
+        replies_alone=passes.reply_only,
+    )
     read.ledger.write_rejects(rejects)
     return read
 
@@ -667,11 +691,9 @@ def _require_rows(counts: dict, rejects: Path) -> None:
     )
 
 
-def _tokenise(rows, tokenizer_name: str, source: DatasetConfig, passes):
-    """``rows`` tokenised for ``passes`` (the replies alone too, for prompt gain)."""
-    return tokenize_rows(
-        rows, tokenizer_name, source.max_sequence_length, "assistant", replies_alone=passes.reply_only
-    )
+def _scoring_input(passes) -> list[str]:
+    """The columns of the rows written by ``_read`` that the scorer reads for ``passes`` (and passes on)."""
+    return ["id", "dataset", "source", "line", *token_schema(passes.reply_only).names]
 
 
 def _corpus_sample(
