@@ -21,7 +21,9 @@ CPU, none under ``MIN_PIECE_BYTES``). ``read_rows`` makes two passes, one Ray ta
 
 Given ``rows_dir``, the scan also writes each piece's accepted rows in the subset there
 (``part-<piece>.parquet``, source order by name) and the parts holding a later duplicate are then
-rewritten without it: a caller that only needs the rows written (``validate-data``) reads the text once.
+rewritten without it; the returned datasets then read those parts, not the text: ``validate-data``
+and stage 2 read the text once. With ``tokens`` the parts also hold the token columns the scan's
+template check computed (``token_schema``: what ``tokenize_rows`` adds), so stage 2 tokenises once too.
 
 ``tokenize_rows`` maps those rows through the one chat template (``input_ids``, ``labels``).
 
