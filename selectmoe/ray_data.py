@@ -87,14 +87,14 @@ ROW_SCHEMA = pa.schema(
 )
 
 
-TOKEN_FIELDS = [("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))]
-TOKEN_COUNT_FIELDS = [("n_tokens", pa.int64()), ("n_assistant_tokens", pa.int64())]
-REPLY_FIELDS = [("reply_input_ids", pa.list_(pa.int32())), ("reply_labels", pa.list_(pa.int32()))]
+_TOKEN_ID_FIELDS = [("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))]
+_TOKEN_COUNT_FIELDS = [("n_tokens", pa.int64()), ("n_assistant_tokens", pa.int64())]
+_REPLY_FIELDS = [("reply_input_ids", pa.list_(pa.int32())), ("reply_labels", pa.list_(pa.int32()))]
 
 
 def token_schema(replies_alone: bool = False) -> pa.Schema:
     """The columns ``tokenize_rows`` adds to the rows (and ``read_rows(tokens=True)`` writes)."""
-    return pa.schema(TOKEN_FIELDS + TOKEN_COUNT_FIELDS + (REPLY_FIELDS if replies_alone else []))
+    return pa.schema(_TOKEN_ID_FIELDS + _TOKEN_COUNT_FIELDS + (_REPLY_FIELDS if replies_alone else []))
 
 
 @dataclass
