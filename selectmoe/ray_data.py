@@ -169,8 +169,7 @@ def read_rows(
     ensure_ray()
     ledger = RowLedger.from_config(dataset_cfg, data_cfg, seed)
     pieces = plan_pieces(sources, data_cfg.split_bytes)
-    written = {"tokens": tokens, "replies_alone": replies_alone}
-    plan = _scan(pieces, ledger, data_cfg, dataset_cfg, seed, tokenizer_name, rows_dir, written)
+    plan = _scan(pieces, ledger, data_cfg, dataset_cfg, seed, tokenizer_name, rows_dir, tokens, replies_alone)
     if rows_dir is None:
         rows = _per_piece(
             pieces,
@@ -336,12 +335,13 @@ def _scan(
     seed: int,
     tokenizer_name,
     rows_dir,
-    written,
+    tokens: bool,
+    replies_alone: bool,
 ) -> _Plan:
     """Pass 1 into ``ledger``; returns, per piece, the lines its second read must drop (its rejects, some
     of which a read without the tokenizer would not see, and its duplicates), its rows in the subset and
-    the line of its last row. With ``rows_dir``: the rows written there (with their tokens, as
-    ``written`` says), duplicates removed."""
+    the line of its last row. With ``rows_dir``: the rows written there (with ``tokens``, their token
+    columns, the replies alone too with ``replies_alone``), duplicates removed."""
     buckets = max(1, 2 * int(ray.cluster_resources().get("CPU", 1)))
     scan = ray.remote(_scan_piece).options(num_returns=2 + buckets, **_READ_TASK)
     kwargs = {
@@ -351,7 +351,8 @@ def _scan(
         "subset_ratio": dataset_cfg.subset_ratio,
         "buckets": buckets,
         "rows_dir": None if rows_dir is None else str(rows_dir),
-        **written,
+        "tokens": tokens,
+        "replies_alone": replies_alone,
     }
     limit = data_cfg.read_parallelism if data_cfg.read_parallelism > 0 else len(pieces)
     outputs, running = [], []
@@ -446,8 +447,15 @@ def _scan_piece(
     rejects, rows = [], {name: [] for name in _ID_SCHEMA.names}
     writer = None
     if rows_dir is not None:
-        encoder = _Encoder(tokenizer, max_seq_length, replies_alone) if tokens else None
-        writer = _PartWriter(rows_dir, index, encoder)
+        token_columns = None
+        if tokens:
+            token_columns = functools.partial(
+                _token_columns,
+                tokenizer=tokenizer,
+                max_seq_length=max_seq_length,
+                replies_alone=replies_alone,
+            )
+        writer = _PartWriter(rows_dir, index, token_columns, replies_alone)
     for item in scan_piece(piece, tokenizer=tokenizer, max_seq_length=max_seq_length, keep_tokens=tokens):
         if item.reject is not None:
             rejects.append(item.reject)
@@ -476,28 +484,17 @@ def _scan_piece(
     return ((accepted, sampled, lengths, truncated), summary), rejects, *parts
 
 
-@dataclass
-class _Encoder:
-    """Token columns from the scan's encodings (``encode_batch`` results), as ``tokenize_rows`` makes them."""
-
-    tokenizer: object
-    max_seq_length: int
-    replies_alone: bool
-
-    def columns(self, messages: list[list[dict]], encoded: list[dict]) -> dict[str, pa.Array]:
-        return _token_columns(messages, encoded, self.tokenizer, self.max_seq_length, self.replies_alone)
-
-
 class _PartWriter:
-    """A piece's rows (``ROW_SCHEMA``; with an ``encoder``, their token columns too) into
-    ``rows_dir/part-<index>.parquet``, ``OUTPUT_ROWS`` at a time."""
+    """A piece's rows (``ROW_SCHEMA``) into ``rows_dir/part-<index>.parquet``, ``OUTPUT_ROWS`` at a time;
+    with ``token_columns`` (``_token_columns`` bound to a tokenizer) their ``token_schema`` columns too,
+    made from the scan's encodings."""
 
-    def __init__(self, rows_dir: str, index: int, encoder: _Encoder | None = None):
+    def __init__(self, rows_dir: str, index: int, token_columns=None, replies_alone: bool = False):
         self.path = _part_path(rows_dir, index)
-        self.encoder = encoder
+        self.token_columns = token_columns
         self.schema = ROW_SCHEMA
-        if encoder is not None:
-            self.schema = pa.schema(list(ROW_SCHEMA) + list(token_schema(encoder.replies_alone)))
+        if token_columns is not None:
+            self.schema = pa.schema(list(ROW_SCHEMA) + list(token_schema(replies_alone)))
         self.rows: list[dict] = []
         self.encoded: list[dict | None] = []
         self.writer: pq.ParquetWriter | None = None
@@ -520,9 +517,9 @@ class _PartWriter:
             self.path.parent.mkdir(parents=True, exist_ok=True)  # a node other than the driver's
             self.writer = pq.ParquetWriter(self.path, self.schema)
         table = pa.Table.from_pylist(self.rows, schema=ROW_SCHEMA)
-        if self.encoder is not None:
+        if self.token_columns is not None:
             messages = [row["messages"] for row in self.rows]
-            for name, column in self.encoder.columns(messages, self.encoded).items():
+            for name, column in self.token_columns(messages, self.encoded).items():
                 table = table.append_column(name, column)
         self.writer.write_table(table)
         self.rows, self.encoded = [], []

@@ -106,14 +106,13 @@ class GateScorer:
             yield chunk
 
     def _warm_up(self) -> None:
-        """One throwaway pass of every kind the scoring needs before the first window. Twice the
-        first window an actor scored came out a few float32 ulps off for some of its rows (in a test
-        run and in CI, never again in the same actor, never reproduced in a plain process), so that
-        two runs could differ in a score's last digits; the lazy state behind it is not known."""
+        """One throwaway pass of every kind the scoring needs, before the first window: an actor's first
+        window has come out a few float32 ulps off for some rows (docs/architecture.md, stage 2)."""
         row = np.arange(1, WARM_UP_TOKENS + 1, dtype=np.int64) % self.model.config.vocab_size
-        tokens = {name: row for name in TOKEN_FIELDS}
-        score_batch(self.model, [tokens, {name: row[: WARM_UP_TOKENS // 2] for name in TOKEN_FIELDS}],
-                    self.passes, self.pad_token_id)  # fmt: skip
+        rows = [
+            {name: row[:length] for name in TOKEN_FIELDS} for length in (WARM_UP_TOKENS, WARM_UP_TOKENS // 2)
+        ]
+        score_batch(self.model, rows, self.passes, self.pad_token_id)
 
     def _maybe_die(self) -> None:
         """Fault injection for tests: the first actor to get here exits its process once."""
