@@ -115,14 +115,6 @@ def cpu_threads(processes: int) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1) // processes))
 
 
-def set_cpu_threads(threads: int | None) -> None:
-    """In a CPU worker or actor: run torch on ``threads`` threads (``cpu_threads``); None = as is."""
-    import torch
-
-    if threads and not torch.cuda.is_available():
-        torch.set_num_threads(threads)
-
-
 def worker_layout(section: ScalingSection) -> WorkerLayout:
     """The workers of a Ray Train run, sized from the free resources unless the section sets them."""
     gpu = use_gpu(section)

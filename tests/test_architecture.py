@@ -102,6 +102,42 @@ def test_models_and_data_import_no_ray_and_no_stage():
         assert not bad, f"{name} imports {bad}"
 
 
+def _module_level(name: str) -> tuple[set[str], bool]:
+    """(the selectmoe modules ``name`` imports when it is imported, whether that import runs Ray's)."""
+    modules, ray = set(), False
+    for node in ast.parse(MODULES[name].read_text()).body:
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            targets = [f"{node.module}.{alias.name}" for alias in node.names] + [node.module]
+        else:
+            continue
+        ray = ray or any(t == "ray" or t.startswith("ray.") for t in targets)
+        for target in targets:
+            while target and target not in MODULES:
+                target = target.rpartition(".")[0]
+            if target and target != "selectmoe":
+                modules.add(target)
+    return modules, ray
+
+
+def test_the_stages_compute_imports_without_ray():
+    """The models, the training steps and the scorer import Ray only inside the functions that talk to
+    it, so they run where Ray is not installed (``benchmarks/gpu_scale.py`` on a GPU machine without it)."""
+    compute = ("selectmoe.pretrain.worker", "selectmoe.finetune.worker", "selectmoe.select.scorer")
+    seen, todo, with_ray = set(), list(compute), []
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        modules, ray = _module_level(name)
+        if ray:
+            with_ray.append(name)
+        todo += modules
+    assert not with_ray, f"import Ray at module level: {sorted(with_ray)}"
+
+
 def test_artifact_names_and_the_ignore_index_have_one_home():
     homes = {
         '"scores"': "selectmoe/layout.py",

@@ -39,7 +39,8 @@ from selectmoe.evaluate.tasks import available_local_tasks, local_family, write_
 from selectmoe.layout import RESULTS, RESULTS_TABLE
 from selectmoe.manifest import fingerprint, write_manifest
 from selectmoe.models.loading import require_model
-from selectmoe.scaling import cpu_threads, ensure_ray, set_cpu_threads
+from selectmoe.scaling import cpu_threads, ensure_ray
+from selectmoe.training.common import set_cpu_threads
 
 logger = logging.getLogger(__name__)
 

@@ -13,8 +13,7 @@ import time
 import torch
 
 from selectmoe.models.loading import resolve_dtype
-from selectmoe.scaling import set_cpu_threads
-from selectmoe.training.common import worker_device
+from selectmoe.training.common import set_cpu_threads, worker_device
 from selectmoe.training.loop import all_reduce_sum, run_training_loop
 from selectmoe.training.sharding import gradient_sync
 

@@ -15,14 +15,12 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import ray.train
 import torch
 
 from selectmoe.metrics import auroc
 from selectmoe.models.loading import load_select_moe, resolve_dtype
-from selectmoe.scaling import set_cpu_threads
 from selectmoe.select.score import ScorePasses, row_score, row_score_tensor, score_batch, score_mask
-from selectmoe.training.common import BatchPlan, worker_device
+from selectmoe.training.common import BatchPlan, set_cpu_threads, worker_device
 from selectmoe.training.loop import all_reduce_sum, run_training_loop
 from selectmoe.training.sharding import gradient_sync, unwrap
 
@@ -73,6 +71,8 @@ def train_router_per_worker(config: dict) -> None:
         model.gradient_checkpointing_enable()
     reference = None
     if config.get("reference_class_weights"):
+        import ray.train
+
         world = ray.train.get_context().get_world_size()
         reference = ReferenceLoss(
             weight=config["reference_loss_weight"],

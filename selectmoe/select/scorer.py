@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from selectmoe.models.loading import load_select_moe, release_freed_memory, resolve_dtype
-from selectmoe.scaling import set_cpu_threads
 from selectmoe.select.score import ScorePasses, score_batch, score_of
+from selectmoe.training.common import set_cpu_threads
 
 # columns the score files keep beside id, dataset, score, layer_scores, n_tokens and n_scored_tokens
 OPTIONAL_COLUMNS = (

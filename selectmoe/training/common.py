@@ -145,6 +145,13 @@ def report(metrics: dict, checkpoint_writer=None) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
+def set_cpu_threads(threads: int | None) -> None:
+    """In a CPU worker or actor (Train worker, scoring actor, eval task): run torch on ``threads``
+    threads (``selectmoe.scaling.cpu_threads``); None = as is."""
+    if threads and not torch.cuda.is_available():
+        torch.set_num_threads(threads)
+
+
 def worker_device() -> torch.device:
     import ray.train.torch
 
