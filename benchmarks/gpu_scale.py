@@ -13,12 +13,16 @@ Phases:
   peak      best FLOP/s of a large bf16 matmul loop (the MFU denominator)
   scoring   stage 2's forward: decoder without LM head, router outputs on, per-row gate means
             (``selectmoe.select.score.layer_gate_means``), full rows of --score-seq tokens, --score-batch rows;
-            once per experts implementation (--experts; Select-MoE loads with eager, see
-            ``common.set_experts``)
+            once per experts implementation (--experts; the product runs grouped_mm, what
+            ``from_pretrained`` gives, see ``common.set_experts``)
   stage1    the product's stage-1 step (``selectmoe.pretrain.worker``: ``setup_trainable`` +
             ``_train_step``, gradient checkpointing as stage 1 does, AdamW), full_rank and lora (r=16,
             routers), 1 row of --train-seq tokens, per experts implementation; peak memory from the
             model's creation to the last step
+  fsdp      stage 1 full_rank under the product's FSDP2 units (``selectmoe.training.sharding.shard``) in a
+            one-rank process group (NCCL on a GPU, gloo on CPU): units of mixed dtypes (bf16 body, fp32
+            routers) all-gathered as bytes, then the checkpoint gather (``gather_state``) timed; before
+            it, one all_reduce of --all-reduce-mb checks the collective backend
   stage3    a LoRA step on the Llama-2-7B shape (``selectmoe.finetune.worker.apply_lora``: LESS's r=128,
             alpha 512, dropout 0.1 on q/k/v/o, gradient checkpointing)
 The projection divides rows x --mean-row-tokens by the best scoring tokens/s x --gpus.
@@ -76,11 +80,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--mean-row-tokens", type=float, default=MEAN_ROW_TOKENS)
     p.add_argument("--rows", type=int, default=LESS_ROWS, help="rows to score in the projection")
     p.add_argument("--gpus", type=int, default=8, help="GPUs in the projection")
+    p.add_argument("--all-reduce-mb", type=int, default=1024, help="size of the fsdp phase's all_reduce")
     p.add_argument("--json", help="write the measured numbers here")
     args = p.parse_args()
     if args.smoke:
         args.score_batch, args.score_seq, args.train_seq = 4, 64, 64
-        args.steps, args.warmup = 2, 1
+        args.steps, args.warmup, args.all_reduce_mb = 2, 1, 1
     return args
 
 
@@ -205,6 +210,70 @@ def phase_stage1(args, device: Device, shape: dict, mode: str, experts: str) -> 
     )
 
 
+def phase_fsdp(args, device: Device, shape: dict) -> dict:
+    import os
+
+    import torch.distributed as dist
+
+    from selectmoe.data.collate import count_labelled
+    from selectmoe.models import SelectMoeForCausalLM
+    from selectmoe.pretrain.worker import _train_step, setup_trainable
+    from selectmoe.training.sharding import gather_state, shard
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29517")
+    backend = "nccl" if device.cuda else "gloo"
+    dist.init_process_group(backend, rank=0, world_size=1)
+    try:
+        all_reduce_s, ok = _all_reduce_check(args.all_reduce_mb, device)
+        device.reset_peak()
+        config = select_moe_config(shape)
+        model = build(SelectMoeForCausalLM, config, device)
+        set_experts(model, args.experts[-1])
+        model = setup_trainable(model, "full_rank", {})
+        model.gradient_checkpointing_enable()
+        model = shard(model)
+        model.train()
+        batch = random_batch(config, 1, args.train_seq, device)
+        step_tokens = count_labelled(batch["labels"][0].tolist())
+        gathered = {}
+
+        def gather(optimizer) -> None:
+            started = time.perf_counter()
+            trainable, _ = gather_state(model, optimizer)
+            gathered["gather_s"] = time.perf_counter() - started
+            gathered["gathered_params"] = sum(t.numel() for t in trainable.values())
+
+        result = _training_result(
+            f"stage1 full_rank FSDP2 ({backend}, 1 rank), experts {args.experts[-1]}",
+            model,
+            lambda: _train_step(model, [batch], step_tokens, 1, coef=config.router_aux_loss_coef),
+            args,
+            device,
+            tokens=args.train_seq,
+            seed_key="stage1 full_rank",
+            after=gather,
+        )
+    finally:
+        dist.destroy_process_group()
+    return {
+        **result,
+        **gathered,
+        "all_reduce_mb": args.all_reduce_mb,
+        "all_reduce_s": all_reduce_s,
+        "all_reduce_ok": ok,
+    }
+
+
+def _all_reduce_check(megabytes: int, device: Device) -> tuple[float, bool]:
+    """(median seconds of an all_reduce of ``megabytes`` of bf16, whether the result is right)."""
+    import torch.distributed as dist
+
+    payload = torch.ones(megabytes * 2**19, dtype=torch.bfloat16, device=device.torch)
+    seconds = median([timed(lambda: dist.all_reduce(payload), device.sync) for _ in range(3)])
+    return seconds, bool((payload == 1).all())  # one rank: the sum is the tensor itself
+
+
 def phase_stage3(args, device: Device, shape: dict) -> dict:
     from transformers import LlamaForCausalLM
 
@@ -230,7 +299,10 @@ def phase_stage3(args, device: Device, shape: dict) -> dict:
     )
 
 
-def _training_result(name, model, backward, args, device: Device, *, tokens: int, seed_key: str) -> dict:
+def _training_result(
+    name, model, backward, args, device: Device, *, tokens: int, seed_key: str, after=None
+) -> dict:
+    """Median seconds of an optimizer step; ``after(optimizer)`` runs once the steps are timed."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
 
@@ -241,6 +313,8 @@ def _training_result(name, model, backward, args, device: Device, *, tokens: int
         optimizer.zero_grad(set_to_none=True)
 
     seconds = median_time(step, args, device)
+    if after is not None:
+        after(optimizer)
     return {
         "phase": name,
         "step_s": seconds,
@@ -305,6 +379,7 @@ def main() -> None:
                 f"stage1 {mode}, experts {experts}",
                 lambda m=mode, e=experts: phase_stage1(args, device, olmoe, m, e),
             )
+    run_phase(results, "stage1 full_rank FSDP2", lambda: phase_fsdp(args, device, olmoe))
     run_phase(results, "stage3 llama-2-7b lora r=128", lambda: phase_stage3(args, device, llama))
 
     smoke = " (SMOKE: tiny shapes, checks the code, measures nothing)" if args.smoke else ""
@@ -314,6 +389,13 @@ def main() -> None:
         ["phase", "step s", "tokens/s", "MFU", "peak GB", "seed GB", "trainable params", "error"],
         [_table_row(r) for r in results],
     )
+    for r in results:
+        if "gather_s" in r:
+            print(
+                f"{r['phase']}: all_reduce of {r['all_reduce_mb']} MB {r['all_reduce_s'] * 1000:.1f} ms "
+                f"(result {'right' if r['all_reduce_ok'] else 'WRONG'}); checkpoint gather of "
+                f"{r['gathered_params']:,} trainable parameters {r['gather_s']:.2f} s"
+            )
     scoring = {r["scoring_experts"]: r for r in results if "scoring_experts" in r}
     if "eager" in scoring and "grouped_mm" in scoring:
         ratio = scoring["grouped_mm"]["tokens_per_s"] / scoring["eager"]["tokens_per_s"]

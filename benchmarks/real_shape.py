@@ -52,12 +52,14 @@ from common import (
     matmul_peak,
     print_table,
     sample_rows,
+    timed,
     write_json,
 )
 from safetensors.torch import save_file
 
 from selectmoe.demo.tiny import build_tokenizer
 
+MODELS = ("olmoe-1b-7b", "llama-2-7b")
 SHARD_BYTES = 2 * 1024**3
 INIT_STD = 0.02
 
@@ -92,6 +94,13 @@ def main() -> int:
     build.add_argument("--shape", choices=("real", "mini"), default="real")
     build.add_argument("--shard-gb", type=float, default=SHARD_BYTES / 1024**3)
     build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    build.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        help="a saved tokenizer folder to copy into each checkpoint (default: build the offline 32k one)",
+    )
     build.add_argument("--json", default=None)
     run = sub.add_parser("run", help="every stage's CLI on the checkpoints `build` wrote, then throughput")
     run.add_argument("models", type=Path, help="the folder `build` wrote")
@@ -100,6 +109,12 @@ def main() -> int:
     run.add_argument("--rows", type=int, default=150, help="real rows the stages read")
     run.add_argument("--throughput-rows", type=int, default=64)
     run.add_argument("--max-length", type=int, default=512)
+    run.add_argument(
+        "--tokens-per-batch",
+        type=int,
+        default=0,
+        help="the product scorer's scoring.tokens_per_batch in throughput (0 = its default for the device)",
+    )
     run.add_argument("--steps", type=int, default=3, help="optimiser steps of stages 1 and 3")
     run.add_argument("--eval-limit", type=int, default=10)
     run.add_argument("--stages", nargs="+", default=list(STAGES) + ["throughput"])
@@ -109,7 +124,9 @@ def main() -> int:
     args = p.parse_args()
     if args.command == "run":
         return run_all(args)
-    results = build_checkpoints(args.out, args.shape, int(args.shard_gb * 1024**3), args.seed)
+    results = build_checkpoints(
+        args.out, args.shape, int(args.shard_gb * 1024**3), args.seed, args.models, args.tokenizer
+    )
     for name, r in results["models"].items():
         print(
             f"{name}: {r['parameters'] / 1e9:.2f}B parameters, {r['bytes'] / 1e9:.2f} GB in {r['shards']} "
@@ -120,17 +137,21 @@ def main() -> int:
     return 0
 
 
-def build_checkpoints(out: Path, shape: str, shard_bytes: int, seed: int) -> dict:
-    from transformers import LlamaConfig, LlamaForCausalLM, OlmoeConfig, OlmoeForCausalLM
+def build_checkpoints(
+    out: Path, shape: str, shard_bytes: int, seed: int, models=MODELS, tokenizer_dir: Path | None = None
+) -> dict:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, OlmoeConfig, OlmoeForCausalLM
 
     olmoe = MINI["olmoe"] if shape == "mini" else OLMOE_1B_7B
     llama = MINI["llama"] if shape == "mini" else LLAMA_2_7B
-    tokenizer = build_tokenizer()
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir)) if tokenizer_dir else build_tokenizer()
     results: dict = {"models": {}}
     for name, cls, config in (
         ("olmoe-1b-7b", OlmoeForCausalLM, OlmoeConfig(**olmoe)),
         ("llama-2-7b", LlamaForCausalLM, LlamaConfig(**llama)),
     ):
+        if name not in models:
+            continue
         started = time.time()
         folder = out / name
         results["models"][name] = write_random_checkpoint(cls, config, folder, shard_bytes, seed)
@@ -503,7 +524,7 @@ def throughput(args, olmoe: Path, rows: list[dict]) -> dict:
     started = time.perf_counter()
     scorer = GateScorer(
         str(olmoe),
-        scoring=ScoringSection(),
+        scoring=ScoringSection(tokens_per_batch=args.tokens_per_batch),
         pad_token_id=tokenizer.pad_token_id,
         dtype="bfloat16",
         cpu_threads=os.cpu_count() if device.type == "cpu" else None,
@@ -537,7 +558,7 @@ def throughput(args, olmoe: Path, rows: list[dict]) -> dict:
         fn()
         sync()
         seconds[name] = time.perf_counter() - start
-    peak = matmul_peak(device, torch.bfloat16, 4096 if device.type == "cuda" else 2048, 10.0)
+    peak = matmul_peak(device, torch.bfloat16, 8192 if device.type == "cuda" else 2048, 10.0)
     experts = experts_layer_seconds(
         model, device, tokens=int(np.median([len(e["input_ids"]) for e in encoded])) * 16
     )
@@ -560,6 +581,7 @@ def throughput(args, olmoe: Path, rows: list[dict]) -> dict:
     return {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch_threads": torch.get_num_threads(),
+        "tokens_per_batch": scorer.max_tokens,
         "rows": len(encoded),
         "real_tokens": tokens,
         "seed_padding_efficiency": tokens
@@ -585,17 +607,14 @@ def experts_layer_seconds(model, device: torch.device, tokens: int) -> dict[str,
     block = model.model.layers[0].mlp
     hidden = torch.randn(1, tokens, model.config.hidden_size, device=device, dtype=torch.bfloat16)
     default = model.config._experts_implementation
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     seconds = {}
     for implementation in ("eager", "grouped_mm", "batched_mm"):
         try:
             model.set_experts_implementation(implementation)
             with torch.inference_mode():
                 block(hidden)
-                runs = []
-                for _ in range(3):
-                    start = time.perf_counter()
-                    block(hidden)
-                    runs.append(time.perf_counter() - start)
+                runs = [timed(lambda: block(hidden), sync) for _ in range(3)]
             seconds[implementation] = min(runs)
         except (RuntimeError, ValueError, NotImplementedError) as err:
             seconds[implementation] = f"failed: {err}"[:200]
@@ -625,7 +644,7 @@ def _column(values: list) -> np.ndarray:
 
 def print_throughput(t: dict) -> None:
     print_table(
-        f"stage-2 throughput on {t['device']} ({t['torch_threads']} threads), {t['rows']} rows, "
+        f"stage-2 throughput on {t['device']} ({t['torch_threads']} threads, scorer batches of {t['tokens_per_batch']} tokens), {t['rows']} rows, "
         f"{t['real_tokens']} real tokens; bf16 matmul peak {t['bf16_matmul_peak_flops'] / 1e9:.0f} GFLOP/s",
         ["loop", "seconds", "real tokens/s", "x seed loop", "useful FLOP/s share of peak"],
         [

@@ -41,6 +41,10 @@ def test_gpu_scale_smoke(tmp_path):
     assert not [r for r in report["results"] if "error" in r]
     assert "stage3 llama-2-7b lora r=128" in phases
     assert {"stage1 full_rank, experts eager", "stage1 lora, experts grouped_mm"} <= set(phases)
+    # FSDP2 units over a process group (gloo here): the collective is right, the checkpoint gather
+    # returns every trainable parameter
+    (fsdp,) = [r for r in report["results"] if r["phase"].startswith("stage1 full_rank FSDP2")]
+    assert fsdp["all_reduce_ok"] and fsdp["gathered_params"] == fsdp["trainable_params"] > 0
 
 
 def test_stage1_step_cost_small(tmp_path):
@@ -225,6 +229,14 @@ def test_real_shape_build_writes_loadable_checkpoints_in_the_hub_layout(tmp_path
         assert f.get_tensor("model.layers.0.mlp.experts.0.gate_proj.weight").shape == (32, 64)  # (I, H)
     model = load_select_moe(str(olmoe), dtype="bfloat16")  # raises on any missing key but the gates
     assert model.config.num_experts == 8 and model.dtype.is_floating_point
+    # one model, with a tokenizer copied from a folder (a machine without mistral-common)
+    only = tmp_path / "only_olmoe"
+    run_benchmark(
+        "real_shape.py", tmp_path, "build", str(only), "--shape", "mini",
+        "--models", "olmoe-1b-7b", "--tokenizer", str(olmoe),
+    )  # fmt: skip
+    assert sorted(p.name for p in only.iterdir()) == ["olmoe-1b-7b"]
+    assert (only / "olmoe-1b-7b" / "tokenizer.json").read_bytes() == (olmoe / "tokenizer.json").read_bytes()
 
 
 @pytest.mark.timeout(660)
