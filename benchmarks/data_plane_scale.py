@@ -77,11 +77,12 @@ def main() -> None:
                     flush=True,
                 )
     if selector:
-        labels = [select_label(run, code) for code in codes for run in SELECT_RUNS]
+        select_runs = SELECT_RUNS[:1] if args.fresh_only else SELECT_RUNS
+        labels = [select_label(run, code) for code in codes for run in select_runs]
         compared = [
             (select_label(run, "now"), select_label(run, code))
             for code in list(codes)[1:]
-            for run in SELECT_RUNS
+            for run in select_runs
         ]
     else:
         labels, compared = list(codes), [("now", code) for code in list(codes)[1:]]
@@ -96,7 +97,7 @@ def main() -> None:
             + [r["driver_peak_rss_gib"], r["driver_peak_private_gib"]]
             + [r["counts"]["rows_read"], r["counts"]["rows_rejected"]]
             + (
-                [r["counts"]["rows_scored"], r["counts"]["rows_selected"], r["same_selection"]]
+                [r["counts"]["rows_scored"], r["counts"]["rows_selected"], r.get("same_selection", "-")]
                 if selector
                 else []
             )
@@ -128,6 +129,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sort-window", type=int, default=None, help="select's scoring.sort_window")
     parser.add_argument("--one-file-only", action="store_true", help="skip the many-file layout")
     parser.add_argument("--select", action="store_true", help="run select (tiny selector), fresh and resumed")
+    parser.add_argument("--fresh-only", action="store_true", help="with --select: skip the resumed run")
     parser.add_argument(
         "--select-max-length", type=int, default=128, help="select's dataset.max_sequence_length"
     )
@@ -199,6 +201,8 @@ def select_twice(code: Path, data: Path, work: Path, selector: Path, args) -> li
     if args.split_bytes is not None:
         command.append(f"data.split_bytes={args.split_bytes}")
     fresh = measure(command, code, out, "select")
+    if args.fresh_only:
+        return [(SELECT_RUNS[0], fresh)]
     first = (out / "selected.jsonl").read_bytes()
     deleted = sorted((out / "scores").glob("*.parquet"))[::2]
     rescored = sum(pq.read_metadata(path).num_rows for path in deleted)
