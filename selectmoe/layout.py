@@ -37,6 +37,11 @@ GATE_LAYERS = "gate_layers.png"  # report figures, beside report.md
 COMPOSITION = "selection_composition.png"
 SEPARATION = "separation.json"  # demo: how the scores separate planted defects
 LOGS_DIR = "logs"
+# scratch in stages 1-3's output_dir while the command runs: the rows in the subset with their
+# tokens, as the scan wrote them (the text is read once); the trusted rows' (selection.trusted,
+# training.reference_data) in the second
+ROWS_SCRATCH = ".rows"
+TRUSTED_ROWS_SCRATCH = ".trusted_rows"
 
 # ---- every stage
 MANIFEST = "manifest.json"
@@ -64,8 +69,6 @@ SCORING_KEY = "_scoring_config.json"  # inside scores/: what the score files wer
 SELECTED_JSONL = "selected.jsonl"
 SELECTED_PARQUET = "selected.parquet"
 SELECTED_PARTS = ".selected_parts"  # scratch: the selected rows in rank-sorted parts, before the merge
-ROWS_SCRATCH = ".rows"  # scratch: the rows in the subset with their tokens, as the scan wrote them
-TRUSTED_ROWS_SCRATCH = ".trusted_rows"  # the same for selection.trusted
 SCORE_HISTOGRAMS = "score_histograms.png"
 CALIBRATION = "calibration.json"  # selection.method=calibrated: the fitted combiner, its CV AUROC
 TRUSTED_REJECTS = "trusted_rejects.jsonl"  # selection.trusted rows that could not be read

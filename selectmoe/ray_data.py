@@ -37,9 +37,10 @@ from __future__ import annotations
 import functools
 import heapq
 import json
+import shutil
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -99,7 +100,9 @@ def token_schema(replies_alone: bool = False) -> pa.Schema:
 
 @dataclass
 class RowsRead:
-    rows: ray.data.Dataset  # accepted rows in the subset, schema ``ROW_SCHEMA``, source order
+    rows: (
+        ray.data.Dataset
+    )  # accepted rows in the subset, ``ROW_SCHEMA`` (``read_tokenized``: tokens), source order
     ledger: RowLedger  # counts(), rejects, token_length_stats()
     sources: list[Source]
     outside_subset: Callable[..., ray.data.Dataset]  # ``(ids=None, key_below=1.0)``: see ``_outside``
@@ -153,6 +156,7 @@ def read_rows(
     rows_dir: Path | None = None,
     tokens: bool = False,
     replies_alone: bool = False,
+    loss_on: str = "assistant",
 ) -> RowsRead:
     """Scan the inputs of ``dataset_cfg`` (pass 1) and return the lazy dataset of accepted rows.
 
@@ -161,7 +165,7 @@ def read_rows(
     empty folder the workers reach) the scan also writes the rows there as Parquet parts, and the
     returned datasets read those parts instead of the text; with ``tokens`` (and a tokenizer) the parts
     also hold the scan's encodings, ``token_schema(replies_alone)``: the columns ``tokenize_rows`` would
-    add (``rows_not_done(done, columns=...)`` reads them).
+    add with ``loss_on`` (``rows_not_done(done, columns=...)`` reads them).
     """
     if tokens and (tokenizer_name is None or rows_dir is None):
         raise ValueError("read_rows(tokens=True) needs tokenizer_name and rows_dir")
@@ -169,7 +173,18 @@ def read_rows(
     ensure_ray()
     ledger = RowLedger.from_config(dataset_cfg, data_cfg, seed)
     pieces = plan_pieces(sources, data_cfg.split_bytes)
-    plan = _scan(pieces, ledger, data_cfg, dataset_cfg, seed, tokenizer_name, rows_dir, tokens, replies_alone)
+    plan = _scan(
+        pieces,
+        ledger,
+        data_cfg,
+        dataset_cfg,
+        seed,
+        tokenizer_name,
+        rows_dir,
+        tokens=tokens,
+        replies_alone=replies_alone,
+        loss_on=loss_on,
+    )
     if rows_dir is None:
         rows = _per_piece(
             pieces,
@@ -335,8 +350,10 @@ def _scan(
     seed: int,
     tokenizer_name,
     rows_dir,
+    *,
     tokens: bool,
     replies_alone: bool,
+    loss_on: str,
 ) -> _Plan:
     """Pass 1 into ``ledger``; returns, per piece, the lines its second read must drop (its rejects, some
     of which a read without the tokenizer would not see, and its duplicates), its rows in the subset and
@@ -353,6 +370,7 @@ def _scan(
         "rows_dir": None if rows_dir is None else str(rows_dir),
         "tokens": tokens,
         "replies_alone": replies_alone,
+        "loss_on": loss_on,
     }
     limit = data_cfg.read_parallelism if data_cfg.read_parallelism > 0 else len(pieces)
     outputs, running = [], []
@@ -437,6 +455,7 @@ def _scan_piece(
     rows_dir: str | None,
     tokens: bool = False,
     replies_alone: bool = False,
+    loss_on: str = "assistant",
 ) -> tuple:
     """One piece of pass 1: ((counts, (reject lines, rejects by reason, last row line)), the reject
     records, then the accepted rows' ids in ``buckets`` tables). With ``rows_dir`` the rows in the
@@ -456,7 +475,10 @@ def _scan_piece(
                 replies_alone=replies_alone,
             )
         writer = _PartWriter(rows_dir, index, token_columns, replies_alone)
-    for item in scan_piece(piece, tokenizer=tokenizer, max_seq_length=max_seq_length, keep_tokens=tokens):
+    scanned = scan_piece(
+        piece, tokenizer=tokenizer, max_seq_length=max_seq_length, keep_tokens=tokens, loss_on=loss_on
+    )
+    for item in scanned:
         if item.reject is not None:
             rejects.append(item.reject)
             continue
@@ -623,13 +645,44 @@ def _written_rows(batch: pa.Table, *, rows_dir: str, columns: list[str]) -> Iter
 
 # ---------------------------------------------------------------------------- tokenisation
 
+TOKENIZED_KEEP = ("id", "dataset", "source", "line")  # the row columns tokenized rows keep
+
+
+def read_tokenized(
+    dataset_cfg, data_cfg, *, seed: int, tokenizer_name: str, rows_dir: Path, loss_on: str = "assistant"
+) -> RowsRead:
+    """``read_rows`` for a training stage, the text read and tokenised once: the scan writes the rows in
+    the subset with their tokens to ``rows_dir`` (a scratch folder, emptied first and removed once the
+    rows are in Ray's object store). The result's ``rows`` are materialised, with the columns
+    ``tokenize_rows(rows, tokenizer_name, dataset_cfg.max_sequence_length, loss_on)`` gives."""
+    columns = [*TOKENIZED_KEEP, *token_schema().names]
+    shutil.rmtree(rows_dir, ignore_errors=True)
+    try:
+        read = read_rows(
+            dataset_cfg,
+            data_cfg,
+            seed=seed,
+            tokenizer_name=tokenizer_name,
+            rows_dir=rows_dir,
+            tokens=True,
+            loss_on=loss_on,
+        )
+        rows = read.rows_not_done(lambda: iter(()), columns=columns).rows
+        if rows is None:
+            schema = pa.schema([ROW_SCHEMA.field(name) for name in TOKENIZED_KEEP] + list(token_schema()))
+            rows = ray.data.from_arrow(schema.empty_table())
+        rows = rows.materialize()
+    finally:
+        shutil.rmtree(rows_dir, ignore_errors=True)
+    return replace(read, rows=rows)
+
 
 def tokenize_rows(
     rows: ray.data.Dataset,
     tokenizer_name: str,
     max_seq_length: int,
     loss_on: str = "assistant",
-    keep: tuple[str, ...] = ("id", "dataset", "source", "line"),
+    keep: tuple[str, ...] = TOKENIZED_KEEP,
     replies_alone: bool = False,
 ) -> ray.data.Dataset:
     """Rows -> ``keep`` columns + ``input_ids``, ``labels`` (int32 lists), ``n_tokens``,

@@ -18,7 +18,7 @@ from selectmoe.config import DataConfig, DatasetConfig
 from selectmoe.data import RowLedger, encode_batch, iter_rows, load_tokenizer
 from selectmoe.data.rejects import DataError
 from selectmoe.data.subset import random_key
-from selectmoe.ray_data import ROW_SCHEMA, plan_pieces, read_rows, tokenize_rows
+from selectmoe.ray_data import ROW_SCHEMA, plan_pieces, read_rows, read_tokenized, tokenize_rows
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -137,6 +137,42 @@ def test_the_scan_writes_the_tokens_tokenize_rows_would_add(
     ]
     with pytest.raises(ValueError, match="rows_dir"):
         plain.rows_not_done(lambda: iter(()), columns=["id"])
+
+
+@pytest.mark.parametrize("loss_on", ["assistant", "all"])
+def test_a_training_stage_reads_the_rows_it_would_tokenise_in_one_pass(
+    ray_session, mixed_inputs, tokenizer_dir, tmp_path, loss_on
+):
+    """``read_tokenized`` (stages 1 and 3): in a sample with duplicates across pieces, the rows and
+    their tokens equal ``tokenize_rows`` of the rows read from the text, labels as ``data.loss_on``
+    says; the scratch the scan wrote to is gone once the rows are in Ray."""
+    cot = COT.read_text().splitlines()
+    (tmp_path / "a.jsonl").write_text("\n".join(cot[:30]) + "\n")
+    (tmp_path / "b.jsonl").write_text("\n".join(cot[25:35] + cot[3:4]) + "\n")  # 6 duplicates
+    cfg = DatasetConfig(
+        data_path=[*mixed_inputs, str(tmp_path / "*.jsonl")], max_sequence_length=128, subset_ratio=0.7
+    )
+    plain = read_rows(cfg, DataConfig(split_bytes=700), seed=3, tokenizer_name=tokenizer_dir)
+    expected = tokenize_rows(plain.rows, tokenizer_dir, 128, loss_on).take_all()
+    scratch = tmp_path / "scratch"
+    read = read_tokenized(
+        cfg,
+        DataConfig(split_bytes=700),
+        seed=3,
+        tokenizer_name=tokenizer_dir,
+        rows_dir=scratch,
+        loss_on=loss_on,
+    )
+    assert not scratch.exists()
+
+    def plain_lists(rows: list[dict]) -> list[dict]:
+        return [{k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in row.items()} for row in rows]
+
+    got = plain_lists(read.rows.take_all())
+    assert got == plain_lists(expected) and 20 < len(got) < read.ledger.counts()["rows_accepted"]
+    assert read.ledger.counts() == plain.ledger.counts()
+    labelled_everywhere = [r["labels"] == r["input_ids"] for r in got]
+    assert all(labelled_everywhere) if loss_on == "all" else not any(labelled_everywhere)
 
 
 def test_a_resumed_read_skips_pieces_done_and_drops_the_lines_done(ray_session, mixed_inputs, tmp_path):

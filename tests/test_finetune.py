@@ -13,9 +13,8 @@ from safetensors.torch import load_file
 from selectmoe.cli import main
 from selectmoe.config import parse_config
 from selectmoe.data.template import IGNORE_INDEX
-from selectmoe.finetune.driver import finetune, training_tokens
+from selectmoe.finetune.driver import finetune, read_training_rows
 from selectmoe.layout import RAY_TRAIN_DIR
-from selectmoe.ray_data import read_rows
 from selectmoe.training.common import BatchPlan
 
 TRAIN_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "train" / "oasst1.jsonl"
@@ -114,14 +113,16 @@ def test_effective_batch_is_per_device_x_accumulation_x_workers(
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_only_assistant_tokens_carry_labels(tiny_llama, selected_jsonl, ray_session, tmp_path):
-    """The rows the workers train on: labelled tokens decode to the assistant turns, nothing else."""
+    """The rows the workers train on (read and tokenised by the scan, in one pass): labelled tokens decode
+    to the assistant turns, nothing else; ``data.loss_on=all`` labels every token."""
     from selectmoe.data.template import load_tokenizer
 
     cfg = parse_config("finetune", overrides=stage3_overrides(tiny_llama, selected_jsonl, tmp_path))
     tokenizer = load_tokenizer(str(tiny_llama))
-    read = read_rows(cfg.dataset, cfg.data, seed=cfg.seed, tokenizer_name=str(tiny_llama))
+    read = read_training_rows(cfg, str(tiny_llama), tmp_path / "scratch")
+    assert not (tmp_path / "scratch").exists()  # the scan's parts are gone once the rows are in Ray
     originals = {json.loads(line)["id"]: json.loads(line) for line in selected_jsonl.read_text().splitlines()}
-    rows = training_tokens(read.rows, cfg, str(tiny_llama)).take_all()
+    rows = read.rows.take_all()
     assert len(rows) == read.ledger.counts()["rows_accepted"] > 30
     for row in rows:
         ids, labels = list(row["input_ids"]), list(row["labels"])
@@ -141,8 +142,9 @@ def test_only_assistant_tokens_carry_labels(tiny_llama, selected_jsonl, ray_sess
     cfg_all = parse_config(
         "finetune", overrides=[*stage3_overrides(tiny_llama, selected_jsonl, tmp_path), "data.loss_on=all"]
     )
-    row = training_tokens(read.rows, cfg_all, str(tiny_llama)).take(1)[0]
-    assert list(row["labels"]) == list(row["input_ids"])
+    rows_all = read_training_rows(cfg_all, str(tiny_llama), tmp_path / "scratch").rows.take_all()
+    assert [r["id"] for r in rows_all] == [r["id"] for r in rows]
+    assert all(list(r["labels"]) == list(r["input_ids"]) for r in rows_all)
 
 
 def _labelled_spans(labels: list[int]) -> list[tuple[int, int]]:

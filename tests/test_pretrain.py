@@ -137,6 +137,7 @@ def test_stage1_outputs_and_manifest(two_worker_run):
     assert len(ids) == counts["rows_trained"] and len({r["id"] for r in ids}) == len(ids)
     assert (out / "training_curves.png").stat().st_size > 0
     assert (out / "tokenizer" / "tokenizer.json").exists()
+    assert not (out / ".rows").exists()  # the scan's scratch (rows with their tokens) is removed
 
 
 def test_two_workers_match_one_worker_with_the_same_global_batch(two_worker_run, one_worker_run):

@@ -33,18 +33,24 @@ class Scanned(NamedTuple):
 
 
 def scan_piece(
-    piece: Piece, *, tokenizer=None, max_seq_length: int = 2048, keep_tokens: bool = False
+    piece: Piece,
+    *,
+    tokenizer=None,
+    max_seq_length: int = 2048,
+    keep_tokens: bool = False,
+    loss_on: str = "assistant",
 ) -> Iterator[Scanned]:
     """Every record of one file's piece (``Piece(source)``: the whole file) as a row or a reject, in
-    line order; ``keep_tokens``: each row keeps the encoding its check made (``Scanned.encoded``)."""
+    line order; ``keep_tokens``: each row keeps the encoding its check made (``Scanned.encoded``, its
+    labels as ``loss_on`` says; which rows are rejected does not depend on it)."""
     source = piece.source
     pending: list[Scanned] = []
     for record in read_records(source.uri, piece):
         pending.append(_normalise(source, record))
         if len(pending) >= ENCODE_BATCH_ROWS:
-            yield from _check_tokens(pending, tokenizer, max_seq_length, keep_tokens)
+            yield from _check_tokens(pending, tokenizer, max_seq_length, keep_tokens, loss_on)
             pending = []
-    yield from _check_tokens(pending, tokenizer, max_seq_length, keep_tokens)
+    yield from _check_tokens(pending, tokenizer, max_seq_length, keep_tokens, loss_on)
 
 
 def iter_rows(dataset_cfg, ledger: RowLedger, *, tokenizer=None) -> Iterator[dict]:
@@ -89,11 +95,13 @@ def _normalise(source: Source, record: RawRecord) -> Scanned:
     return Scanned(row, None, raw)
 
 
-def _check_tokens(items: list[Scanned], tokenizer, max_seq_length: int, keep: bool) -> list[Scanned]:
+def _check_tokens(
+    items: list[Scanned], tokenizer, max_seq_length: int, keep: bool, loss_on: str
+) -> list[Scanned]:
     if tokenizer is None:
         return items
     messages = [item.row["messages"] for item in items if item.row is not None]
-    encoded = iter(encode_batch(messages, tokenizer, max_seq_length=max_seq_length))
+    encoded = iter(encode_batch(messages, tokenizer, max_seq_length=max_seq_length, loss_on=loss_on))
     checked = []
     for item in items:
         if item.row is None:

@@ -34,10 +34,10 @@ from selectmoe.console import phase
 from selectmoe.data.template import ensure_pad_token, load_tokenizer
 from selectmoe.figures import plot_training_curves
 from selectmoe.finetune.worker import train_target_per_worker
-from selectmoe.layout import ADAPTER_DIR, METRICS, REJECTS, TRAINING_CURVES
+from selectmoe.layout import ADAPTER_DIR, METRICS, REJECTS, ROWS_SCRATCH, TRAINING_CURVES
 from selectmoe.manifest import fingerprint, write_manifest
 from selectmoe.models.loading import require_model
-from selectmoe.ray_data import read_rows, tokenize_rows
+from selectmoe.ray_data import read_tokenized
 from selectmoe.scaling import worker_layout
 from selectmoe.training.launch import fit, loop_config, plan_steps, run_name
 
@@ -53,11 +53,11 @@ def finetune(cfg: FinetuneConfig) -> Path:
     tokenizer_name = cfg.model.tokenizer_name or cfg.model.name
     tokenizer = ensure_pad_token(load_tokenizer(tokenizer_name))
 
-    # ---- setup: rows -> tokens (materialised: every worker reads the whole selection)
+    # ---- setup: rows -> tokens, in one read (materialised: every worker reads the whole selection)
     with phase("stage 3 finetune: reading and tokenising rows"):
-        read = read_rows(cfg.dataset, cfg.data, seed=cfg.seed, tokenizer_name=tokenizer_name)
+        read = read_training_rows(cfg, tokenizer_name, out / ROWS_SCRATCH)
         read.ledger.write_rejects(out / REJECTS)
-        train = training_tokens(read.rows, cfg, tokenizer_name).materialize()
+        train = read.rows
         num_rows = train.count()
     layout = worker_layout(cfg.scaling)
     steps = plan_steps("stage 3", num_rows, cfg.training, workers=layout.workers)
@@ -117,6 +117,14 @@ def finetune(cfg: FinetuneConfig) -> Path:
     return out
 
 
-def training_tokens(rows, cfg: FinetuneConfig, tokenizer_name: str):
-    """Rows -> the template's ``input_ids`` + ``labels`` (``data.loss_on``: assistant tokens by default)."""
-    return tokenize_rows(rows, tokenizer_name, cfg.dataset.max_sequence_length, cfg.data.loss_on)
+def read_training_rows(cfg: FinetuneConfig, tokenizer_name: str, rows_dir: Path):
+    """``read_tokenized``: the rows with the template's ``input_ids`` + ``labels`` (``data.loss_on``:
+    assistant tokens by default), the scan's parts in the scratch ``rows_dir``."""
+    return read_tokenized(
+        cfg.dataset,
+        cfg.data,
+        seed=cfg.seed,
+        tokenizer_name=tokenizer_name,
+        rows_dir=rows_dir,
+        loss_on=cfg.data.loss_on,
+    )

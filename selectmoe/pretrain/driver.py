@@ -30,16 +30,18 @@ from selectmoe.layout import (
     REFERENCE_REJECTS,
     REJECTS,
     ROUTER_WEIGHTS,
+    ROWS_SCRATCH,
     STAGE1_CONFIG,
     TOKENIZER_DIR,
     TRAINABLE_FILE,
     TRAINING_CURVES,
     TRAINING_IDS,
+    TRUSTED_ROWS_SCRATCH,
 )
 from selectmoe.manifest import fingerprint, write_manifest
 from selectmoe.models.loading import require_model
 from selectmoe.pretrain.worker import train_router_per_worker
-from selectmoe.ray_data import RowsRead, mix_reference, read_rows, tokenize_rows
+from selectmoe.ray_data import RowsRead, mix_reference, read_tokenized
 from selectmoe.scaling import worker_layout
 from selectmoe.training.launch import fit, loop_config, plan_steps, run_name
 
@@ -76,12 +78,19 @@ def pretrain(cfg: PretrainConfig, callbacks: list | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tokenizer_name = cfg.selector_model.tokenizer_name or cfg.selector_model.path
 
-    # ---- setup: rows -> tokens (materialised: the sampled subset is small and read by every worker)
+    # ---- setup: rows -> tokens, in one read (materialised: the sampled subset is small and read by
+    # every worker)
     with phase("stage 1 pretrain: reading, checking and tokenising rows"):
-        read = read_rows(cfg.dataset, cfg.data, seed=cfg.seed, tokenizer_name=tokenizer_name)
+        read = read_tokenized(
+            cfg.dataset,
+            cfg.data,
+            seed=cfg.seed,
+            tokenizer_name=tokenizer_name,
+            rows_dir=out / ROWS_SCRATCH,
+            loss_on=cfg.data.loss_on,
+        )
         read.ledger.write_rejects(out / REJECTS)
-        train = tokenize_rows(read.rows, tokenizer_name, cfg.dataset.max_sequence_length, cfg.data.loss_on)
-        train = train.materialize()
+        train = read.rows
         trained = pa.Table.from_pylist(train.select_columns(["id", "dataset"]).take_all())
         pq.write_table(trained, out / TRAINING_IDS)  # corpus rows only: stage 2 excludes them
         reference_rows, reference_probe = 0, None
@@ -279,10 +288,16 @@ def _reference_rows(
     source = DatasetConfig(
         data_path=list(cfg.training.reference_data), max_sequence_length=cfg.dataset.max_sequence_length
     )
-    read = read_rows(source, cfg.data, seed=cfg.seed, tokenizer_name=tokenizer_name)
+    read = read_tokenized(
+        source,
+        cfg.data,
+        seed=cfg.seed,
+        tokenizer_name=tokenizer_name,
+        rows_dir=out / TRUSTED_ROWS_SCRATCH,
+        loss_on=cfg.data.loss_on,
+    )
     read.ledger.write_rejects(out / REFERENCE_REJECTS)
-    rows = tokenize_rows(read.rows, tokenizer_name, cfg.dataset.max_sequence_length, cfg.data.loss_on)
-    tables = ray.get(rows.materialize().to_arrow_refs())
+    tables = ray.get(read.rows.to_arrow_refs())
     table = pa.concat_tables(tables) if tables else None
     if table is None or table.num_rows == 0:
         raise ConfigError(f"training.reference_data={cfg.training.reference_data}: no valid row")
