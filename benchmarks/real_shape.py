@@ -115,6 +115,14 @@ def main() -> int:
         default=0,
         help="the product scorer's scoring.tokens_per_batch in throughput (0 = its default for the device)",
     )
+    run.add_argument(
+        "--max-rows",
+        type=int,
+        nargs="+",
+        default=None,
+        help="the product scorer's rows per sub-batch (data_process.batch_size) in throughput (default: its "
+        "default for the device); several values each run the two presets",
+    )
     run.add_argument("--steps", type=int, default=3, help="optimiser steps of stages 1 and 3")
     run.add_argument("--eval-limit", type=int, default=10)
     run.add_argument("--stages", nargs="+", default=list(STAGES) + ["throughput"])
@@ -534,22 +542,23 @@ def throughput(args, olmoe: Path, rows: list[dict]) -> dict:
     original = ScorePasses.for_scoring(ScoringSection())
     default = ScorePasses.for_scoring(ScoringSection(**DEFAULT_SCORING))
 
-    def product(passes):
+    def product(passes, max_rows: int):
         def score():
-            scorer.passes = passes
+            scorer.passes, scorer.max_rows = passes, max_rows
             scorer(batch)
 
         return score
 
-    loops = {
-        "seed loop": lambda: seed_loop(model, encoded, tokenizer.pad_token_id, device),
-        "original preset": product(original),
-        "default preset": product(default),
-    }
+    max_rows_values = args.max_rows or [scorer.max_rows]
+    loops = {"seed loop": lambda: seed_loop(model, encoded, tokenizer.pad_token_id, device)}
+    for max_rows in max_rows_values:
+        suffix = "" if len(max_rows_values) == 1 else f", {max_rows} rows"
+        loops[f"original preset{suffix}"] = product(original, max_rows)
+        loops[f"default preset{suffix}"] = product(default, max_rows)
     # warm-up: every batch shape once (oneDNN builds its kernels per shape, a cost a long run amortises)
     seed_loop(model, encoded[:4], tokenizer.pad_token_id, device)
-    scorer.passes = default
-    scorer(batch)
+    for max_rows in max_rows_values:
+        product(default, max_rows)()
     seconds = {}
     for name, fn in loops.items():  # alternating: each loop once, in turn, over the same rows
         sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
@@ -569,19 +578,20 @@ def throughput(args, olmoe: Path, rows: list[dict]) -> dict:
     reply_scored = [int(np.sum(np.asarray(r["labels"]) != -100)) for r in replies]
     head = 2 * config.hidden_size * config.vocab_size
     gates_flops = sum(decoder_flops_per_row(config, n, lm_head=False) for n in lengths)
-    useful = {
-        "seed loop": gates_flops,  # a gate score needs the decoder only
-        "original preset": gates_flops,
-        "default preset": gates_flops
+    default_flops = (
+        gates_flops
         + head * sum(scored)
         + sum(decoder_flops_per_row(config, n, lm_head=False) for n in reply_lengths)
-        + head * sum(reply_scored),
-    }
+        + head * sum(reply_scored)
+    )
+    # a gate score (the seed loop, the original preset) needs the decoder only
+    useful = {name: default_flops if name.startswith("default") else gates_flops for name in loops}
     tokens = sum(lengths)
     return {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch_threads": torch.get_num_threads(),
         "tokens_per_batch": scorer.max_tokens,
+        "max_rows": max_rows_values,
         "rows": len(encoded),
         "real_tokens": tokens,
         "seed_padding_efficiency": tokens
@@ -644,7 +654,8 @@ def _column(values: list) -> np.ndarray:
 
 def print_throughput(t: dict) -> None:
     print_table(
-        f"stage-2 throughput on {t['device']} ({t['torch_threads']} threads, scorer batches of {t['tokens_per_batch']} tokens), {t['rows']} rows, "
+        f"stage-2 throughput on {t['device']} ({t['torch_threads']} threads, scorer batches of {t['tokens_per_batch']} tokens "
+        f"and at most {t['max_rows']} rows), {t['rows']} rows, "
         f"{t['real_tokens']} real tokens; bf16 matmul peak {t['bf16_matmul_peak_flops'] / 1e9:.0f} GFLOP/s",
         ["loop", "seconds", "real tokens/s", "x seed loop", "useful FLOP/s share of peak"],
         [

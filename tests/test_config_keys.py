@@ -32,7 +32,7 @@ def test_every_key_is_read_by_the_code(command):
     [
         ("selection_percentage=-0.1", r"selection_percentage=-0.1 is out of range: expected \(0, 1\]"),
         ("selection_percentage=1.5", r"selection_percentage=1.5 is out of range: expected \(0, 1\]"),
-        ("data_process.batch_size=0", r"data_process.batch_size=0 is out of range: expected >= 1"),
+        ("data_process.batch_size=-1", r"data_process.batch_size=-1 is out of range: expected >= 0"),
         ("dataset.subset_ratio=0", r"dataset.subset_ratio=0.0 is out of range"),
         ("training.max_steps=0", None),  # pretrain: -1 (off) or >= 1
         ("clustering_method=hdbscan", r"clustering_method='hdbscan': expected one of \['kmeans'\]"),

@@ -114,6 +114,20 @@ def test_row_score_does_not_depend_on_batch_neighbours(tiny_olmoe):
     assert (together["n_scored_tokens"] < together["n_tokens"]).all()  # assistant tokens only
 
 
+def test_sub_batches_hold_at_most_the_devices_default_rows(tiny_olmoe):
+    """``data_process.batch_size=0`` (the default): 32 rows per sub-batch on CPU (128 on a GPU)."""
+    tokenizer = ensure_pad_token(load_tokenizer(str(tiny_olmoe)))
+    cfg = parse_config("select", overrides=[f"model_checkpoint_path={tiny_olmoe}"])
+    scorer = GateScorer(
+        str(tiny_olmoe),
+        scoring=ScoringSection(),
+        pad_token_id=tokenizer.pad_token_id,
+        max_rows=cfg.data_process.batch_size,
+    )
+    lengths = np.full(70, 10)
+    assert [len(c) for c in scorer._chunks(np.arange(70), lengths)] == [32, 32, 6]
+
+
 def oasst1_rows(tokenizer, n: int = 5) -> tuple[list[dict], list[dict]]:
     """The first ``n`` real oasst1 rows and their encodings."""
     rows = [json.loads(line) for line in (TRAIN_DIR / "oasst1.jsonl").read_text().splitlines()[:n]]

@@ -182,7 +182,9 @@ class ClusteringParams:
 
 @dataclass
 class DataProcessSection:
-    batch_size: int = ranged(32, low=1)  # rows per scoring batch (upper bound; tokens_per_batch caps it too)
+    # rows per scoring sub-batch, at most (scoring.tokens_per_batch caps it too); 0 = 128 on a GPU, where
+    # short rows need more than 32 to fill one, and the seed's 32 on CPU
+    batch_size: int = ranged(0, low=0)
 
 
 @dataclass

@@ -25,6 +25,7 @@ OPTIONAL_COLUMNS = (
 WHERE_READ = ("source", "line")  # passed through: a resumed run finds the rows scored before by them
 TOKEN_FIELDS = ("input_ids", "labels", "reply_input_ids", "reply_labels")  # what score_batch reads
 DEFAULT_TOKENS_PER_BATCH = {"cuda": 16384, "cpu": 4096}  # scoring.tokens_per_batch=0
+DEFAULT_ROWS_PER_BATCH = {"cuda": 128, "cpu": 32}  # data_process.batch_size=0
 WARM_UP_TOKENS = 64  # the longer of the two rows of the actor's warm-up pass
 
 
@@ -37,7 +38,7 @@ class GateScorer:
         pad_token_id: int,
         dtype: str = "auto",
         attn_implementation: str = "sdpa",
-        max_rows: int = 32,
+        max_rows: int = 0,
         cpu_threads: int | None = None,
         fail_once_marker: str | None = None,
     ):
@@ -50,7 +51,7 @@ class GateScorer:
         self.scoring = scoring
         self.passes = ScorePasses.for_scoring(scoring)
         self.pad_token_id = pad_token_id
-        self.max_rows = max_rows
+        self.max_rows = max_rows or DEFAULT_ROWS_PER_BATCH[self.device.type]
         self.max_tokens = scoring.tokens_per_batch or DEFAULT_TOKENS_PER_BATCH[self.device.type]
         self.fail_once_marker = fail_once_marker
         self._warm_up()
