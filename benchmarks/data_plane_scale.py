@@ -135,7 +135,10 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--work-dir", default="/tmp/selectmoe_data_plane")
     parser.add_argument("--json", default=None)
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.fresh_only and not args.select:
+        parser.error("--fresh-only is a --select option")
+    return args
 
 
 def worktree(ref: str, path: Path) -> Path:

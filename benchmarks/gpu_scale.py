@@ -22,7 +22,8 @@ Phases:
   fsdp      stage 1 full_rank under the product's FSDP2 units (``selectmoe.training.sharding.shard``) in a
             one-rank process group (NCCL on a GPU, gloo on CPU): units of mixed dtypes (bf16 body, fp32
             routers) all-gathered as bytes, then the checkpoint gather (``gather_state``) timed; before
-            it, one all_reduce of --all-reduce-mb checks the collective backend
+            it, one all_reduce of --all-reduce-mb shows the backend starts and runs (with one rank it
+            moves no data)
   stage3    a LoRA step on the Llama-2-7B shape (``selectmoe.finetune.worker.apply_lora``: LESS's r=128,
             alpha 512, dropout 0.1 on q/k/v/o, gradient checkpointing)
 The projection divides rows x --mean-row-tokens by the best scoring tokens/s x --gpus.
@@ -211,8 +212,6 @@ def phase_stage1(args, device: Device, shape: dict, mode: str, experts: str) -> 
 
 
 def phase_fsdp(args, device: Device, shape: dict) -> dict:
-    import os
-
     import torch.distributed as dist
 
     from selectmoe.data.collate import count_labelled
@@ -220,10 +219,8 @@ def phase_fsdp(args, device: Device, shape: dict) -> dict:
     from selectmoe.pretrain.worker import _train_step, setup_trainable
     from selectmoe.training.sharding import gather_state, shard
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29517")
     backend = "nccl" if device.cuda else "gloo"
-    dist.init_process_group(backend, rank=0, world_size=1)
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     try:
         all_reduce_s, ok = _all_reduce_check(args.all_reduce_mb, device)
         device.reset_peak()

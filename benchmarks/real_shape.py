@@ -86,6 +86,13 @@ MINI = {
 }
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -99,7 +106,7 @@ def main() -> int:
         "--tokenizer",
         type=Path,
         default=None,
-        help="a saved tokenizer folder to copy into each checkpoint (default: build the offline 32k one)",
+        help="a saved tokenizer folder, loaded and saved into each checkpoint (default: the offline 32k one)",
     )
     build.add_argument("--json", default=None)
     run = sub.add_parser("run", help="every stage's CLI on the checkpoints `build` wrote, then throughput")
@@ -117,7 +124,7 @@ def main() -> int:
     )
     run.add_argument(
         "--max-rows",
-        type=int,
+        type=positive_int,
         nargs="+",
         default=None,
         help="the product scorer's rows per sub-batch (data_process.batch_size) in throughput (default: its "

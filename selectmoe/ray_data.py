@@ -21,9 +21,10 @@ CPU, none under ``MIN_PIECE_BYTES``). ``read_rows`` makes two passes, one Ray ta
 
 Given ``rows_dir``, the scan also writes each piece's accepted rows in the subset there
 (``part-<piece>.parquet``, source order by name) and the parts holding a later duplicate are then
-rewritten without it; the returned datasets then read those parts, not the text: ``validate-data``
-and stage 2 read the text once. With ``tokens`` the parts also hold the token columns the scan's
-template check computed (``token_schema``: what ``tokenize_rows`` adds), so stage 2 tokenises once too.
+rewritten without it; the returned datasets then read those parts, not the text, for as long as the
+folder is there: ``validate-data`` and stages 1-3 read the text once. With ``tokens`` the parts also
+hold the token columns the scan's template check computed (``token_schema``: what ``tokenize_rows``
+adds), so stages 1-3 tokenise once too (stages 1 and 3 through ``read_tokenized``).
 
 ``tokenize_rows`` maps those rows through the one chat template (``input_ids``, ``labels``).
 
@@ -34,6 +35,7 @@ must reach the input URIs.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import heapq
 import json
@@ -66,6 +68,7 @@ from selectmoe.data.rejects import MAX_RAW_CHARS, DataError, RowError, reason_co
 from selectmoe.data.rows import scan_piece
 from selectmoe.data.subset import in_subset, random_key
 from selectmoe.data.template import encode_batch, encode_replies_alone, load_tokenizer
+from selectmoe.layout import ROWS_SCRATCH, TRUSTED_ROWS_SCRATCH
 from selectmoe.scaling import ensure_ray
 
 OUTPUT_ROWS = 1024  # rows per table a read task yields
@@ -100,9 +103,8 @@ def token_schema(replies_alone: bool = False) -> pa.Schema:
 
 @dataclass
 class RowsRead:
-    rows: (
-        ray.data.Dataset
-    )  # accepted rows in the subset, ``ROW_SCHEMA`` (``read_tokenized``: tokens), source order
+    # accepted rows in the subset, source order: ``ROW_SCHEMA`` (``read_tokenized``: its token columns)
+    rows: ray.data.Dataset
     ledger: RowLedger  # counts(), rejects, token_length_stats()
     sources: list[Source]
     outside_subset: Callable[..., ray.data.Dataset]  # ``(ids=None, key_below=1.0)``: see ``_outside``
@@ -648,33 +650,40 @@ def _written_rows(batch: pa.Table, *, rows_dir: str, columns: list[str]) -> Iter
 TOKENIZED_KEEP = ("id", "dataset", "source", "line")  # the row columns tokenized rows keep
 
 
+@contextlib.contextmanager
+def scratch_removed(output_dir: Path):
+    """Around a stage's run: its scratch copies of the rows (``layout.ROWS_SCRATCH``,
+    ``TRUSTED_ROWS_SCRATCH``) are removed when it ends, done or failed; a rerun writes them again."""
+    try:
+        yield
+    finally:
+        for name in (ROWS_SCRATCH, TRUSTED_ROWS_SCRATCH):
+            shutil.rmtree(output_dir / name, ignore_errors=True)
+
+
 def read_tokenized(
     dataset_cfg, data_cfg, *, seed: int, tokenizer_name: str, rows_dir: Path, loss_on: str = "assistant"
 ) -> RowsRead:
     """``read_rows`` for a training stage, the text read and tokenised once: the scan writes the rows in
-    the subset with their tokens to ``rows_dir`` (a scratch folder, emptied first and removed once the
-    rows are in Ray's object store). The result's ``rows`` are materialised, with the columns
-    ``tokenize_rows(rows, tokenizer_name, dataset_cfg.max_sequence_length, loss_on)`` gives."""
-    columns = [*TOKENIZED_KEEP, *token_schema().names]
+    the subset with their tokens to ``rows_dir`` (a scratch folder, emptied first). The result's ``rows``
+    are materialised, with the columns ``tokenize_rows(rows, tokenizer_name,
+    dataset_cfg.max_sequence_length, loss_on)`` gives. The caller removes ``rows_dir`` when the stage
+    ends, not before: Ray rebuilds a block lost with a node from the part it was read from."""
     shutil.rmtree(rows_dir, ignore_errors=True)
-    try:
-        read = read_rows(
-            dataset_cfg,
-            data_cfg,
-            seed=seed,
-            tokenizer_name=tokenizer_name,
-            rows_dir=rows_dir,
-            tokens=True,
-            loss_on=loss_on,
-        )
-        rows = read.rows_not_done(lambda: iter(()), columns=columns).rows
-        if rows is None:
-            schema = pa.schema([ROW_SCHEMA.field(name) for name in TOKENIZED_KEEP] + list(token_schema()))
-            rows = ray.data.from_arrow(schema.empty_table())
-        rows = rows.materialize()
-    finally:
-        shutil.rmtree(rows_dir, ignore_errors=True)
-    return replace(read, rows=rows)
+    read = read_rows(
+        dataset_cfg,
+        data_cfg,
+        seed=seed,
+        tokenizer_name=tokenizer_name,
+        rows_dir=rows_dir,
+        tokens=True,
+        loss_on=loss_on,
+    )
+    rows = read.rows_not_done(lambda: iter(()), columns=[*TOKENIZED_KEEP, *token_schema().names]).rows
+    if rows is None:
+        schema = pa.schema([ROW_SCHEMA.field(name) for name in TOKENIZED_KEEP] + list(token_schema()))
+        rows = ray.data.from_arrow(schema.empty_table())
+    return replace(read, rows=rows.materialize())
 
 
 def tokenize_rows(

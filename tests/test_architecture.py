@@ -116,8 +116,10 @@ def _module_level(name: str) -> tuple[set[str], bool]:
         for target in targets:
             while target and target not in MODULES:
                 target = target.rpartition(".")[0]
-            if target and target != "selectmoe":
-                modules.add(target)
+            while target and target != "selectmoe":  # the module and the packages its import runs
+                if target in MODULES and not name.startswith(target + "."):
+                    modules.add(target)
+                target = target.rpartition(".")[0]
     return modules, ray
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import psutil
 import pyarrow as pa
@@ -145,7 +146,7 @@ def test_a_training_stage_reads_the_rows_it_would_tokenise_in_one_pass(
 ):
     """``read_tokenized`` (stages 1 and 3): in a sample with duplicates across pieces, the rows and
     their tokens equal ``tokenize_rows`` of the rows read from the text, labels as ``data.loss_on``
-    says; the scratch the scan wrote to is gone once the rows are in Ray."""
+    says; they are in Ray's object store, so they outlive the scratch the scan wrote them to."""
     cot = COT.read_text().splitlines()
     (tmp_path / "a.jsonl").write_text("\n".join(cot[:30]) + "\n")
     (tmp_path / "b.jsonl").write_text("\n".join(cot[25:35] + cot[3:4]) + "\n")  # 6 duplicates
@@ -163,7 +164,7 @@ def test_a_training_stage_reads_the_rows_it_would_tokenise_in_one_pass(
         rows_dir=scratch,
         loss_on=loss_on,
     )
-    assert not scratch.exists()
+    shutil.rmtree(scratch)  # as the stage does when it ends
 
     def plain_lists(rows: list[dict]) -> list[dict]:
         return [{k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in row.items()} for row in rows]

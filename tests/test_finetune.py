@@ -120,7 +120,6 @@ def test_only_assistant_tokens_carry_labels(tiny_llama, selected_jsonl, ray_sess
     cfg = parse_config("finetune", overrides=stage3_overrides(tiny_llama, selected_jsonl, tmp_path))
     tokenizer = load_tokenizer(str(tiny_llama))
     read = read_training_rows(cfg, str(tiny_llama), tmp_path / "scratch")
-    assert not (tmp_path / "scratch").exists()  # the scan's parts are gone once the rows are in Ray
     originals = {json.loads(line)["id"]: json.loads(line) for line in selected_jsonl.read_text().splitlines()}
     rows = read.rows.take_all()
     assert len(rows) == read.ledger.counts()["rows_accepted"] > 30

@@ -61,6 +61,7 @@ def test_reference_gates_learn_to_tell_trusted_rows_from_the_corpus(ray_session,
     held_out = counts["reference_rows_held_out"]  # training.reference_holdout=0.2 of the 160, by id hash
     assert 16 <= held_out <= 48 and counts["reference_rows_trained"] == 160 - held_out
     assert counts["rows_trained"] == len(trained) + 160 - held_out
+    assert not (out / ".rows").exists() and not (out / ".trusted_rows").exists()  # scratch removed
 
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [m["reference_loss"] for m in history]
@@ -106,3 +107,4 @@ def test_reference_data_without_valid_rows_is_a_clear_error(ray_session, tiny_ol
     )
     with pytest.raises(ConfigError, match="training.reference_data=.*no valid row"):
         pretrain(cfg)
+    assert not (tmp_path / "stage1" / ".rows").exists()  # a failed run removes its scratch too

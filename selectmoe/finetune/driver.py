@@ -37,7 +37,7 @@ from selectmoe.finetune.worker import train_target_per_worker
 from selectmoe.layout import ADAPTER_DIR, METRICS, REJECTS, ROWS_SCRATCH, TRAINING_CURVES
 from selectmoe.manifest import fingerprint, write_manifest
 from selectmoe.models.loading import require_model
-from selectmoe.ray_data import read_tokenized
+from selectmoe.ray_data import read_tokenized, scratch_removed
 from selectmoe.scaling import worker_layout
 from selectmoe.training.launch import fit, loop_config, plan_steps, run_name
 
@@ -46,6 +46,11 @@ logger = logging.getLogger(__name__)
 
 def finetune(cfg: FinetuneConfig) -> Path:
     """Run stage 3; returns ``output_dir`` (the adapter folder)."""
+    with scratch_removed(Path(cfg.output_dir).resolve()):
+        return _run(cfg)
+
+
+def _run(cfg: FinetuneConfig) -> Path:
     started = time.time()
     require_model("model.name", cfg.model.name)
     out = Path(cfg.output_dir).resolve()

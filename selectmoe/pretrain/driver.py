@@ -41,7 +41,7 @@ from selectmoe.layout import (
 from selectmoe.manifest import fingerprint, write_manifest
 from selectmoe.models.loading import require_model
 from selectmoe.pretrain.worker import train_router_per_worker
-from selectmoe.ray_data import RowsRead, mix_reference, read_tokenized
+from selectmoe.ray_data import RowsRead, mix_reference, read_tokenized, scratch_removed
 from selectmoe.scaling import worker_layout
 from selectmoe.training.launch import fit, loop_config, plan_steps, run_name
 
@@ -67,6 +67,11 @@ def select_moe_overrides(cfg: PretrainConfig) -> dict:
 
 def pretrain(cfg: PretrainConfig, callbacks: list | None = None) -> Path:
     """Stage 1; ``callbacks`` are Ray Train ``UserCallback``s (the sweep passes Tune's reporter)."""
+    with scratch_removed(Path(cfg.output_dir).resolve()):
+        return _run(cfg, callbacks)
+
+
+def _run(cfg: PretrainConfig, callbacks: list | None) -> Path:
     started = time.time()
     if cfg.training.peft_mode == "lora" and cfg.training.lora.lora_dropout != 0:
         raise ConfigError(

@@ -59,7 +59,7 @@ from selectmoe.layout import (
 )
 from selectmoe.manifest import fingerprint, hash_dict, write_manifest
 from selectmoe.models.loading import require_model
-from selectmoe.ray_data import read_rows, task_as_dataset, token_schema, tokenize_rows
+from selectmoe.ray_data import read_rows, scratch_removed, task_as_dataset, token_schema, tokenize_rows
 from selectmoe.scaling import RESERVED_CPUS, cpu_threads, free_resources, use_gpu
 from selectmoe.select.calibrate import (
     FEATURE_COLUMNS,
@@ -111,11 +111,8 @@ TERM_SAMPLE_ROWS = 65536  # rows the robust-z term scales are measured on (scori
 
 def select(cfg: SelectConfig) -> Path:
     out = Path(cfg.output_dir).resolve()
-    try:
+    with scratch_removed(out):
         return _run(cfg, out)
-    finally:  # the scratch copies of the rows are the run's own: a rerun writes them again
-        shutil.rmtree(out / ROWS_SCRATCH, ignore_errors=True)
-        shutil.rmtree(out / TRUSTED_ROWS_SCRATCH, ignore_errors=True)
 
 
 def _run(cfg: SelectConfig, out: Path) -> Path:
