@@ -248,7 +248,10 @@ def _score(
             fn_constructor_kwargs=_scorer_kwargs(cfg, model_path, tokenizer_name, out, threads),
             **pool,
         )
-        scored.write_parquet(str(scores_dir))
+        # the writes take no CPU slot: on a small cluster the pool and the read of the rows hold every
+        # CPU, and writes that need one wait for the read to end (the scores pile up in the object
+        # store, none on disk for a resume)
+        scored.write_parquet(str(scores_dir), ray_remote_args={"num_cpus": 0})
 
 
 def _selector(cfg: SelectConfig) -> tuple[str, str]:
