@@ -51,6 +51,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from selectmoe.data.ledger import RowLedger, duplicate_reject
 from selectmoe.data.readers import (
@@ -64,7 +65,7 @@ from selectmoe.data.readers import (
     split_source,
     with_lines_before,
 )
-from selectmoe.data.rejects import MAX_RAW_CHARS, DataError, RowError, reason_code
+from selectmoe.data.rejects import MAX_RAW_CHARS, DataError, RowError, reason_code, write_rejects
 from selectmoe.data.rows import scan_piece
 from selectmoe.data.subset import in_subset, random_key
 from selectmoe.data.template import encode_batch, encode_replies_alone, load_tokenizer
@@ -401,8 +402,11 @@ def _scan(
         in_subset[row["piece"]] -= int(row["sampled"])
     if rows_dir is not None:
         _drop_duplicates_written(rows_dir, duplicates_by_piece)
-    records = functools.partial(_rejects_in_order, pieces, [out[1] for out in outputs], duplicates_by_piece)
-    ledger.stream_rejects_from(records)
+    scan_rejects = [out[1] for out in outputs]
+    records = functools.partial(_rejects_in_order, pieces, scan_rejects, duplicates_by_piece)
+    ledger.stream_rejects_from(
+        records, functools.partial(_write_rejects_in_a_task, pieces, scan_rejects, duplicates_by_piece)
+    )
     if ledger.on_bad_row == "error" and ledger.counts()["rows_rejected"]:
         ledger.reject(next(iter(records())))  # raises, naming the first bad row's file and line
     dropped = [
@@ -410,6 +414,19 @@ def _scan(
         for index, lines in enumerate(reject_lines)
     ]
     return _Plan(pieces, dropped, in_subset, last_row_line, rows_dir)
+
+
+def _write_rejects_in_a_task(pieces, scan_rejects: list, duplicates_by_piece: dict, path: Path) -> int:
+    """``write_rejects(path, _rejects_in_order(...))`` in a Ray task on this node, which reads the
+    records from the object store: the driver neither holds nor maps them (their pages would count in
+    its memory). No CPU is reserved: a stage's workers may hold them all."""
+    node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    task = ray.remote(_write_rejects_in_order).options(num_cpus=0, scheduling_strategy=node)
+    return ray.get(task.remote(str(path), pieces, scan_rejects, duplicates_by_piece))
+
+
+def _write_rejects_in_order(path: str, pieces, scan_rejects: list, duplicates_by_piece: dict) -> int:
+    return write_rejects(path, _rejects_in_order(pieces, scan_rejects, duplicates_by_piece))
 
 
 def _rejects_in_order(pieces: list[Piece], scan_rejects: list, duplicates_by_piece: dict[int, list[dict]]):

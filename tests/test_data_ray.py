@@ -51,9 +51,13 @@ def read_both(cfg: DatasetConfig, tokenizer_dir: str | None = None):
     return result, list(iter_rows(cfg, ledger, tokenizer=tokenizer)), ledger
 
 
-def test_ray_rows_rejects_and_counts_equal_the_iterator(ray_session, mixed_inputs, tokenizer_dir):
+def test_ray_rows_rejects_and_counts_equal_the_iterator(ray_session, mixed_inputs, tokenizer_dir, tmp_path):
     cfg = DatasetConfig(data_path=mixed_inputs, max_sequence_length=128)
     result, expected, ledger = read_both(cfg, tokenizer_dir)
+    # rejects.jsonl: written by a Ray task from the object store, byte for byte the iterator's
+    written = result.ledger.write_rejects(tmp_path / "ray.jsonl")
+    assert written == ledger.write_rejects(tmp_path / "plain.jsonl") > 0
+    assert (tmp_path / "ray.jsonl").read_bytes() == (tmp_path / "plain.jsonl").read_bytes()
 
     rows = result.rows.take_all()
     assert rows == expected  # same rows, same order, lines and ids

@@ -9,7 +9,8 @@ Memory (``iter_rows``): one entry per accepted id (to find duplicates) plus the 
 text capped at 2000 characters each) and a histogram of token lengths. The Ray front end finds
 duplicates in its workers and only adds up their per-piece counts here (``add_counts``,
 ``take_back``, ``count_rejects``): no per-row entry, and its reject records stay in Ray's object
-store until ``write_rejects`` streams them, one piece at a time (``stream_rejects_from``).
+store until ``write_rejects`` has a Ray task stream them into the file, one piece at a time
+(``stream_rejects_from``), so they never pass through the driver.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class RowLedger:
         self.seed = seed
         self._rejects: list[dict] = []
         self._reject_stream: Callable[[], Iterable[dict]] | None = None
+        self._reject_writer: Callable[[Path], int] | None = None
         self._rejected_by_reason: Counter[str] = Counter()
         self._rejected_by_source: Counter[str] = Counter()
         self._sources: list[str] = []
@@ -61,10 +63,14 @@ class RowLedger:
         self._rejected_by_reason.update(by_reason)
         self._rejected_by_source[source] += sum(by_reason.values())
 
-    def stream_rejects_from(self, records: Callable[[], Iterable[dict]]) -> None:
-        """Where the counted rejects' records come from, in source order, when written: a function
-        that streams them (the Ray front end's, from the object store)."""
+    def stream_rejects_from(
+        self, records: Callable[[], Iterable[dict]], writer: Callable[[Path], int] | None = None
+    ) -> None:
+        """Where the counted rejects' records come from, in source order: a function that streams them
+        (the Ray front end's, from the object store), and the ``writer`` that writes them to a path
+        itself (the Ray front end's: a task, so that they do not pass through this process)."""
         self._reject_stream = records
+        self._reject_writer = writer
 
     def rejected(self) -> Iterator[dict]:
         """The reject records, in source order."""
@@ -122,6 +128,8 @@ class RowLedger:
 
     def write_rejects(self, path: str | Path) -> int:
         """``rejects.jsonl``: one reject record per line, in source order; returns how many."""
+        if self._reject_writer is not None and not self._rejects:
+            return self._reject_writer(Path(path))
         return write_rejects(path, self.rejected())
 
     def counts(self) -> dict:
