@@ -11,10 +11,10 @@ CPU, none under ``MIN_PIECE_BYTES``). ``read_rows`` makes two passes, one Ray ta
    ids cut into hash buckets; one task per bucket then finds the ids seen twice (the first by
    (file, line) wins, as in ``iter_rows``). The driver adds up counts and keeps each piece's reject
    line numbers and its duplicates, never a per-row entry; the reject records stay in the object
-   store until ``RowLedger.write_rejects`` streams them in source order, one piece at a time, with
-   the duplicates' raw text read back from their pieces (Ray keeps a piece's records in the driver's
-   own memory store when they are under ~100 KiB: at most that much a piece). ``on_bad_row`` applies before any
-   expensive stage work;
+   store until ``RowLedger.write_rejects`` has a Ray task on the driver's node stream them into the
+   file in source order, one piece at a time, with the duplicates' raw text read back from their
+   pieces (Ray keeps a piece's records in the driver's own memory store when they are under ~100 KiB:
+   at most that much a piece). ``on_bad_row`` applies before any expensive stage work;
 2. the returned lazy ``Dataset``: the pieces read again, each dropping its own rejected lines and
    rows outside the ``subset_ratio`` sample. It streams (memory follows the block, not the corpus)
    and can be executed any number of times.
