@@ -9,12 +9,13 @@ CPU, none under ``MIN_PIECE_BYTES``). ``read_rows`` makes two passes, one Ray ta
 1. a scan (Ray tasks): each task normalises (and, given a tokenizer, checks) its piece and returns
    its rejects, its counts (per dataset, in the sample, a histogram of token lengths) and its rows'
    ids cut into hash buckets; one task per bucket then finds the ids seen twice (the first by
-   (file, line) wins, as in ``iter_rows``). The driver adds up counts and keeps each piece's reject
-   line numbers and its duplicates, never a per-row entry; the reject records stay in the object
-   store until ``RowLedger.write_rejects`` has a Ray task on the driver's node stream them into the
-   file in source order, one piece at a time, with the duplicates' raw text read back from their
-   pieces (Ray keeps a piece's records in the driver's own memory store when they are under ~100 KiB:
-   at most that much a piece). ``on_bad_row`` applies before any expensive stage work;
+   (file, line) wins, as in ``iter_rows``). The driver adds up counts and keeps the duplicates, never
+   a per-row entry: each piece's reject line numbers stay in the object store (the lines its reads
+   drop, one array per piece, which each read task fetches for itself), and so do the reject records
+   until ``RowLedger.write_rejects`` has a Ray task on the driver's node stream them into the file in
+   source order, one piece at a time, with the duplicates' raw text read back from their pieces (Ray
+   keeps a piece's small objects, under ~100 KiB, in the driver's own memory store: at most that much
+   a piece). ``on_bad_row`` applies before any expensive stage work;
 2. the returned lazy ``Dataset``: the pieces read again, each dropping its own rejected lines and
    rows outside the ``subset_ratio`` sample. It streams (memory follows the block, not the corpus)
    and can be executed any number of times.
@@ -127,7 +128,7 @@ class _Plan:
     wrote the rows in the subset (``read_rows(rows_dir=)``), if it did."""
 
     pieces: list[Piece]
-    dropped: list[list[int]]
+    dropped: list  # per piece, an ObjectRef: the sorted int64 lines its reads of the text drop
     in_subset: np.ndarray
     last_row_line: np.ndarray
     rows_dir: Path | None
@@ -141,7 +142,8 @@ def _outside(pieces, data_cfg, dropped, seed: int, subset_ratio: float, *, ids=N
         pieces,
         data_cfg,
         _accepted_rows,
-        dropped=dropped,
+        dropped=[[]] * len(pieces),
+        scan_dropped=dropped,
         seed=seed,
         subset_ratio=subset_ratio,
         outside=True,
@@ -193,7 +195,8 @@ def read_rows(
             pieces,
             data_cfg,
             _accepted_rows,
-            dropped=plan.dropped,
+            dropped=[[]] * len(pieces),
+            scan_dropped=plan.dropped,
             seed=seed,
             subset_ratio=dataset_cfg.subset_ratio,
         )
@@ -259,7 +262,9 @@ def _rows_not_done(
             [plan.pieces[index] for index in left],
             data_cfg,
             _accepted_rows,
-            dropped=[sorted(plan.dropped[index] + done_lines.get(index, [])) for index in left],
+            dropped=[sorted(done_lines.get(index, [])) for index in left],
+            indices=left,
+            scan_dropped=plan.dropped,
             seed=seed,
             subset_ratio=subset_ratio,
         )
@@ -363,7 +368,7 @@ def _scan(
     the line of its last row. With ``rows_dir``: the rows written there (with ``tokens``, their token
     columns, the replies alone too with ``replies_alone``), duplicates removed."""
     buckets = max(1, 2 * int(ray.cluster_resources().get("CPU", 1)))
-    scan = ray.remote(_scan_piece).options(num_returns=2 + buckets, **_READ_TASK)
+    scan = ray.remote(_scan_piece).options(num_returns=3 + buckets, **_READ_TASK)
     kwargs = {
         "tokenizer_name": tokenizer_name,
         "max_seq_length": dataset_cfg.max_sequence_length,
@@ -383,16 +388,14 @@ def _scan(
         outputs.append(scan.remote(piece, index, **kwargs))
         running.append(outputs[-1][0])
     find = ray.remote(_duplicates_in_bucket).options(**_READ_TASK)
-    duplicates = [find.remote(*[out[2 + bucket] for out in outputs]) for bucket in range(buckets)]
+    duplicates = [find.remote(*[out[3 + bucket] for out in outputs]) for bucket in range(buckets)]
 
-    reject_lines = []  # per piece: the lines of its scan rejects (their records stay in the object store)
     in_subset = np.zeros(len(pieces), dtype=np.int64)
     last_row_line = np.full(len(pieces), -1, dtype=np.int64)
     for index, out in enumerate(outputs):
-        counts, (lines, by_reason, last_row_line[index]) = ray.get(out[0])
+        counts, (by_reason, last_row_line[index]) = ray.get(out[0])
         ledger.add_counts(*counts)
         ledger.count_rejects(by_reason, pieces[index].source.uri)
-        reject_lines.append(lines)
         in_subset[index] = sum(counts[1].values())
     losers = pa.concat_tables(ray.get(duplicates)).sort_by([("piece", "ascending"), ("line", "ascending")])
     duplicates_by_piece: dict[int, list[dict]] = {}
@@ -409,11 +412,20 @@ def _scan(
     )
     if ledger.on_bad_row == "error" and ledger.counts()["rows_rejected"]:
         ledger.reject(next(iter(records())))  # raises, naming the first bad row's file and line
+    # per piece, the lines its reads drop: its scan's reject lines (the scan task's third return value,
+    # never fetched here), with its duplicates' lines added by a task where it has any
+    union = ray.remote(_union_lines).options(**_READ_TASK)
     dropped = [
-        sorted(lines + [row["line"] for row in duplicates_by_piece.get(index, [])])
-        for index, lines in enumerate(reject_lines)
+        union.remote(out[2], [row["line"] for row in duplicates_by_piece[index]])
+        if index in duplicates_by_piece
+        else out[2]
+        for index, out in enumerate(outputs)
     ]
     return _Plan(pieces, dropped, in_subset, last_row_line, rows_dir)
+
+
+def _union_lines(lines: np.ndarray, more: list[int]) -> np.ndarray:
+    return np.union1d(lines, np.asarray(more, dtype=np.int64))
 
 
 def _write_rejects_in_a_task(pieces, scan_rejects: list, duplicates_by_piece: dict, path: Path) -> int:
@@ -521,8 +533,9 @@ def _scan_piece(
     bucket = pd.util.hash_array(np.array(rows["id"], dtype=object)) % buckets
     parts = [table.filter(pa.array(bucket == b)) for b in range(buckets)]
     last_row_line = rows["line"][-1] if rows["line"] else -1
-    summary = ([reject["line"] for reject in rejects], Counter(map(reason_code, rejects)), last_row_line)
-    return ((accepted, sampled, lengths, truncated), summary), rejects, *parts
+    summary = (Counter(map(reason_code, rejects)), last_row_line)
+    reject_lines = np.asarray([reject["line"] for reject in rejects], dtype=np.int64)
+    return ((accepted, sampled, lengths, truncated), summary), rejects, reject_lines, *parts
 
 
 class _PartWriter:
@@ -617,14 +630,17 @@ def _accepted_rows(
     *,
     seed: int,
     subset_ratio: float,
+    scan_dropped: list,
     outside: bool = False,
     ids=None,
     key_below: float = 1.0,
 ) -> Iterator[pa.Table]:
     """One piece's accepted rows in the subset (``outside``: those it left out, of ``ids`` or with a
-    ``random_key`` below ``key_below``)."""
+    ``random_key`` below ``key_below``), but its ``dropped`` lines and those ``scan_dropped`` (the
+    plan's) holds for it."""
     piece = _piece_of(batch)
-    rejected = set(json.loads(batch["dropped"][0].as_py()))
+    index = batch["index"][0].as_py()
+    rejected = set(json.loads(batch["dropped"][0].as_py())) | set(ray.get(scan_dropped[index]).tolist())
     ids = ray.get(ids) if isinstance(ids, ray.ObjectRef) else ids
     rows = []
 
