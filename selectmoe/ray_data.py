@@ -142,7 +142,6 @@ def _outside(pieces, data_cfg, dropped, seed: int, subset_ratio: float, *, ids=N
         pieces,
         data_cfg,
         _accepted_rows,
-        dropped=[[]] * len(pieces),
         scan_dropped=dropped,
         seed=seed,
         subset_ratio=subset_ratio,
@@ -195,7 +194,6 @@ def read_rows(
             pieces,
             data_cfg,
             _accepted_rows,
-            dropped=[[]] * len(pieces),
             scan_dropped=plan.dropped,
             seed=seed,
             subset_ratio=dataset_cfg.subset_ratio,
@@ -316,10 +314,17 @@ def plan_pieces(sources: list[Source], split_bytes: int) -> list[Piece]:
 
 
 def _per_piece(
-    pieces: list[Piece], data_cfg, fn, dropped: list[list[int]], indices: list[int] | None = None, **fn_kwargs
+    pieces: list[Piece],
+    data_cfg,
+    fn,
+    dropped: list[list[int]] | None = None,
+    indices: list[int] | None = None,
+    **fn_kwargs,
 ) -> ray.data.Dataset:
-    """One task per piece running ``fn`` (each told its own ``dropped`` lines, and its index in the
-    scan's plan: ``indices``, default their order); output kept in source order (deterministic)."""
+    """One task per piece running ``fn`` (each told its own ``dropped`` lines, default none, and its
+    index in the scan's plan: ``indices``, default their order); output kept in source order
+    (deterministic)."""
+    dropped = dropped if dropped is not None else [[]] * len(pieces)
     items = [
         {
             "index": index,

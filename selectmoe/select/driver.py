@@ -59,7 +59,14 @@ from selectmoe.layout import (
 )
 from selectmoe.manifest import fingerprint, hash_dict, write_manifest
 from selectmoe.models.loading import require_model
-from selectmoe.ray_data import read_rows, scratch_removed, task_as_dataset, token_schema, tokenize_rows
+from selectmoe.ray_data import (
+    TOKENIZED_KEEP,
+    read_rows,
+    scratch_removed,
+    task_as_dataset,
+    token_schema,
+    tokenize_rows,
+)
 from selectmoe.scaling import RESERVED_CPUS, cpu_threads, free_resources, use_gpu
 from selectmoe.select.calibrate import (
     FEATURE_COLUMNS,
@@ -693,7 +700,7 @@ def _require_rows(counts: dict, rejects: Path) -> None:
 
 def _scoring_input(passes) -> list[str]:
     """The columns of the rows written by ``_read`` that the scorer reads for ``passes`` (and passes on)."""
-    return ["id", "dataset", "source", "line", *token_schema(passes.reply_only).names]
+    return [*TOKENIZED_KEEP, *token_schema(passes.reply_only).names]
 
 
 def _corpus_sample(
