@@ -7,8 +7,8 @@ one file and as 16 files, today's code beside an older commit's, each run its ow
     .venv/bin/python benchmarks/data_plane_scale.py --select --rows 100000 500000 --json ...  # stage 2
 
 ``--select`` runs ``selectmoe select`` instead (each ``--baseline`` REF's too), with a tiny randomly initialised OLMoE
-(built once in the work folder) and ``--select-max-length`` tokens a row, so that the data plane weighs as
-much as it can beside scoring: first from scratch, then resumed after every other score file was deleted
+(built once in the work folder; ``--selector-layers 1`` halves its cost) and ``--select-max-length`` tokens a
+row, so that the data plane weighs as much as it can beside scoring: first from scratch, then resumed after every other score file was deleted
 (as a crash leaves a run), and checks that the resumed ``selected.jsonl`` is byte-identical to the first.
 
 The corpus: rows of --data-dir cycled with fresh ids, one row in every --duplicate-every repeating the row
@@ -20,7 +20,9 @@ Per run: rows/s end to end (wall time of the command, Ray start-up included), th
 command's process tree (sampled every 0.5 s) over wall x cores, the driver's peak RSS from the OS
 (``wait4`` rusage of the driver process alone, not its Ray workers), the driver's peak private memory
 (``RssAnon``, sampled every 0.5 s: the RSS counts the object-store pages the driver maps when it reads
-an object, which are the store's memory, not the driver's) and the manifest's counts.
+an object, which are the store's memory, not the driver's) and the manifest's counts; for ``select``
+also each phase's time from its console and when the first score file appeared (scores reach the disk
+while the scoring runs, so that a crash keeps them).
 ``--baseline REF [REF ...]`` runs the same command from a git worktree of each REF (``PYTHONPATH``) for
 "today's" figure.
 """
@@ -31,6 +33,7 @@ import argparse
 import itertools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -51,7 +54,11 @@ def main() -> None:
     codes = {"now": REPO}
     for ref in args.baseline:
         codes[f"baseline {ref}"] = worktree(ref, work / f"baseline_{ref}")
-    selector = tiny_selector(work / "selector") if args.select else None
+    selector = (
+        tiny_selector(work / f"selector_{args.selector_layers}_layers", args.selector_layers)
+        if args.select
+        else None
+    )
     runs = []
     for n in args.rows:
         folder = work / f"corpus_{n}_{args.files}_{args.duplicate_every}_{args.bad_every}"
@@ -133,6 +140,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--select-max-length", type=int, default=128, help="select's dataset.max_sequence_length"
     )
+    parser.add_argument("--selector-layers", type=int, default=2, help="decoder layers of the tiny selector")
     parser.add_argument("--work-dir", default="/tmp/selectmoe_data_plane")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -179,11 +187,11 @@ def write_corpus(n: int, files: int, data_dir: Path, folder: Path, args) -> dict
 SELECT_RUNS = ("fresh", "resumed")
 
 
-def tiny_selector(folder: Path) -> Path:
+def tiny_selector(folder: Path, layers: int) -> Path:
     from selectmoe.demo.tiny import build_tiny_olmoe
 
     if not (folder / "config.json").exists():
-        build_tiny_olmoe(folder)
+        build_tiny_olmoe(folder, num_hidden_layers=layers)
     return folder
 
 
@@ -212,6 +220,7 @@ def select_twice(code: Path, data: Path, work: Path, selector: Path, args) -> li
     for path in deleted:
         path.unlink()
     resumed = measure(command, code, out, "select")
+    del resumed["first_score_file_s"]  # the files kept from the first run are there from the start
     resumed.update(rows_rescored=rescored, score_files_deleted=len(deleted))
     for run in (fresh, resumed):
         run["same_selection"] = (out / "selected.jsonl").read_bytes() == first
@@ -240,11 +249,14 @@ def measure(command: list[str], code: Path, out: Path, name: str) -> dict:
         proc = subprocess.Popen(command, cwd=code, env=env, stdout=fh, stderr=subprocess.STDOUT)
     cpu: dict[int, float] = {}
     private = 0  # the driver's own memory (RssAnon), sampled
+    first_score_file = None
     root = psutil.Process(proc.pid)
     while True:
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
         if pid:
             break
+        if first_score_file is None and any((out / "scores").glob("*.parquet")):
+            first_score_file = time.time() - started
         try:
             private = max(private, rss_anon(proc.pid))
             for p in [root, *root.children(recursive=True)]:
@@ -261,6 +273,9 @@ def measure(command: list[str], code: Path, out: Path, name: str) -> dict:
     counts = {k: manifest["counts"][k] for k in kept if k in manifest["counts"]}
     counts["rejected_by_reason"] = manifest["counts"]["rejected_by_reason"]
     cpu_s = sum(cpu.values())
+    phases = {
+        m[1]: int(m[2]) for m in re.finditer(r"^stage \d \w+: (.+): done in (\d+) s$", log.read_text(), re.M)
+    }
     return {
         "wall_s": round(wall, 1),
         "rows_per_s": counts["rows_read"] / wall,
@@ -269,6 +284,12 @@ def measure(command: list[str], code: Path, out: Path, name: str) -> dict:
         "driver_peak_rss_gib": round(usage.ru_maxrss * 1024 / 1024**3, 3),  # ru_maxrss is in KiB on Linux
         "driver_peak_private_gib": round(private / 1024**3, 3),
         "counts": counts,
+        "phases_s": phases,
+        **(
+            {"first_score_file_s": first_score_file and round(first_score_file, 1)}
+            if name == "select"
+            else {}
+        ),
     }
 
 

@@ -371,3 +371,8 @@ def test_data_plane_scale_select_resumes_to_the_same_selection(tmp_path):
     assert 0 < resumed["rows_rescored"] < fresh["counts"]["rows_scored"]
     assert resumed["same_selection"]
     assert 0 < fresh["driver_peak_private_gib"] <= fresh["driver_peak_rss_gib"]
+    assert fresh["phases_s"].keys() >= {
+        "reading and checking rows",
+        "selecting and writing the selected rows",
+    }
+    assert 0 < fresh["first_score_file_s"] < fresh["wall_s"]  # before the command ended

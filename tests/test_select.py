@@ -379,12 +379,13 @@ def test_counts_add_up_and_outputs_are_complete(one_actor, sources):
 def test_the_selection_is_written_in_rank_order_with_every_field_of_any_row(
     ray_session, tmp_path, monkeypatch
 ):
-    """Records rendered by Ray tasks into rank-sorted parts (one a block), merged in rounds and streamed
-    two at a time: the JSON lines keep each row's own fields; Parquet has every field any row has (null
-    elsewhere), typed across batches."""
+    """Records rendered by Ray tasks into rank-sorted parts (one a block), merged in rounds and parsed
+    one at a time into row groups of two: the JSON lines keep each row's own fields; Parquet has every
+    field any row has (null elsewhere), typed across batches."""
     from selectmoe.select import output
 
-    monkeypatch.setattr(output, "WRITE_BATCH_ROWS", 2)  # several batches and row groups
+    monkeypatch.setattr(output, "WRITE_BATCH_ROWS", 2)  # several row groups
+    monkeypatch.setattr(output, "PARSE_ROWS", 1)  # each filled from several parsed batches
     extras = [{}, {"source": "web"}, {"lang": "fr", "n": 3}, {}, {"source": None}, {"lang": "日本語"}]
     rows = ray_session.data.from_items(
         [

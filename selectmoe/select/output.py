@@ -5,8 +5,8 @@ A record is the original row's fields (``dataset``, ``id``, ``messages``, then i
 order. Ray tasks over the rows render the records of their block (each task reads one shared copy of
 the selection, k ids with their score and rank, from the object store) and write them, sorted by
 rank, to a part file in the output folder; the driver merges the parts by rank into the two files a
-batch at a time, so it never holds the selected rows (the parts are written where the workers write
-the score files, which the driver reads too).
+few thousand records at a time, so it never holds the selected rows (the parts are written where the
+workers write the score files, which the driver reads too).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-WRITE_BATCH_ROWS = 65536  # records per streamed batch (and per Parquet row group)
+WRITE_BATCH_ROWS = 65536  # records per Parquet row group
+PARSE_ROWS = 4096  # records the driver holds parsed at once (a parsed record takes ~2 KB, its text ~0.7 KB)
 MERGE_FILES = 256  # part files merged at once (more are merged in rounds)
 
 
@@ -51,10 +52,10 @@ def write_selection(
         files = [_merge_to_file(group, parts / f"merged-{uuid.uuid4().hex}.txt") for group in groups]
 
     def batches() -> Iterator[list[str]]:
-        texts = []
+        texts, size = [], min(PARSE_ROWS, WRITE_BATCH_ROWS)
         for _, text in heapq.merge(*(_part_records(f) for f in files)):
             texts.append(text)
-            if len(texts) == WRITE_BATCH_ROWS:
+            if len(texts) == size:
                 yield texts
                 texts = []
         if texts:
@@ -62,10 +63,16 @@ def write_selection(
 
     schema = _schema(batches())
     with jsonl.open("w", encoding="utf-8") as fh, pq.ParquetWriter(parquet, schema) as writer:
+        group: list[pa.Table] = []  # the row group being filled, as Arrow tables (compact)
         for texts in batches():
             fh.writelines(text + "\n" for text in texts)
             records = [json.loads(text) for text in texts]
-            writer.write_table(pa.table(_columns(records, schema.names, schema), schema=schema))
+            group.append(pa.table(_columns(records, schema.names, schema), schema=schema))
+            if sum(t.num_rows for t in group) >= WRITE_BATCH_ROWS:
+                writer.write_table(pa.concat_tables(group))
+                group = []
+        if group:
+            writer.write_table(pa.concat_tables(group))
     shutil.rmtree(parts)
 
 
