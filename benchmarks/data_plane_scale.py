@@ -8,7 +8,8 @@ one file and as 16 files, today's code beside an older commit's, each run its ow
 
 ``--select`` runs ``selectmoe select`` instead (each ``--baseline`` REF's too), with a tiny randomly initialised OLMoE
 (built once in the work folder; ``--selector-layers 1`` halves its cost) and ``--select-max-length`` tokens a
-row, so that the data plane weighs as much as it can beside scoring: first from scratch, then resumed after every other score file was deleted
+row, so that the data plane weighs as much as it can beside scoring (``--num-actors 1 2``: a run per
+``scoring.num_actors``, compared with the first): first from scratch, then resumed after every other score file was deleted
 (as a crash leaves a run), and checks that the resumed ``selected.jsonl`` is byte-identical to the first.
 
 The corpus: rows of --data-dir cycled with fresh ids, one row in every --duplicate-every repeating the row
@@ -51,9 +52,14 @@ def main() -> None:
     args = parse_args()
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    codes = {"now": REPO}
+    checkouts = {"now": REPO}
     for ref in args.baseline:
-        codes[f"baseline {ref}"] = worktree(ref, work / f"baseline_{ref}")
+        checkouts[f"baseline {ref}"] = worktree(ref, work / f"baseline_{ref}")
+    codes = {  # label -> (checkout, scoring.num_actors; 0 = the product's own choice)
+        name if actors == 0 else f"{name} ({actors} actors)": (root, actors)
+        for name, root in checkouts.items()
+        for actors in args.num_actors
+    }
     selector = (
         tiny_selector(work / f"selector_{args.selector_layers}_layers", args.selector_layers)
         if args.select
@@ -65,11 +71,11 @@ def main() -> None:
         layouts = write_corpus(n, args.files, Path(args.data_dir), folder, args)
         if args.one_file_only:
             layouts = {"one file": layouts["one file"]}
-        for (code, root), (layout, path) in itertools.product(codes.items(), layouts.items()):
+        for (code, (root, actors)), (layout, path) in itertools.product(codes.items(), layouts.items()):
             measured = (
                 [
                     (select_label(run, code), result)
-                    for run, result in select_twice(root, path, work, selector, args)
+                    for run, result in select_twice(root, path, work, selector, actors, args)
                 ]
                 if selector
                 else [(code, validate(root, path, work / "out", args))]
@@ -87,12 +93,12 @@ def main() -> None:
         select_runs = SELECT_RUNS[:1] if args.fresh_only else SELECT_RUNS
         labels = [select_label(run, code) for code in codes for run in select_runs]
         compared = [
-            (select_label(run, "now"), select_label(run, code))
+            (select_label(run, list(codes)[0]), select_label(run, code))
             for code in list(codes)[1:]
             for run in select_runs
         ]
     else:
-        labels, compared = list(codes), [("now", code) for code in list(codes)[1:]]
+        labels, compared = list(codes), [(list(codes)[0], code) for code in list(codes)[1:]]
     ratios = summarise(runs, args.rows, labels, compared)
     print_table(
         "select end to end" if selector else "validate-data end to end",
@@ -140,12 +146,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--select-max-length", type=int, default=128, help="select's dataset.max_sequence_length"
     )
+    parser.add_argument(
+        "--num-actors", type=int, nargs="+", default=[0], help="with --select: scoring.num_actors, each a run"
+    )
     parser.add_argument("--selector-layers", type=int, default=2, help="decoder layers of the tiny selector")
     parser.add_argument("--work-dir", default="/tmp/selectmoe_data_plane")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if args.fresh_only and not args.select:
         parser.error("--fresh-only is a --select option")
+    if args.num_actors != [0] and not args.select:
+        parser.error("--num-actors is a --select option")
     return args
 
 
@@ -200,13 +211,15 @@ def select_label(run: str, code: str) -> str:
     return run if code == "now" else f"{run}, {code}"
 
 
-def select_twice(code: Path, data: Path, work: Path, selector: Path, args) -> list[tuple[str, dict]]:
+def select_twice(
+    code: Path, data: Path, work: Path, selector: Path, actors: int, args
+) -> list[tuple[str, dict]]:
     """``select`` (the ``code`` checkout's) from scratch, then resumed with every other score file deleted."""
     out = work / "out"
     shutil.rmtree(out, ignore_errors=True)
     command = [sys.executable, "-m", "selectmoe.cli", "select", f"selector_model.path={selector}"]
     command += [f"dataset.data_path={data}", f"output_dir={out}", "selection_percentage=0.05"]
-    command += [f"dataset.max_sequence_length={args.select_max_length}"]
+    command += [f"dataset.max_sequence_length={args.select_max_length}", f"scoring.num_actors={actors}"]
     if args.sort_window is not None:
         command.append(f"scoring.sort_window={args.sort_window}")
     if args.split_bytes is not None:
