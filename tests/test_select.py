@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import save_file
+from transformers import OlmoeConfig
 
 from selectmoe.config import ConfigError, DatasetConfig, ScoringSection, parse_config
 from selectmoe.data import RowLedger, iter_rows
@@ -29,9 +30,10 @@ from selectmoe.data.template import (
     load_tokenizer,
 )
 from selectmoe.layout import ROWS_SCRATCH
-from selectmoe.models.loading import load_select_moe
+from selectmoe.models.loading import load_select_moe, weight_bytes
 from selectmoe.models.modeling import gates_shifted
 from selectmoe.select import select
+from selectmoe.select.driver import cpu_pool_size, scoring_actor_bytes
 from selectmoe.select.score import (
     DRIVING_FORCE_TAU,
     driving_force,
@@ -429,6 +431,29 @@ def test_two_actors_and_reruns_give_byte_identical_selections(one_actor, tiny_ol
     two = run_select(tiny_olmoe, tmp_path / "select_2", sources, **{"scoring.num_actors": 2})
     assert (two / "selected.jsonl").read_bytes() == (one_actor / "selected.jsonl").read_bytes()
     assert scores_by_id(two) == scores_by_id(one_actor)
+
+
+def test_cpu_scoring_actors_are_no_more_than_free_memory_holds_copies_of_the_model(tiny_olmoe, tmp_path):
+    loaded = load_select_moe(str(tiny_olmoe), dtype="float32")
+    assert weight_bytes(str(tiny_olmoe), "float32") == sum(
+        p.numel() * p.element_size() for p in loaded.parameters()
+    )
+    assert weight_bytes(str(tiny_olmoe), "bfloat16") * 2 == weight_bytes(str(tiny_olmoe), "float32")
+    # OLMoE-1B-7B's published shape, config only (no weights): 6.9B parameters
+    OlmoeConfig(
+        vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16,
+        num_attention_heads=16, num_experts=64, num_experts_per_tok=8,
+    ).save_pretrained(tmp_path / "olmoe_1b_7b")  # fmt: skip
+    olmoe = str(tmp_path / "olmoe_1b_7b")
+    assert 6.85e9 < weight_bytes(olmoe, "bfloat16") / 2 < 6.95e9
+    gib = 2**30
+    bf16, fp32 = scoring_actor_bytes(olmoe, "bfloat16"), scoring_actor_bytes(olmoe, "float32")
+    assert cpu_pool_size(16, 64 * gib, bf16) == 3  # not 15 copies of 13 GiB
+    assert cpu_pool_size(16, 64 * gib, fp32) == 1
+    assert cpu_pool_size(16, 8 * gib, bf16) == 1  # never none: one actor tries
+    tiny = scoring_actor_bytes(str(tiny_olmoe), "float32")
+    assert cpu_pool_size(16, 64 * gib, tiny) == 15  # one CPU left for Ray Data
+    assert cpu_pool_size(2, 15 * gib, tiny) == 1
 
 
 @pytest.mark.slow

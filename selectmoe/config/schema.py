@@ -219,7 +219,7 @@ class ScoringSection:
         default="raw", metadata={"after_scoring": True, "allowed": OneOf(("raw", "robust_z"))}
     )
     # how the pass runs, not what it computes: not part of the resume key (``scores_depend_on``)
-    # 0 = one per GPU, or from free CPUs
+    # 0 = one per GPU, or from free CPUs and memory (select.driver.cpu_pool_size)
     num_actors: int = field(default=0, metadata={"execution": True, "allowed": Between(low=0)})
     # fault injection: one scoring actor exits once (tests recovery)
     inject_actor_failure: bool = field(default=False, metadata={"execution": True})

@@ -118,6 +118,19 @@ def load_select_moe(
     return model
 
 
+def weight_bytes(path: str, dtype: str | torch.dtype = "auto", device: str = "cpu") -> int:
+    """Bytes the weights of ``path`` (as ``load_select_moe`` reads it) take in ``dtype`` on ``device``,
+    from the config alone: the model is built on the meta device, no tensor is read."""
+    overrides = {}
+    if (Path(path) / STAGE1_CONFIG).is_file():
+        info = json.loads((Path(path) / STAGE1_CONFIG).read_text())
+        path, overrides = info["base_model"], info.get("select_moe", {})
+    config = select_moe_config(path, **overrides)
+    with torch.device("meta"):
+        model = SelectMoeForCausalLM(config)
+    return sum(p.numel() for p in model.parameters()) * resolve_dtype(dtype, device).itemsize
+
+
 def _read_not_mapped(path: str) -> dict | None:
     """The checkpoint's tensors as lazy slices read with ``pread`` into memory of their own (None when
     it has no safetensors files: transformers then loads it its own way).

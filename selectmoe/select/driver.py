@@ -58,7 +58,7 @@ from selectmoe.layout import (
     score_files,
 )
 from selectmoe.manifest import fingerprint, hash_dict, write_manifest
-from selectmoe.models.loading import require_model
+from selectmoe.models.loading import require_model, weight_bytes
 from selectmoe.ray_data import (
     TOKENIZED_KEEP,
     read_rows,
@@ -114,6 +114,7 @@ GATE_SIGNED_METHODS = ("top_k", "filtered_random")  # rank by the score: a trust
 BALANCED_METHODS = ("top_k", "calibrated", "random", "filtered_random")  # selection.balance=dataset
 STREAM_ROWS = 65536  # rows per batch when streaming score files
 TERM_SAMPLE_ROWS = 65536  # rows the robust-z term scales are measured on (scoring.combine=robust_z)
+ACTOR_PROCESS_BYTES = 2**30  # a CPU scoring actor's own memory beside the model (scoring_actor_bytes)
 
 
 def select(cfg: SelectConfig) -> Path:
@@ -151,7 +152,7 @@ def _run(cfg: SelectConfig, out: Path) -> Path:
             f"stage 2 select: resuming: {left.rows_done} rows were scored before (in {scores_dir}); "
             f"{left.pieces_skipped} of {left.pieces} pieces of the input are not read again"
         )
-    pool, threads = _pool_args(cfg)
+    pool, threads = _pool_args(cfg, model_path)
     t0 = time.time()
     if left.rows is None:  # e.g. a rerun with another selection method: no model is loaded
         say(f"stage 2 select: all {left.rows_done} rows were scored before; scoring skipped")
@@ -751,10 +752,9 @@ def _calibration_info(combiner: dict) -> dict:
 def _one_actor_pass(cfg: SelectConfig, model_path: str, tokenizer_name: str, out: Path, tokens, scoring):
     """``tokens`` through a pool of one ``GateScorer`` under ``scoring`` (rows scored apart from the
     corpus: target examples, trusted rows; a second model load, before the corpus's pool)."""
-    pool, threads = _pool_args(cfg)
+    pool, threads = _pool_args(cfg, model_path, actors=1)
     kwargs = {**_scorer_kwargs(cfg, model_path, tokenizer_name, out, threads), "scoring": scoring}
     kwargs["fail_once_marker"] = None
-    pool["compute"] = type(pool["compute"])(size=1)
     return tokens.map_batches(GateScorer, fn_constructor_kwargs=kwargs, **pool)
 
 
@@ -783,17 +783,41 @@ def _scorer_kwargs(
     }
 
 
-def _pool_args(cfg: SelectConfig) -> tuple[dict, int | None]:
-    """(Actor pool, torch threads per actor): one GPU per actor on GPU clusters; on CPU, the free CPUs
-    minus one left for Ray Data (``selectmoe.scaling.cpu_threads``)."""
+def _pool_args(cfg: SelectConfig, model_path: str, actors: int | None = None) -> tuple[dict, int | None]:
+    """(Actor pool, torch threads per actor): ``actors`` or ``scoring.num_actors``, else one GPU per actor on
+    GPU clusters; on CPU, the free CPUs minus one left for Ray Data (``selectmoe.scaling.cpu_threads``),
+    and no more actors than Ray's free memory holds copies of the model (``scoring_actor_bytes``)."""
     from ray.data import ActorPoolStrategy
 
     # Ray Data gives pool actors max_restarts=-1 and max_task_retries=-1: a killed actor is replaced and
     # its batch retried
+    actors = actors or cfg.scoring.num_actors
     if use_gpu(cfg.scaling):
-        actors = cfg.scoring.num_actors or max(1, int(free_resources().get("GPU", 1)))
+        actors = actors or max(1, int(free_resources().get("GPU", 1)))
         return {"compute": ActorPoolStrategy(size=actors), "num_gpus": 1}, None
-    cpus = free_resources().get("CPU", 1.0)
-    actors = cfg.scoring.num_actors or max(1, int(cpus - RESERVED_CPUS))
-    per_actor = round(max(0.25, (cpus - RESERVED_CPUS) / actors), 2)
-    return {"compute": ActorPoolStrategy(size=actors), "num_cpus": per_actor}, cpu_threads(actors)
+    free = free_resources()
+    cpus = free.get("CPU", 1.0)
+    if not actors:
+        per_actor = scoring_actor_bytes(model_path, cfg.selector_model.dtype)
+        actors = cpu_pool_size(cpus, free.get("memory", 0), per_actor)
+        if actors < max(1, int(cpus - RESERVED_CPUS)):
+            say(
+                f"stage 2 select: {actors} scoring actor(s), not one per free CPU: each holds a copy of the "
+                f"model (~{per_actor / 2**30:.1f} GiB) and Ray has {free.get('memory', 0) / 2**30:.1f} GiB of "
+                "memory free; scoring.num_actors overrides"
+            )
+    per_actor_cpus = round(max(0.25, (cpus - RESERVED_CPUS) / actors), 2)
+    return {"compute": ActorPoolStrategy(size=actors), "num_cpus": per_actor_cpus}, cpu_threads(actors)
+
+
+def cpu_pool_size(free_cpus: float, free_memory: float, actor_bytes: int) -> int:
+    """CPU scoring actors: one per free CPU but the one left for Ray Data, as many as ``free_memory``
+    holds, at least one."""
+    return max(1, min(int(free_cpus - RESERVED_CPUS), int(free_memory // actor_bytes)))
+
+
+def scoring_actor_bytes(model_path: str, dtype: str) -> int:
+    """Memory one CPU scoring actor needs, roughly: its copy of the weights, a quarter more for the load
+    and a batch's activations, and the process itself (torch, transformers). At OLMoE-1B-7B's shape in
+    bf16 that is a little above what the actor measured (benchmarks/README.md, real shapes)."""
+    return int(1.25 * weight_bytes(model_path, dtype)) + ACTOR_PROCESS_BYTES
