@@ -2,7 +2,8 @@
 
 Runs the product's stage 1 (``pretrain``) and stage 2 (``select``, every score term stored) on real rows
 from ``../shared/data/train`` with planted defects, over a grid of runs: selector sizes (``--sizes``),
-LM-pretraining of the base (``--bases``: a barely and a well pretrained selector), stage-1 regimes
+LM-pretraining of the base (``--bases``: a barely pretrained selector, 30 steps, and a well pretrained
+one, 300 steps or the size's held-out plateau where that is later: ``STRONG_STEPS``), stage-1 regimes
 (``--regimes``: the seed's lr 3e-4 / 40 steps and lr 1e-2 / 60 steps) and seeds. Each run's per-row
 terms (mean gate, NLL, prompt gain, expert effect; perplexity under the base model) are cached, so the
 analysis reruns without rescoring.
@@ -25,7 +26,7 @@ on z(mean gate), z(-NLL), z(prompt gain), z(expert effect). The analysis:
   lowest AUROC within a source dataset, and precision at 5%.
 
     .venv/bin/python benchmarks/loko.py --seeds 0 1 2 3 4 --d2 --json benchmarks/results/loko.json  # ~2 h
-    .venv/bin/python benchmarks/loko.py --sizes medium --seeds 0 1 --bases strong --json ...    # 4 layers x 256
+    .venv/bin/python benchmarks/loko.py --sizes medium --seeds 0 1 2 3 4 --bases strong --json ...  # 4 x 256
     .venv/bin/python benchmarks/loko.py --cached-only --seeds 0 1 2 3 4 --d2 --check-on /tmp/demo_heldout ...
     .venv/bin/python benchmarks/loko.py --tiny --json /tmp/loko.json                            # CI size
 """
@@ -60,6 +61,8 @@ SIZES = {
     "medium": {"num_hidden_layers": 4, "hidden_size": 256, "intermediate_size": 128},
 }
 BASES = {"weak": 30, "strong": 300}  # LM-pretraining steps of the selector before stage 1
+# the strong base of a size whose held-out LM loss still falls at 300 steps: its plateau (lm_plateau.py)
+STRONG_STEPS = {"medium": 600}
 REGIMES = {"seed": (3e-4, 40), "fast": (1e-2, 60)}  # stage 1: learning rate, steps
 # weights on z(mean gate), z(-NLL), z(prompt gain), z(expert effect), z(driving force D2; with --d2)
 GRID = {
@@ -119,7 +122,12 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    args.lm_steps = {"weak": 5, "strong": 10} if args.tiny else BASES
+    args.lm_steps = {
+        size: {"weak": 5, "strong": 10}
+        if args.tiny
+        else {**BASES, "strong": STRONG_STEPS.get(size, BASES["strong"])}
+        for size in SIZES
+    }
     args.stage1_steps = 3 if args.tiny else None  # None: the regime's own length
     if args.tiny:
         args.rows = 200
@@ -133,7 +141,7 @@ def run_model(args, size: str, base: str, seed: int) -> dict[str, dict]:
     """Every regime's stage 1 + stage 2 on one base model and one corpus; run name -> per-row terms
     (cached by the run's recipe in the work folder)."""
     recipe = {
-        "size": size, "base_steps": args.lm_steps[base], "seed": seed, "rows": args.rows,
+        "size": size, "base_steps": args.lm_steps[size][base], "seed": seed, "rows": args.rows,
         "defect_rate": args.defect_rate, "max_length": args.max_length, "subset_ratio": args.subset_ratio,
         "stage1_batch": args.stage1_batch, "stage1_steps": args.stage1_steps,
     }  # fmt: skip
@@ -156,7 +164,7 @@ def run_model(args, size: str, base: str, seed: int) -> dict[str, dict]:
         "olmoe",
         seed,
         lm_rows,
-        args.lm_steps[base],
+        args.lm_steps[size][base],
         args.max_length,
         Path(args.work_dir) / "models",
         **SIZES[size],
