@@ -157,7 +157,7 @@ def test_loko_tiny_chooses_without_the_judged_kind_and_judges_unseen_kinds(tmp_p
 
 def test_lm_plateau_small(tmp_path):
     stdout, report = run_benchmark("lm_plateau.py", tmp_path, "--steps", "2", "4")
-    assert "shortest length within 2% of the longest's held-out loss" in stdout
+    assert "shortest length within 2% of the lowest held-out loss" in stdout
     assert [r["steps"] for r in report["results"]] == [2, 4] and report["plateau_steps"] in (2, 4)
     assert all(r["held_out_loss"] > 0 for r in report["results"])
     work = tmp_path / "loko"
