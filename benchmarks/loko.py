@@ -2,8 +2,8 @@
 
 Runs the product's stage 1 (``pretrain``) and stage 2 (``select``, every score term stored) on real rows
 from ``../shared/data/train`` with planted defects, over a grid of runs: selector sizes (``--sizes``),
-LM-pretraining of the base (``--bases``: a barely pretrained selector, 30 steps, and a well pretrained
-one, 300 steps or the size's held-out plateau where that is later: ``STRONG_STEPS``), stage-1 regimes
+LM-pretraining of the base (``--bases``: a barely and a well pretrained selector, 30 and 300 steps, and
+one at its held-out plateau, 600 steps), stage-1 regimes
 (``--regimes``: the seed's lr 3e-4 / 40 steps and lr 1e-2 / 60 steps) and seeds. Each run's per-row
 terms (mean gate, NLL, prompt gain, expert effect; perplexity under the base model) are cached, so the
 analysis reruns without rescoring.
@@ -26,7 +26,7 @@ on z(mean gate), z(-NLL), z(prompt gain), z(expert effect). The analysis:
   lowest AUROC within a source dataset, and precision at 5%.
 
     .venv/bin/python benchmarks/loko.py --seeds 0 1 2 3 4 --d2 --json benchmarks/results/loko.json  # ~2 h
-    .venv/bin/python benchmarks/loko.py --sizes medium --seeds 0 1 2 3 4 --bases strong --json ...  # 4 x 256
+    .venv/bin/python benchmarks/loko.py --sizes small medium --seeds 0 --bases plateau --json ...  # 4 x 256
     .venv/bin/python benchmarks/loko.py --cached-only --seeds 0 1 2 3 4 --d2 --check-on /tmp/demo_heldout ...
     .venv/bin/python benchmarks/loko.py --tiny --json /tmp/loko.json                            # CI size
 """
@@ -60,9 +60,9 @@ SIZES = {
     "small": {},  # the tiny OLMoE of the tests and the demo: 2 layers, hidden 64
     "medium": {"num_hidden_layers": 4, "hidden_size": 256, "intermediate_size": 128},
 }
-BASES = {"weak": 30, "strong": 300}  # LM-pretraining steps of the selector before stage 1
-# the strong base of a size whose held-out LM loss still falls at 300 steps: its plateau (lm_plateau.py)
-STRONG_STEPS = {"medium": 600}
+# LM-pretraining steps of the selector before stage 1; "plateau": where both sizes' held-out loss is
+# lowest (lm_plateau.py; past it they overfit the LM rows), "strong" is short of it
+BASES = {"weak": 30, "strong": 300, "plateau": 600}
 REGIMES = {"seed": (3e-4, 40), "fast": (1e-2, 60)}  # stage 1: learning rate, steps
 # weights on z(mean gate), z(-NLL), z(prompt gain), z(expert effect), z(driving force D2; with --d2)
 GRID = {
@@ -101,7 +101,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--work-dir", default="/tmp/selectmoe_loko")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--sizes", nargs="+", default=["small"], choices=list(SIZES))
-    p.add_argument("--bases", nargs="+", default=list(BASES), choices=list(BASES))
+    p.add_argument("--bases", nargs="+", default=["weak", "strong"], choices=list(BASES))
     p.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
     p.add_argument("--rows", type=int, default=1500, help="corpus rows (as many again LM-pretrain the base)")
     p.add_argument("--defect-rate", type=float, default=0.3)
@@ -122,12 +122,7 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    args.lm_steps = {
-        size: {"weak": 5, "strong": 10}
-        if args.tiny
-        else {**BASES, "strong": STRONG_STEPS.get(size, BASES["strong"])}
-        for size in SIZES
-    }
+    args.lm_steps = {"weak": 5, "strong": 10, "plateau": 20} if args.tiny else BASES
     args.stage1_steps = 3 if args.tiny else None  # None: the regime's own length
     if args.tiny:
         args.rows = 200
@@ -141,7 +136,7 @@ def run_model(args, size: str, base: str, seed: int) -> dict[str, dict]:
     """Every regime's stage 1 + stage 2 on one base model and one corpus; run name -> per-row terms
     (cached by the run's recipe in the work folder)."""
     recipe = {
-        "size": size, "base_steps": args.lm_steps[size][base], "seed": seed, "rows": args.rows,
+        "size": size, "base_steps": args.lm_steps[base], "seed": seed, "rows": args.rows,
         "defect_rate": args.defect_rate, "max_length": args.max_length, "subset_ratio": args.subset_ratio,
         "stage1_batch": args.stage1_batch, "stage1_steps": args.stage1_steps,
     }  # fmt: skip
@@ -164,7 +159,7 @@ def run_model(args, size: str, base: str, seed: int) -> dict[str, dict]:
         "olmoe",
         seed,
         lm_rows,
-        args.lm_steps[size][base],
+        args.lm_steps[base],
         args.max_length,
         Path(args.work_dir) / "models",
         **SIZES[size],
