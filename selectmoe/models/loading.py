@@ -71,9 +71,10 @@ def load_select_moe(
     New gates get a seeded init. A stage-1 folder (it holds ``select_moe_config.json``) names its base
     model; the base is loaded and the trained router weights or LoRA adapter applied on top.
     """
-    if (Path(path) / STAGE1_CONFIG).is_file():
+    stage1 = stage1_record(path)
+    if stage1 is not None:
         return _load_stage1_output(
-            Path(path), dtype, attn_implementation, trust_remote_code, config_overrides
+            Path(path), stage1, dtype, attn_implementation, trust_remote_code, config_overrides
         )
     config = select_moe_config(path, trust_remote_code=trust_remote_code, **config_overrides)
     # transformers warns that the gates are "newly initialized ... consider training": expected here
@@ -118,13 +119,20 @@ def load_select_moe(
     return model
 
 
+def stage1_record(path: str | Path) -> dict | None:
+    """What a stage-1 output folder records (base model, tokenizer, seed, gate config, weights file),
+    or None when ``path`` is not one."""
+    record = Path(path) / STAGE1_CONFIG
+    return json.loads(record.read_text()) if record.is_file() else None
+
+
 def weight_bytes(path: str, dtype: str | torch.dtype = "auto", device: str = "cpu") -> int:
     """Bytes the weights of ``path`` (as ``load_select_moe`` reads it) take in ``dtype`` on ``device``,
     from the config alone: the model is built on the meta device, no tensor is read."""
     overrides = {}
-    if (Path(path) / STAGE1_CONFIG).is_file():
-        info = json.loads((Path(path) / STAGE1_CONFIG).read_text())
-        path, overrides = info["base_model"], info.get("select_moe", {})
+    stage1 = stage1_record(path)
+    if stage1 is not None:
+        path, overrides = stage1["base_model"], stage1.get("select_moe", {})
     config = select_moe_config(path, **overrides)
     with torch.device("meta"):
         model = SelectMoeForCausalLM(config)
@@ -176,8 +184,7 @@ class _DropLoadReport(logging.Filter):
         return "LOAD REPORT" not in record.getMessage()
 
 
-def _load_stage1_output(folder: Path, dtype, attn_implementation, trust_remote_code, overrides):
-    info = json.loads((folder / STAGE1_CONFIG).read_text())
+def _load_stage1_output(folder: Path, info: dict, dtype, attn_implementation, trust_remote_code, overrides):
     model = load_select_moe(
         info["base_model"],
         dtype=dtype,

@@ -58,7 +58,7 @@ from selectmoe.layout import (
     score_files,
 )
 from selectmoe.manifest import fingerprint, hash_dict, write_manifest
-from selectmoe.models.loading import require_model, weight_bytes
+from selectmoe.models.loading import require_model, stage1_record, weight_bytes
 from selectmoe.ray_data import (
     TOKENIZED_KEEP,
     read_rows,
@@ -275,8 +275,9 @@ def _selector(cfg: SelectConfig) -> tuple[str, str]:
     tokenizer = cfg.selector_model.tokenizer_name
     if tokenizer is None and (folder / TOKENIZER_DIR).is_dir():
         tokenizer = str(folder / TOKENIZER_DIR)
-    if tokenizer is None and (folder / STAGE1_CONFIG).is_file():
-        tokenizer = json.loads((folder / STAGE1_CONFIG).read_text())["tokenizer"]
+    stage1 = stage1_record(folder)
+    if tokenizer is None and stage1 is not None:
+        tokenizer = stage1["tokenizer"]
     return str(path), tokenizer or str(path)
 
 
