@@ -28,6 +28,8 @@ on z(mean gate), z(-NLL), z(prompt gain), z(expert effect). The analysis:
     .venv/bin/python benchmarks/loko.py --seeds 0 1 2 3 4 --d2 --json benchmarks/results/loko.json  # ~2 h
     .venv/bin/python benchmarks/loko.py --sizes small medium --seeds 0 --bases plateau --json ...  # 4 x 256
     .venv/bin/python benchmarks/loko.py --cached-only --seeds 0 1 2 3 4 --d2 --check-on /tmp/demo_heldout ...
+    .venv/bin/python benchmarks/loko.py --merge benchmarks/results/loko_sizes_plateau.json \\
+        benchmarks/results/loko_sizes_plateau_seeds234.json      # the seeds of two sessions, together
     .venv/bin/python benchmarks/loko.py --tiny --json /tmp/loko.json                            # CI size
 """
 
@@ -77,6 +79,11 @@ PERPLEXITY = "perplexity (-NLL, base model)"
 
 def main() -> None:
     args = parse_args()
+    if args.merge:
+        results = merge_results([Path(path) for path in args.merge])
+        print_merged(results)
+        write_json(args.json, {"args": vars(args), **results})
+        return
     quiet_transformers()
     quiet_ray(dashboard=True)
     started = time.time()
@@ -119,6 +126,14 @@ def parse_args() -> argparse.Namespace:
         default=None,
         help="a `selectmoe demo` run folder scored with select.scoring.expert_effect=true: the named "
         "recipes judged on its held-out rows, a corpus no weight was chosen on",
+    )
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="run nothing: the mean over the `per_run` rows of these results files (runs of several "
+        "sessions, e.g. other seeds), per size/base, each recipe paired with perplexity",
     )
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -482,6 +497,77 @@ def check_on_demo(run: Path, named: dict[str, str], recipes: dict, args) -> list
         for label, recipe in named.items()
         if recipe in judged
     ]
+
+
+MERGED_METRICS = ("planted", "unseen", "within_datasets", "worst_dataset", "precision_at_5pct")
+
+
+def merge_results(paths: list[Path]) -> dict:
+    """The ``per_run`` rows of several results files as one set of runs: per size/base (both regimes,
+    every seed), each recipe's mean of ``MERGED_METRICS`` and its paired difference from perplexity (mean,
+    standard error, runs not below). Recipes are those every run judged; a run in two files is an error."""
+    per_run: dict[str, dict] = {}
+    for path in paths:
+        for run, scorers in json.loads(path.read_text())["per_run"].items():
+            if run in per_run:
+                raise SystemExit(f"{path}: run {run} is in an earlier --merge file too")
+            per_run[run] = scorers
+    runs = sorted(per_run)
+    recipes = [r for r in per_run[runs[0]] if all(r in per_run[run] for run in runs)]
+    rows = []
+    for group in sorted({run.rsplit("/", 2)[0] for run in runs}):
+        among = [run for run in runs if run.startswith(group + "/")]
+        for recipe in recipes:
+            row = {"runs": group, "n_runs": len(among), "scorer": recipe}
+            for metric in MERGED_METRICS:
+                values = np.array([per_run[run][recipe][metric] for run in among], dtype=float)
+                row[metric] = float(np.nanmean(values))
+                if recipe != PERPLEXITY:
+                    diff = values - np.array([per_run[run][PERPLEXITY][metric] for run in among], dtype=float)
+                    diff = diff[~np.isnan(diff)]
+                    row[f"{metric} vs perplexity"] = {
+                        "mean": float(diff.mean()),
+                        "standard_error": float(diff.std(ddof=1) / np.sqrt(len(diff)))
+                        if len(diff) > 1
+                        else None,
+                        "runs_not_below": int((diff >= 0).sum()),
+                    }
+            rows.append(row)
+    return {"merged": [str(path) for path in paths], "merged_runs": runs, "by_size_base": rows}
+
+
+def print_merged(results: dict) -> None:
+    def paired(row: dict, metric: str) -> str:
+        d = row.get(f"{metric} vs perplexity")
+        if d is None:
+            return ""
+        se = "" if d["standard_error"] is None else f" ({d['standard_error']:.3f})"
+        return f"{d['mean']:+.3f}{se}, {d['runs_not_below']}/{row['n_runs']}"
+
+    paired_metrics = ("planted", "within_datasets", "worst_dataset")
+    print_table(
+        f"{len(results['merged_runs'])} runs of {len(results['merged'])} files, per size/base (mean over its "
+        "runs; vs perplexity: mean paired difference (standard error), runs not below)",
+        [
+            "runs",
+            "n",
+            "scorer",
+            *(h for m in paired_metrics for h in (m, "vs perplexity")),
+            "unseen",
+            "precision_at_5pct",
+        ],  # fmt: skip
+        [
+            [
+                r["runs"],
+                r["n_runs"],
+                r["scorer"],
+                *(c for m in paired_metrics for c in (r[m], paired(r, m))),
+                r["unseen"],
+                r["precision_at_5pct"],
+            ]  # fmt: skip
+            for r in results["by_size_base"]
+        ],
+    )
 
 
 def print_results(results: dict, n_runs: int) -> None:

@@ -155,6 +155,43 @@ def test_loko_tiny_chooses_without_the_judged_kind_and_judges_unseen_kinds(tmp_p
         assert round(level["planted"], 3) >= round(perplexity["planted"], 3)
 
 
+def test_loko_merge_pairs_each_recipe_with_perplexity_over_the_runs_of_several_files(tmp_path):
+    """``--merge`` joins the committed five seeds (two files) per size/base; on one file its means agree
+    with that file's own analysis (per regime, equal runs each); a run in two files is refused."""
+    results = BENCHMARKS / "results"
+    two = [str(results / "loko_sizes_plateau.json"), str(results / "loko_sizes_plateau_seeds234.json")]
+    stdout, merged = run_benchmark("loko.py", tmp_path, "--merge", *two)
+    assert "20 runs of 2 files" in stdout
+    rows = {(r["runs"], r["scorer"]): r for r in merged["by_size_base"]}
+    assert {r["runs"] for r in rows.values()} == {"small/plateau", "medium/plateau"}
+    assert {r["n_runs"] for r in rows.values()} == {10}
+    default = rows[("medium/plateau", "-1 x z(NLL) + 1 x z(prompt gain)")]
+    perplexity = rows[("medium/plateau", "perplexity (-NLL, base model)")]
+    paired = default["planted vs perplexity"]
+    assert paired["mean"] == pytest.approx(default["planted"] - perplexity["planted"])
+    assert paired["standard_error"] > 0 and 0 <= paired["runs_not_below"] <= 10
+
+    _, one = run_benchmark("loko.py", tmp_path, "--merge", two[1])
+    analysed = json.loads(Path(two[1]).read_text())
+    for row in one["by_size_base"]:
+        label = next(label for label, recipe in analysed["named"].items() if recipe == row["scorer"])
+        regimes = [
+            g
+            for g in analysed["by_group"]
+            if g["scorer"] == label and g["runs"].startswith(row["runs"] + "/")
+        ]
+        assert len(regimes) == 2
+        for metric in ("planted", "within_datasets", "unseen", "precision_at_5pct"):
+            assert row[metric] == pytest.approx(sum(g[metric] for g in regimes) / 2)
+
+    refused = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "loko.py"), "--merge", two[1], two[1]],
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode != 0 and "is in an earlier --merge file too" in refused.stderr
+
+
 def test_lm_plateau_small(tmp_path):
     stdout, report = run_benchmark("lm_plateau.py", tmp_path, "--steps", "2", "4")
     assert "shortest length within 2% of the lowest held-out loss" in stdout
