@@ -3,7 +3,7 @@
 Two corpora:
 
 - ``--corpus demo``: the demo's recipe (``selectmoe.demo.run.demo_models``: 2000 generated clean rows,
-  batch 8, lr 3e-3 with linear decay, length 128), held out: 200 generated rows of another seed.
+  batch 8, peak lr ``LM_LEARNING_RATES`` there (``--lr``) with linear decay, length 128), held out: 200 generated rows of another seed.
   ``demo.lm_steps`` is chosen from this table.
 - ``--corpus real``: ``loko.py``'s bases (its ``--sizes``; the same LM rows of ``../shared/data/train``
   for the seed, length 256, cached where ``loko.py`` finds them), held out: the seed's corpus rows
@@ -13,7 +13,7 @@ Per length: the held-out LM loss (every token) and the training loss over the la
 and the shortest length within 2% of the lowest held-out loss (a plateau, if the lengths reach one;
 longer runs overfit a small corpus, and the held-out loss rises again).
 
-    .venv/bin/python benchmarks/lm_plateau.py --json benchmarks/results/demo_lm_plateau.json  # ~10 min
+    .venv/bin/python benchmarks/lm_plateau.py --lr 1e-2 --json benchmarks/results/demo_lm_plateau_lr1e-2.json  # ~10 min
     .venv/bin/python benchmarks/lm_plateau.py --corpus real --size medium --steps 300 600 900 1200 \\
         --json benchmarks/results/lm_plateau_medium.json
 """
@@ -35,6 +35,7 @@ from selection_quality import sample_by_file
 from selectmoe.data.collate import collate
 from selectmoe.data.template import encode_batch, ensure_pad_token, load_tokenizer
 from selectmoe.demo.corpus import write_demo_corpus
+from selectmoe.demo.run import LM_LEARNING_RATES
 from selectmoe.demo.tiny import build_tiny_olmoe, final_lm_loss, pretrain_tiny_lm
 
 DEMO_LENGTH, REAL_LENGTH = 128, 256  # the demo's pretraining length; loko.py's --max-length
@@ -49,6 +50,12 @@ def main() -> None:
     p.add_argument("--work-dir", default="/tmp/selectmoe_loko", help="with --corpus real: loko.py's cache")
     p.add_argument("--steps", type=int, nargs="+", default=[100, 200, 400, 800])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=LM_LEARNING_RATES["selector_olmoe"],
+        help="with --corpus demo: the peak learning rate (default: the demo's)",
+    )
     p.add_argument("--json", default=None)
     args = p.parse_args()
     quiet_transformers()
@@ -64,7 +71,9 @@ def main() -> None:
             base = build_tiny_olmoe(work / "init", seed=args.seed)
 
             def pretrained(steps: int) -> Path:
-                return pretrain_tiny_lm(base, rows, work / f"lm{steps}", steps=steps, seed=args.seed)
+                return pretrain_tiny_lm(
+                    base, rows, work / f"lm{steps}", steps=steps, seed=args.seed, learning_rate=args.lr
+                )
 
             length, what = DEMO_LENGTH, "200 generated rows of another seed"
         else:

@@ -38,7 +38,9 @@ from selectmoe.reporting.report import markdown_table
 from selectmoe.select.calibrate import combiner_columns, combiner_score
 from selectmoe.select.score import row_score, score_columns, score_of
 
-MODELS_VERSION = 2  # bump when the tiny demo models change (2: they keep their LM-pretraining loss)
+MODELS_VERSION = 3  # bump when the tiny demo models change (3: the selector's LM learning rate 1e-2)
+# peak LM-pretraining learning rates (linear decay to 0): the selector's from benchmarks/lm_plateau.py --lr
+LM_LEARNING_RATES = {"selector_olmoe": 1e-2, "target_llama": 3e-3}
 REFERENCE_ROWS = 300
 
 
@@ -96,7 +98,14 @@ def demo_models(cfg: DemoConfig) -> tuple[Path, Path]:
     for build, out in ((build_tiny_olmoe, selector), (build_tiny_llama, target)):
         with phase(f"demo: building {out.name} and LM-pretraining it {steps[out.name]} steps (cached)"):
             base = build(cache / f"{out.name}_init", seed=cfg.seed)
-            pretrain_tiny_lm(base, rows, out, steps=steps[out.name], seed=cfg.seed)
+            pretrain_tiny_lm(
+                base,
+                rows,
+                out,
+                steps=steps[out.name],
+                seed=cfg.seed,
+                learning_rate=LM_LEARNING_RATES[out.name],
+            )
     return selector, target
 
 
