@@ -3,7 +3,8 @@
 Two corpora:
 
 - ``--corpus demo``: the demo's recipe (``selectmoe.demo.run.demo_models``: 2000 generated clean rows,
-  batch 8, peak lr ``LM_LEARNING_RATES`` there (``--lr``) with linear decay, length 128), held out: 200 generated rows of another seed.
+  batch 8, the peak lr of its ``LM_LEARNING_RATES`` (``--lr``) with linear decay, length 128), held
+  out: 200 generated rows of another seed.
   ``demo.lm_steps`` is chosen from this table.
 - ``--corpus real``: ``loko.py``'s bases (its ``--sizes``; the same LM rows of ``../shared/data/train``
   for the seed, length 256, cached where ``loko.py`` finds them), held out: the seed's corpus rows
@@ -13,7 +14,7 @@ Per length: the held-out LM loss (every token) and the training loss over the la
 and the shortest length within 2% of the lowest held-out loss (a plateau, if the lengths reach one;
 longer runs overfit a small corpus, and the held-out loss rises again).
 
-    .venv/bin/python benchmarks/lm_plateau.py --lr 1e-2 --json benchmarks/results/demo_lm_plateau_lr1e-2.json  # ~10 min
+    .venv/bin/python benchmarks/lm_plateau.py --json benchmarks/results/demo_lm_plateau_lr1e-2.json  # ~10 min
     .venv/bin/python benchmarks/lm_plateau.py --corpus real --size medium --steps 300 600 900 1200 \\
         --json benchmarks/results/lm_plateau_medium.json
 """

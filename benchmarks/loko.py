@@ -555,7 +555,7 @@ def print_merged(results: dict) -> None:
             *(h for m in paired_metrics for h in (m, "vs perplexity")),
             "unseen",
             "precision_at_5pct",
-        ],  # fmt: skip
+        ],
         [
             [
                 r["runs"],
@@ -564,7 +564,7 @@ def print_merged(results: dict) -> None:
                 *(c for m in paired_metrics for c in (r[m], paired(r, m))),
                 r["unseen"],
                 r["precision_at_5pct"],
-            ]  # fmt: skip
+            ]
             for r in results["by_size_base"]
         ],
     )
