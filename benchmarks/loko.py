@@ -357,8 +357,8 @@ def analyse(judged: dict[str, dict], recipes: dict) -> dict:
             for metric in metrics:
                 diff = np.array([judged[r][scorer][metric] - judged[r][PERPLEXITY][metric] for r in among])
                 diff = diff[~np.isnan(diff)]
-                error = 2 * diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else 0.0
-                if len(diff) and diff.mean() < -error:
+                error = paired_standard_error(diff)
+                if len(diff) and diff.mean() < -2 * (error or 0.0):
                     return False
         return True
 
@@ -502,6 +502,11 @@ def check_on_demo(run: Path, named: dict[str, str], recipes: dict, args) -> list
 MERGED_METRICS = ("planted", "unseen", "within_datasets", "worst_dataset", "precision_at_5pct")
 
 
+def paired_standard_error(diff: np.ndarray) -> float | None:
+    """The standard error of the mean of paired differences (one per run); None with one run."""
+    return float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else None
+
+
 def merge_results(paths: list[Path]) -> dict:
     """The ``per_run`` rows of several results files as one set of runs: per size/base (both regimes,
     every seed), each recipe's mean of ``MERGED_METRICS`` and its paired difference from perplexity (mean,
@@ -527,9 +532,7 @@ def merge_results(paths: list[Path]) -> dict:
                     diff = diff[~np.isnan(diff)]
                     row[f"{metric} vs perplexity"] = {
                         "mean": float(diff.mean()),
-                        "standard_error": float(diff.std(ddof=1) / np.sqrt(len(diff)))
-                        if len(diff) > 1
-                        else None,
+                        "standard_error": paired_standard_error(diff),
                         "runs_not_below": int((diff >= 0).sum()),
                     }
             rows.append(row)

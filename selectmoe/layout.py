@@ -42,6 +42,7 @@ LOGS_DIR = "logs"
 # training.reference_data) in the second
 ROWS_SCRATCH = ".rows"
 TRUSTED_ROWS_SCRATCH = ".trusted_rows"
+TRAINING_ROWS_SCRATCH = ".training_rows"  # stage 2: where stage 1's training rows sit in the score files
 
 # ---- every stage
 MANIFEST = "manifest.json"

@@ -70,14 +70,14 @@ from selectmoe.data.rejects import MAX_RAW_CHARS, DataError, RowError, reason_co
 from selectmoe.data.rows import scan_piece
 from selectmoe.data.subset import in_subset, random_key
 from selectmoe.data.template import encode_batch, encode_replies_alone, load_tokenizer
-from selectmoe.layout import ROWS_SCRATCH, TRUSTED_ROWS_SCRATCH
+from selectmoe.layout import ROWS_SCRATCH, TRAINING_ROWS_SCRATCH, TRUSTED_ROWS_SCRATCH
 from selectmoe.scaling import ensure_ray
 
 OUTPUT_ROWS = 1024  # rows per table a read task yields
 MIN_PIECE_BYTES = 8 << 20  # pieces made smaller to give every CPU reads stay at least this big
 # the read's own Ray tasks: one CPU each, spread over the nodes, and outside any placement group the
 # caller runs in (a Tune trial's captures its children's tasks, and its bundles hold no free CPU)
-_READ_TASK = {"num_cpus": 1, "scheduling_strategy": "SPREAD"}
+READ_TASK = {"num_cpus": 1, "scheduling_strategy": "SPREAD"}
 TOKENIZE_BATCH_ROWS = 256
 
 MESSAGE_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
@@ -309,7 +309,7 @@ def plan_pieces(sources: list[Source], split_bytes: int) -> list[Piece]:
     counting = newline_ranges(pieces)
     if not counting:
         return pieces
-    count = ray.remote(count_newlines).options(**_READ_TASK)
+    count = ray.remote(count_newlines).options(**READ_TASK)
     return with_lines_before(pieces, ray.get([count.remote(piece) for piece in counting]))
 
 
@@ -373,7 +373,7 @@ def _scan(
     the line of its last row. With ``rows_dir``: the rows written there (with ``tokens``, their token
     columns, the replies alone too with ``replies_alone``), duplicates removed."""
     buckets = max(1, 2 * int(ray.cluster_resources().get("CPU", 1)))
-    scan = ray.remote(_scan_piece).options(num_returns=3 + buckets, **_READ_TASK)
+    scan = ray.remote(_scan_piece).options(num_returns=3 + buckets, **READ_TASK)
     kwargs = {
         "tokenizer_name": tokenizer_name,
         "max_seq_length": dataset_cfg.max_sequence_length,
@@ -392,7 +392,7 @@ def _scan(
             _, running = ray.wait(running, num_returns=1)
         outputs.append(scan.remote(piece, index, **kwargs))
         running.append(outputs[-1][0])
-    find = ray.remote(_duplicates_in_bucket).options(**_READ_TASK)
+    find = ray.remote(_duplicates_in_bucket).options(**READ_TASK)
     duplicates = [find.remote(*[out[3 + bucket] for out in outputs]) for bucket in range(buckets)]
 
     in_subset = np.zeros(len(pieces), dtype=np.int64)
@@ -419,7 +419,7 @@ def _scan(
         ledger.reject(next(iter(records())))  # raises, naming the first bad row's file and line
     # per piece, the lines its reads drop: its scan's reject lines (the scan task's third return value,
     # never fetched here), with its duplicates' lines added by a task where it has any
-    union = ray.remote(_union_lines).options(**_READ_TASK)
+    union = ray.remote(_union_lines).options(**READ_TASK)
     dropped = [
         union.remote(out[2], [row["line"] for row in duplicates_by_piece[index]])
         if index in duplicates_by_piece
@@ -427,6 +427,13 @@ def _scan(
         for index, out in enumerate(outputs)
     ]
     return _Plan(pieces, dropped, in_subset, last_row_line, rows_dir)
+
+
+def id_buckets(ids, buckets: int) -> np.ndarray:
+    """Each id's hash bucket in ``range(buckets)`` (a list or an Arrow array of ids): the same id lands
+    in the same bucket in every task and run."""
+    values = ids.to_numpy(zero_copy_only=False) if isinstance(ids, pa.Array | pa.ChunkedArray) else ids
+    return pd.util.hash_array(np.asarray(values, dtype=object)) % buckets
 
 
 def _union_lines(lines: np.ndarray, more: list[int]) -> np.ndarray:
@@ -535,7 +542,7 @@ def _scan_piece(
     if writer is not None:
         writer.close()
     table = pa.table(rows, schema=_ID_SCHEMA)
-    bucket = pd.util.hash_array(np.array(rows["id"], dtype=object)) % buckets
+    bucket = id_buckets(rows["id"], buckets)
     parts = [table.filter(pa.array(bucket == b)) for b in range(buckets)]
     last_row_line = rows["line"][-1] if rows["line"] else -1
     summary = (Counter(map(reason_code, rejects)), last_row_line)
@@ -590,7 +597,7 @@ def _part_path(rows_dir: str | Path, index: int) -> Path:
 
 def _drop_duplicates_written(rows_dir: Path, duplicates_by_piece: dict[int, list[dict]]) -> None:
     """Rewrite, in Ray tasks, the parts that hold a duplicate in the subset without it."""
-    drop = ray.remote(_drop_lines).options(**_READ_TASK)
+    drop = ray.remote(_drop_lines).options(**READ_TASK)
     ray.get(
         [
             drop.remote(str(_part_path(rows_dir, index)), [row["line"] for row in rows if row["sampled"]])
@@ -691,11 +698,12 @@ TOKENIZED_KEEP = ("id", "dataset", "source", "line")  # the row columns tokenize
 @contextlib.contextmanager
 def scratch_removed(output_dir: Path):
     """Around a stage's run: its scratch copies of the rows (``layout.ROWS_SCRATCH``,
-    ``TRUSTED_ROWS_SCRATCH``) are removed when it ends, done or failed; a rerun writes them again."""
+    ``TRUSTED_ROWS_SCRATCH``) and stage 2's ``TRAINING_ROWS_SCRATCH`` are removed when it ends, done or
+    failed; a rerun writes them again."""
     try:
         yield
     finally:
-        for name in (ROWS_SCRATCH, TRUSTED_ROWS_SCRATCH):
+        for name in (ROWS_SCRATCH, TRUSTED_ROWS_SCRATCH, TRAINING_ROWS_SCRATCH):
             shutil.rmtree(output_dir / name, ignore_errors=True)
 
 

@@ -570,6 +570,47 @@ def test_stage1_folder_excludes_training_rows_and_diversity_selects(one_actor, t
     assert scores_by_id(out) == scores_by_id(one_actor)  # same weights -> same scores
 
 
+@pytest.mark.slow
+def test_training_rows_are_found_by_hash_bucket_tasks_in_every_file_and_batch(ray_session, tmp_path):
+    """The join that leaves stage 1's training rows out of the selection, without a central set: the
+    positions found are exactly the rows whose id is a training id, in files of every size (one spans
+    two read batches, one is empty) and in several groups of files; ids stage 1 trained on twice, or
+    that the corpus does not have, change nothing."""
+    from selectmoe.select.training_rows import ID_BATCH_ROWS, find_training_rows
+
+    sizes = [5, ID_BATCH_ROWS + 7, 0, 3, 40, 11]  # 4 buckets on 2 CPUs: 4 groups of these 6 files
+    rng = np.random.default_rng(0)
+    files, ids_of = [], []
+    for index, size in enumerate(sizes):
+        ids = [f"f{index}-{row}" for row in range(size)]
+        path = tmp_path / "scores" / f"part-{index:03d}.parquet"
+        path.parent.mkdir(exist_ok=True)
+        pq.write_table(pa.table({"id": pa.array(ids, pa.string()), "score": rng.random(size)}), path)
+        files.append(path)
+        ids_of.append(ids)
+    corpus = [i for ids in ids_of for i in ids]
+    trained = list(rng.choice(corpus, 500, replace=False))
+    trained += [f"f1-{ID_BATCH_ROWS + 6}", "f1-0", "f0-4", trained[0], "not-in-this-corpus"]
+    pq.write_table(
+        pa.table({"id": trained, "dataset": ["x"] * len(trained)}), tmp_path / "training_ids.parquet"
+    )
+
+    found = find_training_rows(files, tmp_path / "training_ids.parquet", tmp_path / "scratch")
+    assert [list(group) for group in found.groups] == [[0, 1], [2, 3], [4], [5]]
+    expected = set(trained) & set(corpus)
+    assert found.count() == len(expected)
+    for index, ids in enumerate(ids_of):
+        rows = found.rows_of(index)
+        assert rows.tolist() == [row for row, row_id in enumerate(ids) if row_id in expected], index
+        kept = []  # as stage 2 streams the file: in batches, each with its offset
+        for offset in range(0, max(len(ids), 1), 1000):
+            batch = ids[offset : offset + 1000]
+            mask = found.kept(index, offset, len(batch))
+            kept += batch if mask is None else [row_id for row_id, keep in zip(batch, mask) if keep]
+        assert kept == [row_id for row_id in ids if row_id not in expected], index
+    assert find_training_rows(files, None, tmp_path / "none").count() == 0
+
+
 def test_driving_force_is_a_damped_newton_step_on_the_gates():
     """D2 = max(-A, 0)^2 / (2 (tau + max(B, 0) + 10 max(-B, 0))): nothing where opening the gates raises
     the loss, the Newton decrease A^2 / 2B where the curvature is positive, ten times damped where it is

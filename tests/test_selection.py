@@ -19,7 +19,6 @@ from selectmoe.select.topk import (
     dataset_quotas,
     dataset_thresholds,
     diversity_select,
-    excluding,
     per_dataset_k,
     random_k,
     random_per_dataset_k,
@@ -120,11 +119,11 @@ def test_filtered_random_draws_each_datasets_quota_from_its_better_share(keep):
     assert set(other["id"].to_pylist()) != {i for v in expected.values() for i in v}
 
 
-def test_threshold_and_exclusion():
+def test_threshold_keeps_the_rows_at_or_above_it_best_first():
     ids = [f"r{i}" for i in range(10)]
     scores = [i / 10 for i in range(10)]
-    kept = above_threshold(excluding(score_batches(scores, ids, batch=3), pa.array(["r9"])), 0.7)
-    assert kept["id"].to_pylist() == ["r8", "r7"]
+    kept = above_threshold(score_batches(scores, ids, batch=3), 0.7)
+    assert kept["id"].to_pylist() == ["r9", "r8", "r7"]
 
 
 def test_diversity_round_robins_over_clusters_and_restarts_differ():

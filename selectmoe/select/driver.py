@@ -53,6 +53,7 @@ from selectmoe.layout import (
     TARGET_REJECTS,
     TOKENIZER_DIR,
     TRAINING_IDS,
+    TRAINING_ROWS_SCRATCH,
     TRUSTED_REJECTS,
     TRUSTED_ROWS_SCRATCH,
     score_files,
@@ -96,7 +97,6 @@ from selectmoe.select.topk import (
     dataset_quotas,
     dataset_thresholds,
     diversity_select,
-    excluding,
     order_by_score,
     per_dataset_k,
     random_k,
@@ -107,6 +107,7 @@ from selectmoe.select.topk import (
     top_k,
     with_rank,
 )
+from selectmoe.select.training_rows import TrainingRows, find_training_rows
 
 logger = logging.getLogger(__name__)
 
@@ -165,8 +166,8 @@ def _run(cfg: SelectConfig, out: Path) -> Path:
     with phase("stage 2 select: selecting and writing the selected rows"):
         files = score_files(scores_dir)
         rows_scored = sum(pq.read_metadata(f).num_rows for f in files)
-        excluded = _training_ids(cfg)
-        candidates = rows_scored - _scored_among(files, excluded)
+        excluded = find_training_rows(files, _training_ids(cfg), out / TRAINING_ROWS_SCRATCH)
+        candidates = rows_scored - excluded.count()
         scales = _term_scales(files, cfg, rows_scored) if cfg.scoring.combine == "robust_z" else None
         calibrated = trusted is not None and cfg.selection.method == "calibrated"
         combiner = _fit_combiner(cfg, files, candidates, excluded, trusted, out) if calibrated else None
@@ -321,24 +322,28 @@ def _reusable_scores(scores_dir: Path, key: dict) -> list[Path]:
     return readable
 
 
-def _stream(files: list[Path], columns: list[str]):
-    for path in files:
-        yield from (
-            pa.Table.from_batches([b])
-            for b in pq.ParquetFile(path).iter_batches(STREAM_ROWS, columns=columns)
-        )
+def _stream(files: list[Path], columns: list[str], skip: TrainingRows | None = None):
+    """The score files' ``columns`` in batches, in file order; the rows ``skip`` names (stage 1's
+    training rows) left out."""
+    for index, path in enumerate(files):
+        offset = 0
+        for b in pq.ParquetFile(path).iter_batches(STREAM_ROWS, columns=columns):
+            batch = pa.Table.from_batches([b])
+            kept = skip.kept(index, offset, batch.num_rows) if skip is not None else None
+            offset += batch.num_rows
+            yield batch if kept is None else batch.filter(pa.array(kept))
 
 
-def _scored_stream(files: list[Path], columns: list[str], rescore):
+def _scored_stream(files: list[Path], columns: list[str], rescore, skip: TrainingRows | None = None):
     """``_stream`` whose ``score`` is recomputed by ``rescore`` (``_rescorer``: robust z-scores, the
     calibrated combiner, or a gate weight the trusted set flipped); without it the score files' own
     (raw) score."""
     if rescore is None:
-        yield from _stream(files, columns)
+        yield from _stream(files, columns, skip)
         return
     needed, score_fn = rescore
     read = [c for c in columns if c != "score"] + [t for t in needed if t not in columns]
-    for batch in _stream(files, read):
+    for batch in _stream(files, read, skip):
         score = score_fn({name: column_matrix(batch[name]) for name in needed})
         yield batch.append_column("score", pa.array(score, pa.float64())).select(columns)
 
@@ -372,20 +377,13 @@ def _term_scales(files: list[Path], cfg: SelectConfig, rows_scored: int) -> dict
     return term_scales({name: np.concatenate(values) for name, values in parts.items()})
 
 
-def _training_ids(cfg: SelectConfig) -> pa.Array:
-    """The ids stage 1 trained on (its folder's ``training_ids.parquet``) when
-    ``selection.exclude_training_rows``, as an Arrow array; empty otherwise."""
+def _training_ids(cfg: SelectConfig) -> Path | None:
+    """Stage 1's ``training_ids.parquet`` (the ids it trained on) when ``selection.exclude_training_rows``
+    and the stage-1 folder has one; None otherwise."""
     path = Path(cfg.model_checkpoint_path or "") / TRAINING_IDS
     if not (cfg.selection.exclude_training_rows and cfg.model_checkpoint_path and path.exists()):
-        return pa.array([], pa.string())
-    return pc.unique(pq.read_table(path, columns=["id"])["id"].combine_chunks().cast(pa.string()))
-
-
-def _scored_among(files: list[Path], ids: pa.Array) -> int:
-    """How many scored rows have one of ``ids`` (training ids stage 2 does not score count for nothing)."""
-    if len(ids) == 0:
-        return 0
-    return sum(pc.sum(pc.is_in(batch["id"], value_set=ids)).as_py() or 0 for batch in _stream(files, ["id"]))
+        return None
+    return path
 
 
 def _check_selection(cfg: SelectConfig) -> None:
@@ -445,7 +443,7 @@ def _select(
     cfg: SelectConfig,
     score_files: list[Path],
     candidates: int,
-    excluded: pa.Array,
+    excluded: TrainingRows,
     rescore,
     targets: dict[str, np.ndarray] | None,
 ) -> tuple[pa.Table, dict]:
@@ -457,7 +455,7 @@ def _select(
     columns = ["id", "dataset", "score", *extra]
 
     def batches():
-        return excluding(_scored_stream(score_files, columns, rescore), excluded)
+        return _scored_stream(score_files, columns, rescore, excluded)
 
     k = selection_size(candidates, cfg.selection_percentage, cfg.selection.count)
     by_dataset = _balanced(cfg.selection)
@@ -533,9 +531,9 @@ def _balanced(selection) -> bool:
     return selection.balance == "dataset"
 
 
-def _rows_by_dataset(files: list[Path], excluded: pa.Array) -> Counter:
+def _rows_by_dataset(files: list[Path], excluded: TrainingRows) -> Counter:
     counts = Counter()
-    for batch in excluding(_stream(files, ["id", "dataset"]), excluded):
+    for batch in _stream(files, ["dataset"], excluded):
         counts.update(batch["dataset"].to_pylist())
     return counts
 
@@ -706,19 +704,19 @@ def _scoring_input(passes) -> list[str]:
 
 
 def _corpus_sample(
-    cfg: SelectConfig, files: list[Path], candidates: int, excluded: pa.Array, columns: list[str]
+    cfg: SelectConfig, files: list[Path], candidates: int, excluded: TrainingRows, columns: list[str]
 ) -> dict[str, np.ndarray]:
     """``columns`` of a seeded sample (``_seeded_sample``) of the ``candidates`` scored corpus rows
     (stage-1 training rows left out): what trusted rows are compared with."""
     parts: dict[str, list] = {}
-    for batch in _seeded_sample(excluding(_stream(files, ["id", *columns]), excluded), cfg.seed, candidates):
+    for batch in _seeded_sample(_stream(files, ["id", *columns], excluded), cfg.seed, candidates):
         for name in columns:
             parts.setdefault(name, []).append(column_matrix(batch[name]))
     return {name: np.concatenate(values) for name, values in parts.items()}
 
 
 def _gate_sign(
-    cfg: SelectConfig, files: list[Path], candidates: int, excluded: pa.Array, trusted: dict
+    cfg: SelectConfig, files: list[Path], candidates: int, excluded: TrainingRows, trusted: dict
 ) -> dict:
     """``calibrate.gate_sign`` of the trusted rows against the corpus sample."""
     corpus = _corpus_sample(cfg, files, candidates, excluded, ["layer_scores"])
@@ -726,7 +724,7 @@ def _gate_sign(
 
 
 def _fit_combiner(
-    cfg: SelectConfig, files: list[Path], candidates: int, excluded: pa.Array, trusted: dict, out: Path
+    cfg: SelectConfig, files: list[Path], candidates: int, excluded: TrainingRows, trusted: dict, out: Path
 ) -> dict:
     """The calibrated combiner: trusted rows against ``_corpus_sample``; written to
     ``layout.CALIBRATION``."""

@@ -129,16 +129,6 @@ def with_rank(table: pa.Table) -> pa.Table:
     return table.append_column("rank", pa.array(np.arange(1, table.num_rows + 1, dtype=np.int64)))
 
 
-def excluding(batches: Iterable[pa.Table], excluded_ids: pa.Array) -> Iterator[pa.Table]:
-    """Drop rows whose id is in ``excluded_ids`` (e.g. stage-1 training rows; an Arrow array, compact
-    where a Python set of millions of ids is not)."""
-    if len(excluded_ids) == 0:
-        yield from batches
-        return
-    for batch in batches:
-        yield batch.filter(pc.invert(pc.is_in(batch["id"], value_set=excluded_ids)))
-
-
 def column_matrix(column: pa.ChunkedArray) -> np.ndarray:
     """A numeric column, or a column of equal-length lists or tensors (``layer_scores``, ``embedding``)
     as (rows, length)."""
