@@ -5,12 +5,18 @@ one file and as 16 files, today's code beside an older commit's, each run its ow
         --json benchmarks/results/data_plane_scale.json
     .venv/bin/python benchmarks/data_plane_scale.py --rows 2000 --files 4 --split-bytes 100000  # CI size
     .venv/bin/python benchmarks/data_plane_scale.py --select --rows 100000 500000 --json ...  # stage 2
+    .venv/bin/python benchmarks/data_plane_scale.py --train-stage pretrain --rows 200000 --baseline f34d3bd^ ...
 
 ``--select`` runs ``selectmoe select`` instead (each ``--baseline`` REF's too), with a tiny randomly initialised OLMoE
 (built once in the work folder; ``--selector-layers 1`` halves its cost) and ``--select-max-length`` tokens a
 row, so that the data plane weighs as much as it can beside scoring (``--num-actors 1 2``: a run per
 ``scoring.num_actors``, compared with the first): first from scratch, then resumed after every other score file was deleted
 (as a crash leaves a run), and checks that the resumed ``selected.jsonl`` is byte-identical to the first.
+
+``--train-stage pretrain`` (or ``finetune``) runs that stage for one step instead, on the tiny selector (or the
+tiny Llama target), with ``--select-max-length`` tokens a row and, for stage 1, ``--subset-ratio`` of the
+rows: what it measures is the stage's read, the phase "reading, checking and tokenising rows" (the text
+read and tokenised once since f34d3bd; twice before it, so ``--baseline f34d3bd^`` is the figure before).
 
 The corpus: rows of --data-dir cycled with fresh ids, one row in every --duplicate-every repeating the row
 1,000 rows earlier (a ``duplicate_id`` reject) and every --bad-every-th line broken JSON (``bad_json``).
@@ -46,6 +52,10 @@ import pyarrow.parquet as pq
 from common import TRAIN_DIR, print_table, write_json
 
 REPO = Path(__file__).resolve().parents[1]
+READ_PHASES = {  # --train-stage: the stage's read, as its console names the phase
+    "pretrain": "reading, checking and tokenising rows",
+    "finetune": "reading and tokenising rows",
+}
 
 
 def main() -> None:
@@ -62,9 +72,10 @@ def main() -> None:
     }
     selector = (
         tiny_selector(work / f"selector_{args.selector_layers}_layers", args.selector_layers)
-        if args.select
+        if args.select or args.train_stage == "pretrain"
         else None
     )
+    target = tiny_target(work / "target") if args.train_stage == "finetune" else None
     runs = []
     for n in args.rows:
         folder = work / f"corpus_{n}_{args.files}_{args.duplicate_every}_{args.bad_every}"
@@ -77,7 +88,9 @@ def main() -> None:
                     (select_label(run, code), result)
                     for run, result in select_twice(root, path, work, selector, actors, args)
                 ]
-                if selector
+                if args.select
+                else [(code, train_once(root, path, work / "out", selector or target, args))]
+                if args.train_stage
                 else [(code, validate(root, path, work / "out", args))]
             )
             for label, run in measured:
@@ -89,7 +102,7 @@ def main() -> None:
                     f"(private {run['driver_peak_private_gib']:.2f})",
                     flush=True,
                 )
-    if selector:
+    if args.select:
         select_runs = SELECT_RUNS[:1] if args.fresh_only else SELECT_RUNS
         labels = [select_label(run, code) for code in codes for run in select_runs]
         compared = [
@@ -101,19 +114,21 @@ def main() -> None:
         labels, compared = list(codes), [(list(codes)[0], code) for code in list(codes)[1:]]
     ratios = summarise(runs, args.rows, labels, compared)
     print_table(
-        "select end to end" if selector else "validate-data end to end",
+        f"{'select' if args.select else args.train_stage or 'validate-data'} end to end",
         ["rows", "layout", "code", "wall s", "rows/s", "cpu use", "driver peak GiB", "private GiB", "read"]
         + ["rejected"]
-        + (["scored", "selected", "same selection"] if selector else []),
+        + (["scored", "selected", "same selection"] if args.select else [])
+        + (["read phase s"] if args.train_stage else []),
         [
             [r["rows"], r["layout"], r["code"], r["wall_s"], round(r["rows_per_s"]), f"{r['cpu_use']:.0%}"]
             + [r["driver_peak_rss_gib"], r["driver_peak_private_gib"]]
             + [r["counts"]["rows_read"], r["counts"]["rows_rejected"]]
             + (
                 [r["counts"]["rows_scored"], r["counts"]["rows_selected"], r.get("same_selection", "-")]
-                if selector
+                if args.select
                 else []
             )
+            + ([r["phases_s"].get(READ_PHASES[args.train_stage])] if args.train_stage else [])
             for r in runs
         ],
     )
@@ -149,6 +164,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--num-actors", type=int, nargs="+", default=[0], help="with --select: scoring.num_actors, each a run"
     )
+    parser.add_argument(
+        "--train-stage",
+        choices=list(READ_PHASES),
+        default=None,
+        help="run this training stage for one step (its read is what is measured) instead of validate-data",
+    )
+    parser.add_argument("--subset-ratio", type=float, default=0.05, help="with --train-stage pretrain")
     parser.add_argument("--selector-layers", type=int, default=2, help="decoder layers of the tiny selector")
     parser.add_argument("--work-dir", default="/tmp/selectmoe_data_plane")
     parser.add_argument("--json", default=None)
@@ -157,6 +179,8 @@ def parse_args() -> argparse.Namespace:
         parser.error("--fresh-only is a --select option")
     if args.num_actors != [0] and not args.select:
         parser.error("--num-actors is a --select option")
+    if args.train_stage and args.select:
+        parser.error("--train-stage and --select are different runs: give one")
     return args
 
 
@@ -204,6 +228,29 @@ def tiny_selector(folder: Path, layers: int) -> Path:
     if not (folder / "config.json").exists():
         build_tiny_olmoe(folder, num_hidden_layers=layers)
     return folder
+
+
+def tiny_target(folder: Path) -> Path:
+    from selectmoe.demo.tiny import build_tiny_llama
+
+    if not (folder / "config.json").exists():
+        build_tiny_llama(folder)
+    return folder
+
+
+def train_once(code: Path, data: Path, out: Path, model: Path, args) -> dict:
+    """``selectmoe pretrain`` or ``finetune`` (``args.train_stage``, the ``code`` checkout's) for one step."""
+    shutil.rmtree(out, ignore_errors=True)
+    stage = args.train_stage
+    command = [sys.executable, "-m", "selectmoe.cli", stage, f"dataset.data_path={data}", f"output_dir={out}"]
+    command += [f"dataset.max_sequence_length={args.select_max_length}", "training.max_steps=1"]
+    if stage == "pretrain":
+        command += [f"selector_model.path={model}", f"dataset.subset_ratio={args.subset_ratio}"]
+    else:
+        command += [f"model.name={model}", "training.batch_size=4"]
+    if args.split_bytes is not None:
+        command.append(f"data.split_bytes={args.split_bytes}")
+    return measure(command, code, out, stage)
 
 
 def select_label(run: str, code: str) -> str:

@@ -413,3 +413,19 @@ def test_data_plane_scale_select_resumes_to_the_same_selection(tmp_path):
         "selecting and writing the selected rows",
     }
     assert 0 < fresh["first_score_file_s"] < fresh["wall_s"]  # before the command ended
+
+
+def test_data_plane_scale_times_a_training_stages_read(tmp_path):
+    """``--train-stage finetune``: stage 3 for one step on the tiny target, its read phase timed, the rows
+    it read and rejected counted as validate-data counts them."""
+    stdout, report = run_benchmark(
+        "data_plane_scale.py",
+        tmp_path,
+        *("--train-stage", "finetune", "--one-file-only", "--rows", "600", "--split-bytes", "100000"),
+        *("--bad-every", "400", "--work-dir", str(tmp_path / "work")),
+    )
+    assert "finetune end to end" in stdout
+    (run,) = report["runs"]
+    assert run["counts"]["rows_read"] == 600
+    assert "bad_json" in run["counts"]["rejected_by_reason"]  # the planted broken line
+    assert run["phases_s"].keys() >= {"reading and tokenising rows"}
