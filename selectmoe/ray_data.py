@@ -372,7 +372,7 @@ def _scan(
     of which a read without the tokenizer would not see, and its duplicates), its rows in the subset and
     the line of its last row. With ``rows_dir``: the rows written there (with ``tokens``, their token
     columns, the replies alone too with ``replies_alone``), duplicates removed."""
-    buckets = max(1, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    buckets = hash_buckets()
     scan = ray.remote(_scan_piece).options(num_returns=3 + buckets, **READ_TASK)
     kwargs = {
         "tokenizer_name": tokenizer_name,
@@ -427,6 +427,11 @@ def _scan(
         for index, out in enumerate(outputs)
     ]
     return _Plan(pieces, dropped, in_subset, last_row_line, rows_dir)
+
+
+def hash_buckets() -> int:
+    """How many hash buckets a join over ids cuts them into: two per CPU of the cluster, one task each."""
+    return max(1, 2 * int(ray.cluster_resources().get("CPU", 1)))
 
 
 def id_buckets(ids, buckets: int) -> np.ndarray:

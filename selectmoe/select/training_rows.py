@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from selectmoe.ray_data import READ_TASK, id_buckets
+from selectmoe.ray_data import READ_TASK, hash_buckets, id_buckets
 
 ID_BATCH_ROWS = 65536  # ids per batch read from a Parquet file
 
@@ -76,7 +76,7 @@ def find_training_rows(score_files: list[Path], training_ids: Path | None, folde
         return TrainingRows.none()
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    buckets = max(1, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    buckets = hash_buckets()
     groups = [
         range(int(c[0]), int(c[-1]) + 1)
         for c in np.array_split(np.arange(len(score_files)), buckets)
