@@ -354,7 +354,7 @@ def test_select_on_three_nodes_spreads_and_a_node_killed_mid_scoring_loses_no_ro
     scoring actors run on every node; the selection is the exact top of the score files the nodes
     wrote; with a worker node removed mid-scoring (raylet and workers killed) no row is lost or scored
     twice, and the selection is byte-identical to the uninterrupted run's."""
-    rows = tmp_path / "rows"  # 6 files of real rows: scan pieces for every node; ~24 score files
+    rows = tmp_path / "rows"  # 6 files of real rows: scan pieces for every node; ~20 score files
     rows.mkdir()
     lines = (SHARED_TRAIN / "human_instructions.jsonl").read_text().splitlines()
     for part in range(6):
