@@ -96,8 +96,7 @@ def _run(cfg: PretrainConfig, callbacks: list | None) -> Path:
         )
         read.ledger.write_rejects(out / REJECTS)
         train = read.rows
-        trained = pa.Table.from_pylist(train.select_columns(["id", "dataset"]).take_all())
-        pq.write_table(trained, out / TRAINING_IDS)  # corpus rows only: stage 2 excludes them
+        _write_training_ids(train, out / TRAINING_IDS)  # corpus rows only: stage 2 excludes them
         reference_rows, reference_probe = 0, None
         if cfg.training.reference_data:
             reference, held_out = _reference_rows(cfg, tokenizer_name, out, _reference_holdout(cfg, read))
@@ -241,6 +240,15 @@ def reference_probe_rows(
 def _untrained_count(read: RowsRead) -> int:
     counts = read.ledger.counts()
     return counts["rows_accepted"] - counts["rows_sampled"]
+
+
+def _write_training_ids(rows, path: Path) -> None:
+    """The ``id`` and ``dataset`` of ``rows`` (a Ray Dataset) into ``path``, batch by batch: the driver
+    never holds every id of the subset."""
+    schema = pa.schema([("id", pa.string()), ("dataset", pa.string())])
+    with pq.ParquetWriter(path, schema) as writer:
+        for batch in rows.select_columns(["id", "dataset"]).iter_batches(batch_format="pyarrow"):
+            writer.write_table(batch.select(["id", "dataset"]).cast(schema))
 
 
 def _reference_holdout(cfg: PretrainConfig, read: RowsRead) -> float:
