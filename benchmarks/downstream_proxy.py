@@ -28,6 +28,8 @@ rows by that preset's score), ``gates_prompt_gain_balanced`` (the same, with per
 ``filtered_random_nll`` and ``filtered_random_nll_8x_prompt_gain`` (``selection.method=filtered_random``:
 a random draw among the better half of each dataset by z(-NLL) + z(prompt gain), by NLL alone, or by
 -2 z(NLL) + 0.25 z(prompt gain); the summary's ``default`` names the one the default preset is),
+``filtered_random_raw_nll_prompt_gain`` (the same draw by -NLL + prompt gain in nats,
+``scoring.combine=raw``),
 ``similarity``
 (the product's RDS+ selection), ``calibrated`` (the product's calibrated mode, the target examples as
 its trusted rows).
@@ -74,11 +76,14 @@ POOL_TEMPLATES = [
 HELD_OUT_TEMPLATE = ("Translate '{word}' into {lang}.", "{code}")
 GATES_PROMPT_GAIN = load_preset("gates_prompt_gain")["keys"]["select"]  # the former default's weights
 DEFAULT = load_preset(PipelineConfig().preset)["keys"]["select"]  # the default preset's score and keep share
-# filtered_random's draw among each dataset's better half by z(-NLL) x w1 + z(prompt gain) x w2: (w1, w2)
+# filtered_random's draw among each dataset's better half by -NLL x w1 + prompt gain x w2, each term a
+# robust z-score or in nats (scoring.combine): (w1, w2, combine)
 FILTERED_RANDOM_RECIPES = {
-    "filtered_random_nll_prompt_gain": (1.0, 1.0),
-    "filtered_random_nll": (1.0, 0.0),
-    "filtered_random_nll_8x_prompt_gain": (2.0, 0.25),  # loko.py's one gate-free recipe level with perplexity
+    "filtered_random_nll_prompt_gain": (1.0, 1.0, "robust_z"),
+    "filtered_random_nll": (1.0, 0.0, "robust_z"),
+    # loko.py's one gate-free recipe level with perplexity
+    "filtered_random_nll_8x_prompt_gain": (2.0, 0.25, "robust_z"),
+    "filtered_random_raw_nll_prompt_gain": (1.0, 1.0, "raw"),
 }
 METHODS = (
     "full", "oracle", "perplexity", "gates", "gates_prompt_gain", "gates_prompt_gain_balanced",
@@ -90,7 +95,7 @@ ALWAYS_RUN = ("full", "oracle")  # with the random draws: the validity check nee
 def default_method() -> str:
     """The row that is the default preset's recipe (filtered_random, no gate term)."""
     scoring = DEFAULT["scoring"]
-    weights = (scoring["perplexity_weight"], scoring["prompt_gain_weight"])
+    weights = (scoring["perplexity_weight"], scoring["prompt_gain_weight"], scoring["combine"])
     assert DEFAULT["selection"]["method"] == "filtered_random" and not scoring["gate_weight"]
     return next(name for name, recipe in FILTERED_RANDOM_RECIPES.items() if recipe == weights)
 
@@ -301,9 +306,15 @@ def selections(
     scales = term_scales(score_terms(layer_scores, nll, unprompted))
     filter_scores = {
         name: row_score(
-            layer_scores, nll, nll_weight, unprompted, gain_weight, scales=scales, gate_weight=0.0
+            layer_scores,
+            nll,
+            nll_weight,
+            unprompted,
+            gain_weight,
+            scales=scales if combine == "robust_z" else None,
+            gate_weight=0.0,
         )
-        for name, (nll_weight, gain_weight) in FILTERED_RANDOM_RECIPES.items()
+        for name, (nll_weight, gain_weight, combine) in FILTERED_RANDOM_RECIPES.items()
     }
     k = selection_size(len(ids), args.percentage)
 

@@ -8,7 +8,8 @@ Two corpora:
   ``demo.lm_steps`` is chosen from this table.
 - ``--corpus real``: ``loko.py``'s bases (its ``--sizes``; the same LM rows of ``../shared/data/train``
   for the seed, length 256, cached where ``loko.py`` finds them), held out: the seed's corpus rows
-  before any defect is planted. Issue 19 item 7 compares sizes each pretrained to its plateau.
+  before any defect is planted. Issue 19 item 7 compares sizes each pretrained to its plateau;
+  ``--lm-rows`` LM-pretrains on that many other rows (``loko.py --lm-rows``).
 
 Per length: the held-out LM loss (every token) and the training loss over the last tenth of the steps,
 and the shortest length within 2% of the lowest held-out loss (a plateau, if the lengths reach one;
@@ -17,6 +18,7 @@ longer runs overfit a small corpus, and the held-out loss rises again).
     .venv/bin/python benchmarks/lm_plateau.py --json benchmarks/results/demo_lm_plateau_lr1e-2.json  # ~10 min
     .venv/bin/python benchmarks/lm_plateau.py --corpus real --size medium --steps 300 600 900 1200 \\
         --json benchmarks/results/lm_plateau_medium.json
+    .venv/bin/python benchmarks/lm_plateau.py --corpus real --size medium --lm-rows 12000 --steps 1500  # loko's base
 """
 
 from __future__ import annotations
@@ -30,8 +32,7 @@ from pathlib import Path
 
 import torch
 from common import TRAIN_DIR, lm_pretrained_tiny, print_table, quiet_transformers, write_json
-from loko import SIZES
-from selection_quality import sample_by_file
+from loko import SIZES, lm_and_corpus_rows
 
 from selectmoe.data.collate import collate
 from selectmoe.data.template import encode_batch, ensure_pad_token, load_tokenizer
@@ -47,6 +48,7 @@ def main() -> None:
     p.add_argument("--corpus", choices=("demo", "real"), default="demo")
     p.add_argument("--size", choices=list(SIZES), default="small", help="with --corpus real")
     p.add_argument("--rows", type=int, default=1500, help="with --corpus real: loko.py's --rows")
+    p.add_argument("--lm-rows", type=int, default=None, help="with --corpus real: loko.py's --lm-rows")
     p.add_argument("--data-dir", default=str(TRAIN_DIR))
     p.add_argument("--work-dir", default="/tmp/selectmoe_loko", help="with --corpus real: loko.py's cache")
     p.add_argument("--steps", type=int, nargs="+", default=[100, 200, 400, 800])
@@ -63,7 +65,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if args.corpus == "demo":
-            rows = chat_rows(
+            lm_rows = chat_rows(
                 write_demo_corpus(work / "lm", seed=args.seed + 1000, n_rows=2000, defect_rate=0.0)
             )
             held_out = chat_rows(
@@ -73,13 +75,13 @@ def main() -> None:
 
             def pretrained(steps: int) -> Path:
                 return pretrain_tiny_lm(
-                    base, rows, work / f"lm{steps}", steps=steps, seed=args.seed, learning_rate=args.lr
+                    base, lm_rows, work / f"lm{steps}", steps=steps, seed=args.seed, learning_rate=args.lr
                 )
 
             length, what = DEMO_LENGTH, "200 generated rows of another seed"
         else:
-            sampled = sample_by_file(Path(args.data_dir), 2 * args.rows, args.seed)  # loko.py's split
-            lm_rows, held_out = sampled[::2], [r["messages"] for r in sampled[1::2]]
+            lm_rows, corpus_rows = lm_and_corpus_rows(Path(args.data_dir), args.rows, args.lm_rows, args.seed)
+            held_out = [r["messages"] for r in corpus_rows]
 
             def pretrained(steps: int) -> Path:
                 cache = Path(args.work_dir) / "models"
@@ -87,7 +89,8 @@ def main() -> None:
                     "olmoe", args.seed, lm_rows, steps, REAL_LENGTH, cache, **SIZES[args.size]
                 )
 
-            length, what = REAL_LENGTH, f"the {len(held_out)} corpus rows of loko.py's seed {args.seed}"
+            what = f"the {len(held_out)} corpus rows of loko.py's seed {args.seed}; {len(lm_rows)} LM rows"
+            length = REAL_LENGTH
         results = []
         for steps in args.steps:
             started = time.time()
@@ -109,7 +112,16 @@ def main() -> None:
         [[r["steps"], r["train_loss_last_tenth"], r["held_out_loss"], r["seconds"]] for r in results],
     )
     print(f"\nshortest length within 2% of the lowest held-out loss: {plateau} steps")
-    write_json(args.json, {"args": vars(args), "results": results, "plateau_steps": plateau})
+    write_json(
+        args.json,
+        {
+            "args": vars(args),
+            "lm_rows": len(lm_rows),
+            "held_out_rows": len(held_out),
+            "results": results,
+            "plateau_steps": plateau,
+        },
+    )
 
 
 def chat_rows(corpus: Path) -> list[list[dict]]:

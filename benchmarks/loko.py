@@ -27,6 +27,7 @@ on z(mean gate), z(-NLL), z(prompt gain), z(expert effect). The analysis:
 
     .venv/bin/python benchmarks/loko.py --seeds 0 1 2 3 4 --d2 --json benchmarks/results/loko.json  # ~2 h
     .venv/bin/python benchmarks/loko.py --sizes small medium --seeds 0 --bases plateau --json ...  # 4 x 256
+    .venv/bin/python benchmarks/loko.py --sizes small medium --seeds 0 --bases 1500 --lm-rows 12000 ...
     .venv/bin/python benchmarks/loko.py --cached-only --seeds 0 1 2 3 4 --d2 --check-on /tmp/demo_heldout ...
     .venv/bin/python benchmarks/loko.py --merge benchmarks/results/loko_sizes_plateau.json \\
         benchmarks/results/loko_sizes_plateau_seeds234.json      # the seeds of two sessions, together
@@ -74,6 +75,9 @@ GRID = {
     "expert_effect": (-0.5, 0.0, 0.5, 1.0),
     "driving_force": (-1.0, -0.5, 0.0, 0.5, 1.0),
 }
+# beside the grid: -NLL + prompt gain in nats (scoring.combine=raw), both terms in the same unit, so the
+# prompt gain weighs as much as the information it carries on this model (little on a weak base)
+RAW_RECIPES = ((0.0, 1.0, 1.0, 0.0, 0.0),)
 PERPLEXITY = "perplexity (-NLL, base model)"
 
 
@@ -108,9 +112,22 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--work-dir", default="/tmp/selectmoe_loko")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--sizes", nargs="+", default=["small"], choices=list(SIZES))
-    p.add_argument("--bases", nargs="+", default=["weak", "strong"], choices=list(BASES))
+    p.add_argument(
+        "--bases",
+        nargs="+",
+        default=["weak", "strong"],
+        type=base_name,
+        help=f"{', '.join(f'{name} ({steps} LM steps)' for name, steps in BASES.items())}, or a step count",
+    )
     p.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
     p.add_argument("--rows", type=int, default=1500, help="corpus rows (as many again LM-pretrain the base)")
+    p.add_argument(
+        "--lm-rows",
+        type=int,
+        default=None,
+        help="LM-pretrain the base on this many rows of the data outside the corpus instead (item 7: a "
+        "base that is a better language model than the corpus's twin half allows)",
+    )
     p.add_argument("--defect-rate", type=float, default=0.3)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--subset-ratio", type=float, default=0.4, help="share of the corpus stage 1 trains on")
@@ -137,24 +154,49 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    args.lm_steps = {"weak": 5, "strong": 10, "plateau": 20} if args.tiny else BASES
+    args.lm_steps = {"weak": 5, "strong": 10, "plateau": 20} if args.tiny else dict(BASES)
+    args.lm_steps.update({base: int(base) for base in args.bases if base.isdigit()})
     args.stage1_steps = 3 if args.tiny else None  # None: the regime's own length
     if args.tiny:
         args.rows = 200
     return args
 
 
+def base_name(text: str) -> str:
+    if text not in BASES and not text.isdigit():
+        raise argparse.ArgumentTypeError(f"a base is one of {', '.join(BASES)} or a number of LM steps")
+    return text
+
+
 # ---------------------------------------------------------------------------- runs
+
+
+def lm_and_corpus_rows(data_dir: Path, rows: int, lm_rows: int | None, seed: int) -> tuple[list, list]:
+    """The seed's corpus rows (the same whatever ``lm_rows``) and the rows its base is LM-pretrained on:
+    by default the other half of the same sample; with ``lm_rows``, that many rows of every file in a
+    seeded order, none of them in the corpus."""
+    sampled = sample_by_file(data_dir, 2 * rows, seed)
+    corpus_rows = sampled[1::2]
+    if lm_rows is None:
+        return sampled[::2], corpus_rows
+    in_corpus = {r["id"] for r in corpus_rows}
+    pool = [r for r in sample_by_file(data_dir, 10**9, seed + 1) if r["id"] not in in_corpus]
+    if len(pool) < lm_rows:
+        raise SystemExit(f"--lm-rows {lm_rows}: only {len(pool)} rows of {data_dir} are outside the corpus")
+    return pool[:lm_rows], corpus_rows
 
 
 def run_model(args, size: str, base: str, seed: int) -> dict[str, dict]:
     """Every regime's stage 1 + stage 2 on one base model and one corpus; run name -> per-row terms
     (cached by the run's recipe in the work folder)."""
+    lm_steps = args.lm_steps[base]
     recipe = {
-        "size": size, "base_steps": args.lm_steps[base], "seed": seed, "rows": args.rows,
+        "size": size, "base_steps": lm_steps, "seed": seed, "rows": args.rows,
         "defect_rate": args.defect_rate, "max_length": args.max_length, "subset_ratio": args.subset_ratio,
         "stage1_batch": args.stage1_batch, "stage1_steps": args.stage1_steps,
+        **({"lm_rows": args.lm_rows} if args.lm_rows else {}),
     }  # fmt: skip
+    base = f"{base}_lm{args.lm_rows}" if args.lm_rows else base  # the run's name
     work = Path(args.work_dir) / f"{size}_{base}_seed{seed}_{hash_dict(recipe)}"
     cached = {regime: work / regime / "terms.json" for regime in args.regimes}
     if args.cached_only or all(path.exists() for path in cached.values()):
@@ -165,8 +207,7 @@ def run_model(args, size: str, base: str, seed: int) -> dict[str, dict]:
             for regime, path in cached.items()
             if path.exists()
         }
-    rows = sample_by_file(Path(args.data_dir), 2 * args.rows, seed)
-    lm_rows, corpus_rows = rows[::2], rows[1::2]
+    lm_rows, corpus_rows = lm_and_corpus_rows(Path(args.data_dir), args.rows, args.lm_rows, seed)
     corpus = work / "corpus"
     shutil.rmtree(corpus, ignore_errors=True)
     write_corpus(corpus_rows, corpus, args.defect_rate, seed, (*BENCH_KINDS, *UNSEEN_KINDS))
@@ -174,7 +215,7 @@ def run_model(args, size: str, base: str, seed: int) -> dict[str, dict]:
         "olmoe",
         seed,
         lm_rows,
-        args.lm_steps[base],
+        lm_steps,
         args.max_length,
         Path(args.work_dir) / "models",
         **SIZES[size],
@@ -253,35 +294,38 @@ def with_driving_force(args, work: Path, regime: str, terms: dict) -> dict:
 
 
 def recipe_grid(d2: bool) -> dict[str, tuple[float, ...]]:
-    """Formula text -> weights (gate, -NLL, prompt gain, expert effect, D2), every grid point but all
-    zeros; D2's weight stays 0 without ``d2``."""
+    """Formula text -> (gate, -NLL, prompt gain, expert effect, D2 weights, combine): every grid point but
+    all zeros as robust z-scores (D2's weight stays 0 without ``d2``), and ``RAW_RECIPES`` in raw units."""
     recipes = {}
     for weights in itertools.product(*GRID.values()):
         if any(weights) and (d2 or weights[-1] == 0):
-            recipes[formula(weights)] = weights
+            recipes[formula((*weights, "robust_z"))] = (*weights, "robust_z")
+    for weights in RAW_RECIPES:
+        recipes[formula((*weights, "raw"))] = (*weights, "raw")
     return recipes
 
 
-def formula(weights: tuple[float, ...]) -> str:
-    gate, nll, gain, effect, d2 = weights
+def formula(recipe: tuple) -> str:
+    gate, nll, gain, effect, d2, combine = recipe
     scoring = SimpleNamespace(
-        combine="robust_z", tokens="assistant", gate_weight=gate, perplexity_weight=nll,
+        combine=combine, tokens="assistant", gate_weight=gate, perplexity_weight=nll,
         prompt_gain_weight=gain, expert_effect_weight=effect, driving_force_weight=d2,
     )  # fmt: skip
     return score_formula(scoring)
 
 
-def recipe_scores(terms: dict, weights: tuple[float, ...]) -> np.ndarray:
-    """The product's row score (``row_score`` with robust-z scales over these rows)."""
+def recipe_scores(terms: dict, recipe: tuple) -> np.ndarray:
+    """The product's row score (``row_score``; with robust-z scales over these rows unless raw)."""
     layers = np.asarray(terms["gate"], dtype=float)[:, None]
     nll, unprompted, shut = (
         np.asarray(terms[c], dtype=float) for c in ("nll", "nll_without_prompt", "nll_gates_shut")
     )
     d2 = np.asarray(terms["driving_force"], dtype=float)[:, None] if "driving_force" in terms else None
     scales = term_scales(score_terms(layers, nll, unprompted, shut, d2))
-    gate, nll_w, gain, effect, d2_w = weights
+    gate, nll_w, gain, effect, d2_w, combine = recipe
     return row_score(
-        layers, nll, nll_w, unprompted, gain, shut, effect, scales=scales, gate_weight=gate,
+        layers, nll, nll_w, unprompted, gain, shut, effect, scales=scales if combine == "robust_z" else None,
+        gate_weight=gate,
         driving_force=d2, driving_force_weight=d2_w,
     )  # fmt: skip
 
@@ -378,9 +422,10 @@ def analyse(judged: dict[str, dict], recipes: dict) -> dict:
             default_scoring.get("prompt_gain_weight", 0.0),
             default_scoring.get("expert_effect_weight", 0.0),
             default_scoring.get("driving_force_weight", 0.0),
+            default_scoring.get("combine", "raw"),
         )
     )
-    gates = formula((1.0, 0.0, 0.0, 0.0, 0.0))
+    gates = formula((1.0, 0.0, 0.0, 0.0, 0.0, "robust_z"))
     loko = []
     for kind in BENCH_KINDS:
         chosen = choose([k for k in BENCH_KINDS if k != kind])
@@ -411,13 +456,15 @@ def analyse(judged: dict[str, dict], recipes: dict) -> dict:
         "random": "random",
     }
     for nll, gain in ((2.0, 1.0), (2.0, 0.5), (2.0, 0.25)):  # the default's two terms with NLL weighted more
-        recipe = formula((0.0, nll, gain, 0.0, 0.0))
+        recipe = formula((0.0, nll, gain, 0.0, 0.0, "robust_z"))
         if recipe in recipes:
             named[f"NLL weighted {nll / gain:g}x prompt gain: {recipe}"] = recipe
-    named[f"NLL alone (the stage-1 model): {formula((0.0, 1.0, 0.0, 0.0, 0.0))}"] = formula(
-        (0.0, 1.0, 0.0, 0.0, 0.0)
+    named[f"NLL alone (the stage-1 model): {formula((0.0, 1.0, 0.0, 0.0, 0.0, 'robust_z'))}"] = formula(
+        (0.0, 1.0, 0.0, 0.0, 0.0, "robust_z")
     )
-    d2 = formula((0.0, 0.0, 0.0, 0.0, 1.0))
+    for weights in RAW_RECIPES:
+        named[f"in nats: {formula((*weights, 'raw'))}"] = formula((*weights, "raw"))
+    d2 = formula((0.0, 0.0, 0.0, 0.0, 1.0, "robust_z"))
     if d2 in recipes:
         named[f"driving force alone: {d2}"] = d2
     groups = sorted({run.rsplit("/", 1)[0] for run in runs})
@@ -487,7 +534,7 @@ def check_on_demo(run: Path, named: dict[str, str], recipes: dict, args) -> list
     terms = held_out_terms(run / STAGE_DIRS["select"] / SCORES_DIR, stage1 / TRAINING_IDS, labels, base_nll)
     judged = judge(
         terms,
-        {r: recipes[r] for r in named.values() if r in recipes and recipes[r][-1] == 0},
+        {r: recipes[r] for r in named.values() if r in recipes and recipes[r][4] == 0},
         args.percentage,
     )
     metrics = ("planted", *(k for k in BENCH_KINDS if (np.asarray(terms["defect"]) == k).any()), "within_datasets",

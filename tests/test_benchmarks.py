@@ -110,6 +110,7 @@ def test_selection_quality_small(tmp_path):
     assert all(row["datasets_covered"] >= 1 for row in report["coverage"])
 
 
+@pytest.mark.timeout(660)  # its script may take 600 s (run_benchmark's timeout below)
 def test_loko_tiny_chooses_without_the_judged_kind_and_judges_unseen_kinds(tmp_path):
     """One tiny run (strong base, fast stage 1) with D2 from the product's scorer: every planted kind is
     judged by a recipe chosen without it, the unseen kinds are judged, per-dataset columns exist."""
@@ -127,10 +128,11 @@ def test_loko_tiny_chooses_without_the_judged_kind_and_judges_unseen_kinds(tmp_p
     ]  # fmt: skip
     assert all(0 <= row["chosen"] <= 1 for row in loko)
     scorers = {row["scorer"] for row in report["by_group"]}
-    assert (
-        "driving force alone: 1 x z(driving force D2)" in scorers
-        and "perplexity (-NLL, base model)" in scorers
-    )
+    assert {
+        "driving force alone: 1 x z(driving force D2)",
+        "perplexity (-NLL, base model)",
+        "in nats: -1 x NLL + 1 x prompt gain",  # scoring.combine=raw beside the robust-z grid
+    } <= scorers
     groups = {row["runs"] for row in report["by_group"]}
     assert groups == {"all runs", "small/strong/fast"}
     row = report["by_group"][0]
@@ -202,6 +204,11 @@ def test_lm_plateau_small(tmp_path):
                             "--work-dir", str(work))  # fmt: skip
     assert [r["steps"] for r in real["results"]] == [2, 3]
     assert len(list((work / "models").glob("base_*"))) == 2  # where loko.py finds its bases
+    # --lm-rows: the base learns from that many rows outside the corpus (a new base), judged on the same corpus
+    _, more = run_benchmark("lm_plateau.py", tmp_path, "--corpus", "real", "--rows", "20", "--lm-rows", "50",
+                            "--steps", "2", "--work-dir", str(work))  # fmt: skip
+    assert (more["lm_rows"], more["held_out_rows"]) == (50, real["held_out_rows"])
+    assert len(list((work / "models").glob("base_*"))) == 3
 
 
 @pytest.mark.timeout(660)  # a sweep of Ray Train runs: from 57 s to over 280 s on this 2-core machine
@@ -337,7 +344,7 @@ def test_downstream_proxy_small(tmp_path):
     assert set(methods) == {"random_0", "random_1"} | {
         "full", "oracle", "perplexity", "gates", "gates_prompt_gain", "gates_prompt_gain_balanced",
         "filtered_random_nll_prompt_gain", "filtered_random_nll", "filtered_random_nll_8x_prompt_gain",
-        "similarity", "calibrated",
+        "filtered_random_raw_nll_prompt_gain", "similarity", "calibrated",
     }  # fmt: skip
     default = report["summary"]["default"]
     assert default in methods and default.startswith("filtered_random")
