@@ -78,6 +78,7 @@ GRID = {
 # beside the grid: -NLL + prompt gain in nats (scoring.combine=raw), both terms in the same unit, so the
 # prompt gain weighs as much as the information it carries on this model (little on a weak base)
 RAW_RECIPES = ((0.0, 1.0, 1.0, 0.0, 0.0),)
+D2_WEIGHT = 4  # a recipe: (gate, -NLL, prompt gain, expert effect, D2 weights, combine)
 PERPLEXITY = "perplexity (-NLL, base model)"
 
 
@@ -180,7 +181,8 @@ def lm_and_corpus_rows(data_dir: Path, rows: int, lm_rows: int | None, seed: int
     if lm_rows is None:
         return sampled[::2], corpus_rows
     in_corpus = {r["id"] for r in corpus_rows}
-    pool = [r for r in sample_by_file(data_dir, 10**9, seed + 1) if r["id"] not in in_corpus]
+    every_row = sample_by_file(data_dir, 10**9, seed + 1)  # a share of 10**9 rows is every row of each file
+    pool = [r for r in every_row if r["id"] not in in_corpus]
     if len(pool) < lm_rows:
         raise SystemExit(f"--lm-rows {lm_rows}: only {len(pool)} rows of {data_dir} are outside the corpus")
     return pool[:lm_rows], corpus_rows
@@ -293,7 +295,7 @@ def with_driving_force(args, work: Path, regime: str, terms: dict) -> dict:
 # ---------------------------------------------------------------------------- recipes and judging
 
 
-def recipe_grid(d2: bool) -> dict[str, tuple[float, ...]]:
+def recipe_grid(d2: bool) -> dict[str, tuple]:
     """Formula text -> (gate, -NLL, prompt gain, expert effect, D2 weights, combine): every grid point but
     all zeros as robust z-scores (D2's weight stays 0 without ``d2``), and ``RAW_RECIPES`` in raw units."""
     recipes = {}
@@ -534,7 +536,7 @@ def check_on_demo(run: Path, named: dict[str, str], recipes: dict, args) -> list
     terms = held_out_terms(run / STAGE_DIRS["select"] / SCORES_DIR, stage1 / TRAINING_IDS, labels, base_nll)
     judged = judge(
         terms,
-        {r: recipes[r] for r in named.values() if r in recipes and recipes[r][4] == 0},
+        {r: recipes[r] for r in named.values() if r in recipes and recipes[r][D2_WEIGHT] == 0},
         args.percentage,
     )
     metrics = ("planted", *(k for k in BENCH_KINDS if (np.asarray(terms["defect"]) == k).any()), "within_datasets",
