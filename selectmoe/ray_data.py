@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import heapq
+import itertools
 import json
 import shutil
 from collections import Counter
@@ -510,8 +511,8 @@ def _scan_piece(
     subset are written to its ``part-<index>.parquet`` (none when the piece has no such row), with
     ``tokens`` their encodings too (``token_schema``)."""
     tokenizer = load_tokenizer(tokenizer_name) if tokenizer_name else None
-    accepted, sampled, lengths, truncated = Counter(), Counter(), Counter(), 0
-    rejects, rows = [], {name: [] for name in _ID_SCHEMA.names}
+    rejects = []
+    ids, datasets, lines, n_tokens, truncated, sampled = [], [], [], [], [], []
     writer = None
     if rows_dir is not None:
         token_columns = None
@@ -530,29 +531,33 @@ def _scan_piece(
         if item.reject is not None:
             rejects.append(item.reject)
             continue
-        dataset, row_id = item.row["dataset"], item.row["id"]
+        row = item.row
+        dataset, row_id = row["dataset"], row["id"]
         in_sample = in_subset(seed, dataset, row_id, subset_ratio)
-        accepted[dataset] += 1
-        sampled[dataset] += int(in_sample)
-        if item.n_tokens is not None:
-            lengths[item.n_tokens] += 1
-            truncated += int(item.truncated)
-        for name, value in zip(
-            _ID_SCHEMA.names,
-            (row_id, dataset, index, item.row["line"], item.n_tokens, item.truncated, in_sample),
-        ):
-            rows[name].append(value)
+        ids.append(row_id)
+        datasets.append(dataset)
+        lines.append(row["line"])
+        n_tokens.append(item.n_tokens)
+        truncated.append(item.truncated)
+        sampled.append(in_sample)
         if writer is not None and in_sample:
-            writer.add(item.row, item.encoded)
+            writer.add(row, item.encoded)
     if writer is not None:
         writer.close()
-    table = pa.table(rows, schema=_ID_SCHEMA)
-    bucket = id_buckets(rows["id"], buckets)
+    columns = (ids, datasets, [index] * len(ids), lines, n_tokens, truncated, sampled)
+    table = pa.table(dict(zip(_ID_SCHEMA.names, columns, strict=True)), schema=_ID_SCHEMA)
+    bucket = id_buckets(ids, buckets)
     parts = [table.filter(pa.array(bucket == b)) for b in range(buckets)]
-    last_row_line = rows["line"][-1] if rows["line"] else -1
+    last_row_line = lines[-1] if lines else -1
     summary = (Counter(map(reason_code, rejects)), last_row_line)
     reject_lines = np.asarray([reject["line"] for reject in rejects], dtype=np.int64)
-    return ((accepted, sampled, lengths, truncated), summary), rejects, reject_lines, *parts
+    counts = (
+        Counter(datasets),
+        Counter(itertools.compress(datasets, sampled)),
+        Counter(length for length in n_tokens if length is not None),
+        sum(truncated),
+    )
+    return (counts, summary), rejects, reject_lines, *parts
 
 
 class _PartWriter:

@@ -170,6 +170,29 @@ def test_lines_are_one_based_and_count_blank_lines(tmp_path):
     assert ledger.counts()["rows_read"] == 2
 
 
+def test_json_lines_parse_exactly_as_json_loads_does(tmp_path):
+    """The fast parser (orjson) refuses some lines json.loads accepts; those and broken lines go to
+    json.loads, so every line reads, or is rejected with json's message, as it always was."""
+    chat = '"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hey"}]'
+    lines = [
+        '{"id": "plain", "n": 1.5, ' + chat + "}",
+        '{"id": "nan", "score": NaN, ' + chat + "}",
+        '{"id": "big", "n": 123456789012345678901234567890, ' + chat + "}",
+        '{"id": "surrogate", "note": "\\ud800", ' + chat + "}",
+        '{"id": "broken", ' + chat,
+    ]
+    path = tmp_path / "odd.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    records = list(read_records(str(path)))
+    assert [record.value for record in records[:4]] == [json.loads(line) for line in lines[:4]]
+    try:
+        json.loads(lines[4])
+    except json.JSONDecodeError as err:
+        expected = str(err)
+    assert records[4].value is None
+    assert (records[4].error.reason, records[4].error.detail) == ("bad_json", expected)
+
+
 # ---------------------------------------------------------------------------- schemas
 
 USER, ASSISTANT = "Name a colour.", "Blue."

@@ -60,7 +60,7 @@ def normalize_record(value: Any, default_dataset: str) -> dict:
         "dataset": dataset,
         "id": row_id,
         "messages": messages,
-        "extra": json.dumps(extra, ensure_ascii=False, sort_keys=True, default=str),
+        "extra": json.dumps(extra, ensure_ascii=False, sort_keys=True, default=str) if extra else "{}",
     }
 
 

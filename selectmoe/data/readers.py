@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 import fsspec
+import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
@@ -37,6 +38,8 @@ SUFFIXES = (".jsonl.gz", ".json.gz", ".jsonl", ".json", ".parquet")
 PARQUET_BATCH_ROWS = 1024
 _GLOB_CHARS = "*?["
 _SNIFF_BYTES = 4096
+_DIGITS_AS_ZERO = bytes(48 if 48 <= byte <= 57 else byte for byte in range(256))
+_NINETEEN_DIGITS = b"0" * 19
 
 
 @dataclass(frozen=True)
@@ -334,11 +337,25 @@ def _read_json_lines(uri: str, piece: Piece) -> Iterator[RawRecord]:
             if not text.strip():
                 continue
             try:
-                value = json.loads(text)
+                value = _parse_json_line(data, text)
             except json.JSONDecodeError as err:
                 yield RawRecord(line, None, text, RowError("bad_json", str(err)))
                 continue
             yield RawRecord(line, value, text, None)
+
+
+def _parse_json_line(data: bytes, text: str) -> Any:
+    """``json.loads(text)`` about 3x faster: orjson parses the line's bytes (``data``) exactly as json
+    does. A line with a run of 19 or more digits (an integer beyond 64 bits, which orjson turns into a
+    float, or a long mantissa) goes to ``json.loads``, as does what orjson refuses (NaN, escaped lone
+    surrogates, a byte-order mark, broken JSON), which json accepts or rejects as it always did (its
+    message is the reject's)."""
+    if data.translate(_DIGITS_AS_ZERO).find(_NINETEEN_DIGITS) < 0:
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(text)
 
 
 def _read_json_array(uri: str) -> Iterator[RawRecord]:
