@@ -43,6 +43,8 @@ _SCHEMA_KEYS = {
     "alpaca": ("instruction", "input", "output"),
     "prompt_completion": ("prompt", "completion"),
 }
+_CONSUMED_KEYS = {schema: frozenset({"dataset", "id", *keys}) for schema, keys in _SCHEMA_KEYS.items()}
+_ROLE_SET = frozenset(ROLES)
 
 
 def normalize_record(value: Any, default_dataset: str) -> dict:
@@ -54,14 +56,12 @@ def normalize_record(value: Any, default_dataset: str) -> dict:
     check_turns(messages)
     dataset = _optional_string(value, "dataset") or default_dataset
     row_id = _optional_string(value, "id") or content_id(dataset, messages)
-    consumed = {"dataset", "id", *_SCHEMA_KEYS[schema]}
-    extra = {key: item for key, item in value.items() if key not in consumed}
-    return {
-        "dataset": dataset,
-        "id": row_id,
-        "messages": messages,
-        "extra": json.dumps(extra, ensure_ascii=False, sort_keys=True, default=str) if extra else "{}",
-    }
+    consumed = _CONSUMED_KEYS[schema]
+    extra = "{}"
+    if not value.keys() <= consumed:
+        kept = {key: item for key, item in value.items() if key not in consumed}
+        extra = json.dumps(kept, ensure_ascii=False, sort_keys=True, default=str)
+    return {"dataset": dataset, "id": row_id, "messages": messages, "extra": extra}
 
 
 def content_id(dataset: str, messages: list[dict]) -> str:
@@ -72,7 +72,8 @@ def content_id(dataset: str, messages: list[dict]) -> str:
 def check_turns(messages: list[dict]) -> None:
     """Optional system first, then user/assistant alternating, last assistant, nothing empty."""
     for index, message in enumerate(messages):
-        if not message["content"].strip():
+        content = message["content"]
+        if not content or content.isspace():  # empty after strip(), without the copy strip() makes
             raise RowError("empty_content", f"field 'messages[{index}].content' is empty")
     roles = [message["role"] for message in messages]
     if "assistant" not in roles:
@@ -109,17 +110,25 @@ def _detect_schema(value: dict) -> str:
 
 
 def _from_messages(value: dict) -> list[dict]:
-    items = _list_field(value, "messages")
     messages = []
-    for index, item in enumerate(items):
-        where = f"messages[{index}]"
-        if not isinstance(item, dict):
-            raise RowError("bad_type", f"field '{where}' is {_type_name(item)}, expected an object")
-        role = _string_field(item, "role", where)
-        if role not in ROLES:
-            raise RowError("bad_role", f"field '{where}.role' is {role!r}, expected one of {list(ROLES)}")
-        messages.append({"role": role, "content": _string_field(item, "content", where)})
+    for index, item in enumerate(_list_field(value, "messages")):
+        if type(item) is dict:  # the common case, checked inline; anything else gets the full checks
+            role, content = item.get("role"), item.get("content")
+            if type(role) is str and type(content) is str and role in _ROLE_SET:
+                messages.append({"role": role, "content": content})
+                continue
+        messages.append(_checked_message(item, index))
     return messages
+
+
+def _checked_message(item, index: int) -> dict:
+    where = f"messages[{index}]"
+    if not isinstance(item, dict):
+        raise RowError("bad_type", f"field '{where}' is {_type_name(item)}, expected an object")
+    role = _string_field(item, "role", where)
+    if role not in ROLES:
+        raise RowError("bad_role", f"field '{where}.role' is {role!r}, expected one of {list(ROLES)}")
+    return {"role": role, "content": _string_field(item, "content", where)}
 
 
 def _from_sharegpt(value: dict) -> list[dict]:
@@ -188,6 +197,8 @@ def _string_field(value: dict, key: str, where: str = "") -> str:
 def _optional_string(value: dict, key: str) -> str | None:
     """``dataset`` / ``id``: absent, null or "" -> None; ints are accepted as ids."""
     item = value.get(key)
+    if type(item) is str and item:
+        return item
     if item is None or item == "":
         return None
     if isinstance(item, int) and not isinstance(item, bool):

@@ -334,7 +334,7 @@ def _read_json_lines(uri: str, piece: Piece) -> Iterator[RawRecord]:
                 raw = _line_text(line, data, errors="replace")
                 yield RawRecord(line, None, raw, RowError("bad_encoding", str(err)))
                 continue
-            if not text.strip():
+            if not text or text.isspace():  # a blank line (strip() would copy the text)
                 continue
             try:
                 value = _parse_json_line(data, text)
