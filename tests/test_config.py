@@ -185,7 +185,7 @@ def test_selection_preset_sets_the_recipe_under_explicit_keys():
     assert default.preset == "filtered_random"
     assert default.select.selection.method == "filtered_random"
     assert default.select.selection.keep_fraction == 0.5
-    assert default.select.scoring.combine == "robust_z" and default.select.scoring.gate_weight == 0.0
+    assert default.select.scoring.combine == "raw" and default.select.scoring.gate_weight == 0.0
     assert default.select.scoring.perplexity_weight == 1.0
     assert default.select.scoring.prompt_gain_weight == 1.0
     former = parse_config("pipeline", overrides=["preset=gates_prompt_gain"])
