@@ -457,15 +457,19 @@ def analyse(judged: dict[str, dict], recipes: dict) -> dict:
         PERPLEXITY: PERPLEXITY,
         "random": "random",
     }
-    for nll, gain in ((2.0, 1.0), (2.0, 0.5), (2.0, 0.25)):  # the default's two terms with NLL weighted more
+    for nll, gain in ((2.0, 1.0), (2.0, 0.5), (2.0, 0.25)):  # the z-sum's two terms with NLL weighted more
         recipe = formula((0.0, nll, gain, 0.0, 0.0, "robust_z"))
         if recipe in recipes:
             named[f"NLL weighted {nll / gain:g}x prompt gain: {recipe}"] = recipe
     named[f"NLL alone (the stage-1 model): {formula((0.0, 1.0, 0.0, 0.0, 0.0, 'robust_z'))}"] = formula(
         (0.0, 1.0, 0.0, 0.0, 0.0, "robust_z")
     )
-    for weights in RAW_RECIPES:
-        named[f"in nats: {formula((*weights, 'raw'))}"] = formula((*weights, "raw"))
+    for weights in RAW_RECIPES:  # the default's own recipe is named once, as the default
+        if formula((*weights, "raw")) != default:
+            named[f"in nats: {formula((*weights, 'raw'))}"] = formula((*weights, "raw"))
+    z_sum = formula((0.0, 1.0, 1.0, 0.0, 0.0, "robust_z"))  # the default until 2026-12-05
+    if z_sum != default:
+        named[f"as robust z-scores: {z_sum}"] = z_sum
     d2 = formula((0.0, 0.0, 0.0, 0.0, 1.0, "robust_z"))
     if d2 in recipes:
         named[f"driving force alone: {d2}"] = d2
