@@ -168,10 +168,10 @@ def test_loko_merge_pairs_each_recipe_with_perplexity_over_the_runs_of_several_f
     rows = {(r["runs"], r["scorer"]): r for r in merged["by_size_base"]}
     assert {r["runs"] for r in rows.values()} == {"small/plateau", "medium/plateau"}
     assert {r["n_runs"] for r in rows.values()} == {10}
-    default = rows[("medium/plateau", "-1 x z(NLL) + 1 x z(prompt gain)")]
+    z_sum = rows[("medium/plateau", "-1 x z(NLL) + 1 x z(prompt gain)")]  # the default of those runs
     perplexity = rows[("medium/plateau", "perplexity (-NLL, base model)")]
-    paired = default["planted vs perplexity"]
-    assert paired["mean"] == pytest.approx(default["planted"] - perplexity["planted"])
+    paired = z_sum["planted vs perplexity"]
+    assert paired["mean"] == pytest.approx(z_sum["planted"] - perplexity["planted"])
     assert paired["standard_error"] > 0 and 0 <= paired["runs_not_below"] <= 10
 
     _, one = run_benchmark("loko.py", tmp_path, "--merge", two[1])
