@@ -130,7 +130,7 @@ def separation_section(run: Path, data: Path, preset: str) -> str:
     defect = np.array([labels[r["id"]]["defect"] or "" for r in held_out], dtype=object)
     rng = np.random.default_rng(0)
     manifest = json.loads((run / STAGE_DIRS["select"] / MANIFEST).read_text())
-    scorers = {  # the score stage 2 selected by: robust z-scores over the corpus, or the calibrated combiner
+    scorers = {  # the score stage 2 selected by (its scoring keys, term scales with robust_z), or its combiner
         f"Select-MoE score (preset={preset})": _selection_score(
             run / STAGE_DIRS["select"], manifest, held_out
         ),
