@@ -323,11 +323,10 @@ def recipe_scores(terms: dict, recipe: tuple) -> np.ndarray:
         np.asarray(terms[c], dtype=float) for c in ("nll", "nll_without_prompt", "nll_gates_shut")
     )
     d2 = np.asarray(terms["driving_force"], dtype=float)[:, None] if "driving_force" in terms else None
-    scales = term_scales(score_terms(layers, nll, unprompted, shut, d2))
     gate, nll_w, gain, effect, d2_w, combine = recipe
+    scales = term_scales(score_terms(layers, nll, unprompted, shut, d2)) if combine == "robust_z" else None
     return row_score(
-        layers, nll, nll_w, unprompted, gain, shut, effect, scales=scales if combine == "robust_z" else None,
-        gate_weight=gate,
+        layers, nll, nll_w, unprompted, gain, shut, effect, scales=scales, gate_weight=gate,
         driving_force=d2, driving_force_weight=d2_w,
     )  # fmt: skip
 
@@ -467,7 +466,7 @@ def analyse(judged: dict[str, dict], recipes: dict) -> dict:
     for weights in RAW_RECIPES:  # the default's own recipe is named once, as the default
         if formula((*weights, "raw")) != default:
             named[f"in nats: {formula((*weights, 'raw'))}"] = formula((*weights, "raw"))
-    z_sum = formula((0.0, 1.0, 1.0, 0.0, 0.0, "robust_z"))  # the default until 2026-12-05
+    z_sum = formula((0.0, 1.0, 1.0, 0.0, 0.0, "robust_z"))  # the same two terms as robust z-scores
     if z_sum != default:
         named[f"as robust z-scores: {z_sum}"] = z_sum
     d2 = formula((0.0, 0.0, 0.0, 0.0, 1.0, "robust_z"))
