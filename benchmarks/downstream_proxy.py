@@ -18,8 +18,13 @@ The product runs stage 1 (``pretrain``) and stage 2 (``select`` with ``selection
 storing NLL, prompt gain, gates and embeddings in one scoring pass) on the pool, with a tiny OLMoE
 selector LM-pretrained on other real rows. Every other method is taken from the same score files.
 Each selection (5% of the pool; ``full`` is every row) finetunes the same tiny Llama target (LM-pretrained
-on real rows, all weights trained, ``--steps`` steps of ``--batch`` rows), which is then scored by
-its mean NLL of the right answer on the held-out items of the target families and of the others.
+on real rows, all weights trained, ``--steps`` steps of ``--batch`` rows), which is then judged twice:
+- **target-task NLL**: its mean NLL of the right answer on the held-out items of the target families
+  (and of the others). This rewards target rows, which no score without targets can find;
+- **clean-reply NLL**: its mean NLL of the replies of ``--clean-rows`` real rows that are in neither the
+  pool nor any model's LM rows, none spoiled. This is what a junk filter should improve: how well the
+  finetuned model writes the corpus's kind of reply. ``clean_random`` (a seeded draw among the pool's
+  clean rows, which needs the labels) is the best a junk filter can do; random draws are the floor.
 
 Methods: ``random`` (``--random-draws`` seeded draws), ``full`` (the whole pool), ``oracle`` (clean rows
 of the target families), ``perplexity`` (lowest NLL), ``gates`` (mean gate), ``gates_prompt_gain`` (top
@@ -32,10 +37,12 @@ a random draw among the better half of each dataset by z(-NLL) + z(prompt gain),
 ``scoring.combine=raw``),
 ``similarity``
 (the product's RDS+ selection), ``calibrated`` (the product's calibrated mode, the target examples as
-its trusted rows).
+its trusted rows), ``clean_random`` (a random draw among the clean rows: a junk filter's ceiling).
 
 The proxy is valid when ``oracle`` and ``full`` beat ``random`` by more than 2 standard deviations of
-the random draws, in every seed; until then the methods' numbers say nothing.
+the random draws, in every seed; until then the methods' numbers say nothing. The clean-reply measure
+is valid in a seed when ``clean_random`` beats the random draws' clean-reply NLL by more than 2 of
+their standard deviations.
 
     .venv/bin/python benchmarks/downstream_proxy.py --seeds 0 1 2 --json benchmarks/results/downstream_proxy.json
 """
@@ -87,9 +94,10 @@ FILTERED_RANDOM_RECIPES = {
 }
 METHODS = (
     "full", "oracle", "perplexity", "gates", "gates_prompt_gain", "gates_prompt_gain_balanced",
-    *FILTERED_RANDOM_RECIPES, "similarity", "calibrated",
+    *FILTERED_RANDOM_RECIPES, "similarity", "calibrated", "clean_random",
 )  # fmt: skip  # besides the random draws
-ALWAYS_RUN = ("full", "oracle")  # with the random draws: the validity check needs them
+ALWAYS_RUN = ("full", "oracle", "clean_random")  # with the random draws: the validity checks need them
+CLEAN = "clean replies"  # the held-out group of clean real rows, beside the families
 
 
 def default_method() -> str:
@@ -126,6 +134,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--targets", type=int, default=2, help="the first N families are the target tasks")
     p.add_argument("--target-examples", type=int, default=8, help="held-out items per target task shown")
     p.add_argument("--real-rows", type=int, default=1200)
+    p.add_argument(
+        "--clean-rows", type=int, default=300, help="held-out real rows whose replies judge every finetune"
+    )
     p.add_argument("--defect-rate", type=float, default=0.3)
     p.add_argument("--percentage", type=float, default=0.05)
     p.add_argument("--max-length", type=int, default=128)
@@ -239,16 +250,31 @@ def build_pool(args, seed: int, out: Path) -> dict:
         "clean": {label["id"]: label["quality"] == "clean" for label in labels},
         "targets": [lang.lower() for lang in targets],
         "held_out": held_out,
+        "clean_replies": clean_held_out_rows(args, seed, {r["id"] for r in rows}),
     }
+
+
+def clean_held_out_rows(args, seed: int, pool_ids: set[str]) -> list[dict]:
+    """``--clean-rows`` real rows, unspoiled, that neither the pool nor the LM rows of the selector and
+    the target hold (``tiny_lm``'s sample)."""
+    seen = pool_ids | {r["id"] for r in lm_rows(seed)}
+    candidates = sample_rows(TRAIN_DIR, 4 * args.clean_rows + len(seen), seed + 4099)
+    rows = [r for r in candidates if r["id"] not in seen][: args.clean_rows]
+    if len(rows) < args.clean_rows:
+        raise SystemExit(f"--clean-rows {args.clean_rows}: only {len(rows)} real rows are outside the pool")
+    return rows
 
 
 # ---------------------------------------------------------------------------- models and stages
 
 
+def lm_rows(seed: int) -> list[dict]:
+    return sample_rows(TRAIN_DIR, 1500, seed + 7919)
+
+
 def tiny_lm(kind: str, seed: int, args, cache: Path) -> Path:
     """A tiny OLMoE (selector) or Llama (target), LM-pretrained on real rows the pool does not hold."""
-    lm_rows = sample_rows(TRAIN_DIR, 1500, seed + 7919)
-    return lm_pretrained_tiny(kind, seed, lm_rows, args.lm_steps, args.max_length, cache)
+    return lm_pretrained_tiny(kind, seed, lm_rows(seed), args.lm_steps, args.max_length, cache)
 
 
 def run_stages(args, seed: int, selector: Path, out: Path) -> tuple[Path, dict[str, list[str]]]:
@@ -331,6 +357,8 @@ def selections(
     chosen["full"] = sorted(ids.tolist())
     target = np.isin(datasets, pool["targets"]) & np.asarray([pool["clean"][i] for i in ids])
     chosen["oracle"] = random.Random(seed).sample(sorted(ids[target].tolist()), min(k, int(target.sum())))
+    clean = sorted(i for i in ids.tolist() if pool["clean"][i])
+    chosen["clean_random"] = random.Random(seed + 1).sample(clean, min(k, len(clean)))
     chosen["perplexity"] = best(-nll)
     chosen["gates"] = best(layer_scores.mean(axis=1))
     chosen["gates_prompt_gain"] = best(gates_prompt_gain)
@@ -359,7 +387,7 @@ def finetune_and_judge(
     args, seed: int, target: Path, rows: list[dict], held_out: dict[str, list[dict]]
 ) -> dict:
     """Train every weight of the tiny target on ``rows`` (loss on the replies), then its mean NLL of the
-    right answer on each family's held-out items."""
+    right answer on each group of ``held_out`` rows (each family's held-out items, the clean replies)."""
     from transformers import AutoModelForCausalLM
 
     from selectmoe.data.collate import collate
@@ -393,14 +421,18 @@ def finetune_and_judge(
     model.eval()
     result = {}
     with torch.inference_mode():
-        for family, items in held_out.items():
-            e = encode_batch([r["messages"] for r in items], tokenizer, max_seq_length=args.max_length)
-            batch = collate(e, tokenizer.pad_token_id, torch.device("cpu"))
-            hidden = model.model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).last_hidden_state
-            mask = score_mask(batch["attention_mask"], batch["labels"], "assistant")
-            result[family] = float(row_nll(model, hidden, batch["input_ids"], mask).mean())
+        for group, items in held_out.items():
+            encoded = encode_batch([r["messages"] for r in items], tokenizer, max_seq_length=args.max_length)
+            encoded = [e for e in encoded if isinstance(e, dict)]  # rows the template rejects are left out
+            nlls = []
+            for start in range(0, len(encoded), 32):
+                batch = collate(encoded[start : start + 32], tokenizer.pad_token_id, torch.device("cpu"))
+                hidden = model.model(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                ).last_hidden_state
+                mask = score_mask(batch["attention_mask"], batch["labels"], "assistant")
+                nlls.append(row_nll(model, hidden, batch["input_ids"], mask))
+            result[group] = float(torch.cat(nlls).mean())
     return result
 
 
@@ -415,25 +447,39 @@ def run_seed(args, seed: int, out: Path) -> dict:
         if args.methods and method not in (*args.methods, *ALWAYS_RUN) and not method.startswith("random_"):
             continue
         started = time.time()
-        nll = finetune_and_judge(args, seed, target, [by_id[i] for i in ids], pool["held_out"])
+        nll = finetune_and_judge(
+            args, seed, target, [by_id[i] for i in ids], {**pool["held_out"], CLEAN: pool["clean_replies"]}
+        )
         print(f"  finetuned on {method} ({len(ids)} rows) in {time.time() - started:.0f} s", flush=True)
+        clean_nll = nll.pop(CLEAN)
         results[method] = {
             "target_nll": statistics.mean(nll[f] for f in pool["targets"]),
             "other_nll": statistics.mean(v for f, v in nll.items() if f not in pool["targets"]),
+            "clean_nll": clean_nll,
             "rows": len(ids),
             "target_rows": sum(by_id[i]["dataset"] in pool["targets"] for i in ids),
             "clean_share": sum(pool["clean"][i] for i in ids) / max(len(ids), 1),
             "nll_per_family": nll,
         }
-    draws = [v["target_nll"] for m, v in results.items() if m.startswith("random_")]
-    random_mean, random_std = statistics.mean(draws), statistics.stdev(draws)
+    draws = [v for m, v in results.items() if m.startswith("random_")]
+    random_mean, random_std = (
+        f([d["target_nll"] for d in draws]) for f in (statistics.mean, statistics.stdev)
+    )
+    clean_mean, clean_std = (f([d["clean_nll"] for d in draws]) for f in (statistics.mean, statistics.stdev))
     return {
         "seed": seed,
         "targets": pool["targets"],
         "pool_rows": len(pool["rows"]),
-        "random": {"target_nll_mean": random_mean, "target_nll_std": random_std},
+        "clean_rows": len(pool["clean_replies"]),  # before the template drops rows too long for it
+        "random": {
+            "target_nll_mean": random_mean,
+            "target_nll_std": random_std,
+            "clean_nll_mean": clean_mean,
+            "clean_nll_std": clean_std,
+        },
         "methods": results,
         "valid": all(random_mean - results[m]["target_nll"] > 2 * random_std for m in ("oracle", "full")),
+        "clean_valid": clean_mean - results["clean_random"]["clean_nll"] > 2 * clean_std,
     }
 
 
@@ -446,19 +492,21 @@ def summarise(per_seed: list[dict]) -> dict:
     for method in methods:
         if method == "random":
             target = [s["random"]["target_nll_mean"] for s in per_seed]
-            other = [
-                statistics.mean(v["other_nll"] for m, v in s["methods"].items() if m.startswith("random_"))
-                for s in per_seed
-            ]
-            target_rows = [
-                statistics.mean(v["target_rows"] for m, v in s["methods"].items() if m.startswith("random_"))
-                for s in per_seed
-            ]
+            clean = [s["random"]["clean_nll_mean"] for s in per_seed]
+            other, target_rows = (
+                [
+                    statistics.mean(v[key] for m, v in s["methods"].items() if m.startswith("random_"))
+                    for s in per_seed
+                ]
+                for key in ("other_nll", "target_rows")
+            )
         else:
-            target = [s["methods"][method]["target_nll"] for s in per_seed]
-            other = [s["methods"][method]["other_nll"] for s in per_seed]
-            target_rows = [s["methods"][method]["target_rows"] for s in per_seed]
+            target, clean, other, target_rows = (
+                [s["methods"][method][key] for s in per_seed]
+                for key in ("target_nll", "clean_nll", "other_nll", "target_rows")
+            )
         margins = [s["random"]["target_nll_mean"] - t for s, t in zip(per_seed, target)]
+        clean_margins = [s["random"]["clean_nll_mean"] - c for s, c in zip(per_seed, clean)]
         rows[method] = {
             "target_nll_mean": statistics.mean(target),
             "target_nll_std": statistics.stdev(target) if len(target) > 1 else 0.0,
@@ -466,10 +514,14 @@ def summarise(per_seed: list[dict]) -> dict:
             "margin_vs_random_mean": statistics.mean(margins),
             "beats_random_in_seeds": sum(m > 0 for m in margins),
             "target_rows_mean": statistics.mean(target_rows),
+            "clean_nll_mean": statistics.mean(clean),
+            "clean_margin_vs_random_mean": statistics.mean(clean_margins),
+            "clean_beats_random_in_seeds": sum(m > 0 for m in clean_margins),
         }
     return {
         "seeds": len(per_seed),
         "valid_in_every_seed": all(s["valid"] for s in per_seed),
+        "clean_valid_in_every_seed": all(s["clean_valid"] for s in per_seed),
         "default": default_method(),
         "methods": rows,
     }
@@ -479,28 +531,34 @@ def print_seed(result: dict) -> None:
     r = result["random"]
     print(
         f"\nseed {result['seed']} ({result['seconds']} s, pool {result['pool_rows']} rows, targets {result['targets']}): "
-        f"random target NLL {r['target_nll_mean']:.3f} +- {r['target_nll_std']:.3f}; proxy valid: {result['valid']}"
+        f"random target NLL {r['target_nll_mean']:.3f} +- {r['target_nll_std']:.3f}; proxy valid: {result['valid']}; "
+        f"random clean-reply NLL {r['clean_nll_mean']:.3f} +- {r['clean_nll_std']:.3f}; valid: {result['clean_valid']}"
     )
     for method, v in result["methods"].items():
         print(
-            f"  {method:31s} target NLL {v['target_nll']:.3f}  other {v['other_nll']:.3f}  "
-            f"rows {v['rows']:5d}  target rows {v['target_rows']:4d}  clean {v['clean_share']:.2f}"
+            f"  {method:35s} target NLL {v['target_nll']:.3f}  other {v['other_nll']:.3f}  "
+            f"clean replies {v['clean_nll']:.3f}  rows {v['rows']:5d}  target rows {v['target_rows']:4d}  "
+            f"clean {v['clean_share']:.2f}"
         )
 
 
 def print_summary(summary: dict) -> None:
     print(
         f"\n{summary['seeds']} seeds; proxy valid in every seed: {summary['valid_in_every_seed']}; "
+        f"clean-reply measure valid in every seed: {summary['clean_valid_in_every_seed']}; "
         f"the default preset is {summary['default']}"
     )
     print(
-        "| method | target NLL (mean +- std over seeds) | margin vs random | beats random in seeds | other families NLL | target-family rows |"
+        "| method | target NLL (mean +- std over seeds) | margin vs random | beats random in seeds "
+        "| clean-reply NLL | margin vs random | beats random in seeds | other families NLL | target-family rows |"
     )
-    print("|---|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for method, v in summary["methods"].items():
         print(
             f"| {method} | {v['target_nll_mean']:.3f} +- {v['target_nll_std']:.3f} | {v['margin_vs_random_mean']:+.3f} | "
-            f"{v['beats_random_in_seeds']}/{summary['seeds']} | {v['other_nll_mean']:.3f} | {v['target_rows_mean']:.1f} |"
+            f"{v['beats_random_in_seeds']}/{summary['seeds']} | {v['clean_nll_mean']:.3f} | "
+            f"{v['clean_margin_vs_random_mean']:+.3f} | {v['clean_beats_random_in_seeds']}/{summary['seeds']} | "
+            f"{v['other_nll_mean']:.3f} | {v['target_rows_mean']:.1f} |"
         )
 
 

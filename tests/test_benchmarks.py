@@ -338,15 +338,24 @@ def test_downstream_proxy_small(tmp_path):
             "2",
             "--percentage",
             "0.1",
+            "--clean-rows",
+            "20",
         ),
     )
-    assert "proxy valid in every seed:" in stdout
-    methods = report["per_seed"][0]["methods"]
+    assert "proxy valid in every seed:" in stdout and "clean-reply measure valid in every seed:" in stdout
+    seed = report["per_seed"][0]
+    methods = seed["methods"]
     assert set(methods) == {"random_0", "random_1"} | {
         "full", "oracle", "perplexity", "gates", "gates_prompt_gain", "gates_prompt_gain_balanced",
         "filtered_random_nll_prompt_gain", "filtered_random_nll", "filtered_random_nll_8x_prompt_gain",
-        "filtered_random_raw_nll_prompt_gain", "similarity", "calibrated",
+        "filtered_random_raw_nll_prompt_gain", "similarity", "calibrated", "clean_random",
     }  # fmt: skip
+    # the junk filter's ceiling: only clean rows, as many as every 5% selection; every finetune is also
+    # judged on the held-out clean replies
+    assert methods["clean_random"]["clean_share"] == 1.0
+    assert methods["clean_random"]["rows"] == methods["random_0"]["rows"]
+    assert seed["clean_rows"] == 20
+    assert all(v["clean_nll"] > 0 for v in methods.values())
     default = report["summary"]["default"]
     assert default in methods and default.startswith("filtered_random")
     assert methods["calibrated"]["rows"] == methods[default]["rows"]
