@@ -34,7 +34,8 @@ rows by that preset's score), ``gates_prompt_gain_balanced`` (the same, with per
 a random draw among the better half of each dataset by z(-NLL) + z(prompt gain), by NLL alone, or by
 -2 z(NLL) + 0.25 z(prompt gain); the summary's ``default`` names the one the default preset is),
 ``filtered_random_raw_nll_prompt_gain`` (the same draw by -NLL + prompt gain in nats,
-``scoring.combine=raw``),
+``scoring.combine=raw``), ``filtered_random_raw_nll_capped_prompt_gain`` (the same with the prompt gain
+capped at its median, ``scoring.prompt_gain_cap=median``),
 ``similarity``
 (the product's RDS+ selection), ``calibrated`` (the product's calibrated mode, the target examples as
 its trusted rows), ``clean_random`` (a random draw among the clean rows: a junk filter's ceiling).
@@ -45,6 +46,9 @@ is valid in a seed when ``clean_random`` beats the random draws' clean-reply NLL
 their standard deviations.
 
     .venv/bin/python benchmarks/downstream_proxy.py --seeds 0 1 2 --json benchmarks/results/downstream_proxy.json
+
+Each finetune's result is cached in the work folder by what it reads, so a rerun with other ``--methods``
+trains only those.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -66,6 +71,7 @@ from selection_quality import run_stages as run_stages_of_the_product
 
 from selectmoe.config import PipelineConfig, load_preset
 from selectmoe.demo.defects import plant_defects
+from selectmoe.manifest import hash_dict
 
 WORDS = [
     "cat", "dog", "house", "river", "tree", "bread", "moon", "stone", "fire", "water", "bird", "road",
@@ -84,13 +90,15 @@ HELD_OUT_TEMPLATE = ("Translate '{word}' into {lang}.", "{code}")
 GATES_PROMPT_GAIN = load_preset("gates_prompt_gain")["keys"]["select"]  # the former default's weights
 DEFAULT = load_preset(PipelineConfig().preset)["keys"]["select"]  # the default preset's score and keep share
 # filtered_random's draw among each dataset's better half by -NLL x w1 + prompt gain x w2, each term a
-# robust z-score or in nats (scoring.combine): (w1, w2, combine)
+# robust z-score or in nats (scoring.combine), the prompt gain capped at its median or not
+# (scoring.prompt_gain_cap): (w1, w2, combine, cap)
 FILTERED_RANDOM_RECIPES = {
-    "filtered_random_nll_prompt_gain": (1.0, 1.0, "robust_z"),
-    "filtered_random_nll": (1.0, 0.0, "robust_z"),
+    "filtered_random_nll_prompt_gain": (1.0, 1.0, "robust_z", "none"),
+    "filtered_random_nll": (1.0, 0.0, "robust_z", "none"),
     # loko.py's one gate-free recipe level with perplexity
-    "filtered_random_nll_8x_prompt_gain": (2.0, 0.25, "robust_z"),
-    "filtered_random_raw_nll_prompt_gain": (1.0, 1.0, "raw"),
+    "filtered_random_nll_8x_prompt_gain": (2.0, 0.25, "robust_z", "none"),
+    "filtered_random_raw_nll_prompt_gain": (1.0, 1.0, "raw", "none"),
+    "filtered_random_raw_nll_capped_prompt_gain": (1.0, 1.0, "raw", "median"),
 }
 METHODS = (
     "full", "oracle", "perplexity", "gates", "gates_prompt_gain", "gates_prompt_gain_balanced",
@@ -103,7 +111,12 @@ CLEAN = "clean replies"  # the held-out group of clean real rows, beside the fam
 def default_method() -> str:
     """The row that is the default preset's recipe (filtered_random, no gate term)."""
     scoring = DEFAULT["scoring"]
-    weights = (scoring["perplexity_weight"], scoring["prompt_gain_weight"], scoring["combine"])
+    weights = (
+        scoring["perplexity_weight"],
+        scoring["prompt_gain_weight"],
+        scoring["combine"],
+        scoring.get("prompt_gain_cap", "none"),
+    )
     assert DEFAULT["selection"]["method"] == "filtered_random" and not scoring["gate_weight"]
     return next(name for name, recipe in FILTERED_RANDOM_RECIPES.items() if recipe == weights)
 
@@ -309,7 +322,7 @@ def selections(
     own similarity and calibrated selections)."""
     import pyarrow as pa
 
-    from selectmoe.select.score import row_score, score_terms, term_scales
+    from selectmoe.select.score import row_score, score_of, score_terms, term_scales
     from selectmoe.select.topk import (
         above_dataset_thresholds,
         dataset_quotas,
@@ -331,16 +344,20 @@ def selections(
     )
     scales = term_scales(score_terms(layer_scores, nll, unprompted))
     filter_scores = {
-        name: row_score(
-            layer_scores,
-            nll,
-            nll_weight,
-            unprompted,
-            gain_weight,
-            scales=scales if combine == "robust_z" else None,
-            gate_weight=0.0,
-        )
-        for name, (nll_weight, gain_weight, combine) in FILTERED_RANDOM_RECIPES.items()
+        name: score_of(
+            {"layer_scores": layer_scores, "nll": nll, "nll_without_prompt": unprompted},
+            SimpleNamespace(
+                gate_weight=0.0,
+                perplexity_weight=nll_weight,
+                prompt_gain_weight=gain_weight,
+                expert_effect_weight=0.0,
+                driving_force_weight=0.0,
+                combine=combine,
+                prompt_gain_cap=cap,
+            ),
+            scales,
+        )  # fmt: skip
+        for name, (nll_weight, gain_weight, combine, cap) in FILTERED_RANDOM_RECIPES.items()
     }
     k = selection_size(len(ids), args.percentage)
 
@@ -436,6 +453,32 @@ def finetune_and_judge(
     return result
 
 
+def cached_finetune(
+    args, seed: int, target: Path, rows: list[dict], held_out: dict[str, list[dict]], cache: Path
+) -> dict:
+    """``finetune_and_judge``, cached by everything it reads: a rerun with other ``--methods`` does not
+    train the random draws, ``full``, ``oracle`` and ``clean_random`` again."""
+    key = hash_dict(
+        {
+            "seed": seed,
+            "target": str(target),
+            "rows": rows,
+            "held_out": held_out,
+            **{
+                k: getattr(args, k)
+                for k in ("steps", "batch", "learning_rate", "finetune_max_length", "max_length")
+            },
+        }
+    )
+    path = cache / f"{key}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    result = finetune_and_judge(args, seed, target, rows, held_out)
+    cache.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result))
+    return result
+
+
 def run_seed(args, seed: int, out: Path) -> dict:
     pool = build_pool(args, seed, out)
     cache = Path(args.work_dir) / "models"
@@ -447,9 +490,8 @@ def run_seed(args, seed: int, out: Path) -> dict:
         if args.methods and method not in (*args.methods, *ALWAYS_RUN) and not method.startswith("random_"):
             continue
         started = time.time()
-        nll = finetune_and_judge(
-            args, seed, target, [by_id[i] for i in ids], {**pool["held_out"], CLEAN: pool["clean_replies"]}
-        )
+        held_out = {**pool["held_out"], CLEAN: pool["clean_replies"]}
+        nll = cached_finetune(args, seed, target, [by_id[i] for i in ids], held_out, out / "finetunes")
         print(f"  finetuned on {method} ({len(ids)} rows) in {time.time() - started:.0f} s", flush=True)
         clean_nll = nll.pop(CLEAN)
         results[method] = {

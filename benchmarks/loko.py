@@ -56,7 +56,7 @@ from selectmoe.demo.defects import HELD_OUT_KINDS
 from selectmoe.layout import MANIFEST, SCORES_DIR, STAGE_DIRS, TRAINING_IDS
 from selectmoe.manifest import hash_dict
 from selectmoe.metrics import auroc, auroc_within_groups, precision_at_k
-from selectmoe.select.score import row_score, score_formula, score_terms, term_scales
+from selectmoe.select.score import score_formula, score_of, score_terms, term_scales
 
 UNSEEN_KINDS = ("empty_ish", *HELD_OUT_KINDS)  # planted, judged, never used to choose a weight
 SIZES = {
@@ -75,10 +75,13 @@ GRID = {
     "expert_effect": (-0.5, 0.0, 0.5, 1.0),
     "driving_force": (-1.0, -0.5, 0.0, 0.5, 1.0),
 }
+# a recipe: (gate, -NLL, prompt gain, expert effect, D2 weights, scoring.combine, scoring.prompt_gain_cap)
+D2_WEIGHT = 4
 # beside the grid: -NLL + prompt gain in nats (scoring.combine=raw), both terms in the same unit, so the
-# prompt gain weighs as much as the information it carries on this model (little on a weak base)
-RAW_RECIPES = ((0.0, 1.0, 1.0, 0.0, 0.0),)
-D2_WEIGHT = 4  # a recipe: (gate, -NLL, prompt gain, expert effect, D2 weights, combine)
+# prompt gain weighs as much as the information it carries on this model (little on a weak base); and
+# the same with the prompt gain capped at its median (a penalty for replies the prompt does not explain,
+# no reward for the high per-token gain of short and cut-off replies)
+RAW_RECIPES = ((0.0, 1.0, 1.0, 0.0, 0.0, "raw", "none"), (0.0, 1.0, 1.0, 0.0, 0.0, "raw", "median"))
 PERPLEXITY = "perplexity (-NLL, base model)"
 
 
@@ -296,39 +299,40 @@ def with_driving_force(args, work: Path, regime: str, terms: dict) -> dict:
 
 
 def recipe_grid(d2: bool) -> dict[str, tuple]:
-    """Formula text -> (gate, -NLL, prompt gain, expert effect, D2 weights, combine): every grid point but
-    all zeros as robust z-scores (D2's weight stays 0 without ``d2``), and ``RAW_RECIPES`` in raw units."""
+    """Formula text -> recipe: every grid point but all zeros as robust z-scores (D2's weight stays 0
+    without ``d2``), and ``RAW_RECIPES``."""
     recipes = {}
     for weights in itertools.product(*GRID.values()):
         if any(weights) and (d2 or weights[-1] == 0):
-            recipes[formula((*weights, "robust_z"))] = (*weights, "robust_z")
-    for weights in RAW_RECIPES:
-        recipes[formula((*weights, "raw"))] = (*weights, "raw")
+            recipes[formula((*weights, "robust_z", "none"))] = (*weights, "robust_z", "none")
+    for recipe in RAW_RECIPES:
+        recipes[formula(recipe)] = recipe
     return recipes
 
 
-def formula(recipe: tuple) -> str:
-    gate, nll, gain, effect, d2, combine = recipe
-    scoring = SimpleNamespace(
-        combine=combine, tokens="assistant", gate_weight=gate, perplexity_weight=nll,
+def scoring_of(recipe: tuple) -> SimpleNamespace:
+    """The ``scoring`` config keys a recipe stands for."""
+    gate, nll, gain, effect, d2, combine, cap = recipe
+    return SimpleNamespace(
+        combine=combine, prompt_gain_cap=cap, tokens="assistant", gate_weight=gate, perplexity_weight=nll,
         prompt_gain_weight=gain, expert_effect_weight=effect, driving_force_weight=d2,
     )  # fmt: skip
-    return score_formula(scoring)
+
+
+def formula(recipe: tuple) -> str:
+    return score_formula(scoring_of(recipe))
 
 
 def recipe_scores(terms: dict, recipe: tuple) -> np.ndarray:
-    """The product's row score (``row_score``; with robust-z scales over these rows unless raw)."""
-    layers = np.asarray(terms["gate"], dtype=float)[:, None]
-    nll, unprompted, shut = (
-        np.asarray(terms[c], dtype=float) for c in ("nll", "nll_without_prompt", "nll_gates_shut")
-    )
-    d2 = np.asarray(terms["driving_force"], dtype=float)[:, None] if "driving_force" in terms else None
-    gate, nll_w, gain, effect, d2_w, combine = recipe
-    scales = term_scales(score_terms(layers, nll, unprompted, shut, d2)) if combine == "robust_z" else None
-    return row_score(
-        layers, nll, nll_w, unprompted, gain, shut, effect, scales=scales, gate_weight=gate,
-        driving_force=d2, driving_force_weight=d2_w,
-    )  # fmt: skip
+    """The product's row score (``score_of``), with the term scales (robust z-scores, the prompt gain's
+    median) over these rows."""
+    columns = {
+        "layer_scores": np.asarray(terms["gate"], dtype=float)[:, None],
+        **{c: np.asarray(terms[c], dtype=float) for c in ("nll", "nll_without_prompt", "nll_gates_shut")},
+    }
+    if "driving_force" in terms:
+        columns["driving_force"] = np.asarray(terms["driving_force"], dtype=float)[:, None]
+    return score_of(columns, scoring_of(recipe), term_scales(score_terms(**columns)))
 
 
 def judge(terms: dict, recipes: dict, percentage: float) -> dict[str, dict[str, float]]:
@@ -424,9 +428,10 @@ def analyse(judged: dict[str, dict], recipes: dict) -> dict:
             default_scoring.get("expert_effect_weight", 0.0),
             default_scoring.get("driving_force_weight", 0.0),
             default_scoring.get("combine", "raw"),
+            default_scoring.get("prompt_gain_cap", "none"),
         )
     )
-    gates = formula((1.0, 0.0, 0.0, 0.0, 0.0, "robust_z"))
+    gates = formula((1.0, 0.0, 0.0, 0.0, 0.0, "robust_z", "none"))
     loko = []
     for kind in BENCH_KINDS:
         chosen = choose([k for k in BENCH_KINDS if k != kind])
@@ -457,19 +462,18 @@ def analyse(judged: dict[str, dict], recipes: dict) -> dict:
         "random": "random",
     }
     for nll, gain in ((2.0, 1.0), (2.0, 0.5), (2.0, 0.25)):  # the z-sum's two terms with NLL weighted more
-        recipe = formula((0.0, nll, gain, 0.0, 0.0, "robust_z"))
+        recipe = formula((0.0, nll, gain, 0.0, 0.0, "robust_z", "none"))
         if recipe in recipes:
             named[f"NLL weighted {nll / gain:g}x prompt gain: {recipe}"] = recipe
-    named[f"NLL alone (the stage-1 model): {formula((0.0, 1.0, 0.0, 0.0, 0.0, 'robust_z'))}"] = formula(
-        (0.0, 1.0, 0.0, 0.0, 0.0, "robust_z")
-    )
-    for weights in RAW_RECIPES:  # the default's own recipe is named once, as the default
-        if formula((*weights, "raw")) != default:
-            named[f"in nats: {formula((*weights, 'raw'))}"] = formula((*weights, "raw"))
-    z_sum = formula((0.0, 1.0, 1.0, 0.0, 0.0, "robust_z"))  # the same two terms as robust z-scores
+    nll_alone = formula((0.0, 1.0, 0.0, 0.0, 0.0, "robust_z", "none"))
+    named[f"NLL alone (the stage-1 model): {nll_alone}"] = nll_alone
+    for recipe in RAW_RECIPES:  # the default's own recipe is named once, as the default
+        if formula(recipe) != default:
+            named[f"in nats: {formula(recipe)}"] = formula(recipe)
+    z_sum = formula((0.0, 1.0, 1.0, 0.0, 0.0, "robust_z", "none"))  # the same two terms as robust z-scores
     if z_sum != default:
         named[f"as robust z-scores: {z_sum}"] = z_sum
-    d2 = formula((0.0, 0.0, 0.0, 0.0, 1.0, "robust_z"))
+    d2 = formula((0.0, 0.0, 0.0, 0.0, 1.0, "robust_z", "none"))
     if d2 in recipes:
         named[f"driving force alone: {d2}"] = d2
     groups = sorted({run.rsplit("/", 1)[0] for run in runs})

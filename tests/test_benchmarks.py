@@ -348,7 +348,8 @@ def test_downstream_proxy_small(tmp_path):
     assert set(methods) == {"random_0", "random_1"} | {
         "full", "oracle", "perplexity", "gates", "gates_prompt_gain", "gates_prompt_gain_balanced",
         "filtered_random_nll_prompt_gain", "filtered_random_nll", "filtered_random_nll_8x_prompt_gain",
-        "filtered_random_raw_nll_prompt_gain", "similarity", "calibrated", "clean_random",
+        "filtered_random_raw_nll_prompt_gain", "filtered_random_raw_nll_capped_prompt_gain", "similarity",
+        "calibrated", "clean_random",
     }  # fmt: skip
     # the junk filter's ceiling: only clean rows, as many as every 5% selection; every finetune is also
     # judged on the held-out clean replies

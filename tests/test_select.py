@@ -735,6 +735,32 @@ def test_prompt_gain_and_expert_effect_weights_rescore_every_row_with_their_pass
     assert [r["id"] for r in selected] == [i for _, i in order[: len(selected)]]
     assert [r["score"] for r in selected] == pytest.approx([s for s, _ in order[: len(selected)]])
 
+    # scoring.prompt_gain_cap=median, in nats: the same score files, the prompt gain capped at its median
+    # over the scored rows (stored in the manifest), the other terms as measured
+    run_select(
+        tiny_olmoe,
+        out,
+        sources,
+        **{
+            "scoring.prompt_gain_weight": 0.5,
+            "scoring.expert_effect_weight": 2.0,
+            "scoring.prompt_gain_cap": "median",
+        },
+    )
+    assert {p.name: p.read_bytes() for p in (out / "scores").glob("*.parquet")} == files
+    metrics = json.loads((out / "manifest.json").read_text())["metrics"]
+    median = float(np.median(terms["prompt_gain"]))
+    assert metrics["term_scales"]["prompt_gain"]["median"] == pytest.approx(median)
+    assert "0.5 x min(prompt gain, its median)" in metrics["score_formula"]
+    capped = (
+        terms["gate"] - weight * terms["nll"] + 0.5 * np.minimum(terms["prompt_gain"], median)
+        + 2.0 * terms["expert_effect"]
+    )  # fmt: skip
+    order = sorted(zip(capped, [r["id"] for r in rows]), key=lambda x: (-x[0], x[1]))
+    selected = [json.loads(line) for line in (out / "selected.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in selected] == [i for _, i in order[: len(selected)]]
+    assert [r["score"] for r in selected] == pytest.approx([s for s, _ in order[: len(selected)]])
+
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)

@@ -9,7 +9,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from selectmoe.select.score import row_score, score_terms, term_scales
+from selectmoe.config import ScoringSection
+from selectmoe.select.score import ScorePasses, row_score, score_formula, score_of, score_terms, term_scales
 from selectmoe.select.topk import (
     above_dataset_thresholds,
     above_threshold,
@@ -199,6 +200,50 @@ def test_robust_z_ranking_does_not_follow_a_terms_scale_or_offset():
         no_gates, row_score(layers[::-1], nll, 1.0, unprompted, 1.0, gate_weight=0.0)
     )
     np.testing.assert_allclose(row_score(layers, gate_weight=-2.0), -2 * layers.mean(axis=1))
+
+
+def test_prompt_gain_cap_takes_no_reward_above_the_median_and_keeps_the_penalty_below():
+    """``scoring.prompt_gain_cap=median``: min(prompt gain, its median). Rows whose gain is above the
+    median rank by NLL alone (a cut-off reply's high per-token gain buys nothing); rows below it lose
+    their shortfall; with robust_z the capped term is min(z, 0)."""
+    n = 9
+    layers = np.full((n, 2), 0.5)
+    nll = np.array([2.0, 2.1, 2.2, 2.3, 2.4, 2.0, 2.1, 2.2, 2.3])
+    gain = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 1.0, 2.0, 3.0, 4.0])  # median 0.5
+    unprompted = nll + gain
+    scales = term_scales(score_terms(layers, nll, unprompted))
+    assert scales["prompt_gain"]["median"] == pytest.approx(0.5)
+    raw = ScoringSection(gate_weight=0.0, perplexity_weight=1.0, prompt_gain_weight=1.0)
+    capped = ScoringSection(
+        gate_weight=0.0, perplexity_weight=1.0, prompt_gain_weight=1.0, prompt_gain_cap="median"
+    )
+    columns = {"layer_scores": layers, "nll": nll, "nll_without_prompt": unprompted}
+    np.testing.assert_allclose(score_of(columns, capped, scales), -nll + np.minimum(gain, 0.5))
+    # uncapped, the row with the largest gain (and a middling NLL) ranks first; capped, the lowest NLL does
+    assert np.argmax(score_of(columns, raw, scales)) == 8
+    assert (
+        np.argmax(score_of(columns, capped, scales)) in (0, 5)
+        and score_of(columns, capped, scales)[5] > score_of(columns, capped, scales)[8]
+    )
+    # raw combine with the cap: the scales set only the cap, the terms stay in nats
+    assert score_formula(capped) == "-1 x NLL + 1 x min(prompt gain, its median)"
+    # robust_z: the capped term is the z-score capped at 0
+    z_capped = ScoringSection(**{**vars(capped), "combine": "robust_z"})
+    z = {
+        k: (v - scales[k]["median"]) / scales[k]["scale"]
+        for k, v in score_terms(layers, nll, unprompted).items()
+    }
+    np.testing.assert_allclose(
+        score_of(columns, z_capped, scales), -z["nll"] + np.minimum(z["prompt_gain"], 0.0)
+    )
+    assert score_formula(z_capped) == "-1 x z(NLL) + 1 x z(min(prompt gain, its median))"
+    # without the corpus's scales (the raw score stored while scoring) there is no cap to apply
+    np.testing.assert_allclose(score_of(columns, capped), -nll + gain)
+
+
+def test_prompt_gain_cap_without_a_prompt_gain_term_is_refused():
+    with pytest.raises(ValueError, match="scoring.prompt_gain_cap=median needs scoring.prompt_gain_weight"):
+        ScorePasses.for_scoring(ScoringSection(prompt_gain_cap="median"))
 
 
 def test_term_scales_are_the_median_and_the_iqr_over_1_349():

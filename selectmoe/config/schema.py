@@ -218,6 +218,13 @@ class ScoringSection:
     combine: str = field(
         default="raw", metadata={"after_scoring": True, "allowed": OneOf(("raw", "robust_z"))}
     )
+    # median: the prompt gain counts only up to its median over the scored corpus (measured on the same
+    # seeded sample as robust_z's scales): min(prompt gain, median). A reply its prompt explains less
+    # than the typical row's loses score; one it explains more gains none, since the per-token gain is
+    # highest on a reply's first tokens and so rewards short and cut-off replies. Applied when selecting.
+    prompt_gain_cap: str = field(
+        default="none", metadata={"after_scoring": True, "allowed": OneOf(("none", "median"))}
+    )
     # how the pass runs, not what it computes: not part of the resume key (``scores_depend_on``)
     # 0 = one per GPU, or from free CPUs and memory (select.driver.cpu_pool_size)
     num_actors: int = field(default=0, metadata={"execution": True, "allowed": Between(low=0)})

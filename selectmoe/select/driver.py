@@ -114,7 +114,8 @@ logger = logging.getLogger(__name__)
 GATE_SIGNED_METHODS = ("top_k", "filtered_random")  # rank by the score: a trusted set signs the gates
 BALANCED_METHODS = ("top_k", "calibrated", "random", "filtered_random")  # selection.balance=dataset
 STREAM_ROWS = 65536  # rows per batch when streaming score files
-TERM_SAMPLE_ROWS = 65536  # rows the robust-z term scales are measured on (scoring.combine=robust_z)
+# rows the term scales are measured on (scoring.combine=robust_z, scoring.prompt_gain_cap=median)
+TERM_SAMPLE_ROWS = 65536
 ACTOR_PROCESS_BYTES = 2**30  # a CPU scoring actor's own memory beside the model (scoring_actor_bytes)
 
 
@@ -168,7 +169,8 @@ def _run(cfg: SelectConfig, out: Path) -> Path:
         rows_scored = sum(pq.read_metadata(f).num_rows for f in files)
         excluded = find_training_rows(files, _training_ids(cfg), out / TRAINING_ROWS_SCRATCH)
         candidates = rows_scored - excluded.count()
-        scales = _term_scales(files, cfg, rows_scored) if cfg.scoring.combine == "robust_z" else None
+        scaled = cfg.scoring.combine == "robust_z" or cfg.scoring.prompt_gain_cap != "none"
+        scales = _term_scales(files, cfg, rows_scored) if scaled else None
         calibrated = trusted is not None and cfg.selection.method == "calibrated"
         combiner = _fit_combiner(cfg, files, candidates, excluded, trusted, out) if calibrated else None
         signed = _gate_sign(cfg, files, candidates, excluded, trusted) if trusted and not calibrated else None
@@ -350,8 +352,8 @@ def _scored_stream(files: list[Path], columns: list[str], rescore, skip: Trainin
 
 def _rescorer(scoring, scales: dict | None, combiner: dict | None, recompute: bool = False):
     """(columns read, row score function) when the selection score is not the stored one (robust
-    z-scores, the calibrated combiner, or ``recompute``: a gate weight whose sign the trusted set
-    set), else None."""
+    z-scores or a capped prompt gain, both from ``scales``; the calibrated combiner; or ``recompute``: a
+    gate weight whose sign the trusted set set), else None."""
     if combiner is not None:
         return combiner_columns(combiner), lambda columns: combiner_score(combiner, columns)
     if scales is not None or recompute:

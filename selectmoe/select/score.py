@@ -30,7 +30,10 @@ With ``scoring.combine=robust_z`` each term (mean gate, NLL, prompt gain, expert
 its robust z-score over the scored corpus, ``(term - median) / (IQR / 1.349)``, before it is weighted
 (``term_scales``, measured on a seeded sample of the score files): raw terms have spreads that follow
 the model and the corpus (a weak base's NLL spread was 0.79 where a good one's was 1.9), so a fixed
-weight meant a different balance on each.
+weight meant a different balance on each. With ``scoring.prompt_gain_cap=median`` the prompt gain term
+is ``min(prompt gain, its median)`` (the median from the same sample; with robust_z, ``min(z, 0)``):
+a high per-token gain marks short and cut-off replies as much as good ones, a low one marks replies
+their prompt does not explain. Both are applied when selecting; the stored ``score`` is the raw one.
 """
 
 from __future__ import annotations
@@ -80,6 +83,10 @@ class ScorePasses:
         gate_derivatives = scoring.driving_force or scoring.driving_force_weight != 0
         if reply_only and scoring.tokens != "assistant":
             raise ValueError("scoring.prompt_gain needs scoring.tokens=assistant (it compares reply tokens)")
+        if scoring.prompt_gain_cap != "none" and scoring.prompt_gain_weight == 0:
+            raise ValueError(
+                f"scoring.prompt_gain_cap={scoring.prompt_gain_cap} needs scoring.prompt_gain_weight != 0"
+            )
         return cls(
             tokens=scoring.tokens,
             routing=scoring.store_routing,
@@ -289,11 +296,14 @@ def row_score(
     gate_weight: float = 1.0,
     driving_force: np.ndarray | None = None,
     driving_force_weight: float = 0.0,
+    prompt_gain_cap: float | None = None,
 ) -> np.ndarray:
     """(B, L) -> (B,): ``gate_weight`` x the mean over layers, with the NLL, prompt-gain, expert-effect and
-    driving-force terms when their weights are set; with ``scales`` (``term_scales``) every term is a
-    robust z-score first."""
+    driving-force terms when their weights are set; the prompt gain capped at ``prompt_gain_cap`` (nats)
+    when given; with ``scales`` (``term_scales``) every term is a robust z-score first."""
     terms = score_terms(layer_scores, nll, nll_without_prompt, nll_gates_shut, driving_force)
+    if prompt_gain_cap is not None and "prompt_gain" in terms:
+        terms["prompt_gain"] = np.minimum(terms["prompt_gain"], prompt_gain_cap)
     if scales is not None:
         terms = {
             name: (values - scales[name]["median"]) / scales[name]["scale"] for name, values in terms.items()
@@ -365,7 +375,9 @@ def score_of(
     columns: dict[str, np.ndarray], scoring, scales: dict[str, dict[str, float]] | None = None
 ) -> np.ndarray:
     """``row_score`` of ``score_batch``'s (or stored score files') columns under a ``scoring`` config
-    (``scales``: the corpus's term scales, with ``scoring.combine=robust_z``)."""
+    (``scales``: the corpus's term scales, ``term_scales``; used for ``scoring.combine=robust_z`` and
+    ``scoring.prompt_gain_cap=median``, and without them neither applies: the stored raw score)."""
+    capped = scales is not None and scoring.prompt_gain_cap == "median" and "prompt_gain" in scales
     return row_score(
         columns["layer_scores"],
         columns.get("nll"),
@@ -374,10 +386,11 @@ def score_of(
         scoring.prompt_gain_weight,
         columns.get("nll_gates_shut"),
         scoring.expert_effect_weight,
-        scales,
+        scales if scoring.combine == "robust_z" else None,
         scoring.gate_weight,
         columns.get("driving_force"),
         scoring.driving_force_weight,
+        scales["prompt_gain"]["median"] if capped else None,
     )
 
 
@@ -389,7 +402,10 @@ def score_formula(scoring) -> str:
         (weight, z(name))
         for weight, name in (
             (-scoring.perplexity_weight, "NLL"),
-            (scoring.prompt_gain_weight, "prompt gain"),
+            (
+                scoring.prompt_gain_weight,
+                "min(prompt gain, its median)" if scoring.prompt_gain_cap == "median" else "prompt gain",
+            ),
             (scoring.expert_effect_weight, "expert effect"),
             (scoring.driving_force_weight, "driving force D2"),
         )
