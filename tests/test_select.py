@@ -687,9 +687,8 @@ def test_prompt_gain_and_expert_effect_weights_rescore_every_row_with_their_pass
 ):
     out = tmp_path / "select_gain"
     shutil.copytree(one_actor, out)  # scores under another key: not reused
-    run_select(
-        tiny_olmoe, out, sources, **{"scoring.prompt_gain_weight": 0.5, "scoring.expert_effect_weight": 2.0}
-    )
+    weights = {"scoring.prompt_gain_weight": 0.5, "scoring.expert_effect_weight": 2.0}
+    run_select(tiny_olmoe, out, sources, **weights)
     rows = pq.read_table(out / "scores").to_pylist()
     assert sorted(r["id"] for r in rows) == sorted(scores_by_id(one_actor))
     assert all(r["nll"] > 0 and r["nll_without_prompt"] > 0 and r["nll_gates_shut"] > 0 for r in rows)
@@ -703,16 +702,7 @@ def test_prompt_gain_and_expert_effect_weights_rescore_every_row_with_their_pass
     # scoring.combine=robust_z reuses these scores (it changes how the stored terms combine, not what
     # is computed) and selects by the robust z-scores of the terms over the scored rows
     files = {p.name: p.read_bytes() for p in (out / "scores").glob("*.parquet")}
-    run_select(
-        tiny_olmoe,
-        out,
-        sources,
-        **{
-            "scoring.prompt_gain_weight": 0.5,
-            "scoring.expert_effect_weight": 2.0,
-            "scoring.combine": "robust_z",
-        },
-    )
+    run_select(tiny_olmoe, out, sources, **weights, **{"scoring.combine": "robust_z"})
     assert {p.name: p.read_bytes() for p in (out / "scores").glob("*.parquet")} == files
     manifest = json.loads((out / "manifest.json").read_text())
     columns = {
@@ -737,16 +727,7 @@ def test_prompt_gain_and_expert_effect_weights_rescore_every_row_with_their_pass
 
     # scoring.prompt_gain_cap=median, in nats: the same score files, the prompt gain capped at its median
     # over the scored rows (stored in the manifest), the other terms as measured
-    run_select(
-        tiny_olmoe,
-        out,
-        sources,
-        **{
-            "scoring.prompt_gain_weight": 0.5,
-            "scoring.expert_effect_weight": 2.0,
-            "scoring.prompt_gain_cap": "median",
-        },
-    )
+    run_select(tiny_olmoe, out, sources, **weights, **{"scoring.prompt_gain_cap": "median"})
     assert {p.name: p.read_bytes() for p in (out / "scores").glob("*.parquet")} == files
     metrics = json.loads((out / "manifest.json").read_text())["metrics"]
     median = float(np.median(terms["prompt_gain"]))
