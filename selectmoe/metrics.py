@@ -65,3 +65,37 @@ def separation_table(
             row["auroc_worst_dataset"] = min(within.values(), default=float("nan"))
         rows.append(row)
     return columns, rows
+
+
+def paired_auroc_difference(
+    scores: np.ndarray,
+    baseline: np.ndarray,
+    positive: np.ndarray,
+    groups: np.ndarray,
+    resamples: int = 300,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """``scores``' AUROC minus ``baseline``'s on the same rows, overall and as the mean within
+    ``groups``, each with the standard error of a paired bootstrap (rows drawn with replacement,
+    ``resamples`` times, seeded) and a verdict: ``above`` or ``below`` beyond two standard errors, else
+    ``level`` (the rule ``benchmarks/loko.py`` applies over runs)."""
+    scores, baseline = np.asarray(scores, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
+    positive, groups = np.asarray(positive, dtype=bool), np.asarray(groups)
+
+    def differences(rows: np.ndarray) -> tuple[float, float]:
+        within = [auroc_within_groups(s[rows], positive[rows], groups[rows]) for s in (scores, baseline)]
+        shared = sorted(set(within[0]) & set(within[1]))
+        return (
+            auroc(scores[rows], positive[rows]) - auroc(baseline[rows], positive[rows]),
+            float(np.mean([within[0][g] - within[1][g] for g in shared])) if shared else float("nan"),
+        )
+
+    rng = np.random.default_rng(seed)
+    observed = differences(np.arange(len(scores)))
+    drawn = np.array([differences(rng.integers(0, len(scores), len(scores))) for _ in range(resamples)])
+    out = {}
+    for i, name in enumerate(("overall", "within_groups")):
+        error = float(np.nanstd(drawn[:, i], ddof=1))
+        verdict = "above" if observed[i] > 2 * error else "below" if observed[i] < -2 * error else "level"
+        out[name] = {"difference": observed[i], "standard_error": error, "verdict": verdict}
+    return out

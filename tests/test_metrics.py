@@ -9,7 +9,13 @@ import math
 import numpy as np
 import pytest
 
-from selectmoe.metrics import auroc, auroc_within_groups, precision_at_k, separation_table
+from selectmoe.metrics import (
+    auroc,
+    auroc_within_groups,
+    paired_auroc_difference,
+    precision_at_k,
+    separation_table,
+)
 
 
 def brute_force_auroc(scores, positive) -> float:
@@ -73,3 +79,38 @@ def test_within_dataset_auroc_sees_through_a_score_that_only_ranks_datasets():
     assert auroc_within_groups(inside, defect == "", datasets) == {"a": 1.0, "b": 0.0}
     regrouped = np.array(["a"] * 9 + ["c"] + ["b"] * 10)  # "a" all clean, "c" one defect: no pairs
     assert auroc_within_groups(inside, defect == "", regrouped) == {"b": 0.0}
+
+
+def test_paired_auroc_difference_calls_level_only_within_two_standard_errors():
+    """The demo report's verdict against perplexity: the same score is level (difference 0, no spread);
+    a score that tells clean rows apart is above a coin flip and the coin flip below it; a score that
+    only ranks datasets is below one that is right inside them, within datasets; seeded."""
+    rng = np.random.default_rng(0)
+    n = 400
+    clean = rng.random(n) < 0.7
+    datasets = np.where(rng.random(n) < 0.5, "a", "b")
+    good = clean + rng.normal(0, 0.5, n)
+    coin = rng.random(n)
+    same = paired_auroc_difference(good, good, clean, datasets)
+    assert same["overall"] == {"difference": 0.0, "standard_error": 0.0, "verdict": "level"}
+    better = paired_auroc_difference(good, coin, clean, datasets)
+    assert better["overall"]["verdict"] == better["within_groups"]["verdict"] == "above"
+    assert better["overall"]["difference"] == pytest.approx(auroc(good, clean) - auroc(coin, clean))
+    assert 0 < better["overall"]["standard_error"] < better["overall"]["difference"] / 2
+    assert paired_auroc_difference(coin, good, clean, datasets)["overall"]["verdict"] == "below"
+    assert paired_auroc_difference(good, coin, clean, datasets, seed=3) == paired_auroc_difference(
+        good, coin, clean, datasets, seed=3
+    )
+    # a nearly identical score (a tiny shuffle of a few rows) is level, not above or below
+    nudged = good.copy()
+    nudged[:4] = nudged[:4][::-1]
+    assert paired_auroc_difference(nudged, good, clean, datasets)["overall"]["verdict"] == "level"
+    # dataset "a" mostly clean: ranking "a" above "b" looks good overall, tells nothing inside them
+    clean_by_dataset = np.where(datasets == "a", rng.random(n) < 0.9, rng.random(n) < 0.3)
+    by_dataset = (datasets == "a").astype(float)
+    inside = clean_by_dataset + rng.normal(0, 0.5, n)
+    versus = paired_auroc_difference(by_dataset, inside, clean_by_dataset, datasets)
+    assert versus["within_groups"]["verdict"] == "below"
+    assert versus["within_groups"]["difference"] == pytest.approx(
+        0.5 - np.mean(list(auroc_within_groups(inside, clean_by_dataset, datasets).values()))
+    )

@@ -76,6 +76,15 @@ def test_demo_writes_a_report_with_plots_baseline_and_separation(demo_run, capsy
     )
     inverted = "**The gates are inverted on this run**" in report
     assert inverted == (gates["auroc_all"] < 0.5)  # the gate direction is checked, never assumed
+    # the shipped score against perplexity, in words, with the paired bootstrap's standard error
+    versus = json.loads((out / "separation.json").read_text())["vs_perplexity"]
+    relation = {"above": "above", "level": "level with", "below": "below"}
+    assert re.search(
+        rf"The shipped score is {relation[versus['overall']['verdict']]} perplexity here: AUROC [0-9.]+ vs "
+        rf"[0-9.]+ \(difference [-+][0-9.]+, standard error [0-9.]+ .*within datasets it is "
+        rf"{relation[versus['within_groups']['verdict']]} it",
+        report,
+    )
     assert re.search(
         r"Clean rows in what was selected .*: the selection \d+ of \d+, the random baseline", report
     )

@@ -32,7 +32,7 @@ from selectmoe.layout import (
     TRAINING_IDS,
 )
 from selectmoe.manifest import hash_dict, read_manifest
-from selectmoe.metrics import separation_table
+from selectmoe.metrics import paired_auroc_difference, separation_table
 from selectmoe.pipeline import run_pipeline
 from selectmoe.reporting.report import markdown_table
 from selectmoe.select.calibrate import combiner_columns, combiner_score
@@ -147,11 +147,16 @@ def separation_section(run: Path, data: Path, preset: str) -> str:
     from selectmoe.demo.tiny import final_lm_loss
 
     selector_lm = final_lm_loss(stage1_config["selector_model"]["path"])
-    (run / SEPARATION).write_text(json.dumps({"k": k, "rows": len(held_out), "table": rows}, indent=2))
+    shipped, perplexity_name = f"Select-MoE score (preset={preset})", "perplexity (-NLL, same model)"
+    compared = paired_auroc_difference(scorers[shipped], scorers[perplexity_name], defect == "", datasets)
+    (run / SEPARATION).write_text(
+        json.dumps({"k": k, "rows": len(held_out), "table": rows, "vs_perplexity": compared}, indent=2)
+    )
     kinds = ", ".join(f"{kind} {int((defect == kind).sum())}" for kind in sorted(set(defect) - {""}))
     by_name = {row["scorer"]: row for row in rows}
-    gates, score = by_name["gates alone (mean gate)"], by_name[f"Select-MoE score (preset={preset})"]
-    perplexity = by_name["perplexity (-NLL, same model)"]
+    gates, score, perplexity = by_name["gates alone (mean gate)"], by_name[shipped], by_name[perplexity_name]
+    overall, within = compared["overall"], compared["within_groups"]
+    relation = {"above": "above", "level": "level with", "below": "below"}
     verdicts = [
         (
             f"**The gates are inverted on this run**: they rank defective rows above clean ones (AUROC "
@@ -160,8 +165,11 @@ def separation_section(run: Path, data: Path, preset: str) -> str:
         )
         if gates["auroc_all"] < 0.5
         else f"The gates alone rank clean rows above defective ones (AUROC {gates['auroc_all']:.3f}).",
-        f"The shipped score {'is at least level with' if score['auroc_all'] >= perplexity['auroc_all'] else 'loses to'} "
-        f"perplexity here (AUROC {score['auroc_all']:.3f} vs {perplexity['auroc_all']:.3f}).",
+        f"The shipped score is {relation[overall['verdict']]} perplexity here: AUROC {score['auroc_all']:.3f} vs "
+        f"{perplexity['auroc_all']:.3f} (difference {overall['difference']:+.3f}, standard error "
+        f"{overall['standard_error']:.3f} from a paired bootstrap over these rows); within datasets it is "
+        f"{relation[within['verdict']]} it ({within['difference']:+.3f}, standard error "
+        f"{within['standard_error']:.3f}). Level means within two standard errors either way.",
     ]
     clean = {i for i, r in labels.items() if not r["defect"]}
     shares = []
