@@ -39,12 +39,12 @@ import pyarrow.parquet as pq
 import torch
 from common import TRAIN_DIR, lm_pretrained_tiny, print_table, quiet_ray, quiet_transformers, write_json
 
-from selectmoe.config import PipelineConfig, load_preset, parse_config
+from selectmoe.config import PipelineConfig, ScoringSection, load_preset, parse_config
 from selectmoe.data import RowError, encode_batch, load_tokenizer, normalize_record
 from selectmoe.demo.defects import cot_wrong_answer, plant_defects
 from selectmoe.layout import TRAINING_IDS
 from selectmoe.metrics import separation_table
-from selectmoe.select.score import row_score, score_terms, term_scales
+from selectmoe.select.score import row_score, score_of, score_terms, term_scales
 
 SCORE_COLUMNS = ["id", "score", "layer_scores", "nll", "nll_without_prompt", "nll_gates_shut"]
 PERPLEXITY_WEIGHTS = (0.01, 0.03, 0.1, 0.3)
@@ -425,14 +425,12 @@ def score_aggregations(name: str, records: list[dict]) -> dict[str, np.ndarray]:
     for weight, gain_weight in PROMPT_GAIN_WEIGHTS:
         label = f"{name}: gates - {weight} x NLL + {gain_weight} x prompt gain"
         out[label] = row_score(layers, nll, weight, unprompted, gain_weight)
-    default = load_preset(PipelineConfig().preset)["keys"]["select"]["scoring"]  # robust z over these rows
-    scales = (
-        term_scales(score_terms(layers, nll, unprompted)) if default.get("combine") == "robust_z" else None
+    # the default preset's score, its term scales (robust z, the prompt gain's median) over these rows
+    default = ScoringSection(**load_preset(PipelineConfig().preset)["keys"]["select"]["scoring"])
+    columns = {"layer_scores": layers, "nll": nll, "nll_without_prompt": unprompted}
+    out[f"{name}: the default preset's score ({PipelineConfig().preset})"] = score_of(
+        columns, default, term_scales(score_terms(**columns))
     )
-    out[f"{name}: the default preset's score ({PipelineConfig().preset})"] = row_score(
-        layers, nll, default["perplexity_weight"], unprompted, default["prompt_gain_weight"],
-        scales=scales, gate_weight=default.get("gate_weight", 1.0),
-    )  # fmt: skip
     return out
 
 
