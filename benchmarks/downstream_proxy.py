@@ -60,7 +60,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -69,7 +68,7 @@ from common import TRAIN_DIR, lm_pretrained_tiny, quiet_ray, quiet_transformers,
 from selection_quality import reselect
 from selection_quality import run_stages as run_stages_of_the_product
 
-from selectmoe.config import PipelineConfig, load_preset
+from selectmoe.config import PipelineConfig, ScoringSection, load_preset
 from selectmoe.demo.defects import plant_defects
 from selectmoe.manifest import hash_dict
 
@@ -346,12 +345,10 @@ def selections(
     filter_scores = {
         name: score_of(
             {"layer_scores": layer_scores, "nll": nll, "nll_without_prompt": unprompted},
-            SimpleNamespace(
+            ScoringSection(
                 gate_weight=0.0,
                 perplexity_weight=nll_weight,
                 prompt_gain_weight=gain_weight,
-                expert_effect_weight=0.0,
-                driving_force_weight=0.0,
                 combine=combine,
                 prompt_gain_cap=cap,
             ),
@@ -409,7 +406,7 @@ def finetune_and_judge(
 
     from selectmoe.data.collate import collate
     from selectmoe.data.template import encode_batch, ensure_pad_token, load_tokenizer
-    from selectmoe.select.score import row_nll, score_mask
+    from selectmoe.select.score import ScorePasses, score_batch
 
     torch.manual_seed(seed)
     tokenizer = ensure_pad_token(load_tokenizer(str(target)))
@@ -437,19 +434,15 @@ def finetune_and_judge(
         optimizer.zero_grad(set_to_none=True)
     model.eval()
     result = {}
-    with torch.inference_mode():
-        for group, items in held_out.items():
-            encoded = encode_batch([r["messages"] for r in items], tokenizer, max_seq_length=args.max_length)
-            encoded = [e for e in encoded if isinstance(e, dict)]  # rows the template rejects are left out
-            nlls = []
-            for start in range(0, len(encoded), 32):
-                batch = collate(encoded[start : start + 32], tokenizer.pad_token_id, torch.device("cpu"))
-                hidden = model.model(
-                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                ).last_hidden_state
-                mask = score_mask(batch["attention_mask"], batch["labels"], "assistant")
-                nlls.append(row_nll(model, hidden, batch["input_ids"], mask))
-            result[group] = float(torch.cat(nlls).mean())
+    nll_only = ScorePasses(gates=False, nll=True)  # the product's scoring pass, on a plain LM
+    for group, items in held_out.items():
+        encoded = encode_batch([r["messages"] for r in items], tokenizer, max_seq_length=args.max_length)
+        encoded = [e for e in encoded if isinstance(e, dict)]  # rows the template rejects are left out
+        nlls = [
+            score_batch(model, encoded[start : start + 32], nll_only, tokenizer.pad_token_id)["nll"]
+            for start in range(0, len(encoded), 32)
+        ]
+        result[group] = float(np.concatenate(nlls).mean())
     return result
 
 

@@ -50,7 +50,7 @@ import pyarrow.parquet as pq
 from common import TRAIN_DIR, lm_pretrained_tiny, print_table, quiet_ray, quiet_transformers, write_json
 from selection_quality import BENCH_KINDS, perplexity_nll, run_stages, sample_by_file, write_corpus
 
-from selectmoe.config import PipelineConfig, load_preset
+from selectmoe.config import PipelineConfig, ScoringSection, load_preset
 from selectmoe.demo.corpus import LABELS_FILE
 from selectmoe.demo.defects import HELD_OUT_KINDS
 from selectmoe.layout import MANIFEST, SCORES_DIR, STAGE_DIRS, TRAINING_IDS
@@ -310,11 +310,11 @@ def recipe_grid(d2: bool) -> dict[str, tuple]:
     return recipes
 
 
-def scoring_of(recipe: tuple) -> SimpleNamespace:
-    """The ``scoring`` config keys a recipe stands for."""
+def scoring_of(recipe: tuple) -> ScoringSection:
+    """The ``scoring`` config section a recipe stands for."""
     gate, nll, gain, effect, d2, combine, cap = recipe
-    return SimpleNamespace(
-        combine=combine, prompt_gain_cap=cap, tokens="assistant", gate_weight=gate, perplexity_weight=nll,
+    return ScoringSection(
+        combine=combine, prompt_gain_cap=cap, gate_weight=gate, perplexity_weight=nll,
         prompt_gain_weight=gain, expert_effect_weight=effect, driving_force_weight=d2,
     )  # fmt: skip
 

@@ -79,6 +79,10 @@ def test_tag_names_the_run_folder():
             + ["clustering_params.auto_k=true", "clustering_params.k_range=[40,10]"],
             "clustering_params.k_range=[40, 10]: expected [lowest, highest]",
         ),
+        (
+            ["select", "selector_model.path={model}", "scoring.prompt_gain_cap=median"],
+            "scoring.prompt_gain_cap=median needs scoring.prompt_gain_weight != 0",
+        ),
     ],
 )
 def test_user_errors_print_one_line_and_exit_2(args, expected, tiny_olmoe, tmp_path, capsys):

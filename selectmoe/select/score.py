@@ -44,6 +44,7 @@ from dataclasses import dataclass, fields, replace
 import numpy as np
 import torch
 
+from selectmoe.config.loader import ConfigError
 from selectmoe.data.collate import collate
 from selectmoe.data.template import IGNORE_INDEX
 from selectmoe.models.modeling import gates_forced, gates_shifted
@@ -82,9 +83,9 @@ class ScorePasses:
         gates_shut = scoring.expert_effect or scoring.expert_effect_weight != 0
         gate_derivatives = scoring.driving_force or scoring.driving_force_weight != 0
         if reply_only and scoring.tokens != "assistant":
-            raise ValueError("scoring.prompt_gain needs scoring.tokens=assistant (it compares reply tokens)")
+            raise ConfigError("scoring.prompt_gain needs scoring.tokens=assistant (it compares reply tokens)")
         if scoring.prompt_gain_cap != "none" and scoring.prompt_gain_weight == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"scoring.prompt_gain_cap={scoring.prompt_gain_cap} needs scoring.prompt_gain_weight != 0"
             )
         return cls(
