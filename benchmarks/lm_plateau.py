@@ -2,9 +2,9 @@
 
 Two corpora:
 
-- ``--corpus demo``: the demo's recipe (``selectmoe.demo.run.demo_models``: 2000 generated clean rows,
-  batch 8, the peak lr of its ``LM_LEARNING_RATES`` (``--lr``) with linear decay, length 128), held
-  out: 200 generated rows of another seed.
+- ``--corpus demo``: the demo's recipe (``selectmoe.demo.run.demo_models``: 2000 generated clean rows and
+  the tokenizer trained on them, batch 8, the peak lr of its ``LM_LEARNING_RATES`` (``--lr``) with
+  linear decay, length 128), held out: 200 generated rows of another seed.
   ``demo.lm_steps`` is chosen from this table.
 - ``--corpus real``: ``loko.py``'s bases (its ``--sizes``; the same LM rows of ``../shared/data/train``
   for the seed, length 256, cached where ``loko.py`` finds them), held out: the seed's corpus rows
@@ -37,7 +37,7 @@ from loko import SIZES, lm_and_corpus_rows
 from selectmoe.data.collate import collate
 from selectmoe.data.template import encode_batch, ensure_pad_token, load_tokenizer
 from selectmoe.demo.corpus import write_demo_corpus
-from selectmoe.demo.run import LM_LEARNING_RATES
+from selectmoe.demo.run import LM_LEARNING_RATES, demo_lm_rows
 from selectmoe.demo.tiny import build_tiny_olmoe, final_lm_loss, pretrain_tiny_lm
 
 DEMO_LENGTH, REAL_LENGTH = 128, 256  # the demo's pretraining length; loko.py's --max-length
@@ -65,13 +65,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if args.corpus == "demo":
-            lm_rows = chat_rows(
-                write_demo_corpus(work / "lm", seed=args.seed + 1000, n_rows=2000, defect_rate=0.0)
-            )
+            lm_rows, tokenizer = demo_lm_rows(work / "lm", args.seed)
             held_out = chat_rows(
                 write_demo_corpus(work / "held", seed=args.seed + 3000, n_rows=200, defect_rate=0.0)
             )
-            base = build_tiny_olmoe(work / "init", seed=args.seed)
+            base = build_tiny_olmoe(work / "init", seed=args.seed, tokenizer=tokenizer)
 
             def pretrained(steps: int) -> Path:
                 return pretrain_tiny_lm(

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 from conftest import SHARED_TRAIN
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from selectmoe.data.rejects import RowError
 from selectmoe.data.template import (
@@ -20,6 +20,8 @@ from selectmoe.data.template import (
     format_messages,
     load_tokenizer,
 )
+from selectmoe.demo.run import TOKENIZER_VOCAB, demo_lm_rows
+from selectmoe.demo.tiny import build_tiny_llama, build_tiny_olmoe
 
 SHARED_OASST = str(SHARED_TRAIN / "oasst1.jsonl")
 
@@ -37,8 +39,18 @@ MULTI = [
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tokenizer_dir):
-    return load_tokenizer(tokenizer_dir)
+def demo_tokenizer_dir(tmp_path_factory):
+    """The demo's tokenizer (a byte-level BPE trained on its LM rows), saved as the demo models save it."""
+    out = tmp_path_factory.mktemp("demo_tokenizer")
+    _, trained = demo_lm_rows(out / "lm", seed=0)
+    trained.save_pretrained(str(out / "tokenizer"))
+    return str(out / "tokenizer")
+
+
+@pytest.fixture(scope="module", params=["32k", "demo"])
+def tokenizer(request, tokenizer_dir, demo_tokenizer_dir):
+    """Every template test runs with the tests' 32k tokenizer and with the demo's trained one."""
+    return load_tokenizer(tokenizer_dir if request.param == "32k" else demo_tokenizer_dir)
 
 
 def _real_multi_turn(limit: int = 20) -> list[list[dict]]:
@@ -97,6 +109,20 @@ def test_assistant_labels_are_exactly_the_assistant_turns_and_eos(tokenizer, mes
     assert encoded["n_assistant_tokens"] == int(mask.sum())
     assert encoded["n_tokens"] == len(ids) == encoded["n_tokens_before_truncation"]
     assert ids.dtype == np.int32 and labels.dtype == np.int32
+
+
+def test_demo_tokenizer_encodes_any_text_and_matches_the_tiny_models_ids(demo_tokenizer_dir, tmp_path):
+    tokenizer = load_tokenizer(demo_tokenizer_dir)
+    odd = (
+        "zqxj #$%&@ ÿ€ 日本語 \x07 🙂 <|user|>"  # nothing of this is in the generated rows it was trained on
+    )
+    assert tokenizer.decode(tokenizer(odd, add_special_tokens=False)["input_ids"]) == odd
+    assert tokenizer.unk_token_id not in tokenizer(odd)["input_ids"]
+    for build in (build_tiny_olmoe, build_tiny_llama):
+        config = AutoConfig.from_pretrained(build(tmp_path / build.__name__, tokenizer=tokenizer))
+        assert config.vocab_size == len(tokenizer) == TOKENIZER_VOCAB
+        assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == (config.bos_token_id, config.eos_token_id)
+        assert ensure_pad_token(tokenizer).pad_token_id == config.pad_token_id
 
 
 def test_loss_on_all_labels_every_token(tokenizer):

@@ -378,7 +378,7 @@ class DemoSection:
     defect_rate: float = ranged(0.3, low=0, high=1, high_open=True)  # share of rows with a planted defect
     # LM pretraining steps of the tiny selector (cached): its regime decides whether the scores work
     # (benchmarks/lm_plateau.py); the target's matters less, and costs as much per step
-    lm_steps: int = ranged(400, low=0)
+    lm_steps: int = ranged(2400, low=0)
     target_lm_steps: int = ranged(100, low=0)
     cache_dir: str | None = None  # default ~/.cache/selectmoe/demo_models
 

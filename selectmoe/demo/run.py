@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from selectmoe.config import DemoConfig, ScoringSection, load_preset
 from selectmoe.console import phase
+from selectmoe.data.template import format_messages
 from selectmoe.demo.corpus import LABELS_FILE, write_demo_corpus
 from selectmoe.layout import (
     BASELINE_PREFIX,
@@ -38,10 +39,11 @@ from selectmoe.reporting.report import markdown_table
 from selectmoe.select.calibrate import combiner_columns, combiner_score
 from selectmoe.select.score import row_score, score_columns, score_of
 
-MODELS_VERSION = 3  # bump when the tiny demo models change (3: the selector's LM learning rate 1e-2)
+MODELS_VERSION = 4  # bump when the tiny demo models change (4: a tokenizer trained on the LM rows)
 # peak LM-pretraining learning rates (linear decay to 0): the selector's from benchmarks/lm_plateau.py --lr
 LM_LEARNING_RATES = {"selector_olmoe": 1e-2, "target_llama": 3e-3}
 REFERENCE_ROWS = 300
+LM_ROWS, TOKENIZER_VOCAB = 2000, 2048  # the demo models' LM-pretraining rows and their tokenizer's size
 
 
 def run_demo(cfg: DemoConfig) -> Path:
@@ -77,7 +79,8 @@ def demo_reference(out: Path, seed: int) -> Path:
 
 
 def demo_models(cfg: DemoConfig) -> tuple[Path, Path]:
-    """(selector, target): a tiny OLMoE and a tiny Llama, LM-pretrained on generated clean rows; cached."""
+    """(selector, target): a tiny OLMoE and a tiny Llama with a tokenizer trained on generated clean rows,
+    LM-pretrained on them; cached."""
     from selectmoe.demo.tiny import build_tiny_llama, build_tiny_olmoe, pretrain_tiny_lm
 
     steps = {"selector_olmoe": cfg.demo.lm_steps, "target_llama": cfg.demo.target_lm_steps}
@@ -88,16 +91,10 @@ def demo_models(cfg: DemoConfig) -> tuple[Path, Path]:
     selector, target = cache / "selector_olmoe", cache / "target_llama"
     if (selector / "config.json").exists() and (target / "config.json").exists():
         return selector, target
-    # a different seed than the corpus: the models never see the rows they later score
-    lm_corpus = write_demo_corpus(cache / "lm_corpus", seed=cfg.seed + 1000, n_rows=2000, defect_rate=0.0)
-    rows = [
-        json.loads(line)["messages"]
-        for f in sorted((lm_corpus / "train").glob("*.jsonl"))
-        for line in f.open()
-    ]
+    rows, tokenizer = demo_lm_rows(cache / "lm_corpus", cfg.seed)
     for build, out in ((build_tiny_olmoe, selector), (build_tiny_llama, target)):
         with phase(f"demo: building {out.name} and LM-pretraining it {steps[out.name]} steps (cached)"):
-            base = build(cache / f"{out.name}_init", seed=cfg.seed)
+            base = build(cache / f"{out.name}_init", seed=cfg.seed, tokenizer=tokenizer)
             pretrain_tiny_lm(
                 base,
                 rows,
@@ -107,6 +104,22 @@ def demo_models(cfg: DemoConfig) -> tuple[Path, Path]:
                 learning_rate=LM_LEARNING_RATES[out.name],
             )
     return selector, target
+
+
+def demo_lm_rows(out: Path, seed: int):
+    """(chat rows, tokenizer): the demo models' LM-pretraining rows, generated clean with another seed
+    than the corpus (the models never see the rows they later score), and the tokenizer trained on them."""
+    from selectmoe.demo.tiny import train_tokenizer
+
+    lm_corpus = write_demo_corpus(out, seed=seed + 1000, n_rows=LM_ROWS, defect_rate=0.0)
+    rows = [
+        json.loads(line)["messages"]
+        for f in sorted((lm_corpus / "train").glob("*.jsonl"))
+        for line in f.open()
+    ]
+    return rows, train_tokenizer(
+        (format_messages(messages, eos_token="")[0] for messages in rows), TOKENIZER_VOCAB
+    )
 
 
 def _selection_score(stage2: Path, manifest: dict, rows: list[dict]) -> np.ndarray:

@@ -1,8 +1,9 @@
-"""Tiny offline models and tokenizer for tests, benchmarks and the demo.
+"""Tiny offline models and tokenizers for tests, benchmarks and the demo.
 
 No hub access: the tokenizer is the 32k SentencePiece model shipped inside the ``mistral-common``
-wheel (Apache-2.0), converted to a fast tokenizer; models are built from configs with seeded
-random weights and saved as normal Hugging Face folders, so the real loading code reads them.
+wheel (Apache-2.0), converted to a fast tokenizer, or (the demo's) a small byte-level BPE trained on
+the text the models are pretrained on; models are built from configs with seeded random weights and
+saved as normal Hugging Face folders, so the real loading code reads them.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def build_tokenizer(out_dir: str | os.PathLike | None = None):
         import mistral_common
     except ModuleNotFoundError as err:
         raise ModuleNotFoundError(
-            "the demo's offline tokenizer needs mistral-common: pip install 'selectmoe[demo]'"
+            "the offline 32k tokenizer needs mistral-common: pip install 'selectmoe[benchmarks]'"
         ) from err
     from transformers import LlamaTokenizer
     from transformers.convert_slow_tokenizer import SentencePieceExtractor
@@ -30,6 +31,35 @@ def build_tokenizer(out_dir: str | os.PathLike | None = None):
     spm = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
     extracted = SentencePieceExtractor(str(spm)).extract(None)
     tokenizer = LlamaTokenizer(vocab=extracted["vocab"], merges=extracted["merges"])
+    if out_dir is not None:
+        tokenizer.save_pretrained(str(out_dir))
+    return tokenizer
+
+
+def train_tokenizer(texts, vocab_size: int = 2048, out_dir: str | os.PathLike | None = None):
+    """A byte-level BPE tokenizer trained on ``texts`` (seconds), with Llama's special tokens and ids
+    (``<unk>`` 0, ``<s>`` 1, ``</s>`` 2) and, like ``build_tokenizer``'s, no BOS added; any text
+    encodes, none is dropped.
+
+    The demo's: its generated rows use about a thousand of the 32k tokenizer's ids, and a 32k LM head
+    took seven eighths of each training step of the tiny models."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>"]
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
     if out_dir is not None:
         tokenizer.save_pretrained(str(out_dir))
     return tokenizer
@@ -79,27 +109,30 @@ def tiny_llama_config(vocab_size: int = 32000, **overrides):
     return LlamaConfig(**kwargs)
 
 
-def build_tiny_olmoe(out_dir: str | os.PathLike, seed: int = 0, **config_overrides) -> Path:
-    """Save a randomly initialised tiny OLMoE + tokenizer as a HF folder; returns the folder."""
+def build_tiny_olmoe(out_dir: str | os.PathLike, seed: int = 0, tokenizer=None, **config_overrides) -> Path:
+    """Save a randomly initialised tiny OLMoE + tokenizer (default: the 32k one; a given one sets the
+    vocab size) as a HF folder; returns the folder."""
     from transformers import OlmoeForCausalLM
 
-    return _save_tiny(OlmoeForCausalLM, tiny_olmoe_config(**config_overrides), out_dir, seed)
+    return _save_tiny(OlmoeForCausalLM, tiny_olmoe_config, out_dir, seed, tokenizer, config_overrides)
 
 
-def build_tiny_llama(out_dir: str | os.PathLike, seed: int = 0, **config_overrides) -> Path:
-    """Save a randomly initialised tiny Llama + tokenizer as a HF folder; returns the folder."""
+def build_tiny_llama(out_dir: str | os.PathLike, seed: int = 0, tokenizer=None, **config_overrides) -> Path:
+    """Save a randomly initialised tiny Llama + tokenizer (as ``build_tiny_olmoe``) as a HF folder."""
     from transformers import LlamaForCausalLM
 
-    return _save_tiny(LlamaForCausalLM, tiny_llama_config(**config_overrides), out_dir, seed)
+    return _save_tiny(LlamaForCausalLM, tiny_llama_config, out_dir, seed, tokenizer, config_overrides)
 
 
-def _save_tiny(model_cls, config, out_dir, seed: int) -> Path:
+def _save_tiny(model_cls, make_config, out_dir, seed: int, tokenizer, overrides: dict) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if tokenizer is None:
+        tokenizer = build_tokenizer()
     torch.manual_seed(seed)
-    model = model_cls(config)
+    model = model_cls(make_config(**{"vocab_size": len(tokenizer), **overrides}))
     model.save_pretrained(str(out))
-    build_tokenizer(out)
+    tokenizer.save_pretrained(str(out))
     return out
 
 
