@@ -85,19 +85,35 @@ def encode_rows(rows: list[dict], tokenizer, max_length: int) -> list[dict]:
 
 
 def lm_pretrained_tiny(
-    kind: str, seed: int, lm_rows: list[dict], steps: int, max_length: int, cache: Path, **config_overrides
+    kind: str,
+    seed: int,
+    lm_rows: list[dict],
+    steps: int,
+    max_length: int,
+    cache: Path,
+    tokenizer_vocab: int | None = None,
+    **config_overrides,
 ) -> Path:
     """The tiny ``olmoe`` (a selector) or ``llama`` (a target) LM-pretrained ``steps`` steps on ``lm_rows``;
-    cached in ``cache`` by its recipe."""
-    from selectmoe.demo.tiny import build_tiny_llama, build_tiny_olmoe, pretrain_tiny_lm
+    cached in ``cache`` by its recipe. With ``tokenizer_vocab`` its tokenizer is a byte-level BPE of that
+    size trained on ``lm_rows`` (as the demo's models), else the 32k one."""
+    from selectmoe.data.template import format_messages
+    from selectmoe.demo.tiny import build_tiny_llama, build_tiny_olmoe, pretrain_tiny_lm, train_tokenizer
     from selectmoe.manifest import hash_dict
 
     recipe = {"seed": seed, "steps": steps, "model": config_overrides, "ids": [r["id"] for r in lm_rows]}
+    if tokenizer_vocab:
+        recipe["tokenizer_vocab"] = tokenizer_vocab
     key = hash_dict(recipe if kind == "olmoe" else {**recipe, "kind": kind})
     out = cache / (f"base_{key}" if kind == "olmoe" else f"{kind}_{key}")
     if not (out / "config.json").exists():
         build = {"olmoe": build_tiny_olmoe, "llama": build_tiny_llama}[kind]
-        init = build(cache / f"init_{key}", seed=seed, **config_overrides)
+        tokenizer = (
+            train_tokenizer((format_messages(r["messages"], "")[0] for r in lm_rows), tokenizer_vocab)
+            if tokenizer_vocab
+            else None
+        )
+        init = build(cache / f"init_{key}", seed=seed, tokenizer=tokenizer, **config_overrides)
         pretrain_tiny_lm(
             init, [r["messages"] for r in lm_rows], out, steps=steps, seed=seed, max_seq_length=max_length
         )

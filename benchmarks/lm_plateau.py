@@ -49,6 +49,9 @@ def main() -> None:
     p.add_argument("--size", choices=list(SIZES), default="small", help="with --corpus real")
     p.add_argument("--rows", type=int, default=1500, help="with --corpus real: loko.py's --rows")
     p.add_argument("--lm-rows", type=int, default=None, help="with --corpus real: loko.py's --lm-rows")
+    p.add_argument(
+        "--tokenizer-vocab", type=int, default=None, help="with --corpus real: loko.py's --tokenizer-vocab"
+    )
     p.add_argument("--data-dir", default=str(TRAIN_DIR))
     p.add_argument("--work-dir", default="/tmp/selectmoe_loko", help="with --corpus real: loko.py's cache")
     p.add_argument("--steps", type=int, nargs="+", default=[100, 200, 400, 800])
@@ -84,7 +87,14 @@ def main() -> None:
             def pretrained(steps: int) -> Path:
                 cache = Path(args.work_dir) / "models"
                 return lm_pretrained_tiny(
-                    "olmoe", args.seed, lm_rows, steps, REAL_LENGTH, cache, **SIZES[args.size]
+                    "olmoe",
+                    args.seed,
+                    lm_rows,
+                    steps,
+                    REAL_LENGTH,
+                    cache,
+                    args.tokenizer_vocab,
+                    **SIZES[args.size],
                 )
 
             what = f"the {len(held_out)} corpus rows of loko.py's seed {args.seed}; {len(lm_rows)} LM rows"

@@ -132,6 +132,13 @@ def parse_args() -> argparse.Namespace:
         help="LM-pretrain the base on this many rows of the data outside the corpus instead (item 7: a "
         "base that is a better language model than the corpus's twin half allows)",
     )
+    p.add_argument(
+        "--tokenizer-vocab",
+        type=int,
+        default=None,
+        help="give each base a byte-level BPE of this size trained on its LM rows instead of the 32k "
+        "tokenizer (the 32k LM head is most of a small selector's step)",
+    )
     p.add_argument("--defect-rate", type=float, default=0.3)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--subset-ratio", type=float, default=0.4, help="share of the corpus stage 1 trains on")
@@ -200,8 +207,10 @@ def run_model(args, size: str, base: str, seed: int) -> dict[str, dict]:
         "defect_rate": args.defect_rate, "max_length": args.max_length, "subset_ratio": args.subset_ratio,
         "stage1_batch": args.stage1_batch, "stage1_steps": args.stage1_steps,
         **({"lm_rows": args.lm_rows} if args.lm_rows else {}),
+        **({"tokenizer_vocab": args.tokenizer_vocab} if args.tokenizer_vocab else {}),
     }  # fmt: skip
     base = f"{base}_lm{args.lm_rows}" if args.lm_rows else base  # the run's name
+    base = f"{base}_tok{args.tokenizer_vocab}" if args.tokenizer_vocab else base
     work = Path(args.work_dir) / f"{size}_{base}_seed{seed}_{hash_dict(recipe)}"
     cached = {regime: work / regime / "terms.json" for regime in args.regimes}
     if args.cached_only or all(path.exists() for path in cached.values()):
@@ -223,6 +232,7 @@ def run_model(args, size: str, base: str, seed: int) -> dict[str, dict]:
         lm_steps,
         args.max_length,
         Path(args.work_dir) / "models",
+        args.tokenizer_vocab,
         **SIZES[size],
     )
     labels = {r["id"]: r for r in map(json.loads, (corpus / "labels.jsonl").open())}

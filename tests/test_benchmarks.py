@@ -212,6 +212,13 @@ def test_lm_plateau_small(tmp_path):
                             "--steps", "2", "--work-dir", str(work))  # fmt: skip
     assert (more["lm_rows"], more["held_out_rows"]) == (50, real["held_out_rows"])
     assert len(list((work / "models").glob("base_*"))) == 3
+    # --tokenizer-vocab: a new base with a BPE of that size trained on its LM rows, same held-out rows
+    before = set((work / "models").glob("base_*"))
+    _, own = run_benchmark("lm_plateau.py", tmp_path, "--corpus", "real", "--rows", "20", "--lm-rows", "50",
+                           "--tokenizer-vocab", "300", "--steps", "2", "--work-dir", str(work))  # fmt: skip
+    assert own["held_out_rows"] == real["held_out_rows"]
+    (base,) = set((work / "models").glob("base_*")) - before
+    assert json.loads((base / "config.json").read_text())["vocab_size"] == 300
 
 
 @pytest.mark.timeout(660)  # a sweep of Ray Train runs: from 57 s to over 280 s on this 2-core machine
