@@ -282,6 +282,13 @@ def test_compare_runs_gives_deltas_against_the_first_run(tmp_path):
     assert lines[0] == "| task | metric | baseline | pipeline_run | Δ pipeline_run |"
     assert lines[2] == "| mmlu_local | acc | 0.4000 ± 0.0100 | 0.4500 ± 0.0100 | +0.0500 |"
     assert lines[3] == "| tydiqa_local | f1 | 0.3000 | 0.2500 | -0.0500 |"
+    assert (  # 0.05 > 2 x sqrt(0.01² + 0.01²) = 0.028; f1 has no standard error to judge by
+        "pipeline_run: beyond noise (|Δ| over two standard errors of the difference) in 1 of 1 rows: "
+        "mmlu_local acc (+0.0500); 1 without a standard error not judged." in lines
+    )
+    _write_results(tmp_path / "close", acc=0.42, f1=0.30)  # 0.02 < 0.028: noise
+    close = compare_runs([str(tmp_path / "baseline"), str(tmp_path / "close")])
+    assert "close: beyond noise (|Δ| over two standard errors of the difference) in 0 of 1 rows;" in close
 
 
 def test_results_table_lists_filtered_metrics():

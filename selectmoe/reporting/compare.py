@@ -3,12 +3,14 @@
     selectmoe compare outputs/run_a outputs/run_b
 
 Rows are task/metric pairs; values carry lm-eval's standard error, and every run after the first
-gets a column with its difference from the first.
+gets a column with its difference from the first and, under the table, the rows where that difference
+is beyond noise (over twice the two standard errors combined).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from selectmoe.evaluate.results import MISSING, MetricRow, find_results, metric_rows
@@ -41,7 +43,25 @@ def compare_runs(run_dirs: list[str], labels: list[str] | None = None) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     legend = [f"- {label}: {path}" for label, path in zip(labels, files)]
     note = f"Δ = run minus {labels[0]}; ± = lm-eval's standard error."
-    return "\n".join([*lines, "", note, "", *legend]) + "\n"
+    verdicts = [_beyond_noise(label, run, runs[0], keys) for label, run in zip(labels[1:], runs[1:])]
+    return "\n".join([*lines, "", note, *verdicts, "", *legend]) + "\n"
+
+
+def _beyond_noise(label: str, run: dict, first: dict, keys: list) -> str:
+    """One line: the rows where ``run`` differs from the first run by more than twice the standard error
+    of the difference (the two runs' errors combined as if independent)."""
+    judged = [k for k in keys if k in run and k in first and None not in (run[k].stderr, first[k].stderr)]
+    beyond = [
+        f"{' '.join(k)} ({run[k].value - first[k].value:+.4f})"
+        for k in judged
+        if abs(run[k].value - first[k].value) > 2 * math.hypot(run[k].stderr, first[k].stderr)
+    ]
+    unjudged = len(keys) - len(judged)
+    return (
+        f"{label}: beyond noise (|Δ| over two standard errors of the difference) in {len(beyond)} of "
+        f"{len(judged)} rows{': ' + ', '.join(beyond) if beyond else ''}"
+        + (f"; {unjudged} without a standard error not judged." if unjudged else ".")
+    )
 
 
 def _labels(run_dirs: list[str]) -> list[str]:
