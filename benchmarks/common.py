@@ -97,7 +97,6 @@ def lm_pretrained_tiny(
     """The tiny ``olmoe`` (a selector) or ``llama`` (a target) LM-pretrained ``steps`` steps on ``lm_rows``;
     cached in ``cache`` by its recipe. With ``tokenizer_vocab`` its tokenizer is a byte-level BPE of that
     size trained on ``lm_rows`` (as the demo's models), else the 32k one."""
-    from selectmoe.data.template import format_messages
     from selectmoe.demo.tiny import build_tiny_llama, build_tiny_olmoe, pretrain_tiny_lm, train_tokenizer
     from selectmoe.manifest import hash_dict
 
@@ -108,15 +107,10 @@ def lm_pretrained_tiny(
     out = cache / (f"base_{key}" if kind == "olmoe" else f"{kind}_{key}")
     if not (out / "config.json").exists():
         build = {"olmoe": build_tiny_olmoe, "llama": build_tiny_llama}[kind]
-        tokenizer = (
-            train_tokenizer((format_messages(r["messages"], "")[0] for r in lm_rows), tokenizer_vocab)
-            if tokenizer_vocab
-            else None
-        )
+        messages = [r["messages"] for r in lm_rows]
+        tokenizer = train_tokenizer(messages, tokenizer_vocab) if tokenizer_vocab else None
         init = build(cache / f"init_{key}", seed=seed, tokenizer=tokenizer, **config_overrides)
-        pretrain_tiny_lm(
-            init, [r["messages"] for r in lm_rows], out, steps=steps, seed=seed, max_seq_length=max_length
-        )
+        pretrain_tiny_lm(init, messages, out, steps=steps, seed=seed, max_seq_length=max_length)
     return out
 
 

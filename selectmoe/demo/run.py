@@ -20,7 +20,6 @@ import pyarrow.parquet as pq
 
 from selectmoe.config import DemoConfig, ScoringSection, load_preset
 from selectmoe.console import phase
-from selectmoe.data.template import format_messages
 from selectmoe.demo.corpus import LABELS_FILE, write_demo_corpus
 from selectmoe.layout import (
     BASELINE_PREFIX,
@@ -117,9 +116,7 @@ def demo_lm_rows(out: Path, seed: int):
         for f in sorted((lm_corpus / "train").glob("*.jsonl"))
         for line in f.open()
     ]
-    return rows, train_tokenizer(
-        (format_messages(messages, eos_token="")[0] for messages in rows), TOKENIZER_VOCAB
-    )
+    return rows, train_tokenizer(rows, TOKENIZER_VOCAB)
 
 
 def _selection_score(stage2: Path, manifest: dict, rows: list[dict]) -> np.ndarray:

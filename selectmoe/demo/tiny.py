@@ -36,15 +36,15 @@ def build_tokenizer(out_dir: str | os.PathLike | None = None):
     return tokenizer
 
 
-def train_tokenizer(texts, vocab_size: int = 2048, out_dir: str | os.PathLike | None = None):
-    """A byte-level BPE tokenizer trained on ``texts`` (seconds), with Llama's special tokens and ids
-    (``<unk>`` 0, ``<s>`` 1, ``</s>`` 2) and, like ``build_tokenizer``'s, no BOS added; any text
-    encodes, none is dropped.
-
-    The demo's: its generated rows use about a thousand of the 32k tokenizer's ids, and a 32k LM head
-    took seven eighths of each training step of the tiny models."""
+def train_tokenizer(rows: list[list[dict]], vocab_size: int):
+    """A byte-level BPE tokenizer trained on the chat-template text of ``rows`` (seconds), with Llama's
+    special tokens and ids (``<unk>`` 0, ``<s>`` 1, ``</s>`` 2) and, like ``build_tokenizer``'s, no BOS
+    added; any text encodes, none is dropped. The demo's: its generated rows use a small share of the
+    32k tokenizer's ids, whose LM head dominated each step of the tiny models (benchmarks/README.md)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+
+    from selectmoe.data.template import format_messages
 
     specials = ["<unk>", "<s>", "</s>"]
     backend = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -56,13 +56,10 @@ def train_tokenizer(texts, vocab_size: int = 2048, out_dir: str | os.PathLike | 
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    backend.train_from_iterator(texts, trainer)
-    tokenizer = PreTrainedTokenizerFast(
+    backend.train_from_iterator((format_messages(messages, eos_token="")[0] for messages in rows), trainer)
+    return PreTrainedTokenizerFast(
         tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
     )
-    if out_dir is not None:
-        tokenizer.save_pretrained(str(out_dir))
-    return tokenizer
 
 
 def tiny_olmoe_config(vocab_size: int = 32000, **overrides):
