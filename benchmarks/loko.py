@@ -83,6 +83,7 @@ D2_WEIGHT = 4
 # no reward for the high per-token gain of short and cut-off replies)
 RAW_RECIPES = ((0.0, 1.0, 1.0, 0.0, 0.0, "raw", "none"), (0.0, 1.0, 1.0, 0.0, 0.0, "raw", "median"))
 PERPLEXITY = "perplexity (-NLL, base model)"
+NLL_BASE_FILES = ("stage2_base", "terms_base.json")  # --nll-model base: stage 2's folder, the cached terms
 
 
 def main() -> None:
@@ -138,6 +139,13 @@ def parse_args() -> argparse.Namespace:
         default=None,
         help="give each base a byte-level BPE of this size trained on its LM rows instead of the 32k "
         "tokenizer (the 32k LM head is most of a small selector's step)",
+    )
+    p.add_argument(
+        "--nll-model",
+        default="stage1",
+        choices=["stage1", "base"],
+        help="stage 2's scoring.nll_model: base measures every NLL term with the model stage 1 started "
+        "from (cached apart: terms_base.json, stage2_base/; the runs' names end in _nllbase)",
     )
     p.add_argument("--defect-rate", type=float, default=0.3)
     p.add_argument("--max-length", type=int, default=256)
@@ -211,12 +219,14 @@ def run_model(args, size: str, base: str, seed: int) -> dict[str, dict]:
     }  # fmt: skip
     base = f"{base}_lm{args.lm_rows}" if args.lm_rows else base  # the run's name
     base = f"{base}_tok{args.tokenizer_vocab}" if args.tokenizer_vocab else base
-    work = Path(args.work_dir) / f"{size}_{base}_seed{seed}_{hash_dict(recipe)}"
-    cached = {regime: work / regime / "terms.json" for regime in args.regimes}
+    work = Path(args.work_dir) / f"{size}_{base}_seed{seed}_{hash_dict(recipe)}"  # the stage-1 recipe's
+    stage2_name, terms_name = ("stage2", "terms.json") if args.nll_model == "stage1" else NLL_BASE_FILES
+    base = f"{base}_nllbase" if args.nll_model == "base" else base
+    cached = {regime: work / regime / terms_name for regime in args.regimes}
     if args.cached_only or all(path.exists() for path in cached.values()):
         return {
             f"{size}/{base}/{regime}/seed{seed}": with_driving_force(
-                args, work, regime, json.loads(path.read_text())
+                args, work, regime, json.loads(path.read_text()), path
             )
             for regime, path in cached.items()
             if path.exists()
@@ -242,11 +252,20 @@ def run_model(args, size: str, base: str, seed: int) -> dict[str, dict]:
         learning_rate, steps = REGIMES[regime]
         stage_args = SimpleNamespace(**{**vars(args), "stage1_steps": args.stage1_steps or steps})
         _, stage2 = run_stages(
-            stage_args, corpus, model, work / regime, seed, [f"training.learning_rate={learning_rate}"]
+            stage_args,
+            corpus,
+            model,
+            work / regime,
+            seed,
+            [f"training.learning_rate={learning_rate}"],
+            [f"scoring.nll_model={args.nll_model}"],
+            stage2_name,
         )
         terms = held_out_terms(stage2 / SCORES_DIR, work / regime / "stage1" / TRAINING_IDS, labels, base_nll)
         cached[regime].write_text(json.dumps(terms))
-        out[f"{size}/{base}/{regime}/seed{seed}"] = with_driving_force(args, work, regime, terms)
+        out[f"{size}/{base}/{regime}/seed{seed}"] = with_driving_force(
+            args, work, regime, terms, cached[regime]
+        )
     return out
 
 
@@ -267,7 +286,7 @@ def held_out_terms(scores: Path, training_ids: Path, labels: dict, base_nll: dic
     }
 
 
-def with_driving_force(args, work: Path, regime: str, terms: dict) -> dict:
+def with_driving_force(args, work: Path, regime: str, terms: dict, cache: Path) -> dict:
     """With ``--d2``: the terms with each row's mean D2 over layers, from the product's scorer
     (``GateScorer``, ``scoring.driving_force=true``) on the run's stage-1 model (cached beside the terms)."""
     if not args.d2 or "driving_force" in terms:
@@ -301,7 +320,7 @@ def with_driving_force(args, work: Path, regime: str, terms: dict) -> dict:
         }
     )
     terms = {**terms, "driving_force": [float(np.mean(d)) for d in columns["driving_force"]]}
-    (work / regime / "terms.json").write_text(json.dumps(terms))
+    cache.write_text(json.dumps(terms))
     return terms
 
 
@@ -476,7 +495,7 @@ def analyse(judged: dict[str, dict], recipes: dict) -> dict:
         if recipe in recipes:
             named[f"NLL weighted {nll / gain:g}x prompt gain: {recipe}"] = recipe
     nll_alone = formula((0.0, 1.0, 0.0, 0.0, 0.0, "robust_z", "none"))
-    named[f"NLL alone (the stage-1 model): {nll_alone}"] = nll_alone
+    named[f"NLL alone (stage 2's NLL): {nll_alone}"] = nll_alone
     for recipe in RAW_RECIPES:  # the default's own recipe is named once, as the default
         if formula(recipe) != default:
             named[f"in nats: {formula(recipe)}"] = formula(recipe)

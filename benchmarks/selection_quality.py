@@ -274,10 +274,19 @@ def token_level_scores(stage1_dir: Path, rows: list[dict], max_length: int) -> d
 
 
 def run_stages(
-    args, corpus: Path, model: Path, out: Path, seed: int, overrides: list[str], select_overrides: tuple = ()
+    args,
+    corpus: Path,
+    model: Path,
+    out: Path,
+    seed: int,
+    overrides: list[str],
+    select_overrides: tuple = (),
+    stage2_name: str = "stage2",
 ):
     """Stage 1 (``overrides``: its recipe) then stage 2 of the product on the corpus, every score term
-    stored; returns (stage-2 config, stage-2 folder)."""
+    stored; returns (stage-2 config, stage-2 folder). A stage 1 already finished in ``out`` is reused (its
+    folder name is the recipe's hash), and ``stage2_name`` names the stage-2 folder."""
+    from selectmoe.layout import MANIFEST, STAGE1_CONFIG
     from selectmoe.pretrain import pretrain
     from selectmoe.select import select
 
@@ -299,13 +308,14 @@ def run_stages(
             *overrides,
         ],
     )
-    pretrain(stage1)
+    if not ((out / "stage1" / STAGE1_CONFIG).exists() and (out / "stage1" / MANIFEST).exists()):
+        pretrain(stage1)
     stage2 = parse_config(
         "select",
         overrides=[
             *data,
             f"seed={seed}",
-            f"output_dir={out / 'stage2'}",
+            f"output_dir={out / stage2_name}",
             f"model_checkpoint_path={out / 'stage1'}",
             f"selection_percentage={args.percentage}",
             "scoring.store_routing=true",

@@ -138,6 +138,18 @@ def oasst1_rows(tokenizer, n: int = 5) -> tuple[list[dict], list[dict]]:
     return rows, [encode_messages(r["messages"], tokenizer, max_seq_length=96) for r in rows]
 
 
+def oasst1_rows_and_replies(tokenizer) -> tuple[list[dict], list[dict], list[dict]]:
+    """``oasst1_rows`` and the replies alone, cut to the same reply tokens (the prompt gain's input)."""
+    rows, encoded = oasst1_rows(tokenizer)
+    replies = encode_replies_alone(
+        [r["messages"] for r in rows],
+        tokenizer,
+        max_seq_length=96,
+        n_assistant_tokens=[e["n_assistant_tokens"] for e in encoded],
+    )
+    return rows, encoded, replies
+
+
 def scorer_batch(rows: list[dict], encoded: list[dict], replies: list[dict] | None = None) -> dict:
     """A ``GateScorer`` input batch, with the replies-alone columns when ``replies`` are given."""
     batch = {
@@ -191,13 +203,7 @@ def test_row_nll_in_chunks_equals_the_full_models_loss(tiny_olmoe):
 
 def test_prompt_gain_compares_the_reply_with_and_without_its_prompt(tiny_olmoe):
     tokenizer = ensure_pad_token(load_tokenizer(str(tiny_olmoe)))
-    rows, encoded = oasst1_rows(tokenizer)
-    replies = encode_replies_alone(
-        [r["messages"] for r in rows],
-        tokenizer,
-        max_seq_length=96,
-        n_assistant_tokens=[e["n_assistant_tokens"] for e in encoded],
-    )
+    rows, encoded, replies = oasst1_rows_and_replies(tokenizer)
 
     kwargs = {"pad_token_id": tokenizer.pad_token_id, "dtype": "float32"}
     plain = GateScorer(str(tiny_olmoe), scoring=ScoringSection(lm_loss=True), **kwargs)(
@@ -331,6 +337,80 @@ def test_expert_effect_is_the_nll_the_row_loses_without_the_experts(tiny_olmoe, 
     gain = expected - plain["nll"]
     assert np.abs(gain).min() > 1e-3  # ten times the tolerance above (NLL ~10, rtol 1e-5)
     np.testing.assert_allclose(effect["score"], plain["score"] + 0.5 * gain, rtol=1e-5)
+
+
+def stage1_folder_by_hand(base: Path, out: Path, peft_mode: str) -> Path:
+    """A stage-1 output folder over ``base`` whose routers are far from the base's and whose gates mix
+    in the (zero) trash expert unevenly: a trained model whose NLL is not its base's. ``full_rank``
+    writes the tensors, ``lora`` an adapter on the routers with the gates as modules to save."""
+    from selectmoe.layout import ADAPTER_DIR, ROUTER_WEIGHTS, STAGE1_CONFIG
+    from selectmoe.pretrain.worker import setup_trainable
+
+    model = load_select_moe(str(base), dtype="float32")
+    generator = torch.Generator().manual_seed(1)
+    out.mkdir(parents=True)
+    if peft_mode == "full_rank":
+        tensors = {}
+        for i, layer in enumerate(model.model.layers):
+            tensors[f"model.layers.{i}.mlp.gate.weight"] = torch.randn(
+                layer.mlp.gate.weight.shape, generator=generator
+            )
+            gate = layer.mlp.quality_gate.weight
+            tensors[f"model.layers.{i}.mlp.quality_gate.weight"] = 5 * torch.randn(
+                gate.shape, generator=generator
+            )
+        save_file(tensors, str(out / ROUTER_WEIGHTS))
+    else:
+        adapted = setup_trainable(model, "lora", {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0})
+        with torch.no_grad():
+            for name, param in adapted.named_parameters():
+                if "lora_" in name or "quality_gate" in name:
+                    param.copy_(torch.randn(param.shape, generator=generator))
+        adapted.save_pretrained(str(out / ADAPTER_DIR))
+    weights = ROUTER_WEIGHTS if peft_mode == "full_rank" else ADAPTER_DIR
+    record = {"base_model": str(base), "peft_mode": peft_mode, "weights": weights}
+    (out / STAGE1_CONFIG).write_text(json.dumps({**record, "select_moe": {}, "seed": 0}))
+    return out
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("peft_mode", ["full_rank", "lora"])
+def test_nll_model_base_measures_the_nlls_with_the_model_stage1_started_from(tiny_olmoe, tmp_path, peft_mode):
+    from transformers import OlmoeForCausalLM
+
+    olmoe = OlmoeForCausalLM.from_pretrained(str(tiny_olmoe), dtype=torch.float32).eval()
+    for layer in olmoe.model.layers:  # experts that matter: a random tiny model's barely move the loss
+        for param in layer.mlp.experts.parameters():
+            param.mul_(100.0)
+    olmoe.save_pretrained(tmp_path / "base")
+    stage1 = stage1_folder_by_hand(tmp_path / "base", tmp_path / "stage1", peft_mode)
+    tokenizer = ensure_pad_token(load_tokenizer(str(tiny_olmoe)))
+    rows, encoded, replies = oasst1_rows_and_replies(tokenizer)
+    batch = scorer_batch(rows, encoded, replies)
+    kwargs = {"pad_token_id": tokenizer.pad_token_id, "dtype": "float32"}
+    scoring = {"prompt_gain_weight": 1.0, "perplexity_weight": 1.0, "gate_weight": 0.5}
+    trained = GateScorer(str(stage1), scoring=ScoringSection(**scoring), **kwargs)(batch)
+    based = GateScorer(str(stage1), scoring=ScoringSection(**scoring, nll_model="base"), **kwargs)(batch)
+
+    def plain_nll(encodings: list[dict]) -> np.ndarray:  # the base checkpoint through plain transformers
+        tensors = collate(encodings, tokenizer.pad_token_id, torch.device("cpu"))
+        logits = olmoe(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]).logits
+        token = torch.nn.functional.cross_entropy(
+            logits[:, :-1].transpose(1, 2), tensors["input_ids"][:, 1:], reduction="none"
+        )
+        target = score_mask(tensors["attention_mask"], tensors["labels"], "assistant")[:, 1:].float()
+        return ((token * target).sum(1) / target.sum(1)).numpy()
+
+    np.testing.assert_allclose(based["nll"], plain_nll(encoded), rtol=1e-5)
+    np.testing.assert_allclose(based["nll_without_prompt"], plain_nll(replies), rtol=1e-5)
+    assert np.abs(trained["nll"] - based["nll"]).max() > 1e-2  # stage 1's model is not its base
+    # the gates are the trained model's, read in a pass of their own (the base's routers swapped back out)
+    np.testing.assert_allclose(np.array(based["layer_scores"]), np.array(trained["layer_scores"]), rtol=1e-6)
+    gates = np.array(based["layer_scores"]).mean(1)
+    prompt_gain = based["nll_without_prompt"] - based["nll"]
+    np.testing.assert_allclose(based["score"], 0.5 * gates - based["nll"] + prompt_gain, rtol=1e-6)
+    with pytest.raises(ConfigError, match="scoring.nll_model=base needs an NLL"):
+        GateScorer(str(stage1), scoring=ScoringSection(nll_model="base"), **kwargs)
 
 
 # ---------------------------------------------------------------------------- stage 2 end to end

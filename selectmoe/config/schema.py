@@ -205,6 +205,11 @@ class ScoringSection:
     perplexity_weight: float = 0.0  # score = mean gate - this x mean NLL (same pass; > 0 implies lm_loss)
     prompt_gain: bool = False  # also store nll_without_prompt: the replies' NLL with the prompts removed
     prompt_gain_weight: float = 0.0  # score += this x (nll_without_prompt - NLL) (!= 0 implies prompt_gain)
+    # the model the NLLs (NLL, prompt gain, expert effect) are measured with: stage1, the quality-gated
+    # model stage 1 trained; base, the model stage 1 started from (the base's routers swapped back in,
+    # every quality gate open), whose NLL training the gates has not perturbed: one more pass over the
+    # full rows when the gates are scored too. The gates and D2 always come from the stage-1 model.
+    nll_model: str = one_of("stage1", ("stage1", "base"))
     expert_effect: bool = False  # also store nll_gates_shut: the NLL with every quality gate forced to 0
     expert_effect_weight: float = 0.0  # score += this x (nll_gates_shut - NLL) (!= 0 implies expert_effect)
     # also store gate_slope, gate_curvature and driving_force (D2) per layer: derivatives of the row's NLL

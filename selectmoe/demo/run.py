@@ -3,8 +3,8 @@
 Local Ray, the generated demo corpus (with planted low-quality rows of named kinds), tiny models built
 offline and briefly pretrained as LMs on separately generated clean text (cached), all four stages and
 a random baseline, then ``report.md``, which also measures how well the scores separate the planted
-rows from clean ones next to baselines computed in the same run (random, perplexity under the same
-model, response length). The last line printed is the path of ``report.md``.
+rows from clean ones next to baselines computed in the same run (random, perplexity under the model
+the NLL terms use, response length). The last line printed is the path of ``report.md``.
 
     selectmoe demo                          # outputs/demo/report.md, ~5 minutes on 2 CPU cores
     selectmoe demo demo.rows=4000 pretrain.training.quality_loss_type=mse
@@ -140,12 +140,14 @@ def separation_section(run: Path, data: Path, preset: str) -> str:
     defect = np.array([labels[r["id"]]["defect"] or "" for r in held_out], dtype=object)
     rng = np.random.default_rng(0)
     manifest = json.loads((run / STAGE_DIRS["select"] / MANIFEST).read_text())
+    nll_model = {"base": "base model", "stage1": "same model"}[
+        manifest["config"]["scoring"].get("nll_model", "stage1")
+    ]
+    shipped, perplexity_name = f"Select-MoE score (preset={preset})", f"perplexity (-NLL, {nll_model})"
     scorers = {  # the score stage 2 selected by (its scoring keys, term scales with robust_z), or its combiner
-        f"Select-MoE score (preset={preset})": _selection_score(
-            run / STAGE_DIRS["select"], manifest, held_out
-        ),
+        shipped: _selection_score(run / STAGE_DIRS["select"], manifest, held_out),
         "gates alone (mean gate)": row_score(np.array([r["layer_scores"] for r in held_out])),
-        "perplexity (-NLL, same model)": -np.array([r.get("nll", np.nan) for r in held_out]),
+        perplexity_name: -np.array([r.get("nll", np.nan) for r in held_out]),
         "response length (scored tokens)": np.array([r["n_scored_tokens"] for r in held_out], dtype=float),
         "random": rng.random(len(held_out)),
     }
@@ -157,7 +159,6 @@ def separation_section(run: Path, data: Path, preset: str) -> str:
     from selectmoe.demo.tiny import final_lm_loss
 
     selector_lm = final_lm_loss(stage1_config["selector_model"]["path"])
-    shipped, perplexity_name = f"Select-MoE score (preset={preset})", "perplexity (-NLL, same model)"
     compared = paired_auroc_difference(scorers[shipped], scorers[perplexity_name], defect == "", datasets)
     (run / SEPARATION).write_text(
         json.dumps({"k": k, "rows": len(held_out), "table": rows, "vs_perplexity": compared}, indent=2)

@@ -64,17 +64,27 @@ def load_select_moe(
     attn_implementation: str = "sdpa",
     seed: int = 0,
     trust_remote_code: bool = False,
+    keep_base_weights: bool = False,
     **config_overrides,
 ) -> SelectMoeForCausalLM:
     """Load an OLMoE or Select-MoE checkpoint, or a stage-1 output folder, as ``SelectMoeForCausalLM``.
 
     New gates get a seeded init. A stage-1 folder (it holds ``select_moe_config.json``) names its base
-    model; the base is loaded and the trained router weights or LoRA adapter applied on top.
+    model; the base is loaded and the trained router weights or LoRA adapter applied on top. With
+    ``keep_base_weights`` the model's ``base_weights`` holds the base's values of every tensor stage 1
+    changed but the quality gates (the routers: ~2M parameters at OLMoE-1B-7B's shape; none for a
+    checkpoint that is not a stage-1 folder), for ``modeling.base_model_view``.
     """
     stage1 = stage1_record(path)
     if stage1 is not None:
         return _load_stage1_output(
-            Path(path), stage1, dtype, attn_implementation, trust_remote_code, config_overrides
+            Path(path),
+            stage1,
+            dtype,
+            attn_implementation,
+            trust_remote_code,
+            keep_base_weights,
+            config_overrides,
         )
     config = select_moe_config(path, trust_remote_code=trust_remote_code, **config_overrides)
     # transformers warns that the gates are "newly initialized ... consider training": expected here
@@ -116,6 +126,8 @@ def load_select_moe(
             config.quality_gate_init_std,
             seed,
         )
+    if keep_base_weights:
+        model.base_weights = {}
     return model
 
 
@@ -184,7 +196,9 @@ class _DropLoadReport(logging.Filter):
         return "LOAD REPORT" not in record.getMessage()
 
 
-def _load_stage1_output(folder: Path, info: dict, dtype, attn_implementation, trust_remote_code, overrides):
+def _load_stage1_output(
+    folder: Path, info: dict, dtype, attn_implementation, trust_remote_code, keep_base_weights, overrides
+):
     model = load_select_moe(
         info["base_model"],
         dtype=dtype,
@@ -197,12 +211,25 @@ def _load_stage1_output(folder: Path, info: dict, dtype, attn_implementation, tr
     if weights.is_dir():  # a PEFT adapter: merge it so scoring runs the plain model
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(model, str(weights)).merge_and_unload()
+        adapted = PeftModel.from_pretrained(model, str(weights))
+        if keep_base_weights:  # what merging changes: the base layers the adapter wraps
+            model.base_weights = {
+                name.removeprefix("base_model.model.").replace(".base_layer.", "."): param.detach().clone()
+                for name, param in adapted.named_parameters()
+                if ".base_layer." in name
+            }
+        return adapted.merge_and_unload()
     params = dict(model.named_parameters())
     tensors = load_file(str(weights))
     unknown = sorted(set(tensors) - set(params))
     if unknown:
         raise ValueError(f"{weights}: tensors not in the model: {unknown[:5]}")
+    if keep_base_weights:
+        model.base_weights = {
+            name: params[name].detach().clone()
+            for name in tensors
+            if not name.endswith("quality_gate.weight")
+        }
     with torch.no_grad():
         for name, value in tensors.items():
             params[name].copy_(value.to(params[name].dtype))

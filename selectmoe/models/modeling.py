@@ -164,6 +164,28 @@ def gates_forced(model: nn.Module, value: float):
             block.forced_gate = None
 
 
+@contextmanager
+def base_model_view(model: nn.Module):
+    """Within the block the model computes what the model stage 1 started from does: the base's values
+    of the tensors stage 1 changed (``model.base_weights``, kept by ``load_select_moe(...,
+    keep_base_weights=True)``) are swapped in, without a copy, and every quality gate is open."""
+    base = getattr(model, "base_weights", None)
+    if base is None:
+        raise ValueError(
+            "base_model_view needs a model loaded with load_select_moe(..., keep_base_weights=True)"
+        )
+    params = dict(model.named_parameters())
+    trained = {name: params[name].data for name in base}
+    try:
+        for name, value in base.items():
+            params[name].data = value
+        with gates_forced(model, 1.0):
+            yield model
+    finally:
+        for name, value in trained.items():
+            params[name].data = value
+
+
 class SelectMoeDecoderLayer(OlmoeDecoderLayer):
     def __init__(self, config: SelectMoeConfig, layer_idx: int):
         super().__init__(config, layer_idx)

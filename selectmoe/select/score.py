@@ -12,7 +12,11 @@ Scored tokens are the assistant tokens (labels not ``IGNORE_INDEX``) by default,
 other aggregation (last layers only, weighted layers) can be recomputed without rescoring. (The
 seed had two formulas; a later script averaged sigmoid(token-mean q) instead. This is the first.)
 ``NLL`` is the row's mean next-token NLL over the same tokens, from the same forward pass
-(``row_nll``): ``scoring.perplexity_weight`` ranks rows the model finds implausible lower.
+(``row_nll``): ``scoring.perplexity_weight`` ranks rows the model finds implausible lower. With
+``scoring.nll_model=base`` every NLL (and so the prompt gain and the expert effect) is measured with the
+model stage 1 started from instead (``base_model_view``: its routers back, every gate open), in a pass of
+its own: training the gates scales the experts' output and raised the NLL of a better-trained selector by
+0.07-0.24 nats per token, unevenly across rows (benchmarks/README.md, "the NLL of the base model").
 ``NLL_without_prompt`` is the mean NLL of the same reply tokens with the prompts removed (a second,
 reply-only pass): the prompt gain is how much the prompt helps predict the reply (per-token pointwise
 mutual information; the inverse view of IFD), low for replies that do not answer their prompt.
@@ -47,7 +51,7 @@ import torch
 from selectmoe.config.loader import ConfigError
 from selectmoe.data.collate import collate
 from selectmoe.data.template import IGNORE_INDEX
-from selectmoe.models.modeling import gates_forced, gates_shifted
+from selectmoe.models.modeling import base_model_view, gates_forced, gates_shifted
 
 SCORE_TOKENS = ("assistant", "all")
 # D2's constants as the original project's design note gives them
@@ -75,6 +79,7 @@ class ScorePasses:
     reply_only: bool = False
     gates_shut: bool = False
     gate_derivatives: bool = False
+    nll_model: str = "stage1"  # "base": every NLL under base_model_view (scoring.nll_model)
 
     @classmethod
     def for_scoring(cls, scoring) -> ScorePasses:
@@ -88,14 +93,21 @@ class ScorePasses:
             raise ConfigError(
                 f"scoring.prompt_gain_cap={scoring.prompt_gain_cap} needs scoring.prompt_gain_weight != 0"
             )
+        nll = scoring.lm_loss or scoring.perplexity_weight != 0 or reply_only or gates_shut
+        if scoring.nll_model != "stage1" and not nll:
+            raise ConfigError(
+                f"scoring.nll_model={scoring.nll_model} needs an NLL to measure (scoring.lm_loss, "
+                "perplexity_weight, prompt_gain or expert_effect)"
+            )
         return cls(
             tokens=scoring.tokens,
             routing=scoring.store_routing,
             embedding=scoring.store_embeddings,
-            nll=scoring.lm_loss or scoring.perplexity_weight != 0 or reply_only or gates_shut,
+            nll=nll,
             reply_only=reply_only,
             gates_shut=gates_shut,
             gate_derivatives=gate_derivatives,
+            nll_model=scoring.nll_model,
         )
 
     @property
@@ -116,7 +128,8 @@ class ScorePasses:
         they were padded to the longest reply."""
         if not self.reply_only:
             return self, None
-        return replace(self, reply_only=False), ScorePasses(tokens=self.tokens, gates=False, reply_only=True)
+        reply_only = ScorePasses(tokens=self.tokens, gates=False, reply_only=True, nll_model=self.nll_model)
+        return replace(self, reply_only=False), reply_only
 
 
 def scores_depend_on(scoring) -> dict:
@@ -151,21 +164,26 @@ def score_batch(model, rows: list[dict], what: ScorePasses, pad_token_id: int) -
             inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
             mask = score_mask(batch["attention_mask"], batch["labels"], what.tokens)
             columns["n_scored_tokens"] = mask.sum(dim=1).cpu().numpy().astype(np.int64)
-            out = model.model(**inputs, output_router_logits=what.gates or what.routing)
-            if what.gates:
-                records = out.router_logits
-                quality = [r["quality_score"] for r in records]
-                columns["layer_scores"] = layer_gate_means(quality, mask).cpu().numpy().astype(np.float64)
-            if what.routing:
-                dists = layer_routing_means([r["moe_logits"] for r in out.router_logits], mask)
-                columns["routing"] = dists.reshape(len(rows), -1).cpu().numpy().astype(np.float32)
-            if what.embedding:
-                pooled = pooled_hidden(out.last_hidden_state, batch["attention_mask"])
-                columns["embedding"] = pooled.cpu().numpy().astype(np.float16)
-            if what.nll:
-                columns["nll"] = _nll(model, out.last_hidden_state, batch["input_ids"], mask)
+            nll_apart = what.nll and what.nll_model == "base"
+            if what.gates or what.routing or what.embedding or (what.nll and not nll_apart):
+                out = model.model(**inputs, output_router_logits=what.gates or what.routing)
+                if what.gates:
+                    quality = [r["quality_score"] for r in out.router_logits]
+                    columns["layer_scores"] = layer_gate_means(quality, mask).cpu().numpy().astype(np.float64)
+                if what.routing:
+                    dists = layer_routing_means([r["moe_logits"] for r in out.router_logits], mask)
+                    columns["routing"] = dists.reshape(len(rows), -1).cpu().numpy().astype(np.float32)
+                if what.embedding:
+                    pooled = pooled_hidden(out.last_hidden_state, batch["attention_mask"])
+                    columns["embedding"] = pooled.cpu().numpy().astype(np.float16)
+                if what.nll and not nll_apart:
+                    columns["nll"] = _nll(model, out.last_hidden_state, batch["input_ids"], mask)
+            if nll_apart:
+                with base_model_view(model):
+                    hidden = model.model(**inputs).last_hidden_state
+                columns["nll"] = _nll(model, hidden, batch["input_ids"], mask)
             if what.gates_shut:
-                with gates_forced(model, 0.0):
+                with _nll_model(model, what), gates_forced(model, 0.0):
                     hidden = model.model(**inputs).last_hidden_state
                 columns["nll_gates_shut"] = _nll(model, hidden, batch["input_ids"], mask)
             if what.gate_derivatives:
@@ -175,9 +193,10 @@ def score_batch(model, rows: list[dict], what: ScorePasses, pad_token_id: int) -
         if what.reply_only:
             replies = [{"input_ids": r["reply_input_ids"], "labels": r["reply_labels"]} for r in rows]
             reply = collate(replies, pad_token_id, device)
-            hidden = model.model(
-                input_ids=reply["input_ids"], attention_mask=reply["attention_mask"]
-            ).last_hidden_state
+            with _nll_model(model, what):
+                hidden = model.model(
+                    input_ids=reply["input_ids"], attention_mask=reply["attention_mask"]
+                ).last_hidden_state
             reply_mask = score_mask(reply["attention_mask"], reply["labels"], "assistant")
             columns["nll_without_prompt"] = _nll(model, hidden, reply["input_ids"], reply_mask)
     return columns
@@ -225,6 +244,11 @@ def driving_force(slope: np.ndarray, curvature: np.ndarray) -> np.ndarray:
     return push / (
         2 * (DRIVING_FORCE_TAU + np.maximum(bent, 0.0) + DRIVING_FORCE_KAPPA * np.maximum(-bent, 0.0))
     )
+
+
+def _nll_model(model, what: ScorePasses):
+    """The model an NLL is measured with (``what.nll_model``): the stage-1 model as loaded, or its base."""
+    return base_model_view(model) if what.nll_model == "base" else contextlib.nullcontext()
 
 
 def _nll(model, hidden: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> np.ndarray:

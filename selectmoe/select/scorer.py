@@ -44,12 +44,17 @@ class GateScorer:
     ):
         set_cpu_threads(cpu_threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.passes = ScorePasses.for_scoring(scoring)
         self.model = load_select_moe(
-            model_path, dtype=resolve_dtype(dtype, self.device), attn_implementation=attn_implementation
+            model_path,
+            dtype=resolve_dtype(dtype, self.device),
+            attn_implementation=attn_implementation,
+            keep_base_weights=self.passes.nll_model == "base",
         ).to(self.device)
+        if self.passes.nll_model == "base":
+            self.model.base_weights = {k: v.to(self.device) for k, v in self.model.base_weights.items()}
         self.model.eval().requires_grad_(False)  # D2's derivatives are taken with respect to the gates only
         self.scoring = scoring
-        self.passes = ScorePasses.for_scoring(scoring)
         self.pad_token_id = pad_token_id
         self.max_rows = max_rows or DEFAULT_ROWS_PER_BATCH[self.device.type]
         self.max_tokens = scoring.tokens_per_batch or DEFAULT_TOKENS_PER_BATCH[self.device.type]
