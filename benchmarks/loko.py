@@ -80,8 +80,8 @@ D2_WEIGHT = 4
 # beside the grid: -NLL + prompt gain in nats (scoring.combine=raw), both terms in the same unit, so the
 # prompt gain weighs as much as the information it carries on this model (little on a weak base); and
 # the same with the prompt gain capped at its median (a penalty for replies the prompt does not explain,
-# no reward for the high per-token gain of short and cut-off replies)
-RAW_RECIPES = ((0.0, 1.0, 1.0, 0.0, 0.0, "raw", "none"), (0.0, 1.0, 1.0, 0.0, 0.0, "raw", "median"))
+# no reward for the high per-token gain of short and cut-off replies), and at its lower quartile
+RAW_RECIPES = tuple((0.0, 1.0, 1.0, 0.0, 0.0, "raw", cap) for cap in ("none", "median", "lower_quartile"))
 PERPLEXITY = "perplexity (-NLL, base model)"
 NLL_BASE_FILES = ("stage2_base", "terms_base.json")  # --nll-model base: stage 2's folder, the cached terms
 

@@ -237,6 +237,12 @@ def test_prompt_gain_cap_takes_no_reward_above_the_median_and_keeps_the_penalty_
         score_of(columns, z_capped, scales), -z["nll"] + np.minimum(z["prompt_gain"], 0.0)
     )
     assert score_formula(z_capped) == "-1 x z(NLL) + 1 x z(min(prompt gain, its median))"
+    # lower_quartile: the same at the 25th percentile; rows between it and the median keep their gain
+    assert scales["prompt_gain"]["lower_quartile"] == pytest.approx(0.3)
+    quartile = ScoringSection(**{**vars(capped), "prompt_gain_cap": "lower_quartile"})
+    np.testing.assert_allclose(score_of(columns, quartile, scales), -nll + np.minimum(gain, 0.3))
+    assert score_of(columns, quartile, scales)[3] < score_of(columns, capped, scales)[3]  # gain 0.4
+    assert score_formula(quartile) == "-1 x NLL + 1 x min(prompt gain, its lower quartile)"
     # without the corpus's scales (the raw score stored while scoring) there is no cap to apply
     np.testing.assert_allclose(score_of(columns, capped), -nll + gain)
 

@@ -226,9 +226,12 @@ class ScoringSection:
     # median: the prompt gain counts only up to its median over the scored corpus (measured on the same
     # seeded sample as robust_z's scales): min(prompt gain, median). A reply its prompt explains less
     # than the typical row's loses score; one it explains more gains none, since the per-token gain is
-    # highest on a reply's first tokens and so rewards short and cut-off replies. Applied when selecting.
+    # highest on a reply's first tokens and so rewards short and cut-off replies. lower_quartile: the
+    # same up to its 25th percentile (only the quarter of rows their prompt explains least lose score).
+    # Applied when selecting.
     prompt_gain_cap: str = field(
-        default="none", metadata={"after_scoring": True, "allowed": OneOf(("none", "median"))}
+        default="none",
+        metadata={"after_scoring": True, "allowed": OneOf(("none", "median", "lower_quartile"))},
     )
     # how the pass runs, not what it computes: not part of the resume key (``scores_depend_on``)
     # 0 = one per GPU, or from free CPUs and memory (select.driver.cpu_pool_size)

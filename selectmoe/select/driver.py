@@ -114,7 +114,7 @@ logger = logging.getLogger(__name__)
 GATE_SIGNED_METHODS = ("top_k", "filtered_random")  # rank by the score: a trusted set signs the gates
 BALANCED_METHODS = ("top_k", "calibrated", "random", "filtered_random")  # selection.balance=dataset
 STREAM_ROWS = 65536  # rows per batch when streaming score files
-# rows the term scales are measured on (scoring.combine=robust_z, scoring.prompt_gain_cap=median)
+# rows the term scales are measured on (scoring.combine=robust_z, scoring.prompt_gain_cap)
 TERM_SAMPLE_ROWS = 65536
 ACTOR_PROCESS_BYTES = 2**30  # a CPU scoring actor's own memory beside the model (scoring_actor_bytes)
 

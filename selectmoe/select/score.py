@@ -37,7 +37,8 @@ the model and the corpus (a weak base's NLL spread was 0.79 where a good one's w
 weight meant a different balance on each. With ``scoring.prompt_gain_cap=median`` the prompt gain term
 is ``min(prompt gain, its median)`` (the median from the same sample; with robust_z, ``min(z, 0)``):
 a high per-token gain marks short and cut-off replies as much as good ones, a low one marks replies
-their prompt does not explain. Both are applied when selecting; the stored ``score`` is the raw one.
+their prompt does not explain; ``lower_quartile`` caps it at its 25th percentile instead. Both are
+applied when selecting; the stored ``score`` is the raw one.
 """
 
 from __future__ import annotations
@@ -368,17 +369,18 @@ def score_terms(
 
 
 def term_scales(terms: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
-    """Per term, the median and the robust spread IQR / 1.349 (the standard deviation for normal data)
-    of ``terms`` (a sample of the scored rows); a term without spread keeps the scale 1."""
+    """Per term, the median, the lower quartile and the robust spread IQR / 1.349 (the standard deviation
+    for normal data) of ``terms`` (a sample of the scored rows); a term without spread keeps the scale 1."""
     scales = {}
     for name, values in terms.items():
         values = values[np.isfinite(values)]
         if values.size == 0:
-            scales[name] = {"median": 0.0, "scale": 1.0}
+            scales[name] = {"median": 0.0, "scale": 1.0, "lower_quartile": 0.0}
             continue
         q25, median, q75 = np.percentile(values, [25, 50, 75])
         spread = (q75 - q25) / 1.349
-        scales[name] = {"median": float(median), "scale": float(spread) if spread > 0 else 1.0}
+        scale = float(spread) if spread > 0 else 1.0
+        scales[name] = {"median": float(median), "scale": scale, "lower_quartile": float(q25)}
     return scales
 
 
@@ -401,8 +403,8 @@ def score_of(
 ) -> np.ndarray:
     """``row_score`` of ``score_batch``'s (or stored score files') columns under a ``scoring`` config
     (``scales``: the corpus's term scales, ``term_scales``; used for ``scoring.combine=robust_z`` and
-    ``scoring.prompt_gain_cap=median``, and without them neither applies: the stored raw score)."""
-    capped = scales is not None and scoring.prompt_gain_cap == "median" and "prompt_gain" in scales
+    ``scoring.prompt_gain_cap``, and without them neither applies: the stored raw score)."""
+    capped = scales is not None and scoring.prompt_gain_cap != "none" and "prompt_gain" in scales
     return row_score(
         columns["layer_scores"],
         columns.get("nll"),
@@ -415,7 +417,7 @@ def score_of(
         scoring.gate_weight,
         columns.get("driving_force"),
         scoring.driving_force_weight,
-        scales["prompt_gain"]["median"] if capped else None,
+        scales["prompt_gain"][scoring.prompt_gain_cap] if capped else None,
     )
 
 
@@ -429,7 +431,9 @@ def score_formula(scoring) -> str:
             (-scoring.perplexity_weight, "NLL"),
             (
                 scoring.prompt_gain_weight,
-                "min(prompt gain, its median)" if scoring.prompt_gain_cap == "median" else "prompt gain",
+                "prompt gain"
+                if scoring.prompt_gain_cap == "none"
+                else f"min(prompt gain, its {scoring.prompt_gain_cap.replace('_', ' ')})",
             ),
             (scoring.expert_effect_weight, "expert effect"),
             (scoring.driving_force_weight, "driving force D2"),
