@@ -142,10 +142,11 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument(
         "--nll-model",
-        default="stage1",
+        default=load_preset(PipelineConfig().preset)["keys"]["select"]["scoring"].get("nll_model", "stage1"),
         choices=["stage1", "base"],
-        help="stage 2's scoring.nll_model: base measures every NLL term with the model stage 1 started "
-        "from (cached apart: terms_base.json, stage2_base/; the runs' names end in _nllbase)",
+        help="stage 2's scoring.nll_model (default: the default preset's): base measures every NLL term "
+        "with the model stage 1 started from (cached apart: terms_base.json, stage2_base/; the runs' "
+        "names end in _nllbase), stage1 with the stage-1 model (the runs before it existed)",
     )
     p.add_argument("--defect-rate", type=float, default=0.3)
     p.add_argument("--max-length", type=int, default=256)

@@ -186,12 +186,14 @@ def test_selection_preset_sets_the_recipe_under_explicit_keys():
     assert default.select.selection.method == "filtered_random"
     assert default.select.selection.keep_fraction == 0.5
     assert default.select.scoring.combine == "raw" and default.select.scoring.gate_weight == 0.0
-    assert default.select.scoring.prompt_gain_cap == "median"
+    assert default.select.scoring.prompt_gain_cap == "lower_quartile"
+    assert default.select.scoring.nll_model == "base"
     assert default.select.scoring.perplexity_weight == 1.0
     assert default.select.scoring.prompt_gain_weight == 1.0
     former = parse_config("pipeline", overrides=["preset=gates_prompt_gain"])
     assert former.select.selection.method == "top_k" and former.select.scoring.combine == "raw"
     assert former.select.scoring.prompt_gain_cap == "none"
+    assert former.select.scoring.nll_model == "stage1"
     assert former.select.scoring.gate_weight == 1.0
     assert former.select.scoring.perplexity_weight == 0.03
     assert former.select.scoring.prompt_gain_weight == 0.1

@@ -65,8 +65,8 @@ def test_demo_writes_a_report_with_plots_baseline_and_separation(demo_run, capsy
     assert "random" in report and "baseline_random" in report  # the baseline is tabled beside the selection
     assert "| task | metric | selected | random | Δ random |" in report  # runs labelled by name, not path
     assert "| dataset | corpus rows | corpus share | selected rows | selected share |" in report
-    # the default preset's score, in words (nats: combine=raw; prompt_gain_cap=median)
-    formula = "-1 x NLL + 1 x min(prompt gain, its median)"
+    # the default preset's score, in words (nats: combine=raw; prompt_gain_cap=lower_quartile; nll_model=base)
+    formula = "-1 x NLL + 1 x min(prompt gain, its lower quartile) (NLLs of the base model)"
     assert f"Score of a row: `{formula}`" in report
     assert (
         "How the rows were chosen: per dataset at its quota (selection.balance), a seeded random draw"
@@ -92,7 +92,7 @@ def test_demo_writes_a_report_with_plots_baseline_and_separation(demo_run, capsy
     assert "The selector was LM-pretrained 4 steps first (training loss over the last tenth" in report
     separation = json.loads((out / "separation.json").read_text())
     scorers = [row["scorer"] for row in separation["table"]]
-    assert any("perplexity" in s for s in scorers) and any("length" in s for s in scorers)
+    assert "perplexity (-NLL, base model)" in scorers and any("length" in s for s in scorers)
     assert scorers[:2] == ["Select-MoE score (preset=filtered_random)", "gates alone (mean gate)"]
     assert all(0 <= row["auroc_all"] <= 1 for row in separation["table"])
     # judged inside each source dataset too: the worst dataset is at most the mean over them

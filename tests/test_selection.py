@@ -252,11 +252,12 @@ def test_prompt_gain_cap_without_a_prompt_gain_term_is_refused():
         ScorePasses.for_scoring(ScoringSection(prompt_gain_cap="median"))
 
 
-def test_term_scales_are_the_median_and_the_iqr_over_1_349():
+def test_term_scales_are_the_median_the_lower_quartile_and_the_iqr_over_1_349():
     terms = {"gate": np.arange(1.0, 102.0), "nll": np.full(10, 2.0)}
     scales = term_scales(terms)
-    assert scales["gate"] == {"median": 51.0, "scale": pytest.approx(50.0 / 1.349)}
-    assert scales["nll"] == {"median": 2.0, "scale": 1.0}  # no spread: the term is only centred
+    assert scales["gate"] == {"median": 51.0, "scale": pytest.approx(50.0 / 1.349), "lower_quartile": 26.0}
+    # no spread: the term is only centred
+    assert scales["nll"] == {"median": 2.0, "scale": 1.0, "lower_quartile": 2.0}
 
 
 def round_robin_brute_force(embeddings: np.ndarray, ids: list[str], targets: dict, k: int) -> list[tuple]:

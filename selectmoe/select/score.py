@@ -444,7 +444,9 @@ def score_formula(scoring) -> str:
         body = name if abs(weight) == 1 and name == gates else f"{abs(weight):g} x {name}"
         sign = "-" if weight < 0 else "+"
         terms.append(f"{sign} {body}" if terms else ("-" if weight < 0 else "") + body)
-    return " ".join(terms) or "0"
+    formula = " ".join(terms) or "0"
+    nll_terms = scoring.perplexity_weight or scoring.prompt_gain_weight or scoring.expert_effect_weight
+    return f"{formula} (NLLs of the base model)" if nll_terms and scoring.nll_model == "base" else formula
 
 
 def row_score_tensor(quality_scores: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
