@@ -16,7 +16,9 @@ are the examples a target-aware method sees (LESS / RDS+ use ~8 per task), the r
 
 The product runs stage 1 (``pretrain``) and stage 2 (``select`` with ``selection.method=similarity``,
 storing NLL, prompt gain, gates and embeddings in one scoring pass) on the pool, with a tiny OLMoE
-selector LM-pretrained on other real rows. Every other method is taken from the same score files.
+selector LM-pretrained on other real rows, its NLLs measured with the model the default preset measures
+them with (``scoring.nll_model``: the base model; results before it used the stage-1 model's). Every
+other method is taken from the same score files.
 Each selection (5% of the pool; ``full`` is every row) finetunes the same tiny Llama target (LM-pretrained
 on real rows, all weights trained, ``--steps`` steps of ``--batch`` rows), which is then judged twice:
 - **target-task NLL**: its mean NLL of the right answer on the held-out items of the target families
@@ -35,7 +37,8 @@ a random draw among the better half of each dataset by z(-NLL) + z(prompt gain),
 -2 z(NLL) + 0.25 z(prompt gain); the summary's ``default`` names the one the default preset is),
 ``filtered_random_raw_nll_prompt_gain`` (the same draw by -NLL + prompt gain in nats,
 ``scoring.combine=raw``), ``filtered_random_raw_nll_capped_prompt_gain`` (the same with the prompt gain
-capped at its median, ``scoring.prompt_gain_cap=median``),
+capped at its median, ``scoring.prompt_gain_cap=median``), ``filtered_random_raw_nll_quartile_prompt_gain``
+(capped at its lower quartile),
 ``similarity``
 (the product's RDS+ selection), ``calibrated`` (the product's calibrated mode, the target examples as
 its trusted rows), ``clean_random`` (a random draw among the clean rows: a junk filter's ceiling).
@@ -89,8 +92,8 @@ HELD_OUT_TEMPLATE = ("Translate '{word}' into {lang}.", "{code}")
 GATES_PROMPT_GAIN = load_preset("gates_prompt_gain")["keys"]["select"]  # the former default's weights
 DEFAULT = load_preset(PipelineConfig().preset)["keys"]["select"]  # the default preset's score and keep share
 # filtered_random's draw among each dataset's better half by -NLL x w1 + prompt gain x w2, each term a
-# robust z-score or in nats (scoring.combine), the prompt gain capped at its median or not
-# (scoring.prompt_gain_cap): (w1, w2, combine, cap)
+# robust z-score or in nats (scoring.combine), the prompt gain capped at its median, its lower quartile
+# or not (scoring.prompt_gain_cap): (w1, w2, combine, cap)
 FILTERED_RANDOM_RECIPES = {
     "filtered_random_nll_prompt_gain": (1.0, 1.0, "robust_z", "none"),
     "filtered_random_nll": (1.0, 0.0, "robust_z", "none"),
@@ -98,6 +101,7 @@ FILTERED_RANDOM_RECIPES = {
     "filtered_random_nll_8x_prompt_gain": (2.0, 0.25, "robust_z", "none"),
     "filtered_random_raw_nll_prompt_gain": (1.0, 1.0, "raw", "none"),
     "filtered_random_raw_nll_capped_prompt_gain": (1.0, 1.0, "raw", "median"),
+    "filtered_random_raw_nll_quartile_prompt_gain": (1.0, 1.0, "raw", "lower_quartile"),
 }
 METHODS = (
     "full", "oracle", "perplexity", "gates", "gates_prompt_gain", "gates_prompt_gain_balanced",
@@ -299,6 +303,8 @@ def run_stages(args, seed: int, selector: Path, out: Path) -> tuple[Path, dict[s
         "selection.method=similarity",
         f"selection.targets=[{out / 'targets'}]",
         "scoring.store_embeddings=true",
+        # every NLL-based row measured as the default preset measures its NLLs (its base model's)
+        f"scoring.nll_model={DEFAULT['scoring'].get('nll_model', 'stage1')}",
     )
     stage2_cfg, stage2 = run_stages_of_the_product(args, out, selector, out, seed, [], select_overrides)
     chosen = {"similarity": _selected_ids(stage2)}

@@ -24,7 +24,8 @@ the peak RSS of each process, the model load and step seconds (the product's own
 bytes the stage writes. Then ``throughput``: in one process, on the same rows and the same bf16 model,
 after a warm-up pass over every batch shape, each in turn: a seed-style loop (corpus order, batches of 32 padded to the longest row, full forward
 with the LM head) and the product's ``GateScorer`` with the original preset's scoring (gates, one
-pass) and the default preset's (NLL + prompt gain, two passes); real tokens/s, their ratios, and the
+pass) and the default preset's (the gates, then NLL + prompt gain under the base model: three passes);
+real tokens/s, their ratios, and the
 useful FLOPs (real tokens, the passes a score needs) per second as a share of the bf16 matmul peak
 measured in the same run. ``--device cuda`` runs the same on one GPU (stages with
 ``scaling.use_gpu=true``; the throughput loops on the GPU).
@@ -57,6 +58,7 @@ from common import (
 )
 from safetensors.torch import save_file
 
+from selectmoe.config import PipelineConfig, load_preset
 from selectmoe.demo.tiny import build_tokenizer
 
 MODELS = ("olmoe-1b-7b", "llama-2-7b")
@@ -244,9 +246,9 @@ def published_names(items):
 
 STAGES = ("pretrain_full_rank", "pretrain_lora", "select", "finetune", "evaluate")
 SEED_BATCH = 32
-# preset=gates_prompt_gain's scoring terms: the same two passes (full rows, replies alone) as the
-# default preset's (filtered_random), which weighs the same stored terms differently
-DEFAULT_SCORING = {"perplexity_weight": 0.03, "prompt_gain_weight": 0.1}
+# the default preset's scoring keys: the trained gates' pass, and the base model's over the full rows and
+# over the replies alone (scoring.nll_model=base; results before it have two passes, the stage-1 model's)
+DEFAULT_SCORING = load_preset(PipelineConfig().preset)["keys"]["select"]["scoring"]
 # what the seed project states each stage needs (GPU memory), beside the measured peaks
 SEED_STATED_GB = {"pretrain_full_rank": 16, "pretrain_lora": 8, "finetune": 24}
 ROLES = (  # Ray's process titles -> the role in the table
@@ -537,9 +539,9 @@ def throughput(args, olmoe: Path, rows: list[dict]) -> dict:
         "reply_labels": _column([r["labels"] for r in replies]),
     }
     started = time.perf_counter()
-    scorer = GateScorer(
+    scorer = GateScorer(  # the default's scoring, so that it keeps what its base-model passes need
         str(olmoe),
-        scoring=ScoringSection(tokens_per_batch=args.tokens_per_batch),
+        scoring=ScoringSection(**DEFAULT_SCORING, tokens_per_batch=args.tokens_per_batch),
         pad_token_id=tokenizer.pad_token_id,
         dtype="bfloat16",
         cpu_threads=os.cpu_count() if device.type == "cpu" else None,
@@ -586,7 +588,7 @@ def throughput(args, olmoe: Path, rows: list[dict]) -> dict:
     head = 2 * config.hidden_size * config.vocab_size
     gates_flops = sum(decoder_flops_per_row(config, n, lm_head=False) for n in lengths)
     default_flops = (
-        gates_flops
+        gates_flops * (2 if default.nll_model == "base" else 1)  # the gates' pass, and the base's
         + head * sum(scored)
         + sum(decoder_flops_per_row(config, n, lm_head=False) for n in reply_lengths)
         + head * sum(reply_scored)
