@@ -32,6 +32,10 @@ on z(mean gate), z(-NLL), z(prompt gain), z(expert effect). The analysis:
     .venv/bin/python benchmarks/loko.py --merge benchmarks/results/loko_sizes_plateau.json \\
         benchmarks/results/loko_sizes_plateau_seeds234.json      # the seeds of two sessions, together
     .venv/bin/python benchmarks/loko.py --tiny --json /tmp/loko.json                            # CI size
+    .venv/bin/python benchmarks/loko.py --nll-model stage1 --cached-only ...  # runs from before nll_model=base
+
+Stage 2 measures the NLLs as ``--nll-model`` says, by default as the default preset does (the base model;
+runs named ``_nllbase``); a stage-1 model already trained for a run is reused.
 """
 
 from __future__ import annotations

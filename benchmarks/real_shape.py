@@ -548,12 +548,13 @@ def throughput(args, olmoe: Path, rows: list[dict]) -> dict:
     )
     load_s = time.perf_counter() - started
     model = scorer.model
-    original = ScorePasses.for_scoring(ScoringSection())
-    default = ScorePasses.for_scoring(ScoringSection(**DEFAULT_SCORING))
+    original = ScoringSection()
+    default = ScoringSection(**DEFAULT_SCORING)
 
-    def product(passes, max_rows: int):
+    def product(scoring, max_rows: int):
         def score():
-            scorer.passes, scorer.max_rows = passes, max_rows
+            scorer.scoring, scorer.passes = scoring, ScorePasses.for_scoring(scoring)
+            scorer.max_rows = max_rows
             scorer(batch)
 
         return score
