@@ -22,7 +22,8 @@ other method is taken from the same score files.
 Each selection (5% of the pool; ``full`` is every row) finetunes the same tiny Llama target (LM-pretrained
 on real rows, all weights trained, ``--steps`` steps of ``--batch`` rows), which is then judged twice:
 - **target-task NLL**: its mean NLL of the right answer on the held-out items of the target families
-  (and of the others). This rewards target rows, which no score without targets can find;
+  (and of the others; **all-family NLL**: of all six). This rewards target rows, which no score without
+  targets can find;
 - **clean-reply NLL**: its mean NLL of the replies of ``--clean-rows`` real rows that are in neither the
   pool nor any model's LM rows, none spoiled. This is what a junk filter should improve: how well the
   finetuned model writes the corpus's kind of reply. ``clean_random`` (a seeded draw among the pool's
@@ -38,10 +39,16 @@ a random draw among the better half of each dataset by z(-NLL) + z(prompt gain),
 ``filtered_random_raw_nll_prompt_gain`` (the same draw by -NLL + prompt gain in nats,
 ``scoring.combine=raw``), ``filtered_random_raw_nll_capped_prompt_gain`` (the same with the prompt gain
 capped at its median, ``scoring.prompt_gain_cap=median``), ``filtered_random_raw_nll_quartile_prompt_gain``
-(capped at its lower quartile),
+(capped at its lower quartile), ``balanced_random`` (the same draw keeping every row: the pool's mix
+by quotas, no filter; a filter's margin over it is what the filter itself buys),
 ``similarity``
 (the product's RDS+ selection), ``calibrated`` (the product's calibrated mode, the target examples as
 its trusted rows), ``clean_random`` (a random draw among the clean rows: a junk filter's ceiling).
+
+The drawn methods (``random``: ``--random-draws``; ``clean_random``, ``balanced_random`` and the filters:
+``--draws``, each draw with its own seed, the first the one used before ``--draws`` existed) are judged by
+their draws' mean. A margin is the random draws' mean NLL minus the method's (positive: better than random),
+averaged over the seeds, with a standard error from both methods' draws' spread in each seed.
 
 The proxy is valid when ``oracle`` and ``full`` beat ``random`` by more than 2 standard deviations of
 the random draws, in every seed; until then the methods' numbers say nothing. The clean-reply measure
@@ -58,6 +65,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import statistics
 import sys
@@ -105,10 +113,11 @@ FILTERED_RANDOM_RECIPES = {
 }
 METHODS = (
     "full", "oracle", "perplexity", "gates", "gates_prompt_gain", "gates_prompt_gain_balanced",
-    *FILTERED_RANDOM_RECIPES, "similarity", "calibrated", "clean_random",
+    *FILTERED_RANDOM_RECIPES, "balanced_random", "similarity", "calibrated", "clean_random",
 )  # fmt: skip  # besides the random draws
-ALWAYS_RUN = ("full", "oracle", "clean_random")  # with the random draws: the validity checks need them
+ALWAYS_RUN = ("random", "full", "oracle", "clean_random")  # the validity checks need them
 CLEAN = "clean replies"  # the held-out group of clean real rows, beside the families
+MEASURES = ("target_nll", "other_nll", "family_nll", "clean_nll")  # each finetune's mean NLLs
 
 
 def default_method() -> str:
@@ -165,6 +174,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--random-draws", type=int, default=3)
+    p.add_argument(
+        "--draws",
+        type=int,
+        default=1,
+        help="seeded draws of each other drawn method (clean_random, balanced_random, the filters)",
+    )
     p.add_argument(
         "--methods", nargs="+", choices=METHODS, help="only these (random, full and oracle always run)"
     )
@@ -322,9 +337,9 @@ def _selected_ids(stage2: Path) -> list[str]:
 
 def selections(
     args, seed: int, pool: dict, stage2: Path, product: dict[str, list[str]]
-) -> dict[str, list[str]]:
-    """Every method's ids: those computed here from the score files, and ``product``'s (the product's
-    own similarity and calibrated selections)."""
+) -> dict[str, list[list[str]]]:
+    """Every method's draws of ids (one draw unless it is a seeded draw, ``DRAWN``): those computed here
+    from the score files, and ``product``'s (the product's own similarity and calibrated selections)."""
     import pyarrow as pa
 
     from selectmoe.select.score import row_score, score_of, score_terms, term_scales
@@ -363,6 +378,7 @@ def selections(
         for name, (nll_weight, gain_weight, combine, cap) in FILTERED_RANDOM_RECIPES.items()
     }
     k = selection_size(len(ids), args.percentage)
+    draws = range(args.draws)
 
     def best(score: np.ndarray, among: np.ndarray | None = None) -> list[str]:
         order = sorted(range(len(ids)), key=lambda i: (-score[i], ids[i]))
@@ -371,33 +387,47 @@ def selections(
         return [str(ids[i]) for i in order[:k]]
 
     chosen = {
-        f"random_{d}": random.Random(seed * 1000 + d).sample(sorted(ids.tolist()), k)
-        for d in range(args.random_draws)
+        "random": [
+            random.Random(seed * 1000 + d).sample(sorted(ids.tolist()), k) for d in range(args.random_draws)
+        ]
     }
-    chosen["full"] = sorted(ids.tolist())
+    chosen["full"] = [sorted(ids.tolist())]
     target = np.isin(datasets, pool["targets"]) & np.asarray([pool["clean"][i] for i in ids])
-    chosen["oracle"] = random.Random(seed).sample(sorted(ids[target].tolist()), min(k, int(target.sum())))
+    chosen["oracle"] = [random.Random(seed).sample(sorted(ids[target].tolist()), min(k, int(target.sum())))]
     clean = sorted(i for i in ids.tolist() if pool["clean"][i])
-    chosen["clean_random"] = random.Random(seed + 1).sample(clean, min(k, len(clean)))
-    chosen["perplexity"] = best(-nll)
-    chosen["gates"] = best(layer_scores.mean(axis=1))
-    chosen["gates_prompt_gain"] = best(gates_prompt_gain)
+    chosen["clean_random"] = [
+        random.Random(draw_seed(seed + 1, d)).sample(clean, min(k, len(clean))) for d in draws
+    ]
+    chosen["perplexity"] = [best(-nll)]
+    chosen["gates"] = [best(layer_scores.mean(axis=1))]
+    chosen["gates_prompt_gain"] = [best(gates_prompt_gain)]
     quotas = dataset_quotas({d: int((datasets == d).sum()) for d in set(datasets)}, k, None)
     chosen["gates_prompt_gain_balanced"] = [
-        i for d in sorted(quotas) for i in best(gates_prompt_gain, datasets == d)[: quotas[d]]
+        [i for d in sorted(quotas) for i in best(gates_prompt_gain, datasets == d)[: quotas[d]]]
     ]
 
-    def filtered_random(score: np.ndarray) -> list[str]:
-        scored = pa.table({"id": ids, "dataset": datasets, "score": score})
-        thresholds = dataset_thresholds(
-            {d: score[datasets == d] for d in set(datasets)}, DEFAULT["selection"]["keep_fraction"]
+    def filtered_random(score: np.ndarray | None, d: int) -> list[str]:
+        """``selection.method=filtered_random``'s draw: quotas of each dataset's better half by ``score``
+        (of all its rows when ``score`` is None: ``balanced_random``)."""
+        scored = pa.table(
+            {"id": ids, "dataset": datasets, "score": np.zeros(len(ids)) if score is None else score}
         )
-        return random_per_dataset_k(above_dataset_thresholds([scored], thresholds), quotas, seed)[
-            "id"
-        ].to_pylist()
+        kept = [scored]
+        if score is not None:
+            thresholds = dataset_thresholds(
+                {d: score[datasets == d] for d in set(datasets)}, DEFAULT["selection"]["keep_fraction"]
+            )
+            kept = above_dataset_thresholds(kept, thresholds)
+        return random_per_dataset_k(kept, quotas, draw_seed(seed, d))["id"].to_pylist()
 
-    chosen.update({name: filtered_random(score) for name, score in filter_scores.items()})
-    return {**chosen, **product}
+    chosen["balanced_random"] = [filtered_random(None, d) for d in draws]
+    chosen.update({name: [filtered_random(score, d) for d in draws] for name, score in filter_scores.items()})
+    return {**chosen, **{name: [ids] for name, ids in product.items()}}
+
+
+def draw_seed(seed: int, draw: int) -> int:
+    """The seed of a method's ``draw``-th draw; the first is ``seed`` itself (as before ``--draws``)."""
+    return seed + 1_000_003 * draw
 
 
 # ---------------------------------------------------------------------------- finetune and judge
@@ -484,81 +514,91 @@ def run_seed(args, seed: int, out: Path) -> dict:
     selector, target = tiny_lm("olmoe", seed, args, cache), tiny_lm("llama", seed, args, cache)
     stage2, product = run_stages(args, seed, selector, out)
     by_id = {r["id"]: r for r in pool["rows"]}
+    held_out = {**pool["held_out"], CLEAN: pool["clean_replies"]}
     results = {}
-    for method, ids in selections(args, seed, pool, stage2, product).items():
-        if args.methods and method not in (*args.methods, *ALWAYS_RUN) and not method.startswith("random_"):
+    for method, draws in selections(args, seed, pool, stage2, product).items():
+        if args.methods and method not in (*args.methods, *ALWAYS_RUN):
             continue
-        started = time.time()
-        held_out = {**pool["held_out"], CLEAN: pool["clean_replies"]}
-        nll = cached_finetune(args, seed, target, [by_id[i] for i in ids], held_out, out / "finetunes")
-        print(f"  finetuned on {method} ({len(ids)} rows) in {time.time() - started:.0f} s", flush=True)
-        clean_nll = nll.pop(CLEAN)
+        judged = []
+        for ids in draws:
+            started = time.time()
+            nll = cached_finetune(args, seed, target, [by_id[i] for i in ids], held_out, out / "finetunes")
+            print(f"  finetuned on {method} ({len(ids)} rows) in {time.time() - started:.0f} s", flush=True)
+            judged.append(judge(pool, by_id, ids, nll))
         results[method] = {
-            "target_nll": statistics.mean(nll[f] for f in pool["targets"]),
-            "other_nll": statistics.mean(v for f, v in nll.items() if f not in pool["targets"]),
-            "clean_nll": clean_nll,
-            "rows": len(ids),
-            "target_rows": sum(by_id[i]["dataset"] in pool["targets"] for i in ids),
-            "clean_share": sum(pool["clean"][i] for i in ids) / max(len(ids), 1),
-            "nll_per_family": nll,
+            **{
+                key: statistics.mean(j[key] for j in judged)
+                for key in MEASURES + ("rows", "target_rows", "clean_share")
+            },
+            **{
+                f"{key}_std": statistics.stdev(j[key] for j in judged) if len(judged) > 1 else 0.0
+                for key in MEASURES
+            },
+            "draws": judged,
         }
-    draws = [v for m, v in results.items() if m.startswith("random_")]
-    random_mean, random_std = (
-        f([d["target_nll"] for d in draws]) for f in (statistics.mean, statistics.stdev)
-    )
-    clean_mean, clean_std = (f([d["clean_nll"] for d in draws]) for f in (statistics.mean, statistics.stdev))
+    random_draws = results["random"]
     return {
         "seed": seed,
         "targets": pool["targets"],
         "pool_rows": len(pool["rows"]),
         "clean_rows": len(pool["clean_replies"]),  # before the template drops rows too long for it
-        "random": {
-            "target_nll_mean": random_mean,
-            "target_nll_std": random_std,
-            "clean_nll_mean": clean_mean,
-            "clean_nll_std": clean_std,
-        },
         "methods": results,
-        "valid": all(random_mean - results[m]["target_nll"] > 2 * random_std for m in ("oracle", "full")),
-        "clean_valid": clean_mean - results["clean_random"]["clean_nll"] > 2 * clean_std,
+        "valid": all(
+            random_draws["target_nll"] - results[m]["target_nll"] > 2 * random_draws["target_nll_std"]
+            for m in ("oracle", "full")
+        ),
+        "clean_valid": random_draws["clean_nll"] - results["clean_random"]["clean_nll"]
+        > 2 * random_draws["clean_nll_std"],
+    }
+
+
+def judge(pool: dict, by_id: dict[str, dict], ids: list[str], nll: dict[str, float]) -> dict:
+    """One finetune's measures (``MEASURES``) and what its selection holds."""
+    families = {f: v for f, v in nll.items() if f != CLEAN}
+    return {
+        "target_nll": statistics.mean(families[f] for f in pool["targets"]),
+        "other_nll": statistics.mean(v for f, v in families.items() if f not in pool["targets"]),
+        "family_nll": statistics.mean(families.values()),
+        "clean_nll": nll[CLEAN],
+        "rows": len(ids),
+        "target_rows": sum(by_id[i]["dataset"] in pool["targets"] for i in ids),
+        "clean_share": sum(pool["clean"][i] for i in ids) / max(len(ids), 1),
+        "nll_per_family": families,
     }
 
 
 # ---------------------------------------------------------------------------- report
 
 
+def margin(per_seed: list[dict], method: str, baseline: str, key: str) -> tuple[float, float, int]:
+    """``baseline``'s mean ``key`` minus ``method``'s (positive: ``method`` is better), averaged over the
+    seeds, its standard error (each seed's from the spread of both methods' draws; a method drawn once
+    contributes no spread of its own), and in how many seeds it is positive."""
+    margins, variances = [], []
+    for s in per_seed:
+        m, b = s["methods"][method], s["methods"][baseline]
+        margins.append(b[key] - m[key])
+        variances.append(sum(r[f"{key}_std"] ** 2 / len(r["draws"]) for r in (m, b)))
+    return statistics.mean(margins), math.sqrt(sum(variances)) / len(per_seed), sum(x > 0 for x in margins)
+
+
 def summarise(per_seed: list[dict]) -> dict:
-    methods = ["random"] + [m for m in per_seed[0]["methods"] if not m.startswith("random_")]
     rows = {}
-    for method in methods:
-        if method == "random":
-            target = [s["random"]["target_nll_mean"] for s in per_seed]
-            clean = [s["random"]["clean_nll_mean"] for s in per_seed]
-            other, target_rows = (
-                [
-                    statistics.mean(v[key] for m, v in s["methods"].items() if m.startswith("random_"))
-                    for s in per_seed
-                ]
-                for key in ("other_nll", "target_rows")
-            )
-        else:
-            target, clean, other, target_rows = (
-                [s["methods"][method][key] for s in per_seed]
-                for key in ("target_nll", "clean_nll", "other_nll", "target_rows")
-            )
-        margins = [s["random"]["target_nll_mean"] - t for s, t in zip(per_seed, target)]
-        clean_margins = [s["random"]["clean_nll_mean"] - c for s, c in zip(per_seed, clean)]
-        rows[method] = {
-            "target_nll_mean": statistics.mean(target),
-            "target_nll_std": statistics.stdev(target) if len(target) > 1 else 0.0,
-            "other_nll_mean": statistics.mean(other),
-            "margin_vs_random_mean": statistics.mean(margins),
-            "beats_random_in_seeds": sum(m > 0 for m in margins),
-            "target_rows_mean": statistics.mean(target_rows),
-            "clean_nll_mean": statistics.mean(clean),
-            "clean_margin_vs_random_mean": statistics.mean(clean_margins),
-            "clean_beats_random_in_seeds": sum(m > 0 for m in clean_margins),
+    for method in per_seed[0]["methods"]:
+        runs = [s["methods"][method] for s in per_seed]
+        row = {
+            "draws": len(runs[0]["draws"]),
+            **{
+                f"{key}_mean": statistics.mean(r[key] for r in runs)
+                for key in MEASURES + ("target_rows", "clean_share")
+            },
         }
+        for baseline in ("random", "balanced_random"):
+            if baseline in per_seed[0]["methods"] and method != baseline:
+                for key in MEASURES:
+                    value, se, positive = margin(per_seed, method, baseline, key)
+                    row[f"{key}_margin_vs_{baseline}"] = {"mean": value, "se": se, "beats_in_seeds": positive}
+        rows[method] = row
     return {
         "seeds": len(per_seed),
         "valid_in_every_seed": all(s["valid"] for s in per_seed),
@@ -569,17 +609,17 @@ def summarise(per_seed: list[dict]) -> dict:
 
 
 def print_seed(result: dict) -> None:
-    r = result["random"]
+    r = result["methods"]["random"]
     print(
         f"\nseed {result['seed']} ({result['seconds']} s, pool {result['pool_rows']} rows, targets {result['targets']}): "
-        f"random target NLL {r['target_nll_mean']:.3f} +- {r['target_nll_std']:.3f}; proxy valid: {result['valid']}; "
-        f"random clean-reply NLL {r['clean_nll_mean']:.3f} +- {r['clean_nll_std']:.3f}; valid: {result['clean_valid']}"
+        f"random target NLL {r['target_nll']:.3f} +- {r['target_nll_std']:.3f}; proxy valid: {result['valid']}; "
+        f"random clean-reply NLL {r['clean_nll']:.3f} +- {r['clean_nll_std']:.3f}; valid: {result['clean_valid']}"
     )
     for method, v in result["methods"].items():
         print(
-            f"  {method:35s} target NLL {v['target_nll']:.3f}  other {v['other_nll']:.3f}  "
-            f"clean replies {v['clean_nll']:.3f}  rows {v['rows']:5d}  target rows {v['target_rows']:4d}  "
-            f"clean {v['clean_share']:.2f}"
+            f"  {method:45s} draws {len(v['draws'])}  target NLL {v['target_nll']:.3f}  all families "
+            f"{v['family_nll']:.3f}  clean replies {v['clean_nll']:.3f}  rows {v['rows']:5.0f}  "
+            f"target rows {v['target_rows']:5.1f}  clean {v['clean_share']:.2f}"
         )
 
 
@@ -587,19 +627,26 @@ def print_summary(summary: dict) -> None:
     print(
         f"\n{summary['seeds']} seeds; proxy valid in every seed: {summary['valid_in_every_seed']}; "
         f"clean-reply measure valid in every seed: {summary['clean_valid_in_every_seed']}; "
-        f"the default preset is {summary['default']}"
+        f"the default preset is {summary['default']}; margins are vs the random draws' mean (positive: lower "
+        "NLL than random), +- a standard error from the draws' spread"
     )
     print(
-        "| method | target NLL (mean +- std over seeds) | margin vs random | beats random in seeds "
-        "| clean-reply NLL | margin vs random | beats random in seeds | other families NLL | target-family rows |"
+        "| method | draws | target NLL | margin | beats random in seeds | all-family NLL margin "
+        "| clean-reply NLL margin | target margin vs balanced_random | clean share | target rows |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+    def shown(row: dict, key: str) -> str:
+        m = row.get(key)
+        return f"{m['mean']:+.3f} +- {m['se']:.3f}" if m else ""
+
     for method, v in summary["methods"].items():
+        beats = v.get("target_nll_margin_vs_random", {}).get("beats_in_seeds", "")
         print(
-            f"| {method} | {v['target_nll_mean']:.3f} +- {v['target_nll_std']:.3f} | {v['margin_vs_random_mean']:+.3f} | "
-            f"{v['beats_random_in_seeds']}/{summary['seeds']} | {v['clean_nll_mean']:.3f} | "
-            f"{v['clean_margin_vs_random_mean']:+.3f} | {v['clean_beats_random_in_seeds']}/{summary['seeds']} | "
-            f"{v['other_nll_mean']:.3f} | {v['target_rows_mean']:.1f} |"
+            f"| {method} | {v['draws']} | {v['target_nll_mean']:.3f} | {shown(v, 'target_nll_margin_vs_random')} | "
+            f"{beats}/{summary['seeds']} | {shown(v, 'family_nll_margin_vs_random')} | "
+            f"{shown(v, 'clean_nll_margin_vs_random')} | {shown(v, 'target_nll_margin_vs_balanced_random')} | "
+            f"{v['clean_share_mean']:.2f} | {v['target_rows_mean']:.1f} |"
         )
 
 

@@ -335,44 +335,57 @@ def test_downstream_proxy_small(tmp_path):
     stdout, report = run_benchmark(
         "downstream_proxy.py",
         tmp_path,
-        *("--seeds", "0", "--work-dir", str(tmp_path / "work"), "--families", "3", "--real-rows", "60"),
-        *(
-            "--lm-steps",
-            "5",
-            "--stage1-steps",
-            "2",
-            "--steps",
-            "4",
-            "--random-draws",
-            "2",
-            "--percentage",
-            "0.1",
-            "--clean-rows",
-            "20",
-        ),
+        *("--seeds", "0", "1", "--work-dir", str(tmp_path / "work"), "--families", "3", "--real-rows", "60"),
+        *("--lm-steps", "5", "--stage1-steps", "2", "--steps", "4", "--random-draws", "2", "--draws", "2"),
+        *("--percentage", "0.1", "--clean-rows", "20"),
     )
     assert "proxy valid in every seed:" in stdout and "clean-reply measure valid in every seed:" in stdout
     seed = report["per_seed"][0]
     methods = seed["methods"]
-    assert set(methods) == {"random_0", "random_1"} | {
-        "full", "oracle", "perplexity", "gates", "gates_prompt_gain", "gates_prompt_gain_balanced",
+    assert set(methods) == {
+        "random", "full", "oracle", "perplexity", "gates", "gates_prompt_gain", "gates_prompt_gain_balanced",
         "filtered_random_nll_prompt_gain", "filtered_random_nll", "filtered_random_nll_8x_prompt_gain",
-        "filtered_random_raw_nll_prompt_gain", "filtered_random_raw_nll_capped_prompt_gain", "similarity",
-        "calibrated", "clean_random",
+        "filtered_random_raw_nll_prompt_gain", "filtered_random_raw_nll_capped_prompt_gain",
+        "filtered_random_raw_nll_quartile_prompt_gain", "balanced_random", "similarity", "calibrated",
+        "clean_random",
     }  # fmt: skip
     # the junk filter's ceiling: only clean rows, as many as every 5% selection; every finetune is also
     # judged on the held-out clean replies
     assert methods["clean_random"]["clean_share"] == 1.0
-    assert methods["clean_random"]["rows"] == methods["random_0"]["rows"]
+    assert methods["clean_random"]["rows"] == methods["random"]["rows"]
     assert seed["clean_rows"] == 20
     assert all(v["clean_nll"] > 0 for v in methods.values())
     default = report["summary"]["default"]
     assert default in methods and default.startswith("filtered_random")
     assert methods["calibrated"]["rows"] == methods[default]["rows"]
-    assert methods["similarity"]["rows"] < methods["full"]["rows"] <= report["per_seed"][0]["pool_rows"]
+    assert methods["similarity"]["rows"] < methods["full"]["rows"] <= seed["pool_rows"]
     assert methods["oracle"]["target_rows"] == methods["oracle"]["rows"] > 0
     assert methods["similarity"]["rows"] == methods[default]["rows"]
-    assert set(report["summary"]["methods"]) >= {"random", "similarity", "oracle"}
+    # every drawn method is judged by the mean of its own seeded draws, each a finetune of its own
+    for method, draws in (
+        ("random", 2),
+        ("balanced_random", 2),
+        (default, 2),
+        ("clean_random", 2),
+        ("gates", 1),
+    ):
+        judged = methods[method]["draws"]
+        assert len(judged) == draws, method
+        assert methods[method]["target_nll"] == pytest.approx(sum(d["target_nll"] for d in judged) / draws)
+    assert methods["random"]["draws"][0]["target_nll"] != methods["random"]["draws"][1]["target_nll"]
+    # the balanced draw keeps the pool's mix: its target rows are the pool's share of the selection
+    assert (
+        methods["balanced_random"]["draws"][0]["target_rows"]
+        == methods["balanced_random"]["draws"][1]["target_rows"]
+    )
+    summary = report["summary"]["methods"]
+    margin = summary[default]["target_nll_margin_vs_random"]
+    per_seed = [
+        s["methods"]["random"]["target_nll"] - s["methods"][default]["target_nll"] for s in report["per_seed"]
+    ]
+    assert margin["mean"] == pytest.approx(sum(per_seed) / 2) and margin["se"] > 0
+    assert "target_nll_margin_vs_random" not in summary["random"]
+    assert summary[default]["target_nll_margin_vs_balanced_random"]["se"] > 0
 
 
 @pytest.mark.timeout(900)
