@@ -180,7 +180,7 @@ def score_batch(model, rows: list[dict], what: ScorePasses, pad_token_id: int) -
                 if what.nll and not nll_apart:
                     columns["nll"] = _nll(model, out.last_hidden_state, batch["input_ids"], mask)
             if nll_apart:
-                with base_model_view(model):
+                with _nll_model(model, what):
                     hidden = model.model(**inputs).last_hidden_state
                 columns["nll"] = _nll(model, hidden, batch["input_ids"], mask)
             if what.gates_shut:
