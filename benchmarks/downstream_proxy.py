@@ -43,10 +43,14 @@ capped at its median, ``scoring.prompt_gain_cap=median``), ``filtered_random_raw
 by quotas, no filter; a filter's margin over it is what the filter itself buys),
 ``similarity``
 (the product's RDS+ selection), ``calibrated`` (the product's calibrated mode, the target examples as
-its trusted rows), ``clean_random`` (a random draw among the clean rows: a junk filter's ceiling).
+its trusted rows), ``clean_random`` (a random draw among the clean rows: a junk filter's ceiling; family
+rows can be spoiled more ways than real rows, so it holds fewer of them than the pool's share) and
+``clean_balanced_random`` (the same among the clean rows by the pool's quotas: the ceiling of a filter
+that keeps the mix, as ``filtered_random`` does; each of its draws is ``balanced_random``'s draw of the
+same seed with the spoiled rows replaced by the next clean ones, so the two compare nearly paired).
 
 The drawn methods (``random``: ``--random-draws``; ``clean_random``, ``balanced_random`` and the filters:
-``--draws``, each draw with its own seed, the first the one used before ``--draws`` existed) are judged by
+``--draws``; ``clean_balanced_random`` too), each draw with its own seed, the first the one used before ``--draws`` existed) are judged by
 their draws' mean. A margin is the random draws' mean NLL minus the method's (positive: better than random),
 averaged over the seeds, with a standard error from both methods' draws' spread in each seed.
 
@@ -114,6 +118,7 @@ FILTERED_RANDOM_RECIPES = {
 METHODS = (
     "full", "oracle", "perplexity", "gates", "gates_prompt_gain", "gates_prompt_gain_balanced",
     *FILTERED_RANDOM_RECIPES, "balanced_random", "similarity", "calibrated", "clean_random",
+    "clean_balanced_random",
 )  # fmt: skip  # besides the random draws
 ALWAYS_RUN = ("random", "full", "oracle", "clean_random")  # the validity checks need them
 CLEAN = "clean replies"  # the held-out group of clean real rows, beside the families
@@ -178,7 +183,7 @@ def parse_args() -> argparse.Namespace:
         "--draws",
         type=int,
         default=1,
-        help="seeded draws of each other drawn method (clean_random, balanced_random, the filters)",
+        help="seeded draws of each other drawn method (clean_random, balanced_random, clean_balanced_random, the filters)",
     )
     p.add_argument(
         "--methods", nargs="+", choices=METHODS, help="only these (random, full and oracle always run)"
@@ -406,11 +411,16 @@ def selections(
         [i for d in sorted(quotas) for i in best(gates_prompt_gain, datasets == d)[: quotas[d]]]
     ]
 
-    def filtered_random(score: np.ndarray | None, d: int) -> list[str]:
+    def filtered_random(score: np.ndarray | None, d: int, among: np.ndarray | None = None) -> list[str]:
         """``selection.method=filtered_random``'s draw: quotas of each dataset's better half by ``score``
-        (of all its rows when ``score`` is None: ``balanced_random``)."""
+        (of all its rows when ``score`` is None: ``balanced_random``; of its ``among`` rows when given)."""
+        rows = np.ones(len(ids), dtype=bool) if among is None else among
         scored = pa.table(
-            {"id": ids, "dataset": datasets, "score": np.zeros(len(ids)) if score is None else score}
+            {
+                "id": ids[rows],
+                "dataset": datasets[rows],
+                "score": np.zeros(int(rows.sum())) if score is None else score[rows],
+            }
         )
         kept = [scored]
         if score is not None:
@@ -421,6 +431,8 @@ def selections(
         return random_per_dataset_k(kept, quotas, draw_seed(seed, d))["id"].to_pylist()
 
     chosen["balanced_random"] = [filtered_random(None, d) for d in draws]
+    clean_rows = np.asarray([pool["clean"][i] for i in ids])
+    chosen["clean_balanced_random"] = [filtered_random(None, d, clean_rows) for d in draws]
     chosen.update({name: [filtered_random(score, d) for d in draws] for name, score in filter_scores.items()})
     return {**chosen, **{name: [ids] for name, ids in product.items()}}
 
@@ -641,10 +653,11 @@ def print_summary(summary: dict) -> None:
         return f"{m['mean']:+.3f} +- {m['se']:.3f}" if m else ""
 
     for method, v in summary["methods"].items():
-        beats = v.get("target_nll_margin_vs_random", {}).get("beats_in_seeds", "")
+        vs_random = v.get("target_nll_margin_vs_random")
+        beats = f"{vs_random['beats_in_seeds']}/{summary['seeds']}" if vs_random else ""
         print(
             f"| {method} | {v['draws']} | {v['target_nll_mean']:.3f} | {shown(v, 'target_nll_margin_vs_random')} | "
-            f"{beats}/{summary['seeds']} | {shown(v, 'family_nll_margin_vs_random')} | "
+            f"{beats} | {shown(v, 'family_nll_margin_vs_random')} | "
             f"{shown(v, 'clean_nll_margin_vs_random')} | {shown(v, 'target_nll_margin_vs_balanced_random')} | "
             f"{v['clean_share_mean']:.2f} | {v['target_rows_mean']:.1f} |"
         )
