@@ -49,9 +49,9 @@ rows can be spoiled more ways than real rows, so it holds fewer of them than the
 that keeps the mix, as ``filtered_random`` does; each of its draws is ``balanced_random``'s draw of the
 same seed with the spoiled rows replaced by the next clean ones, so the two compare nearly paired).
 
-The drawn methods (``random``: ``--random-draws``; ``clean_random``, ``balanced_random`` and the filters:
-``--draws``; ``clean_balanced_random`` too), each draw with its own seed, the first the one used before ``--draws`` existed) are judged by
-their draws' mean. A margin is the random draws' mean NLL minus the method's (positive: better than random),
+The drawn methods are judged by the mean of their draws: ``--random-draws`` of ``random``, ``--draws`` of
+``clean_random``, ``clean_balanced_random``, ``balanced_random`` and each filter, each draw with its own
+seed (the first is the draw used before ``--draws`` existed). A margin is the random draws' mean NLL minus the method's (positive: better than random),
 averaged over the seeds, with a standard error from both methods' draws' spread in each seed.
 
 The proxy is valid when ``oracle`` and ``full`` beat ``random`` by more than 2 standard deviations of
@@ -343,8 +343,9 @@ def _selected_ids(stage2: Path) -> list[str]:
 def selections(
     args, seed: int, pool: dict, stage2: Path, product: dict[str, list[str]]
 ) -> dict[str, list[list[str]]]:
-    """Every method's draws of ids (one draw unless it is a seeded draw, ``DRAWN``): those computed here
-    from the score files, and ``product``'s (the product's own similarity and calibrated selections)."""
+    """Every method's draws of ids (one unless the method is a seeded draw: ``--random-draws`` of random,
+    ``--draws`` of the clean draws, ``balanced_random`` and the filters): those computed here from the score
+    files, and ``product``'s (the product's own similarity and calibrated selections)."""
     import pyarrow as pa
 
     from selectmoe.select.score import row_score, score_of, score_terms, term_scales
