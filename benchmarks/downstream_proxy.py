@@ -51,8 +51,9 @@ same seed with the spoiled rows replaced by the next clean ones, so the two comp
 
 The drawn methods are judged by the mean of their draws: ``--random-draws`` of ``random``, ``--draws`` of
 ``clean_random``, ``clean_balanced_random``, ``balanced_random`` and each filter, each draw with its own
-seed (the first is the draw used before ``--draws`` existed). A margin is the random draws' mean NLL minus the method's (positive: better than random),
-averaged over the seeds, with a standard error from both methods' draws' spread in each seed.
+seed (the first is the draw used before ``--draws`` existed). A margin is the random draws' mean NLL
+minus the method's (positive: better than random), averaged over the seeds, with a standard error from
+both methods' draws' spread in each seed.
 
 The proxy is valid when ``oracle`` and ``full`` beat ``random`` by more than 2 standard deviations of
 the random draws, in every seed; until then the methods' numbers say nothing. The clean-reply measure
@@ -186,10 +187,15 @@ def parse_args() -> argparse.Namespace:
         help="seeded draws of each other drawn method (clean_random, balanced_random, clean_balanced_random, the filters)",
     )
     p.add_argument(
-        "--methods", nargs="+", choices=METHODS, help="only these (random, full and oracle always run)"
+        "--methods",
+        nargs="+",
+        choices=METHODS,
+        help="only these (random, full, oracle and clean_random always run)",
     )
     p.add_argument("--json", default=None)
     args = p.parse_args()
+    if args.random_draws < 2 or args.draws < 1:
+        p.error("need --random-draws >= 2 (the validity checks use their spread) and --draws >= 1")
     if not 1 <= args.targets < args.families <= len(LANGUAGES):
         p.error(f"need 1 <= --targets < --families <= {len(LANGUAGES)} (non-target families are judged too)")
     return args
