@@ -20,7 +20,7 @@ selector LM-pretrained on other real rows, its NLLs measured with the model the 
 them with (``scoring.nll_model``: the base model; results before it used the stage-1 model's). Every
 other method is taken from the same score files.
 Each selection (5% of the pool; ``full`` is every row) finetunes the same tiny Llama target (LM-pretrained
-on real rows, all weights trained, ``--steps`` steps of ``--batch`` rows), which is then judged twice:
+on real rows, all weights trained, ``--steps`` steps of ``--batch`` rows), which is then judged three ways:
 - **target-task NLL**: its mean NLL of the right answer on the held-out items of the target families
   (and of the others; **all-family NLL**: of all six). This rewards target rows, which no score without
   targets can find;
@@ -28,6 +28,14 @@ on real rows, all weights trained, ``--steps`` steps of ``--batch`` rows), which
   pool nor any model's LM rows, none spoiled. This is what a junk filter should improve: how well the
   finetuned model writes the corpus's kind of reply. ``clean_random`` (a seeded draw among the pool's
   clean rows, which needs the labels) is the best a junk filter can do; random draws are the floor.
+- **junk margin**: how much higher its per-token NLL of a spoiled version of each clean reply is than of
+  the reply itself (lm-eval's comparison of two continuations, per token), averaged over the kinds the
+  pool was spoiled by (``--defect-kinds``; ``wrong_answer`` is not judged: a tiny target cannot know the
+  right final answer), and apart over the kinds it was not (``absent_kinds_junk_margin``): a model that
+  learned from junk prefers junk more. Its share of pairs the right way round is ``junk_accuracy``. The
+  measure can judge a junk filter when ``clean_balanced_random`` beats ``balanced_random`` on it by more
+  than 2 standard errors (``junk_measure_valid``); ``--defect-kinds looped echo`` spoils the pool only by
+  kinds no score was tuned on.
 
 Methods: ``random`` (``--random-draws`` seeded draws), ``full`` (the whole pool), ``oracle`` (clean rows
 of the target families), ``perplexity`` (lowest NLL), ``gates`` (mean gate), ``gates_prompt_gain`` (top
@@ -63,7 +71,7 @@ their standard deviations.
     .venv/bin/python benchmarks/downstream_proxy.py --seeds 0 1 2 --json benchmarks/results/downstream_proxy.json
 
 Each finetune's result is cached in the work folder by what it reads, so a rerun with other ``--methods``
-trains only those.
+trains only those (random, full, oracle, clean_random, balanced_random and clean_balanced_random always run).
 """
 
 from __future__ import annotations
@@ -85,7 +93,7 @@ from selection_quality import reselect
 from selection_quality import run_stages as run_stages_of_the_product
 
 from selectmoe.config import PipelineConfig, ScoringSection, load_preset
-from selectmoe.demo.defects import plant_defects
+from selectmoe.demo.defects import DEFECT_KINDS, HELD_OUT_KINDS, plant_defects, spoil
 from selectmoe.manifest import hash_dict
 
 WORDS = [
@@ -121,9 +129,27 @@ METHODS = (
     *FILTERED_RANDOM_RECIPES, "balanced_random", "similarity", "calibrated", "clean_random",
     "clean_balanced_random",
 )  # fmt: skip  # besides the random draws
-ALWAYS_RUN = ("random", "full", "oracle", "clean_random")  # the validity checks need them
+ALWAYS_RUN = (
+    "random",
+    "full",
+    "oracle",
+    "clean_random",
+    "balanced_random",
+    "clean_balanced_random",
+)  # the validity checks
 CLEAN = "clean replies"  # the held-out group of clean real rows, beside the families
-MEASURES = ("target_nll", "other_nll", "family_nll", "clean_nll")  # each finetune's mean NLLs
+# each finetune's measures: mean NLLs (lower is better) and its preference for clean replies over spoiled
+# ones (higher is better)
+MEASURES = (
+    "target_nll",
+    "other_nll",
+    "family_nll",
+    "clean_nll",
+    "junk_margin",
+    "junk_accuracy",
+    "absent_kinds_junk_margin",
+)
+HIGHER_IS_BETTER = ("junk_margin", "junk_accuracy", "absent_kinds_junk_margin")
 
 
 def default_method() -> str:
@@ -169,6 +195,13 @@ def parse_args() -> argparse.Namespace:
         "--clean-rows", type=int, default=300, help="held-out real rows whose replies judge every finetune"
     )
     p.add_argument("--defect-rate", type=float, default=0.3)
+    p.add_argument(
+        "--defect-kinds",
+        nargs="+",
+        choices=DEFECT_KINDS + HELD_OUT_KINDS,
+        default=list(DEFECT_KINDS),
+        help="the kinds the pool is spoiled by (the held-out kinds: junk no score was tuned on)",
+    )
     p.add_argument("--percentage", type=float, default=0.05)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--lm-steps", type=int, default=300, help="LM pretraining of the selector and the target")
@@ -196,6 +229,9 @@ def parse_args() -> argparse.Namespace:
     args = p.parse_args()
     if args.random_draws < 2 or args.draws < 1:
         p.error("need --random-draws >= 2 (the validity checks use their spread) and --draws >= 1")
+    planted = set(PREFERENCE_KINDS) & set(args.defect_kinds)
+    if not planted or planted == set(PREFERENCE_KINDS):
+        p.error(f"--defect-kinds must plant some of {PREFERENCE_KINDS} and leave some out (both are judged)")
     if not 1 <= args.targets < args.families <= len(LANGUAGES):
         p.error(f"need 1 <= --targets < --families <= {len(LANGUAGES)} (non-target families are judged too)")
     return args
@@ -269,7 +305,7 @@ def build_pool(args, seed: int, out: Path) -> dict:
         random.Random(seed + 1),
         rows,
         args.defect_rate,
-        ("garbled", "shuffled", "swapped", "wrong_answer", "truncated", "empty_ish", "spam"),
+        args.defect_kinds,
         wrong_reply=wrong_code,
     )
     (out / "train").mkdir(parents=True, exist_ok=True)
@@ -290,9 +326,11 @@ def build_pool(args, seed: int, out: Path) -> dict:
     return {
         "rows": rows,
         "clean": {label["id"]: label["quality"] == "clean" for label in labels},
+        "planted_kinds": [kind for kind in PREFERENCE_KINDS if kind in args.defect_kinds],
         "targets": [lang.lower() for lang in targets],
         "held_out": held_out,
-        "clean_replies": clean_held_out_rows(args, seed, {r["id"] for r in rows}),
+        "clean_replies": (clean_replies := clean_held_out_rows(args, seed, {r["id"] for r in rows})),
+        "spoiled_replies": spoiled_replies(clean_replies, seed),
     }
 
 
@@ -305,6 +343,28 @@ def clean_held_out_rows(args, seed: int, pool_ids: set[str]) -> list[dict]:
     if len(rows) < args.clean_rows:
         raise SystemExit(f"--clean-rows {args.clean_rows}: only {len(rows)} real rows are outside the pool")
     return rows
+
+
+PREFERENCE_KINDS = tuple(k for k in DEFECT_KINDS if k != "wrong_answer") + HELD_OUT_KINDS
+
+
+def spoiled_replies(rows: list[dict], seed: int) -> dict[str, list[dict | None]]:
+    """{kind: each of ``rows`` with its reply spoiled that way, or None where the kind does not apply}, for
+    the kinds the pool's real rows are spoiled by and the held-out kinds (``looped``, ``echo``) no pool row
+    has. ``wrong_answer`` is left out: a tiny target cannot know which final answer is right."""
+    rng = random.Random(seed + 5003)
+    replies = [r["messages"][-1]["content"] for r in rows]
+    spoiled: dict[str, list[dict | None]] = {}
+    for kind in PREFERENCE_KINDS:
+        spoiled[kind] = []
+        for i, row in enumerate(rows):
+            donor = replies[(i + 1 + rng.randrange(len(rows) - 1)) % len(rows)]
+            request = next(m["content"] for m in reversed(row["messages"][:-1]) if m["role"] == "user")
+            reply = spoil(kind, replies[i], rng, donor, request=request)
+            applies = reply != replies[i] and (kind != "truncated" or " " in replies[i])
+            messages = [*row["messages"][:-1], {"role": "assistant", "content": reply}]
+            spoiled[kind].append({**row, "messages": messages} if applies else None)
+    return spoiled
 
 
 # ---------------------------------------------------------------------------- models and stages
@@ -453,15 +513,22 @@ def draw_seed(seed: int, draw: int) -> int:
 
 
 def finetune_and_judge(
-    args, seed: int, target: Path, rows: list[dict], held_out: dict[str, list[dict]]
+    args,
+    seed: int,
+    target: Path,
+    rows: list[dict],
+    held_out: dict[str, list[dict]],
+    spoiled: dict[str, list[dict | None]],
 ) -> dict:
-    """Train every weight of the tiny target on ``rows`` (loss on the replies), then its mean NLL of the
-    right answer on each group of ``held_out`` rows (each family's held-out items, the clean replies)."""
+    """Train every weight of the tiny target on ``rows`` (loss on the replies), then judge it:
+    ``nll``, its mean NLL of the right answer on each group of ``held_out`` rows (each family's held-out
+    items, the clean replies), and ``preference``, per kind of ``spoiled`` reply, how much higher its
+    per-token NLL of the spoiled reply is than of the clean one (``margin``) and in what share of the
+    pairs (``accuracy``): lm-eval's multiple-choice comparison of two continuations, per token."""
     from transformers import AutoModelForCausalLM
 
     from selectmoe.data.collate import collate
     from selectmoe.data.template import encode_batch, ensure_pad_token, load_tokenizer
-    from selectmoe.select.score import ScorePasses, score_batch
 
     torch.manual_seed(seed)
     tokenizer = ensure_pad_token(load_tokenizer(str(target)))
@@ -488,30 +555,63 @@ def finetune_and_judge(
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
     model.eval()
-    result = {}
-    nll_only = ScorePasses(gates=False, nll=True)  # the product's scoring pass, on a plain LM
-    for group, items in held_out.items():
-        encoded = encode_batch([r["messages"] for r in items], tokenizer, max_seq_length=args.max_length)
-        encoded = [e for e in encoded if isinstance(e, dict)]  # rows the template rejects are left out
-        nlls = [
-            score_batch(model, encoded[start : start + 32], nll_only, tokenizer.pad_token_id)["nll"]
-            for start in range(0, len(encoded), 32)
-        ]
-        result[group] = float(np.concatenate(nlls).mean())
-    return result
+    scored = {
+        group: reply_nlls(model, tokenizer, items, args.max_length) for group, items in held_out.items()
+    }
+    clean_nll, clean_whole = scored[CLEAN]
+    preference = {}
+    for kind, versions in spoiled.items():
+        present = [i for i, row in enumerate(versions) if row is not None]
+        nll, whole = reply_nlls(model, tokenizer, [versions[i] for i in present], args.max_length)
+        paired = whole & clean_whole[present]  # both replies scored whole
+        gap = nll[paired] - clean_nll[present][paired]
+        preference[kind] = {
+            "margin": float(gap.mean()),
+            "accuracy": float((gap > 0).mean()),
+            "pairs": len(gap),
+        }
+    # rows the template rejects are left out of the means; rows it cuts keep their scored part
+    return {
+        "nll": {group: float(np.nanmean(nll)) for group, (nll, _) in scored.items()},
+        "preference": preference,
+    }
+
+
+def reply_nlls(model, tokenizer, rows: list[dict], max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's mean NLL of its reply (NaN where the template rejects the row) by the product's scoring
+    pass on a plain LM, and whether the row fits ``max_length`` whole."""
+    from selectmoe.data.template import encode_batch
+    from selectmoe.select.score import ScorePasses, score_batch
+
+    encoded = encode_batch([r["messages"] for r in rows], tokenizer, max_seq_length=max_length)
+    kept = [i for i, e in enumerate(encoded) if isinstance(e, dict)]
+    nll, whole = np.full(len(rows), np.nan), np.zeros(len(rows), dtype=bool)
+    nll_only = ScorePasses(gates=False, nll=True)
+    for start in range(0, len(kept), 32):
+        chunk = kept[start : start + 32]
+        nll[chunk] = score_batch(model, [encoded[i] for i in chunk], nll_only, tokenizer.pad_token_id)["nll"]
+    whole[kept] = [encoded[i]["n_tokens_before_truncation"] <= max_length for i in kept]
+    return nll, whole
 
 
 def cached_finetune(
-    args, seed: int, target: Path, rows: list[dict], held_out: dict[str, list[dict]], cache: Path
+    args,
+    seed: int,
+    target: Path,
+    rows: list[dict],
+    held_out: dict[str, list[dict]],
+    spoiled: dict[str, list[dict | None]],
+    cache: Path,
 ) -> dict:
     """``finetune_and_judge``, cached by everything it reads: a rerun with other ``--methods`` does not
-    train the random draws, ``full``, ``oracle`` and ``clean_random`` again."""
+    train the methods that always run again."""
     key = hash_dict(
         {
             "seed": seed,
             "target": str(target),
             "rows": rows,
             "held_out": held_out,
+            "spoiled": spoiled,
             **{
                 k: getattr(args, k)
                 for k in ("steps", "batch", "learning_rate", "finetune_max_length", "max_length")
@@ -521,7 +621,7 @@ def cached_finetune(
     path = cache / f"{key}.json"
     if path.exists():
         return json.loads(path.read_text())
-    result = finetune_and_judge(args, seed, target, rows, held_out)
+    result = finetune_and_judge(args, seed, target, rows, held_out, spoiled)
     cache.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result))
     return result
@@ -533,7 +633,7 @@ def run_seed(args, seed: int, out: Path) -> dict:
     selector, target = tiny_lm("olmoe", seed, args, cache), tiny_lm("llama", seed, args, cache)
     stage2, product = run_stages(args, seed, selector, out)
     by_id = {r["id"]: r for r in pool["rows"]}
-    held_out = {**pool["held_out"], CLEAN: pool["clean_replies"]}
+    held_out, spoiled = {**pool["held_out"], CLEAN: pool["clean_replies"]}, pool["spoiled_replies"]
     results = {}
     for method, draws in selections(args, seed, pool, stage2, product).items():
         if args.methods and method not in (*args.methods, *ALWAYS_RUN):
@@ -541,9 +641,10 @@ def run_seed(args, seed: int, out: Path) -> dict:
         judged = []
         for ids in draws:
             started = time.time()
-            nll = cached_finetune(args, seed, target, [by_id[i] for i in ids], held_out, out / "finetunes")
+            rows = [by_id[i] for i in ids]
+            judged_by = cached_finetune(args, seed, target, rows, held_out, spoiled, out / "finetunes")
             print(f"  finetuned on {method} ({len(ids)} rows) in {time.time() - started:.0f} s", flush=True)
-            judged.append(judge(pool, by_id, ids, nll))
+            judged.append(judge(pool, by_id, ids, judged_by))
         results[method] = {
             **{
                 key: statistics.mean(j[key] for j in judged)
@@ -571,18 +672,27 @@ def run_seed(args, seed: int, out: Path) -> dict:
     }
 
 
-def judge(pool: dict, by_id: dict[str, dict], ids: list[str], nll: dict[str, float]) -> dict:
+def judge(pool: dict, by_id: dict[str, dict], ids: list[str], judged_by: dict) -> dict:
     """One finetune's measures (``MEASURES``) and what its selection holds."""
-    families = {f: v for f, v in nll.items() if f != CLEAN}
+    families = {f: v for f, v in judged_by["nll"].items() if f != CLEAN}
+    preference = judged_by["preference"]
+    planted, absent = (
+        pool["planted_kinds"],
+        [kind for kind in preference if kind not in pool["planted_kinds"]],
+    )
     return {
         "target_nll": statistics.mean(families[f] for f in pool["targets"]),
         "other_nll": statistics.mean(v for f, v in families.items() if f not in pool["targets"]),
         "family_nll": statistics.mean(families.values()),
-        "clean_nll": nll[CLEAN],
+        "clean_nll": judged_by["nll"][CLEAN],
+        "junk_margin": statistics.mean(preference[kind]["margin"] for kind in planted),
+        "junk_accuracy": statistics.mean(preference[kind]["accuracy"] for kind in planted),
+        "absent_kinds_junk_margin": statistics.mean(preference[kind]["margin"] for kind in absent),
         "rows": len(ids),
         "target_rows": sum(by_id[i]["dataset"] in pool["targets"] for i in ids),
         "clean_share": sum(pool["clean"][i] for i in ids) / max(len(ids), 1),
         "nll_per_family": families,
+        "preference_per_kind": preference,
     }
 
 
@@ -590,13 +700,14 @@ def judge(pool: dict, by_id: dict[str, dict], ids: list[str], nll: dict[str, flo
 
 
 def margin(per_seed: list[dict], method: str, baseline: str, key: str) -> tuple[float, float, int]:
-    """``baseline``'s mean ``key`` minus ``method``'s (positive: ``method`` is better), averaged over the
-    seeds, its standard error (each seed's from the spread of both methods' draws; a method drawn once
-    contributes no spread of its own), and in how many seeds it is positive."""
+    """How much better ``method``'s mean ``key`` is than ``baseline``'s (lower NLL, higher preference),
+    averaged over the seeds, its standard error (each seed's from the spread of both methods' draws; a
+    method drawn once contributes no spread of its own), and in how many seeds it is positive."""
+    sign = 1 if key in HIGHER_IS_BETTER else -1
     margins, variances = [], []
     for s in per_seed:
         m, b = s["methods"][method], s["methods"][baseline]
-        margins.append(b[key] - m[key])
+        margins.append(sign * (m[key] - b[key]))
         variances.append(sum(r[f"{key}_std"] ** 2 / len(r["draws"]) for r in (m, b)))
     return statistics.mean(margins), math.sqrt(sum(variances)) / len(per_seed), sum(x > 0 for x in margins)
 
@@ -618,10 +729,14 @@ def summarise(per_seed: list[dict]) -> dict:
                     value, se, positive = margin(per_seed, method, baseline, key)
                     row[f"{key}_margin_vs_{baseline}"] = {"mean": value, "se": se, "beats_in_seeds": positive}
         rows[method] = row
+    junk = rows["clean_balanced_random"]["junk_margin_margin_vs_balanced_random"]
     return {
         "seeds": len(per_seed),
         "valid_in_every_seed": all(s["valid"] for s in per_seed),
         "clean_valid_in_every_seed": all(s["clean_valid"] for s in per_seed),
+        # the preference measure can judge a junk filter only if a perfect one (the same draws with every
+        # spoiled row replaced by a clean one) clearly wins on it
+        "junk_measure_valid": junk["mean"] > 2 * junk["se"] > 0,
         "default": default_method(),
         "methods": rows,
     }
@@ -637,7 +752,8 @@ def print_seed(result: dict) -> None:
     for method, v in result["methods"].items():
         print(
             f"  {method:45s} draws {len(v['draws'])}  target NLL {v['target_nll']:.3f}  all families "
-            f"{v['family_nll']:.3f}  clean replies {v['clean_nll']:.3f}  rows {v['rows']:5.0f}  "
+            f"{v['family_nll']:.3f}  clean replies {v['clean_nll']:.3f}  junk margin {v['junk_margin']:+.3f} "
+            f"(kinds not in the pool {v['absent_kinds_junk_margin']:+.3f}, accuracy {v['junk_accuracy']:.3f})  rows {v['rows']:5.0f}  "
             f"target rows {v['target_rows']:5.1f}  clean {v['clean_share']:.2f}"
         )
 
@@ -646,14 +762,24 @@ def print_summary(summary: dict) -> None:
     print(
         f"\n{summary['seeds']} seeds; proxy valid in every seed: {summary['valid_in_every_seed']}; "
         f"clean-reply measure valid in every seed: {summary['clean_valid_in_every_seed']}; "
-        f"the default preset is {summary['default']}; margins are vs the random draws' mean (positive: lower "
-        "NLL than random), +- a standard error from the draws' spread"
+        f"junk preference measure valid: {summary['junk_measure_valid']}; "
+        f"the default preset is {summary['default']}; margins say how much better than the random draws' "
+        "mean (lower NLL, higher junk margin), +- a standard error from the draws' spread"
     )
+    columns = {
+        "target NLL margin": "target_nll_margin_vs_random",
+        "all-family NLL margin": "family_nll_margin_vs_random",
+        "clean-reply NLL margin": "clean_nll_margin_vs_random",
+        "junk margin vs random": "junk_margin_margin_vs_random",
+        "junk margin vs balanced_random": "junk_margin_margin_vs_balanced_random",
+        "junk margin of kinds not in the pool vs balanced_random": "absent_kinds_junk_margin_margin_vs_balanced_random",
+    }
     print(
-        "| method | draws | target NLL | margin | beats random in seeds | all-family NLL margin "
-        "| clean-reply NLL margin | target margin vs balanced_random | clean share | target rows |"
+        "| method | draws | target NLL | beats random in seeds | "
+        + " | ".join(columns)
+        + " | junk margin | junk accuracy | clean share | target rows |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|" + "---:|" * (len(columns) + 4))
 
     def shown(row: dict, key: str) -> str:
         m = row.get(key)
@@ -663,10 +789,10 @@ def print_summary(summary: dict) -> None:
         vs_random = v.get("target_nll_margin_vs_random")
         beats = f"{vs_random['beats_in_seeds']}/{summary['seeds']}" if vs_random else ""
         print(
-            f"| {method} | {v['draws']} | {v['target_nll_mean']:.3f} | {shown(v, 'target_nll_margin_vs_random')} | "
-            f"{beats} | {shown(v, 'family_nll_margin_vs_random')} | "
-            f"{shown(v, 'clean_nll_margin_vs_random')} | {shown(v, 'target_nll_margin_vs_balanced_random')} | "
-            f"{v['clean_share_mean']:.2f} | {v['target_rows_mean']:.1f} |"
+            f"| {method} | {v['draws']} | {v['target_nll_mean']:.3f} | {beats} | "
+            + " | ".join(shown(v, key) for key in columns.values())
+            + f" | {v['junk_margin_mean']:+.3f} | {v['junk_accuracy_mean']:.3f} | {v['clean_share_mean']:.2f} "
+            f"| {v['target_rows_mean']:.1f} |"
         )
 
 
