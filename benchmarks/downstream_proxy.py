@@ -512,19 +512,13 @@ def draw_seed(seed: int, draw: int) -> int:
 # ---------------------------------------------------------------------------- finetune and judge
 
 
-def finetune_and_judge(
-    args,
-    seed: int,
-    target: Path,
-    rows: list[dict],
-    held_out: dict[str, list[dict]],
-    spoiled: dict[str, list[dict | None]],
-) -> dict:
-    """Train every weight of the tiny target on ``rows`` (loss on the replies), then judge it:
-    ``nll``, its mean NLL of the right answer on each group of ``held_out`` rows (each family's held-out
-    items, the clean replies), and ``preference``, per kind of ``spoiled`` reply, how much higher its
-    per-token NLL of the spoiled reply is than of the clean one (``margin``) and in what share of the
-    pairs (``accuracy``): lm-eval's multiple-choice comparison of two continuations, per token."""
+def finetune_and_judge(args, seed: int, target: Path, rows: list[dict], judged_on: dict) -> dict:
+    """Train every weight of the tiny target on ``rows`` (loss on the replies), then judge it on
+    ``judged_on``: ``nll``, its mean NLL of the right answer on each group of ``held_out`` rows (each
+    family's held-out items, the clean replies), and ``preference``, per kind of ``spoiled`` reply, how
+    much higher its per-token NLL of the spoiled reply is than of the clean one (``margin``) and in what
+    share of the pairs (``accuracy``): lm-eval's multiple-choice comparison of two continuations, per
+    token."""
     from transformers import AutoModelForCausalLM
 
     from selectmoe.data.collate import collate
@@ -556,11 +550,12 @@ def finetune_and_judge(
         optimizer.zero_grad(set_to_none=True)
     model.eval()
     scored = {
-        group: reply_nlls(model, tokenizer, items, args.max_length) for group, items in held_out.items()
+        group: reply_nlls(model, tokenizer, items, args.max_length)
+        for group, items in judged_on["held_out"].items()
     }
     clean_nll, clean_whole = scored[CLEAN]
     preference = {}
-    for kind, versions in spoiled.items():
+    for kind, versions in judged_on["spoiled"].items():
         present = [i for i, row in enumerate(versions) if row is not None]
         nll, whole = reply_nlls(model, tokenizer, [versions[i] for i in present], args.max_length)
         paired = whole & clean_whole[present]  # both replies scored whole
@@ -594,15 +589,7 @@ def reply_nlls(model, tokenizer, rows: list[dict], max_length: int) -> tuple[np.
     return nll, whole
 
 
-def cached_finetune(
-    args,
-    seed: int,
-    target: Path,
-    rows: list[dict],
-    held_out: dict[str, list[dict]],
-    spoiled: dict[str, list[dict | None]],
-    cache: Path,
-) -> dict:
+def cached_finetune(args, seed: int, target: Path, rows: list[dict], judged_on: dict, cache: Path) -> dict:
     """``finetune_and_judge``, cached by everything it reads: a rerun with other ``--methods`` does not
     train the methods that always run again."""
     key = hash_dict(
@@ -610,8 +597,7 @@ def cached_finetune(
             "seed": seed,
             "target": str(target),
             "rows": rows,
-            "held_out": held_out,
-            "spoiled": spoiled,
+            **judged_on,
             **{
                 k: getattr(args, k)
                 for k in ("steps", "batch", "learning_rate", "finetune_max_length", "max_length")
@@ -621,7 +607,7 @@ def cached_finetune(
     path = cache / f"{key}.json"
     if path.exists():
         return json.loads(path.read_text())
-    result = finetune_and_judge(args, seed, target, rows, held_out, spoiled)
+    result = finetune_and_judge(args, seed, target, rows, judged_on)
     cache.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result))
     return result
@@ -633,7 +619,10 @@ def run_seed(args, seed: int, out: Path) -> dict:
     selector, target = tiny_lm("olmoe", seed, args, cache), tiny_lm("llama", seed, args, cache)
     stage2, product = run_stages(args, seed, selector, out)
     by_id = {r["id"]: r for r in pool["rows"]}
-    held_out, spoiled = {**pool["held_out"], CLEAN: pool["clean_replies"]}, pool["spoiled_replies"]
+    judged_on = {
+        "held_out": {**pool["held_out"], CLEAN: pool["clean_replies"]},
+        "spoiled": pool["spoiled_replies"],
+    }
     results = {}
     for method, draws in selections(args, seed, pool, stage2, product).items():
         if args.methods and method not in (*args.methods, *ALWAYS_RUN):
@@ -642,7 +631,7 @@ def run_seed(args, seed: int, out: Path) -> dict:
         for ids in draws:
             started = time.time()
             rows = [by_id[i] for i in ids]
-            judged_by = cached_finetune(args, seed, target, rows, held_out, spoiled, out / "finetunes")
+            judged_by = cached_finetune(args, seed, target, rows, judged_on, out / "finetunes")
             print(f"  finetuned on {method} ({len(ids)} rows) in {time.time() - started:.0f} s", flush=True)
             judged.append(judge(pool, by_id, ids, judged_by))
         results[method] = {
