@@ -560,11 +560,12 @@ def finetune_and_judge(args, seed: int, target: Path, rows: list[dict], judged_o
         nll, whole = reply_nlls(model, tokenizer, [versions[i] for i in present], args.max_length)
         paired = whole & clean_whole[present]  # both replies scored whole
         gap = nll[paired] - clean_nll[present][paired]
-        preference[kind] = {
-            "margin": float(gap.mean()),
-            "accuracy": float((gap > 0).mean()),
-            "pairs": len(gap),
-        }
+        if len(gap):  # a kind none of whose pairs fits max_length whole is left out
+            preference[kind] = {
+                "margin": float(gap.mean()),
+                "accuracy": float((gap > 0).mean()),
+                "pairs": len(gap),
+            }
     # rows the template rejects are left out of the means; rows it cuts keep their scored part
     return {
         "nll": {group: float(np.nanmean(nll)) for group, (nll, _) in scored.items()},
@@ -665,10 +666,8 @@ def judge(pool: dict, by_id: dict[str, dict], ids: list[str], judged_by: dict) -
     """One finetune's measures (``MEASURES``) and what its selection holds."""
     families = {f: v for f, v in judged_by["nll"].items() if f != CLEAN}
     preference = judged_by["preference"]
-    planted, absent = (
-        pool["planted_kinds"],
-        [kind for kind in preference if kind not in pool["planted_kinds"]],
-    )
+    planted = [kind for kind in pool["planted_kinds"] if kind in preference]
+    absent = [kind for kind in preference if kind not in pool["planted_kinds"]]
     return {
         "target_nll": statistics.mean(families[f] for f in pool["targets"]),
         "other_nll": statistics.mean(v for f, v in families.items() if f not in pool["targets"]),

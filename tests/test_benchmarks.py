@@ -338,10 +338,12 @@ def test_downstream_proxy_small(tmp_path):
         tmp_path,
         *("--seeds", "0", "--work-dir", str(tmp_path / "work"), "--families", "3", "--real-rows", "60"),
         *("--lm-steps", "5", "--stage1-steps", "2", "--steps", "4", "--random-draws", "2", "--draws", "2"),
-        *("--percentage", "0.1", "--clean-rows", "20"),
+        *("--percentage", "0.1", "--clean-rows", "60", "--defect-kinds", "garbled", "wrong_answer", "looped"),
         timeout=600,
     )
     assert "proxy valid in every seed:" in stdout and "clean-reply measure valid in every seed:" in stdout
+    assert "junk preference measure valid:" in stdout
+    assert isinstance(report["summary"]["junk_measure_valid"], bool)
     seed = report["per_seed"][0]
     methods = seed["methods"]
     assert set(methods) == {
@@ -356,8 +358,21 @@ def test_downstream_proxy_small(tmp_path):
     assert methods["clean_random"]["clean_share"] == methods["clean_balanced_random"]["clean_share"] == 1.0
     assert methods["clean_balanced_random"]["target_rows"] == methods["balanced_random"]["target_rows"]
     assert methods["clean_random"]["rows"] == methods["random"]["rows"]
-    assert seed["clean_rows"] == 20
+    assert seed["clean_rows"] == 60
     assert all(v["clean_nll"] > 0 for v in methods.values())
+    # the junk preference: per kind, spoiled minus clean per-token NLL of the same held-out clean replies
+    # (a kind none of whose pairs fits 128 tokens whole is left out); the pool's kinds apart from the rest
+    # (wrong_answer is planted but not judged)
+    absent_kinds = {"shuffled", "swapped", "truncated", "empty_ish", "spam", "echo"}
+    for v in methods.values():
+        for draw in v["draws"]:
+            kinds = draw["preference_per_kind"]
+            assert {"garbled", "looped"} <= set(kinds) <= absent_kinds | {"garbled", "looped"}
+            assert all(0 < kind["pairs"] <= 60 and 0 <= kind["accuracy"] <= 1 for kind in kinds.values())
+            planted = (kinds["garbled"]["margin"] + kinds["looped"]["margin"]) / 2
+            assert draw["junk_margin"] == pytest.approx(planted)
+            absent = [kinds[k]["margin"] for k in absent_kinds & set(kinds)]
+            assert draw["absent_kinds_junk_margin"] == pytest.approx(sum(absent) / len(absent))
     default = report["summary"]["default"]
     assert default in methods and default.startswith("filtered_random")
     assert methods["calibrated"]["rows"] == methods[default]["rows"]
@@ -387,6 +402,9 @@ def test_downstream_proxy_small(tmp_path):
     assert margin["se"] > 0
     assert "target_nll_margin_vs_random" not in summary["random"]
     assert summary[default]["target_nll_margin_vs_balanced_random"]["se"] > 0
+    # a higher junk margin is better: the margin vs random is the method's minus random's
+    junk = summary[default]["junk_margin_margin_vs_random"]
+    assert junk["mean"] == pytest.approx(methods[default]["junk_margin"] - methods["random"]["junk_margin"])
 
 
 @pytest.mark.timeout(900)
