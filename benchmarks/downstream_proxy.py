@@ -93,7 +93,7 @@ from selection_quality import reselect
 from selection_quality import run_stages as run_stages_of_the_product
 
 from selectmoe.config import PipelineConfig, ScoringSection, load_preset
-from selectmoe.demo.defects import DEFECT_KINDS, HELD_OUT_KINDS, plant_defects, spoil
+from selectmoe.demo.defects import DEFECT_KINDS, HELD_OUT_KINDS, applies, plant_defects, request_of, spoil
 from selectmoe.manifest import hash_dict
 
 WORDS = [
@@ -359,11 +359,13 @@ def spoiled_replies(rows: list[dict], seed: int) -> dict[str, list[dict | None]]
         spoiled[kind] = []
         for i, row in enumerate(rows):
             donor = replies[(i + 1 + rng.randrange(len(rows) - 1)) % len(rows)]
-            request = next(m["content"] for m in reversed(row["messages"][:-1]) if m["role"] == "user")
-            reply = spoil(kind, replies[i], rng, donor, request=request)
-            applies = reply != replies[i] and (kind != "truncated" or " " in replies[i])
+            reply = spoil(kind, replies[i], rng, donor, request=request_of(row))
             messages = [*row["messages"][:-1], {"role": "assistant", "content": reply}]
-            spoiled[kind].append({**row, "messages": messages} if applies else None)
+            spoiled[kind].append(
+                {**row, "messages": messages}
+                if applies(kind, replies[i], None) and reply != replies[i]
+                else None
+            )
     return spoiled
 
 

@@ -51,7 +51,7 @@ def plant_defects(
             donor = _donor_reply(rng, originals, index)
             row["messages"][-1] = {
                 "role": "assistant",
-                "content": spoil(kind, originals[index], rng, donor, wrong[index], _request(row)),
+                "content": spoil(kind, originals[index], rng, donor, wrong[index], request_of(row)),
             }
         labels.append(
             {
@@ -99,13 +99,13 @@ def _choose_defects(
         counts[kind] += 1
     chosen: dict[int, str] = {}
     for kind in sorted(kinds, key=lambda kind: kind != "truncated"):
-        free = [i for i, reply in enumerate(replies) if i not in chosen and _applies(kind, reply, wrong[i])]
+        free = [i for i, reply in enumerate(replies) if i not in chosen and applies(kind, reply, wrong[i])]
         for index in rng.sample(free, min(counts[kind], len(free))):
             chosen[index] = kind
     return chosen
 
 
-def _applies(kind: str, reply: str, wrong: str | None) -> bool:
+def applies(kind: str, reply: str, wrong: str | None) -> bool:
     if kind == "truncated":
         return " " in reply
     if kind == "wrong_answer":
@@ -113,7 +113,7 @@ def _applies(kind: str, reply: str, wrong: str | None) -> bool:
     return True
 
 
-def _request(row: dict) -> str:
+def request_of(row: dict) -> str:
     """The last user message before the final reply."""
     return next((m["content"] for m in reversed(row["messages"][:-1]) if m["role"] == "user"), "")
 
