@@ -15,7 +15,7 @@ import torch
 
 from selectmoe.models.loading import load_select_moe, release_freed_memory, resolve_dtype
 from selectmoe.select.score import ScorePasses, score_batch, score_of
-from selectmoe.training.common import set_cpu_threads
+from selectmoe.training.common import set_up_cpu_worker
 
 # columns the score files keep beside id, dataset, score, layer_scores, n_tokens and n_scored_tokens
 OPTIONAL_COLUMNS = (
@@ -42,7 +42,7 @@ class GateScorer:
         cpu_threads: int | None = None,
         fail_once_marker: str | None = None,
     ):
-        set_cpu_threads(cpu_threads)
+        set_up_cpu_worker(cpu_threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.passes = ScorePasses.for_scoring(scoring)
         self.model = load_select_moe(
