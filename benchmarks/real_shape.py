@@ -37,6 +37,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import threading
@@ -328,6 +329,7 @@ def run_all(args) -> int:
     }
     for stage in (s for s in STAGES if s in args.stages):
         out = work / stage
+        shutil.rmtree(out, ignore_errors=True)  # else the stage resumes an earlier run's checkpoint or parts
         argv = [sys.executable, "-m", "selectmoe.cli", *commands[stage], f"output_dir={out}"]
         argv += gpu + (common if stage != "evaluate" else [])
         print(f"\n$ selectmoe {' '.join(argv[3:])}", flush=True)
@@ -484,6 +486,7 @@ def stage_numbers(stage: str, out: Path) -> dict:
 
         scores = pq.read_table(out / "scores", columns=["n_tokens"])
         numbers["rows_scored"] = scores.num_rows
+        numbers["rows_scored_before"] = manifest["counts"]["rows_scored_before"]  # 0: nothing resumed
         numbers["tokens_scored"] = int(np.sum(scores["n_tokens"].to_numpy()))
         numbers["scoring_s"] = manifest["metrics"]["timings"]["scoring_s"]
         if numbers["scoring_s"]:  # actor start and model load included
