@@ -322,10 +322,10 @@ def test_the_load_reads_the_checkpoint_no_faster_than_it_places_it(tmp_path):
 
 _MEMORY_OF_MANY_SHAPES = """
 from selectmoe.models.loading import release_freed_memory
-from selectmoe.training.common import set_up_cpu_worker
+from selectmoe.select.scorer import uncached_onednn
 import torch
 
-set_up_cpu_worker(None)
+uncached_onednn()
 
 def mib():
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) / 1024
@@ -341,12 +341,12 @@ print(mib() - before)
 """
 
 
-def test_a_cpu_worker_does_not_keep_a_matmul_per_shape():
+def test_cpu_scoring_does_not_keep_a_matmul_per_shape():
     """oneDNN caches up to 1,024 built matmuls by shape, each with scratch memory of its own; an MoE's
     experts see a new token count in nearly every batch, and at OLMoE-1B-7B's shape the scoring actor
-    grew to 1.45x its weights. ``set_up_cpu_worker`` (every CPU worker and actor calls it first) turns
-    the cache off. Here 128 bf16 matmul shapes (oneDNN's path on x86 CPUs) left 250-440 MiB more
-    resident with the cache than the same process set up as a worker, 40-200 MiB."""
+    grew to 1.45x its weights. ``uncached_onednn`` (a CPU ``GateScorer`` calls it first) turns the cache
+    off. Here 128 bf16 matmul shapes (oneDNN's path on x86 CPUs) left 250-440 MiB resident with the
+    cache, 40-200 MiB without."""
 
     def grown(code: str) -> float:
         done = subprocess.run(
@@ -354,9 +354,9 @@ def test_a_cpu_worker_does_not_keep_a_matmul_per_shape():
         )
         return float(done.stdout.split()[-1])
 
-    as_worker = grown(_MEMORY_OF_MANY_SHAPES)
-    with_the_cache = grown(_MEMORY_OF_MANY_SHAPES.replace("set_up_cpu_worker(None)", ""))
-    assert with_the_cache - as_worker > 100
+    uncached = grown(_MEMORY_OF_MANY_SHAPES)
+    cached = grown(_MEMORY_OF_MANY_SHAPES.replace("uncached_onednn()", ""))
+    assert cached - uncached > 100
 
 
 def test_release_freed_memory_hands_glibcs_kept_heap_back_to_the_os():

@@ -40,7 +40,7 @@ from selectmoe.layout import RESULTS, RESULTS_TABLE
 from selectmoe.manifest import fingerprint, write_manifest
 from selectmoe.models.loading import require_model
 from selectmoe.scaling import cpu_threads, ensure_ray
-from selectmoe.training.common import set_up_cpu_worker
+from selectmoe.training.common import set_cpu_threads
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ def _submit(cfg: EvaluateConfig, jobs: list[EvalJob]) -> list[ray.ObjectRef]:
 def _run_jobs_remote(
     cfg: EvaluateConfig, jobs: list[EvalJob], device: str, threads: int | None = None
 ) -> list[dict[str, Any]]:
-    set_up_cpu_worker(threads)
+    set_cpu_threads(threads)
     return run_jobs(cfg, jobs, device)
 
 

@@ -13,7 +13,7 @@ import time
 import torch
 
 from selectmoe.models.loading import resolve_dtype
-from selectmoe.training.common import set_up_cpu_worker, worker_device
+from selectmoe.training.common import set_cpu_threads, worker_device
 from selectmoe.training.loop import all_reduce_sum, run_training_loop
 from selectmoe.training.sharding import gradient_sync
 
@@ -51,7 +51,7 @@ def apply_lora(model, lora: dict, *, gradient_checkpointing: bool):
 
 
 def train_target_per_worker(config: dict) -> None:
-    set_up_cpu_worker(config["cpu_threads"])
+    set_cpu_threads(config["cpu_threads"])
     torch.manual_seed(config["seed"])  # the same LoRA init on every worker
     started = time.perf_counter()
     model = load_target(

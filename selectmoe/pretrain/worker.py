@@ -20,7 +20,7 @@ import torch
 from selectmoe.metrics import auroc
 from selectmoe.models.loading import load_select_moe, resolve_dtype
 from selectmoe.select.score import ScorePasses, row_score, row_score_tensor, score_batch, score_mask
-from selectmoe.training.common import BatchPlan, set_up_cpu_worker, worker_device
+from selectmoe.training.common import BatchPlan, set_cpu_threads, worker_device
 from selectmoe.training.loop import all_reduce_sum, run_training_loop
 from selectmoe.training.sharding import gradient_sync, unwrap
 
@@ -56,7 +56,7 @@ def setup_trainable(model, peft_mode: str, lora: dict):
 
 
 def train_router_per_worker(config: dict) -> None:
-    set_up_cpu_worker(config["cpu_threads"])
+    set_cpu_threads(config["cpu_threads"])
     torch.manual_seed(config["seed"])
     started = time.perf_counter()
     model = load_select_moe(

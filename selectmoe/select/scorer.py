@@ -15,7 +15,7 @@ import torch
 
 from selectmoe.models.loading import load_select_moe, release_freed_memory, resolve_dtype
 from selectmoe.select.score import ScorePasses, score_batch, score_of
-from selectmoe.training.common import set_up_cpu_worker
+from selectmoe.training.common import set_cpu_threads
 
 # columns the score files keep beside id, dataset, score, layer_scores, n_tokens and n_scored_tokens
 OPTIONAL_COLUMNS = (
@@ -27,6 +27,18 @@ TOKEN_FIELDS = ("input_ids", "labels", "reply_input_ids", "reply_labels")  # wha
 DEFAULT_TOKENS_PER_BATCH = {"cuda": 16384, "cpu": 4096}  # scoring.tokens_per_batch=0
 DEFAULT_ROWS_PER_BATCH = {"cuda": 128, "cpu": 32}  # data_process.batch_size=0
 WARM_UP_TOKENS = 64  # the longer of the two rows of the actor's warm-up pass
+
+
+def uncached_onednn() -> None:
+    """Score on CPU without oneDNN's cache of built matmuls (``ONEDNN_PRIMITIVE_CACHE_CAPACITY=0``, unless
+    the environment sets it; read when oneDNN builds its first matmul, so call it before).
+
+    It keeps up to 1,024, each with scratch memory of its own, keyed by shape, and an MoE's experts see
+    a new token count in nearly every batch: at OLMoE-1B-7B's shape in bf16 it took a scoring actor to
+    18.6 GiB (1.45x the weights), and a forward of 4,096 tokens peaks 15.0 GiB uncached against 15.7
+    growing to 16.3 cached, as fast. Training is not uncached: its backward re-built (JIT) every matmul
+    and a stage-1 step took 4.5x as long (benchmarks/README.md, real shapes)."""
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "0")
 
 
 class GateScorer:
@@ -42,8 +54,10 @@ class GateScorer:
         cpu_threads: int | None = None,
         fail_once_marker: str | None = None,
     ):
-        set_up_cpu_worker(cpu_threads)
+        set_cpu_threads(cpu_threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":
+            uncached_onednn()
         self.passes = ScorePasses.for_scoring(scoring)
         self.model = load_select_moe(
             model_path,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import tempfile
 from collections.abc import Iterator
@@ -146,20 +145,10 @@ def report(metrics: dict, checkpoint_writer=None) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def set_up_cpu_worker(threads: int | None) -> None:
-    """At the start of a worker or actor (Train worker, scoring actor, eval task) on CPU: run torch on
-    ``threads`` threads (``selectmoe.scaling.cpu_threads``; None = as is), and oneDNN without its cache
-    of primitives, unless the environment sets ``ONEDNN_PRIMITIVE_CACHE_CAPACITY``.
-
-    oneDNN keeps up to 1,024 built matmuls, each with its own scratch memory, keyed by shape; an MoE's
-    experts see a new token count, so a new shape, in nearly every batch. At OLMoE-1B-7B's shape in bf16
-    the cache grew by ~0.6 GiB per forward of 4,096 tokens and the scoring actor reached 1.45x the
-    weights; uncached, a forward peaks 1.2 GiB above them and runs as fast (benchmarks/README.md, real
-    shapes). oneDNN reads the variable when it builds its first primitive, so this runs first."""
-    if torch.cuda.is_available():
-        return
-    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "0")
-    if threads:
+def set_cpu_threads(threads: int | None) -> None:
+    """In a CPU worker or actor (Train worker, scoring actor, eval task): run torch on ``threads``
+    threads (``selectmoe.scaling.cpu_threads``); None = as is."""
+    if threads and not torch.cuda.is_available():
         torch.set_num_threads(threads)
 
 
