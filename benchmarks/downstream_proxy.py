@@ -37,6 +37,10 @@ on real rows, all weights trained, ``--steps`` steps of ``--batch`` rows), which
   than 2 standard errors (``junk_measure_valid``); ``--defect-kinds looped echo`` spoils the pool only by
   kinds no score was tuned on.
 
+What each selection keeps is reported beside: per kind of pool row (``clean`` or a defect kind), its
+keep rate (its share of the selection over its share of the pool: 1 is a random draw's, 0 none) and the
+kind's mean NLL and prompt gain as stage 2 scored them (``pool_kinds``): why a filter keeps a kind.
+
 Methods: ``random`` (``--random-draws`` seeded draws), ``full`` (the whole pool), ``oracle`` (clean rows
 of the target families), ``perplexity`` (lowest NLL), ``gates`` (mean gate), ``gates_prompt_gain`` (top
 rows by that preset's score), ``gates_prompt_gain_balanced`` (the same, with per-dataset quotas as
@@ -83,6 +87,7 @@ import random
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -323,9 +328,11 @@ def build_pool(args, seed: int, out: Path) -> dict:
             with (out / "targets" / f"{lang.lower()}.jsonl").open("w") as fh:
                 fh.writelines(json.dumps(r) + "\n" for r in shown)
         held_out[lang.lower()] = items
+    kind = {label["id"]: label["defect"] or "clean" for label in labels}
     return {
         "rows": rows,
-        "clean": {label["id"]: label["quality"] == "clean" for label in labels},
+        "kind": kind,
+        "clean": {i: k == "clean" for i, k in kind.items()},
         "planted_kinds": [kind for kind in PREFERENCE_KINDS if kind in args.defect_kinds],
         "targets": [lang.lower() for lang in targets],
         "held_out": held_out,
@@ -653,6 +660,7 @@ def run_seed(args, seed: int, out: Path) -> dict:
         "seed": seed,
         "targets": pool["targets"],
         "pool_rows": len(pool["rows"]),
+        "pool_kinds": terms_per_kind(pool, stage2),
         "clean_rows": len(pool["clean_replies"]),  # before the template drops rows too long for it
         "methods": results,
         "valid": all(
@@ -662,6 +670,44 @@ def run_seed(args, seed: int, out: Path) -> dict:
         "clean_valid": random_draws["clean_nll"] - results["clean_random"]["clean_nll"]
         > 2 * random_draws["clean_nll_std"],
     }
+
+
+def terms_per_kind(pool: dict, stage2: Path) -> dict[str, dict]:
+    """Per kind of row in the pool (``clean`` or a defect kind): how many, and their mean NLL and prompt
+    gain in nats per reply token as stage 2 scored them, over all its rows and over its real rows (the
+    families' rows are short and made up): what a filter by those terms sees."""
+    table = pq.read_table(
+        stage2 / "scores", columns=["id", "dataset", "nll", "nll_without_prompt"]
+    ).to_pydict()
+    kinds = np.asarray([pool["kind"][i] for i in table["id"]])
+    real = ~np.isin(table["dataset"], list(pool["held_out"]))
+    nll, unprompted = np.asarray(table["nll"]), np.asarray(table["nll_without_prompt"])
+    terms = {}
+    for kind in sorted(set(kinds.tolist())):
+        rows, real_rows = kinds == kind, (kinds == kind) & real
+        terms[kind] = {
+            "rows": int(rows.sum()),
+            "nll": float(nll[rows].mean()),
+            "prompt_gain": float((unprompted - nll)[rows].mean()),
+            "real_rows": int(real_rows.sum()),
+            "real_nll": float(nll[real_rows].mean()) if real_rows.any() else None,
+            "real_prompt_gain": float((unprompted - nll)[real_rows].mean()) if real_rows.any() else None,
+        }
+    return terms
+
+
+def keep_rates(per_seed: list[dict], method: str) -> dict[str, float]:
+    """Per kind of row, the share of the method's selections it makes up over its share of the pool,
+    averaged over draws and seeds: 1 keeps it as often as a random draw, 0 never."""
+    rates: dict[str, list[float]] = {}
+    for s in per_seed:
+        pool = s["pool_kinds"]
+        pool_rows = sum(kind["rows"] for kind in pool.values())
+        for draw in s["methods"][method]["draws"]:
+            for kind, n in pool.items():
+                share = draw["kind_counts"].get(kind, 0) / draw["rows"]
+                rates.setdefault(kind, []).append(share / (n["rows"] / pool_rows))
+    return {kind: statistics.mean(values) for kind, values in rates.items()}
 
 
 def judge(pool: dict, by_id: dict[str, dict], ids: list[str], judged_by: dict) -> dict:
@@ -681,6 +727,7 @@ def judge(pool: dict, by_id: dict[str, dict], ids: list[str], judged_by: dict) -
         "rows": len(ids),
         "target_rows": sum(by_id[i]["dataset"] in pool["targets"] for i in ids),
         "clean_share": sum(pool["clean"][i] for i in ids) / max(len(ids), 1),
+        "kind_counts": dict(Counter(pool["kind"][i] for i in ids)),
         "nll_per_family": families,
         "preference_per_kind": preference,
     }
@@ -718,6 +765,7 @@ def summarise(per_seed: list[dict]) -> dict:
                 for key in MEASURES:
                     value, se, positive = margin(per_seed, method, baseline, key)
                     row[f"{key}_margin_vs_{baseline}"] = {"mean": value, "se": se, "beats_in_seeds": positive}
+        row["keep_rate_per_kind"] = keep_rates(per_seed, method)
         rows[method] = row
     junk = rows["clean_balanced_random"]["junk_margin_margin_vs_balanced_random"]
     return {
@@ -738,6 +786,14 @@ def print_seed(result: dict) -> None:
         f"\nseed {result['seed']} ({result['seconds']} s, pool {result['pool_rows']} rows, targets {result['targets']}): "
         f"random target NLL {r['target_nll']:.3f} +- {r['target_nll_std']:.3f}; proxy valid: {result['valid']}; "
         f"random clean-reply NLL {r['clean_nll']:.3f} +- {r['clean_nll_std']:.3f}; valid: {result['clean_valid']}"
+    )
+    print(
+        "  pool rows by kind (mean NLL / prompt gain in nats per reply token, all rows; real rows): "
+        + ", ".join(
+            f"{k} {v['rows']} ({v['nll']:.2f} / {v['prompt_gain']:+.2f}; "
+            + (f"{v['real_nll']:.2f} / {v['real_prompt_gain']:+.2f})" if v["real_rows"] else "-)")
+            for k, v in result["pool_kinds"].items()
+        )
     )
     for method, v in result["methods"].items():
         print(
@@ -784,6 +840,13 @@ def print_summary(summary: dict) -> None:
             + f" | {v['junk_margin_mean']:+.3f} | {v['junk_accuracy_mean']:.3f} | {v['clean_share_mean']:.2f} "
             f"| {v['target_rows_mean']:.1f} |"
         )
+    kinds = list(next(iter(summary["methods"].values()))["keep_rate_per_kind"])
+    print(
+        "\nHow often each kind of row is kept (its share of the selection over its share of the pool; 1 = as a "
+        "random draw)\n| method | " + " | ".join(kinds) + " |\n|---|" + "---:|" * len(kinds)
+    )
+    for method, v in summary["methods"].items():
+        print(f"| {method} | " + " | ".join(f"{v['keep_rate_per_kind'][k]:.2f}" for k in kinds) + " |")
 
 
 if __name__ == "__main__":

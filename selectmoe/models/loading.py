@@ -183,9 +183,9 @@ def _read_not_mapped(path: str) -> dict | None:
 @contextmanager
 def _read_in_load_order():
     """transformers reads a checkpoint's tensors in 4 threads ahead of the loop that fuses and places
-    them, unbounded: from files in the page cache the reads race ahead, and at OLMoE-1B-7B's shape the
-    load peaked 4.7 GiB above the weights (17.6 GiB of RSS for 12.9 GiB), 0.3 GiB when each tensor is
-    read as the loop needs it (``HF_DEACTIVATE_ASYNC_LOAD``; the load takes 21 s instead of 14)."""
+    them, unbounded: from files in the page cache the reads race ahead and hold much of the model twice
+    (at OLMoE-1B-7B's shape a Train worker peaked at 1.53x the weights, 1.13x read in order;
+    benchmarks/README.md, real shapes). ``HF_DEACTIVATE_ASYNC_LOAD`` reads each tensor when it is needed."""
     before = os.environ.get("HF_DEACTIVATE_ASYNC_LOAD")
     os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"
     try:

@@ -34,10 +34,10 @@ def uncached_onednn() -> None:
     the environment sets it; read when oneDNN builds its first matmul, so call it before).
 
     It keeps up to 1,024, each with scratch memory of its own, keyed by shape, and an MoE's experts see
-    a new token count in nearly every batch: at OLMoE-1B-7B's shape in bf16 it took a scoring actor to
-    18.6 GiB (1.45x the weights), and a forward of 4,096 tokens peaks 15.0 GiB uncached against 15.7
-    growing to 16.3 cached, as fast. Training is not uncached: its backward re-built (JIT) every matmul
-    and a stage-1 step took 4.5x as long (benchmarks/README.md, real shapes)."""
+    a new token count in nearly every batch: at OLMoE-1B-7B's shape it took a scoring actor from 1.23x
+    to 1.45x the weights, above what CPU pools are sized by (``scoring_actor_bytes``). It costs some
+    speed (benchmarks/README.md, real shapes). Training keeps the cache: its backward re-builds every
+    matmul without it."""
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "0")
 
 
