@@ -673,7 +673,7 @@ def run_seed(args, seed: int, out: Path) -> dict:
 
 
 def terms_per_kind(pool: dict, stage2: Path) -> dict[str, dict]:
-    """Per kind of row in the pool (``clean`` or a defect kind): how many, and their mean NLL and prompt
+    """Per kind of the pool's scored rows (``clean`` or a defect kind): how many, their mean NLL and prompt
     gain in nats per reply token as stage 2 scored them, over all its rows and over its real rows (the
     families' rows are short and made up): what a filter by those terms sees."""
     table = pq.read_table(

@@ -8,6 +8,7 @@ lines and the JSON keys are checked. ``make test`` (CI) leaves them out: togethe
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -293,7 +294,7 @@ def test_real_shape_build_writes_loadable_checkpoints_in_the_hub_layout(tmp_path
     assert (only / "olmoe-1b-7b" / "tokenizer.json").read_bytes() == (olmoe / "tokenizer.json").read_bytes()
 
 
-@pytest.mark.timeout(660)
+@pytest.mark.timeout(960)
 def test_real_shape_run_takes_every_stage_through_the_cli(tmp_path):
     """The mini shape of ``real_shape.py run``: each stage's CLI in its own local Ray, every process of
     its tree sampled and named by its Ray role, the stage's own load/step numbers, and the alternating
@@ -329,6 +330,12 @@ def test_real_shape_run_takes_every_stage_through_the_cli(tmp_path):
     # instructions the bf16 "peak" is emulated and the share came out 3.6)
     assert all(share > 0 for share in throughput["share_of_peak"].values())
     assert "stage-2 throughput on cpu" in stdout
+    # a second run measures the stage again, not a resume of the first run's parts
+    _, again = run_benchmark(
+        "real_shape.py", tmp_path, "run", str(models), "--rows", "24", "--stages", "select", timeout=300
+    )
+    assert again["stages"]["select"]["rows_scored"] == 24
+    assert stages["select"]["rows_scored_before"] == again["stages"]["select"]["rows_scored_before"] == 0
 
 
 @pytest.mark.timeout(660)  # its script may take 600 s (run_benchmark's timeout below)
@@ -405,6 +412,18 @@ def test_downstream_proxy_small(tmp_path):
     # a higher junk margin is better: the margin vs random is the method's minus random's
     junk = summary[default]["junk_margin_margin_vs_random"]
     assert junk["mean"] == pytest.approx(methods[default]["junk_margin"] - methods["random"]["junk_margin"])
+    # what each selection keeps, per kind of pool row: the pool's kinds with their mean terms, and a keep
+    # rate per kind (share of the selection over share of the pool): the perfect filter keeps no junk
+    kinds = seed["pool_kinds"]
+    assert set(kinds) == {"clean", "garbled", "wrong_answer", "looped"}
+    assert sum(kind["rows"] for kind in kinds.values()) == methods["full"]["rows"]  # the rows stage 2 scored
+    assert all(math.isfinite(kind["nll"]) and math.isfinite(kind["prompt_gain"]) for kind in kinds.values())
+    perfect = summary["clean_balanced_random"]["keep_rate_per_kind"]
+    assert perfect["garbled"] == perfect["looped"] == 0 and perfect["clean"] > 1
+    assert summary["full"]["keep_rate_per_kind"] == pytest.approx(dict.fromkeys(kinds, 1.0))
+    draw = methods[default]["draws"][0]
+    assert sum(draw["kind_counts"].values()) == draw["rows"]
+    assert draw["clean_share"] == draw["kind_counts"].get("clean", 0) / draw["rows"]
 
 
 @pytest.mark.timeout(900)
