@@ -703,7 +703,7 @@ def keep_rates(per_seed: list[dict], method: str) -> dict[str, float]:
     for s in per_seed:
         pool = s["pool_kinds"]
         pool_rows = sum(kind["rows"] for kind in pool.values())
-        for draw in s["methods"][method]["draws"]:
+        for draw in (d for d in s["methods"][method]["draws"] if d["rows"]):
             for kind, n in pool.items():
                 share = draw["kind_counts"].get(kind, 0) / draw["rows"]
                 rates.setdefault(kind, []).append(share / (n["rows"] / pool_rows))

@@ -294,7 +294,7 @@ def test_real_shape_build_writes_loadable_checkpoints_in_the_hub_layout(tmp_path
     assert (only / "olmoe-1b-7b" / "tokenizer.json").read_bytes() == (olmoe / "tokenizer.json").read_bytes()
 
 
-@pytest.mark.timeout(960)
+@pytest.mark.timeout(1200)
 def test_real_shape_run_takes_every_stage_through_the_cli(tmp_path):
     """The mini shape of ``real_shape.py run``: each stage's CLI in its own local Ray, every process of
     its tree sampled and named by its Ray role, the stage's own load/step numbers, and the alternating

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -321,11 +322,15 @@ def test_the_load_reads_the_checkpoint_no_faster_than_it_places_it(tmp_path):
 
 
 _MEMORY_OF_MANY_SHAPES = """
-from selectmoe.models.loading import release_freed_memory
-from selectmoe.select.scorer import uncached_onednn
+import os, sys
 import torch
+from selectmoe.config import ScoringSection
+from selectmoe.models.loading import release_freed_memory
+from selectmoe.select.scorer import GateScorer
 
-uncached_onednn()
+if sys.argv[1:]:  # a CPU scorer of a bf16 model, as a scoring actor starts
+    GateScorer(sys.argv[1], scoring=ScoringSection(), pad_token_id=0, dtype="bfloat16")
+    assert "ONEDNN_PRIMITIVE_CACHE_CAPACITY" not in os.environ  # restored: children keep the cache
 
 def mib():
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) / 1024
@@ -341,22 +346,31 @@ print(mib() - before)
 """
 
 
-def test_cpu_scoring_does_not_keep_a_matmul_per_shape():
+@pytest.mark.skipif(
+    not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+    reason="bf16 matmuls go through oneDNN only on CPUs it supports bf16 on",
+)
+def test_cpu_scoring_does_not_keep_a_matmul_per_shape(olmoe_checkpoints):
     """oneDNN caches up to 1,024 built matmuls by shape, each with scratch memory of its own; an MoE's
     experts see a new token count in nearly every batch, and at OLMoE-1B-7B's shape the scoring actor
-    grew to 1.45x its weights. ``uncached_onednn`` (a CPU ``GateScorer`` calls it first) turns the cache
-    off. Here 128 bf16 matmul shapes (oneDNN's path on x86 CPUs) left 250-440 MiB resident with the
-    cache, 40-200 MiB without."""
+    grew to 1.45x its weights. A CPU ``GateScorer`` builds its first matmuls uncached, so its process
+    stays uncached, and leaves the environment as it was. Here 128 bf16 matmul shapes left 250-440 MiB
+    resident in a plain process and 40-200 MiB less in one that started a scorer first."""
+    _, per_expert, _ = olmoe_checkpoints
 
-    def grown(code: str) -> float:
+    def grown(*scorer: str) -> float:
+        env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
         done = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300
+            [sys.executable, "-c", _MEMORY_OF_MANY_SHAPES, *scorer],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=300,
+            env=env,
         )
         return float(done.stdout.split()[-1])
 
-    uncached = grown(_MEMORY_OF_MANY_SHAPES)
-    cached = grown(_MEMORY_OF_MANY_SHAPES.replace("uncached_onednn()", ""))
-    assert cached - uncached > 100
+    assert grown() - grown(str(per_expert)) > 100
 
 
 def test_release_freed_memory_hands_glibcs_kept_heap_back_to_the_os():

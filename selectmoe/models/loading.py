@@ -97,7 +97,11 @@ def load_select_moe(
     loader.addFilter(mute)
     try:
         state_dict = _read_not_mapped(path)
-        with _read_in_load_order():
+        # transformers reads a checkpoint's tensors in 4 threads ahead of the loop that fuses and places
+        # them, unbounded: from files in the page cache the reads race ahead and hold much of the model
+        # twice (at OLMoE-1B-7B's shape a Train worker at 1.53x the weights, 1.13x read in order;
+        # benchmarks/README.md, real shapes)
+        with environment_variable("HF_DEACTIVATE_ASYNC_LOAD", "1"):
             model, info = SelectMoeForCausalLM.from_pretrained(
                 None if state_dict is not None else path,
                 config=config,
@@ -181,20 +185,19 @@ def _read_not_mapped(path: str) -> dict | None:
 
 
 @contextmanager
-def _read_in_load_order():
-    """transformers reads a checkpoint's tensors in 4 threads ahead of the loop that fuses and places
-    them, unbounded: from files in the page cache the reads race ahead and hold much of the model twice
-    (at OLMoE-1B-7B's shape a Train worker peaked at 1.53x the weights, 1.13x read in order;
-    benchmarks/README.md, real shapes). ``HF_DEACTIVATE_ASYNC_LOAD`` reads each tensor when it is needed."""
-    before = os.environ.get("HF_DEACTIVATE_ASYNC_LOAD")
-    os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"
+def environment_variable(name: str, value: str, *, unless_set: bool = False):
+    """``name=value`` in this process's environment for the block (left as it is with ``unless_set`` when
+    it is set), then as before, so that processes started later do not inherit it."""
+    before = os.environ.get(name)
+    if not (unless_set and before is not None):
+        os.environ[name] = value
     try:
         yield
     finally:
         if before is None:
-            del os.environ["HF_DEACTIVATE_ASYNC_LOAD"]
+            os.environ.pop(name, None)
         else:
-            os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = before
+            os.environ[name] = before
 
 
 def release_freed_memory() -> None:

@@ -9,11 +9,17 @@ again by the replies' own lengths.
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 
 import numpy as np
 import torch
 
-from selectmoe.models.loading import load_select_moe, release_freed_memory, resolve_dtype
+from selectmoe.models.loading import (
+    environment_variable,
+    load_select_moe,
+    release_freed_memory,
+    resolve_dtype,
+)
 from selectmoe.select.score import ScorePasses, score_batch, score_of
 from selectmoe.training.common import set_cpu_threads
 
@@ -29,16 +35,18 @@ DEFAULT_ROWS_PER_BATCH = {"cuda": 128, "cpu": 32}  # data_process.batch_size=0
 WARM_UP_TOKENS = 64  # the longer of the two rows of the actor's warm-up pass
 
 
-def uncached_onednn() -> None:
-    """Score on CPU without oneDNN's cache of built matmuls (``ONEDNN_PRIMITIVE_CACHE_CAPACITY=0``, unless
-    the environment sets it; read when oneDNN builds its first matmul, so call it before).
+def uncached_onednn():
+    """A block in which oneDNN builds its first matmul without its cache of built matmuls
+    (``ONEDNN_PRIMITIVE_CACHE_CAPACITY=0``, unless the environment sets it): oneDNN reads the variable
+    then, once, so the process stays uncached; the variable is restored after, so processes started
+    later (a local Ray, a Train worker) keep the cache.
 
-    It keeps up to 1,024, each with scratch memory of its own, keyed by shape, and an MoE's experts see
-    a new token count in nearly every batch: at OLMoE-1B-7B's shape it took a scoring actor from 1.23x
-    to 1.45x the weights, above what CPU pools are sized by (``scoring_actor_bytes``). It costs some
-    speed (benchmarks/README.md, real shapes). Training keeps the cache: its backward re-builds every
-    matmul without it."""
-    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "0")
+    oneDNN keeps up to 1,024 built matmuls, each with scratch memory of its own, keyed by shape, and an
+    MoE's experts see a new token count in nearly every batch: at OLMoE-1B-7B's shape it took a scoring
+    actor from 1.23x to 1.45x the weights, above what CPU pools are sized by (``scoring_actor_bytes``).
+    It costs some speed (benchmarks/README.md, real shapes). Training keeps the cache: its backward
+    re-builds every matmul without it."""
+    return environment_variable("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "0", unless_set=True)
 
 
 class GateScorer:
@@ -56,8 +64,15 @@ class GateScorer:
     ):
         set_cpu_threads(cpu_threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if self.device.type == "cpu":
-            uncached_onednn()
+        self.scoring = scoring
+        self.pad_token_id = pad_token_id
+        self.max_rows = max_rows or DEFAULT_ROWS_PER_BATCH[self.device.type]
+        self.max_tokens = scoring.tokens_per_batch or DEFAULT_TOKENS_PER_BATCH[self.device.type]
+        self.fail_once_marker = fail_once_marker
+        with uncached_onednn() if self.device.type == "cpu" else nullcontext():  # the warm-up builds matmuls
+            self._load(model_path, scoring, dtype, attn_implementation)
+
+    def _load(self, model_path: str, scoring, dtype: str, attn_implementation: str) -> None:
         self.passes = ScorePasses.for_scoring(scoring)
         self.model = load_select_moe(
             model_path,
@@ -68,11 +83,6 @@ class GateScorer:
         if self.passes.nll_model == "base":
             self.model.base_weights = {k: v.to(self.device) for k, v in self.model.base_weights.items()}
         self.model.eval().requires_grad_(False)  # D2's derivatives are taken with respect to the gates only
-        self.scoring = scoring
-        self.pad_token_id = pad_token_id
-        self.max_rows = max_rows or DEFAULT_ROWS_PER_BATCH[self.device.type]
-        self.max_tokens = scoring.tokens_per_batch or DEFAULT_TOKENS_PER_BATCH[self.device.type]
-        self.fail_once_marker = fail_once_marker
         self._warm_up()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
