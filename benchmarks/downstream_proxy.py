@@ -35,7 +35,7 @@ on real rows, all weights trained, ``--steps`` steps of ``--batch`` rows), which
   learned from junk prefers junk more. Its share of pairs the right way round is ``junk_accuracy``. The
   measure can judge a junk filter when ``clean_balanced_random`` beats ``balanced_random`` on it by more
   than 2 standard errors (``junk_measure_valid``); ``--defect-kinds looped echo`` spoils the pool only by
-  kinds no score was tuned on.
+  kinds no score was tuned on, ``--defect-kinds restated doubled canned`` by kinds designed later.
 
 What each selection keeps is reported beside: per kind of pool row (``clean`` or a defect kind), its
 keep rate (its share of the selection over its share of the pool: 1 is a random draw's, 0 none) and the
@@ -333,11 +333,11 @@ def build_pool(args, seed: int, out: Path) -> dict:
         "rows": rows,
         "kind": kind,
         "clean": {i: k == "clean" for i, k in kind.items()},
-        "planted_kinds": [kind for kind in PREFERENCE_KINDS if kind in args.defect_kinds],
+        "planted_kinds": [kind for kind in judged_kinds(args.defect_kinds) if kind in args.defect_kinds],
         "targets": [lang.lower() for lang in targets],
         "held_out": held_out,
         "clean_replies": (clean_replies := clean_held_out_rows(args, seed, {r["id"] for r in rows})),
-        "spoiled_replies": spoiled_replies(clean_replies, seed),
+        "spoiled_replies": spoiled_replies(clean_replies, seed, judged_kinds(args.defect_kinds)),
     }
 
 
@@ -352,17 +352,23 @@ def clean_held_out_rows(args, seed: int, pool_ids: set[str]) -> list[dict]:
     return rows
 
 
-PREFERENCE_KINDS = tuple(k for k in DEFECT_KINDS if k != "wrong_answer") + HELD_OUT_KINDS
+# the kinds every finetune is judged on, planted or not (later held-out kinds only where planted)
+PREFERENCE_KINDS = tuple(k for k in DEFECT_KINDS if k != "wrong_answer") + ("looped", "echo")
 
 
-def spoiled_replies(rows: list[dict], seed: int) -> dict[str, list[dict | None]]:
+def judged_kinds(planted: list[str]) -> list[str]:
+    """``PREFERENCE_KINDS`` and the ``planted`` kinds beyond them (not ``wrong_answer``: a tiny target
+    cannot know which final answer is right), in that order."""
+    return [*PREFERENCE_KINDS, *(k for k in planted if k not in PREFERENCE_KINDS and k != "wrong_answer")]
+
+
+def spoiled_replies(rows: list[dict], seed: int, kinds: list[str]) -> dict[str, list[dict | None]]:
     """{kind: each of ``rows`` with its reply spoiled that way, or None where the kind does not apply}, for
-    the kinds the pool's real rows are spoiled by and the held-out kinds (``looped``, ``echo``) no pool row
-    has. ``wrong_answer`` is left out: a tiny target cannot know which final answer is right."""
+    ``kinds`` (``judged_kinds``): the pool's and those no pool row has."""
     rng = random.Random(seed + 5003)
     replies = [r["messages"][-1]["content"] for r in rows]
     spoiled: dict[str, list[dict | None]] = {}
-    for kind in PREFERENCE_KINDS:
+    for kind in kinds:
         spoiled[kind] = []
         for i, row in enumerate(rows):
             donor = replies[(i + 1 + rng.randrange(len(rows) - 1)) % len(rows)]

@@ -18,7 +18,7 @@ from selectmoe.config import DataConfig, DatasetConfig
 from selectmoe.data import RowLedger, iter_rows, load_tokenizer
 from selectmoe.demo.corpus import DATASET_SHARES, DEFAULT_ROWS, write_demo_corpus
 from selectmoe.demo.defects import DEFECT_KINDS, HELD_OUT_KINDS, cot_wrong_answer, plant_defects
-from selectmoe.demo.synthetic_facts import EMPTYISH_RESPONSES, SPAM_PHRASES
+from selectmoe.demo.synthetic_facts import CANNED_REPLIES, EMPTYISH_RESPONSES, SPAM_PHRASES
 from selectmoe.evaluate.tasks import LOCAL_TASKS, available_local_tasks
 from selectmoe.evaluate.tasks.bbh_local.bbh import parse_cot_prompt
 
@@ -205,22 +205,32 @@ def test_plant_defects_on_real_rows_applies_each_kind_only_where_it_can():
             assert "So the answer is" in row["messages"][-1]["content"]
 
 
-def test_held_out_kinds_loop_the_reply_or_echo_the_request():
-    """``looped`` and ``echo`` (kept out of the demo and of every weight choice) on real rows."""
+def test_held_out_kinds_spoil_real_replies_as_named():
+    """The held-out kinds (kept out of the demo and of every weight choice) on real rows: ``looped``,
+    ``echo``, ``restated``, ``doubled``, ``canned``."""
     lines = (SHARED_TRAIN / "oasst1.jsonl").read_text().split("\n")[:100]
     rows = [json.loads(line) for line in lines if line.strip()]
     originals = copy.deepcopy(rows)
-    labels = plant_defects(random.Random(0), rows, 0.5, HELD_OUT_KINDS)
-    assert Counter(label["defect"] for label in labels if label["defect"]) == {"looped": 25, "echo": 25}
+    labels = plant_defects(random.Random(0), rows, 1.0, HELD_OUT_KINDS)
+    assert Counter(label["defect"] for label in labels) == {kind: 20 for kind in HELD_OUT_KINDS}
+    cut_short = []
     for label, row, original in zip(labels, rows, originals):
-        reply = row["messages"][-1]["content"]
+        reply, before = row["messages"][-1]["content"], original["messages"][-1]["content"]
         request = [m["content"] for m in original["messages"][:-1] if m["role"] == "user"][-1]
+        assert row["messages"][:-1] == original["messages"][:-1] and reply != before
         if label["defect"] == "echo":
             assert reply == request
         elif label["defect"] == "looped":
-            words = original["messages"][-1]["content"].split()
-            head = " ".join(words[: min(len(words), 3)])
+            head = " ".join(before.split()[:3])
             assert reply.startswith(head) and reply.count(head) >= 3
+        elif label["defect"] == "restated":
+            # the request, then the reply's opening only (a reply of one sentence stays whole)
+            opening = reply.split(f'"{request}" ', 1)[1]
+            assert reply.startswith("You asked:") and opening and before.startswith(opening)
+            cut_short.append(len(opening) < len(before.strip()))
+        elif label["defect"] == "doubled":
+            assert reply == f"{before}\n\n{before}"
         else:
-            assert row == original
+            assert label["defect"] == "canned" and reply in CANNED_REPLIES
+    assert sum(cut_short) >= 15  # most oasst replies have more than one sentence
     assert set(HELD_OUT_KINDS).isdisjoint(DEFECT_KINDS)

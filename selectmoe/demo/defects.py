@@ -8,7 +8,10 @@ answer; only rows for which the caller can make one), ``truncated`` (cut off mid
 ``empty_ish`` (".", "N/A", ...), ``spam`` (a promotional phrase repeated). ``HELD_OUT_KINDS`` are
 kept out of the demo and out of every weight choice (``benchmarks/loko.py`` judges on them only):
 ``looped`` (the reply's opening words repeated, a generation loop) and ``echo`` (the user's request
-restated instead of answered). A spoiled row is still a valid row: the defects are of quality, not of
+restated instead of answered); and, designed later (committed before the reply-redundancy score term
+was written or measured, to judge it): ``restated`` (the request restated, then only the reply's first
+sentence), ``doubled`` (the whole reply twice, a generation that started over) and ``canned`` (a fluent
+refusal or generic filler that answers nothing). A spoiled row is still a valid row: the defects are of quality, not of
 format, so only a quality score can find them.
 """
 
@@ -18,10 +21,10 @@ import random
 import re
 from collections.abc import Callable, Sequence
 
-from selectmoe.demo.synthetic_facts import EMPTYISH_RESPONSES, SPAM_PHRASES
+from selectmoe.demo.synthetic_facts import CANNED_REPLIES, EMPTYISH_RESPONSES, SPAM_PHRASES
 
 DEFECT_KINDS = ("garbled", "shuffled", "swapped", "wrong_answer", "truncated", "empty_ish", "spam")
-HELD_OUT_KINDS = ("looped", "echo")
+HELD_OUT_KINDS = ("looped", "echo", "restated", "doubled", "canned")
 _GARBLE_CHARS = "#$%&@!?*~^+=<>|"
 
 # wrong_reply(row index, reply) -> a reply with a wrong answer, or None where the row has none to spoil
@@ -85,6 +88,12 @@ def spoil(
         return _loop(reply, rng)
     if kind == "echo":
         return request
+    if kind == "restated":
+        return f'You asked: "{request}" {_first_sentence(reply)}'
+    if kind == "doubled":
+        return f"{reply}\n\n{reply}"
+    if kind == "canned":
+        return rng.choice(CANNED_REPLIES)
     return " ".join([rng.choice(SPAM_PHRASES)] * rng.randint(4, 12))
 
 
@@ -148,6 +157,12 @@ def _loop(reply: str, rng: random.Random) -> str:
     words = reply.split()
     head = " ".join(words[: rng.randint(3, 8)]) if len(words) > 3 else reply
     return " ".join([head] * max(3, len(reply) // max(1, len(head) + 1)))
+
+
+def _first_sentence(reply: str) -> str:
+    """The reply up to the end of its first sentence (or line); all of it when it has one only."""
+    match = re.search(r"[.!?](\s|$)|\n", reply)
+    return reply[: match.end()].strip() if match else reply
 
 
 def _truncate(reply: str, rng: random.Random) -> str:

@@ -184,3 +184,13 @@ SPAM_PHRASES = [
     "Limited offer, act now!",
 ]
 EMPTYISH_RESPONSES = [".", "...", "N/A", "ok", "?", "-", "I don't know.", "Hmm."]
+CANNED_REPLIES = [  # fluent replies that answer nothing: refusals and generic filler
+    "I'm sorry, but I can't help with that request.",
+    "As an AI language model, I don't have personal opinions, but I'm happy to help with anything else.",
+    "That's a great question! The answer depends on many factors, so it is best to consider your situation.",
+    "Thank you for your question. There are many ways to approach this, and each has its pros and cons.",
+    "I understand what you are asking. Please let me know if there is anything else I can help you with.",
+    "Sure! I hope this helps. Feel free to ask if you have any other questions.",
+    "I'm not able to provide that information, but you may find it with a quick search online.",
+    "This is an interesting topic that people have discussed for a long time, and opinions differ.",
+]
