@@ -234,9 +234,10 @@ def parse_args() -> argparse.Namespace:
     args = p.parse_args()
     if args.random_draws < 2 or args.draws < 1:
         p.error("need --random-draws >= 2 (the validity checks use their spread) and --draws >= 1")
-    planted = set(PREFERENCE_KINDS) & set(args.defect_kinds)
-    if not planted or planted == set(PREFERENCE_KINDS):
-        p.error(f"--defect-kinds must plant some of {PREFERENCE_KINDS} and leave some out (both are judged)")
+    judged = judged_kinds(args.defect_kinds)
+    planted = set(judged) & set(args.defect_kinds)
+    if not planted or planted == set(judged):
+        p.error(f"--defect-kinds must plant some of {judged} and leave some out (both are judged)")
     if not 1 <= args.targets < args.families <= len(LANGUAGES):
         p.error(f"need 1 <= --targets < --families <= {len(LANGUAGES)} (non-target families are judged too)")
     return args
