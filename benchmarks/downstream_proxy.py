@@ -39,7 +39,8 @@ on real rows, all weights trained, ``--steps`` steps of ``--batch`` rows), which
 
 What each selection keeps is reported beside: per kind of pool row (``clean`` or a defect kind), its
 keep rate (its share of the selection over its share of the pool: 1 is a random draw's, 0 none) and the
-kind's mean NLL and prompt gain as stage 2 scored them (``pool_kinds``): why a filter keeps a kind.
+kind's mean NLL, prompt gain and reply redundancy as stage 2 scored them (``pool_kinds``): why a filter
+keeps a kind.
 
 Methods: ``random`` (``--random-draws`` seeded draws), ``full`` (the whole pool), ``oracle`` (clean rows
 of the target families), ``perplexity`` (lowest NLL), ``gates`` (mean gate), ``gates_prompt_gain`` (top
@@ -51,7 +52,8 @@ a random draw among the better half of each dataset by z(-NLL) + z(prompt gain),
 ``filtered_random_raw_nll_prompt_gain`` (the same draw by -NLL + prompt gain in nats,
 ``scoring.combine=raw``), ``filtered_random_raw_nll_capped_prompt_gain`` (the same with the prompt gain
 capped at its median, ``scoring.prompt_gain_cap=median``), ``filtered_random_raw_nll_quartile_prompt_gain``
-(capped at its lower quartile), ``balanced_random`` (the same draw keeping every row: the pool's mix
+(capped at its lower quartile), ``filtered_random_raw_nll_quartile_prompt_gain_redundancy`` (the same
+minus 2 x the reply redundancy, ``scoring.redundancy_weight``), ``balanced_random`` (the same draw keeping every row: the pool's mix
 by quotas, no filter; a filter's margin over it is what the filter itself buys),
 ``similarity``
 (the product's RDS+ selection), ``calibrated`` (the product's calibrated mode, the target examples as
@@ -117,17 +119,18 @@ POOL_TEMPLATES = [
 HELD_OUT_TEMPLATE = ("Translate '{word}' into {lang}.", "{code}")
 GATES_PROMPT_GAIN = load_preset("gates_prompt_gain")["keys"]["select"]  # the former default's weights
 DEFAULT = load_preset(PipelineConfig().preset)["keys"]["select"]  # the default preset's score and keep share
-# filtered_random's draw among each dataset's better half by -NLL x w1 + prompt gain x w2, each term a
-# robust z-score or in nats (scoring.combine), the prompt gain capped at its median, its lower quartile
-# or not (scoring.prompt_gain_cap): (w1, w2, combine, cap)
+# filtered_random's draw among each dataset's better half by -NLL x w1 + prompt gain x w2 - reply
+# redundancy x w3, the first two a robust z-score or in nats (scoring.combine), the prompt gain capped at
+# its median, its lower quartile or not (scoring.prompt_gain_cap): (w1, w2, combine, cap, w3)
 FILTERED_RANDOM_RECIPES = {
-    "filtered_random_nll_prompt_gain": (1.0, 1.0, "robust_z", "none"),
-    "filtered_random_nll": (1.0, 0.0, "robust_z", "none"),
+    "filtered_random_nll_prompt_gain": (1.0, 1.0, "robust_z", "none", 0.0),
+    "filtered_random_nll": (1.0, 0.0, "robust_z", "none", 0.0),
     # loko.py's one gate-free recipe level with perplexity
-    "filtered_random_nll_8x_prompt_gain": (2.0, 0.25, "robust_z", "none"),
-    "filtered_random_raw_nll_prompt_gain": (1.0, 1.0, "raw", "none"),
-    "filtered_random_raw_nll_capped_prompt_gain": (1.0, 1.0, "raw", "median"),
-    "filtered_random_raw_nll_quartile_prompt_gain": (1.0, 1.0, "raw", "lower_quartile"),
+    "filtered_random_nll_8x_prompt_gain": (2.0, 0.25, "robust_z", "none", 0.0),
+    "filtered_random_raw_nll_prompt_gain": (1.0, 1.0, "raw", "none", 0.0),
+    "filtered_random_raw_nll_capped_prompt_gain": (1.0, 1.0, "raw", "median", 0.0),
+    "filtered_random_raw_nll_quartile_prompt_gain": (1.0, 1.0, "raw", "lower_quartile", 0.0),
+    "filtered_random_raw_nll_quartile_prompt_gain_redundancy": (1.0, 1.0, "raw", "lower_quartile", 2.0),
 }
 METHODS = (
     "full", "oracle", "perplexity", "gates", "gates_prompt_gain", "gates_prompt_gain_balanced",
@@ -165,6 +168,7 @@ def default_method() -> str:
         scoring["prompt_gain_weight"],
         scoring["combine"],
         scoring.get("prompt_gain_cap", "none"),
+        scoring.get("redundancy_weight", 0.0),
     )
     assert DEFAULT["selection"]["method"] == "filtered_random" and not scoring["gate_weight"]
     return next(name for name, recipe in FILTERED_RANDOM_RECIPES.items() if recipe == weights)
@@ -440,12 +444,14 @@ def selections(
     )
 
     table = pq.read_table(
-        stage2 / "scores", columns=["id", "dataset", "layer_scores", "nll", "nll_without_prompt"]
+        stage2 / "scores",
+        columns=["id", "dataset", "layer_scores", "nll", "nll_without_prompt", "reply_redundancy"],
     )
     ids = np.asarray(table["id"].to_pylist())
     datasets = np.asarray(table["dataset"].to_pylist())
     layer_scores = np.stack(table["layer_scores"].to_numpy(zero_copy_only=False))
     nll, unprompted = table["nll"].to_numpy(), table["nll_without_prompt"].to_numpy()
+    redundancy = table["reply_redundancy"].to_numpy()
     former = GATES_PROMPT_GAIN["scoring"]
     gates_prompt_gain = row_score(
         layer_scores, nll, former["perplexity_weight"], unprompted, former["prompt_gain_weight"]
@@ -453,17 +459,29 @@ def selections(
     scales = term_scales(score_terms(layer_scores, nll, unprompted))
     filter_scores = {
         name: score_of(
-            {"layer_scores": layer_scores, "nll": nll, "nll_without_prompt": unprompted},
+            {
+                "layer_scores": layer_scores,
+                "nll": nll,
+                "nll_without_prompt": unprompted,
+                "reply_redundancy": redundancy,
+            },
             ScoringSection(
                 gate_weight=0.0,
                 perplexity_weight=nll_weight,
                 prompt_gain_weight=gain_weight,
                 combine=combine,
                 prompt_gain_cap=cap,
+                redundancy_weight=redundancy_weight,
             ),
             scales,
         )  # fmt: skip
-        for name, (nll_weight, gain_weight, combine, cap) in FILTERED_RANDOM_RECIPES.items()
+        for name, (
+            nll_weight,
+            gain_weight,
+            combine,
+            cap,
+            redundancy_weight,
+        ) in FILTERED_RANDOM_RECIPES.items()
     }
     k = selection_size(len(ids), args.percentage)
     draws = range(args.draws)
@@ -682,13 +700,15 @@ def run_seed(args, seed: int, out: Path) -> dict:
 def terms_per_kind(pool: dict, stage2: Path) -> dict[str, dict]:
     """Per kind of the pool's scored rows (``clean`` or a defect kind): how many, their mean NLL and prompt
     gain in nats per reply token as stage 2 scored them, over all its rows and over its real rows (the
-    families' rows are short and made up): what a filter by those terms sees."""
+    families' rows are short and made up), and their mean reply redundancy: what a filter by those terms
+    sees."""
     table = pq.read_table(
-        stage2 / "scores", columns=["id", "dataset", "nll", "nll_without_prompt"]
+        stage2 / "scores", columns=["id", "dataset", "nll", "nll_without_prompt", "reply_redundancy"]
     ).to_pydict()
     kinds = np.asarray([pool["kind"][i] for i in table["id"]])
     real = ~np.isin(table["dataset"], list(pool["held_out"]))
     nll, unprompted = np.asarray(table["nll"]), np.asarray(table["nll_without_prompt"])
+    redundancy = np.asarray(table["reply_redundancy"])
     terms = {}
     for kind in sorted(set(kinds.tolist())):
         rows, real_rows = kinds == kind, (kinds == kind) & real
@@ -696,6 +716,7 @@ def terms_per_kind(pool: dict, stage2: Path) -> dict[str, dict]:
             "rows": int(rows.sum()),
             "nll": float(nll[rows].mean()),
             "prompt_gain": float((unprompted - nll)[rows].mean()),
+            "reply_redundancy": float(redundancy[rows].mean()),
             "real_rows": int(real_rows.sum()),
             "real_nll": float(nll[real_rows].mean()) if real_rows.any() else None,
             "real_prompt_gain": float((unprompted - nll)[real_rows].mean()) if real_rows.any() else None,
@@ -795,10 +816,12 @@ def print_seed(result: dict) -> None:
         f"random clean-reply NLL {r['clean_nll']:.3f} +- {r['clean_nll_std']:.3f}; valid: {result['clean_valid']}"
     )
     print(
-        "  pool rows by kind (mean NLL / prompt gain in nats per reply token, all rows; real rows): "
+        "  pool rows by kind (mean NLL / prompt gain in nats per reply token, all rows; real rows; "
+        "reply redundancy): "
         + ", ".join(
             f"{k} {v['rows']} ({v['nll']:.2f} / {v['prompt_gain']:+.2f}; "
-            + (f"{v['real_nll']:.2f} / {v['real_prompt_gain']:+.2f})" if v["real_rows"] else "-)")
+            + (f"{v['real_nll']:.2f} / {v['real_prompt_gain']:+.2f}; " if v["real_rows"] else "-; ")
+            + f"{v['reply_redundancy']:.2f})"
             for k, v in result["pool_kinds"].items()
         )
     )

@@ -78,13 +78,17 @@ GRID = {
     "expert_effect": (-0.5, 0.0, 0.5, 1.0),
     "driving_force": (-1.0, -0.5, 0.0, 0.5, 1.0),
 }
-# a recipe: (gate, -NLL, prompt gain, expert effect, D2 weights, scoring.combine, scoring.prompt_gain_cap)
+# a recipe: (gate, -NLL, prompt gain, expert effect, D2 weights, scoring.combine, scoring.prompt_gain_cap,
+# reply redundancy weight)
 D2_WEIGHT = 4
 # beside the grid: -NLL + prompt gain in nats (scoring.combine=raw), both terms in the same unit, so the
 # prompt gain weighs as much as the information it carries on this model (little on a weak base); and
 # the same with the prompt gain capped at its median (a penalty for replies the prompt does not explain,
 # no reward for the high per-token gain of short and cut-off replies), and at its lower quartile
-RAW_RECIPES = tuple((0.0, 1.0, 1.0, 0.0, 0.0, "raw", cap) for cap in ("none", "median", "lower_quartile"))
+RAW_RECIPES = (
+    *((0.0, 1.0, 1.0, 0.0, 0.0, "raw", cap, 0.0) for cap in ("none", "median", "lower_quartile")),
+    (0.0, 1.0, 1.0, 0.0, 0.0, "raw", "lower_quartile", 2.0),  # minus 2 x the reply redundancy
+)
 PERPLEXITY = "perplexity (-NLL, base model)"
 NLL_BASE_FILES = ("stage2_base", "terms_base.json")  # --nll-model base: stage 2's folder, the cached terms
 
@@ -230,7 +234,11 @@ def run_model(args, size: str, base: str, seed: int) -> dict[str, dict]:
     if args.cached_only or all(path.exists() for path in cached.values()):
         return {
             f"{size}/{base}/{regime}/seed{seed}": with_driving_force(
-                args, work, regime, json.loads(path.read_text()), path
+                args,
+                work,
+                regime,
+                with_reply_redundancy(args, work, regime, json.loads(path.read_text()), path),
+                path,
             )
             for regime, path in cached.items()
             if path.exists()
@@ -267,6 +275,7 @@ def run_model(args, size: str, base: str, seed: int) -> dict[str, dict]:
         )
         terms = held_out_terms(stage2 / SCORES_DIR, work / regime / "stage1" / TRAINING_IDS, labels, base_nll)
         cached[regime].write_text(json.dumps(terms))
+        terms = with_reply_redundancy(args, work, regime, terms, cached[regime])
         out[f"{size}/{base}/{regime}/seed{seed}"] = with_driving_force(
             args, work, regime, terms, cached[regime]
         )
@@ -288,6 +297,29 @@ def held_out_terms(scores: Path, training_ids: Path, labels: dict, base_nll: dic
         **{c: [r[c] for r in scored] for c in ("nll", "nll_without_prompt", "nll_gates_shut")},
         "base_nll": [base_nll.get(r["id"], float("nan")) for r in scored],
     }
+
+
+def with_reply_redundancy(args, work: Path, regime: str, terms: dict, cache: Path) -> dict:
+    """The terms with each row's ``reply_redundancy`` (cached beside them): the product's function on the
+    product's encoding of the corpus rows, as stage 2 computes it; runs scored before the column existed
+    get it without rescoring (it needs no model)."""
+    if "reply_redundancy" in terms:
+        return terms
+    from selectmoe.data import encode_batch, ensure_pad_token, load_tokenizer
+    from selectmoe.select.score import reply_redundancy
+
+    tokenizer = ensure_pad_token(load_tokenizer(str(work / regime / "stage1" / "tokenizer")))
+    rows = {
+        r["id"]: r
+        for f in sorted((work / "corpus" / "train").glob("*.jsonl"))
+        for r in map(json.loads, f.open())
+    }
+    encoded = encode_batch(
+        [rows[i]["messages"] for i in terms["id"]], tokenizer, max_seq_length=args.max_length
+    )
+    terms = {**terms, "reply_redundancy": [reply_redundancy(e["input_ids"], e["labels"]) for e in encoded]}
+    cache.write_text(json.dumps(terms))
+    return terms
 
 
 def with_driving_force(args, work: Path, regime: str, terms: dict, cache: Path) -> dict:
@@ -337,7 +369,7 @@ def recipe_grid(d2: bool) -> dict[str, tuple]:
     recipes = {}
     for weights in itertools.product(*GRID.values()):
         if any(weights) and (d2 or weights[-1] == 0):
-            recipes[formula((*weights, "robust_z", "none"))] = (*weights, "robust_z", "none")
+            recipes[formula((*weights, "robust_z", "none", 0.0))] = (*weights, "robust_z", "none", 0.0)
     for recipe in RAW_RECIPES:
         recipes[formula(recipe)] = recipe
     return recipes
@@ -345,10 +377,11 @@ def recipe_grid(d2: bool) -> dict[str, tuple]:
 
 def scoring_of(recipe: tuple) -> ScoringSection:
     """The ``scoring`` config section a recipe stands for."""
-    gate, nll, gain, effect, d2, combine, cap = recipe
+    gate, nll, gain, effect, d2, combine, cap, redundancy = recipe
     return ScoringSection(
         combine=combine, prompt_gain_cap=cap, gate_weight=gate, perplexity_weight=nll,
         prompt_gain_weight=gain, expert_effect_weight=effect, driving_force_weight=d2,
+        redundancy_weight=redundancy,
     )  # fmt: skip
 
 
@@ -361,7 +394,10 @@ def recipe_scores(terms: dict, recipe: tuple) -> np.ndarray:
     median) over these rows."""
     columns = {
         "layer_scores": np.asarray(terms["gate"], dtype=float)[:, None],
-        **{c: np.asarray(terms[c], dtype=float) for c in ("nll", "nll_without_prompt", "nll_gates_shut")},
+        **{
+            c: np.asarray(terms[c], dtype=float)
+            for c in ("nll", "nll_without_prompt", "nll_gates_shut", "reply_redundancy")
+        },
     }
     if "driving_force" in terms:
         columns["driving_force"] = np.asarray(terms["driving_force"], dtype=float)[:, None]
@@ -462,9 +498,10 @@ def analyse(judged: dict[str, dict], recipes: dict) -> dict:
             default_scoring.get("driving_force_weight", 0.0),
             default_scoring.get("combine", "raw"),
             default_scoring.get("prompt_gain_cap", "none"),
+            default_scoring.get("redundancy_weight", 0.0),
         )
     )
-    gates = formula((1.0, 0.0, 0.0, 0.0, 0.0, "robust_z", "none"))
+    gates = formula((1.0, 0.0, 0.0, 0.0, 0.0, "robust_z", "none", 0.0))
     loko = []
     for kind in BENCH_KINDS:
         chosen = choose([k for k in BENCH_KINDS if k != kind])
@@ -495,18 +532,20 @@ def analyse(judged: dict[str, dict], recipes: dict) -> dict:
         "random": "random",
     }
     for nll, gain in ((2.0, 1.0), (2.0, 0.5), (2.0, 0.25)):  # the z-sum's two terms with NLL weighted more
-        recipe = formula((0.0, nll, gain, 0.0, 0.0, "robust_z", "none"))
+        recipe = formula((0.0, nll, gain, 0.0, 0.0, "robust_z", "none", 0.0))
         if recipe in recipes:
             named[f"NLL weighted {nll / gain:g}x prompt gain: {recipe}"] = recipe
-    nll_alone = formula((0.0, 1.0, 0.0, 0.0, 0.0, "robust_z", "none"))
+    nll_alone = formula((0.0, 1.0, 0.0, 0.0, 0.0, "robust_z", "none", 0.0))
     named[f"NLL alone (stage 2's NLL): {nll_alone}"] = nll_alone
     for recipe in RAW_RECIPES:  # the default's own recipe is named once, as the default
         if formula(recipe) != default:
             named[f"in nats: {formula(recipe)}"] = formula(recipe)
-    z_sum = formula((0.0, 1.0, 1.0, 0.0, 0.0, "robust_z", "none"))  # the same two terms as robust z-scores
+    z_sum = formula(
+        (0.0, 1.0, 1.0, 0.0, 0.0, "robust_z", "none", 0.0)
+    )  # the same two terms as robust z-scores
     if z_sum != default:
         named[f"as robust z-scores: {z_sum}"] = z_sum
-    d2 = formula((0.0, 0.0, 0.0, 0.0, 1.0, "robust_z", "none"))
+    d2 = formula((0.0, 0.0, 0.0, 0.0, 1.0, "robust_z", "none", 0.0))
     if d2 in recipes:
         named[f"driving force alone: {d2}"] = d2
     groups = sorted({run.rsplit("/", 1)[0] for run in runs})

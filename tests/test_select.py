@@ -179,6 +179,31 @@ def test_perplexity_weight_subtracts_the_rows_nll_from_the_same_pass(tiny_olmoe)
     np.testing.assert_allclose(weighted["score"], plain["score"] - 0.1 * plain["nll"], rtol=1e-6)
 
 
+def test_every_score_file_row_has_its_reply_redundancy_and_its_weight_ranks_echoes_down(tiny_olmoe):
+    """``reply_redundancy`` is stored whatever the weights (no model needed); an echoed request and a
+    looped reply score high on it, real replies low, and ``redundancy_weight`` subtracts it."""
+    tokenizer = ensure_pad_token(load_tokenizer(str(tiny_olmoe)))
+    rows, encoded = oasst1_rows(tokenizer)
+    request = "Name three rivers of Europe and say which of them is the longest."
+    for row_id, reply in (("echo", request), ("looped", "The Danube is long. " * 6)):
+        rows.append(
+            {
+                "id": row_id,
+                "messages": [{"role": "user", "content": request}, {"role": "assistant", "content": reply}],
+            }
+        )
+        encoded.append(encode_messages(rows[-1]["messages"], tokenizer, max_seq_length=96))
+    kwargs = {"pad_token_id": tokenizer.pad_token_id, "dtype": "float32"}
+    plain = GateScorer(str(tiny_olmoe), scoring=ScoringSection(), **kwargs)(scorer_batch(rows, encoded))
+    weighted = GateScorer(str(tiny_olmoe), scoring=ScoringSection(redundancy_weight=2.0), **kwargs)(
+        scorer_batch(rows, encoded)
+    )
+    redundancy = plain["reply_redundancy"]
+    np.testing.assert_allclose(weighted["reply_redundancy"], redundancy)
+    assert redundancy[-2] > 0.6 and redundancy[-1] > 0.6 and redundancy[:-2].max() < 0.3
+    np.testing.assert_allclose(weighted["score"], plain["score"] - 2.0 * redundancy, rtol=1e-6)
+
+
 def test_row_nll_in_chunks_equals_the_full_models_loss(tiny_olmoe):
     """``row_nll`` runs the LM head over the scored positions ``NLL_CHUNK`` at a time (bounded memory at
     a real vocabulary); over more positions than one chunk it equals the full model's per-row loss."""

@@ -10,7 +10,16 @@ import pyarrow as pa
 import pytest
 
 from selectmoe.config import ScoringSection
-from selectmoe.select.score import ScorePasses, row_score, score_formula, score_of, score_terms, term_scales
+from selectmoe.data.template import IGNORE_INDEX
+from selectmoe.select.score import (
+    ScorePasses,
+    reply_redundancy,
+    row_score,
+    score_formula,
+    score_of,
+    score_terms,
+    term_scales,
+)
 from selectmoe.select.topk import (
     above_dataset_thresholds,
     above_threshold,
@@ -245,6 +254,34 @@ def test_prompt_gain_cap_takes_no_reward_above_the_median_and_keeps_the_penalty_
     assert score_formula(quartile) == "-1 x NLL + 1 x min(prompt gain, its lower quartile)"
     # without the corpus's scales (the raw score stored while scoring) there is no cap to apply
     np.testing.assert_allclose(score_of(columns, capped), -nll + gain)
+
+
+def test_reply_redundancy_is_the_share_of_reply_4_grams_the_row_held_before():
+    """Counted by hand: prompt ``7 1 2 3 4 8``, reply ``1 2 3 4 5 6 5 6 5 6``. Of the ten 4-grams ending
+    at a reply token, ``1 2 3 4`` was in the prompt and the last ``5 6 5 6`` earlier in the reply."""
+    prompt, reply = [7, 1, 2, 3, 4, 8], [1, 2, 3, 4, 5, 6, 5, 6, 5, 6]
+    labels = [IGNORE_INDEX] * len(prompt) + reply
+    assert reply_redundancy(prompt + reply, labels) == pytest.approx(2 / 10)
+    assert reply_redundancy(prompt + prompt, [IGNORE_INDEX] * 6 + prompt) == pytest.approx(3 / 6)  # an echo
+    assert reply_redundancy([5, 6, 7], [IGNORE_INDEX, 6, 7]) == 0.0  # no 4-gram ends in the reply
+    assert reply_redundancy(prompt + [9, 9, 9, 9, 9], [IGNORE_INDEX] * 6 + [9] * 5) == pytest.approx(1 / 5)
+
+
+def test_redundancy_weight_subtracts_the_share_in_every_combine_mode():
+    """A share in [0, 1] on any model: ``redundancy_weight`` x it comes off the score as measured, also
+    where every other term is a robust z-score."""
+    rng = np.random.default_rng(0)
+    layers, nll = rng.uniform(0, 1, (20, 2)), rng.uniform(1, 4, 20)
+    redundancy = rng.uniform(0, 1, 20)
+    columns = {"layer_scores": layers, "nll": nll, "reply_redundancy": redundancy}
+    scales = term_scales(score_terms(layers, nll))
+    for combine in ("raw", "robust_z"):
+        without = ScoringSection(gate_weight=0.0, perplexity_weight=1.0, combine=combine)
+        with_term = ScoringSection(**{**vars(without), "redundancy_weight": 2.0})
+        np.testing.assert_allclose(
+            score_of(columns, with_term, scales), score_of(columns, without, scales) - 2.0 * redundancy
+        )
+    assert score_formula(with_term) == "-1 x z(NLL) - 2 x reply redundancy"
 
 
 def test_prompt_gain_cap_without_a_prompt_gain_term_is_refused():

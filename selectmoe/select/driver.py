@@ -300,6 +300,7 @@ def _scoring_key(cfg: SelectConfig, model_path: str, sources) -> dict:
         "seed": cfg.seed,
         "inputs": hash_dict({source.uri: fingerprint(source.uri) for source in sources}),
         "resumed_by": ["source", "line"],  # score files before this held no source and line
+        "stores": ["reply_redundancy"],  # nor this column
     }
 
 

@@ -6,6 +6,7 @@
                      + prompt_gain_weight x (NLL_without_prompt - NLL)  (when set)
                      + expert_effect_weight x (NLL_gates_shut - NLL)    (when set)
                      + driving_force_weight x mean over layers of D2[l]  (when set)
+                     - redundancy_weight x reply_redundancy             (when set)
 
 Scored tokens are the assistant tokens (labels not ``IGNORE_INDEX``) by default, or every real token with
 ``scoring.tokens=all``; padding never counts. ``layer_scores`` are stored beside ``score`` so any
@@ -29,6 +30,11 @@ second-order cousin: with every gate of layer l shifted by the same e over the r
 the Hessian along that direction; one forward and, by double backward, one backward per layer), and
 ``D2[l] = max(-(A + lambda), 0)^2 / (2 (tau + max(B + mu, 0) + kappa max(-(B + mu), 0)))``: the NLL a
 Newton step opening the layer's gates would save, damped where the curvature is flat or negative.
+``reply_redundancy`` needs no model: the share of the reply's token ``REDUNDANCY_NGRAM``-grams (those
+ending at an assistant token) that already occurred earlier in the row, in the prompt or earlier in the
+reply. A reply that loops or restates its request scores near 1 and is likelier to a language model than
+a real answer (a stronger model copies better), so the likelihood terms cannot see it; most replies score
+near 0 (benchmarks/README.md, "Replies that add nothing").
 
 With ``scoring.combine=robust_z`` each term (mean gate, NLL, prompt gain, expert effect) is replaced by
 its robust z-score over the scored corpus, ``(term - median) / (IQR / 1.349)``, before it is weighted
@@ -58,6 +64,7 @@ SCORE_TOKENS = ("assistant", "all")
 # D2's constants as the original project's design note gives them
 DRIVING_FORCE_LAMBDA, DRIVING_FORCE_TAU, DRIVING_FORCE_KAPPA, DRIVING_FORCE_MU = 0.0, 1e-4, 10.0, 0.0
 NLL_CHUNK = 1024  # scored positions per LM-head call in row_nll
+REDUNDANCY_NGRAM = 4  # tokens per n-gram of reply_redundancy
 
 
 # ---------------------------------------------------------------------------- what a score needs
@@ -152,7 +159,7 @@ def score_batch(model, rows: list[dict], what: ScorePasses, pad_token_id: int) -
     """The one scoring forward pass: per-row columns for ``rows`` (tokenised: ``input_ids``,
     ``labels``, and ``reply_input_ids``/``reply_labels`` for ``reply_only``), in their order.
 
-    Columns: ``n_scored_tokens`` (with a pass over the full rows); ``layer_scores`` (B, L) with
+    Columns: ``n_scored_tokens`` and ``reply_redundancy`` (with a pass over the full rows); ``layer_scores`` (B, L) with
     ``what.gates``; ``routing`` (B, L*E); ``embedding`` (B, hidden) fp16; ``nll``,
     ``nll_without_prompt``, ``nll_gates_shut`` (B,); ``gate_slope``, ``gate_curvature``,
     ``driving_force`` (B, L). The decoder runs without the LM head; only the scored positions go through
@@ -165,6 +172,9 @@ def score_batch(model, rows: list[dict], what: ScorePasses, pad_token_id: int) -
             inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
             mask = score_mask(batch["attention_mask"], batch["labels"], what.tokens)
             columns["n_scored_tokens"] = mask.sum(dim=1).cpu().numpy().astype(np.int64)
+            columns["reply_redundancy"] = np.asarray(
+                [reply_redundancy(r["input_ids"], r["labels"]) for r in rows]
+            )
             nll_apart = what.nll and what.nll_model == "base"
             if what.gates or what.routing or what.embedding or (what.nll and not nll_apart):
                 out = model.model(**inputs, output_router_logits=what.gates or what.routing)
@@ -201,6 +211,21 @@ def score_batch(model, rows: list[dict], what: ScorePasses, pad_token_id: int) -
             reply_mask = score_mask(reply["attention_mask"], reply["labels"], "assistant")
             columns["nll_without_prompt"] = _nll(model, hidden, reply["input_ids"], reply_mask)
     return columns
+
+
+def reply_redundancy(input_ids, labels) -> float:
+    """The share of the reply's token ``REDUNDANCY_NGRAM``-grams (those ending at an assistant token)
+    that occurred earlier in the row; 0 for a reply too short to have one."""
+    n, ids = REDUNDANCY_NGRAM, [int(i) for i in input_ids]
+    seen: set[tuple[int, ...]] = set()
+    repeated = total = 0
+    for end in range(n - 1, len(ids)):
+        gram = tuple(ids[end - n + 1 : end + 1])
+        if labels[end] != IGNORE_INDEX:
+            total += 1
+            repeated += gram in seen
+        seen.add(gram)
+    return repeated / total if total else 0.0
 
 
 def gate_derivatives(
@@ -323,10 +348,13 @@ def row_score(
     driving_force: np.ndarray | None = None,
     driving_force_weight: float = 0.0,
     prompt_gain_cap: float | None = None,
+    reply_redundancy: np.ndarray | None = None,
+    redundancy_weight: float = 0.0,
 ) -> np.ndarray:
-    """(B, L) -> (B,): ``gate_weight`` x the mean over layers, with the NLL, prompt-gain, expert-effect and
-    driving-force terms when their weights are set; the prompt gain capped at ``prompt_gain_cap`` (nats)
-    when given; with ``scales`` (``term_scales``) every term is a robust z-score first."""
+    """(B, L) -> (B,): ``gate_weight`` x the mean over layers, with the NLL, prompt-gain, expert-effect,
+    driving-force and redundancy terms when their weights are set; the prompt gain capped at
+    ``prompt_gain_cap`` (nats) when given; with ``scales`` (``term_scales``) every term but the
+    redundancy (a share, the same on any model) is a robust z-score first."""
     terms = score_terms(layer_scores, nll, nll_without_prompt, nll_gates_shut, driving_force)
     if prompt_gain_cap is not None and "prompt_gain" in terms:
         terms["prompt_gain"] = np.minimum(terms["prompt_gain"], prompt_gain_cap)
@@ -343,6 +371,8 @@ def row_score(
     ):
         if weight:
             score = score + weight * terms[name]
+    if redundancy_weight:
+        score = score - redundancy_weight * np.asarray(reply_redundancy, dtype=np.float64)
     return score
 
 
@@ -395,6 +425,8 @@ def score_columns(scoring) -> list[str]:
         needed.append("nll_gates_shut")
     if scoring.driving_force_weight:
         needed.append("driving_force")
+    if scoring.redundancy_weight:
+        needed.append("reply_redundancy")
     return needed
 
 
@@ -418,6 +450,8 @@ def score_of(
         columns.get("driving_force"),
         scoring.driving_force_weight,
         scales["prompt_gain"][scoring.prompt_gain_cap] if capped else None,
+        columns.get("reply_redundancy"),
+        scoring.redundancy_weight,
     )
 
 
@@ -425,20 +459,24 @@ def score_formula(scoring) -> str:
     """``row_score`` under a ``scoring`` config, in words (axis labels, reports, manifests)."""
     z = (lambda term: f"z({term})") if scoring.combine == "robust_z" else (lambda term: term)
     gates = z("mean gate" + (" over all tokens" if scoring.tokens == "all" else ""))
-    weighted = [(scoring.gate_weight, gates)] + [
-        (weight, z(name))
-        for weight, name in (
-            (-scoring.perplexity_weight, "NLL"),
-            (
-                scoring.prompt_gain_weight,
-                "prompt gain"
-                if scoring.prompt_gain_cap == "none"
-                else f"min(prompt gain, its {scoring.prompt_gain_cap.replace('_', ' ')})",
-            ),
-            (scoring.expert_effect_weight, "expert effect"),
-            (scoring.driving_force_weight, "driving force D2"),
-        )
-    ]
+    weighted = (
+        [(scoring.gate_weight, gates)]
+        + [
+            (weight, z(name))
+            for weight, name in (
+                (-scoring.perplexity_weight, "NLL"),
+                (
+                    scoring.prompt_gain_weight,
+                    "prompt gain"
+                    if scoring.prompt_gain_cap == "none"
+                    else f"min(prompt gain, its {scoring.prompt_gain_cap.replace('_', ' ')})",
+                ),
+                (scoring.expert_effect_weight, "expert effect"),
+                (scoring.driving_force_weight, "driving force D2"),
+            )
+        ]
+        + [(-scoring.redundancy_weight, "reply redundancy")]
+    )
     terms = []
     for weight, name in ((w, n) for w, n in weighted if w):
         body = name if abs(weight) == 1 and name == gates else f"{abs(weight):g} x {name}"
