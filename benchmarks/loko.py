@@ -299,14 +299,9 @@ def held_out_terms(scores: Path, training_ids: Path, labels: dict, base_nll: dic
     }
 
 
-def with_reply_redundancy(args, work: Path, regime: str, terms: dict, cache: Path) -> dict:
-    """The terms with each row's ``reply_redundancy`` (cached beside them): the product's function on the
-    product's encoding of the corpus rows, as stage 2 computes it; runs scored before the column existed
-    get it without rescoring (it needs no model)."""
-    if "reply_redundancy" in terms:
-        return terms
+def encoded_terms_rows(args, work: Path, regime: str, terms: dict):
+    """(the run's tokenizer, the product's encoding of the corpus rows ``terms`` holds, in its order)."""
     from selectmoe.data import encode_batch, ensure_pad_token, load_tokenizer
-    from selectmoe.select.score import reply_redundancy
 
     tokenizer = ensure_pad_token(load_tokenizer(str(work / regime / "stage1" / "tokenizer")))
     rows = {
@@ -317,6 +312,18 @@ def with_reply_redundancy(args, work: Path, regime: str, terms: dict, cache: Pat
     encoded = encode_batch(
         [rows[i]["messages"] for i in terms["id"]], tokenizer, max_seq_length=args.max_length
     )
+    return tokenizer, encoded
+
+
+def with_reply_redundancy(args, work: Path, regime: str, terms: dict, cache: Path) -> dict:
+    """The terms with each row's ``reply_redundancy`` (cached beside them): the product's function on the
+    product's encoding of the corpus rows, as stage 2 computes it; runs scored before the column existed
+    get it without rescoring (it needs no model)."""
+    if "reply_redundancy" in terms:
+        return terms
+    from selectmoe.select.score import reply_redundancy
+
+    _, encoded = encoded_terms_rows(args, work, regime, terms)
     terms = {**terms, "reply_redundancy": [reply_redundancy(e["input_ids"], e["labels"]) for e in encoded]}
     cache.write_text(json.dumps(terms))
     return terms
@@ -328,19 +335,10 @@ def with_driving_force(args, work: Path, regime: str, terms: dict, cache: Path) 
     if not args.d2 or "driving_force" in terms:
         return terms
     from selectmoe.config import ScoringSection
-    from selectmoe.data import encode_batch, ensure_pad_token, load_tokenizer
     from selectmoe.select.scorer import GateScorer
 
     stage1 = work / regime / "stage1"
-    tokenizer = ensure_pad_token(load_tokenizer(str(stage1 / "tokenizer")))
-    rows = {
-        r["id"]: r
-        for f in sorted((work / "corpus" / "train").glob("*.jsonl"))
-        for r in map(json.loads, f.open())
-    }
-    encoded = encode_batch(
-        [rows[i]["messages"] for i in terms["id"]], tokenizer, max_seq_length=args.max_length
-    )
+    tokenizer, encoded = encoded_terms_rows(args, work, regime, terms)
     scorer = GateScorer(
         str(stage1),
         scoring=ScoringSection(driving_force=True),
