@@ -392,14 +392,13 @@ def recipe_scores(terms: dict, recipe: tuple) -> np.ndarray:
     median) over these rows."""
     columns = {
         "layer_scores": np.asarray(terms["gate"], dtype=float)[:, None],
-        **{
-            c: np.asarray(terms[c], dtype=float)
-            for c in ("nll", "nll_without_prompt", "nll_gates_shut", "reply_redundancy")
-        },
+        **{c: np.asarray(terms[c], dtype=float) for c in ("nll", "nll_without_prompt", "nll_gates_shut")},
     }
     if "driving_force" in terms:
         columns["driving_force"] = np.asarray(terms["driving_force"], dtype=float)[:, None]
-    return score_of(columns, scoring_of(recipe), term_scales(score_terms(**columns)))
+    scales = term_scales(score_terms(**columns))  # the redundancy is a share: never scaled
+    redundancy = np.asarray(terms["reply_redundancy"], dtype=float)
+    return score_of({**columns, "reply_redundancy": redundancy}, scoring_of(recipe), scales)
 
 
 def judge(terms: dict, recipes: dict, percentage: float) -> dict[str, dict[str, float]]:
