@@ -53,7 +53,8 @@ a random draw among the better half of each dataset by z(-NLL) + z(prompt gain),
 ``scoring.combine=raw``), ``filtered_random_raw_nll_capped_prompt_gain`` (the same with the prompt gain
 capped at its median, ``scoring.prompt_gain_cap=median``), ``filtered_random_raw_nll_quartile_prompt_gain``
 (capped at its lower quartile), ``filtered_random_raw_nll_quartile_prompt_gain_redundancy`` (the same
-minus 2 x the reply redundancy, ``scoring.redundancy_weight``), ``balanced_random`` (the same draw keeping every row: the pool's mix
+minus 8 x the reply redundancy beyond 0.4, ``scoring.redundancy_weight``/``redundancy_tolerance``),
+``balanced_random`` (the same draw keeping every row: the pool's mix
 by quotas, no filter; a filter's margin over it is what the filter itself buys),
 ``similarity``
 (the product's RDS+ selection), ``calibrated`` (the product's calibrated mode, the target examples as
@@ -119,18 +120,18 @@ POOL_TEMPLATES = [
 HELD_OUT_TEMPLATE = ("Translate '{word}' into {lang}.", "{code}")
 GATES_PROMPT_GAIN = load_preset("gates_prompt_gain")["keys"]["select"]  # the former default's weights
 DEFAULT = load_preset(PipelineConfig().preset)["keys"]["select"]  # the default preset's score and keep share
-# filtered_random's draw among each dataset's better half by -NLL x w1 + prompt gain x w2 - reply
-# redundancy x w3, the first two a robust z-score or in nats (scoring.combine), the prompt gain capped at
-# its median, its lower quartile or not (scoring.prompt_gain_cap): (w1, w2, combine, cap, w3)
+# filtered_random's draw among each dataset's better half by -NLL x w1 + prompt gain x w2 - w3 x max(reply
+# redundancy - t, 0), the first two a robust z-score or in nats (scoring.combine), the prompt gain capped at
+# its median, its lower quartile or not (scoring.prompt_gain_cap): (w1, w2, combine, cap, w3, t)
 FILTERED_RANDOM_RECIPES = {
-    "filtered_random_nll_prompt_gain": (1.0, 1.0, "robust_z", "none", 0.0),
-    "filtered_random_nll": (1.0, 0.0, "robust_z", "none", 0.0),
+    "filtered_random_nll_prompt_gain": (1.0, 1.0, "robust_z", "none", 0.0, 0.0),
+    "filtered_random_nll": (1.0, 0.0, "robust_z", "none", 0.0, 0.0),
     # loko.py's one gate-free recipe level with perplexity
-    "filtered_random_nll_8x_prompt_gain": (2.0, 0.25, "robust_z", "none", 0.0),
-    "filtered_random_raw_nll_prompt_gain": (1.0, 1.0, "raw", "none", 0.0),
-    "filtered_random_raw_nll_capped_prompt_gain": (1.0, 1.0, "raw", "median", 0.0),
-    "filtered_random_raw_nll_quartile_prompt_gain": (1.0, 1.0, "raw", "lower_quartile", 0.0),
-    "filtered_random_raw_nll_quartile_prompt_gain_redundancy": (1.0, 1.0, "raw", "lower_quartile", 2.0),
+    "filtered_random_nll_8x_prompt_gain": (2.0, 0.25, "robust_z", "none", 0.0, 0.0),
+    "filtered_random_raw_nll_prompt_gain": (1.0, 1.0, "raw", "none", 0.0, 0.0),
+    "filtered_random_raw_nll_capped_prompt_gain": (1.0, 1.0, "raw", "median", 0.0, 0.0),
+    "filtered_random_raw_nll_quartile_prompt_gain": (1.0, 1.0, "raw", "lower_quartile", 0.0, 0.0),
+    "filtered_random_raw_nll_quartile_prompt_gain_redundancy": (1.0, 1.0, "raw", "lower_quartile", 8.0, 0.4),
 }
 METHODS = (
     "full", "oracle", "perplexity", "gates", "gates_prompt_gain", "gates_prompt_gain_balanced",
@@ -169,6 +170,7 @@ def default_method() -> str:
         scoring["combine"],
         scoring.get("prompt_gain_cap", "none"),
         scoring.get("redundancy_weight", 0.0),
+        scoring.get("redundancy_tolerance", 0.0),
     )
     assert DEFAULT["selection"]["method"] == "filtered_random" and not scoring["gate_weight"]
     return next(name for name, recipe in FILTERED_RANDOM_RECIPES.items() if recipe == weights)
@@ -472,6 +474,7 @@ def selections(
                 combine=combine,
                 prompt_gain_cap=cap,
                 redundancy_weight=redundancy_weight,
+                redundancy_tolerance=tolerance,
             ),
             scales,
         )  # fmt: skip
@@ -481,6 +484,7 @@ def selections(
             combine,
             cap,
             redundancy_weight,
+            tolerance,
         ) in FILTERED_RANDOM_RECIPES.items()
     }
     k = selection_size(len(ids), args.percentage)

@@ -79,15 +79,29 @@ GRID = {
     "driving_force": (-1.0, -0.5, 0.0, 0.5, 1.0),
 }
 # a recipe: (gate, -NLL, prompt gain, expert effect, D2 weights, scoring.combine, scoring.prompt_gain_cap,
-# reply redundancy weight)
+# reply redundancy weight, its tolerance)
 D2_WEIGHT = 4
 # beside the grid: -NLL + prompt gain in nats (scoring.combine=raw), both terms in the same unit, so the
 # prompt gain weighs as much as the information it carries on this model (little on a weak base); and
 # the same with the prompt gain capped at its median (a penalty for replies the prompt does not explain,
 # no reward for the high per-token gain of short and cut-off replies), and at its lower quartile
 RAW_RECIPES = (
-    *((0.0, 1.0, 1.0, 0.0, 0.0, "raw", cap, 0.0) for cap in ("none", "median", "lower_quartile")),
-    (0.0, 1.0, 1.0, 0.0, 0.0, "raw", "lower_quartile", 2.0),  # minus 2 x the reply redundancy
+    *((0.0, 1.0, 1.0, 0.0, 0.0, "raw", cap, 0.0, 0.0) for cap in ("none", "median", "lower_quartile")),
+    # minus w x the reply redundancy beyond a tolerance t: (w, t)
+    *(
+        (0.0, 1.0, 1.0, 0.0, 0.0, "raw", "lower_quartile", w, t)
+        for w, t in (
+            (0.5, 0.0),
+            (1.0, 0.0),
+            (2.0, 0.0),
+            (2.0, 0.2),
+            (4.0, 0.2),
+            (2.0, 0.3),
+            (4.0, 0.3),
+            (4.0, 0.4),
+            (8.0, 0.4),
+        )
+    ),
 )
 PERPLEXITY = "perplexity (-NLL, base model)"
 NLL_BASE_FILES = ("stage2_base", "terms_base.json")  # --nll-model base: stage 2's folder, the cached terms
@@ -367,7 +381,13 @@ def recipe_grid(d2: bool) -> dict[str, tuple]:
     recipes = {}
     for weights in itertools.product(*GRID.values()):
         if any(weights) and (d2 or weights[-1] == 0):
-            recipes[formula((*weights, "robust_z", "none", 0.0))] = (*weights, "robust_z", "none", 0.0)
+            recipes[formula((*weights, "robust_z", "none", 0.0, 0.0))] = (
+                *weights,
+                "robust_z",
+                "none",
+                0.0,
+                0.0,
+            )
     for recipe in RAW_RECIPES:
         recipes[formula(recipe)] = recipe
     return recipes
@@ -375,11 +395,11 @@ def recipe_grid(d2: bool) -> dict[str, tuple]:
 
 def scoring_of(recipe: tuple) -> ScoringSection:
     """The ``scoring`` config section a recipe stands for."""
-    gate, nll, gain, effect, d2, combine, cap, redundancy = recipe
+    gate, nll, gain, effect, d2, combine, cap, redundancy, tolerance = recipe
     return ScoringSection(
         combine=combine, prompt_gain_cap=cap, gate_weight=gate, perplexity_weight=nll,
         prompt_gain_weight=gain, expert_effect_weight=effect, driving_force_weight=d2,
-        redundancy_weight=redundancy,
+        redundancy_weight=redundancy, redundancy_tolerance=tolerance,
     )  # fmt: skip
 
 
@@ -496,9 +516,10 @@ def analyse(judged: dict[str, dict], recipes: dict) -> dict:
             default_scoring.get("combine", "raw"),
             default_scoring.get("prompt_gain_cap", "none"),
             default_scoring.get("redundancy_weight", 0.0),
+            default_scoring.get("redundancy_tolerance", 0.0),
         )
     )
-    gates = formula((1.0, 0.0, 0.0, 0.0, 0.0, "robust_z", "none", 0.0))
+    gates = formula((1.0, 0.0, 0.0, 0.0, 0.0, "robust_z", "none", 0.0, 0.0))
     loko = []
     for kind in BENCH_KINDS:
         chosen = choose([k for k in BENCH_KINDS if k != kind])
@@ -529,20 +550,20 @@ def analyse(judged: dict[str, dict], recipes: dict) -> dict:
         "random": "random",
     }
     for nll, gain in ((2.0, 1.0), (2.0, 0.5), (2.0, 0.25)):  # the z-sum's two terms with NLL weighted more
-        recipe = formula((0.0, nll, gain, 0.0, 0.0, "robust_z", "none", 0.0))
+        recipe = formula((0.0, nll, gain, 0.0, 0.0, "robust_z", "none", 0.0, 0.0))
         if recipe in recipes:
             named[f"NLL weighted {nll / gain:g}x prompt gain: {recipe}"] = recipe
-    nll_alone = formula((0.0, 1.0, 0.0, 0.0, 0.0, "robust_z", "none", 0.0))
+    nll_alone = formula((0.0, 1.0, 0.0, 0.0, 0.0, "robust_z", "none", 0.0, 0.0))
     named[f"NLL alone (stage 2's NLL): {nll_alone}"] = nll_alone
     for recipe in RAW_RECIPES:  # the default's own recipe is named once, as the default
         if formula(recipe) != default:
             named[f"in nats: {formula(recipe)}"] = formula(recipe)
     z_sum = formula(
-        (0.0, 1.0, 1.0, 0.0, 0.0, "robust_z", "none", 0.0)
+        (0.0, 1.0, 1.0, 0.0, 0.0, "robust_z", "none", 0.0, 0.0)
     )  # the same two terms as robust z-scores
     if z_sum != default:
         named[f"as robust z-scores: {z_sum}"] = z_sum
-    d2 = formula((0.0, 0.0, 0.0, 0.0, 1.0, "robust_z", "none", 0.0))
+    d2 = formula((0.0, 0.0, 0.0, 0.0, 1.0, "robust_z", "none", 0.0, 0.0))
     if d2 in recipes:
         named[f"driving force alone: {d2}"] = d2
     groups = sorted({run.rsplit("/", 1)[0] for run in runs})

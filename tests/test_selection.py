@@ -267,9 +267,9 @@ def test_reply_redundancy_is_the_share_of_reply_4_grams_the_row_held_before():
     assert reply_redundancy(prompt + [9, 9, 9, 9, 9], [IGNORE_INDEX] * 6 + [9] * 5) == pytest.approx(1 / 5)
 
 
-def test_redundancy_weight_subtracts_the_share_in_every_combine_mode():
-    """A share in [0, 1] on any model: ``redundancy_weight`` x it comes off the score as measured, also
-    where every other term is a robust z-score."""
+def test_redundancy_weight_subtracts_the_share_beyond_its_tolerance_in_every_combine_mode():
+    """A share in [0, 1] on any model: ``redundancy_weight`` x its excess over ``redundancy_tolerance``
+    comes off the score as measured, also where every other term is a robust z-score."""
     rng = np.random.default_rng(0)
     layers, nll = rng.uniform(0, 1, (20, 2)), rng.uniform(1, 4, 20)
     redundancy = rng.uniform(0, 1, 20)
@@ -282,6 +282,16 @@ def test_redundancy_weight_subtracts_the_share_in_every_combine_mode():
             score_of(columns, with_term, scales), score_of(columns, without, scales) - 2.0 * redundancy
         )
     assert score_formula(with_term) == "-1 x z(NLL) - 2 x reply redundancy"
+    # with a tolerance only the share beyond it counts
+    tolerant = ScoringSection(**{**vars(with_term), "redundancy_tolerance": 0.4})
+    np.testing.assert_allclose(
+        score_of(columns, tolerant, scales),
+        score_of(columns, without, scales) - 2.0 * np.maximum(redundancy - 0.4, 0.0),
+    )
+    assert (redundancy < 0.4).any() and (redundancy > 0.4).any()
+    assert score_formula(tolerant) == "-1 x z(NLL) - 2 x max(reply redundancy - 0.4, 0)"
+    with pytest.raises(ValueError, match="scoring.redundancy_tolerance=0.4 needs scoring.redundancy_weight"):
+        ScorePasses.for_scoring(ScoringSection(redundancy_tolerance=0.4))
 
 
 def test_prompt_gain_cap_without_a_prompt_gain_term_is_refused():

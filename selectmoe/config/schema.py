@@ -216,10 +216,12 @@ class ScoringSection:
     # with respect to its gates (one forward, a double backward per layer; selectmoe.select.score)
     driving_force: bool = False
     driving_force_weight: float = 0.0  # score += this x mean over layers of D2 (!= 0 implies driving_force)
-    # score -= this x reply_redundancy, always stored: the share of the reply's token 4-grams that the row
-    # already held before them (a reply that repeats itself or restates its request); a share in [0, 1]
-    # on any model and corpus, so never z-scored
+    # score -= this x max(reply_redundancy - redundancy_tolerance, 0); reply_redundancy, always stored, is
+    # the share of the reply's token 4-grams that the row already held before them (a reply that repeats
+    # itself or restates its request): a share in [0, 1] on any model and corpus, so never z-scored
     redundancy_weight: float = 0.0
+    # the share a reply may repeat unpenalised: a chain of thought restates its question's facts
+    redundancy_tolerance: float = ranged(0.0, low=0.0, high=1.0)
     # raw: the weights multiply the terms as measured; robust_z: each term is first centred on its
     # median over the scored corpus and divided by its IQR / 1.349 (a seeded sample of the score files,
     # no rescoring), so that a weight means the same on any model and corpus. Applied when selecting:

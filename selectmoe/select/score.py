@@ -6,7 +6,7 @@
                      + prompt_gain_weight x (NLL_without_prompt - NLL)  (when set)
                      + expert_effect_weight x (NLL_gates_shut - NLL)    (when set)
                      + driving_force_weight x mean over layers of D2[l]  (when set)
-                     - redundancy_weight x reply_redundancy             (when set)
+                     - redundancy_weight x max(reply_redundancy - redundancy_tolerance, 0)  (when set)
 
 Scored tokens are the assistant tokens (labels not ``IGNORE_INDEX``) by default, or every real token with
 ``scoring.tokens=all``; padding never counts. ``layer_scores`` are stored beside ``score`` so any
@@ -34,7 +34,8 @@ Newton step opening the layer's gates would save, damped where the curvature is 
 ending at an assistant token) that already occurred earlier in the row, in the prompt or earlier in the
 reply. A reply that loops or restates its request scores near 1 and is likelier to a language model than
 a real answer (a stronger model copies better), so the likelihood terms cannot see it; most replies score
-near 0 (benchmarks/README.md, "Replies that add nothing").
+near 0, but a chain of thought restates its question's facts: ``scoring.redundancy_tolerance`` is the share
+left unpenalised (benchmarks/README.md, "Replies that add nothing").
 
 With ``scoring.combine=robust_z`` each term (mean gate, NLL, prompt gain, expert effect) is replaced by
 its robust z-score over the scored corpus, ``(term - median) / (IQR / 1.349)``, before it is weighted
@@ -100,6 +101,10 @@ class ScorePasses:
         if scoring.prompt_gain_cap != "none" and scoring.prompt_gain_weight == 0:
             raise ConfigError(
                 f"scoring.prompt_gain_cap={scoring.prompt_gain_cap} needs scoring.prompt_gain_weight != 0"
+            )
+        if scoring.redundancy_tolerance and not scoring.redundancy_weight:
+            raise ConfigError(
+                f"scoring.redundancy_tolerance={scoring.redundancy_tolerance} needs scoring.redundancy_weight != 0"
             )
         nll = scoring.lm_loss or scoring.perplexity_weight != 0 or reply_only or gates_shut
         if scoring.nll_model != "stage1" and not nll:
@@ -350,9 +355,11 @@ def row_score(
     prompt_gain_cap: float | None = None,
     reply_redundancy: np.ndarray | None = None,
     redundancy_weight: float = 0.0,
+    redundancy_tolerance: float = 0.0,
 ) -> np.ndarray:
     """(B, L) -> (B,): ``gate_weight`` x the mean over layers, with the NLL, prompt-gain, expert-effect,
-    driving-force and redundancy terms when their weights are set; the prompt gain capped at
+    driving-force and redundancy (beyond ``redundancy_tolerance``) terms when their weights are set; the
+    prompt gain capped at
     ``prompt_gain_cap`` (nats) when given; with ``scales`` (``term_scales``) every term but the
     redundancy (a share, the same on any model) is a robust z-score first."""
     terms = score_terms(layer_scores, nll, nll_without_prompt, nll_gates_shut, driving_force)
@@ -372,7 +379,8 @@ def row_score(
         if weight:
             score = score + weight * terms[name]
     if redundancy_weight:
-        score = score - redundancy_weight * np.asarray(reply_redundancy, dtype=np.float64)
+        excess = np.asarray(reply_redundancy, dtype=np.float64) - redundancy_tolerance
+        score = score - redundancy_weight * np.maximum(excess, 0.0)
     return score
 
 
@@ -452,6 +460,7 @@ def score_of(
         scales["prompt_gain"][scoring.prompt_gain_cap] if capped else None,
         columns.get("reply_redundancy"),
         scoring.redundancy_weight,
+        scoring.redundancy_tolerance,
     )
 
 
@@ -475,7 +484,14 @@ def score_formula(scoring) -> str:
                 (scoring.driving_force_weight, "driving force D2"),
             )
         ]
-        + [(-scoring.redundancy_weight, "reply redundancy")]
+        + [
+            (
+                -scoring.redundancy_weight,
+                f"max(reply redundancy - {scoring.redundancy_tolerance:g}, 0)"
+                if scoring.redundancy_tolerance
+                else "reply redundancy",
+            )
+        ]
     )
     terms = []
     for weight, name in ((w, n) for w, n in weighted if w):
