@@ -133,8 +133,10 @@ def test_loko_tiny_chooses_without_the_judged_kind_and_judges_unseen_kinds(tmp_p
         "driving force alone: 1 x z(driving force D2)",
         "perplexity (-NLL, base model)",
         # nats (scoring.combine=raw), the prompt gain capped at its lower quartile (scoring.prompt_gain_cap)
-        "default preset (filtered_random): -1 x NLL + 1 x min(prompt gain, its lower quartile)",
-        "in nats: -1 x NLL + 1 x prompt gain",  # the same uncapped
+        "default preset (filtered_random): -1 x NLL + 1 x min(prompt gain, its lower quartile) "
+        "- 8 x max(reply redundancy - 0.4, 0)",
+        "in nats: -1 x NLL + 1 x min(prompt gain, its lower quartile)",  # the same without the redundancy
+        "in nats: -1 x NLL + 1 x prompt gain",  # uncapped
         "as robust z-scores: -1 x z(NLL) + 1 x z(prompt gain)",  # the same terms on the robust-z grid
     } <= scorers
     groups = {row["runs"] for row in report["by_group"]}
@@ -142,8 +144,11 @@ def test_loko_tiny_chooses_without_the_judged_kind_and_judges_unseen_kinds(tmp_p
     row = report["by_group"][0]
     assert {"echo", "looped", "empty_ish", "unseen", "within_datasets", "worst_dataset"} <= set(row)
     assert row["worst_dataset"] <= row["within_datasets"]
-    # the default preset's recipe is judged like every other: NLL and capped prompt gain in nats, no gates
-    assert report["default_recipe"] == "-1 x NLL + 1 x min(prompt gain, its lower quartile)"
+    # the default preset's recipe is judged like every other: NLL and capped prompt gain in nats, the reply
+    # redundancy beyond its tolerance, no gates
+    assert report["default_recipe"] == (
+        "-1 x NLL + 1 x min(prompt gain, its lower quartile) - 8 x max(reply redundancy - 0.4, 0)"
+    )
     # item 9's rule: the recipe it picks is level with perplexity on the planted kinds, in the run's base
     item_9 = report["item_9"]
     assert isinstance(item_9["default_is_level"], bool)

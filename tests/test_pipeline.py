@@ -65,8 +65,12 @@ def test_demo_writes_a_report_with_plots_baseline_and_separation(demo_run, capsy
     assert "random" in report and "baseline_random" in report  # the baseline is tabled beside the selection
     assert "| task | metric | selected | random | Δ random |" in report  # runs labelled by name, not path
     assert "| dataset | corpus rows | corpus share | selected rows | selected share |" in report
-    # the default preset's score, in words (nats: combine=raw; prompt_gain_cap=lower_quartile; nll_model=base)
-    formula = "-1 x NLL + 1 x min(prompt gain, its lower quartile) (NLLs of the base model)"
+    # the default preset's score, in words (nats: combine=raw; prompt_gain_cap=lower_quartile; nll_model=base;
+    # redundancy_weight, redundancy_tolerance)
+    formula = (
+        "-1 x NLL + 1 x min(prompt gain, its lower quartile) - 8 x max(reply redundancy - 0.4, 0) "
+        "(NLLs of the base model)"
+    )
     assert f"Score of a row: `{formula}`" in report
     assert (
         "How the rows were chosen: per dataset at its quota (selection.balance), a seeded random draw"
