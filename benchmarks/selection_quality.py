@@ -46,7 +46,15 @@ from selectmoe.layout import TRAINING_IDS
 from selectmoe.metrics import separation_table
 from selectmoe.select.score import row_score, score_of, score_terms, term_scales
 
-SCORE_COLUMNS = ["id", "score", "layer_scores", "nll", "nll_without_prompt", "nll_gates_shut"]
+SCORE_COLUMNS = [
+    "id",
+    "score",
+    "layer_scores",
+    "nll",
+    "nll_without_prompt",
+    "nll_gates_shut",
+    "reply_redundancy",
+]
 PERPLEXITY_WEIGHTS = (0.01, 0.03, 0.1, 0.3)
 # (perplexity_weight, prompt_gain_weight) pairs of the combined score
 PROMPT_GAIN_WEIGHTS = ((0.03, 0.03), (0.03, 0.1), (0.03, 0.3), (0.1, 0.1), (0.1, 0.3))
@@ -438,8 +446,9 @@ def score_aggregations(name: str, records: list[dict]) -> dict[str, np.ndarray]:
     # the default preset's score, its term scales (robust z, the prompt gain's median) over these rows
     default = ScoringSection(**load_preset(PipelineConfig().preset)["keys"]["select"]["scoring"])
     columns = {"layer_scores": layers, "nll": nll, "nll_without_prompt": unprompted}
+    redundancy = np.array([r["reply_redundancy"] for r in records])
     out[f"{name}: the default preset's score ({PipelineConfig().preset})"] = score_of(
-        columns, default, term_scales(score_terms(**columns))
+        {**columns, "reply_redundancy": redundancy}, default, term_scales(score_terms(**columns))
     )
     return out
 

@@ -371,10 +371,12 @@ def _seeded_sample(batches, seed: int, rows: int):
 
 
 def _term_scales(files: list[Path], cfg: SelectConfig, rows_scored: int) -> dict:
-    """``term_scales`` on a seeded sample of the scored rows (``_seeded_sample``)."""
+    """``term_scales`` on a seeded sample of the scored rows (``_seeded_sample``); the reply redundancy, a
+    share on every model's scale, has none."""
     parts: dict[str, list] = {}
-    for batch in _seeded_sample(_stream(files, ["id", *score_columns(cfg.scoring)]), cfg.seed, rows_scored):
-        columns = {name: column_matrix(batch[name]) for name in batch.column_names if name != "id"}
+    scaled = [name for name in score_columns(cfg.scoring) if name != "reply_redundancy"]
+    for batch in _seeded_sample(_stream(files, ["id", *scaled]), cfg.seed, rows_scored):
+        columns = {name: column_matrix(batch[name]) for name in scaled}
         for name, values in score_terms(**columns).items():
             parts.setdefault(name, []).append(values)
     return term_scales({name: np.concatenate(values) for name, values in parts.items()})
