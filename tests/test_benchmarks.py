@@ -362,8 +362,8 @@ def test_downstream_proxy_small(tmp_path):
         "random", "full", "oracle", "perplexity", "gates", "gates_prompt_gain", "gates_prompt_gain_balanced",
         "filtered_random_nll_prompt_gain", "filtered_random_nll", "filtered_random_nll_8x_prompt_gain",
         "filtered_random_raw_nll_prompt_gain", "filtered_random_raw_nll_capped_prompt_gain",
-        "filtered_random_raw_nll_quartile_prompt_gain", "balanced_random", "similarity", "calibrated",
-        "clean_random", "clean_balanced_random",
+        "filtered_random_raw_nll_quartile_prompt_gain", "filtered_random_raw_nll_quartile_prompt_gain_redundancy",
+        "balanced_random", "similarity", "calibrated", "clean_random", "clean_balanced_random",
     }  # fmt: skip
     # the junk filter's ceiling: only clean rows, as many as every 5% selection; every finetune is also
     # judged on the held-out clean replies
@@ -423,6 +423,9 @@ def test_downstream_proxy_small(tmp_path):
     assert set(kinds) == {"clean", "garbled", "wrong_answer", "looped"}
     assert sum(kind["rows"] for kind in kinds.values()) == methods["full"]["rows"]  # the rows stage 2 scored
     assert all(math.isfinite(kind["nll"]) and math.isfinite(kind["prompt_gain"]) for kind in kinds.values())
+    assert (
+        kinds["looped"]["reply_redundancy"] > kinds["clean"]["reply_redundancy"]
+    )  # a loop repeats its reply
     perfect = summary["clean_balanced_random"]["keep_rate_per_kind"]
     assert perfect["garbled"] == perfect["looped"] == 0 and perfect["clean"] > 1
     assert summary["full"]["keep_rate_per_kind"] == pytest.approx(dict.fromkeys(kinds, 1.0))
