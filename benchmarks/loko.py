@@ -14,8 +14,9 @@ on z(mean gate), z(-NLL), z(prompt gain), z(expert effect). The analysis:
 - **Leave one kind out.** For each planted kind K, the recipe with the best worst-kind AUROC over the
   other kinds (mean over every run) is chosen without K, then judged on K. The worst of those held-out
   AUROCs is the honest estimate of how the choice generalises to a new kind of defect.
-- **Kinds no weight ever saw.** ``empty_ish``, ``looped`` and ``echo`` are planted too and kept out of
-  every choice; they are judged only.
+- **Kinds no robust-z weight saw.** ``empty_ish``, ``looped`` and ``echo`` are planted too and kept out
+  of every choice of the grid; they are judged only (looped and echo chose the raw recipes' reply
+  redundancy weight and tolerance, so for those they are not unseen).
 - **Item 9's rule** (issue 19): among the recipes not below perplexity on the planted kinds nor within
   any source dataset, in each size/base (a paired test over its runs), the best worst kind; also left
   one kind out.
@@ -61,7 +62,8 @@ from selectmoe.manifest import hash_dict
 from selectmoe.metrics import auroc, auroc_within_groups, precision_at_k
 from selectmoe.select.score import score_formula, score_of, score_terms, term_scales
 
-UNSEEN_KINDS = ("empty_ish", "looped", "echo")  # planted, judged, never used to choose a weight
+# planted and judged, never used to choose a robust-z weight (looped and echo chose the redundancy weight)
+UNSEEN_KINDS = ("empty_ish", "looped", "echo")
 SIZES = {
     "small": {},  # the tiny OLMoE of the tests and the demo: 2 layers, hidden 64
     "medium": {"num_hidden_layers": 4, "hidden_size": 256, "intermediate_size": 128},

@@ -343,6 +343,12 @@ def test_real_shape_run_takes_every_stage_through_the_cli(tmp_path):
     assert stages["select"]["rows_scored_before"] == again["stages"]["select"]["rows_scored_before"] == 0
 
 
+FILTERS_WITH_AND_WITHOUT_REDUNDANCY = (
+    "filtered_random_raw_nll_quartile_prompt_gain",
+    "filtered_random_raw_nll_quartile_prompt_gain_redundancy",
+)
+
+
 @pytest.mark.timeout(660)  # its script may take 600 s (run_benchmark's timeout below)
 def test_downstream_proxy_small(tmp_path):
     stdout, report = run_benchmark(
@@ -423,9 +429,11 @@ def test_downstream_proxy_small(tmp_path):
     assert set(kinds) == {"clean", "garbled", "wrong_answer", "looped"}
     assert sum(kind["rows"] for kind in kinds.values()) == methods["full"]["rows"]  # the rows stage 2 scored
     assert all(math.isfinite(kind["nll"]) and math.isfinite(kind["prompt_gain"]) for kind in kinds.values())
-    assert (
-        kinds["looped"]["reply_redundancy"] > kinds["clean"]["reply_redundancy"]
-    )  # a loop repeats its reply
+    # a loop repeats its reply, and the redundancy term keeps looped rows no more often than the same
+    # filter without it
+    assert kinds["looped"]["reply_redundancy"] > kinds["clean"]["reply_redundancy"]
+    kept = {m: summary[m]["keep_rate_per_kind"]["looped"] for m in FILTERS_WITH_AND_WITHOUT_REDUNDANCY}
+    assert kept[FILTERS_WITH_AND_WITHOUT_REDUNDANCY[1]] <= kept[FILTERS_WITH_AND_WITHOUT_REDUNDANCY[0]]
     perfect = summary["clean_balanced_random"]["keep_rate_per_kind"]
     assert perfect["garbled"] == perfect["looped"] == 0 and perfect["clean"] > 1
     assert summary["full"]["keep_rate_per_kind"] == pytest.approx(dict.fromkeys(kinds, 1.0))

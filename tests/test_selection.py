@@ -290,6 +290,9 @@ def test_redundancy_weight_subtracts_the_share_beyond_its_tolerance_in_every_com
     )
     assert (redundancy < 0.4).any() and (redundancy > 0.4).any()
     assert score_formula(tolerant) == "-1 x z(NLL) - 2 x max(reply redundancy - 0.4, 0)"
+    # a weight without its column is an error, not a NaN score
+    with pytest.raises(KeyError, match="reply_redundancy"):
+        score_of({"layer_scores": layers, "nll": nll}, with_term, scales)
     with pytest.raises(ValueError, match="scoring.redundancy_tolerance=0.4 needs scoring.redundancy_weight"):
         ScorePasses.for_scoring(ScoringSection(redundancy_tolerance=0.4))
 

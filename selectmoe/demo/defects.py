@@ -6,9 +6,9 @@ equal numbers, and returns one label per row (``{"id", "dataset", "quality", "de
 shuffled), ``swapped`` (another row's reply), ``wrong_answer`` (a fluent reply with a wrong final
 answer; only rows for which the caller can make one), ``truncated`` (cut off mid-reply),
 ``empty_ish`` (".", "N/A", ...), ``spam`` (a promotional phrase repeated). ``HELD_OUT_KINDS`` are
-kept out of the demo and out of every weight choice (``benchmarks/loko.py`` judges on them only):
-``looped`` (the reply's opening words repeated, a generation loop) and ``echo`` (the user's request
-restated instead of answered); and, designed later (committed before the reply-redundancy score term
+kept out of the demo: ``looped`` (the reply's opening words repeated, a generation loop) and ``echo``
+(the user's request restated instead of answered), out of every weight choice until the reply-redundancy
+term's weight was chosen on them; and, designed later (committed before the reply-redundancy score term
 was written or measured, to judge it): ``restated`` (the request restated, then only the reply's first
 sentence), ``doubled`` (the whole reply twice, a generation that started over) and ``canned`` (a fluent
 refusal or generic filler that answers nothing). A spoiled row is still a valid row: the defects are of quality, not of

@@ -104,7 +104,8 @@ class ScorePasses:
             )
         if scoring.redundancy_tolerance and not scoring.redundancy_weight:
             raise ConfigError(
-                f"scoring.redundancy_tolerance={scoring.redundancy_tolerance} needs scoring.redundancy_weight != 0"
+                f"scoring.redundancy_tolerance={scoring.redundancy_tolerance} needs scoring.redundancy_weight != 0 "
+                "(to turn the term off, set both to 0)"
             )
         nll = scoring.lm_loss or scoring.perplexity_weight != 0 or reply_only or gates_shut
         if scoring.nll_model != "stage1" and not nll:
@@ -379,6 +380,8 @@ def row_score(
         if weight:
             score = score + weight * terms[name]
     if redundancy_weight:
+        if reply_redundancy is None:
+            raise KeyError("reply_redundancy: redundancy_weight is set but the column is missing")
         excess = np.asarray(reply_redundancy, dtype=np.float64) - redundancy_tolerance
         score = score - redundancy_weight * np.maximum(excess, 0.0)
     return score
