@@ -787,7 +787,7 @@ def test_gate_derivatives_are_the_nlls_slope_and_curvature_along_opening_a_layer
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_prompt_gain_and_expert_effect_weights_rescore_every_row_with_their_passes(
+def test_weights_that_need_a_pass_rescore_and_other_weights_reuse_the_stored_terms(
     one_actor, tiny_olmoe, tmp_path, sources
 ):
     out = tmp_path / "select_gain"
@@ -846,6 +846,28 @@ def test_prompt_gain_and_expert_effect_weights_rescore_every_row_with_their_pass
     selected = [json.loads(line) for line in (out / "selected.jsonl").read_text().splitlines()]
     assert [r["id"] for r in selected] == [i for _, i in order[: len(selected)]]
     assert [r["score"] for r in selected] == pytest.approx([s for s, _ in order[: len(selected)]])
+
+    # other weights that turn no pass on or off reuse the score files as well (a sweep over weights scores
+    # the corpus once): the selection recomputes every row's score with this run's weights
+    other = {
+        "scoring.gate_weight": -1.0, "scoring.perplexity_weight": 0.5, "scoring.prompt_gain_weight": 2.0,
+        "scoring.expert_effect_weight": -1.0, "scoring.redundancy_weight": 4.0,
+        "scoring.redundancy_tolerance": 0.05,
+    }  # fmt: skip
+    manifest = json.loads((run_select(tiny_olmoe, out, sources, **other) / "manifest.json").read_text())
+    assert {p.name: p.read_bytes() for p in (out / "scores").glob("*.parquet")} == files
+    assert manifest["counts"]["rows_scored_before"] == manifest["counts"]["rows_scored"] == len(rows)
+    redundancy = np.array([r["reply_redundancy"] for r in rows])
+    assert (redundancy > 0.05).any()  # the redundancy term moves some row
+    reweighted = (
+        -terms["gate"] - 0.5 * terms["nll"] + 2.0 * terms["prompt_gain"] - terms["expert_effect"]
+        - 4.0 * np.maximum(redundancy - 0.05, 0)
+    )  # fmt: skip
+    order = sorted(zip(reweighted, [r["id"] for r in rows]), key=lambda x: (-x[0], x[1]))
+    selected = [json.loads(line) for line in (out / "selected.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in selected] == [i for _, i in order[: len(selected)]]
+    assert [r["score"] for r in selected] == pytest.approx([s for s, _ in order[: len(selected)]])
+    assert "4 x max(reply redundancy - 0.05, 0)" in manifest["metrics"]["score_formula"]
 
 
 @pytest.mark.slow

@@ -12,6 +12,15 @@ from dataclasses import dataclass, field
 from selectmoe.config.loader import Between, OneOf, one_of, ranged
 from selectmoe.layout import SELECTED_JSONL, STAGE_DIRS
 
+
+def after_scoring(default: float, **bounds):
+    """A scoring key that says how the stored terms combine into the row score, not what is computed:
+    outside the resume key (``select.score.scores_depend_on``), so changing it reuses the score files
+    and the selection recomputes every row's score from their terms."""
+    metadata = {"after_scoring": True, **({"allowed": Between(**bounds)} if bounds else {})}
+    return field(default=default, metadata=metadata)
+
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SELECTION_METHODS = (
     "top_k",
@@ -200,28 +209,35 @@ class ScoringSection:
     store_embeddings: bool = False
     # the mean gate's weight in the row score; 0 = the gates are still scored, stored and reported but
     # do not rank rows (the default: they ranked defective rows higher in every measured run)
-    gate_weight: float = 1.0
+    gate_weight: float = after_scoring(1.0)
     lm_loss: bool = False  # also store each row's mean NLL over its scored tokens (perplexity baseline)
-    perplexity_weight: float = 0.0  # score = mean gate - this x mean NLL (same pass; > 0 implies lm_loss)
+    # score = mean gate - this x mean NLL (same pass; != 0 implies lm_loss). Every weight below is applied
+    # when selecting (``after_scoring``): changing one reuses the score files unless it turns a pass on/off
+    perplexity_weight: float = after_scoring(0.0)
     prompt_gain: bool = False  # also store nll_without_prompt: the replies' NLL with the prompts removed
-    prompt_gain_weight: float = 0.0  # score += this x (nll_without_prompt - NLL) (!= 0 implies prompt_gain)
+    # score += this x (nll_without_prompt - NLL) (!= 0 implies prompt_gain)
+    prompt_gain_weight: float = after_scoring(0.0)
     # the model the NLLs (NLL, prompt gain, expert effect) are measured with: stage1, the quality-gated
     # model stage 1 trained; base, the model stage 1 started from (the base's routers swapped back in,
     # every quality gate open), whose NLL training the gates has not perturbed: one more pass over the
     # full rows when the gates are scored too. The gates and D2 always come from the stage-1 model.
     nll_model: str = one_of("stage1", ("stage1", "base"))
     expert_effect: bool = False  # also store nll_gates_shut: the NLL with every quality gate forced to 0
-    expert_effect_weight: float = 0.0  # score += this x (nll_gates_shut - NLL) (!= 0 implies expert_effect)
+    expert_effect_weight: float = after_scoring(
+        0.0
+    )  # score += this x (nll_gates_shut - NLL) (!= 0: its pass)
     # also store gate_slope, gate_curvature and driving_force (D2) per layer: derivatives of the row's NLL
     # with respect to its gates (one forward, a double backward per layer; selectmoe.select.score)
     driving_force: bool = False
-    driving_force_weight: float = 0.0  # score += this x mean over layers of D2 (!= 0 implies driving_force)
+    driving_force_weight: float = after_scoring(
+        0.0
+    )  # score += this x mean over layers of D2 (!= 0: its pass)
     # score -= this x max(reply_redundancy - redundancy_tolerance, 0); reply_redundancy, always stored, is
     # the share of the reply's token 4-grams that the row already held before them (a reply that repeats
     # itself or restates its request): a share in [0, 1] on any model and corpus, so never z-scored
-    redundancy_weight: float = 0.0
+    redundancy_weight: float = after_scoring(0.0)
     # the share a reply may repeat unpenalised: a chain of thought restates its question's facts
-    redundancy_tolerance: float = ranged(0.0, low=0.0, high=1.0)
+    redundancy_tolerance: float = after_scoring(0.0, low=0.0, high=1.0)
     # raw: the weights multiply the terms as measured; robust_z: each term is first centred on its
     # median over the scored corpus and divided by its IQR / 1.349 (a seeded sample of the score files,
     # no rescoring), so that a weight means the same on any model and corpus. Applied when selecting:

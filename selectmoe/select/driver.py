@@ -23,7 +23,7 @@ import logging
 import shutil
 import time
 from collections import Counter
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -147,7 +147,7 @@ def _run(cfg: SelectConfig, out: Path) -> Path:
 
     # ---- score (resumable; the key holds the inputs' fingerprints, so stored rows are rows of this sample)
     scores_dir = out / SCORES_DIR
-    stored = _reusable_scores(scores_dir, _scoring_key(cfg, model_path, read.sources))
+    stored = _reusable_scores(scores_dir, _scoring_key(cfg, model_path, read.sources, passes))
     left = read.rows_not_done(lambda: _stream(stored, ["source", "line"]), columns=_scoring_input(passes))
     if left.rows_done and left.rows is not None:
         say(
@@ -176,7 +176,7 @@ def _run(cfg: SelectConfig, out: Path) -> Path:
         signed = _gate_sign(cfg, files, candidates, excluded, trusted) if trusted and not calibrated else None
         flipped = signed and signed["gate_weight"] != cfg.scoring.gate_weight
         scoring = replace(cfg.scoring, gate_weight=signed["gate_weight"]) if flipped else cfg.scoring
-        rescore = _rescorer(scoring, scales, combiner, recompute=scoring is not cfg.scoring)
+        rescore = _rescorer(scoring, scales, combiner)
         formula = "calibrated combiner (log-odds of trusted)" if combiner else score_formula(scoring)
         selected, selection_info = _select(cfg, files, candidates, excluded, rescore, targets)
         timings["selection_s"] = round(time.time() - t0, 2)
@@ -284,9 +284,10 @@ def _selector(cfg: SelectConfig) -> tuple[str, str]:
     return str(path), tokenizer or str(path)
 
 
-def _scoring_key(cfg: SelectConfig, model_path: str, sources) -> dict:
-    """What the scores depend on (config, selector weights, input files); score files written under
-    another key are not reused."""
+def _scoring_key(cfg: SelectConfig, model_path: str, sources, passes: ScorePasses) -> dict:
+    """What the scores depend on (config, the passes it runs, selector weights, input files); score
+    files written under another key are not reused. The score's weights are not in it: the selection
+    recomputes every row's score from the stored terms."""
     model = Path(model_path)
     weights = (
         {p.name: fingerprint(p) for p in sorted(model.glob("*")) if p.is_file()} if model.is_dir() else {}
@@ -295,6 +296,7 @@ def _scoring_key(cfg: SelectConfig, model_path: str, sources) -> dict:
         "model": model_path,
         "weights": hash_dict(weights),
         "scoring": scores_depend_on(cfg.scoring),
+        "passes": asdict(passes),
         "dataset": to_dict(cfg.dataset),
         "selector_model": to_dict(cfg.selector_model),
         "seed": cfg.seed,
@@ -338,12 +340,7 @@ def _stream(files: list[Path], columns: list[str], skip: TrainingRows | None = N
 
 
 def _scored_stream(files: list[Path], columns: list[str], rescore, skip: TrainingRows | None = None):
-    """``_stream`` whose ``score`` is recomputed by ``rescore`` (``_rescorer``: robust z-scores, the
-    calibrated combiner, or a gate weight the trusted set flipped); without it the score files' own
-    (raw) score."""
-    if rescore is None:
-        yield from _stream(files, columns, skip)
-        return
+    """``_stream`` whose ``score`` is recomputed by ``rescore`` (``_rescorer``) from the stored terms."""
     needed, score_fn = rescore
     read = [c for c in columns if c != "score"] + [t for t in needed if t not in columns]
     for batch in _stream(files, read, skip):
@@ -351,15 +348,13 @@ def _scored_stream(files: list[Path], columns: list[str], rescore, skip: Trainin
         yield batch.append_column("score", pa.array(score, pa.float64())).select(columns)
 
 
-def _rescorer(scoring, scales: dict | None, combiner: dict | None, recompute: bool = False):
-    """(columns read, row score function) when the selection score is not the stored one (robust
-    z-scores or a capped prompt gain, both from ``scales``; the calibrated combiner; or ``recompute``: a
-    gate weight whose sign the trusted set set), else None."""
+def _rescorer(scoring, scales: dict | None, combiner: dict | None):
+    """(columns read, row score function): the calibrated combiner, else ``scoring``'s formula with this
+    run's weights (a gate weight the trusted set flipped included; the score files' own ``score`` used
+    the weights they were scored with), robust z-scores or a capped prompt gain from ``scales``."""
     if combiner is not None:
         return combiner_columns(combiner), lambda columns: combiner_score(combiner, columns)
-    if scales is not None or recompute:
-        return score_columns(scoring), lambda columns: score_of(columns, scoring, scales)
-    return None
+    return score_columns(scoring), lambda columns: score_of(columns, scoring, scales)
 
 
 def _seeded_sample(batches, seed: int, rows: int):

@@ -44,8 +44,11 @@ the model and the corpus (a weak base's NLL spread was 0.79 where a good one's w
 weight meant a different balance on each. With ``scoring.prompt_gain_cap=median`` the prompt gain term
 is ``min(prompt gain, its median)`` (the median from the same sample; with robust_z, ``min(z, 0)``):
 a high per-token gain marks short and cut-off replies as much as good ones, a low one marks replies
-their prompt does not explain; ``lower_quartile`` caps it at its 25th percentile instead. Both are
-applied when selecting; the stored ``score`` is the raw one.
+their prompt does not explain; ``lower_quartile`` caps it at its 25th percentile instead. Both, and
+every weight, are applied when selecting (the config fields marked ``after_scoring``): the selection
+recomputes each row's score from its stored terms, so a rerun with other weights scores nothing again
+unless a weight turns a pass on or off; the score files' own ``score`` is the raw one under the weights
+they were scored with.
 """
 
 from __future__ import annotations
@@ -147,9 +150,10 @@ class ScorePasses:
 
 
 def scores_depend_on(scoring) -> dict:
-    """The fields of a ``scoring`` section that change what is computed (the resume key): every field
-    but those marked ``execution`` (batch sizes, actor counts, fault injection) or ``after_scoring``
-    (how the stored terms are combined)."""
+    """The fields of a ``scoring`` section that change what is computed (the resume key, with the
+    ``ScorePasses`` they imply): every field but those marked ``execution`` (batch sizes, actor counts,
+    fault injection) or ``after_scoring`` (the weights, tolerance, combine and cap: how the stored
+    terms are combined)."""
     return {
         f.name: getattr(scoring, f.name)
         for f in fields(scoring)
