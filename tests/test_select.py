@@ -969,7 +969,7 @@ def test_calibrated_ranks_rows_by_a_combiner_fitted_on_the_trusted_rows(tiny_olm
     assert info["trusted_rows"] == combiner["trusted_rows"] == 41 - len(rejects) >= 10
     assert info["corpus_rows"] == manifest["counts"]["rows_scored"]  # every corpus row: below the sample cap
     assert set(info["coefficients"]) == {
-        "gate_layer_0", "gate_layer_1", "nll", "prompt_gain", "log_scored_tokens"
+        "gate_layer_0", "gate_layer_1", "nll", "prompt_gain", "log_scored_tokens", "reply_redundancy"
     }  # fmt: skip
     assert 0.5 < info["cv_auroc"] <= 1.0  # cot rows look unlike oasst1 / human_instructions rows
     stored = pq.read_table(out / "scores").to_pydict()

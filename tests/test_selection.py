@@ -355,6 +355,36 @@ def test_similarity_select_equals_brute_force_round_robin_over_tasks(n):
         assert got["score"][2].as_py() == pytest.approx(1.0)
 
 
+def test_the_combiner_uses_the_reply_redundancy_where_it_marks_the_corpus_rows():
+    """Corpus rows of which a third repeat their prompt (redundancy near 1) against trusted rows that
+    never do: the reply redundancy is a feature, its coefficient is negative, and it is read back from
+    the score files' column."""
+    from selectmoe.select.calibrate import combiner_columns, combiner_score, feature_matrix, fit_combiner
+
+    rng = np.random.default_rng(5)
+
+    def rows(n, looped_share):
+        looped = rng.random(n) < looped_share
+        return {
+            "layer_scores": rng.uniform(0.3, 0.7, size=(n, 2)),
+            "nll": rng.normal(2.0, 0.5, n),
+            "n_scored_tokens": rng.integers(5, 200, n),
+            "reply_redundancy": np.where(looped, rng.uniform(0.6, 1.0, n), rng.uniform(0.0, 0.2, n)),
+        }
+
+    trusted, corpus = rows(300, 0.0), rows(1500, 1 / 3)
+    x, names = feature_matrix(trusted)
+    assert names[-1] == "reply_redundancy"
+    combiner = fit_combiner(x, feature_matrix(corpus)[0], names, seed=0)
+    weights = dict(zip(names, combiner["coefficients"]))
+    assert weights["reply_redundancy"] < 0
+    assert abs(weights["reply_redundancy"]) == max(abs(w) for w in weights.values())
+    assert "reply_redundancy" in combiner_columns(combiner)
+    score = combiner_score(combiner, corpus)
+    looped = corpus["reply_redundancy"] > 0.5
+    assert score[looped].max() < np.median(score[~looped])
+
+
 def test_calibrated_combiner_finds_the_feature_that_marks_trusted_rows():
     """A synthetic case with a known answer: trusted rows have a lower NLL and the same gates, prompt
     gain and length as the corpus. The combiner puts its largest weight, negative, on the NLL, reaches a

@@ -7,8 +7,8 @@ the formula (``scoring.gate_weight`` != 0), the trusted set sets that term's sig
 the gates were inverted in every measured run, so their direction is checked, never assumed.
 
 Features (those the score files hold): each layer's mean gate, the NLL, the prompt gain
-(``nll_without_prompt - nll``), the expert effect (``nll_gates_shut - nll``) and log(1 + scored
-tokens). They are standardised inside the fitted model, and the combiner is stored as plain numbers
+(``nll_without_prompt - nll``), the expert effect (``nll_gates_shut - nll``), log(1 + scored
+tokens) and the reply redundancy. They are standardised inside the fitted model, and the combiner is stored as plain numbers
 (feature names, means, scales, coefficients, intercept), so any row's score can be recomputed from
 its stored columns without scikit-learn.
 """
@@ -20,13 +20,21 @@ import numpy as np
 from selectmoe.metrics import auroc
 from selectmoe.select.score import score_terms
 
-FEATURE_COLUMNS = ("layer_scores", "nll", "nll_without_prompt", "nll_gates_shut", "n_scored_tokens")
+FEATURE_COLUMNS = (
+    "layer_scores",
+    "nll",
+    "nll_without_prompt",
+    "nll_gates_shut",
+    "n_scored_tokens",
+    "reply_redundancy",
+)
 CV_FOLDS = 5
 
 
 def feature_matrix(columns: dict[str, np.ndarray]) -> tuple[np.ndarray, list[str]]:
     """(rows, features) and the feature names, from score-file columns (``FEATURE_COLUMNS`` present):
-    the per-layer gates, ``score.score_terms`` but the mean gate, and log(1 + scored tokens)."""
+    the per-layer gates, ``score.score_terms`` but the mean gate, log(1 + scored tokens) and, where
+    stored, the reply redundancy."""
     layers = np.asarray(columns["layer_scores"], dtype=np.float64)
     terms = score_terms(
         layers, columns.get("nll"), columns.get("nll_without_prompt"), columns.get("nll_gates_shut")
@@ -34,7 +42,11 @@ def feature_matrix(columns: dict[str, np.ndarray]) -> tuple[np.ndarray, list[str
     terms.pop("gate")
     names = [f"gate_layer_{i}" for i in range(layers.shape[1])] + list(terms) + ["log_scored_tokens"]
     tokens = np.log1p(np.asarray(columns["n_scored_tokens"], dtype=np.float64))
-    return np.column_stack([layers, *terms.values(), tokens]), names
+    redundancy = columns.get("reply_redundancy")
+    if redundancy is None:
+        return np.column_stack([layers, *terms.values(), tokens]), names
+    redundancy = np.asarray(redundancy, dtype=np.float64)
+    return np.column_stack([layers, *terms.values(), tokens, redundancy]), [*names, "reply_redundancy"]
 
 
 def fit_combiner(trusted: np.ndarray, corpus: np.ndarray, names: list[str], seed: int) -> dict:
@@ -73,7 +85,12 @@ def fit_combiner(trusted: np.ndarray, corpus: np.ndarray, names: list[str], seed
 
 def combiner_columns(combiner: dict) -> list[str]:
     """The score-file columns ``combiner_score`` reads for this combiner's features."""
-    wanted = {"nll": "nll", "prompt_gain": "nll_without_prompt", "expert_effect": "nll_gates_shut"}
+    wanted = {
+        "nll": "nll",
+        "prompt_gain": "nll_without_prompt",
+        "expert_effect": "nll_gates_shut",
+        "reply_redundancy": "reply_redundancy",
+    }
     return ["layer_scores", "n_scored_tokens"] + [c for f, c in wanted.items() if f in combiner["features"]]
 
 
