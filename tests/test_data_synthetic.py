@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import html
 import json
 import random
 import re
@@ -17,8 +18,24 @@ from conftest import SHARED_TRAIN
 from selectmoe.config import DataConfig, DatasetConfig
 from selectmoe.data import RowLedger, iter_rows, load_tokenizer
 from selectmoe.demo.corpus import DATASET_SHARES, DEFAULT_ROWS, write_demo_corpus
-from selectmoe.demo.defects import DEFECT_KINDS, HELD_OUT_KINDS, cot_wrong_answer, plant_defects
-from selectmoe.demo.synthetic_facts import CANNED_REPLIES, EMPTYISH_RESPONSES, SPAM_PHRASES
+from selectmoe.demo.defects import (
+    DEFECT_KINDS,
+    HELD_OUT_KINDS,
+    applies,
+    cot_wrong_answer,
+    plant_defects,
+    spoil,
+)
+from selectmoe.demo.synthetic_facts import (
+    BOILERPLATE_CAVEATS,
+    BOILERPLATE_CLOSINGS,
+    BOILERPLATE_LEADS,
+    BOILERPLATE_OPENINGS,
+    CANNED_REPLIES,
+    CHAT_PAGE_DIV_CLASSES,
+    EMPTYISH_RESPONSES,
+    SPAM_PHRASES,
+)
 from selectmoe.evaluate.tasks import LOCAL_TASKS, available_local_tasks
 from selectmoe.evaluate.tasks.bbh_local.bbh import parse_cot_prompt
 
@@ -207,8 +224,8 @@ def test_plant_defects_on_real_rows_applies_each_kind_only_where_it_can():
 
 def test_held_out_kinds_spoil_real_replies_as_named():
     """The held-out kinds (kept out of the demo and of every weight choice) on real rows: ``looped``,
-    ``echo``, ``restated``, ``doubled``, ``canned``."""
-    lines = (SHARED_TRAIN / "oasst1.jsonl").read_text().split("\n")[:100]
+    ``echo``, ``restated``, ``doubled``, ``canned``, ``boilerplate``, ``scraped``."""
+    lines = (SHARED_TRAIN / "oasst1.jsonl").read_text().split("\n")[:140]
     rows = [json.loads(line) for line in lines if line.strip()]
     originals = copy.deepcopy(rows)
     labels = plant_defects(random.Random(0), rows, 1.0, HELD_OUT_KINDS)
@@ -230,7 +247,125 @@ def test_held_out_kinds_spoil_real_replies_as_named():
             cut_short.append(len(opening) < len(before.strip()))
         elif label["defect"] == "doubled":
             assert reply == f"{before}\n\n{before}"
+        elif label["defect"] == "boilerplate":
+            assert is_buried_in_boilerplate(reply, before)
+        elif label["defect"] == "scraped":
+            assert is_scraped(reply, before)
         else:
             assert label["defect"] == "canned" and reply in CANNED_REPLIES
     assert sum(cut_short) >= 15  # most oasst replies have more than one sentence
     assert set(HELD_OUT_KINDS).isdisjoint(DEFECT_KINDS)
+
+
+PREAMBLES = {f"{opening} {lead}" for opening in BOILERPLATE_OPENINGS for lead in BOILERPLATE_LEADS}
+CLOSINGS = {
+    *BOILERPLATE_CLOSINGS,
+    *(f"{caveat} {c}" for caveat in BOILERPLATE_CAVEATS for c in BOILERPLATE_CLOSINGS),
+}
+
+
+WORD_COUNT = r"Copy\d+ chars / \d+ words$"  # a browser extension's counter, scraped into ShareGPT
+
+
+def boilerplate_of(spoiled: str) -> tuple[str, str, str]:
+    """A ``boilerplate`` reply's first paragraph, the paragraphs between, its last paragraph."""
+    preamble, rest = spoiled.split("\n\n", 1)
+    body, closing = rest.rsplit("\n\n", 1)
+    return preamble, body, closing
+
+
+def is_buried_in_boilerplate(spoiled: str, reply: str) -> bool:
+    if spoiled.count("\n\n") < 2:
+        return False
+    preamble, body, closing = boilerplate_of(spoiled)
+    return preamble in PREAMBLES and body == reply.strip() and closing in CLOSINGS
+
+
+def page_leftover(spoiled: str) -> tuple[str | None, bool]:
+    """What a ``scraped`` reply carries of the page: its ``<div>``'s opening tag or its regenerate counter,
+    and whether a word count ends it."""
+    head = re.match(r'<div class="[^"]*">|[1-3] / [1-3]', spoiled)
+    return (head.group() if head else None), bool(re.search(WORD_COUNT, spoiled))
+
+
+def is_scraped(spoiled: str, reply: str) -> bool:
+    """``spoiled`` carries the page's HTML or leftovers, and what FastChat's ShareGPT cleaning removes (tags,
+    the leading regenerate counter, "Copy code", the word count) is all that was added, up to whitespace
+    (and the code fences its HTML conversion rebuilds)."""
+    head = re.match(r'<div class="([^"]*)">.*</div>$|[1-3] / [1-3]', spoiled, re.DOTALL)
+    if head is None or (head.group(1) is not None and head.group(1) not in CHAT_PAGE_DIV_CLASSES):
+        return False
+    text = html.unescape(re.sub(r"<[^>]+>", "", spoiled)) if head.group(1) else spoiled
+    text = re.sub(rf"^[1-3] / [1-3]|{WORD_COUNT}|Copy code|```", "", text)
+    return re.sub(r"\s+", "", text) == re.sub(r"\s+", "", reply.replace("```", ""))
+
+
+def family_style_replies(rng: random.Random) -> list[str]:
+    """Replies like ``benchmarks/downstream_proxy.py``'s family rows: a made-up language's word (syllables of
+    its own two consonants) for an English word, in the pool's three answer templates."""
+    templates = (
+        "In {lang}, '{word}' is {code}.",
+        "They say {code}.",
+        "The {lang} word for '{word}' is {code}.",
+    )
+    replies = []
+    for lang, consonants in (("Zorbish", "bd"), ("Quellan", "fg")):
+        for word in ("cat", "river", "moon", "bread", "winter"):
+            code = "".join(rng.choice(consonants) + rng.choice("aeiou") for _ in range(3))
+            replies += [template.format(lang=lang, word=word, code=code) for template in templates]
+    return replies
+
+
+def real_replies() -> list[str]:
+    """Final replies of real rows: CoT, FLAN (short spans and yes/no), oasst1 (some with code), human."""
+    lines = (SHARED_TRAIN / "cot.jsonl").read_text().split("\n")[:20]
+    flan = (SHARED_TRAIN / "flan_v2.jsonl").read_text().split("\n")
+    lines += flan[:20] + flan[1378:1388]
+    lines += (SHARED_TRAIN / "oasst1.jsonl").read_text().split("\n")[:30]
+    lines += (SHARED_TRAIN / "human_instructions.jsonl").read_text().split("\n")[:20]
+    return [json.loads(line)["messages"][-1]["content"] for line in lines if line.strip()]
+
+
+@pytest.mark.parametrize("kind", ["boilerplate", "scraped"])
+def test_boilerplate_and_scraped_spoil_real_and_family_replies_in_varied_deterministic_ways(kind):
+    """The held-out kinds modelled on junk that cleaning work found in ShareGPT and ChatGPT-distilled data:
+    the answer kept whole, inside AI-assistant boilerplate or the chat page's markup and button text."""
+    real, family = real_replies(), family_style_replies(random.Random(3))
+    assert any("```" in reply for reply in real) and any(reply in ("Yes", "No") for reply in real)
+
+    def spoiled_with(seed: int) -> list[str]:
+        rng = random.Random(seed)
+        return [spoil(kind, reply, rng, donor="another reply") for reply in real + family]
+
+    spoiled = spoiled_with(0)
+    assert spoiled == spoiled_with(0)
+    assert sum(a != b for a, b in zip(spoiled, spoiled_with(1))) > len(spoiled) // 2
+    is_spoiled_so = is_buried_in_boilerplate if kind == "boilerplate" else is_scraped
+    for reply, spoiled_reply in zip(real + family, spoiled):
+        assert applies(kind, reply, None) and spoiled_reply != reply
+        assert is_spoiled_so(spoiled_reply, reply), (reply, spoiled_reply)
+    for group in (spoiled[: len(real)], spoiled[len(real) :]):  # the added junk varies across rows
+        if kind == "boilerplate":
+            added = [boilerplate_of(s)[::2] for s in group]
+            assert len(set(added)) >= len(group) // 2
+        else:
+            added = [page_leftover(s) for s in group]
+            assert len(set(added)) >= 8
+            assert any(s.startswith("<div") for s in group) and not all(s.startswith("<div") for s in group)
+
+
+def test_boilerplate_and_scraped_leave_blank_replies_alone():
+    """FLAN rows with blank replies (TREC, in the shared data) have no answer to bury or page to scrape."""
+    rows = [
+        json.loads(line) for line in (SHARED_TRAIN / "flan_v2.jsonl").read_text().split("\n")[14590:14620]
+    ]
+    blank = [not row["messages"][-1]["content"].strip() for row in rows]
+    assert 0 < sum(blank) < len(rows)
+    originals = copy.deepcopy(rows)
+    labels = plant_defects(random.Random(0), rows, 1.0, ("boilerplate", "scraped"))
+    for label, row, original, is_blank in zip(labels, rows, originals, blank):
+        assert (label["defect"] is None) == is_blank
+        assert (row == original) == is_blank
+    for kind in ("boilerplate", "scraped"):
+        assert not applies(kind, "", None) and not applies(kind, " \n", None)
+        assert applies(kind, "B", None) and applies(kind, "They say bodaba.", None)

@@ -11,20 +11,33 @@ kept out of the demo: ``looped`` (the reply's opening words repeated, a generati
 term's weight was chosen on them; and, designed later (committed before the reply-redundancy score term
 was written or measured, to judge it): ``restated`` (the request restated, then only the reply's first
 sentence), ``doubled`` (the whole reply twice, a generation that started over) and ``canned`` (a fluent
-refusal or generic filler that answers nothing). A spoiled row is still a valid row: the defects are of quality, not of
-format, so only a quality score can find them.
+refusal or generic filler that answers nothing); and, designed later again from junk that cleaning work on public
+instruction data documented, blind to every score: ``boilerplate`` (the reply buried between an AI-assistant
+disclaimer and a generic closing) and ``scraped`` (the reply with the chat web page's markup or button text left
+in). A spoiled row is still a valid row: the defects are of quality, not of format, so only a quality score can
+find them.
 """
 
 from __future__ import annotations
 
+import html
 import random
 import re
 from collections.abc import Callable, Sequence
 
-from selectmoe.demo.synthetic_facts import CANNED_REPLIES, EMPTYISH_RESPONSES, SPAM_PHRASES
+from selectmoe.demo.synthetic_facts import (
+    BOILERPLATE_CAVEATS,
+    BOILERPLATE_CLOSINGS,
+    BOILERPLATE_LEADS,
+    BOILERPLATE_OPENINGS,
+    CANNED_REPLIES,
+    CHAT_PAGE_DIV_CLASSES,
+    EMPTYISH_RESPONSES,
+    SPAM_PHRASES,
+)
 
 DEFECT_KINDS = ("garbled", "shuffled", "swapped", "wrong_answer", "truncated", "empty_ish", "spam")
-HELD_OUT_KINDS = ("looped", "echo", "restated", "doubled", "canned")
+HELD_OUT_KINDS = ("looped", "echo", "restated", "doubled", "canned", "boilerplate", "scraped")
 _GARBLE_CHARS = "#$%&@!?*~^+=<>|"
 
 # wrong_reply(row index, reply) -> a reply with a wrong answer, or None where the row has none to spoil
@@ -94,6 +107,10 @@ def spoil(
         return f"{reply}\n\n{reply}"
     if kind == "canned":
         return rng.choice(CANNED_REPLIES)
+    if kind == "boilerplate":
+        return _bury_in_boilerplate(reply, rng)
+    if kind == "scraped":
+        return _scrape(reply, rng)
     return " ".join([rng.choice(SPAM_PHRASES)] * rng.randint(4, 12))
 
 
@@ -119,6 +136,8 @@ def applies(kind: str, reply: str, wrong: str | None) -> bool:
         return " " in reply
     if kind == "wrong_answer":
         return wrong is not None and wrong != reply
+    if kind in ("boilerplate", "scraped"):
+        return bool(reply.strip())  # a blank reply has no answer to bury or page to scrape
     return True
 
 
@@ -163,6 +182,50 @@ def _first_sentence(reply: str) -> str:
     """The reply up to the end of its first sentence (or line); all of it when it has one only."""
     match = re.search(r"[.!?](\s|$)|\n", reply)
     return reply[: match.end()].strip() if match else reply
+
+
+def _bury_in_boilerplate(reply: str, rng: random.Random) -> str:
+    """The reply between an AI-assistant disclaimer with a lead-in and (sometimes a caveat and) a generic
+    closing: the ChatGPT-distilled replies that the ShareGPT_Vicuna_unfiltered and WizardLM "unfiltered"
+    cleaning scripts removed by these phrases ("As an AI language model", "It is important to note", ...)."""
+    preamble = f"{rng.choice(BOILERPLATE_OPENINGS)} {rng.choice(BOILERPLATE_LEADS)}"
+    closing = rng.choice(BOILERPLATE_CLOSINGS)
+    if rng.random() < 0.5:
+        closing = f"{rng.choice(BOILERPLATE_CAVEATS)} {closing}"
+    return f"{preamble}\n\n{reply.strip()}\n\n{closing}"
+
+
+def _scrape(reply: str, rng: random.Random) -> str:
+    """The reply as scraped from the ChatGPT web page, the junk FastChat's ``clean_sharegpt.py`` cleaned out
+    of ShareGPT: either the page's HTML (``_chat_page_html``), or its text with the page's leftovers: the
+    "2 / 2" regenerate counter glued to the start, "Copy code" after a code block's language, sometimes a
+    word-count extension's "Copy<n> chars / <n> words" at the end."""
+    parts = reply.strip().split("```")  # the odd parts are code blocks: a language line, then the code
+    if rng.random() < 0.5:
+        return _chat_page_html(parts, rng)
+    for i in range(1, len(parts), 2):
+        lang, _, code = parts[i].partition("\n")
+        parts[i] = f"\n{lang}Copy code{code}"
+    shown = rng.randint(1, 3)
+    text = f"{shown} / {rng.randint(shown, 3)}" + "```".join(parts)
+    if rng.random() < 0.5:
+        text += f"Copy{len(reply)} chars / {len(reply.split())} words"
+    return text
+
+
+def _chat_page_html(parts: list[str], rng: random.Random) -> str:
+    """The reply's ``parts`` (text, code, text, ...) as the page's HTML: a ``<div class="markdown prose ...">``
+    of ``<p>`` lines, each code block in a ``<pre>`` under its language and "Copy code" button."""
+    body = []
+    for i, part in enumerate(parts):
+        if i % 2:
+            lang, _, code = part.partition("\n")
+            code = html.escape(code, quote=False)
+            body.append(f"<pre><span>{lang}</span><button>Copy code</button><code>{code}</code></pre>")
+        else:
+            lines = (html.escape(line.strip(), quote=False) for line in part.splitlines())
+            body += [f"<p>{line}</p>" for line in lines if line]
+    return f'<div class="{rng.choice(CHAT_PAGE_DIV_CLASSES)}">{"".join(body)}</div>'
 
 
 def _truncate(reply: str, rng: random.Random) -> str:

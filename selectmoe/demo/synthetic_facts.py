@@ -194,3 +194,46 @@ CANNED_REPLIES = [  # fluent replies that answer nothing: refusals and generic f
     "I'm not able to provide that information, but you may find it with a quick search online.",
     "This is an interesting topic that people have discussed for a long time, and opinions differ.",
 ]
+# AI-assistant boilerplate around a real answer, in the phrasing the ShareGPT_Vicuna_unfiltered and WizardLM
+# "unfiltered" cleaning scripts searched for and removed: an identity disclaimer, a lead-in, a caveat, a closing
+BOILERPLATE_OPENINGS = [
+    "As an AI language model, I don't have personal opinions or experiences.",
+    "As an AI language model, I do not have access to real-time information or the internet.",
+    "As an AI, I don't have feelings or beliefs of my own.",
+    "I am an AI language model and do not have personal preferences.",
+    "As a large language model, I can only provide information based on my training data.",
+    "As an AI language model, my knowledge cutoff is September 2021, so some details may be out of date.",
+    "As an AI assistant, I strive to provide accurate and helpful information.",
+    "Thank you for your question! As an AI language model, I am happy to assist you.",
+]
+BOILERPLATE_LEADS = [
+    "However, I can provide some general information on this topic.",
+    "That being said, here is what I can tell you:",
+    "Based on my training data, here is my answer:",
+    "With that in mind, here is a possible response:",
+    "Here is the information you requested:",
+    "I will do my best to answer your question.",
+]
+BOILERPLATE_CAVEATS = [
+    "It is important to note that this information may not be accurate or up to date.",
+    "Please note that it's always a good idea to consult a qualified professional before making any decisions.",
+    "It's important to remember that every situation is different and results may vary.",
+    "However, it is important to use any information provided responsibly and within ethical boundaries.",
+    "Keep in mind that I am an AI and my responses should not be taken as professional advice.",
+    "Please verify this information with other reliable sources.",
+]
+BOILERPLATE_CLOSINGS = [
+    "I hope this helps! Let me know if you have any other questions.",
+    "Is there anything else I can help you with?",
+    "Feel free to ask if you need further clarification.",
+    "Let me know if you would like more information on this topic.",
+    "I hope this information is helpful to you.",
+    "If you have any further questions, please don't hesitate to ask.",
+]
+# the class of the <div> around each reply on the ChatGPT page that ShareGPT stored as HTML
+CHAT_PAGE_DIV_CLASSES = [
+    "markdown prose w-full break-words dark:prose-invert light",
+    "markdown prose w-full break-words dark:prose-invert dark",
+    "request-:r0:-0 markdown prose break-words dark:prose-invert light",
+    "request-:r1:-3 markdown prose break-words dark:prose-invert dark",
+]
