@@ -869,6 +869,21 @@ def test_weights_that_need_a_pass_rescore_and_other_weights_reuse_the_stored_ter
     assert [r["score"] for r in selected] == pytest.approx([s for s, _ in order[: len(selected)]])
     assert "4 x max(reply redundancy - 0.05, 0)" in manifest["metrics"]["score_formula"]
 
+    # weights set to 0 turn their passes off: the files, which hold more, are reused all the same
+    off = {**other, "scoring.prompt_gain_weight": 0.0, "scoring.expert_effect_weight": 0.0}
+    manifest = json.loads((run_select(tiny_olmoe, out, sources, **off) / "manifest.json").read_text())
+    assert {p.name: p.read_bytes() for p in (out / "scores").glob("*.parquet")} == files
+    assert manifest["counts"]["rows_scored_before"] == len(rows)
+    fewer = -terms["gate"] - 0.5 * terms["nll"] - 4.0 * np.maximum(redundancy - 0.05, 0)
+    order = sorted(zip(fewer, [r["id"] for r in rows]), key=lambda x: (-x[0], x[1]))
+    selected = [json.loads(line) for line in (out / "selected.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in selected] == [i for _, i in order[: len(selected)]]
+    # ... but only when every row was scored: rows left are scored, every row again, with the passes asked
+    sorted((out / "scores").glob("*.parquet"))[0].unlink()
+    manifest = json.loads((run_select(tiny_olmoe, out, sources, **off) / "manifest.json").read_text())
+    assert manifest["counts"]["rows_scored_before"] == 0 and manifest["counts"]["rows_scored"] == len(rows)
+    assert "nll_without_prompt" not in pq.read_schema(sorted((out / "scores").glob("*.parquet"))[0]).names
+
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)

@@ -447,3 +447,19 @@ def test_calibrated_combiner_finds_the_feature_that_marks_trusted_rows():
     refit = fit_combiner(feature_matrix(rescaled)[0], feature_matrix(rescaled_corpus)[0], names, seed=0)
     both10 = {**both, "nll": both["nll"] * 10, "nll_without_prompt": both["nll_without_prompt"] * 10}
     np.testing.assert_array_equal(np.argsort(combiner_score(refit, both10)), np.argsort(score))
+
+
+def test_the_demo_report_scores_rows_with_the_gate_weight_the_trusted_set_signed(tmp_path):
+    """A run whose trusted set flipped the gate term: the report's "Select-MoE score" column is the score
+    the rows were selected by (the signed weight), not the configured one."""
+    from selectmoe.demo.run import _selection_score
+
+    rows = [
+        {"layer_scores": [0.2, 0.4], "nll": 2.0, "reply_redundancy": 0.0},
+        {"layer_scores": [0.9, 0.7], "nll": 2.0, "reply_redundancy": 0.0},
+    ]
+    config = {"scoring": {"gate_weight": 1.0, "perplexity_weight": 0.5}}
+    signed = {"config": config, "metrics": {"gate_sign": {"gate_weight": -1.0}}}
+    np.testing.assert_allclose(_selection_score(tmp_path, signed, rows), [-0.3 - 1.0, -0.8 - 1.0])
+    unsigned = {"config": config, "metrics": {}}
+    np.testing.assert_allclose(_selection_score(tmp_path, unsigned, rows), [0.3 - 1.0, 0.8 - 1.0])

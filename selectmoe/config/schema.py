@@ -21,6 +21,12 @@ def after_scoring(default: float, **bounds):
     return field(default=default, metadata=metadata)
 
 
+def pass_switch():
+    """A scoring key that turns a pass on (or a stored column): in the resume key only through the
+    ``ScorePasses`` it implies, which the weights can imply as well."""
+    return field(default=False, metadata={"pass_switch": True})
+
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SELECTION_METHODS = (
     "top_k",
@@ -204,17 +210,21 @@ class ScoringSection:
     tokens_per_batch: int = field(default=0, metadata={"execution": True, "allowed": Between(low=0)})
     # rows sorted by length together before batching
     sort_window: int = field(default=1024, metadata={"execution": True, "allowed": Between(low=1)})
-    store_routing: bool = False  # keep per-layer mean routing distributions (diversity selection)
+    store_routing: bool = pass_switch()  # keep per-layer mean routing distributions (diversity selection)
     # keep each row's position-weighted mean of the last hidden state, fp16 (similarity selection)
-    store_embeddings: bool = False
+    store_embeddings: bool = pass_switch()
     # the mean gate's weight in the row score; 0 = the gates are still scored, stored and reported but
     # do not rank rows (the default: they ranked defective rows higher in every measured run)
     gate_weight: float = after_scoring(1.0)
-    lm_loss: bool = False  # also store each row's mean NLL over its scored tokens (perplexity baseline)
+    lm_loss: bool = (
+        pass_switch()
+    )  # also store each row's mean NLL over its scored tokens (perplexity baseline)
     # score = mean gate - this x mean NLL (same pass; != 0 implies lm_loss). Every weight below is applied
     # when selecting (``after_scoring``): changing one reuses the score files unless it turns a pass on/off
     perplexity_weight: float = after_scoring(0.0)
-    prompt_gain: bool = False  # also store nll_without_prompt: the replies' NLL with the prompts removed
+    prompt_gain: bool = (
+        pass_switch()
+    )  # also store nll_without_prompt: the replies' NLL with the prompts removed
     # score += this x (nll_without_prompt - NLL) (!= 0 implies prompt_gain)
     prompt_gain_weight: float = after_scoring(0.0)
     # the model the NLLs (NLL, prompt gain, expert effect) are measured with: stage1, the quality-gated
@@ -222,16 +232,16 @@ class ScoringSection:
     # every quality gate open), whose NLL training the gates has not perturbed: one more pass over the
     # full rows when the gates are scored too. The gates and D2 always come from the stage-1 model.
     nll_model: str = one_of("stage1", ("stage1", "base"))
-    expert_effect: bool = False  # also store nll_gates_shut: the NLL with every quality gate forced to 0
-    expert_effect_weight: float = after_scoring(
-        0.0
-    )  # score += this x (nll_gates_shut - NLL) (!= 0: its pass)
+    expert_effect: bool = (
+        pass_switch()
+    )  # also store nll_gates_shut: the NLL with every quality gate forced to 0
+    # score += this x (nll_gates_shut - NLL) (!= 0 implies expert_effect)
+    expert_effect_weight: float = after_scoring(0.0)
     # also store gate_slope, gate_curvature and driving_force (D2) per layer: derivatives of the row's NLL
     # with respect to its gates (one forward, a double backward per layer; selectmoe.select.score)
-    driving_force: bool = False
-    driving_force_weight: float = after_scoring(
-        0.0
-    )  # score += this x mean over layers of D2 (!= 0: its pass)
+    driving_force: bool = pass_switch()
+    # score += this x mean over layers of D2 (!= 0 implies driving_force)
+    driving_force_weight: float = after_scoring(0.0)
     # score -= this x max(reply_redundancy - redundancy_tolerance, 0); reply_redundancy, always stored, is
     # the share of the reply's token 4-grams that the row already held before them (a reply that repeats
     # itself or restates its request): a share in [0, 1] on any model and corpus, so never z-scored

@@ -13,6 +13,7 @@ the NLL terms use, response length). The last line printed is the path of ``repo
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -126,6 +127,8 @@ def _selection_score(stage2: Path, manifest: dict, rows: list[dict]) -> np.ndarr
             combiner, {c: np.array([r[c] for r in rows]) for c in combiner_columns(combiner)}
         )
     scoring = ScoringSection(**manifest["config"]["scoring"])
+    if "gate_sign" in manifest["metrics"]:  # the gate weight as the trusted set signed it
+        scoring = replace(scoring, gate_weight=manifest["metrics"]["gate_sign"]["gate_weight"])
     terms = {name: np.array([r[name] for r in rows]) for name in score_columns(scoring)}
     return score_of(terms, scoring, manifest["metrics"].get("term_scales"))
 

@@ -9,7 +9,8 @@ the parts, in Ray tasks, renders the selected originals with ``score`` and ``ran
 they stream into ``selected.jsonl`` and ``selected.parquet`` (``output``); the scratch folder is
 removed when the command ends, done or failed.
 
-Resume: score files already in ``scores/`` (same scoring config) are kept and their rows, found by
+Resume: score files already in ``scores/`` (same scoring key: what is computed, not the score's
+weights; or passes that compute more, once every row is scored) are kept and their rows, found by
 ``source`` and ``line``, skipped without the driver holding them (``RowsRead.rows_not_done``: pieces
 of the input all scored are not read again); a partly written file is removed and its rows scored
 again. Rows are scored independently of their batch, so a resumed run gives the same outputs as an
@@ -147,8 +148,13 @@ def _run(cfg: SelectConfig, out: Path) -> Path:
 
     # ---- score (resumable; the key holds the inputs' fingerprints, so stored rows are rows of this sample)
     scores_dir = out / SCORES_DIR
-    stored = _reusable_scores(scores_dir, _scoring_key(cfg, model_path, read.sources, passes))
+    key = _scoring_key(cfg, model_path, read.sources, passes)
+    covering = _covering_key(scores_dir, key)
+    stored = _reusable_scores(scores_dir, covering or key)
     left = read.rows_not_done(lambda: _stream(stored, ["source", "line"]), columns=_scoring_input(passes))
+    if covering and left.rows is not None:  # rows left, and this read prepared them for fewer passes
+        stored = _reusable_scores(scores_dir, key)
+        left = read.rows_not_done(lambda: _stream(stored, ["source", "line"]), columns=_scoring_input(passes))
     if left.rows_done and left.rows is not None:
         say(
             f"stage 2 select: resuming: {left.rows_done} rows were scored before (in {scores_dir}); "
@@ -304,6 +310,21 @@ def _scoring_key(cfg: SelectConfig, model_path: str, sources, passes: ScorePasse
         "resumed_by": ["source", "line"],  # score files before this held no source and line
         "stores": ["reply_redundancy"],  # nor this column
     }
+
+
+def _covering_key(scores_dir: Path, key: dict) -> dict | None:
+    """The key the score files in ``scores_dir`` were written under when it differs from ``key`` only
+    in passes that compute more (e.g. a sweep that sets a weight to 0 after scoring with it): their
+    columns hold every term ``key`` needs. None otherwise."""
+    key_file = scores_dir / SCORING_KEY
+    if not key_file.exists():
+        return None
+    stored = json.loads(key_file.read_text())
+    if stored == key or {**stored, "passes": key["passes"]} != key:
+        return None
+    have, need = stored["passes"], key["passes"]
+    covers = all(have[name] == value or value is False for name, value in need.items())
+    return stored if covers else None
 
 
 def _reusable_scores(scores_dir: Path, key: dict) -> list[Path]:

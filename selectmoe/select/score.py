@@ -150,14 +150,14 @@ class ScorePasses:
 
 
 def scores_depend_on(scoring) -> dict:
-    """The fields of a ``scoring`` section that change what is computed (the resume key, with the
+    """The fields of a ``scoring`` section that change what is computed (the resume key, beside the
     ``ScorePasses`` they imply): every field but those marked ``execution`` (batch sizes, actor counts,
-    fault injection) or ``after_scoring`` (the weights, tolerance, combine and cap: how the stored
-    terms are combined)."""
+    fault injection), ``after_scoring`` (the weights, tolerance, combine and cap: how the stored terms
+    are combined) or ``pass_switch`` (``lm_loss``, ``prompt_gain``, ...: the passes say what they do,
+    so ``prompt_gain=true`` and a prompt gain weight store the same files)."""
+    skipped = ("execution", "after_scoring", "pass_switch")
     return {
-        f.name: getattr(scoring, f.name)
-        for f in fields(scoring)
-        if not (f.metadata.get("execution") or f.metadata.get("after_scoring"))
+        f.name: getattr(scoring, f.name) for f in fields(scoring) if not any(map(f.metadata.get, skipped))
     }
 
 
