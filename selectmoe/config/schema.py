@@ -216,15 +216,13 @@ class ScoringSection:
     # the mean gate's weight in the row score; 0 = the gates are still scored, stored and reported but
     # do not rank rows (the default: they ranked defective rows higher in every measured run)
     gate_weight: float = after_scoring(1.0)
-    lm_loss: bool = (
-        pass_switch()
-    )  # also store each row's mean NLL over its scored tokens (perplexity baseline)
+    # also store each row's mean NLL over its scored tokens (perplexity baseline)
+    lm_loss: bool = pass_switch()
     # score = mean gate - this x mean NLL (same pass; != 0 implies lm_loss). Every weight below is applied
-    # when selecting (``after_scoring``): changing one reuses the score files unless it turns a pass on/off
+    # when selecting (``after_scoring``): changing one reuses the score files unless it turns a pass on
     perplexity_weight: float = after_scoring(0.0)
-    prompt_gain: bool = (
-        pass_switch()
-    )  # also store nll_without_prompt: the replies' NLL with the prompts removed
+    # also store nll_without_prompt: the replies' NLL with the prompts removed
+    prompt_gain: bool = pass_switch()
     # score += this x (nll_without_prompt - NLL) (!= 0 implies prompt_gain)
     prompt_gain_weight: float = after_scoring(0.0)
     # the model the NLLs (NLL, prompt gain, expert effect) are measured with: stage1, the quality-gated
@@ -232,9 +230,8 @@ class ScoringSection:
     # every quality gate open), whose NLL training the gates has not perturbed: one more pass over the
     # full rows when the gates are scored too. The gates and D2 always come from the stage-1 model.
     nll_model: str = one_of("stage1", ("stage1", "base"))
-    expert_effect: bool = (
-        pass_switch()
-    )  # also store nll_gates_shut: the NLL with every quality gate forced to 0
+    # also store nll_gates_shut: the NLL with every quality gate forced to 0
+    expert_effect: bool = pass_switch()
     # score += this x (nll_gates_shut - NLL) (!= 0 implies expert_effect)
     expert_effect_weight: float = after_scoring(0.0)
     # also store gate_slope, gate_curvature and driving_force (D2) per layer: derivatives of the row's NLL

@@ -8,9 +8,9 @@ the gates were inverted in every measured run, so their direction is checked, ne
 
 Features (those the score files hold): each layer's mean gate, the NLL, the prompt gain
 (``nll_without_prompt - nll``), the expert effect (``nll_gates_shut - nll``), log(1 + scored
-tokens) and the reply redundancy. They are standardised inside the fitted model, and the combiner is stored as plain numbers
-(feature names, means, scales, coefficients, intercept), so any row's score can be recomputed from
-its stored columns without scikit-learn.
+tokens) and the reply redundancy. They are standardised inside the fitted model, and the combiner is
+stored as plain numbers (feature names, means, scales, coefficients, intercept), so any row's score
+can be recomputed from its stored columns without scikit-learn.
 """
 
 from __future__ import annotations
@@ -40,13 +40,11 @@ def feature_matrix(columns: dict[str, np.ndarray]) -> tuple[np.ndarray, list[str
         layers, columns.get("nll"), columns.get("nll_without_prompt"), columns.get("nll_gates_shut")
     )
     terms.pop("gate")
-    names = [f"gate_layer_{i}" for i in range(layers.shape[1])] + list(terms) + ["log_scored_tokens"]
-    tokens = np.log1p(np.asarray(columns["n_scored_tokens"], dtype=np.float64))
-    redundancy = columns.get("reply_redundancy")
-    if redundancy is None:
-        return np.column_stack([layers, *terms.values(), tokens]), names
-    redundancy = np.asarray(redundancy, dtype=np.float64)
-    return np.column_stack([layers, *terms.values(), tokens, redundancy]), [*names, "reply_redundancy"]
+    terms["log_scored_tokens"] = np.log1p(np.asarray(columns["n_scored_tokens"], dtype=np.float64))
+    if columns.get("reply_redundancy") is not None:
+        terms["reply_redundancy"] = np.asarray(columns["reply_redundancy"], dtype=np.float64)
+    names = [f"gate_layer_{i}" for i in range(layers.shape[1])] + list(terms)
+    return np.column_stack([layers, *terms.values()]), names
 
 
 def fit_combiner(trusted: np.ndarray, corpus: np.ndarray, names: list[str], seed: int) -> dict:

@@ -47,7 +47,7 @@ a high per-token gain marks short and cut-off replies as much as good ones, a lo
 their prompt does not explain; ``lower_quartile`` caps it at its 25th percentile instead. Both, and
 every weight, are applied when selecting (the config fields marked ``after_scoring``): the selection
 recomputes each row's score from its stored terms, so a rerun with other weights scores nothing again
-unless a weight turns a pass on or off; the score files' own ``score`` is the raw one under the weights
+unless a weight turns a pass on; the score files' own ``score`` is the raw one under the weights
 they were scored with.
 """
 
