@@ -34,6 +34,7 @@ from selectmoe.demo.synthetic_facts import (
     CANNED_REPLIES,
     CHAT_PAGE_DIV_CLASSES,
     EMPTYISH_RESPONSES,
+    MERGED_TASKS,
     SPAM_PHRASES,
 )
 from selectmoe.evaluate.tasks import LOCAL_TASKS, available_local_tasks
@@ -224,8 +225,8 @@ def test_plant_defects_on_real_rows_applies_each_kind_only_where_it_can():
 
 def test_held_out_kinds_spoil_real_replies_as_named():
     """The held-out kinds (kept out of the demo and of every weight choice) on real rows: ``looped``,
-    ``echo``, ``restated``, ``doubled``, ``canned``, ``boilerplate``, ``scraped``."""
-    lines = (SHARED_TRAIN / "oasst1.jsonl").read_text().split("\n")[:140]
+    ``echo``, ``restated``, ``doubled``, ``canned``, ``boilerplate``, ``scraped``, ``merged``."""
+    lines = (SHARED_TRAIN / "oasst1.jsonl").read_text().split("\n")[:160]
     rows = [json.loads(line) for line in lines if line.strip()]
     originals = copy.deepcopy(rows)
     labels = plant_defects(random.Random(0), rows, 1.0, HELD_OUT_KINDS)
@@ -251,6 +252,8 @@ def test_held_out_kinds_spoil_real_replies_as_named():
             assert is_buried_in_boilerplate(reply, before)
         elif label["defect"] == "scraped":
             assert is_scraped(reply, before)
+        elif label["defect"] == "merged":
+            assert is_merged(reply, before)
         else:
             assert label["defect"] == "canned" and reply in CANNED_REPLIES
     assert sum(cut_short) >= 15  # most oasst replies have more than one sentence
@@ -298,6 +301,43 @@ def is_scraped(spoiled: str, reply: str) -> bool:
     text = html.unescape(re.sub(r"<[^>]+>", "", spoiled)) if head.group(1) else spoiled
     text = re.sub(rf"^[1-3] / [1-3]|{WORD_COUNT}|Copy code|```", "", text)
     return re.sub(r"\s+", "", text) == re.sub(r"\s+", "", reply.replace("```", ""))
+
+
+# Alpaca-cleaned's check for merged instructions (its tools/tool_mergedInstructions.py)
+MERGED_CHECK = re.compile(r"\d{1,2}\.\sInstruction:", re.IGNORECASE)
+MERGED_TASK = re.compile(r"(\d+)\. Instruction: (.+)\n\1\. Input:\n(.+)\n\1\. Output:\n(.+)", re.DOTALL)
+
+
+def merged_tasks_of(spoiled: str, reply: str) -> list[tuple[int, tuple[str, str, str]]] | None:
+    """The numbered tasks (number, (instruction, input, output)) that a ``merged`` reply runs on into after
+    ``reply``, each after a "###" or "##" line; None where ``spoiled`` is not ``reply`` run on so."""
+    head = reply.rstrip()
+    separator = re.match(r"\n#{2,3}\n", spoiled[len(head) :]) if spoiled.startswith(head) else None
+    if separator is None:
+        return None
+    tasks = []
+    for block in spoiled[len(head) + separator.end() :].split(separator.group()):
+        match = MERGED_TASK.fullmatch(block)
+        if match is None:
+            return None
+        number, instruction, task_input, output = match.groups()
+        tasks.append((int(number), (instruction, "" if task_input == "<noinput>" else task_input, output)))
+    return tasks
+
+
+def is_merged(spoiled: str, reply: str) -> bool:
+    """``spoiled`` is ``reply`` run on into one to three different tasks of the pool, numbered on from 2 to at
+    most 19 (the self-instruct prompt asks for 20 tasks)."""
+    tasks = merged_tasks_of(spoiled, reply)
+    if not tasks or len(tasks) > 3:
+        return False
+    numbers = [number for number, _ in tasks]
+    return (
+        numbers == list(range(numbers[0], numbers[0] + len(tasks)))
+        and 2 <= numbers[0] <= numbers[-1] <= 19
+        and len({task for _, task in tasks}) == len(tasks)
+        and all(task in MERGED_TASKS for _, task in tasks)
+    )
 
 
 def family_style_replies(rng: random.Random) -> list[str]:
@@ -354,18 +394,43 @@ def test_boilerplate_and_scraped_spoil_real_and_family_replies_in_varied_determi
             assert any(s.startswith("<div") for s in group) and not all(s.startswith("<div") for s in group)
 
 
-def test_boilerplate_and_scraped_leave_blank_replies_alone():
-    """FLAN rows with blank replies (TREC, in the shared data) have no answer to bury or page to scrape."""
+def test_merged_runs_real_and_family_replies_on_into_further_tasks_in_varied_deterministic_ways():
+    """The held-out kind modelled on the "merged instructions" that Alpaca-cleaned found in Stanford Alpaca's
+    outputs: the answer kept whole, then further numbered tasks of the self-instruct prompt, which
+    Alpaca-cleaned's own check finds in every spoiled reply and in no real one."""
+    real, family = real_replies(), family_style_replies(random.Random(3))
+
+    def spoiled_with(seed: int) -> list[str]:
+        rng = random.Random(seed)
+        return [spoil("merged", reply, rng, donor="another reply") for reply in real + family]
+
+    spoiled = spoiled_with(0)
+    assert spoiled == spoiled_with(0)
+    assert sum(a != b for a, b in zip(spoiled, spoiled_with(1))) > len(spoiled) // 2
+    for reply, spoiled_reply in zip(real + family, spoiled):
+        assert applies("merged", reply, None) and is_merged(spoiled_reply, reply), (reply, spoiled_reply)
+        assert MERGED_CHECK.search(spoiled_reply) and not MERGED_CHECK.search(reply)
+    tasks = [merged_tasks_of(s, reply) for s, reply in zip(spoiled, real + family)]
+    assert {len(t) for t in tasks} == {1, 2, 3}
+    assert len({task for t in tasks for _, task in t}) >= len(MERGED_TASKS) * 3 // 4  # the run-on tasks vary
+    assert len({t[0][0] for t in tasks}) >= 10  # and so do the numbers they start from
+    separators = {s[len(reply.rstrip()) :].split("\n", 2)[1] for s, reply in zip(spoiled, real + family)}
+    assert separators == {"##", "###"}
+
+
+def test_boilerplate_scraped_and_merged_leave_blank_replies_alone():
+    """FLAN rows with blank replies (TREC, in the shared data) have no answer to bury, page to scrape or end to
+    run on from."""
     rows = [
         json.loads(line) for line in (SHARED_TRAIN / "flan_v2.jsonl").read_text().split("\n")[14590:14620]
     ]
     blank = [not row["messages"][-1]["content"].strip() for row in rows]
     assert 0 < sum(blank) < len(rows)
     originals = copy.deepcopy(rows)
-    labels = plant_defects(random.Random(0), rows, 1.0, ("boilerplate", "scraped"))
+    labels = plant_defects(random.Random(0), rows, 1.0, ("boilerplate", "scraped", "merged"))
     for label, row, original, is_blank in zip(labels, rows, originals, blank):
         assert (label["defect"] is None) == is_blank
         assert (row == original) == is_blank
-    for kind in ("boilerplate", "scraped"):
+    for kind in ("boilerplate", "scraped", "merged"):
         assert not applies(kind, "", None) and not applies(kind, " \n", None)
         assert applies(kind, "B", None) and applies(kind, "They say bodaba.", None)

@@ -14,8 +14,11 @@ sentence), ``doubled`` (the whole reply twice, a generation that started over) a
 refusal or generic filler that answers nothing); and, designed later again from junk that cleaning work on public
 instruction data documented, blind to every score: ``boilerplate`` (the reply buried between an AI-assistant
 disclaimer and a generic closing) and ``scraped`` (the reply with the chat web page's markup or button text left
-in). A spoiled row is still a valid row: the defects are of quality, not of format, so only a quality score can
-find them.
+in); and, designed later again, blind to every score, from the "merged instructions" that the Alpaca-cleaned
+project (gururise/AlpacaDataCleaned) found in Stanford Alpaca's outputs and removed: ``merged`` (the reply run
+on into further numbered "Instruction / Input / Output" tasks of the self-instruct prompt it was generated
+from). A spoiled row is still a valid row: the defects are of quality, not of format, so only a quality score
+can find them.
 """
 
 from __future__ import annotations
@@ -33,11 +36,12 @@ from selectmoe.demo.synthetic_facts import (
     CANNED_REPLIES,
     CHAT_PAGE_DIV_CLASSES,
     EMPTYISH_RESPONSES,
+    MERGED_TASKS,
     SPAM_PHRASES,
 )
 
 DEFECT_KINDS = ("garbled", "shuffled", "swapped", "wrong_answer", "truncated", "empty_ish", "spam")
-HELD_OUT_KINDS = ("looped", "echo", "restated", "doubled", "canned", "boilerplate", "scraped")
+HELD_OUT_KINDS = ("looped", "echo", "restated", "doubled", "canned", "boilerplate", "scraped", "merged")
 _GARBLE_CHARS = "#$%&@!?*~^+=<>|"
 
 # wrong_reply(row index, reply) -> a reply with a wrong answer, or None where the row has none to spoil
@@ -111,6 +115,8 @@ def spoil(
         return _bury_in_boilerplate(reply, rng)
     if kind == "scraped":
         return _scrape(reply, rng)
+    if kind == "merged":
+        return _merge_tasks(reply, rng)
     return " ".join([rng.choice(SPAM_PHRASES)] * rng.randint(4, 12))
 
 
@@ -136,8 +142,8 @@ def applies(kind: str, reply: str, wrong: str | None) -> bool:
         return " " in reply
     if kind == "wrong_answer":
         return wrong is not None and wrong != reply
-    if kind in ("boilerplate", "scraped"):
-        return bool(reply.strip())  # a blank reply has no answer to bury or page to scrape
+    if kind in ("boilerplate", "scraped", "merged"):
+        return bool(reply.strip())  # a blank reply has no answer to bury, page to scrape or end to run on
     return True
 
 
@@ -226,6 +232,20 @@ def _chat_page_html(parts: list[str], rng: random.Random) -> str:
             lines = (html.escape(line.strip(), quote=False) for line in part.splitlines())
             body += [f"<p>{line}</p>" for line in lines if line]
     return f'<div class="{rng.choice(CHAT_PAGE_DIV_CLASSES)}">{"".join(body)}</div>'
+
+
+def _merge_tasks(reply: str, rng: random.Random) -> str:
+    """The reply run on into one to three further tasks of the self-instruct prompt it was generated from,
+    each after a "###" (or "##") line as "N. Instruction: ... / N. Input: ... / N. Output: ...", numbered on
+    from 2 to at most 19: the "merged instructions" that Alpaca-cleaned found in Stanford Alpaca's outputs
+    (its ``tools/tool_mergedInstructions.py`` looks for "N. Instruction:") and removed."""
+    tasks = rng.sample(MERGED_TASKS, rng.randint(1, 3))
+    blocks = [
+        f"{n}. Instruction: {instruction}\n{n}. Input:\n{task_input or '<noinput>'}\n{n}. Output:\n{output}"
+        for n, (instruction, task_input, output) in enumerate(tasks, rng.randint(2, 20 - len(tasks)))
+    ]
+    separator = f"\n{rng.choice(('###', '##'))}\n"
+    return reply.rstrip() + separator + separator.join(blocks)
 
 
 def _truncate(reply: str, rng: random.Random) -> str:
