@@ -54,6 +54,8 @@ a random draw among the better half of each dataset by z(-NLL) + z(prompt gain),
 capped at its median, ``scoring.prompt_gain_cap=median``), ``filtered_random_raw_nll_quartile_prompt_gain``
 (capped at its lower quartile), ``filtered_random_raw_nll_quartile_prompt_gain_redundancy`` (the same
 minus 8 x the reply redundancy beyond 0.4, ``scoring.redundancy_weight``/``redundancy_tolerance``),
+``filtered_random_raw_nll_quartile_prompt_gain_redundancy_commonness`` (the same minus 8 x the reply
+commonness beyond 0.25, ``scoring.commonness_weight``/``commonness_tolerance``),
 ``balanced_random`` (the same draw keeping every row: the pool's mix
 by quotas, no filter; a filter's margin over it is what the filter itself buys),
 ``similarity``
@@ -121,17 +123,20 @@ HELD_OUT_TEMPLATE = ("Translate '{word}' into {lang}.", "{code}")
 GATES_PROMPT_GAIN = load_preset("gates_prompt_gain")["keys"]["select"]  # the former default's weights
 DEFAULT = load_preset(PipelineConfig().preset)["keys"]["select"]  # the default preset's score and keep share
 # filtered_random's draw among each dataset's better half by -NLL x w1 + prompt gain x w2 - w3 x max(reply
-# redundancy - t, 0), the first two a robust z-score or in nats (scoring.combine), the prompt gain capped at
-# its median, its lower quartile or not (scoring.prompt_gain_cap): (w1, w2, combine, cap, w3, t)
+# redundancy - t, 0) - w4 x max(reply commonness - t4, 0), the first two a robust z-score or in nats
+# (scoring.combine), the prompt gain capped at its median, its lower quartile or not (scoring.prompt_gain_cap):
+# (w1, w2, combine, cap, w3, t, w4, t4)
+_QUARTILE_REDUNDANCY = (1.0, 1.0, "raw", "lower_quartile", 8.0, 0.4)
 FILTERED_RANDOM_RECIPES = {
-    "filtered_random_nll_prompt_gain": (1.0, 1.0, "robust_z", "none", 0.0, 0.0),
-    "filtered_random_nll": (1.0, 0.0, "robust_z", "none", 0.0, 0.0),
+    "filtered_random_nll_prompt_gain": (1.0, 1.0, "robust_z", "none", 0.0, 0.0, 0.0, 0.0),
+    "filtered_random_nll": (1.0, 0.0, "robust_z", "none", 0.0, 0.0, 0.0, 0.0),
     # loko.py's one gate-free recipe level with perplexity
-    "filtered_random_nll_8x_prompt_gain": (2.0, 0.25, "robust_z", "none", 0.0, 0.0),
-    "filtered_random_raw_nll_prompt_gain": (1.0, 1.0, "raw", "none", 0.0, 0.0),
-    "filtered_random_raw_nll_capped_prompt_gain": (1.0, 1.0, "raw", "median", 0.0, 0.0),
-    "filtered_random_raw_nll_quartile_prompt_gain": (1.0, 1.0, "raw", "lower_quartile", 0.0, 0.0),
-    "filtered_random_raw_nll_quartile_prompt_gain_redundancy": (1.0, 1.0, "raw", "lower_quartile", 8.0, 0.4),
+    "filtered_random_nll_8x_prompt_gain": (2.0, 0.25, "robust_z", "none", 0.0, 0.0, 0.0, 0.0),
+    "filtered_random_raw_nll_prompt_gain": (1.0, 1.0, "raw", "none", 0.0, 0.0, 0.0, 0.0),
+    "filtered_random_raw_nll_capped_prompt_gain": (1.0, 1.0, "raw", "median", 0.0, 0.0, 0.0, 0.0),
+    "filtered_random_raw_nll_quartile_prompt_gain": (1.0, 1.0, "raw", "lower_quartile", 0.0, 0.0, 0.0, 0.0),
+    "filtered_random_raw_nll_quartile_prompt_gain_redundancy": (*_QUARTILE_REDUNDANCY, 0.0, 0.0),
+    "filtered_random_raw_nll_quartile_prompt_gain_redundancy_commonness": (*_QUARTILE_REDUNDANCY, 8.0, 0.25),
 }
 METHODS = (
     "full", "oracle", "perplexity", "gates", "gates_prompt_gain", "gates_prompt_gain_balanced",
@@ -171,6 +176,8 @@ def default_method() -> str:
         scoring.get("prompt_gain_cap", "none"),
         scoring.get("redundancy_weight", 0.0),
         scoring.get("redundancy_tolerance", 0.0),
+        scoring.get("commonness_weight", 0.0),
+        scoring.get("commonness_tolerance", 0.0),
     )
     assert DEFAULT["selection"]["method"] == "filtered_random" and not scoring["gate_weight"]
     return next(name for name, recipe in FILTERED_RANDOM_RECIPES.items() if recipe == weights)
@@ -436,7 +443,7 @@ def selections(
     files, and ``product``'s (the product's own similarity and calibrated selections)."""
     import pyarrow as pa
 
-    from selectmoe.select.score import row_score, score_of, score_terms, term_scales
+    from selectmoe.select.score import common_ngrams, row_score, score_of, score_terms, term_scales
     from selectmoe.select.topk import (
         above_dataset_thresholds,
         dataset_quotas,
@@ -447,13 +454,23 @@ def selections(
 
     table = pq.read_table(
         stage2 / "scores",
-        columns=["id", "dataset", "layer_scores", "nll", "nll_without_prompt", "reply_redundancy"],
+        columns=[
+            "id",
+            "dataset",
+            "layer_scores",
+            "nll",
+            "nll_without_prompt",
+            "reply_redundancy",
+            "reply_ngrams",
+        ],
     )
     ids = np.asarray(table["id"].to_pylist())
     datasets = np.asarray(table["dataset"].to_pylist())
     layer_scores = np.stack(table["layer_scores"].to_numpy(zero_copy_only=False))
     nll, unprompted = table["nll"].to_numpy(), table["nll_without_prompt"].to_numpy()
     redundancy = table["reply_redundancy"].to_numpy()
+    ngrams = np.stack(table["reply_ngrams"].to_numpy(zero_copy_only=False))
+    common = common_ngrams(ngrams, ScoringSection().common_ngram_share)  # the product's: every row is sampled
     former = GATES_PROMPT_GAIN["scoring"]
     gates_prompt_gain = row_score(
         layer_scores, nll, former["perplexity_weight"], unprompted, former["prompt_gain_weight"]
@@ -466,6 +483,7 @@ def selections(
                 "nll": nll,
                 "nll_without_prompt": unprompted,
                 "reply_redundancy": redundancy,
+                "reply_ngrams": ngrams,
             },
             ScoringSection(
                 gate_weight=0.0,
@@ -475,8 +493,11 @@ def selections(
                 prompt_gain_cap=cap,
                 redundancy_weight=redundancy_weight,
                 redundancy_tolerance=tolerance,
+                commonness_weight=commonness_weight,
+                commonness_tolerance=commonness_tolerance,
             ),
             scales,
+            common,
         )  # fmt: skip
         for name, (
             nll_weight,
@@ -485,6 +506,8 @@ def selections(
             cap,
             redundancy_weight,
             tolerance,
+            commonness_weight,
+            commonness_tolerance,
         ) in FILTERED_RANDOM_RECIPES.items()
     }
     k = selection_size(len(ids), args.percentage)
@@ -704,11 +727,16 @@ def run_seed(args, seed: int, out: Path) -> dict:
 def terms_per_kind(pool: dict, stage2: Path) -> dict[str, dict]:
     """Per kind of the pool's scored rows (``clean`` or a defect kind): how many, their mean NLL and prompt
     gain in nats per reply token as stage 2 scored them, over all its rows and over its real rows (the
-    families' rows are short and made up), and their mean reply redundancy: what a filter by those terms
-    sees."""
+    families' rows are short and made up), and their mean reply redundancy and commonness: what a filter by
+    those terms sees."""
+    from selectmoe.select.score import common_ngrams, reply_commonness
+
     table = pq.read_table(
-        stage2 / "scores", columns=["id", "dataset", "nll", "nll_without_prompt", "reply_redundancy"]
+        stage2 / "scores",
+        columns=["id", "dataset", "nll", "nll_without_prompt", "reply_redundancy", "reply_ngrams"],
     ).to_pydict()
+    ngrams = np.stack([np.asarray(row, dtype=np.uint32) for row in table["reply_ngrams"]])
+    commonness = reply_commonness(ngrams, common_ngrams(ngrams, ScoringSection().common_ngram_share))
     kinds = np.asarray([pool["kind"][i] for i in table["id"]])
     real = ~np.isin(table["dataset"], list(pool["held_out"]))
     nll, unprompted = np.asarray(table["nll"]), np.asarray(table["nll_without_prompt"])
@@ -721,6 +749,7 @@ def terms_per_kind(pool: dict, stage2: Path) -> dict[str, dict]:
             "nll": float(nll[rows].mean()),
             "prompt_gain": float((unprompted - nll)[rows].mean()),
             "reply_redundancy": float(redundancy[rows].mean()),
+            "reply_commonness": float(commonness[rows].mean()),
             "real_rows": int(real_rows.sum()),
             "real_nll": float(nll[real_rows].mean()) if real_rows.any() else None,
             "real_prompt_gain": float((unprompted - nll)[real_rows].mean()) if real_rows.any() else None,
@@ -821,11 +850,11 @@ def print_seed(result: dict) -> None:
     )
     print(
         "  pool rows by kind (mean NLL / prompt gain in nats per reply token, all rows; real rows; "
-        "reply redundancy): "
+        "reply redundancy / commonness): "
         + ", ".join(
             f"{k} {v['rows']} ({v['nll']:.2f} / {v['prompt_gain']:+.2f}; "
             + (f"{v['real_nll']:.2f} / {v['real_prompt_gain']:+.2f}; " if v["real_rows"] else "-; ")
-            + f"{v['reply_redundancy']:.2f})"
+            + f"{v['reply_redundancy']:.2f} / {v.get('reply_commonness', float('nan')):.2f})"
             for k, v in result["pool_kinds"].items()
         )
     )

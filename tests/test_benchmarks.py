@@ -369,6 +369,7 @@ def test_downstream_proxy_small(tmp_path):
         "filtered_random_nll_prompt_gain", "filtered_random_nll", "filtered_random_nll_8x_prompt_gain",
         "filtered_random_raw_nll_prompt_gain", "filtered_random_raw_nll_capped_prompt_gain",
         "filtered_random_raw_nll_quartile_prompt_gain", "filtered_random_raw_nll_quartile_prompt_gain_redundancy",
+        "filtered_random_raw_nll_quartile_prompt_gain_redundancy_commonness",
         "balanced_random", "similarity", "calibrated", "clean_random", "clean_balanced_random",
     }  # fmt: skip
     # the junk filter's ceiling: only clean rows, as many as every 5% selection; every finetune is also
@@ -432,6 +433,7 @@ def test_downstream_proxy_small(tmp_path):
     # a loop repeats its reply, and the redundancy term keeps looped rows no more often than the same
     # filter without it
     assert kinds["looped"]["reply_redundancy"] > kinds["clean"]["reply_redundancy"]
+    assert all(0 <= kind["reply_commonness"] <= 1 for kind in kinds.values())
     kept = {m: summary[m]["keep_rate_per_kind"]["looped"] for m in FILTERS_WITH_AND_WITHOUT_REDUNDANCY}
     assert kept[FILTERS_WITH_AND_WITHOUT_REDUNDANCY[1]] <= kept[FILTERS_WITH_AND_WITHOUT_REDUNDANCY[0]]
     perfect = summary["clean_balanced_random"]["keep_rate_per_kind"]

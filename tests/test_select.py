@@ -36,8 +36,10 @@ from selectmoe.select import select
 from selectmoe.select.driver import cpu_pool_size, scoring_actor_bytes
 from selectmoe.select.score import (
     DRIVING_FORCE_TAU,
+    common_ngrams,
     driving_force,
     gate_derivatives,
+    reply_commonness,
     row_nll,
     score_mask,
     score_terms,
@@ -852,29 +854,39 @@ def test_weights_that_need_a_pass_rescore_and_other_weights_reuse_the_stored_ter
     other = {
         "scoring.gate_weight": -1.0, "scoring.perplexity_weight": 0.5, "scoring.prompt_gain_weight": 2.0,
         "scoring.expert_effect_weight": -1.0, "scoring.redundancy_weight": 4.0,
-        "scoring.redundancy_tolerance": 0.05,
+        "scoring.redundancy_tolerance": 0.05, "scoring.commonness_weight": 3.0,
     }  # fmt: skip
     manifest = json.loads((run_select(tiny_olmoe, out, sources, **other) / "manifest.json").read_text())
     assert {p.name: p.read_bytes() for p in (out / "scores").glob("*.parquet")} == files
     assert manifest["counts"]["rows_scored_before"] == manifest["counts"]["rows_scored"] == len(rows)
     redundancy = np.array([r["reply_redundancy"] for r in rows])
     assert (redundancy > 0.05).any()  # the redundancy term moves some row
+    # the commonness: the share of each reply's sampled 8-grams that 3 or more rows' replies hold (every row
+    # is in the sample: fewer than its size), from the stored reply_ngrams
+    ngrams = np.array([r["reply_ngrams"] for r in rows], dtype=np.uint32)
+    common = common_ngrams(ngrams, 0.001)
+    commonness = reply_commonness(ngrams, common)
+    assert (commonness > 0).any()  # the commonness term moves some row (oasst1 holds near-duplicate replies)
+    assert manifest["metrics"]["common_ngrams"]["count"] == len(common)
+    assert manifest["metrics"]["common_ngrams"]["sample_rows"] == len(rows)
     reweighted = (
         -terms["gate"] - 0.5 * terms["nll"] + 2.0 * terms["prompt_gain"] - terms["expert_effect"]
-        - 4.0 * np.maximum(redundancy - 0.05, 0)
+        - 4.0 * np.maximum(redundancy - 0.05, 0) - 3.0 * commonness
     )  # fmt: skip
     order = sorted(zip(reweighted, [r["id"] for r in rows]), key=lambda x: (-x[0], x[1]))
     selected = [json.loads(line) for line in (out / "selected.jsonl").read_text().splitlines()]
     assert [r["id"] for r in selected] == [i for _, i in order[: len(selected)]]
     assert [r["score"] for r in selected] == pytest.approx([s for s, _ in order[: len(selected)]])
-    assert "4 x max(reply redundancy - 0.05, 0)" in manifest["metrics"]["score_formula"]
+    assert manifest["metrics"]["score_formula"].endswith(
+        "- 4 x max(reply redundancy - 0.05, 0) - 3 x reply commonness"
+    )
 
     # weights set to 0 turn their passes off: the files, which hold more, are reused all the same
     off = {**other, "scoring.prompt_gain_weight": 0.0, "scoring.expert_effect_weight": 0.0}
     manifest = json.loads((run_select(tiny_olmoe, out, sources, **off) / "manifest.json").read_text())
     assert {p.name: p.read_bytes() for p in (out / "scores").glob("*.parquet")} == files
     assert manifest["counts"]["rows_scored_before"] == len(rows)
-    fewer = -terms["gate"] - 0.5 * terms["nll"] - 4.0 * np.maximum(redundancy - 0.05, 0)
+    fewer = -terms["gate"] - 0.5 * terms["nll"] - 4.0 * np.maximum(redundancy - 0.05, 0) - 3.0 * commonness
     order = sorted(zip(fewer, [r["id"] for r in rows]), key=lambda x: (-x[0], x[1]))
     selected = [json.loads(line) for line in (out / "selected.jsonl").read_text().splitlines()]
     assert [r["id"] for r in selected] == [i for _, i in order[: len(selected)]]

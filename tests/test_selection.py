@@ -3,7 +3,9 @@ similarity."""
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -12,7 +14,11 @@ import pytest
 from selectmoe.config import ScoringSection
 from selectmoe.data.template import IGNORE_INDEX
 from selectmoe.select.score import (
+    NGRAMS_PER_ROW,
     ScorePasses,
+    common_ngrams,
+    reply_commonness,
+    reply_ngrams,
     reply_redundancy,
     row_score,
     score_formula,
@@ -295,6 +301,77 @@ def test_redundancy_weight_subtracts_the_share_beyond_its_tolerance_in_every_com
         score_of({"layer_scores": layers, "nll": nll}, with_term, scales)
     with pytest.raises(ValueError, match="scoring.redundancy_tolerance=0.4 needs scoring.redundancy_weight"):
         ScorePasses.for_scoring(ScoringSection(redundancy_tolerance=0.4))
+
+
+def test_reply_commonness_is_the_share_of_the_reply_that_many_rows_share():
+    """Real replies through the real tokenizer and chat template: a closing formula appended to a fifth
+    of them makes those rows' replies partly shared text (and only theirs), a prompt every row shares
+    counts for none, and the same reply under another prompt samples the same n-grams."""
+    from selectmoe.data.template import encode_batch
+    from selectmoe.demo.tiny import build_tokenizer
+
+    train_dir = Path(__file__).resolve().parents[2] / "shared" / "data" / "train"
+    lines = (train_dir / "oasst1.jsonl").read_text().splitlines()[:60]
+    replies = [json.loads(line)["messages"][-1]["content"] for line in lines]
+    closing = (
+        " I hope this helps! Let me know if you have any other questions, and good luck with your project."
+    )
+    closed = set(range(0, 60, 5))
+    chats = [
+        [
+            {"role": "user", "content": "Please answer the question below as well as you can."},
+            {"role": "assistant", "content": reply + (closing if i in closed else "")},
+        ]
+        for i, reply in enumerate(replies)
+    ]
+    tokenizer = build_tokenizer()
+    encoded = encode_batch(chats, tokenizer, max_seq_length=4096)
+    ngrams = np.stack([reply_ngrams(e["input_ids"], e["labels"]) for e in encoded])
+    assert ngrams.shape == (60, NGRAMS_PER_ROW) and ngrams.dtype == np.uint32
+    common = common_ngrams(ngrams, min_share=0.1)  # 12 of 60 rows close alike
+    assert len(common) > 0
+    commonness = reply_commonness(ngrams, common)
+    assert (commonness[sorted(closed)] > 0).all()
+    assert (
+        commonness[[i for i in range(60) if i not in closed]] == 0
+    ).all()  # the shared prompt is not counted
+    # a shorter reply holds a larger share of the closing
+    lengths = np.array([len(replies[i]) for i in sorted(closed)])
+    assert commonness[sorted(closed)][np.argmin(lengths)] > commonness[sorted(closed)][np.argmax(lengths)]
+    # the same reply under another prompt: the same sampled n-grams (the sample is of n-grams, not rows)
+    other = encode_batch([[{"role": "user", "content": "Hi"}, chats[5][1]]], tokenizer, max_seq_length=4096)
+    np.testing.assert_array_equal(reply_ngrams(other[0]["input_ids"], other[0]["labels"]), ngrams[5])
+    # an n-gram in fewer rows than the share is not common
+    assert len(common_ngrams(ngrams, min_share=0.5)) == 0
+
+
+def test_commonness_weight_subtracts_the_share_beyond_its_tolerance_and_needs_the_corpus():
+    """``commonness_weight`` x the excess of the share over ``commonness_tolerance`` comes off the score
+    as measured (a share, never z-scored); the common n-grams are a corpus statistic the caller passes."""
+    rng = np.random.default_rng(0)
+    layers, nll = rng.uniform(0, 1, (40, 2)), rng.uniform(1, 4, 40)
+    ngrams = np.zeros((40, NGRAMS_PER_ROW), dtype=np.uint32)
+    ngrams[:, :4] = rng.integers(1000, 2**32, (40, 4))
+    ngrams[:20, :2] = [7, 8]  # half the rows share two of their four n-grams
+    ngrams[:5, 2:4] = [9, 10]  # and five of them two more
+    common = common_ngrams(ngrams, min_share=0.1)
+    np.testing.assert_array_equal(common, [7, 8, 9, 10])
+    commonness = reply_commonness(ngrams, common)
+    np.testing.assert_allclose(commonness, [1.0] * 5 + [0.5] * 15 + [0.0] * 20)
+    columns = {"layer_scores": layers, "nll": nll, "reply_ngrams": ngrams}
+    scales = term_scales(score_terms(layers, nll))
+    for combine in ("raw", "robust_z"):
+        without = ScoringSection(gate_weight=0.0, perplexity_weight=1.0, combine=combine)
+        tolerant = ScoringSection(**{**vars(without), "commonness_weight": 8.0, "commonness_tolerance": 0.25})
+        np.testing.assert_allclose(
+            score_of(columns, tolerant, scales, common),
+            score_of(columns, without, scales) - 8.0 * np.maximum(commonness - 0.25, 0.0),
+        )
+    assert score_formula(tolerant) == "-1 x z(NLL) - 8 x max(reply commonness - 0.25, 0)"
+    with pytest.raises(ValueError, match="common n-grams"):
+        score_of(columns, tolerant, scales)
+    with pytest.raises(ValueError, match="scoring.commonness_tolerance=0.25 needs scoring.commonness_weight"):
+        ScorePasses.for_scoring(ScoringSection(commonness_tolerance=0.25))
 
 
 def test_prompt_gain_cap_without_a_prompt_gain_term_is_refused():

@@ -245,6 +245,15 @@ class ScoringSection:
     redundancy_weight: float = after_scoring(0.0)
     # the share a reply may repeat unpenalised: a chain of thought restates its question's facts
     redundancy_tolerance: float = after_scoring(0.0, low=0.0, high=1.0)
+    # score -= this x max(reply_commonness - commonness_tolerance, 0); reply_commonness is the share of the
+    # reply's token 8-grams that at least common_ngram_share of the corpus's replies hold (measured on a
+    # seeded sample of the score files from the reply_ngrams column, always stored): text many rows share,
+    # a canned reply, a disclaimer, a closing formula. A share in [0, 1], never z-scored
+    commonness_weight: float = after_scoring(0.0)
+    # the share of shared text a reply may hold unpenalised: a dataset's own answer template is shared too
+    commonness_tolerance: float = after_scoring(0.0, low=0.0, high=1.0)
+    # an 8-gram is common when at least this share of the sampled replies hold it (and 3 of them)
+    common_ngram_share: float = after_scoring(0.001, low=0.0, high=1.0)
     # raw: the weights multiply the terms as measured; robust_z: each term is first centred on its
     # median over the scored corpus and divided by its IQR / 1.349 (a seeded sample of the score files,
     # no rescoring), so that a weight means the same on any model and corpus. Applied when selecting:

@@ -81,7 +81,10 @@ from selectmoe.select.calibrate import (
 )
 from selectmoe.select.output import write_selection
 from selectmoe.select.score import (
+    NGRAMS_PER_ROW,
     ScorePasses,
+    common_ngrams,
+    reply_commonness,
     score_columns,
     score_formula,
     score_of,
@@ -177,12 +180,13 @@ def _run(cfg: SelectConfig, out: Path) -> Path:
         candidates = rows_scored - excluded.count()
         scaled = cfg.scoring.combine == "robust_z" or cfg.scoring.prompt_gain_cap != "none"
         scales = _term_scales(files, cfg, rows_scored) if scaled else None
+        common = _common_ngrams(files, cfg, rows_scored) if cfg.scoring.commonness_weight else None
         calibrated = trusted is not None and cfg.selection.method == "calibrated"
         combiner = _fit_combiner(cfg, files, candidates, excluded, trusted, out) if calibrated else None
         signed = _gate_sign(cfg, files, candidates, excluded, trusted) if trusted and not calibrated else None
         flipped = signed and signed["gate_weight"] != cfg.scoring.gate_weight
         scoring = replace(cfg.scoring, gate_weight=signed["gate_weight"]) if flipped else cfg.scoring
-        rescore = _rescorer(scoring, scales, combiner)
+        rescore = _rescorer(scoring, scales, combiner, common["ngrams"] if common else None)
         formula = "calibrated combiner (log-odds of trusted)" if combiner else score_formula(scoring)
         selected, selection_info = _select(cfg, files, candidates, excluded, rescore, targets)
         timings["selection_s"] = round(time.time() - t0, 2)
@@ -207,6 +211,7 @@ def _run(cfg: SelectConfig, out: Path) -> Path:
         "score_max": max(selected["score"].to_pylist()) if selected.num_rows else None,
         "score_formula": formula,
         **({"term_scales": scales} if scales else {}),
+        **({"common_ngrams": {k: v for k, v in common.items() if k != "ngrams"}} if common else {}),
         **({"calibrated": _calibration_info(combiner)} if combiner else {}),
         **({"gate_sign": signed} if signed else {}),
         **selection_info,
@@ -308,7 +313,7 @@ def _scoring_key(cfg: SelectConfig, model_path: str, sources, passes: ScorePasse
         "seed": cfg.seed,
         "inputs": hash_dict({source.uri: fingerprint(source.uri) for source in sources}),
         "resumed_by": ["source", "line"],  # score files before this held no source and line
-        "stores": ["reply_redundancy"],  # nor this column
+        "stores": ["reply_redundancy", "reply_ngrams"],  # nor these columns
     }
 
 
@@ -369,13 +374,14 @@ def _scored_stream(files: list[Path], columns: list[str], rescore, skip: Trainin
         yield batch.append_column("score", pa.array(score, pa.float64())).select(columns)
 
 
-def _rescorer(scoring, scales: dict | None, combiner: dict | None):
+def _rescorer(scoring, scales: dict | None, combiner: dict | None, common: np.ndarray | None = None):
     """(columns read, row score function): the calibrated combiner, else ``scoring``'s formula with this
     run's weights (a gate weight the trusted set flipped included; the score files' own ``score`` used
-    the weights they were scored with), robust z-scores or a capped prompt gain from ``scales``."""
+    the weights they were scored with), robust z-scores or a capped prompt gain from ``scales``, the
+    reply commonness from the corpus's ``common`` n-grams."""
     if combiner is not None:
         return combiner_columns(combiner), lambda columns: combiner_score(combiner, columns)
-    return score_columns(scoring), lambda columns: score_of(columns, scoring, scales)
+    return score_columns(scoring), lambda columns: score_of(columns, scoring, scales, common)
 
 
 def _seeded_sample(batches, seed: int, rows: int):
@@ -396,6 +402,24 @@ def _term_scales(files: list[Path], cfg: SelectConfig, rows_scored: int) -> dict
         for name, values in score_terms(**columns).items():
             parts.setdefault(name, []).append(values)
     return term_scales({name: np.concatenate(values) for name, values in parts.items()})
+
+
+def _common_ngrams(files: list[Path], cfg: SelectConfig, rows_scored: int) -> dict:
+    """``common_ngrams`` of a seeded sample of the scored rows (``_seeded_sample``), with the sample's size
+    and the share of its rows the commonness term penalises (for the manifest)."""
+    sample = [
+        column_matrix(batch["reply_ngrams"])
+        for batch in _seeded_sample(_stream(files, ["id", "reply_ngrams"]), cfg.seed, rows_scored)
+    ]
+    ngrams = np.concatenate(sample) if sample else np.zeros((0, NGRAMS_PER_ROW), dtype=np.uint32)
+    common = common_ngrams(ngrams, cfg.scoring.common_ngram_share)
+    penalised = reply_commonness(ngrams, common) > cfg.scoring.commonness_tolerance
+    return {
+        "ngrams": common,
+        "count": len(common),
+        "sample_rows": len(ngrams),
+        "sample_share_penalised": round(float(penalised.mean()), 4) if len(ngrams) else 0.0,
+    }
 
 
 def _training_ids(cfg: SelectConfig) -> Path | None:

@@ -58,6 +58,7 @@ from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
+from numpy.lib.stride_tricks import sliding_window_view
 
 from selectmoe.config.loader import ConfigError
 from selectmoe.data.collate import collate
@@ -69,6 +70,13 @@ SCORE_TOKENS = ("assistant", "all")
 DRIVING_FORCE_LAMBDA, DRIVING_FORCE_TAU, DRIVING_FORCE_KAPPA, DRIVING_FORCE_MU = 0.0, 1e-4, 10.0, 0.0
 NLL_CHUNK = 1024  # scored positions per LM-head call in row_nll
 REDUNDANCY_NGRAM = 4  # tokens per n-gram of reply_redundancy
+COMMON_NGRAM = 8  # tokens per n-gram of reply_ngrams (and so of reply_commonness)
+NGRAM_SAMPLE_MODULUS = (
+    4  # reply_ngrams keeps the n-grams whose hash is 0 modulo this: the same ones in every row
+)
+NGRAMS_PER_ROW = 64  # and at most this many of them, the smallest hashes
+COMMON_NGRAM_MIN_ROWS = 3  # an n-gram is common in at least this many sampled rows, whatever the share
+_NGRAM_POWERS = np.array([pow(0x100000001B3, k, 2**64) for k in range(COMMON_NGRAM)], dtype=np.uint64)
 
 
 # ---------------------------------------------------------------------------- what a score needs
@@ -105,11 +113,13 @@ class ScorePasses:
             raise ConfigError(
                 f"scoring.prompt_gain_cap={scoring.prompt_gain_cap} needs scoring.prompt_gain_weight != 0"
             )
-        if scoring.redundancy_tolerance and not scoring.redundancy_weight:
-            raise ConfigError(
-                f"scoring.redundancy_tolerance={scoring.redundancy_tolerance} needs scoring.redundancy_weight != 0 "
-                "(to turn the term off, set both to 0)"
-            )
+        for term in ("redundancy", "commonness"):
+            tolerance = getattr(scoring, f"{term}_tolerance")
+            if tolerance and not getattr(scoring, f"{term}_weight"):
+                raise ConfigError(
+                    f"scoring.{term}_tolerance={tolerance} needs scoring.{term}_weight != 0 "
+                    "(to turn the term off, set both to 0)"
+                )
         nll = scoring.lm_loss or scoring.perplexity_weight != 0 or reply_only or gates_shut
         if scoring.nll_model != "stage1" and not nll:
             raise ConfigError(
@@ -169,7 +179,7 @@ def score_batch(model, rows: list[dict], what: ScorePasses, pad_token_id: int) -
     """The one scoring forward pass: per-row columns for ``rows`` (tokenised: ``input_ids``,
     ``labels``, and ``reply_input_ids``/``reply_labels`` for ``reply_only``), in their order.
 
-    Columns: ``n_scored_tokens`` and ``reply_redundancy`` (with a pass over the full rows); ``layer_scores`` (B, L) with
+    Columns: ``n_scored_tokens``, ``reply_redundancy`` and ``reply_ngrams`` (with a pass over the full rows); ``layer_scores`` (B, L) with
     ``what.gates``; ``routing`` (B, L*E); ``embedding`` (B, hidden) fp16; ``nll``,
     ``nll_without_prompt``, ``nll_gates_shut`` (B,); ``gate_slope``, ``gate_curvature``,
     ``driving_force`` (B, L). The decoder runs without the LM head; only the scored positions go through
@@ -185,6 +195,7 @@ def score_batch(model, rows: list[dict], what: ScorePasses, pad_token_id: int) -
             columns["reply_redundancy"] = np.asarray(
                 [reply_redundancy(r["input_ids"], r["labels"]) for r in rows]
             )
+            columns["reply_ngrams"] = np.stack([reply_ngrams(r["input_ids"], r["labels"]) for r in rows])
             nll_apart = what.nll and what.nll_model == "base"
             if what.gates or what.routing or what.embedding or (what.nll and not nll_apart):
                 out = model.model(**inputs, output_router_logits=what.gates or what.routing)
@@ -236,6 +247,49 @@ def reply_redundancy(input_ids, labels) -> float:
             repeated += gram in seen
         seen.add(gram)
     return repeated / total if total else 0.0
+
+
+def reply_ngrams(input_ids, labels) -> np.ndarray:
+    """(NGRAMS_PER_ROW,) uint32: the hashes of a consistent sample of the reply's distinct token
+    ``COMMON_NGRAM``-grams (those of assistant tokens only), ascending, 0 after the last: the n-grams whose
+    64-bit hash is 0 modulo ``NGRAM_SAMPLE_MODULUS``, at most ``NGRAMS_PER_ROW`` of them. An n-gram sampled
+    in one row is sampled in every row that holds it, so a sample of rows counts how many rows share it
+    (``common_ngrams``) without storing every n-gram."""
+    row = np.zeros(NGRAMS_PER_ROW, dtype=np.uint32)
+    ids = np.asarray(input_ids, dtype=np.uint64)
+    if len(ids) < COMMON_NGRAM:
+        return row
+    reply = sliding_window_view(np.asarray(labels) != IGNORE_INDEX, COMMON_NGRAM).all(axis=1)
+    hashes = _mixed(sliding_window_view(ids, COMMON_NGRAM)[reply] @ _NGRAM_POWERS)
+    hashes = hashes[hashes % NGRAM_SAMPLE_MODULUS == 0]
+    kept = np.unique(np.maximum(hashes >> np.uint64(32), 1).astype(np.uint32))[:NGRAMS_PER_ROW]  # 0: none
+    row[: len(kept)] = kept
+    return row
+
+
+def _mixed(hashes: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: every bit of the n-gram's polynomial hash reaches every bit of the result."""
+    hashes = hashes ^ (hashes >> np.uint64(30))
+    hashes = hashes * np.uint64(0xBF58476D1CE4E5B9)
+    hashes = hashes ^ (hashes >> np.uint64(27))
+    hashes = hashes * np.uint64(0x94D049BB133111EB)
+    return hashes ^ (hashes >> np.uint64(31))
+
+
+def common_ngrams(ngrams: np.ndarray, min_share: float) -> np.ndarray:
+    """uint32, sorted: the ``reply_ngrams`` hashes (rows of ``ngrams``: a sample of the corpus) that at
+    least ``min_share`` of the rows hold, and at least ``COMMON_NGRAM_MIN_ROWS`` of them."""
+    values, counts = np.unique(ngrams[ngrams != 0], return_counts=True)
+    return values[counts >= max(min_share * len(ngrams), COMMON_NGRAM_MIN_ROWS)]
+
+
+def reply_commonness(ngrams: np.ndarray, common: np.ndarray) -> np.ndarray:
+    """(B,): per row of ``ngrams`` (``reply_ngrams``), the share of its sampled n-grams that are ``common``
+    (text many rows share: a canned reply, a disclaimer, a closing formula); 0 for a reply with none."""
+    ngrams = np.asarray(ngrams, dtype=np.uint32).reshape(len(ngrams), -1)
+    sampled = ngrams != 0
+    shared = np.isin(ngrams, common) & sampled
+    return shared.sum(axis=1) / np.maximum(sampled.sum(axis=1), 1)
 
 
 def gate_derivatives(
@@ -361,12 +415,14 @@ def row_score(
     reply_redundancy: np.ndarray | None = None,
     redundancy_weight: float = 0.0,
     redundancy_tolerance: float = 0.0,
+    reply_commonness: np.ndarray | None = None,
+    commonness_weight: float = 0.0,
+    commonness_tolerance: float = 0.0,
 ) -> np.ndarray:
     """(B, L) -> (B,): ``gate_weight`` x the mean over layers, with the NLL, prompt-gain, expert-effect,
-    driving-force and redundancy (beyond ``redundancy_tolerance``) terms when their weights are set; the
-    prompt gain capped at
-    ``prompt_gain_cap`` (nats) when given; with ``scales`` (``term_scales``) every term but the
-    redundancy (a share, the same on any model) is a robust z-score first."""
+    driving-force, redundancy and commonness (each beyond its tolerance) terms when their weights are set;
+    the prompt gain capped at ``prompt_gain_cap`` (nats) when given; with ``scales`` (``term_scales``) every
+    term but the redundancy and the commonness (shares, the same on any model) is a robust z-score first."""
     terms = score_terms(layer_scores, nll, nll_without_prompt, nll_gates_shut, driving_force)
     if prompt_gain_cap is not None and "prompt_gain" in terms:
         terms["prompt_gain"] = np.minimum(terms["prompt_gain"], prompt_gain_cap)
@@ -383,11 +439,14 @@ def row_score(
     ):
         if weight:
             score = score + weight * terms[name]
-    if redundancy_weight:
-        if reply_redundancy is None:
-            raise KeyError("reply_redundancy: redundancy_weight is set but the column is missing")
-        excess = np.asarray(reply_redundancy, dtype=np.float64) - redundancy_tolerance
-        score = score - redundancy_weight * np.maximum(excess, 0.0)
+    for name, share, weight, tolerance in (
+        ("reply_redundancy", reply_redundancy, redundancy_weight, redundancy_tolerance),
+        ("reply_commonness", reply_commonness, commonness_weight, commonness_tolerance),
+    ):
+        if weight:
+            if share is None:
+                raise KeyError(f"{name}: its weight is set but the column is missing")
+            score = score - weight * np.maximum(np.asarray(share, dtype=np.float64) - tolerance, 0.0)
     return score
 
 
@@ -442,15 +501,24 @@ def score_columns(scoring) -> list[str]:
         needed.append("driving_force")
     if scoring.redundancy_weight:
         needed.append("reply_redundancy")
+    if scoring.commonness_weight:
+        needed.append("reply_ngrams")
     return needed
 
 
 def score_of(
-    columns: dict[str, np.ndarray], scoring, scales: dict[str, dict[str, float]] | None = None
+    columns: dict,
+    scoring,
+    scales: dict[str, dict[str, float]] | None = None,
+    common: np.ndarray | None = None,
 ) -> np.ndarray:
     """``row_score`` of ``score_batch``'s (or stored score files') columns under a ``scoring`` config
     (``scales``: the corpus's term scales, ``term_scales``; used for ``scoring.combine=robust_z`` and
-    ``scoring.prompt_gain_cap``, and without them neither applies: the stored raw score)."""
+    ``scoring.prompt_gain_cap``, and without them neither applies: the stored raw score; ``common``: the
+    corpus's ``common_ngrams``, which ``scoring.commonness_weight`` needs)."""
+    if scoring.commonness_weight and common is None:
+        raise ValueError("scoring.commonness_weight needs the corpus's common n-grams (common_ngrams)")
+    commonness = reply_commonness(columns["reply_ngrams"], common) if scoring.commonness_weight else None
     capped = scales is not None and scoring.prompt_gain_cap != "none" and "prompt_gain" in scales
     return row_score(
         columns["layer_scores"],
@@ -468,6 +536,9 @@ def score_of(
         columns.get("reply_redundancy"),
         scoring.redundancy_weight,
         scoring.redundancy_tolerance,
+        commonness,
+        scoring.commonness_weight,
+        scoring.commonness_tolerance,
     )
 
 
@@ -493,11 +564,12 @@ def score_formula(scoring) -> str:
         ]
         + [
             (
-                -scoring.redundancy_weight,
-                f"max(reply redundancy - {scoring.redundancy_tolerance:g}, 0)"
-                if scoring.redundancy_tolerance
-                else "reply redundancy",
+                -getattr(scoring, f"{term}_weight"),
+                f"max(reply {term} - {getattr(scoring, f'{term}_tolerance'):g}, 0)"
+                if getattr(scoring, f"{term}_tolerance")
+                else f"reply {term}",
             )
+            for term in ("redundancy", "commonness")
         ]
     )
     terms = []

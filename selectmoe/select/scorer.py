@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from contextlib import nullcontext
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ from selectmoe.training.common import set_cpu_threads
 # columns the score files keep beside id, dataset, score, layer_scores, n_tokens and n_scored_tokens
 OPTIONAL_COLUMNS = (
     "routing", "embedding", "nll", "nll_without_prompt", "nll_gates_shut", "gate_slope", "gate_curvature",
-    "driving_force", "reply_redundancy",
+    "driving_force", "reply_redundancy", "reply_ngrams",
 )  # fmt: skip
 WHERE_READ = ("source", "line")  # passed through: a resumed run finds the rows scored before by them
 TOKEN_FIELDS = ("input_ids", "labels", "reply_input_ids", "reply_labels")  # what score_batch reads
@@ -64,7 +65,8 @@ class GateScorer:
     ):
         set_cpu_threads(cpu_threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.scoring = scoring
+        # the score files' own score: without the commonness, which needs the corpus (select.driver)
+        self.stored_score = replace(scoring, commonness_weight=0.0, commonness_tolerance=0.0)
         self.pad_token_id = pad_token_id
         self.max_rows = max_rows or DEFAULT_ROWS_PER_BATCH[self.device.type]
         self.max_tokens = scoring.tokens_per_batch or DEFAULT_TOKENS_PER_BATCH[self.device.type]
@@ -96,7 +98,7 @@ class GateScorer:
         result = {
             "id": batch["id"],
             "dataset": batch["dataset"],
-            "score": score_of(columns, self.scoring),
+            "score": score_of(columns, self.stored_score),
             "layer_scores": list(columns["layer_scores"]),
             "n_tokens": lengths.astype(np.int64),
             "n_scored_tokens": columns["n_scored_tokens"],
