@@ -444,6 +444,25 @@ def test_downstream_proxy_small(tmp_path):
     assert draw["clean_share"] == draw["kind_counts"].get("clean", 0) / draw["rows"]
 
 
+def test_commonness_by_kind_small(tmp_path):
+    """Model-free: on real rows with planted kinds and on the demo's corpus, every kind's rows and AUROC;
+    canned replies, all shared text, are flagged and rank below clean rows within every dataset."""
+    stdout, report = run_benchmark(
+        "commonness_by_kind.py",
+        tmp_path,
+        *("--seeds", "0", "--real-rows", "400", "--demo-rows", "600", "--kinds", "canned", "garbled"),
+    )
+    real = report["corpora"]["real_seed0"]
+    assert set(report["corpora"]) == {"real_seed0", "demo"}
+    assert set(real["auroc_within_datasets"]) == {"canned", "garbled"}
+    assert real["auroc_within_datasets"]["canned"] > 0.9 and real["common_ngrams"] > 0
+    canned = [v["kinds"]["canned"] for v in real["by_dataset"].values() if "canned" in v["kinds"]]
+    assert all(cell["above_tolerance"] > 0.5 for cell in canned)
+    assert sum(v["rows"] for v in real["by_dataset"].values()) == real["rows"]
+    assert "wrong_answer" in report["corpora"]["demo"]["auroc_within_datasets"]  # the demo plants every kind
+    assert "canned" in stdout and "AUROC" in stdout
+
+
 @pytest.mark.timeout(900)
 def test_less_protocol_tiny(tmp_path):
     """The LESS protocol's script end to end at a tiny shape: one stage 1; similarity to the evaluations'
