@@ -72,6 +72,7 @@ SELECTED_PARQUET = "selected.parquet"
 SELECTED_PARTS = ".selected_parts"  # scratch: the selected rows in rank-sorted parts, before the merge
 SCORE_HISTOGRAMS = "score_histograms.png"
 CALIBRATION = "calibration.json"  # selection.method=calibrated: the fitted combiner, its CV AUROC
+COMMON_NGRAMS = "common_ngrams.json"  # scoring.commonness_weight: the corpus's common reply n-gram hashes
 TRUSTED_REJECTS = "trusted_rejects.jsonl"  # selection.trusted rows that could not be read
 EVAL_TARGETS = "eval_targets.jsonl"  # selection.target_eval_dir's few-shot examples as target rows
 TARGET_REJECTS = "target_rejects.jsonl"  # selection.targets rows that could not be read

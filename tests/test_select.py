@@ -880,6 +880,15 @@ def test_weights_that_need_a_pass_rescore_and_other_weights_reuse_the_stored_ter
     assert manifest["metrics"]["score_formula"].endswith(
         "- 4 x max(reply redundancy - 0.05, 0) - 3 x reply commonness"
     )
+    assert json.loads((out / "common_ngrams.json").read_text()) == common.tolist()
+    # with a capped prompt gain (as the default preset has) the shares stay out of the term scales
+    capped_run = run_select(tiny_olmoe, out, sources, **other, **{"scoring.prompt_gain_cap": "median"})
+    manifest = json.loads((capped_run / "manifest.json").read_text())
+    assert set(manifest["metrics"]["term_scales"]) == {"gate", "nll", "prompt_gain", "expert_effect"}
+    capped = reweighted - 2.0 * terms["prompt_gain"] + 2.0 * np.minimum(terms["prompt_gain"], median)
+    order = sorted(zip(capped, [r["id"] for r in rows]), key=lambda x: (-x[0], x[1]))
+    selected = [json.loads(line) for line in (out / "selected.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in selected] == [i for _, i in order[: len(selected)]]
 
     # weights set to 0 turn their passes off: the files, which hold more, are reused all the same
     off = {**other, "scoring.prompt_gain_weight": 0.0, "scoring.expert_effect_weight": 0.0}

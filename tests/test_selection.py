@@ -372,6 +372,11 @@ def test_commonness_weight_subtracts_the_share_beyond_its_tolerance_and_needs_th
         score_of(columns, tolerant, scales)
     with pytest.raises(ValueError, match="scoring.commonness_tolerance=0.25 needs scoring.commonness_weight"):
         ScorePasses.for_scoring(ScoringSection(commonness_tolerance=0.25))
+    with pytest.raises(ValueError, match="scoring.common_ngram_share=0.01 needs scoring.commonness_weight"):
+        ScorePasses.for_scoring(ScoringSection(common_ngram_share=0.01))
+    # a batch the seeded sample or the training-row exclusion emptied (its list column reads as (0, 0))
+    assert reply_commonness(np.zeros((0, 0)), common).shape == (0,)
+    assert score_of({k: v[:0] for k, v in columns.items()}, tolerant, scales, common).shape == (0,)
 
 
 def test_prompt_gain_cap_without_a_prompt_gain_term_is_refused():

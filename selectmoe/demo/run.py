@@ -25,6 +25,7 @@ from selectmoe.demo.corpus import LABELS_FILE, write_demo_corpus
 from selectmoe.layout import (
     BASELINE_PREFIX,
     CALIBRATION,
+    COMMON_NGRAMS,
     MANIFEST,
     SCORES_DIR,
     SELECTED_JSONL,
@@ -130,7 +131,10 @@ def _selection_score(stage2: Path, manifest: dict, rows: list[dict]) -> np.ndarr
     if "gate_sign" in manifest["metrics"]:  # the gate weight as the trusted set signed it
         scoring = replace(scoring, gate_weight=manifest["metrics"]["gate_sign"]["gate_weight"])
     terms = {name: np.array([r[name] for r in rows]) for name in score_columns(scoring)}
-    return score_of(terms, scoring, manifest["metrics"].get("term_scales"))
+    common = None
+    if "common_ngrams" in manifest["metrics"]:  # scoring.commonness_weight: the corpus's common n-grams
+        common = np.asarray(json.loads((stage2 / COMMON_NGRAMS).read_text()), dtype=np.uint32)
+    return score_of(terms, scoring, manifest["metrics"].get("term_scales"), common)
 
 
 def separation_section(run: Path, data: Path, preset: str) -> str:

@@ -40,6 +40,7 @@ from selectmoe.evaluate.tasks import less_shot_rows
 from selectmoe.figures import plot_score_histograms
 from selectmoe.layout import (
     CALIBRATION,
+    COMMON_NGRAMS,
     EVAL_TARGETS,
     REJECTS,
     ROWS_SCRATCH,
@@ -82,6 +83,7 @@ from selectmoe.select.calibrate import (
 from selectmoe.select.output import write_selection
 from selectmoe.select.score import (
     NGRAMS_PER_ROW,
+    SHARE_COLUMNS,
     ScorePasses,
     common_ngrams,
     reply_commonness,
@@ -180,8 +182,9 @@ def _run(cfg: SelectConfig, out: Path) -> Path:
         candidates = rows_scored - excluded.count()
         scaled = cfg.scoring.combine == "robust_z" or cfg.scoring.prompt_gain_cap != "none"
         scales = _term_scales(files, cfg, rows_scored) if scaled else None
-        common = _common_ngrams(files, cfg, rows_scored) if cfg.scoring.commonness_weight else None
         calibrated = trusted is not None and cfg.selection.method == "calibrated"
+        by_formula = cfg.scoring.commonness_weight and not calibrated  # the combiner has no commonness
+        common = _common_ngrams(files, cfg, rows_scored, out) if by_formula else None
         combiner = _fit_combiner(cfg, files, candidates, excluded, trusted, out) if calibrated else None
         signed = _gate_sign(cfg, files, candidates, excluded, trusted) if trusted and not calibrated else None
         flipped = signed and signed["gate_weight"] != cfg.scoring.gate_weight
@@ -239,6 +242,7 @@ def _run(cfg: SelectConfig, out: Path) -> Path:
             "selected": [SELECTED_PARQUET, SELECTED_JSONL],
             "rejects": REJECTS,
             **({"calibration": CALIBRATION} if combiner else {}),
+            **({"common_ngrams": COMMON_NGRAMS} if common else {}),
             **({"trusted_rejects": TRUSTED_REJECTS} if trusted else {}),
             **(
                 {
@@ -393,10 +397,10 @@ def _seeded_sample(batches, seed: int, rows: int):
 
 
 def _term_scales(files: list[Path], cfg: SelectConfig, rows_scored: int) -> dict:
-    """``term_scales`` on a seeded sample of the scored rows (``_seeded_sample``); the reply redundancy, a
-    share on every model's scale, has none."""
+    """``term_scales`` on a seeded sample of the scored rows (``_seeded_sample``); the reply redundancy and
+    commonness, shares on every model's scale, have none."""
     parts: dict[str, list] = {}
-    scaled = [name for name in score_columns(cfg.scoring) if name != "reply_redundancy"]
+    scaled = [name for name in score_columns(cfg.scoring) if name not in SHARE_COLUMNS]
     for batch in _seeded_sample(_stream(files, ["id", *scaled]), cfg.seed, rows_scored):
         columns = {name: column_matrix(batch[name]) for name in scaled}
         for name, values in score_terms(**columns).items():
@@ -404,16 +408,20 @@ def _term_scales(files: list[Path], cfg: SelectConfig, rows_scored: int) -> dict
     return term_scales({name: np.concatenate(values) for name, values in parts.items()})
 
 
-def _common_ngrams(files: list[Path], cfg: SelectConfig, rows_scored: int) -> dict:
-    """``common_ngrams`` of a seeded sample of the scored rows (``_seeded_sample``), with the sample's size
-    and the share of its rows the commonness term penalises (for the manifest)."""
+def _common_ngrams(files: list[Path], cfg: SelectConfig, rows_scored: int, out: Path) -> dict:
+    """``common_ngrams`` of a seeded sample of the scored rows (``_seeded_sample``), written to
+    ``layout.COMMON_NGRAMS`` (the selection's scores can be recomputed from the outputs), with the sample's
+    size and the share of its rows the commonness term penalises (for the manifest)."""
     sample = [
         column_matrix(batch["reply_ngrams"])
         for batch in _seeded_sample(_stream(files, ["id", "reply_ngrams"]), cfg.seed, rows_scored)
     ]
-    ngrams = np.concatenate(sample) if sample else np.zeros((0, NGRAMS_PER_ROW), dtype=np.uint32)
+    ngrams = np.concatenate(
+        [s.reshape(-1, NGRAMS_PER_ROW) for s in sample] or [np.zeros((0, NGRAMS_PER_ROW))]
+    )
     common = common_ngrams(ngrams, cfg.scoring.common_ngram_share)
     penalised = reply_commonness(ngrams, common) > cfg.scoring.commonness_tolerance
+    (out / COMMON_NGRAMS).write_text(json.dumps(common.tolist()))
     return {
         "ngrams": common,
         "count": len(common),

@@ -7,6 +7,7 @@
                      + expert_effect_weight x (NLL_gates_shut - NLL)    (when set)
                      + driving_force_weight x mean over layers of D2[l]  (when set)
                      - redundancy_weight x max(reply_redundancy - redundancy_tolerance, 0)  (when set)
+                     - commonness_weight x max(reply_commonness - commonness_tolerance, 0)  (when set)
 
 Scored tokens are the assistant tokens (labels not ``IGNORE_INDEX``) by default, or every real token with
 ``scoring.tokens=all``; padding never counts. ``layer_scores`` are stored beside ``score`` so any
@@ -71,10 +72,11 @@ DRIVING_FORCE_LAMBDA, DRIVING_FORCE_TAU, DRIVING_FORCE_KAPPA, DRIVING_FORCE_MU =
 NLL_CHUNK = 1024  # scored positions per LM-head call in row_nll
 REDUNDANCY_NGRAM = 4  # tokens per n-gram of reply_redundancy
 COMMON_NGRAM = 8  # tokens per n-gram of reply_ngrams (and so of reply_commonness)
-NGRAM_SAMPLE_MODULUS = (
-    4  # reply_ngrams keeps the n-grams whose hash is 0 modulo this: the same ones in every row
-)
-NGRAMS_PER_ROW = 64  # and at most this many of them, the smallest hashes
+# reply_ngrams keeps the n-grams whose hash is 0 modulo NGRAM_SAMPLE_MODULUS (the same ones in every row), at
+# most NGRAMS_PER_ROW of them, the smallest hashes
+NGRAM_SAMPLE_MODULUS = 4
+NGRAMS_PER_ROW = 64
+SHARE_COLUMNS = ("reply_redundancy", "reply_ngrams")  # the columns of the share terms: never z-scored
 COMMON_NGRAM_MIN_ROWS = 3  # an n-gram is common in at least this many sampled rows, whatever the share
 _NGRAM_POWERS = np.array([pow(0x100000001B3, k, 2**64) for k in range(COMMON_NGRAM)], dtype=np.uint64)
 
@@ -120,6 +122,11 @@ class ScorePasses:
                     f"scoring.{term}_tolerance={tolerance} needs scoring.{term}_weight != 0 "
                     "(to turn the term off, set both to 0)"
                 )
+        share = {f.name: f.default for f in fields(scoring)}["common_ngram_share"]
+        if scoring.common_ngram_share != share and not scoring.commonness_weight:
+            raise ConfigError(
+                f"scoring.common_ngram_share={scoring.common_ngram_share} needs scoring.commonness_weight != 0"
+            )
         nll = scoring.lm_loss or scoring.perplexity_weight != 0 or reply_only or gates_shut
         if scoring.nll_model != "stage1" and not nll:
             raise ConfigError(
@@ -254,7 +261,10 @@ def reply_ngrams(input_ids, labels) -> np.ndarray:
     ``COMMON_NGRAM``-grams (those of assistant tokens only), ascending, 0 after the last: the n-grams whose
     64-bit hash is 0 modulo ``NGRAM_SAMPLE_MODULUS``, at most ``NGRAMS_PER_ROW`` of them. An n-gram sampled
     in one row is sampled in every row that holds it, so a sample of rows counts how many rows share it
-    (``common_ngrams``) without storing every n-gram."""
+    (``common_ngrams``) without storing every n-gram; a reply past ~260 tokens keeps only its 64 smallest,
+    so there the count misses its n-grams of larger hashes (its own share is still measured on an unbiased
+    sample). A reply under 8 tokens has none, and a short one may have none sampled (each n-gram is, with chance 1/4):
+    its commonness is then 0."""
     row = np.zeros(NGRAMS_PER_ROW, dtype=np.uint32)
     ids = np.asarray(input_ids, dtype=np.uint64)
     if len(ids) < COMMON_NGRAM:
@@ -286,7 +296,7 @@ def common_ngrams(ngrams: np.ndarray, min_share: float) -> np.ndarray:
 def reply_commonness(ngrams: np.ndarray, common: np.ndarray) -> np.ndarray:
     """(B,): per row of ``ngrams`` (``reply_ngrams``), the share of its sampled n-grams that are ``common``
     (text many rows share: a canned reply, a disclaimer, a closing formula); 0 for a reply with none."""
-    ngrams = np.asarray(ngrams, dtype=np.uint32).reshape(len(ngrams), -1)
+    ngrams = np.asarray(ngrams, dtype=np.uint32).reshape(-1, NGRAMS_PER_ROW)  # an empty batch: (0, 0)
     sampled = ngrams != 0
     shared = np.isin(ngrams, common) & sampled
     return shared.sum(axis=1) / np.maximum(sampled.sum(axis=1), 1)

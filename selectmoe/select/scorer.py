@@ -65,8 +65,7 @@ class GateScorer:
     ):
         set_cpu_threads(cpu_threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        # the score files' own score: without the commonness, which needs the corpus (select.driver)
-        self.stored_score = replace(scoring, commonness_weight=0.0, commonness_tolerance=0.0)
+        self.scoring = scoring
         self.pad_token_id = pad_token_id
         self.max_rows = max_rows or DEFAULT_ROWS_PER_BATCH[self.device.type]
         self.max_tokens = scoring.tokens_per_batch or DEFAULT_TOKENS_PER_BATCH[self.device.type]
@@ -98,7 +97,10 @@ class GateScorer:
         result = {
             "id": batch["id"],
             "dataset": batch["dataset"],
-            "score": score_of(columns, self.stored_score),
+            # the score files' own score: without the commonness, which needs the corpus (select.driver)
+            "score": score_of(
+                columns, replace(self.scoring, commonness_weight=0.0, commonness_tolerance=0.0)
+            ),
             "layer_scores": list(columns["layer_scores"]),
             "n_tokens": lengths.astype(np.int64),
             "n_scored_tokens": columns["n_scored_tokens"],
