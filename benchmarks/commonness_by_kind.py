@@ -31,7 +31,7 @@ from selectmoe.config import ScoringSection
 from selectmoe.data.template import encode_batch
 from selectmoe.demo.defects import DEFECT_KINDS, HELD_OUT_KINDS, plant_defects
 from selectmoe.metrics import auroc_within_groups
-from selectmoe.select.score import NGRAMS_PER_ROW, common_ngrams, reply_commonness, reply_ngrams
+from selectmoe.select.score import common_ngrams, reply_commonness, reply_ngrams
 
 
 def main() -> int:
@@ -95,19 +95,16 @@ def demo_corpus(args) -> tuple[list[dict], list[str], object]:
 
 
 def summarise(rows: list[dict], kinds: list[str], tokenizer, args) -> dict:
+    """The rows the chat template accepts (as stage 2 scores them; the rest are left out)."""
     tolerance = args.tolerance
     encoded = encode_batch([r["messages"] for r in rows], tokenizer, max_seq_length=args.max_length)
-    ngrams = np.stack(
-        [
-            reply_ngrams(e["input_ids"], e["labels"])
-            if isinstance(e, dict)
-            else np.zeros(NGRAMS_PER_ROW, np.uint32)
-            for e in encoded
-        ]
-    )
+    accepted = [i for i, e in enumerate(encoded) if isinstance(e, dict)]
+    ngrams = np.stack([reply_ngrams(encoded[i]["input_ids"], encoded[i]["labels"]) for i in accepted])
     common = common_ngrams(ngrams, ScoringSection().common_ngram_share)
     commonness = reply_commonness(ngrams, common)
-    datasets, kinds = np.array([r["dataset"] for r in rows]), np.array(kinds)
+    datasets = np.array([rows[i]["dataset"] for i in accepted])
+    kinds = np.array([kinds[i] for i in accepted])
+    rows = [rows[i] for i in accepted]
     by_dataset = {}
     for dataset in sorted(set(datasets)):
         here = datasets == dataset

@@ -417,7 +417,7 @@ def _common_ngrams(files: list[Path], cfg: SelectConfig, rows_scored: int, out: 
         for batch in _seeded_sample(_stream(files, ["id", "reply_ngrams"]), cfg.seed, rows_scored)
     ]
     ngrams = np.concatenate(
-        [s.reshape(-1, NGRAMS_PER_ROW) for s in sample] or [np.zeros((0, NGRAMS_PER_ROW))]
+        [s.reshape(-1, NGRAMS_PER_ROW) for s in sample] or [np.zeros((0, NGRAMS_PER_ROW), dtype=np.uint32)]
     )
     common = common_ngrams(ngrams, cfg.scoring.common_ngram_share)
     penalised = reply_commonness(ngrams, common) > cfg.scoring.commonness_tolerance

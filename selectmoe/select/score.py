@@ -186,8 +186,8 @@ def score_batch(model, rows: list[dict], what: ScorePasses, pad_token_id: int) -
     """The one scoring forward pass: per-row columns for ``rows`` (tokenised: ``input_ids``,
     ``labels``, and ``reply_input_ids``/``reply_labels`` for ``reply_only``), in their order.
 
-    Columns: ``n_scored_tokens``, ``reply_redundancy`` and ``reply_ngrams`` (with a pass over the full rows); ``layer_scores`` (B, L) with
-    ``what.gates``; ``routing`` (B, L*E); ``embedding`` (B, hidden) fp16; ``nll``,
+    Columns: ``n_scored_tokens``, ``reply_redundancy`` and ``reply_ngrams`` (with a pass over the full
+    rows); ``layer_scores`` (B, L) with ``what.gates``; ``routing`` (B, L*E); ``embedding`` (B, hidden) fp16; ``nll``,
     ``nll_without_prompt``, ``nll_gates_shut`` (B,); ``gate_slope``, ``gate_curvature``,
     ``driving_force`` (B, L). The decoder runs without the LM head; only the scored positions go through
     it (``row_nll``)."""
@@ -263,8 +263,8 @@ def reply_ngrams(input_ids, labels) -> np.ndarray:
     in one row is sampled in every row that holds it, so a sample of rows counts how many rows share it
     (``common_ngrams``) without storing every n-gram; a reply past ~260 tokens keeps only its 64 smallest,
     so there the count misses its n-grams of larger hashes (its own share is still measured on an unbiased
-    sample). A reply under 8 tokens has none, and a short one may have none sampled (each n-gram is, with chance 1/4):
-    its commonness is then 0."""
+    sample). A reply under 8 tokens has none, and a short one may have none sampled (each n-gram is, with
+    chance 1/4): its commonness is then 0."""
     row = np.zeros(NGRAMS_PER_ROW, dtype=np.uint32)
     ids = np.asarray(input_ids, dtype=np.uint64)
     if len(ids) < COMMON_NGRAM:
