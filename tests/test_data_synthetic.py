@@ -19,6 +19,9 @@ from selectmoe.config import DataConfig, DatasetConfig
 from selectmoe.data import RowLedger, iter_rows, load_tokenizer
 from selectmoe.demo.corpus import DATASET_SHARES, DEFAULT_ROWS, write_demo_corpus
 from selectmoe.demo.defects import (
+    CITE_LEADS,
+    CITE_VERBS,
+    CITED_ANSWERS,
     DEFECT_KINDS,
     HELD_OUT_KINDS,
     applies,
@@ -225,10 +228,11 @@ def test_plant_defects_on_real_rows_applies_each_kind_only_where_it_can():
 
 def test_held_out_kinds_spoil_real_replies_as_named():
     """The held-out kinds (kept out of the demo and of every weight choice) on real rows: ``looped``,
-    ``echo``, ``restated``, ``doubled``, ``canned``, ``boilerplate``, ``scraped``, ``merged``."""
-    lines = (SHARED_TRAIN / "oasst1.jsonl").read_text().split("\n")[:160]
+    ``echo``, ``restated``, ``doubled``, ``canned``, ``boilerplate``, ``scraped``, ``merged``, ``cited``."""
+    lines = (SHARED_TRAIN / "oasst1.jsonl").read_text().split("\n")[:180]
     rows = [json.loads(line) for line in lines if line.strip()]
     originals = copy.deepcopy(rows)
+    replies = [row["messages"][-1]["content"] for row in originals]
     labels = plant_defects(random.Random(0), rows, 1.0, HELD_OUT_KINDS)
     assert Counter(label["defect"] for label in labels) == {kind: 20 for kind in HELD_OUT_KINDS}
     cut_short = []
@@ -254,6 +258,8 @@ def test_held_out_kinds_spoil_real_replies_as_named():
             assert is_scraped(reply, before)
         elif label["defect"] == "merged":
             assert is_merged(reply, before)
+        elif label["defect"] == "cited":
+            assert is_cited(reply, before, [other for other in replies if other != before])
         else:
             assert label["defect"] == "canned" and reply in CANNED_REPLIES
     assert sum(cut_short) >= 15  # most oasst replies have more than one sentence
@@ -340,6 +346,52 @@ def is_merged(spoiled: str, reply: str) -> bool:
     )
 
 
+def _alternatives(words: tuple[str, ...]) -> str:
+    return "|".join(map(re.escape, words))
+
+
+CITE = re.compile(
+    rf'(?:{_alternatives(CITE_LEADS)}) (.+?) (?:{_alternatives(CITE_VERBS)}), "(.+)"'
+    rf"|(.+?) (?:{_alternatives(CITE_VERBS)}):\n> (.+)"
+)
+# LIMA's filter for answers that reference other answers ("as mentioned", "stack exchange", ...), as a pattern
+OTHER_ANSWER = re.compile(
+    rf"\b(?:answer (?:above|below)|(?:accepted|other|top|earlier|stack exchange) answer)\b"
+    rf"|@[a-z]+\d* (?:{_alternatives(CITE_VERBS)})\b",
+    re.IGNORECASE,
+)
+
+
+def cited_of(spoiled: str, reply: str) -> tuple[str, str] | None:
+    """The (reference, quote) of the paragraph that a ``cited`` reply adds before or after ``reply``; None where
+    ``spoiled`` is not ``reply`` with such a paragraph."""
+    body = reply.strip()
+    if spoiled.startswith(f"{body}\n\n"):
+        cite = spoiled[len(body) + 2 :]
+    elif spoiled.endswith(f"\n\n{body}"):
+        cite = spoiled[: -len(body) - 2]
+    else:
+        return None
+    match = CITE.fullmatch(cite)
+    if match is None:
+        return None
+    reference = match.group(1) or match.group(3)
+    return reference[0].lower() + reference[1:], match.group(2) or match.group(4)
+
+
+def is_cited(spoiled: str, reply: str, donors: list[str]) -> bool:
+    """``spoiled`` is ``reply`` whole, with a paragraph citing another answer (or its "@" author) and quoting
+    a run of words of one of the ``donors`` (other rows' replies)."""
+    parts = cited_of(spoiled, reply)
+    if parts is None:
+        return False
+    reference, quote = parts
+    quote = quote.removesuffix(" ...")
+    return (reference in CITED_ANSWERS or bool(re.fullmatch(r"@[a-z]{4,12}\d{0,2}", reference))) and any(
+        quote in " ".join(donor.split()) for donor in donors
+    )
+
+
 def family_style_replies(rng: random.Random) -> list[str]:
     """Replies like ``benchmarks/downstream_proxy.py``'s family rows: a made-up language's word (syllables of
     its own two consonants) for an English word, in the pool's three answer templates."""
@@ -418,19 +470,48 @@ def test_merged_runs_real_and_family_replies_on_into_further_tasks_in_varied_det
     assert separators == {"##", "###"}
 
 
-def test_boilerplate_scraped_and_merged_leave_blank_replies_alone():
-    """FLAN rows with blank replies (TREC, in the shared data) have no answer to bury, page to scrape or end to
-    run on from."""
+def test_cited_quotes_other_rows_in_real_and_family_replies_in_varied_deterministic_ways():
+    """The held-out kind modelled on the Stack Exchange answers that reference other answers, which LIMA removed:
+    the answer kept whole, beside a paragraph that cites an absent answer and quotes another row's reply, so the
+    quotes vary as the corpus does and the scaffolding around them stays short."""
+    replies = real_replies() + family_style_replies(random.Random(3))
+    donors = replies[7:] + replies[:7]
+
+    def spoiled_with(seed: int) -> list[str]:
+        rng = random.Random(seed)
+        return [spoil("cited", reply, rng, donor) for reply, donor in zip(replies, donors)]
+
+    spoiled = spoiled_with(0)
+    assert spoiled == spoiled_with(0)
+    assert sum(a != b for a, b in zip(spoiled, spoiled_with(1))) > len(spoiled) // 2
+    for reply, donor, spoiled_reply in zip(replies, donors, spoiled):
+        assert applies("cited", reply, None)
+        assert is_cited(spoiled_reply, reply, [donor]), (reply, spoiled_reply)
+        assert OTHER_ANSWER.search(spoiled_reply) and not OTHER_ANSWER.search(reply)
+    parts = [cited_of(s, reply) for s, reply in zip(spoiled, replies)]
+    assert len({quote for _, quote in parts}) >= len(replies) * 3 // 4  # the quotes vary with the donors
+    assert len({reference for reference, _ in parts}) >= 10  # and the references, "@" authors among them
+    assert {s.startswith(reply.strip()) for s, reply in zip(spoiled, replies)} == {True, False}
+    assert {"\n> " in s for s in spoiled} == {True, False}
+    scaffolding = [
+        len(s) - len(reply.strip()) - len(quote) for s, reply, (_, quote) in zip(spoiled, replies, parts)
+    ]
+    assert max(scaffolding) <= 55 and sum(scaffolding) < 0.1 * sum(map(len, spoiled))
+
+
+def test_boilerplate_scraped_merged_and_cited_leave_blank_replies_alone():
+    """FLAN rows with blank replies (TREC, in the shared data) have no answer to bury, page to scrape, end to
+    run on from or cite by."""
     rows = [
         json.loads(line) for line in (SHARED_TRAIN / "flan_v2.jsonl").read_text().split("\n")[14590:14620]
     ]
     blank = [not row["messages"][-1]["content"].strip() for row in rows]
     assert 0 < sum(blank) < len(rows)
     originals = copy.deepcopy(rows)
-    labels = plant_defects(random.Random(0), rows, 1.0, ("boilerplate", "scraped", "merged"))
+    labels = plant_defects(random.Random(0), rows, 1.0, ("boilerplate", "scraped", "merged", "cited"))
     for label, row, original, is_blank in zip(labels, rows, originals, blank):
         assert (label["defect"] is None) == is_blank
         assert (row == original) == is_blank
-    for kind in ("boilerplate", "scraped", "merged"):
+    for kind in ("boilerplate", "scraped", "merged", "cited"):
         assert not applies(kind, "", None) and not applies(kind, " \n", None)
         assert applies(kind, "B", None) and applies(kind, "They say bodaba.", None)

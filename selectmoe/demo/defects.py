@@ -17,8 +17,10 @@ disclaimer and a generic closing) and ``scraped`` (the reply with the chat web p
 in); and, designed later again, blind to every score, from the "merged instructions" that the Alpaca-cleaned
 project (gururise/AlpacaDataCleaned) found in Stanford Alpaca's outputs and removed: ``merged`` (the reply run
 on into further numbered "Instruction / Input / Output" tasks of the self-instruct prompt it was generated
-from). A spoiled row is still a valid row: the defects are of quality, not of format, so only a quality score
-can find them.
+from); and, designed later again, blind to every score, from the answers that "reference other answers" ("as
+mentioned", "stack exchange", ...) which LIMA removed from its Stack Exchange data: ``cited`` (the reply with a
+paragraph citing another answer of the thread, absent here, and quoting it: another row's text). A spoiled row
+is still a valid row: the defects are of quality, not of format, so only a quality score can find them.
 """
 
 from __future__ import annotations
@@ -41,8 +43,30 @@ from selectmoe.demo.synthetic_facts import (
 )
 
 DEFECT_KINDS = ("garbled", "shuffled", "swapped", "wrong_answer", "truncated", "empty_ish", "spam")
-HELD_OUT_KINDS = ("looped", "echo", "restated", "doubled", "canned", "boilerplate", "scraped", "merged")
+HELD_OUT_KINDS = (
+    "looped",
+    "echo",
+    "restated",
+    "doubled",
+    "canned",
+    "boilerplate",
+    "scraped",
+    "merged",
+    "cited",
+)
 _GARBLE_CHARS = "#$%&@!?*~^+=<>|"
+# how a ``cited`` reply points at the other answer it quotes (or at its author, "@" a word of the corpus)
+CITED_ANSWERS = (
+    "the answer above",
+    "the accepted answer",
+    "the other answer",
+    "the top answer",
+    "an earlier answer",
+    "the answer below",
+    "the Stack Exchange answer",
+)
+CITE_VERBS = ("says", "said", "mentions", "points out", "notes", "wrote")
+CITE_LEADS = ("As", "Like", "Also, as", "EDIT: as")
 
 # wrong_reply(row index, reply) -> a reply with a wrong answer, or None where the row has none to spoil
 WrongReply = Callable[[int, str], "str | None"]
@@ -117,6 +141,8 @@ def spoil(
         return _scrape(reply, rng)
     if kind == "merged":
         return _merge_tasks(reply, rng)
+    if kind == "cited":
+        return _cite_other_answer(reply, rng, donor, request)
     return " ".join([rng.choice(SPAM_PHRASES)] * rng.randint(4, 12))
 
 
@@ -142,8 +168,9 @@ def applies(kind: str, reply: str, wrong: str | None) -> bool:
         return " " in reply
     if kind == "wrong_answer":
         return wrong is not None and wrong != reply
-    if kind in ("boilerplate", "scraped", "merged"):
-        return bool(reply.strip())  # a blank reply has no answer to bury, page to scrape or end to run on
+    if kind in ("boilerplate", "scraped", "merged", "cited"):
+        # a blank reply has no answer to bury, page to scrape, end to run on or to cite beside
+        return bool(reply.strip())
     return True
 
 
@@ -246,6 +273,30 @@ def _merge_tasks(reply: str, rng: random.Random) -> str:
     ]
     separator = f"\n{rng.choice(('###', '##'))}\n"
     return reply.rstrip() + separator + separator.join(blocks)
+
+
+def _cite_other_answer(reply: str, rng: random.Random, donor: str, request: str) -> str:
+    """The reply with a paragraph before or after it that cites another answer of its thread and quotes it (as
+    'As the accepted answer says, "..."' or "@user wrote:\n> ..."): the Stack Exchange answers that "reference
+    other answers" ("as mentioned", "stack exchange", ...), which LIMA removed as not self-contained. The thread
+    is not here, so the quote is a few sentences (up to 40 words) of another row's reply (``donor``; the request
+    where that is blank): the junk is as varied as the corpus, and off the point."""
+    source = next(text for text in (donor, request, reply) if text.split())
+    sentences = [s for s in re.split(r"(?<=[.!?])\s+|\n+", source) if s.split()]
+    words: list[str] = []
+    for sentence in sentences[rng.randrange(len(sentences)) :]:
+        words += sentence.split()
+        if len(words) >= 12:
+            break
+    quote = " ".join(words[:40]) + (" ..." if len(words) > 40 else "")
+    names = [word.lower() for word in re.findall(r"[A-Za-z]{4,12}", source)]
+    handles = (f"@{rng.choice(names)}{rng.randint(0, 99) or ''}",) if names else ()
+    ref, verb = rng.choice(CITED_ANSWERS + handles), rng.choice(CITE_VERBS)
+    if rng.random() < 0.5:
+        cite = f'{rng.choice(CITE_LEADS)} {ref} {verb}, "{quote}"'
+    else:
+        cite = f"{ref[0].upper()}{ref[1:]} {verb}:\n> {quote}"
+    return f"{cite}\n\n{reply.strip()}" if rng.random() < 0.5 else f"{reply.strip()}\n\n{cite}"
 
 
 def _truncate(reply: str, rng: random.Random) -> str:
