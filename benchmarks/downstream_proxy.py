@@ -138,17 +138,9 @@ FILTERED_RANDOM_RECIPES = {
     "filtered_random_raw_nll_quartile_prompt_gain_redundancy": (*_QUARTILE_REDUNDANCY, 0.0, 0.0),
     "filtered_random_raw_nll_quartile_prompt_gain_redundancy_commonness": (*_QUARTILE_REDUNDANCY, 8.0, 0.25),
 }
-# filtered_random recipes drawn from every row of a dataset whose median prompt gain is at or below this
-# (selection.filter_min_prompt_gain): (their FILTERED_RANDOM_RECIPES recipe, the floor)
-UNFILTERED_BELOW_GAIN = {
-    "filtered_random_raw_nll_quartile_prompt_gain_redundancy_unreadable_unfiltered": (
-        "filtered_random_raw_nll_quartile_prompt_gain_redundancy",
-        0.0,
-    ),
-}
 METHODS = (
     "full", "oracle", "perplexity", "gates", "gates_prompt_gain", "gates_prompt_gain_balanced",
-    *FILTERED_RANDOM_RECIPES, *UNFILTERED_BELOW_GAIN, "balanced_random", "similarity", "calibrated", "clean_random",
+    *FILTERED_RANDOM_RECIPES, "balanced_random", "similarity", "calibrated", "clean_random",
     "clean_balanced_random",
 )  # fmt: skip  # besides the random draws
 ALWAYS_RUN = (
@@ -458,7 +450,6 @@ def selections(
         dataset_thresholds,
         random_per_dataset_k,
         selection_size,
-        unfiltered_datasets,
     )
 
     table = pq.read_table(
@@ -548,12 +539,9 @@ def selections(
         [i for d in sorted(quotas) for i in best(gates_prompt_gain, datasets == d)[: quotas[d]]]
     ]
 
-    def filtered_random(
-        score: np.ndarray | None, d: int, among: np.ndarray | None = None, unfiltered: dict | None = None
-    ) -> list[str]:
+    def filtered_random(score: np.ndarray | None, d: int, among: np.ndarray | None = None) -> list[str]:
         """``selection.method=filtered_random``'s draw: quotas of each dataset's better half by ``score``
-        (of all its rows when ``score`` is None: ``balanced_random``; of its ``among`` rows when given; of
-        all the rows of the ``unfiltered`` datasets)."""
+        (of all its rows when ``score`` is None: ``balanced_random``; of its ``among`` rows when given)."""
         rows = np.ones(len(ids), dtype=bool) if among is None else among
         scored = pa.table(
             {
@@ -565,8 +553,7 @@ def selections(
         kept = [scored]
         if score is not None:
             thresholds = dataset_thresholds(
-                {d: score[datasets == d] for d in set(datasets) if d not in (unfiltered or {})},
-                DEFAULT["selection"]["keep_fraction"],
+                {d: score[datasets == d] for d in set(datasets)}, DEFAULT["selection"]["keep_fraction"]
             )
             kept = above_dataset_thresholds(kept, thresholds)
         return random_per_dataset_k(kept, quotas, draw_seed(seed, d))["id"].to_pylist()
@@ -575,10 +562,6 @@ def selections(
     clean_rows = np.asarray([pool["clean"][i] for i in ids])
     chosen["clean_balanced_random"] = [filtered_random(None, d, clean_rows) for d in draws]
     chosen.update({name: [filtered_random(score, d) for d in draws] for name, score in filter_scores.items()})
-    gains = {d: (unprompted - nll)[datasets == d] for d in set(datasets)}
-    for name, (recipe, floor) in UNFILTERED_BELOW_GAIN.items():
-        unfiltered = unfiltered_datasets(gains, floor)
-        chosen[name] = [filtered_random(filter_scores[recipe], d, unfiltered=unfiltered) for d in draws]
     return {**chosen, **{name: [ids] for name, ids in product.items()}}
 
 

@@ -849,32 +849,6 @@ def test_weights_that_need_a_pass_rescore_and_other_weights_reuse_the_stored_ter
     assert [r["id"] for r in selected] == [i for _, i in order[: len(selected)]]
     assert [r["score"] for r in selected] == pytest.approx([s for s, _ in order[: len(selected)]])
 
-    # selection.filter_min_prompt_gain: filtered_random draws from every row of a dataset whose median
-    # prompt gain is at or below it (here the lower of the two datasets' medians), from the better half of
-    # the other; the same score files
-    datasets = np.array([r["dataset"] for r in rows])
-    medians = {d: float(np.median(terms["prompt_gain"][datasets == d])) for d in sorted(set(datasets))}
-    unread, read = sorted(medians, key=medians.get)
-    keys = {"selection.method": "filtered_random", "selection.filter_min_prompt_gain": medians[unread]}
-    run_select(tiny_olmoe, out, sources, **weights, **keys)
-    assert {p.name: p.read_bytes() for p in (out / "scores").glob("*.parquet")} == files
-    info = json.loads((out / "manifest.json").read_text())["metrics"]["filtered_random"]
-    assert info["unfiltered_datasets"] == {unread: pytest.approx(medians[unread])}
-    assert set(info["dataset_thresholds"]) == {read}
-    scores = np.array([r["score"] for r in rows])  # scored with these weights
-    above = int((scores[datasets == read] >= info["dataset_thresholds"][read]).sum())
-    assert info["rows_kept_by_dataset"] == {unread: int((datasets == unread).sum()), read: above}
-    assert above < (datasets == read).sum() * 0.6
-    drawn = [json.loads(line) for line in (out / "selected.jsonl").read_text().splitlines()]
-    assert {r["dataset"] for r in drawn} == {unread, read}
-    assert all(r["score"] >= info["dataset_thresholds"][read] for r in drawn if r["dataset"] == read)
-    with pytest.raises(
-        ConfigError, match="selection.filter_min_prompt_gain is read by selection.method=filt"
-    ):
-        run_select(tiny_olmoe, out, sources, **weights, **{"selection.filter_min_prompt_gain": 0.0})
-    with pytest.raises(ConfigError, match="selection.filter_min_prompt_gain needs the prompt gain"):
-        run_select(tiny_olmoe, out, sources, **{**keys, "scoring.expert_effect_weight": 2.0})
-
     # other weights that turn no pass on or off reuse the score files as well (a sweep over weights scores
     # the corpus once): the selection recomputes every row's score with this run's weights
     other = {

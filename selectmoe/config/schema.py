@@ -294,11 +294,6 @@ class SelectionSection:
     quotas: dict[str, float] | None = None
     # filtered_random: the share of each dataset (its best-scored rows) the random draw is made from
     keep_fraction: float = ranged(0.5, low=0, high=1, low_open=True)
-    # filtered_random: a dataset is filtered only where its median prompt gain (nats per reply token, on the
-    # seeded sample) is above this. At or below it the prompts do not help the selector predict the replies:
-    # it cannot read the dataset, its likelihood ranks generic text above the dataset's own there, and the
-    # dataset is drawn from unfiltered. null: every dataset is filtered. Needs the prompt gain scored
-    filter_min_prompt_gain: float | None = None
     # similarity: files (or folders) of target-task examples, any supported row format; a row's task is
     # its ``task`` field, else its dataset (the file's stem)
     targets: list[str] | None = None

@@ -89,17 +89,6 @@ def write_report(
         if how:
             keep = f" (selection.keep_fraction {how['keep_fraction']})" if "keep_fraction" in how else ""
             lines += [f"How the rows were chosen: {how['chosen_by']}{keep}.", ""]
-            if "unfiltered_datasets" in how:
-                unread = ", ".join(
-                    f"{name} ({gain:+.3f})" for name, gain in how["unfiltered_datasets"].items()
-                )
-                lines += [
-                    f"Drawn from unfiltered (median prompt gain, nats per reply token, at or below "
-                    f"selection.filter_min_prompt_gain {how['filter_min_prompt_gain']:g}: the prompts do not "
-                    f"help the selector predict the replies, so its likelihood cannot judge them): "
-                    f"{unread or 'none'}.",
-                    "",
-                ]
         if cal := m2["metrics"].get("calibrated"):
             weights = ", ".join(f"{name} {value:+.3f}" for name, value in cal["coefficients"].items())
             lines += [

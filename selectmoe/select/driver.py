@@ -111,7 +111,6 @@ from selectmoe.select.topk import (
     selection_size,
     similarity_select,
     top_k,
-    unfiltered_datasets,
     with_rank,
 )
 from selectmoe.select.training_rows import TrainingRows, find_training_rows
@@ -487,17 +486,6 @@ def _check_selection(cfg: SelectConfig) -> None:
             "selection.quotas are the per-dataset quotas of selection.balance=dataset "
             f"(balance is {cfg.selection.balance}, method {method}); set it"
         )
-    if cfg.selection.filter_min_prompt_gain is not None:
-        if method != "filtered_random":
-            raise ConfigError(
-                f"selection.filter_min_prompt_gain is read by selection.method=filtered_random (method is "
-                f"{method}); drop it"
-            )
-        if not ScorePasses.for_scoring(cfg.scoring).reply_only:
-            raise ConfigError(
-                "selection.filter_min_prompt_gain needs the prompt gain: set scoring.prompt_gain=true (or "
-                "scoring.prompt_gain_weight)"
-            )
     if p.auto_k and not (len(p.k_range) == 2 and 2 <= p.k_range[0] <= p.k_range[1]):
         raise ConfigError(
             f"clustering_params.k_range={p.k_range}: expected [lowest, highest] with 2 <= lowest <= highest"
@@ -543,12 +531,7 @@ def _select(
         )
         chosen = order_by_score(drawn)
     elif method == "filtered_random":
-        unfiltered = (
-            _unfiltered_datasets(cfg, score_files, candidates, excluded)
-            if cfg.selection.filter_min_prompt_gain is not None
-            else {}
-        )
-        chosen, info["filtered_random"] = _filtered_random(cfg, batches, candidates, k, unfiltered)
+        chosen, info["filtered_random"] = _filtered_random(cfg, batches, candidates, k)
     elif method == "threshold":
         chosen = above_threshold(batches(), cfg.selection.threshold)
     elif method == "similarity":
@@ -620,23 +603,11 @@ def _quotas(cfg: SelectConfig, rows_by_dataset: Counter, k: int) -> dict[str, in
     return dataset_quotas(dict(rows_by_dataset), k, cfg.selection.quotas)
 
 
-def _unfiltered_datasets(
-    cfg: SelectConfig, files: list[Path], candidates: int, excluded: TrainingRows
-) -> dict[str, float]:
-    """``topk.unfiltered_datasets`` by the prompt gains of a seeded sample of the candidate rows."""
-    sample = _corpus_sample(cfg, files, candidates, excluded, ["dataset", "nll", "nll_without_prompt"])
-    gains = sample["nll_without_prompt"] - sample["nll"]
-    by_dataset = {name: gains[sample["dataset"] == name] for name in set(sample["dataset"].tolist())}
-    return unfiltered_datasets(by_dataset, cfg.selection.filter_min_prompt_gain)
-
-
-def _filtered_random(
-    cfg: SelectConfig, batches, candidates: int, k: int, unfiltered: dict[str, float]
-) -> tuple[pa.Table, dict]:
+def _filtered_random(cfg: SelectConfig, batches, candidates: int, k: int) -> tuple[pa.Table, dict]:
     """A seeded random draw from the best ``selection.keep_fraction`` of each dataset (thresholds from
-    a seeded sample of at most ~``TERM_SAMPLE_ROWS`` rows, exact below that), of every row of the
-    ``unfiltered`` datasets; with ``selection.balance=dataset`` each dataset keeps its share of the corpus
-    (or ``selection.quotas``) exactly, else one draw over every kept row keeps it in expectation."""
+    a seeded sample of at most ~``TERM_SAMPLE_ROWS`` rows, exact below that); with
+    ``selection.balance=dataset`` each dataset keeps its share of the corpus (or ``selection.quotas``)
+    exactly, else one draw over every kept row keeps it in expectation."""
     sampled: dict[str, list] = {}
     rows = Counter()
 
@@ -649,7 +620,6 @@ def _filtered_random(
         for name, score in zip(batch["dataset"].to_pylist(), batch["score"].to_pylist()):
             sampled.setdefault(name, []).append(score)
     thresholds = dataset_thresholds(sampled, cfg.selection.keep_fraction)
-    thresholds = {name: value for name, value in thresholds.items() if name not in unfiltered}
     kept = Counter()
 
     def kept_rows():
@@ -675,14 +645,6 @@ def _filtered_random(
         "dataset_thresholds": dict(sorted(thresholds.items())),
         "rows_kept_by_dataset": dict(sorted(kept.items())),
         "threshold_sample_rows": sum(len(v) for v in sampled.values()),
-        **(
-            {
-                "filter_min_prompt_gain": cfg.selection.filter_min_prompt_gain,
-                "unfiltered_datasets": unfiltered,
-            }
-            if cfg.selection.filter_min_prompt_gain is not None
-            else {}
-        ),
         **({"quotas": dict(sorted(quotas.items()))} if quotas else {}),
         "chosen_by": (
             "per dataset at its quota (selection.balance), a seeded random draw among the rows at "

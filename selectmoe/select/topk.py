@@ -60,15 +60,6 @@ def dataset_thresholds(scores: dict[str, np.ndarray], keep_fraction: float) -> d
     return thresholds
 
 
-def unfiltered_datasets(prompt_gains: dict[str, np.ndarray], min_gain: float | None) -> dict[str, float]:
-    """The datasets ``filtered_random`` draws from unfiltered (``selection.filter_min_prompt_gain``), each with
-    its median prompt gain: those whose median is at or below ``min_gain`` (none when it is None)."""
-    if min_gain is None:
-        return {}
-    medians = {name: float(np.median(gains)) for name, gains in sorted(prompt_gains.items())}
-    return {name: median for name, median in medians.items() if median <= min_gain}
-
-
 def above_dataset_thresholds(batches: Iterable[pa.Table], thresholds: dict[str, float]) -> Iterator[pa.Table]:
     """The rows whose score is at or above their dataset's threshold (a dataset without one keeps all)."""
     for batch in batches:
