@@ -515,3 +515,16 @@ def test_boilerplate_scraped_merged_and_cited_leave_blank_replies_alone():
     for kind in ("boilerplate", "scraped", "merged", "cited"):
         assert not applies(kind, "", None) and not applies(kind, " \n", None)
         assert applies(kind, "B", None) and applies(kind, "They say bodaba.", None)
+
+
+def test_cited_caps_the_quote_falls_back_to_the_request_and_refuses_a_blank_reply():
+    """The quote is at most 40 words of the donor (" ..." marks the cut); a blank donor (FLAN's TREC rows)
+    gives the row's own request; a blank reply has nothing to cite beside."""
+    long_donor = " ".join(f"w{i}" for i in range(100)) + "."
+    _, quote = cited_of(spoil("cited", "The answer.", random.Random(0), long_donor), "The answer.")
+    assert quote == " ".join(f"w{i}" for i in range(40)) + " ..."
+    request = "What is the capital of France?"
+    spoiled = spoil("cited", "Paris.", random.Random(1), " \n", request=request)
+    assert cited_of(spoiled, "Paris.")[1] == request
+    with pytest.raises(ValueError, match="a blank reply has nothing to cite"):
+        spoil("cited", " ", random.Random(0), "", request="")

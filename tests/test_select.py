@@ -895,6 +895,7 @@ def test_weights_that_need_a_pass_rescore_and_other_weights_reuse_the_stored_ter
     manifest = json.loads((run_select(tiny_olmoe, out, sources, **off) / "manifest.json").read_text())
     assert {p.name: p.read_bytes() for p in (out / "scores").glob("*.parquet")} == files
     assert manifest["counts"]["rows_scored_before"] == len(rows)
+    assert not (out / "common_ngrams.json").exists()  # the runs before wrote it; this one has no commonness
     fewer = -terms["gate"] - 0.5 * terms["nll"] - 4.0 * np.maximum(redundancy - 0.05, 0) - 3.0 * commonness
     order = sorted(zip(fewer, [r["id"] for r in rows]), key=lambda x: (-x[0], x[1]))
     selected = [json.loads(line) for line in (out / "selected.jsonl").read_text().splitlines()]

@@ -280,8 +280,11 @@ def _cite_other_answer(reply: str, rng: random.Random, donor: str, request: str)
     'As the accepted answer says, "..."' or "@user wrote:\n> ..."): the Stack Exchange answers that "reference
     other answers" ("as mentioned", "stack exchange", ...), which LIMA removed as not self-contained. The thread
     is not here, so the quote is a few sentences (up to 40 words) of another row's reply (``donor``; the request
-    where that is blank): the junk is as varied as the corpus, and off the point."""
-    source = next(text for text in (donor, request, reply) if text.split())
+    where that is blank, the reply itself where both are): the junk is as varied as the corpus, and off the
+    point."""
+    source = next((text for text in (donor, request, reply) if text.split()), None)
+    if source is None:
+        raise ValueError("cited: a blank reply has nothing to cite beside (applies() refuses it)")
     sentences = [s for s in re.split(r"(?<=[.!?])\s+|\n+", source) if s.split()]
     words: list[str] = []
     for sentence in sentences[rng.randrange(len(sentences)) :]:

@@ -184,6 +184,8 @@ def _run(cfg: SelectConfig, out: Path) -> Path:
         scales = _term_scales(files, cfg, rows_scored) if scaled else None
         calibrated = trusted is not None and cfg.selection.method == "calibrated"
         by_formula = cfg.scoring.commonness_weight and not calibrated  # the combiner has no commonness
+        for derived in (COMMON_NGRAMS, CALIBRATION):  # an earlier run's; written again below if used
+            (out / derived).unlink(missing_ok=True)
         common = _common_ngrams(files, cfg, rows_scored, out) if by_formula else None
         combiner = _fit_combiner(cfg, files, candidates, excluded, trusted, out) if calibrated else None
         signed = _gate_sign(cfg, files, candidates, excluded, trusted) if trusted and not calibrated else None
