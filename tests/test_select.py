@@ -881,6 +881,8 @@ def test_weights_that_need_a_pass_rescore_and_other_weights_reuse_the_stored_ter
         "- 4 x max(reply redundancy - 0.05, 0) - 3 x reply commonness"
     )
     assert json.loads((out / "common_ngrams.json").read_text()) == common.tolist()
+    run_select(tiny_olmoe, out, sources, **weights)  # a rerun without the term leaves no stale common set
+    assert not (out / "common_ngrams.json").exists()
     # with a capped prompt gain (as the default preset has) the shares stay out of the term scales
     capped_run = run_select(tiny_olmoe, out, sources, **other, **{"scoring.prompt_gain_cap": "median"})
     manifest = json.loads((capped_run / "manifest.json").read_text())
@@ -895,7 +897,6 @@ def test_weights_that_need_a_pass_rescore_and_other_weights_reuse_the_stored_ter
     manifest = json.loads((run_select(tiny_olmoe, out, sources, **off) / "manifest.json").read_text())
     assert {p.name: p.read_bytes() for p in (out / "scores").glob("*.parquet")} == files
     assert manifest["counts"]["rows_scored_before"] == len(rows)
-    assert not (out / "common_ngrams.json").exists()  # the runs before wrote it; this one has no commonness
     fewer = -terms["gate"] - 0.5 * terms["nll"] - 4.0 * np.maximum(redundancy - 0.05, 0) - 3.0 * commonness
     order = sorted(zip(fewer, [r["id"] for r in rows]), key=lambda x: (-x[0], x[1]))
     selected = [json.loads(line) for line in (out / "selected.jsonl").read_text().splitlines()]
