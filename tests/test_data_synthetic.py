@@ -27,6 +27,7 @@ from selectmoe.demo.defects import (
     applies,
     cot_wrong_answer,
     plant_defects,
+    request_of,
     spoil,
 )
 from selectmoe.demo.synthetic_facts import (
@@ -228,8 +229,9 @@ def test_plant_defects_on_real_rows_applies_each_kind_only_where_it_can():
 
 def test_held_out_kinds_spoil_real_replies_as_named():
     """The held-out kinds (kept out of the demo and of every weight choice) on real rows: ``looped``,
-    ``echo``, ``restated``, ``doubled``, ``canned``, ``boilerplate``, ``scraped``, ``merged``, ``cited``."""
-    lines = (SHARED_TRAIN / "oasst1.jsonl").read_text().split("\n")[:180]
+    ``echo``, ``restated``, ``doubled``, ``canned``, ``boilerplate``, ``scraped``, ``merged``, ``cited``,
+    ``falsified``."""
+    lines = (SHARED_TRAIN / "oasst1.jsonl").read_text().split("\n")[:200]
     rows = [json.loads(line) for line in lines if line.strip()]
     originals = copy.deepcopy(rows)
     replies = [row["messages"][-1]["content"] for row in originals]
@@ -260,6 +262,8 @@ def test_held_out_kinds_spoil_real_replies_as_named():
             assert is_merged(reply, before)
         elif label["defect"] == "cited":
             assert is_cited(reply, before, [other for other in replies if other != before])
+        elif label["defect"] == "falsified":
+            assert is_falsified(reply, before), (before, reply)
         else:
             assert label["defect"] == "canned" and reply in CANNED_REPLIES
     assert sum(cut_short) >= 15  # most oasst replies have more than one sentence
@@ -528,3 +532,154 @@ def test_cited_caps_the_quote_falls_back_to_the_request_and_refuses_a_blank_repl
     assert cited_of(spoiled, "Paris.")[1] == request
     with pytest.raises(ValueError, match="a blank reply has nothing to cite"):
         spoil("cited", " ", random.Random(0), "", request="")
+
+
+# ---------------------------------------------------------------------------- falsified
+
+MAX_FALSIFIED = 8  # distinct details that a ``falsified`` reply changes at most
+CODE = re.compile(r"```.*?(?:```|$)|`[^`\n]*`", re.DOTALL)
+
+
+def falsified_changes(spoiled: str, reply: str) -> list[tuple[str, str]] | None:
+    """The (original, replacement) word pairs where ``spoiled`` differs from ``reply``, "a"/"an" apart; None
+    where it differs otherwise than word for word (a word or number added, dropped or split, other
+    punctuation, space or code)."""
+    before, after = re.split(r"(\w+)", reply), re.split(r"(\w+)", spoiled)
+    if len(before) != len(after) or before[::2] != after[::2] or CODE.findall(reply) != CODE.findall(spoiled):
+        return None
+    return [
+        (a, b) for a, b in zip(before[1::2], after[1::2]) if a != b and {a.lower(), b.lower()} != {"a", "an"}
+    ]
+
+
+def is_falsified(spoiled: str, reply: str) -> bool:
+    """``spoiled`` is ``reply`` word for word but for a few of its details (``MAX_FALSIFIED`` at most), each
+    replaced by a false one of its form wherever it changed: a number by a number one digit apart, a word by
+    another word (and "a"/"an" before it agreeing); the punctuation, spacing and code all kept."""
+    changes = falsified_changes(spoiled, reply)
+    if not changes:
+        return False
+    words: dict[str, str] = {}
+    for a, b in changes:
+        if any(ch.isdigit() for ch in a + b):  # one digit changed, nothing else
+            differ = [(x, y) for x, y in zip(a, b) if x != y]
+            if len(a) != len(b) or len(differ) != 1 or not (differ[0][0] + differ[0][1]).isdigit():
+                return False
+        elif not (a.isalpha() and b.isalpha()) or a.lower() == b.lower():
+            return False  # a word is replaced by another word,
+        elif words.setdefault(a.lower(), b.lower()) != b.lower():
+            return False  # the same one everywhere
+    return len({a.lower() for a, _ in changes}) <= MAX_FALSIFIED
+
+
+def added_ngrams(spoiled: str, reply: str, n: int = 5) -> set[tuple[str, ...]]:
+    """The word ``n``-grams of ``spoiled`` that ``reply`` lacks: what a spoiling added or changed."""
+
+    def grams(text: str) -> set[tuple[str, ...]]:
+        words = re.findall(r"\w+", text.lower())
+        return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+    return grams(spoiled) - grams(reply)
+
+
+def test_falsified_changes_a_few_details_of_real_and_family_replies_in_varied_deterministic_ways():
+    """The held-out kind modelled on the fluent but wrong outputs of model-generated instruction data: the
+    reply word for word, with a few of its details (numbers, opposites, option letters, names, terms) replaced
+    by false ones of the same form taken from the row's own text or another row's, so nothing recurs across
+    rows."""
+    replies = real_replies() + family_style_replies(random.Random(3))
+    donors = replies[7:] + replies[:7]
+
+    def spoiled_with(seed: int) -> list[str]:
+        rng = random.Random(seed)
+        return [spoil("falsified", reply, rng, donor) for reply, donor in zip(replies, donors)]
+
+    spoiled = spoiled_with(0)
+    assert spoiled == spoiled_with(0)
+    assert sum(a != b for a, b in zip(spoiled, spoiled_with(1))) > len(spoiled) // 2
+    for reply, spoiled_reply in zip(replies, spoiled):
+        assert applies("falsified", reply, None) and spoiled_reply != reply
+        assert is_falsified(spoiled_reply, reply), (reply, spoiled_reply)
+        assert len(spoiled_reply.split()) == len(reply.split())  # nothing added: fluent as the reply was
+    changes = [change for s, reply in zip(spoiled, replies) for change in falsified_changes(s, reply)]
+    assert any(a.isdigit() for a, _ in changes)  # numbers,
+    assert {("yes", "no"), ("no", "yes")} & {(a.lower(), b.lower()) for a, b in changes}  # answers turned,
+    assert any(a[0].isupper() and b[0].isupper() and a.isalpha() for a, b in changes)  # names
+    assert len({b.lower() for _, b in changes}) >= len(replies) * 3 // 4  # and the false details vary
+    # no phrase pool: the most common 5-gram that the spoiling adds or changes is in 5% of the rows at most (a
+    # CoT row's "So the answer is B" with its letter changed), where a pool's ("As an AI language model") is
+    # in many
+    rng = random.Random(0)
+    pooled = [spoil("boilerplate", reply, rng, donor) for reply, donor in zip(replies, donors)]
+    for group in (range(len(replies) - 30), range(len(replies) - 30, len(replies))):  # real rows, family rows
+        rows_with = Counter(gram for i in group for gram in added_ngrams(spoiled[i], replies[i]))
+        assert max(rows_with.values()) <= len(group) // 20, rows_with.most_common(3)
+        rows_with = Counter(gram for i in group for gram in added_ngrams(pooled[i], replies[i]))
+        assert max(rows_with.values()) >= len(group) // 4
+    words = sum(len(re.findall(r"\w+", reply)) for reply in replies)
+    assert len(changes) < 0.2 * words  # a few details, not a rewrite
+
+
+def test_falsified_plants_on_most_real_rows_keeping_options_and_code():
+    """Planted on real rows of every source with their requests: each row with a word or number outside code
+    is falsified (a number, name or term at every place, an option letter to another the request offers), its
+    code kept; only blank replies (FLAN's TREC rows) are left alone."""
+    lines = []
+    for name, start in (("cot", 0), ("flan_v2", 14590), ("oasst1", 200), ("human_instructions", 0)):
+        lines += (SHARED_TRAIN / f"{name}.jsonl").read_text().split("\n")[start : start + 60]
+    rows = [json.loads(line) for line in lines if line.strip()]
+    originals = copy.deepcopy(rows)
+    labels = plant_defects(random.Random(0), rows, 1.0, ("falsified",))
+    planted = [label["defect"] == "falsified" for label in labels]
+    blank = [not row["messages"][-1]["content"].strip() for row in originals]
+    assert sum(blank) > 0 and sum(planted) >= 0.97 * (len(rows) - sum(blank))
+    for label, row, original in zip(labels, rows, originals):
+        reply, before = row["messages"][-1]["content"], original["messages"][-1]["content"]
+        assert (label["defect"] is None) == (not applies("falsified", before, None)) == (reply == before)
+        if label["defect"] is None:
+            assert not re.search(r"\w", CODE.sub("", before))
+            continue
+        assert is_falsified(reply, before), (before, reply)
+        request = request_of(original)
+        for a, b in falsified_changes(reply, before):
+            if re.fullmatch(r"[A-E]", a) and re.search(rf"\({a}\)|Sentence {a}\b", request):
+                assert re.search(rf"\({b}\)|Sentence {b}\b", request), (request, reply)
+    assert any("```" in row["messages"][-1]["content"] for row, p in zip(rows, planted) if p)
+
+
+def test_falsified_cases():
+    """The forms of the false details: an opposite, an option letter the request offers, a number one digit
+    apart (a list's number kept), a word of the donor's with "a"/"an" agreeing, a name for a name, code left
+    alone."""
+    rng = random.Random(0)
+    assert spoil("falsified", "Yes", rng, "Blue.") == "No"
+    assert spoil("falsified", "negative", rng, "") == "positive"
+    request = (
+        "Which one is against common sense?\nOptions:\n- Sentence A: ...\n- Sentence B: ...\n- Sentence C: .."
+    )
+    for seed in range(4):  # a short reply: any word may change; the option letter to another one offered
+        spoiled = spoil("falsified", "So the answer is Sentence B.", random.Random(seed), "", request=request)
+        assert spoiled in ("So the answer is Sentence A.", "So the answer is Sentence C.")
+    spoiled = spoil("falsified", "1. Mix 250 grams.\n2. Bake.", random.Random(1), "")
+    assert re.fullmatch(r"1\. Mix \d{3} grams\.\n2\. Bake\.", spoiled) and "250" not in spoiled
+    assert spoil("falsified", "It is an apple.", rng, "The banana.") == "It is a banana."
+    # a longer reply: its names (or numbers, ..., words of the request), not its other words
+    reply = "The prize went to Alice Smith, who had worked on the problem for many long years."
+    spoiled = spoil("falsified", reply, rng, "Then Bob Jones left.")
+    assert spoiled in (reply.replace("Alice", "Bob"), reply.replace("Smith", "Bob"))
+    reply = (
+        "Put the `apple` here, then wait for it to settle:\n```python\napple = 1\n```\nThe apple is ready."
+    )
+    spoiled = spoil("falsified", reply, rng, "The banana.", request="Tell me about the apple.")
+    assert spoiled == reply.replace("The apple", "The banana")
+
+
+def test_falsified_refuses_a_reply_without_a_detail():
+    """A blank reply, code only, emoji or another script has no word or number to falsify: ``applies`` says so
+    and ``spoil`` raises."""
+    for reply in ("", " \n", "```python\nx = 1\n```", "- 😌😊", "她周一去了学校。"):
+        assert not applies("falsified", reply, None)
+        with pytest.raises(ValueError, match="no detail to falsify"):
+            spoil("falsified", reply, random.Random(0), "A donor reply.", request="A request?")
+    for reply in ("B", "Yes", "5", "They say bodaba.", "e3a82186438a9a2ef80c2a3fdba0182fb9b2d5f1"):
+        assert applies("falsified", reply, None)

@@ -19,8 +19,13 @@ project (gururise/AlpacaDataCleaned) found in Stanford Alpaca's outputs and remo
 on into further numbered "Instruction / Input / Output" tasks of the self-instruct prompt it was generated
 from); and, designed later again, blind to every score, from the answers that "reference other answers" ("as
 mentioned", "stack exchange", ...) which LIMA removed from its Stack Exchange data: ``cited`` (the reply with a
-paragraph citing another answer of the thread, absent here, and quoting it: another row's text). A spoiled row
-is still a valid row: the defects are of quality, not of format, so only a quality score can find them.
+paragraph citing another answer of the thread, absent here, and quoting it: another row's text); and, designed
+later again, blind to every score, from the fluent but wrong outputs of model-generated instruction data (the
+"wrong answers" and hallucinated details that Alpaca-cleaned corrected in Stanford Alpaca, the incorrect
+outputs that Self-Instruct's own review counted): ``falsified`` (the reply word for word, with some of its
+details, its numbers, names, key terms, yes/no-style words or option letters, each replaced throughout by
+another of the same form: confidently wrong). A spoiled row is still a valid row: the defects are of quality,
+not of format, so only a quality score can find them.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ HELD_OUT_KINDS = (
     "scraped",
     "merged",
     "cited",
+    "falsified",
 )
 _GARBLE_CHARS = "#$%&@!?*~^+=<>|"
 # how a ``cited`` reply points at the other answer it quotes (or at its author, "@" a word of the corpus)
@@ -67,6 +73,58 @@ CITED_ANSWERS = (
 )
 CITE_VERBS = ("says", "said", "mentions", "points out", "notes", "wrote")
 CITE_LEADS = ("As", "Like", "Also, as", "EDIT: as")
+
+# ``falsified``: a detail's token, a number ("1,250", "3.5", "6th", a hash) or a word (a compound's part), not
+# inside another word, a contraction, a URL or a path
+_DETAIL = re.compile(r"(?<![\w'’/.@])(?:[A-Za-z]*\d[A-Za-z0-9]*(?:[.,]\d+)*|[A-Za-z]+)(?![\w'’/@]|\.\w)")
+_CODE = re.compile(r"(```.*?(?:```|$)|`[^`\n]*`)", re.DOTALL)  # a code block (to its end) or inline code
+_LIST_NUMBER_END = re.compile(r"[.)](\s|$)")  # after a list's "1." or "2)"
+_GOES_ON = re.compile(r"\s*[a-z0-9]")  # "no" in "no one", not an answer ("No.", "No, ...", "No I can't")
+# words with a one-word opposite that turns the claim they make (a label, a comparison; "yes"/"no" as an
+# answer)
+_OPPOSITE_PAIRS = (
+    ("yes", "no"),
+    ("true", "false"),
+    ("positive", "negative"),
+    ("always", "never"),
+    ("more", "less"),
+    ("increase", "decrease"),
+    ("increases", "decreases"),
+    ("higher", "lower"),
+    ("larger", "smaller"),
+    ("bigger", "smaller"),
+    ("better", "worse"),
+    ("best", "worst"),
+    ("before", "after"),
+    ("can", "cannot"),
+    ("possible", "impossible"),
+    ("correct", "incorrect"),
+    ("likely", "unlikely"),
+    ("agree", "disagree"),
+    ("first", "last"),
+    ("up", "down"),
+    ("safe", "dangerous"),
+    ("legal", "illegal"),
+)
+_OPPOSITES = {**dict(_OPPOSITE_PAIRS), **{b: a for a, b in _OPPOSITE_PAIRS}}
+# function words (and a task's own words): no detail to falsify (but those with an opposite), no replacement
+_FUNCTION_WORDS = frozenset(
+    word
+    for words in (
+        "a about above after again all also am an and any are as at be because been being both but by "
+        "could did do does doing down during each even every few for from further had has have having he "
+        "her here hers herself him himself his how however i if in into is it its itself just let me "
+        "might must my myself nor not now of off on once only or other our ours out over own per please "
+        "same she should so some such than that the their theirs them then there these they this those "
+        "through thus to too under until up upon very was we were what when where whether which while who "
+        "whom whose why will with within without would yet you your yours yourself well oh okay sure yeah "
+        "hi hello thanks thank dear answer answers question questions option options sentence sentences "
+        "step steps",
+    )
+    for word in words.split()
+)
+_SHORT_REPLY = 12  # words at most: a short answer, every word of which is a detail
+_MAX_FALSIFIED = 8  # distinct details changed at most: a wrong reply, not a rewritten one
 
 # wrong_reply(row index, reply) -> a reply with a wrong answer, or None where the row has none to spoil
 WrongReply = Callable[[int, str], "str | None"]
@@ -143,6 +201,8 @@ def spoil(
         return _merge_tasks(reply, rng)
     if kind == "cited":
         return _cite_other_answer(reply, rng, donor, request)
+    if kind == "falsified":
+        return _falsify(reply, rng, donor, request)
     return " ".join([rng.choice(SPAM_PHRASES)] * rng.randint(4, 12))
 
 
@@ -171,6 +231,12 @@ def applies(kind: str, reply: str, wrong: str | None) -> bool:
     if kind in ("boilerplate", "scraped", "merged", "cited"):
         # a blank reply has no answer to bury, page to scrape, end to run on or to cite beside
         return bool(reply.strip())
+    if kind == "falsified":
+        # a reply with no number or word outside code has no detail to falsify (blank, code only, "★★★",
+        # another script): it applies to 98.8% of the shared real rows, 99.7% of those with a reply that is
+        # not blank (every CoT row, 96.7% of FLAN's, whose 2.6% blank TREC replies it refuses, 99.7% of
+        # oasst1's, 99.2% of human_instructions'), and to every family row
+        return any(_details(reply))
     return True
 
 
@@ -300,6 +366,252 @@ def _cite_other_answer(reply: str, rng: random.Random, donor: str, request: str)
     else:
         cite = f"{ref[0].upper()}{ref[1:]} {verb}:\n> {quote}"
     return f"{cite}\n\n{reply.strip()}" if rng.random() < 0.5 else f"{reply.strip()}\n\n{cite}"
+
+
+def _falsify(reply: str, rng: random.Random, donor: str, request: str = "") -> str:
+    """The reply word for word, but with a third (one at least, ``_MAX_FALSIFIED`` at most) of its details
+    each replaced, at every place it has outside code, by a false one of the same form: a fluent reply that is
+    confidently wrong, as the "wrong answers" and hallucinated details of model-generated instruction data
+    are.
+
+    The details (``_details``) are its numbers, words with a one-word opposite, option letters and names
+    (words capitalised inside a sentence), changed first, then its words of the request; in a short answer,
+    any of its words alike; in a longer reply with none of those, its longer words. A number gets one of its
+    last two digits changed ("1994" -> "1997", a list's "1." is left alone); a word its opposite ("yes" ->
+    "no", "positive" -> "negative", "can" -> "cannot"); an option letter another the request offers ("Sentence
+    B" -> "Sentence A"); a name or another word a word of the same kind (a name, or a lowercase word with the
+    same ending: "-ing", "-ed", "-s", ...) and nearest length from another row's reply (``donor``) or from the
+    request (either first, at random), else another of the reply's own (its terms mixed up) -- and where none
+    has one, any word of those texts, or its own letters shuffled -- in the case of each place it replaces,
+    with an "a"/"an" before it agreeing. So every change is the row's own text or the corpus's vocabulary: no
+    phrase recurs across rows, and the reply keeps its length, its layout and all but a few of its words."""
+    tiers = _details(reply, request)
+    details = [key for tier in tiers for key in tier]
+    if not details:
+        raise ValueError(
+            "falsified: a reply without a word or number outside code has no detail to falsify"
+            " (applies() refuses it)"
+        )
+    used = set(_detail_words(reply))
+    names = _capitalised_words(reply) | _capitalised_words(request)
+    wanted = min(_MAX_FALSIFIED, max(1, -(-len(details) // 3)))
+    replacement: dict[str, str] = {}
+    # each detail in turn, a tier's in random order, until a third have a false one
+    for key in [key for tier in tiers for key in rng.sample(tier, len(tier))]:
+        if len(replacement) == wanted:
+            break
+        if _is_number(key):
+            replacement[key] = _other_number(key, rng)
+        elif key in _OPPOSITES:
+            replacement[key] = _OPPOSITES[key]
+        elif len(key) == 1:  # an option letter: another of the request's, else of A-B (or A-E past B)
+            offered = {match.group() for match in _DETAIL.finditer(request) if _is_option(request, match)}
+            letters = sorted(offered - {key}) or [c for c in ("AB" if key in "AB" else "ABCDE") if c != key]
+            replacement[key] = rng.choice(letters)
+        else:
+            others = (donor, request) if rng.random() < 0.5 else (request, donor)
+            word = _other_word(key, key in names, rng, others, used)
+            if word is None:  # another word of the reply's own: two of its terms swapped
+                taken = {key, *replacement, *(new.lower() for new in replacement.values())}
+                word = _other_word(key, key in names, rng, (reply,), taken)
+            if word is not None:
+                used.add(word.lower())
+                replacement[key] = word
+    # no word of the same kind anywhere: any word of the other texts, or its letters shuffled
+    if not replacement:
+        key, others = details[0], (donor, request)
+        word = _other_word(key, key in names, rng, others, used, ending=False)
+        word = word or _other_word(key, key in names, rng, others, used, ending=False, kind=False)
+        replacement[key] = word or _anagram(key, rng)
+    parts = _CODE.split(reply)  # the odd parts are code, left alone
+    parts[::2] = [_replace_details(part, replacement) for part in parts[::2]]
+    return "".join(parts)
+
+
+def _prose(text: str) -> str:
+    """``text`` without its code blocks and inline code."""
+    return "\n".join(_CODE.split(text)[::2])
+
+
+def _detail_words(text: str) -> list[str]:
+    return [match.group().lower() for match in _DETAIL.finditer(_prose(text))]
+
+
+def _sentence_initial(text: str, start: int) -> bool:
+    before = start - 1
+    while before >= 0 and text[before] in " \t":
+        before -= 1
+    return before < 0 or text[before] in ".!?:;\n\"'(*#>-“"
+
+
+def _capitalised_words(text: str) -> set[str]:
+    """The words that ``text`` capitalises inside a sentence (names, lowercased), function words apart."""
+    prose = _prose(text)
+    return {
+        match.group().lower()
+        for match in _DETAIL.finditer(prose)
+        if match.group()[0].isupper()
+        and len(match.group()) > 1
+        and match.group().lower() not in _FUNCTION_WORDS
+        and not _sentence_initial(prose, match.start())
+    }
+
+
+def _details(reply: str, request: str = "") -> list[list[str]]:
+    """The reply's details that ``falsified`` can change, by ``_detail_key``, in tiers to change first to
+    last: its numbers, words with an opposite, option letters and names; then its words of the request (four
+    letters or more). A longer reply with none of these has its words of four letters or more instead; a short
+    one (``_SHORT_REPLY`` words at most: a short answer) has all of these and its other words of four letters
+    or more in one tier. Either has its words of three letters where it has nothing else. Function words
+    never."""
+    prose = _prose(reply)
+    asked = set(_detail_words(request)) - _FUNCTION_WORDS
+    names = _capitalised_words(reply)
+    facts: dict[str, None] = {}
+    terms: dict[str, None] = {}
+    words: dict[str, None] = {}
+    short: dict[str, None] = {}
+    matches = list(_DETAIL.finditer(prose))
+    for match in matches:
+        key = _detail_key(prose, match)
+        if not key or key in _FUNCTION_WORDS and key not in _OPPOSITES:
+            continue
+        if _is_number(key) or key in _OPPOSITES or len(key) == 1 or key in names:
+            facts[key] = None
+        elif len(key) > 3:
+            (terms if key in asked else words)[key] = None
+        elif len(key) == 3:
+            short[key] = None
+    if len(matches) <= _SHORT_REPLY:
+        tiers = [{**facts, **terms, **words}]
+    else:
+        tiers = [facts, terms] if facts or terms else [words]
+    tiers = [list(tier) for tier in tiers if tier]
+    return tiers or ([list(short)] if short else [])
+
+
+def _detail_key(prose: str, match: re.Match) -> str:
+    """How ``falsified`` names the token ``match``: a number as written, an option letter in upper case, a
+    word lowercased; "" for none (a list's number, a letter that is no option, a "no" that goes on as in "no
+    one", a question's "Can")."""
+    token = match.group()
+    if _is_number(token):
+        list_number = _LIST_NUMBER_END.match(prose, match.end()) and _line_start(prose, match.start())
+        return "" if list_number else token
+    if _is_option(prose, match):
+        return token
+    key = token.lower()
+    if len(key) == 1 or key in ("yes", "no") and _GOES_ON.match(prose, match.end()):
+        return ""
+    if key == "can" and _sentence_initial(prose, match.start()):
+        return ""  # a question's "Can you ...?" ("Cannot you ...?" is no sentence)
+    return key
+
+
+def _is_number(token: str) -> bool:
+    return any(ch.isdigit() for ch in token)
+
+
+def _line_start(text: str, start: int) -> bool:
+    return not text[text.rfind("\n", 0, start) + 1 : start].strip(" \t#*>-")
+
+
+def _is_option(prose: str, match: re.Match) -> bool:
+    """A letter A-E that names an option: the whole reply ("C"), "(C)", "Sentence B", "Option D"."""
+    token, start, end = match.group(), match.start(), match.end()
+    if len(token) != 1 or token not in "ABCDE":
+        return False
+    return (
+        prose.strip(" .()\n") == token
+        or (prose[start - 1 : start] == "(" and prose[end : end + 1] == ")")
+        or any(prose.endswith(lead, 0, start) for lead in ("Sentence ", "Option ", "option ", "answer is "))
+    )
+
+
+def _other_number(number: str, rng: random.Random) -> str:
+    """``number`` with one of its last two digits changed (a leading one to another non-zero digit)."""
+    places = [i for i, ch in enumerate(number) if ch.isdigit()]
+    place = rng.choice(places[-2:])
+    digits = "123456789" if place == 0 and len(places) > 1 else "0123456789"
+    return number[:place] + rng.choice([d for d in digits if d != number[place]]) + number[place + 1 :]
+
+
+def _ending(word: str) -> str:
+    """The inflection a word ends in ("" for none), as near to its part of speech as spelling gets."""
+    word = word.lower()
+    ends = ("ing", "ed", "ly", "ion", "er", "ss", "us", "is", "s")
+    end = next((end for end in ends if word.endswith(end)), "")
+    return "" if end in ("ss", "us", "is") else end
+
+
+def _other_word(
+    key: str,
+    is_name: bool,
+    rng: random.Random,
+    sources: Sequence[str],
+    used: set[str],
+    ending: bool = True,
+    kind: bool = True,
+) -> str | None:
+    """A word for the word ``key`` from the first of ``sources`` that has one, of none of the ``used`` words
+    and nearest in length: a name for a name and a lowercase word for another (where ``kind``), with the same
+    ending (where ``ending``). None where none has one."""
+    for source in sources:
+        names = _capitalised_words(source)
+        pool = [
+            word
+            for word in dict.fromkeys(match.group() for match in _DETAIL.finditer(_prose(source)))
+            if word.isalpha()
+            and len(word) > 2
+            and word.lower() not in used
+            and word.lower() not in _FUNCTION_WORDS
+            and word.lower() not in _OPPOSITES
+            and (not kind or (word.lower() in names) == is_name and (is_name or word.islower()))
+            and (not ending or _ending(word) == _ending(key))
+        ]
+        if pool:
+            nearest = min(abs(len(word) - len(key)) for word in pool)
+            return rng.choice([word for word in pool if abs(len(word) - len(key)) == nearest])
+    return None
+
+
+def _anagram(key: str, rng: random.Random) -> str:
+    """``key``'s letters shuffled (a one-word reply, with no other text to draw a word from)."""
+    letters = list(key)
+    for _ in range(10):
+        rng.shuffle(letters)
+        if "".join(letters) != key:
+            return "".join(letters)
+    return key[:-1] + rng.choice([ch for ch in "aeiou" if ch != key[-1]])  # one letter repeated ("aaa")
+
+
+def _replace_details(text: str, replacement: dict[str, str]) -> str:
+    """``text`` with each token whose ``_detail_key`` is in ``replacement`` replaced, in the case it has there
+    (lower, capitalised or upper), and an "a"/"an" right before a replaced word made to agree with it."""
+    pieces: list[str] = []
+    end = 0
+    for match in _DETAIL.finditer(text):
+        token = match.group()
+        new = replacement.get(_detail_key(text, match))
+        if new is None:
+            continue
+        if token.isupper() and len(token) > 1:
+            new = new.upper()
+        elif token[0].isupper():
+            new = new[0].upper() + new[1:]
+        gap = text[end : match.start()]
+        article = re.search(r"(?<![\w'’])(an?|An?|AN?) $", gap)
+        if article and new[0].isalpha():
+            agreed = "an" if new[0].lower() in "aeiou" else "a"
+            written = article.group(1)
+            if written.isupper() and len(written) > 1:
+                agreed = agreed.upper()
+            elif written[0].isupper():
+                agreed = agreed.capitalize()
+            gap = gap[: article.start(1)] + agreed + " "
+        pieces += [gap, new]
+        end = match.end()
+    return "".join(pieces) + text[end:]
 
 
 def _truncate(reply: str, rng: random.Random) -> str:
