@@ -474,6 +474,20 @@ def test_merged_runs_real_and_family_replies_on_into_further_tasks_in_varied_det
     assert separators == {"##", "###"}
 
 
+def spoiled_deterministically_by_seed(kind: str, replies: list[str], donors: list[str]) -> list[str]:
+    """The replies spoiled by ``kind`` with seed 0, after checking that the same seed gives the same replies
+    and another seed other replies for most of them."""
+
+    def spoiled_with(seed: int) -> list[str]:
+        rng = random.Random(seed)
+        return [spoil(kind, reply, rng, donor) for reply, donor in zip(replies, donors)]
+
+    spoiled = spoiled_with(0)
+    assert spoiled == spoiled_with(0)
+    assert sum(a != b for a, b in zip(spoiled, spoiled_with(1))) > len(spoiled) // 2
+    return spoiled
+
+
 def test_cited_quotes_other_rows_in_real_and_family_replies_in_varied_deterministic_ways():
     """The held-out kind modelled on the Stack Exchange answers that reference other answers, which LIMA removed:
     the answer kept whole, beside a paragraph that cites an absent answer and quotes another row's reply, so the
@@ -481,13 +495,7 @@ def test_cited_quotes_other_rows_in_real_and_family_replies_in_varied_determinis
     replies = real_replies() + family_style_replies(random.Random(3))
     donors = replies[7:] + replies[:7]
 
-    def spoiled_with(seed: int) -> list[str]:
-        rng = random.Random(seed)
-        return [spoil("cited", reply, rng, donor) for reply, donor in zip(replies, donors)]
-
-    spoiled = spoiled_with(0)
-    assert spoiled == spoiled_with(0)
-    assert sum(a != b for a, b in zip(spoiled, spoiled_with(1))) > len(spoiled) // 2
+    spoiled = spoiled_deterministically_by_seed("cited", replies, donors)
     for reply, donor, spoiled_reply in zip(replies, donors, spoiled):
         assert applies("cited", reply, None)
         assert is_cited(spoiled_reply, reply, [donor]), (reply, spoiled_reply)
@@ -590,13 +598,7 @@ def test_falsified_changes_a_few_details_of_real_and_family_replies_in_varied_de
     replies = real_replies() + family_style_replies(random.Random(3))
     donors = replies[7:] + replies[:7]
 
-    def spoiled_with(seed: int) -> list[str]:
-        rng = random.Random(seed)
-        return [spoil("falsified", reply, rng, donor) for reply, donor in zip(replies, donors)]
-
-    spoiled = spoiled_with(0)
-    assert spoiled == spoiled_with(0)
-    assert sum(a != b for a, b in zip(spoiled, spoiled_with(1))) > len(spoiled) // 2
+    spoiled = spoiled_deterministically_by_seed("falsified", replies, donors)
     for reply, spoiled_reply in zip(replies, spoiled):
         assert applies("falsified", reply, None) and spoiled_reply != reply
         assert is_falsified(spoiled_reply, reply), (reply, spoiled_reply)
