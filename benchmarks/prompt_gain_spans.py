@@ -14,8 +14,12 @@ Per seed and base: ``--rows`` rows of ``../shared/data/train`` (the selection be
 spoiled at ``--defect-rate`` by ``--kinds`` in equal numbers, a tiny OLMoE LM-pretrained ``--lm-steps``
 steps on as many other rows (the default preset measures its NLL terms with the base model, so no stage
 1 runs), the per-token NLLs through the product's chat template and its unprompted reply encoding
-(``encode_replies_alone``), and per aggregation and kind the AUROC of clean rows against that kind's
-within each source dataset, macro mean (0.5 is blind).
+(``encode_replies_alone``), rows cut at ``--max-length`` tokens (256, as the other selection benchmarks:
+text a kind adds at the end of a long row can fall past the cut), and per aggregation and kind the AUROC
+of clean rows against that kind's within each source dataset, macro mean (0.5 is blind). The two sides'
+tokens are paired in order from the reply's first; where the unprompted encoding differs by a token at a
+turn boundary, the longer side is cut, so the mean gain here equals the product's where the two sides
+have as many tokens.
 
     python benchmarks/prompt_gain_spans.py --json benchmarks/results/prompt_gain_spans.json
 """
@@ -38,8 +42,8 @@ from selectmoe.demo.defects import DEFECT_KINDS, HELD_OUT_KINDS, plant_defects
 from selectmoe.metrics import auroc_within_groups
 from selectmoe.select.score import score_mask
 
-# the kinds chosen on and the kinds designed later to judge (the last four blind to every score)
-LATER_KINDS = ("restated", "doubled", "canned", "boilerplate", "scraped", "merged", "cited", "falsified")
+# the kinds no term or weight of the default was chosen on (from boilerplate on designed blind to every score)
+LATER_KINDS = HELD_OUT_KINDS[HELD_OUT_KINDS.index("restated") :]
 
 
 def main() -> int:
@@ -87,10 +91,10 @@ def run(args, lm_steps: int, seed: int) -> dict:
     lm_rows, corpus = sampled[::2], sampled[1::2]
     labels = plant_defects(random.Random(seed), corpus, args.defect_rate, args.kinds)
     model_dir = lm_pretrained_tiny("olmoe", seed, lm_rows, lm_steps, args.max_length, Path(args.work_dir))
-    prompted, alone, accepted = token_nlls(model_dir, corpus, args.max_length)
-    features = aggregations([prompted[i] for i in accepted], [alone[i] for i in accepted], args.windows)
-    kinds = np.array([labels[i]["defect"] or "clean" for i in accepted])
-    datasets = np.array([labels[i]["dataset"] for i in accepted])
+    prompted, alone, scored = token_nlls(model_dir, corpus, args.max_length)
+    features = aggregations([prompted[i] for i in scored], [alone[i] for i in scored], args.windows)
+    kinds = np.array([labels[i]["defect"] or "clean" for i in scored])
+    datasets = np.array([labels[i]["dataset"] for i in scored])
     table = {}
     for name, values in features.items():
         table[name] = {}
@@ -99,7 +103,7 @@ def run(args, lm_steps: int, seed: int) -> dict:
             within = auroc_within_groups(values[pair], kinds[pair] == "clean", datasets[pair])
             table[name][kind] = float(np.mean(list(within.values())))
     return {
-        "rows": len(accepted),
+        "rows": len(scored),
         "kind_rows": {k: int((kinds == k).sum()) for k in args.kinds},
         "auroc": table,
     }
@@ -107,9 +111,9 @@ def run(args, lm_steps: int, seed: int) -> dict:
 
 @torch.inference_mode()
 def token_nlls(model_dir: Path, rows: list[dict], max_length: int) -> tuple[dict, dict, list[int]]:
-    """Row index -> the per-token NLLs of its reply tokens with the prompt and without it (as many of
-    each: the unprompted encoding can differ by a token at a turn boundary), for the rows the chat
-    template accepts (their indices, the third value)."""
+    """Row index -> the per-token NLLs of its reply tokens with the prompt and without it (the unprompted
+    encoding can differ by a token at a turn boundary), and the indices of the rows scored on both sides
+    (the chat template accepts them and each side has a reply token)."""
     from transformers import AutoModelForCausalLM
 
     tokenizer = ensure_pad_token(load_tokenizer(str(model_dir)))
@@ -125,8 +129,8 @@ def token_nlls(model_dir: Path, rows: list[dict], max_length: int) -> tuple[dict
     full = [{"input_ids": encoded[i]["input_ids"], "labels": encoded[i]["labels"]} for i in accepted]
     prompted = dict(zip(accepted, per_token_nll(model, full, tokenizer.pad_token_id)))
     alone = dict(zip(accepted, per_token_nll(model, replies, tokenizer.pad_token_id)))
-    kept = [i for i in accepted if min(len(prompted[i]), len(alone[i])) > 0]
-    return prompted, alone, kept
+    scored = [i for i in accepted if min(len(prompted[i]), len(alone[i])) > 0]
+    return prompted, alone, scored
 
 
 def per_token_nll(model, items: list[dict], pad_token_id: int, batch_size: int = 16) -> list[np.ndarray]:

@@ -463,6 +463,28 @@ def test_commonness_by_kind_small(tmp_path):
     assert "canned" in stdout and "AUROC" in stdout
 
 
+def test_prompt_gain_spans_small(tmp_path):
+    """Per base and seed, every aggregation's AUROC per kind, and their mean over seeds with the later kinds'
+    mean; the per-seed row counts add up over the kinds planted."""
+    stdout, report = run_benchmark(
+        "prompt_gain_spans.py",
+        tmp_path,
+        *("--seeds", "0", "--lm-steps", "2", "--rows", "120", "--windows", "4", "--work-dir", str(tmp_path)),
+        *("--kinds", "garbled", "cited", "falsified"),
+    )
+    assert set(report["runs"]) == {"lm2/seed0"} and set(report["summary"]) == {"lm2"}
+    run = report["runs"]["lm2/seed0"]
+    assert set(run["kind_rows"]) == {"garbled", "cited", "falsified"} and min(run["kind_rows"].values()) > 0
+    assert sum(run["kind_rows"].values()) < run["rows"]  # clean rows too
+    expected = {"-NLL (product)", "prompt gain (product)", "gain q10", "gain q25", "-length"}
+    assert expected | {"min 4-token gain", "min 4-token, length out"} == set(run["auroc"])
+    for cells in report["summary"]["lm2"].values():
+        assert set(cells) == {"garbled", "cited", "falsified", "later kinds mean"}
+        assert all(0 <= value <= 1 for value in cells.values())
+        assert cells["later kinds mean"] == pytest.approx((cells["cited"] + cells["falsified"]) / 2)
+    assert "min 4-token, length out" in stdout and "later mean" in stdout
+
+
 @pytest.mark.timeout(900)
 def test_less_protocol_tiny(tmp_path):
     """The LESS protocol's script end to end at a tiny shape: one stage 1; similarity to the evaluations'

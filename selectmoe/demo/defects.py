@@ -75,7 +75,7 @@ CITE_VERBS = ("says", "said", "mentions", "points out", "notes", "wrote")
 CITE_LEADS = ("As", "Like", "Also, as", "EDIT: as")
 
 # ``falsified``: a detail's token, a number ("1,250", "3.5", "6th", a hash) or a word (a compound's part), not
-# inside another word, a contraction, a URL or a path
+# inside another word, a contraction, a URL's host or path or a path (a URL's scheme is a word)
 _DETAIL = re.compile(r"(?<![\w'’/.@])(?:[A-Za-z]*\d[A-Za-z0-9]*(?:[.,]\d+)*|[A-Za-z]+)(?![\w'’/@]|\.\w)")
 _CODE = re.compile(r"(```.*?(?:```|$)|`[^`\n]*`)", re.DOTALL)  # a code block (to its end) or inline code
 _LIST_NUMBER_END = re.compile(r"[.)](\s|$)")  # after a list's "1." or "2)"
@@ -233,9 +233,9 @@ def applies(kind: str, reply: str, wrong: str | None) -> bool:
         return bool(reply.strip())
     if kind == "falsified":
         # a reply with no number or word outside code has no detail to falsify (blank, code only, "★★★",
-        # another script): it applies to 98.8% of the shared real rows, 99.7% of those with a reply that is
-        # not blank (every CoT row, 96.7% of FLAN's, whose 2.6% blank TREC replies it refuses, 99.7% of
-        # oasst1's, 99.2% of human_instructions'), and to every family row
+        # another script): it applies to 98.8% of the shared real rows and 99.7% of those with a reply that
+        # is not blank; per file, of all its rows: every CoT row, 96.7% of FLAN's (it refuses their 2.6% of
+        # blank TREC replies), 99.7% of oasst1's, 99.2% of human_instructions'; and to every family row
         return any(_details(reply))
     return True
 
@@ -383,8 +383,14 @@ def _falsify(reply: str, rng: random.Random, donor: str, request: str = "") -> s
     same ending: "-ing", "-ed", "-s", ...) and nearest length from another row's reply (``donor``) or from the
     request (either first, at random), else another of the reply's own (its terms mixed up) -- and where none
     has one, any word of those texts, or its own letters shuffled -- in the case of each place it replaces,
-    with an "a"/"an" before it agreeing. So every change is the row's own text or the corpus's vocabulary: no
-    phrase recurs across rows, and the reply keeps its length, its layout and all but a few of its words."""
+    with an "a"/"an" before it agreeing. So every changed word but the fixed opposites (and a shuffled
+    one-word reply) is the row's own text or the corpus's vocabulary, and every changed number a digit: no
+    phrase recurs across rows, and the reply keeps its length, its layout and all but a few of its words.
+
+    Known quirks, kept because the kind was measured with them: the ending rule holds for names too; an
+    ordinal or decade keeps its suffix ("2nd" -> "8nd"); "a"/"an" agrees with a replaced word, not a
+    number, and by its first letter ("an university"); opposites ignore sense ("a can" -> "a cannot");
+    only ASCII words are details; a URL's scheme can be replaced ("https" -> another word)."""
     tiers = _details(reply, request)
     details = [key for tier in tiers for key in tier]
     if not details:
