@@ -6,9 +6,9 @@ another row, a further task, a disclaimer) gains nothing from the prompt, but in
 are averaged with the rest. This measures, on real rows with planted defects, whether aggregations of the
 per-token gain that look at the reply's weakest part tell clean rows from each kind better than the mean:
 its lower quantiles and the lowest mean over a window of ``--windows`` tokens. A window's minimum falls
-as a reply grows (more windows to take it from), and most fluent kinds add text, so the minimum is also
-given with the reply's log length regressed out over the corpus (no labels), and the length itself
-(``-length``: shorter ranks higher) is shown as the confound to beat.
+as a reply grows (more windows to take it from), and most fluent kinds add text, so each aggregation of the
+gain is also given with the reply's log length regressed out over the corpus (no labels), and the length
+itself (``-length``: shorter ranks higher) is shown as the confound to beat.
 
 Per seed and base: ``--rows`` rows of ``../shared/data/train`` (the selection benchmarks' file shares)
 spoiled at ``--defect-rate`` by ``--kinds`` in equal numbers, a tiny OLMoE LM-pretrained ``--lm-steps``
@@ -152,27 +152,28 @@ def aggregations(
     prompted: list[np.ndarray], alone: list[np.ndarray], windows: list[int]
 ) -> dict[str, np.ndarray]:
     """Per row, higher is cleaner: the product's terms (-NLL, mean prompt gain), the gain's lower quantiles,
-    its lowest window mean (the whole reply's mean where shorter), that minimum with the log length
-    regressed out over the corpus, and -length."""
+    its lowest window mean (the whole reply's mean where shorter), each of the gain's aggregations also
+    with the log length regressed out over the corpus, and -length."""
     gains = [a[: min(len(p), len(a))] - p[: min(len(p), len(a))] for p, a in zip(prompted, alone)]
     length = np.array([len(g) for g in gains], dtype=np.float64)
-    features = {
-        "-NLL (product)": np.array([-p.mean() for p in prompted]),
+    design = np.vstack([np.log(length), np.ones_like(length)]).T
+    of_gain = {
         "prompt gain (product)": np.array([g.mean() for g in gains]),
         "gain q10": np.array([np.quantile(g, 0.1) for g in gains]),
         "gain q25": np.array([np.quantile(g, 0.25) for g in gains]),
     }
-    design = np.vstack([np.log(length), np.ones_like(length)]).T
     for window in windows:
-        lowest = np.array(
+        of_gain[f"min {window}-token gain"] = np.array(
             [
                 np.convolve(g, np.ones(window) / window, "valid").min() if len(g) >= window else g.mean()
                 for g in gains
             ]
         )
-        features[f"min {window}-token gain"] = lowest
-        fit = np.linalg.lstsq(design, lowest, rcond=None)[0]
-        features[f"min {window}-token, length out"] = lowest - design @ fit
+    features = {"-NLL (product)": np.array([-p.mean() for p in prompted])}
+    for name, values in of_gain.items():
+        fit = np.linalg.lstsq(design, values, rcond=None)[0]
+        features[name] = values
+        features[f"{name.removesuffix(' (product)')}, length out"] = values - design @ fit
     features["-length"] = -length
     return features
 

@@ -476,13 +476,14 @@ def test_prompt_gain_spans_small(tmp_path):
     run = report["runs"]["lm2/seed0"]
     assert set(run["kind_rows"]) == {"garbled", "cited", "falsified"} and min(run["kind_rows"].values()) > 0
     assert sum(run["kind_rows"].values()) < run["rows"]  # clean rows too
-    expected = {"-NLL (product)", "prompt gain (product)", "gain q10", "gain q25", "-length"}
-    assert expected | {"min 4-token gain", "min 4-token, length out"} == set(run["auroc"])
+    of_gain = {"prompt gain", "gain q10", "gain q25", "min 4-token gain"}
+    expected = {"-NLL (product)", "prompt gain (product)", "-length", *(of_gain - {"prompt gain"})}
+    assert expected | {f"{name}, length out" for name in of_gain} == set(run["auroc"])
     for cells in report["summary"]["lm2"].values():
         assert set(cells) == {"garbled", "cited", "falsified", "later kinds mean"}
         assert all(0 <= value <= 1 for value in cells.values())
         assert cells["later kinds mean"] == pytest.approx((cells["cited"] + cells["falsified"]) / 2)
-    assert "min 4-token, length out" in stdout and "later mean" in stdout
+    assert "min 4-token gain, length out" in stdout and "later mean" in stdout
 
 
 @pytest.mark.timeout(900)
