@@ -464,8 +464,8 @@ def test_commonness_by_kind_small(tmp_path):
 
 
 def test_prompt_gain_spans_small(tmp_path):
-    """Per base and seed, every aggregation's AUROC per kind, and their mean over seeds with the later kinds'
-    mean; the per-seed row counts add up over the kinds planted."""
+    """Per base and seed, every aggregation's AUROC per kind (each of the gain's also with the length out),
+    and their mean over seeds with the later kinds' mean; every planted kind has rows, and clean rows remain."""
     stdout, report = run_benchmark(
         "prompt_gain_spans.py",
         tmp_path,
