@@ -58,7 +58,10 @@ minus 8 x the reply redundancy beyond 0.4, ``scoring.redundancy_weight``/``redun
 commonness beyond 0.25, ``scoring.commonness_weight``/``commonness_tolerance``),
 ``balanced_random`` (the same draw keeping every row: the pool's mix
 by quotas, no filter; a filter's margin over it is what the filter itself buys),
-``similarity``
+``diversity`` (``selection.method=diversity``, the seed's: cosine k-means of the rows' routing features
+into ``clustering_params.k`` clusters, then rows round-robin over the clusters in the default preset's
+score order; a draw is a k-means seed), ``diversity_random_order`` (the same clusters, each in a seeded
+random order: what the clusters alone buy), ``similarity``
 (the product's RDS+ selection), ``calibrated`` (the product's calibrated mode, the target examples as
 its trusted rows), ``clean_random`` (a random draw among the clean rows: a junk filter's ceiling; family
 rows can be spoiled more ways than real rows, so it holds fewer of them than the pool's share) and
@@ -102,7 +105,7 @@ from common import TRAIN_DIR, lm_pretrained_tiny, quiet_ray, quiet_transformers,
 from selection_quality import reselect
 from selection_quality import run_stages as run_stages_of_the_product
 
-from selectmoe.config import PipelineConfig, ScoringSection, load_preset
+from selectmoe.config import ClusteringParams, PipelineConfig, ScoringSection, load_preset
 from selectmoe.demo.defects import DEFECT_KINDS, HELD_OUT_KINDS, applies, plant_defects, request_of, spoil
 from selectmoe.manifest import hash_dict
 
@@ -141,7 +144,7 @@ FILTERED_RANDOM_RECIPES = {
 METHODS = (
     "full", "oracle", "perplexity", "gates", "gates_prompt_gain", "gates_prompt_gain_balanced",
     *FILTERED_RANDOM_RECIPES, "balanced_random", "similarity", "calibrated", "clean_random",
-    "clean_balanced_random",
+    "clean_balanced_random", "diversity", "diversity_random_order",
 )  # fmt: skip  # besides the random draws
 ALWAYS_RUN = (
     "random",
@@ -235,7 +238,7 @@ def parse_args() -> argparse.Namespace:
         "--draws",
         type=int,
         default=1,
-        help="seeded draws of each other drawn method (clean_random, balanced_random, clean_balanced_random, the filters)",
+        help="seeded draws of each other drawn method (clean_random, balanced_random, clean_balanced_random, the filters, the diversity selections)",
     )
     p.add_argument(
         "--methods",
@@ -448,6 +451,7 @@ def selections(
         above_dataset_thresholds,
         dataset_quotas,
         dataset_thresholds,
+        diversity_select,
         random_per_dataset_k,
         selection_size,
     )
@@ -462,6 +466,7 @@ def selections(
             "nll_without_prompt",
             "reply_redundancy",
             "reply_ngrams",
+            "routing",
         ],
     )
     ids = np.asarray(table["id"].to_pylist())
@@ -562,6 +567,18 @@ def selections(
     clean_rows = np.asarray([pool["clean"][i] for i in ids])
     chosen["clean_balanced_random"] = [filtered_random(None, d, clean_rows) for d in draws]
     chosen.update({name: [filtered_random(score, d) for d in draws] for name, score in filter_scores.items()})
+
+    def diverse(score: np.ndarray, d: int) -> list[str]:
+        """``selection.method=diversity``'s choice by ``score``, its k-means seeded by the draw."""
+        scored = pa.table({"id": ids, "dataset": datasets, "score": score, "routing": table["routing"]})
+        clustering = ClusteringParams()
+        picked, _ = diversity_select(scored, k, clustering.k, clustering.max_iters, draw_seed(seed, d))
+        return picked["id"].to_pylist()
+
+    chosen["diversity"] = [diverse(filter_scores[default_method()], d) for d in draws]
+    chosen["diversity_random_order"] = [
+        diverse(np.random.default_rng(draw_seed(seed, d)).random(len(ids)), d) for d in draws
+    ]
     return {**chosen, **{name: [ids] for name, ids in product.items()}}
 
 
@@ -699,7 +716,7 @@ def run_seed(args, seed: int, out: Path) -> dict:
         results[method] = {
             **{
                 key: statistics.mean(j[key] for j in judged)
-                for key in MEASURES + ("rows", "target_rows", "clean_share")
+                for key in MEASURES + ("rows", "target_rows", "family_rows", "clean_share")
             },
             **{
                 f"{key}_std": statistics.stdev(j[key] for j in judged) if len(judged) > 1 else 0.0
@@ -787,6 +804,7 @@ def judge(pool: dict, by_id: dict[str, dict], ids: list[str], judged_by: dict) -
         "absent_kinds_junk_margin": statistics.mean(preference[kind]["margin"] for kind in absent),
         "rows": len(ids),
         "target_rows": sum(by_id[i]["dataset"] in pool["targets"] for i in ids),
+        "family_rows": sum(by_id[i]["dataset"] in pool["held_out"] for i in ids),
         "clean_share": sum(pool["clean"][i] for i in ids) / max(len(ids), 1),
         "kind_counts": dict(Counter(pool["kind"][i] for i in ids)),
         "nll_per_family": families,
@@ -818,7 +836,7 @@ def summarise(per_seed: list[dict]) -> dict:
             "draws": len(runs[0]["draws"]),
             **{
                 f"{key}_mean": statistics.mean(r[key] for r in runs)
-                for key in MEASURES + ("target_rows", "clean_share")
+                for key in MEASURES + ("target_rows", "family_rows", "clean_share")
             },
         }
         for baseline in ("random", "balanced_random"):
@@ -863,7 +881,7 @@ def print_seed(result: dict) -> None:
             f"  {method:45s} draws {len(v['draws'])}  target NLL {v['target_nll']:.3f}  all families "
             f"{v['family_nll']:.3f}  clean replies {v['clean_nll']:.3f}  junk margin {v['junk_margin']:+.3f} "
             f"(kinds not in the pool {v['absent_kinds_junk_margin']:+.3f}, accuracy {v['junk_accuracy']:.3f})  rows {v['rows']:5.0f}  "
-            f"target rows {v['target_rows']:5.1f}  clean {v['clean_share']:.2f}"
+            f"target rows {v['target_rows']:5.1f}  family rows {v['family_rows']:5.1f}  clean {v['clean_share']:.2f}"
         )
 
 
@@ -886,9 +904,9 @@ def print_summary(summary: dict) -> None:
     print(
         "| method | draws | target NLL | beats random in seeds | "
         + " | ".join(columns)
-        + " | junk margin | junk accuracy | clean share | target rows |"
+        + " | junk margin | junk accuracy | clean share | target rows | family rows |"
     )
-    print("|---|---:|---:|---:|" + "---:|" * (len(columns) + 4))
+    print("|---|---:|---:|---:|" + "---:|" * (len(columns) + 5))
 
     def shown(row: dict, key: str) -> str:
         m = row.get(key)
@@ -901,7 +919,7 @@ def print_summary(summary: dict) -> None:
             f"| {method} | {v['draws']} | {v['target_nll_mean']:.3f} | {beats} | "
             + " | ".join(shown(v, key) for key in columns.values())
             + f" | {v['junk_margin_mean']:+.3f} | {v['junk_accuracy_mean']:.3f} | {v['clean_share_mean']:.2f} "
-            f"| {v['target_rows_mean']:.1f} |"
+            f"| {v['target_rows_mean']:.1f} | {v['family_rows_mean']:.1f} |"
         )
     kinds = list(next(iter(summary["methods"].values()))["keep_rate_per_kind"])
     print(

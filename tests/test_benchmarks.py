@@ -370,7 +370,8 @@ def test_downstream_proxy_small(tmp_path):
         "filtered_random_raw_nll_prompt_gain", "filtered_random_raw_nll_capped_prompt_gain",
         "filtered_random_raw_nll_quartile_prompt_gain", "filtered_random_raw_nll_quartile_prompt_gain_redundancy",
         "filtered_random_raw_nll_quartile_prompt_gain_redundancy_commonness",
-        "balanced_random", "similarity", "calibrated", "clean_random", "clean_balanced_random",
+        "balanced_random", "similarity", "calibrated", "clean_random", "clean_balanced_random", "diversity",
+        "diversity_random_order",
     }  # fmt: skip
     # the junk filter's ceiling: only clean rows, as many as every 5% selection; every finetune is also
     # judged on the held-out clean replies
@@ -398,6 +399,11 @@ def test_downstream_proxy_small(tmp_path):
     assert methods["similarity"]["rows"] < methods["full"]["rows"] <= seed["pool_rows"]
     assert methods["oracle"]["target_rows"] == methods["oracle"]["rows"] > 0
     assert methods["similarity"]["rows"] == methods[default]["rows"]
+    # the seed's diversity selection: as many rows, a k-means seed per draw; the same clusters in a random
+    # order pick other rows
+    for method in ("diversity", "diversity_random_order"):
+        assert [d["rows"] for d in methods[method]["draws"]] == [methods[default]["rows"]] * 2
+    assert methods["diversity"]["target_nll"] != methods["diversity_random_order"]["target_nll"]
     # every drawn method is judged by the mean of its own seeded draws, each a finetune of its own
     for method, draws in (
         ("random", 2),
