@@ -84,6 +84,27 @@ def encode_rows(rows: list[dict], tokenizer, max_length: int) -> list[dict]:
     ]
 
 
+def base_lm_and_replies(model_dir: Path, rows: list[dict], max_length: int):
+    """A plain LM (fp32, eval) and its tokenizer from ``model_dir``, and the rows the chat template accepts
+    as (index in ``rows``, encoding, the reply encoded alone: the product's unprompted side) triples."""
+    from transformers import AutoModelForCausalLM
+
+    from selectmoe.data import encode_replies_alone, ensure_pad_token
+    from selectmoe.data.template import encode_batch, load_tokenizer
+
+    tokenizer = ensure_pad_token(load_tokenizer(str(model_dir)))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    encoded = encode_batch([r["messages"] for r in rows], tokenizer, max_seq_length=max_length)
+    accepted = [i for i, e in enumerate(encoded) if isinstance(e, dict)]
+    replies = encode_replies_alone(
+        [rows[i]["messages"] for i in accepted],
+        tokenizer,
+        max_seq_length=max_length,
+        n_assistant_tokens=[encoded[i]["n_assistant_tokens"] for i in accepted],
+    )
+    return model, tokenizer, [(i, encoded[i], reply) for i, reply in zip(accepted, replies)]
+
+
 def lm_pretrained_tiny(
     kind: str,
     seed: int,

@@ -32,12 +32,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import TRAIN_DIR, lm_pretrained_tiny, quiet_transformers, write_json
+from common import TRAIN_DIR, base_lm_and_replies, lm_pretrained_tiny, quiet_transformers, write_json
 from selection_quality import sample_by_file
 
-from selectmoe.data import encode_replies_alone, ensure_pad_token
 from selectmoe.data.collate import collate
-from selectmoe.data.template import encode_batch, load_tokenizer
 from selectmoe.demo.defects import DEFECT_KINDS, HELD_OUT_KINDS, plant_defects
 from selectmoe.metrics import auroc_within_groups
 from selectmoe.select.score import score_mask
@@ -114,22 +112,14 @@ def token_nlls(model_dir: Path, rows: list[dict], max_length: int) -> tuple[dict
     """Row index -> the per-token NLLs of its reply tokens with the prompt and without it (the unprompted
     encoding can differ by a token at a turn boundary), and the indices of the rows scored on both sides
     (the chat template accepts them and each side has a reply token)."""
-    from transformers import AutoModelForCausalLM
-
-    tokenizer = ensure_pad_token(load_tokenizer(str(model_dir)))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    encoded = encode_batch([r["messages"] for r in rows], tokenizer, max_seq_length=max_length)
-    accepted = [i for i, e in enumerate(encoded) if isinstance(e, dict)]
-    replies = encode_replies_alone(
-        [rows[i]["messages"] for i in accepted],
-        tokenizer,
-        max_seq_length=max_length,
-        n_assistant_tokens=[encoded[i]["n_assistant_tokens"] for i in accepted],
+    model, tokenizer, accepted = base_lm_and_replies(model_dir, rows, max_length)
+    indices = [i for i, _, _ in accepted]
+    full = [{"input_ids": e["input_ids"], "labels": e["labels"]} for _, e, _ in accepted]
+    prompted = dict(zip(indices, per_token_nll(model, full, tokenizer.pad_token_id)))
+    alone = dict(
+        zip(indices, per_token_nll(model, [reply for _, _, reply in accepted], tokenizer.pad_token_id))
     )
-    full = [{"input_ids": encoded[i]["input_ids"], "labels": encoded[i]["labels"]} for i in accepted]
-    prompted = dict(zip(accepted, per_token_nll(model, full, tokenizer.pad_token_id)))
-    alone = dict(zip(accepted, per_token_nll(model, replies, tokenizer.pad_token_id)))
-    scored = [i for i in accepted if min(len(prompted[i]), len(alone[i])) > 0]
+    scored = [i for i in indices if min(len(prompted[i]), len(alone[i])) > 0]
     return prompted, alone, scored
 
 

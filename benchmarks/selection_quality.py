@@ -37,7 +37,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from common import TRAIN_DIR, lm_pretrained_tiny, print_table, quiet_ray, quiet_transformers, write_json
+from common import (
+    TRAIN_DIR,
+    base_lm_and_replies,
+    lm_pretrained_tiny,
+    print_table,
+    quiet_ray,
+    quiet_transformers,
+    write_json,
+)
 
 from selectmoe.config import PipelineConfig, ScoringSection, load_preset, parse_config
 from selectmoe.data import RowError, encode_batch, load_tokenizer, normalize_record
@@ -200,35 +208,17 @@ def base_model(args, seed: int, lm_rows: list[dict], cache: Path) -> Path:
 def perplexity_nll(model_dir: Path, rows: list[dict], max_length: int) -> tuple[dict, dict]:
     """id -> mean NLL of the assistant tokens under the base LM (plain transformers OLMoE), with the
     prompts and without them (``encode_replies_alone``, the product's unprompted side)."""
-    from transformers import AutoModelForCausalLM
-
-    from selectmoe.data import encode_replies_alone, ensure_pad_token
     from selectmoe.select.score import ScorePasses, score_batch
 
-    tokenizer = ensure_pad_token(load_tokenizer(str(model_dir)))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    pairs = [
-        (r, e)
-        for r, e in zip(
-            rows, encode_batch([r["messages"] for r in rows], tokenizer, max_seq_length=max_length)
-        )
-        if isinstance(e, dict)
-    ]
-    replies = encode_replies_alone(
-        [r["messages"] for r, _ in pairs],
-        tokenizer,
-        max_seq_length=max_length,
-        n_assistant_tokens=[e["n_assistant_tokens"] for _, e in pairs],
-    )
-
+    model, tokenizer, accepted = base_lm_and_replies(model_dir, rows, max_length)
     encoded = [
         {**e, "reply_input_ids": reply["input_ids"], "reply_labels": reply["labels"]}
-        for (_, e), reply in zip(pairs, replies)
+        for _, e, reply in accepted
     ]
     what = ScorePasses(gates=False, nll=True, reply_only=True)  # the product's pass, on a plain LM
     prompted, unprompted = {}, {}
     for start in range(0, len(encoded), 32):
-        ids = [r["id"] for r, _ in pairs[start : start + 32]]
+        ids = [rows[i]["id"] for i, _, _ in accepted[start : start + 32]]
         columns = score_batch(model, encoded[start : start + 32], what, tokenizer.pad_token_id)
         prompted.update(zip(ids, columns["nll"].tolist()))
         unprompted.update(zip(ids, columns["nll_without_prompt"].tolist()))
