@@ -70,7 +70,8 @@ that keeps the mix, as ``filtered_random`` does; each of its draws is ``balanced
 same seed with the spoiled rows replaced by the next clean ones, so the two compare nearly paired).
 
 The drawn methods are judged by the mean of their draws: ``--random-draws`` of ``random``, ``--draws`` of
-``clean_random``, ``clean_balanced_random``, ``balanced_random`` and each filter, each draw with its own
+``clean_random``, ``clean_balanced_random``, ``balanced_random``, each filter and the two diversity
+selections, each draw with its own
 seed (the first is the draw used before ``--draws`` existed). A margin is the random draws' mean NLL
 minus the method's (positive: better than random), averaged over the seeds, with a standard error from
 both methods' draws' spread in each seed.
@@ -442,7 +443,8 @@ def selections(
     args, seed: int, pool: dict, stage2: Path, product: dict[str, list[str]]
 ) -> dict[str, list[list[str]]]:
     """Every method's draws of ids (one unless the method is a seeded draw: ``--random-draws`` of random,
-    ``--draws`` of the clean draws, ``balanced_random`` and the filters): those computed here from the score
+    ``--draws`` of the clean draws, ``balanced_random``, the filters and the diversity selections): those
+    computed here from the score
     files, and ``product``'s (the product's own similarity and calibrated selections)."""
     import pyarrow as pa
 

@@ -399,11 +399,18 @@ def test_downstream_proxy_small(tmp_path):
     assert methods["similarity"]["rows"] < methods["full"]["rows"] <= seed["pool_rows"]
     assert methods["oracle"]["target_rows"] == methods["oracle"]["rows"] > 0
     assert methods["similarity"]["rows"] == methods[default]["rows"]
-    # the seed's diversity selection: as many rows, a k-means seed per draw; the same clusters in a random
-    # order pick other rows
+    # the seed's diversity selection, a draw per --draws, as many rows as the default; in a random order
+    # it picks other rows than in the default's score order
     for method in ("diversity", "diversity_random_order"):
         assert [d["rows"] for d in methods[method]["draws"]] == [methods[default]["rows"]] * 2
     assert methods["diversity"]["target_nll"] != methods["diversity_random_order"]["target_nll"]
+    # family rows: the target families' rows are among them, the oracle holds nothing else, the full pool
+    # holds every family's 3 templates x 32 words
+    assert all(
+        d["target_rows"] <= d["family_rows"] <= d["rows"] for v in methods.values() for d in v["draws"]
+    )
+    assert methods["oracle"]["family_rows"] == methods["oracle"]["rows"]
+    assert methods["full"]["family_rows"] == 3 * 3 * 32
     # every drawn method is judged by the mean of its own seeded draws, each a finetune of its own
     for method, draws in (
         ("random", 2),
