@@ -441,11 +441,11 @@ def _selected_ids(stage2: Path) -> list[str]:
 
 def selections(
     args, seed: int, pool: dict, stage2: Path, product: dict[str, list[str]]
-) -> dict[str, list[list[str]]]:
+) -> tuple[dict[str, list[list[str]]], list[list[dict]]]:
     """Every method's draws of ids (one unless the method is a seeded draw: ``--random-draws`` of random,
     ``--draws`` of the clean draws, ``balanced_random``, the filters and the diversity selections): those
-    computed here from the score
-    files, and ``product``'s (the product's own similarity and calibrated selections)."""
+    computed here from the score files, and ``product``'s (the product's own similarity and calibrated
+    selections); and per draw of the diversity selections, its clusters (``cluster_mix``)."""
     import pyarrow as pa
 
     from selectmoe.select.score import common_ngrams, row_score, score_of, score_terms, term_scales
@@ -570,18 +570,40 @@ def selections(
     chosen["clean_balanced_random"] = [filtered_random(None, d, clean_rows) for d in draws]
     chosen.update({name: [filtered_random(score, d) for d in draws] for name, score in filter_scores.items()})
 
+    clusters: list[list[dict]] = []
+
     def diverse(score: np.ndarray, d: int) -> list[str]:
-        """``selection.method=diversity``'s choice by ``score``, its k-means seeded by the draw."""
+        """``selection.method=diversity``'s choice by ``score``, its k-means seeded by the draw (the same
+        clusters whatever the score: the first call of a draw records them)."""
         scored = pa.table({"id": ids, "dataset": datasets, "score": score, "routing": table["routing"]})
         clustering = ClusteringParams()
-        picked, _ = diversity_select(scored, k, clustering.k, clustering.max_iters, draw_seed(seed, d))
+        picked, labels = diversity_select(scored, k, clustering.k, clustering.max_iters, draw_seed(seed, d))
+        if len(clusters) == d:
+            clusters.append(cluster_mix(pool, ids, labels))
         return picked["id"].to_pylist()
 
     chosen["diversity"] = [diverse(filter_scores[default_method()], d) for d in draws]
     chosen["diversity_random_order"] = [
         diverse(np.random.default_rng(draw_seed(seed, d)).random(len(ids)), d) for d in draws
     ]
-    return {**chosen, **{name: [ids] for name, ids in product.items()}}
+    return {**chosen, **{name: [ids] for name, ids in product.items()}}, clusters
+
+
+def cluster_mix(pool: dict, ids: np.ndarray, labels: np.ndarray) -> list[dict]:
+    """Each cluster's rows, family rows and rows of each kind (``clean`` or a defect kind), largest first:
+    round-robin takes as many rows from a small cluster as from a large one."""
+    family = {r["id"] for r in pool["rows"] if r["dataset"] in pool["held_out"]}
+    mix = []
+    for c in np.unique(labels):
+        members = ids[labels == c].tolist()
+        mix.append(
+            {
+                "rows": len(members),
+                "family_rows": sum(i in family for i in members),
+                "kinds": dict(Counter(pool["kind"][i] for i in members)),
+            }
+        )
+    return sorted(mix, key=lambda cluster: -cluster["rows"])
 
 
 def draw_seed(seed: int, draw: int) -> int:
@@ -705,7 +727,8 @@ def run_seed(args, seed: int, out: Path) -> dict:
         "spoiled": pool["spoiled_replies"],
     }
     results = {}
-    for method, draws in selections(args, seed, pool, stage2, product).items():
+    chosen, clusters = selections(args, seed, pool, stage2, product)
+    for method, draws in chosen.items():
         if args.methods and method not in (*args.methods, *ALWAYS_RUN):
             continue
         judged = []
@@ -732,6 +755,7 @@ def run_seed(args, seed: int, out: Path) -> dict:
         "targets": pool["targets"],
         "pool_rows": len(pool["rows"]),
         "pool_kinds": terms_per_kind(pool, stage2),
+        "diversity_clusters": clusters,  # per draw
         "clean_rows": len(pool["clean_replies"]),  # before the template drops rows too long for it
         "methods": results,
         "valid": all(
@@ -858,6 +882,50 @@ def summarise(per_seed: list[dict]) -> dict:
         "junk_measure_valid": junk["mean"] > 2 * junk["se"] > 0,
         "default": default_method(),
         "methods": rows,
+        "diversity_clusters": cluster_summary(per_seed),
+    }
+
+
+def cluster_summary(per_seed: list[dict]) -> dict:
+    """Over every draw of the diversity selections: how many clusters are at least 90% family rows, the
+    share of the family rows they hold, their mean size against the other clusters', and per defect kind
+    the clusters it is the majority of (count, mean size) and their share of its rows."""
+    draws = [draw for s in per_seed for draw in s["diversity_clusters"]]
+    if not draws:
+        return {}
+    family, family_rows, family_size, other_size, by_kind = [], [], [], [], {}
+    for draw in draws:
+        mostly_family = [c for c in draw if c["family_rows"] >= 0.9 * c["rows"]]
+        family.append(len(mostly_family))
+        family_rows.append(sum(c["family_rows"] for c in mostly_family) / sum(c["family_rows"] for c in draw))
+        family_size += [c["rows"] for c in mostly_family]
+        other_size += [c["rows"] for c in draw if c not in mostly_family]
+        totals = Counter()
+        for c in draw:
+            totals.update(c["kinds"])
+        for kind in totals:
+            if kind == "clean":
+                continue
+            majority = [c for c in draw if c["kinds"].get(kind, 0) > c["rows"] / 2]
+            entry = by_kind.setdefault(kind, {"clusters": [], "sizes": [], "rows_in_them": []})
+            entry["clusters"].append(len(majority))
+            entry["sizes"] += [c["rows"] for c in majority]
+            entry["rows_in_them"].append(sum(c["kinds"][kind] for c in majority) / totals[kind])
+    return {
+        "draws": len(draws),
+        "clusters": statistics.mean(len(d) for d in draws),
+        "mostly_family_clusters": statistics.mean(family),
+        "family_rows_in_them": statistics.mean(family_rows),
+        "their_mean_rows": statistics.mean(family_size) if family_size else None,
+        "other_clusters_mean_rows": statistics.mean(other_size),
+        "kind_majority_clusters": {
+            kind: {
+                "clusters": statistics.mean(v["clusters"]),
+                "mean_rows": statistics.mean(v["sizes"]) if v["sizes"] else None,
+                "kind_rows_in_them": statistics.mean(v["rows_in_them"]),
+            }
+            for kind, v in sorted(by_kind.items())
+        },
     }
 
 
@@ -930,6 +998,19 @@ def print_summary(summary: dict) -> None:
     )
     for method, v in summary["methods"].items():
         print(f"| {method} | " + " | ".join(f"{v['keep_rate_per_kind'][k]:.2f}" for k in kinds) + " |")
+    clusters = summary["diversity_clusters"]
+    if clusters:
+        print(
+            f"\nThe diversity selections' clusters (mean of {clusters['draws']} draws): "
+            f"{clusters['mostly_family_clusters']:.1f} of {clusters['clusters']:.0f} are at least 90% family rows, "
+            f"hold {clusters['family_rows_in_them']:.0%} of them and have {clusters['their_mean_rows'] or 0:.0f} "
+            f"rows on average, the others {clusters['other_clusters_mean_rows']:.0f}; clusters a defect kind "
+            "is the majority of (count, mean rows, share of its rows): "
+            + ", ".join(
+                f"{kind} {v['clusters']:.1f} ({v['mean_rows'] or 0:.0f}, {v['kind_rows_in_them']:.0%})"
+                for kind, v in clusters["kind_majority_clusters"].items()
+            )
+        )
 
 
 if __name__ == "__main__":
