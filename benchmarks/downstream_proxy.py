@@ -570,21 +570,19 @@ def selections(
     chosen["clean_balanced_random"] = [filtered_random(None, d, clean_rows) for d in draws]
     chosen.update({name: [filtered_random(score, d) for d in draws] for name, score in filter_scores.items()})
 
-    clusters: list[list[dict]] = []
-
-    def diverse(score: np.ndarray, d: int) -> list[str]:
-        """``selection.method=diversity``'s choice by ``score``, its k-means seeded by the draw (the same
-        clusters whatever the score: the first call of a draw records them)."""
+    def diverse(score: np.ndarray, d: int) -> tuple[list[str], np.ndarray]:
+        """``selection.method=diversity``'s choice by ``score`` and its cluster labels, its k-means seeded
+        by the draw (the clusters do not depend on the score)."""
         scored = pa.table({"id": ids, "dataset": datasets, "score": score, "routing": table["routing"]})
         clustering = ClusteringParams()
         picked, labels = diversity_select(scored, k, clustering.k, clustering.max_iters, draw_seed(seed, d))
-        if len(clusters) == d:
-            clusters.append(cluster_mix(pool, ids, labels))
-        return picked["id"].to_pylist()
+        return picked["id"].to_pylist(), labels
 
-    chosen["diversity"] = [diverse(filter_scores[default_method()], d) for d in draws]
+    diversity = [diverse(filter_scores[default_method()], d) for d in draws]
+    chosen["diversity"] = [picked for picked, _ in diversity]
+    clusters = [cluster_mix(pool, ids, labels) for _, labels in diversity]
     chosen["diversity_random_order"] = [
-        diverse(np.random.default_rng(draw_seed(seed, d)).random(len(ids)), d) for d in draws
+        diverse(np.random.default_rng(draw_seed(seed, d)).random(len(ids)), d)[0] for d in draws
     ]
     return {**chosen, **{name: [ids] for name, ids in product.items()}}, clusters
 
@@ -899,7 +897,7 @@ def cluster_summary(per_seed: list[dict]) -> dict:
         family.append(len(mostly_family))
         family_rows.append(sum(c["family_rows"] for c in mostly_family) / sum(c["family_rows"] for c in draw))
         family_size += [c["rows"] for c in mostly_family]
-        other_size += [c["rows"] for c in draw if c not in mostly_family]
+        other_size += [c["rows"] for c in draw if c["family_rows"] < 0.9 * c["rows"]]
         totals = Counter()
         for c in draw:
             totals.update(c["kinds"])
@@ -917,7 +915,7 @@ def cluster_summary(per_seed: list[dict]) -> dict:
         "mostly_family_clusters": statistics.mean(family),
         "family_rows_in_them": statistics.mean(family_rows),
         "their_mean_rows": statistics.mean(family_size) if family_size else None,
-        "other_clusters_mean_rows": statistics.mean(other_size),
+        "other_clusters_mean_rows": statistics.mean(other_size) if other_size else None,
         "kind_majority_clusters": {
             kind: {
                 "clusters": statistics.mean(v["clusters"]),
@@ -1004,7 +1002,7 @@ def print_summary(summary: dict) -> None:
             f"\nThe diversity selections' clusters (mean of {clusters['draws']} draws): "
             f"{clusters['mostly_family_clusters']:.1f} of {clusters['clusters']:.0f} are at least 90% family rows, "
             f"hold {clusters['family_rows_in_them']:.0%} of them and have {clusters['their_mean_rows'] or 0:.0f} "
-            f"rows on average, the others {clusters['other_clusters_mean_rows']:.0f}; clusters a defect kind "
+            f"rows on average, the others {clusters['other_clusters_mean_rows'] or 0:.0f}; clusters a defect kind "
             "is the majority of (count, mean rows, share of its rows): "
             + ", ".join(
                 f"{kind} {v['clusters']:.1f} ({v['mean_rows'] or 0:.0f}, {v['kind_rows_in_them']:.0%})"

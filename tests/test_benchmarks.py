@@ -411,12 +411,15 @@ def test_downstream_proxy_small(tmp_path):
     )
     assert methods["oracle"]["family_rows"] == methods["oracle"]["rows"]
     assert methods["full"]["family_rows"] == 3 * 3 * 32
-    # each diversity draw's clusters partition the scored pool, largest first
+    # each diversity draw's clusters partition the scored pool: its rows, its family rows, each row one kind
+    assert len(seed["diversity_clusters"]) == 2
     for draw in seed["diversity_clusters"]:
         assert sum(c["rows"] for c in draw) == methods["full"]["rows"]
         assert sum(c["family_rows"] for c in draw) == methods["full"]["family_rows"]
-        assert [c["rows"] for c in draw] == sorted((c["rows"] for c in draw), reverse=True)
-    assert len(seed["diversity_clusters"]) == 2
+        assert all(sum(c["kinds"].values()) == c["rows"] for c in draw)
+    clusters = report["summary"]["diversity_clusters"]
+    assert clusters["draws"] == 2 and 0 <= clusters["family_rows_in_them"] <= 1
+    assert all(0 <= v["kind_rows_in_them"] <= 1 for v in clusters["kind_majority_clusters"].values())
     # every drawn method is judged by the mean of its own seeded draws, each a finetune of its own
     for method, draws in (
         ("random", 2),
