@@ -61,7 +61,10 @@ by quotas, no filter; a filter's margin over it is what the filter itself buys),
 ``diversity`` (``selection.method=diversity``, the seed's: cosine k-means of the rows' routing features
 into ``clustering_params.k`` clusters, then rows round-robin over the clusters in the default preset's
 score order; a draw is a k-means seed), ``diversity_random_order`` (the same clusters, each in a seeded
-random order: what the clusters alone buy), ``similarity``
+random order: what the clusters alone buy), ``filtered_random_pooled`` (the default's filter and draw with
+the pool as one dataset: what a corpus without dataset labels gets), ``filtered_random_by_cluster`` (the
+same with the diversity draw's routing clusters as the datasets: each cluster's better half, quotas in
+proportion to cluster size), ``cluster_balanced_random`` (those quotas, no filter), ``similarity``
 (the product's RDS+ selection), ``calibrated`` (the product's calibrated mode, the target examples as
 its trusted rows), ``clean_random`` (a random draw among the clean rows: a junk filter's ceiling; family
 rows can be spoiled more ways than real rows, so it holds fewer of them than the pool's share) and
@@ -145,7 +148,8 @@ FILTERED_RANDOM_RECIPES = {
 METHODS = (
     "full", "oracle", "perplexity", "gates", "gates_prompt_gain", "gates_prompt_gain_balanced",
     *FILTERED_RANDOM_RECIPES, "balanced_random", "similarity", "calibrated", "clean_random",
-    "clean_balanced_random", "diversity", "diversity_random_order",
+    "clean_balanced_random", "diversity", "diversity_random_order", "filtered_random_pooled",
+    "filtered_random_by_cluster", "cluster_balanced_random",
 )  # fmt: skip  # besides the random draws
 ALWAYS_RUN = (
     "random",
@@ -546,24 +550,28 @@ def selections(
         [i for d in sorted(quotas) for i in best(gates_prompt_gain, datasets == d)[: quotas[d]]]
     ]
 
-    def filtered_random(score: np.ndarray | None, d: int, among: np.ndarray | None = None) -> list[str]:
+    def filtered_random(
+        score: np.ndarray | None, d: int, among: np.ndarray | None = None, strata: np.ndarray = datasets
+    ) -> list[str]:
         """``selection.method=filtered_random``'s draw: quotas of each dataset's better half by ``score``
-        (of all its rows when ``score`` is None: ``balanced_random``; of its ``among`` rows when given)."""
+        (of all its rows when ``score`` is None: ``balanced_random``; of its ``among`` rows when given);
+        ``strata`` in place of the datasets: the pool as one dataset, or routing clusters."""
         rows = np.ones(len(ids), dtype=bool) if among is None else among
         scored = pa.table(
             {
                 "id": ids[rows],
-                "dataset": datasets[rows],
+                "dataset": strata[rows],
                 "score": np.zeros(int(rows.sum())) if score is None else score[rows],
             }
         )
         kept = [scored]
         if score is not None:
             thresholds = dataset_thresholds(
-                {d: score[datasets == d] for d in set(datasets)}, DEFAULT["selection"]["keep_fraction"]
+                {s: score[strata == s] for s in set(strata)}, DEFAULT["selection"]["keep_fraction"]
             )
             kept = above_dataset_thresholds(kept, thresholds)
-        return random_per_dataset_k(kept, quotas, draw_seed(seed, d))["id"].to_pylist()
+        stratum_quotas = dataset_quotas({s: int((strata == s).sum()) for s in set(strata)}, k, None)
+        return random_per_dataset_k(kept, stratum_quotas, draw_seed(seed, d))["id"].to_pylist()
 
     chosen["balanced_random"] = [filtered_random(None, d) for d in draws]
     clean_rows = np.asarray([pool["clean"][i] for i in ids])
@@ -584,6 +592,15 @@ def selections(
     chosen["diversity_random_order"] = [
         diverse(np.random.default_rng(draw_seed(seed, d)).random(len(ids)), d)[0] for d in draws
     ]
+    # corpora without dataset labels: the pool as one dataset, or the draw's routing clusters as strata
+    default_score = filter_scores[default_method()]
+    pooled = np.full(len(ids), "pool")
+    chosen["filtered_random_pooled"] = [filtered_random(default_score, d, strata=pooled) for d in draws]
+    cluster_strata = [labels.astype(str) for _, labels in diversity]
+    chosen["filtered_random_by_cluster"] = [
+        filtered_random(default_score, d, strata=cluster_strata[d]) for d in draws
+    ]
+    chosen["cluster_balanced_random"] = [filtered_random(None, d, strata=cluster_strata[d]) for d in draws]
     return {**chosen, **{name: [ids] for name, ids in product.items()}}, clusters
 
 
