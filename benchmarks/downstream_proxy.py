@@ -243,7 +243,7 @@ def parse_args() -> argparse.Namespace:
         "--draws",
         type=int,
         default=1,
-        help="seeded draws of each other drawn method (clean_random, balanced_random, clean_balanced_random, the filters, the diversity selections)",
+        help="seeded draws of each other drawn method (clean_random, balanced_random, clean_balanced_random, the filters, the diversity selections, the cluster strata)",
     )
     p.add_argument(
         "--methods",
@@ -447,7 +447,8 @@ def selections(
     args, seed: int, pool: dict, stage2: Path, product: dict[str, list[str]]
 ) -> tuple[dict[str, list[list[str]]], list[list[dict]]]:
     """Every method's draws of ids (one unless the method is a seeded draw: ``--random-draws`` of random,
-    ``--draws`` of the clean draws, ``balanced_random``, the filters and the diversity selections): those
+    ``--draws`` of the clean draws, ``balanced_random``, the filters, the diversity selections and the
+    cluster strata): those
     computed here from the score files, and ``product``'s (the product's own similarity and calibrated
     selections); and per draw of the diversity selections, its clusters (``cluster_mix``)."""
     import pyarrow as pa

@@ -135,6 +135,26 @@ def test_filtered_random_draws_each_datasets_quota_from_its_better_share(keep):
     assert set(other["id"].to_pylist()) != {i for v in expected.values() for i in v}
 
 
+def test_filtered_random_over_one_dataset_says_its_cut_is_corpus_wide(capsys):
+    """A corpus whose rows share one ``dataset`` gets a corpus-wide cut, which drops a domain the selector
+    finds hard with the junk: the manifest's ``filtered_random`` entry and the terminal say so; a corpus
+    of two datasets is cut per dataset and says nothing."""
+    from selectmoe.config import SelectConfig
+    from selectmoe.select.driver import ONE_DATASET_CAUTION, _filtered_random
+
+    cfg = SelectConfig()
+    cfg.selection.method = "filtered_random"
+    ids = [f"r{i:03d}" for i in range(200)]
+    scores = [float(-5 * (i % 4 == 0) + i / 1000) for i in range(200)]  # every 4th row scores far lower
+    for datasets, cautioned in ((["web"] * 200, True), (["code", "web", "web", "web"] * 50, False)):
+        chosen, info = _filtered_random(cfg, lambda d=datasets: score_batches(scores, ids, d), len(ids), 20)
+        low_rows = sum(int(i[1:]) % 4 == 0 for i in chosen["id"].to_pylist())
+        assert ("caution" in info) == cautioned
+        assert (ONE_DATASET_CAUTION in capsys.readouterr().err) == cautioned
+        # the low-scoring rows: cut whole as one dataset, kept at their share as a dataset of their own
+        assert low_rows == (0 if cautioned else 5)
+
+
 def test_threshold_keeps_the_rows_at_or_above_it_best_first():
     ids = [f"r{i}" for i in range(10)]
     scores = [i / 10 for i in range(10)]

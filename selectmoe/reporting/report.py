@@ -89,6 +89,8 @@ def write_report(
         if how:
             keep = f" (selection.keep_fraction {how['keep_fraction']})" if "keep_fraction" in how else ""
             lines += [f"How the rows were chosen: {how['chosen_by']}{keep}.", ""]
+            if "caution" in how:
+                lines += [f"**Caution:** {how['caution']}.", ""]
         if cal := m2["metrics"].get("calibrated"):
             weights = ", ".join(f"{name} {value:+.3f}" for name, value in cal["coefficients"].items())
             lines += [

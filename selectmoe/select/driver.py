@@ -118,6 +118,11 @@ from selectmoe.select.training_rows import TrainingRows, find_training_rows
 logger = logging.getLogger(__name__)
 
 GATE_SIGNED_METHODS = ("top_k", "filtered_random")  # rank by the score: a trusted set signs the gates
+ONE_DATASET_CAUTION = (
+    "every candidate row has the same dataset, so the score cut is corpus-wide and rows of a domain the "
+    "selector finds hard are cut with the junk (in benchmarks/README.md's downstream proxy this left a "
+    "fifth of the target-task rows); give each source its own `dataset` field (or file)"
+)
 BALANCED_METHODS = ("top_k", "calibrated", "random", "filtered_random")  # selection.balance=dataset
 STREAM_ROWS = 65536  # rows per batch when streaming score files
 # rows the term scales are measured on (scoring.combine=robust_z, scoring.prompt_gain_cap)
@@ -643,6 +648,7 @@ def _filtered_random(cfg: SelectConfig, batches, candidates: int, k: int) -> tup
             f"takes ((rows kept, rows to take): {short}); raise it or select fewer rows"
         )
     info = {
+        **({"caution": ONE_DATASET_CAUTION} if len(rows) == 1 else {}),
         "keep_fraction": cfg.selection.keep_fraction,
         "dataset_thresholds": dict(sorted(thresholds.items())),
         "rows_kept_by_dataset": dict(sorted(kept.items())),
@@ -655,6 +661,8 @@ def _filtered_random(cfg: SelectConfig, batches, candidates: int, k: int) -> tup
             else "a seeded random draw among the rows at or above their dataset's score threshold"
         ),
     }
+    if "caution" in info:
+        say(f"stage 2 select: caution: {ONE_DATASET_CAUTION}")
     return chosen, info
 
 
