@@ -243,7 +243,7 @@ def parse_args() -> argparse.Namespace:
         "--draws",
         type=int,
         default=1,
-        help="seeded draws of each other drawn method (clean_random, balanced_random, clean_balanced_random, the filters, the diversity selections, the cluster strata)",
+        help="seeded draws of each other drawn method (the clean draws, balanced_random, the filters, diversity, the cluster strata)",
     )
     p.add_argument(
         "--methods",
@@ -448,9 +448,9 @@ def selections(
 ) -> tuple[dict[str, list[list[str]]], list[list[dict]]]:
     """Every method's draws of ids (one unless the method is a seeded draw: ``--random-draws`` of random,
     ``--draws`` of the clean draws, ``balanced_random``, the filters, the diversity selections and the
-    cluster strata): those
-    computed here from the score files, and ``product``'s (the product's own similarity and calibrated
-    selections); and per draw of the diversity selections, its clusters (``cluster_mix``)."""
+    cluster strata): those computed here from the score files, and ``product``'s (the product's own
+    similarity and calibrated selections); and per draw of the diversity selections, its clusters
+    (``cluster_mix``)."""
     import pyarrow as pa
 
     from selectmoe.select.score import common_ngrams, row_score, score_of, score_terms, term_scales
@@ -587,14 +587,14 @@ def selections(
         picked, labels = diversity_select(scored, k, clustering.k, clustering.max_iters, draw_seed(seed, d))
         return picked["id"].to_pylist(), labels
 
-    diversity = [diverse(filter_scores[default_method()], d) for d in draws]
+    default_score = filter_scores[default_method()]
+    diversity = [diverse(default_score, d) for d in draws]
     chosen["diversity"] = [picked for picked, _ in diversity]
     clusters = [cluster_mix(pool, ids, labels) for _, labels in diversity]
     chosen["diversity_random_order"] = [
         diverse(np.random.default_rng(draw_seed(seed, d)).random(len(ids)), d)[0] for d in draws
     ]
     # corpora without dataset labels: the pool as one dataset, or the draw's routing clusters as strata
-    default_score = filter_scores[default_method()]
     pooled = np.full(len(ids), "pool")
     chosen["filtered_random_pooled"] = [filtered_random(default_score, d, strata=pooled) for d in draws]
     cluster_strata = [labels.astype(str) for _, labels in diversity]

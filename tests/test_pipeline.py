@@ -152,3 +152,32 @@ def test_composition_table_flags_a_dataset_over_twice_its_corpus_share():
     assert "**cot is over-represented**: 80% of the selection against 35% of the corpus" in table
     assert "dolly is over-represented" not in table
     assert "over-represented" not in composition_table({"a": 50, "b": 50}, {"a": 6, "b": 4})
+
+
+def test_report_prints_the_selections_caution(tmp_path):
+    """A selection's manifest caution (filtered_random over one dataset) is a line of the report; a
+    selection without one has none."""
+    from selectmoe.layout import STAGE_DIRS
+    from selectmoe.reporting.report import write_report
+
+    for caution in ("every candidate row has the same dataset", None):
+        run = tmp_path / str(bool(caution))
+        stage2 = run / STAGE_DIRS["select"]
+        stage2.mkdir(parents=True)
+        how = {
+            "chosen_by": "a seeded random draw",
+            "keep_fraction": 0.5,
+            **({"caution": caution} if caution else {}),
+        }
+        manifest = {
+            "counts": {
+                "rows_read": 10, "rows_scored": 10, "rows_rejected": 0, "rows_selected": 2,
+                "datasets": {"web": {"rows_accepted": 10}}, "selected_by_dataset": {"web": 2},
+            },
+            "config": {"selection": {"method": "filtered_random"}},
+            "metrics": {"filtered_random": how},
+        }  # fmt: skip
+        (stage2 / "manifest.json").write_text(json.dumps(manifest))
+        report = write_report(run, {"selected": run}, 1.0).read_text()
+        assert "How the rows were chosen: a seeded random draw (selection.keep_fraction 0.5)." in report
+        assert ("**Caution:** every candidate row has the same dataset." in report) == bool(caution)

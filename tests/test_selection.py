@@ -151,8 +151,13 @@ def test_filtered_random_over_one_dataset_says_its_cut_is_corpus_wide(capsys):
         low_rows = sum(int(i[1:]) % 4 == 0 for i in chosen["id"].to_pylist())
         assert ("caution" in info) == cautioned
         assert (ONE_DATASET_CAUTION in capsys.readouterr().err) == cautioned
-        # the low-scoring rows: cut whole as one dataset, kept at their share as a dataset of their own
+        # the low-scoring rows: cut whole as one dataset, kept at their share (balance=auto: the corpus's
+        # mix) as a dataset of their own
         assert low_rows == (0 if cautioned else 5)
+    cfg.selection.keep_fraction = 1.0  # nothing is cut: nothing to say
+    assert (
+        "caution" not in _filtered_random(cfg, lambda: score_batches(scores, ids, ["web"] * 200), 200, 20)[1]
+    )
 
 
 def test_threshold_keeps_the_rows_at_or_above_it_best_first():

@@ -120,8 +120,8 @@ logger = logging.getLogger(__name__)
 GATE_SIGNED_METHODS = ("top_k", "filtered_random")  # rank by the score: a trusted set signs the gates
 ONE_DATASET_CAUTION = (
     "every candidate row has the same dataset, so the score cut is corpus-wide and rows of a domain the "
-    "selector finds hard are cut with the junk (in benchmarks/README.md's downstream proxy this left a "
-    "fifth of the target-task rows); give each source its own `dataset` field (or file)"
+    "selector finds hard can be cut with the junk (in the project's downstream proxy this left a fifth of "
+    "the target-task rows); give each source its own `dataset` field (or file)"
 )
 BALANCED_METHODS = ("top_k", "calibrated", "random", "filtered_random")  # selection.balance=dataset
 STREAM_ROWS = 65536  # rows per batch when streaming score files
@@ -648,7 +648,7 @@ def _filtered_random(cfg: SelectConfig, batches, candidates: int, k: int) -> tup
             f"takes ((rows kept, rows to take): {short}); raise it or select fewer rows"
         )
     info = {
-        **({"caution": ONE_DATASET_CAUTION} if len(rows) == 1 else {}),
+        **({"caution": ONE_DATASET_CAUTION} if len(rows) == 1 and cfg.selection.keep_fraction < 1 else {}),
         "keep_fraction": cfg.selection.keep_fraction,
         "dataset_thresholds": dict(sorted(thresholds.items())),
         "rows_kept_by_dataset": dict(sorted(kept.items())),
