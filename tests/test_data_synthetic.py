@@ -39,6 +39,10 @@ from selectmoe.demo.synthetic_facts import (
     CHAT_PAGE_DIV_CLASSES,
     EMPTYISH_RESPONSES,
     MERGED_TASKS,
+    PLACEHOLDER_ANSWER_LABELS,
+    PLACEHOLDER_FORMS,
+    PLACEHOLDER_ITEM_LABELS,
+    PLACEHOLDER_TEXT_LABELS,
     SPAM_PHRASES,
 )
 from selectmoe.evaluate.tasks import LOCAL_TASKS, available_local_tasks
@@ -230,8 +234,8 @@ def test_plant_defects_on_real_rows_applies_each_kind_only_where_it_can():
 def test_held_out_kinds_spoil_real_replies_as_named():
     """The held-out kinds (kept out of the demo and of every weight choice) on real rows: ``looped``,
     ``echo``, ``restated``, ``doubled``, ``canned``, ``boilerplate``, ``scraped``, ``merged``, ``cited``,
-    ``falsified``."""
-    lines = (SHARED_TRAIN / "oasst1.jsonl").read_text().split("\n")[:200]
+    ``falsified``, ``placeholder``."""
+    lines = (SHARED_TRAIN / "oasst1.jsonl").read_text().split("\n")[:220]
     rows = [json.loads(line) for line in lines if line.strip()]
     originals = copy.deepcopy(rows)
     replies = [row["messages"][-1]["content"] for row in originals]
@@ -264,6 +268,8 @@ def test_held_out_kinds_spoil_real_replies_as_named():
             assert is_cited(reply, before, [other for other in replies if other != before])
         elif label["defect"] == "falsified":
             assert is_falsified(reply, before), (before, reply)
+        elif label["defect"] == "placeholder":
+            assert is_placeholder(reply, before), (before, reply)
         else:
             assert label["defect"] == "canned" and reply in CANNED_REPLIES
     assert sum(cut_short) >= 15  # most oasst replies have more than one sentence
@@ -685,3 +691,121 @@ def test_falsified_refuses_a_reply_without_a_detail():
             spoil("falsified", reply, random.Random(0), "A donor reply.", request="A request?")
     for reply in ("B", "Yes", "5", "They say bodaba.", "e3a82186438a9a2ef80c2a3fdba0182fb9b2d5f1"):
         assert applies("falsified", reply, None)
+
+
+# ---------------------------------------------------------------------------- placeholder
+
+
+def slot_text(form: str, label: str) -> str:
+    return form.format(
+        label=label, Label=label.capitalize(), LABEL=label.upper(), snake=label.replace(" ", "_")
+    )
+
+
+SLOT_LABELS = {
+    "answer": PLACEHOLDER_ANSWER_LABELS,
+    "item": PLACEHOLDER_ITEM_LABELS,
+    "text": PLACEHOLDER_TEXT_LABELS,
+}
+# every slot a ``placeholder`` reply can have -> (its form, what its label stands in for)
+SLOTS = {
+    slot_text(form, label): (form, kind)
+    for form in PLACEHOLDER_FORMS
+    for kind, labels in SLOT_LABELS.items()
+    for label in labels
+}
+SLOT = re.compile("|".join(map(re.escape, sorted(SLOTS, key=len, reverse=True))))
+
+
+def placeholder_fills(spoiled: str, reply: str) -> list[str] | None:
+    """The texts of ``reply`` that the slots of ``spoiled`` stand in for, in order; None where ``spoiled`` is not
+    ``reply`` with some of its text replaced by slots (or has none)."""
+    if not SLOT.search(spoiled) or SLOT.search(reply):
+        return None
+    pattern = "(.+?)".join(map(re.escape, SLOT.split(spoiled)))
+    match = re.fullmatch(pattern, reply, re.DOTALL)
+    return list(match.groups()) if match else None
+
+
+def is_placeholder(spoiled: str, reply: str) -> bool:
+    """``spoiled`` is ``reply`` with one to six spans of it, each within a line and outside code blocks,
+    replaced by slots written one way ("[Insert explanation here]", "{final_answer}", ...), and some of it kept
+    (a reply of three words or fewer apart): a template left unfilled."""
+    fills = placeholder_fills(spoiled, reply)
+    if not fills or len(fills) > 6:
+        return False
+    forms = {SLOTS[slot][0] for slot in SLOT.findall(spoiled)}
+    kept = SLOT.sub("", spoiled)
+    return (
+        len(forms) == 1
+        and all(re.search(r"\w", fill) and "\n" not in fill and "```" not in fill for fill in fills)
+        and (bool(re.search(r"\w", kept)) or len(reply.split()) <= 3)
+        and CODE.findall(reply.replace("`", "")) == CODE.findall(spoiled.replace("`", ""))
+        and re.findall(r"```.*?(?:```|$)", reply, re.DOTALL)
+        == re.findall(r"```.*?(?:```|$)", spoiled, re.DOTALL)
+    )
+
+
+def test_placeholder_leaves_real_and_family_replies_unfilled_in_varied_deterministic_ways():
+    """The held-out kind modelled on unfilled template placeholders ("[Your Name]", "[insert ... here]",
+    "{answer}") in model-generated replies: the reply with some of its sentences (or its answer) replaced by
+    slots, its layout, list marks and code kept."""
+    replies = real_replies() + family_style_replies(random.Random(3))
+    donors = replies[7:] + replies[:7]
+    spoiled = spoiled_deterministically_by_seed("placeholder", replies, donors)
+    for reply, spoiled_reply in zip(replies, spoiled):
+        assert applies("placeholder", reply, None) and spoiled_reply != reply
+        assert is_placeholder(spoiled_reply, reply), (reply, spoiled_reply)
+        assert spoiled_reply.count("\n") == reply.count("\n")  # the layout kept
+    slots = [slot for s in spoiled for slot in SLOT.findall(s)]
+    assert {SLOTS[slot][0] for slot in slots} == set(PLACEHOLDER_FORMS)  # every way of writing a slot
+    assert {SLOTS[slot][1] for slot in slots} == set(SLOT_LABELS)  # answers, list items and sentences
+    assert len(set(slots)) >= 30
+    assert len(SLOTS) == len(PLACEHOLDER_FORMS) * sum(map(len, SLOT_LABELS.values()))  # each tells its kind
+
+
+def test_placeholder_cases():
+    """A short answer replaced whole, a CoT answer after "the answer is", a list's sentences with their marks, a
+    single sentence's tail; code blocks left alone; nothing to leave unfilled in a blank or code-only reply."""
+    answer_slots = {slot for slot, (_, kind) in SLOTS.items() if kind == "answer"}
+    for seed in range(5):
+        rng = random.Random(seed)
+        assert spoil("placeholder", "Paris", rng, "") in answer_slots
+        spoiled = spoil("placeholder", "It is regulated. So the answer is yes.", rng, "")
+        prefix, _, slot = spoiled.removesuffix(".").partition("So the answer is ")
+        assert prefix == "It is regulated. " and slot in answer_slots
+        reply = "Three tips:\n1. Drink water every single day.\n2. Sleep eight hours each night.\n3. Walk."
+        spoiled = spoil("placeholder", reply, rng, "")
+        lines, before = spoiled.split("\n"), reply.split("\n")
+        assert lines[0] == before[0] and lines[3] == before[3]  # a heading and a short item: no sentence
+        assert [line[:3] for line in lines[1:3]] == ["1. ", "2. "] and lines != before
+        changed = [line[3:] for line, was in zip(lines[1:3], before[1:3]) if line != was]
+        assert changed and all(line[:-1] in SLOTS and SLOTS[line[:-1]][1] == "item" for line in changed)
+        reply = "The prize went to Alice Smith in the spring of that year"
+        spoiled = spoil("placeholder", reply, rng, "")
+        head, slot = SLOT.split(spoiled)[0], SLOT.findall(spoiled)
+        assert reply.startswith(head) and head.startswith("The ") and slot and SLOT.split(spoiled)[1] == ""
+        reply = (
+            "Run this:\n```python\nprint('Hello there. Nice day.')\n```\nIt prints a greeting to the screen."
+        )
+        spoiled = spoil("placeholder", reply, rng, "")
+        assert "```python\nprint('Hello there. Nice day.')\n```" in spoiled and is_placeholder(spoiled, reply)
+    for reply in ("", " \n", "```python\nx = 1\n```", "- 😌😊", "★★★"):
+        assert not applies("placeholder", reply, None)
+        with pytest.raises(ValueError, match="nothing to leave unfilled"):
+            spoil("placeholder", reply, random.Random(0), "A donor reply.")
+
+
+def test_placeholder_applies_to_every_real_reply_with_a_word_outside_code():
+    """Its share of each real train file (in ``applies``'s comment): every CoT row, FLAN's but its blank TREC
+    replies and star ratings, oasst1's but a code-only reply, human_instructions' but an emoji-only one."""
+    shares = {}
+    for name in ("cot", "flan_v2", "oasst1", "human_instructions"):
+        lines = (SHARED_TRAIN / f"{name}.jsonl").read_text().split("\n")
+        rows = [json.loads(line) for line in lines if line.strip()]
+        replies = [row["messages"][-1]["content"] for row in rows]
+        applying = [applies("placeholder", reply, None) for reply in replies]
+        shares[name] = round(100 * sum(applying) / len(replies), 2)
+        for reply, ok in zip(replies, applying):
+            assert ok == bool(re.search(r"\w", re.sub(r"```.*?(?:```|$)", "", reply, flags=re.DOTALL)))
+    assert shares == {"cot": 100.0, "flan_v2": 97.05, "oasst1": 99.73, "human_instructions": 99.74}

@@ -24,8 +24,12 @@ later again, blind to every score, from the fluent but wrong outputs of model-ge
 "wrong answers" and hallucinated details that Alpaca-cleaned corrected in Stanford Alpaca, the incorrect
 outputs that Self-Instruct's own review counted): ``falsified`` (the reply word for word, with some of its
 details, its numbers, names, key terms, yes/no-style words or option letters, each replaced throughout by
-another of the same form: confidently wrong). A spoiled row is still a valid row: the defects are of quality,
-not of format, so only a quality score can find them.
+another of the same form: confidently wrong); and, designed later again, blind to every score, from the unfilled
+template placeholders ("[Your Name]", "[insert ... here]", "{answer}") left in model-generated and templated
+replies, which cleaning of such instruction data matches by their brackets and removes (a common filter; no
+single published source is claimed here): ``placeholder`` (the reply with some of its sentences, or its answer,
+replaced by slots such as "[Insert explanation here]" or "{final_answer}": a template never filled in). A spoiled
+row is still a valid row: the defects are of quality, not of format, so only a quality score can find them.
 """
 
 from __future__ import annotations
@@ -44,6 +48,10 @@ from selectmoe.demo.synthetic_facts import (
     CHAT_PAGE_DIV_CLASSES,
     EMPTYISH_RESPONSES,
     MERGED_TASKS,
+    PLACEHOLDER_ANSWER_LABELS,
+    PLACEHOLDER_FORMS,
+    PLACEHOLDER_ITEM_LABELS,
+    PLACEHOLDER_TEXT_LABELS,
     SPAM_PHRASES,
 )
 
@@ -59,6 +67,7 @@ HELD_OUT_KINDS = (
     "merged",
     "cited",
     "falsified",
+    "placeholder",
 )
 _GARBLE_CHARS = "#$%&@!?*~^+=<>|"
 # how a ``cited`` reply points at the other answer it quotes (or at its author, "@" a word of the corpus)
@@ -203,6 +212,8 @@ def spoil(
         return _cite_other_answer(reply, rng, donor, request)
     if kind == "falsified":
         return _falsify(reply, rng, donor, request)
+    if kind == "placeholder":
+        return _placeholder(reply, rng)
     return " ".join([rng.choice(SPAM_PHRASES)] * rng.randint(4, 12))
 
 
@@ -237,6 +248,12 @@ def applies(kind: str, reply: str, wrong: str | None) -> bool:
         # is not blank; per file, of all its rows: every CoT row, 96.7% of FLAN's (it refuses their 2.6% of
         # blank TREC replies), 99.7% of oasst1's, 99.2% of human_instructions'; and to every family row
         return any(_details(reply))
+    if kind == "placeholder":
+        # a reply with no word or number outside code blocks has nothing to leave unfilled (blank, code only,
+        # "★★★", emoji): it applies to 98.9% of the shared real rows and 99.87% of those with a reply that is not
+        # blank; per file, of all its rows: every CoT row, 97.05% of FLAN's (it refuses their 2.6% of blank TREC
+        # replies and their star ratings), 99.73% of oasst1's, 99.74% of human_instructions'
+        return bool(_slot_units(reply))
     return True
 
 
@@ -618,6 +635,90 @@ def _replace_details(text: str, replacement: dict[str, str]) -> str:
         pieces += [gap, new]
         end = match.end()
     return "".join(pieces) + text[end:]
+
+
+_LIST_MARKER = re.compile(r"[ \t]*(?:(?:[-*+>]|\d+[.)]|#+)[ \t]+)*")  # a line's list, quote or heading marks
+_SENTENCE_END = re.compile(r"(?<=[.!?])[ \t]+")
+_UNIT_END = re.compile(r"[\s.!?:;,\"'*]*$")  # what a unit keeps after its slot: its closing punctuation
+_ANSWER_TAIL = re.compile(r"\b(?:answer|result) is:? ", re.IGNORECASE)
+_FENCED = re.compile(r"(```.*?(?:```|$))", re.DOTALL)  # a code block, to its end
+_MAX_SLOTS = 6  # slots at most: a template left half filled, not an outline
+
+
+def _slot_units(reply: str) -> list[tuple[int, int, str, int]]:
+    """The reply's units that ``placeholder`` can leave unfilled, as (start, end, kind, words): each sentence of
+    its prose (outside code blocks) without its line's list, quote or heading marks and its closing punctuation,
+    of kind "item" (a list's line), "answer" (three words at most) or "text"; a unit needs a word character."""
+    units = []
+    offset = 0
+    for i, part in enumerate(_FENCED.split(reply)):
+        if i % 2 == 0:
+            line_start = offset
+            for line in part.split("\n"):
+                marker = _LIST_MARKER.match(line).end()
+                is_item = bool(line[:marker].strip(" \t#>"))
+                body_start = line_start + marker
+                for sentence in _SENTENCE_END.split(line[marker:]):
+                    start = reply.index(sentence, body_start) if sentence else body_start
+                    content = sentence[: _UNIT_END.search(sentence).start()]
+                    if re.search(r"\w", content):
+                        n_words = len(content.split())
+                        kind = "item" if is_item else "answer" if n_words <= 3 else "text"
+                        units.append((start, start + len(content), kind, n_words))
+                    body_start = start + len(sentence)
+                line_start += len(line) + 1
+        offset += len(part)
+    return units
+
+
+def _placeholder(reply: str, rng: random.Random) -> str:
+    """The reply with some of its content left as unfilled template slots ("[Insert explanation here]",
+    "{final_answer}", "<insert step here>"), one way of writing a slot for the whole reply: a template or
+    model-generated answer whose blanks were never filled in, the unfilled "[Your Name]" / "[insert ... here]" /
+    "{answer}" placeholders that cleaning of model-generated instruction data matches and removes.
+
+    A reply of several units (``_slot_units``: its sentences outside code) has a fifth to a half of them (one at
+    least, all but one at most, ``_MAX_SLOTS`` at most) replaced whole by a slot labelled by what it stands in
+    for (an answer, a list's item, a sentence), a sentence of more than three words rather than a heading or a
+    greeting where it has one; a reply of one unit, an answer, keeps its opening words and has the rest replaced
+    (a unit of three words or fewer, all of it). A unit with "answer is " ("So the answer is yes.")
+    keeps all up to there. Each unit keeps its list marks and closing punctuation; code is left alone."""
+    units = _slot_units(reply)
+    if not units:
+        raise ValueError(
+            "placeholder: a reply without a word or number outside code has nothing to leave unfilled"
+        )
+    form = rng.choice(PLACEHOLDER_FORMS)
+    # a sentence (more than three words) rather than a heading, a greeting or a list's term, where it has one
+    candidates = [unit for unit in units if unit[3] > 3] or units
+    if len(units) == 1:
+        chosen = units
+    else:
+        wanted = max(1, round(len(candidates) * rng.uniform(0.2, 0.5)))
+        chosen = sorted(rng.sample(candidates, min(_MAX_SLOTS, len(units) - 1, len(candidates), wanted)))
+    pieces, end = [], 0
+    for start, stop, kind, n_words in chosen:
+        text = reply[start:stop]
+        answer = _ANSWER_TAIL.search(text)
+        if answer and answer.end() < len(text):
+            start, kind = start + answer.end(), "answer"
+        elif len(units) == 1:  # the reply's answer (its opening words kept)
+            kind = "answer"
+            if n_words > 3:
+                words = list(re.finditer(r"\S+", text))
+                start += words[rng.randint(1, n_words // 2)].start()
+        labels = {
+            "answer": PLACEHOLDER_ANSWER_LABELS,
+            "item": PLACEHOLDER_ITEM_LABELS,
+            "text": PLACEHOLDER_TEXT_LABELS,
+        }[kind]
+        label = rng.choice(labels)
+        slot = form.format(
+            label=label, Label=label.capitalize(), LABEL=label.upper(), snake=label.replace(" ", "_")
+        )
+        pieces += [reply[end:start], slot]
+        end = stop
+    return "".join(pieces) + reply[end:]
 
 
 def _truncate(reply: str, rng: random.Random) -> str:

@@ -339,3 +339,26 @@ MERGED_TASKS = [
         "Happy birthday! Wishing you a year full of joy and laughter.",
     ),
 ]
+# the unfilled slots of a ``placeholder`` reply: how a slot is written ({label}, {Label}, {LABEL} or {snake} for
+# its label as is, capitalised, upper case or snake_case), and the labels for what it stands in for: an answer, a
+# list's item, a sentence of prose (no label in two lists: a slot tells what it stands in for)
+PLACEHOLDER_FORMS = [
+    "[{Label}]",
+    "[Insert {label} here]",
+    "[{LABEL}]",
+    "{{{snake}}}",
+    "<{snake}>",
+    "<insert {label} here>",
+    "[Add {label}]",
+]
+PLACEHOLDER_ANSWER_LABELS = ["answer", "final answer", "correct answer", "result"]
+PLACEHOLDER_ITEM_LABELS = ["step", "item", "example", "point", "tip"]
+PLACEHOLDER_TEXT_LABELS = [
+    "explanation",
+    "details",
+    "reason",
+    "description",
+    "additional information",
+    "relevant information",
+    "supporting evidence",
+]
