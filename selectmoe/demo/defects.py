@@ -639,7 +639,7 @@ def _replace_details(text: str, replacement: dict[str, str]) -> str:
 
 _LIST_MARKER = re.compile(r"[ \t]*(?:(?:[-*+>]|\d+[.)]|#+)[ \t]+)*")  # a line's list, quote or heading marks
 _SENTENCE_END = re.compile(r"(?<=[.!?])[ \t]+")
-_UNIT_END = re.compile(r"[\s.!?:;,\"'*]*$")  # what a unit keeps after its slot: its closing punctuation
+_UNIT_END = ".!?:;,\"'*"  # what a unit keeps after its slot: its closing punctuation (and spaces)
 _ANSWER_TAIL = re.compile(r"\b(?:answer|result) is:? ", re.IGNORECASE)
 _FENCED = re.compile(r"(```.*?(?:```|$))", re.DOTALL)  # a code block, to its end
 _MAX_SLOTS = 6  # slots at most: a template left half filled, not an outline
@@ -660,7 +660,7 @@ def _slot_units(reply: str) -> list[tuple[int, int, str, int]]:
                 body_start = line_start + marker
                 for sentence in _SENTENCE_END.split(line[marker:]):
                     start = reply.index(sentence, body_start) if sentence else body_start
-                    content = sentence[: _UNIT_END.search(sentence).start()]
+                    content = _without_unit_end(sentence)
                     if re.search(r"\w", content):
                         n_words = len(content.split())
                         kind = "item" if is_item else "answer" if n_words <= 3 else "text"
@@ -669,6 +669,14 @@ def _slot_units(reply: str) -> list[tuple[int, int, str, int]]:
                 line_start += len(line) + 1
         offset += len(part)
     return units
+
+
+def _without_unit_end(sentence: str) -> str:
+    """``sentence`` without its trailing spaces and ``_UNIT_END`` characters (in linear time, where a regex
+    anchored at the end is quadratic on a long run of them)."""
+    while (shorter := sentence.rstrip().rstrip(_UNIT_END)) != sentence:
+        sentence = shorter
+    return sentence
 
 
 def _placeholder(reply: str, rng: random.Random) -> str:
@@ -682,7 +690,9 @@ def _placeholder(reply: str, rng: random.Random) -> str:
     for (an answer, a list's item, a sentence), a sentence of more than three words rather than a heading or a
     greeting where it has one; a reply of one unit, an answer, keeps its opening words and has the rest replaced
     (a unit of three words or fewer, all of it). A unit with "answer is " ("So the answer is yes.")
-    keeps all up to there. Each unit keeps its list marks and closing punctuation; code is left alone."""
+    keeps all up to there. Each unit keeps its list marks and closing punctuation; fenced code is left alone.
+    Quirks: inline code, abbreviations ("e.g.") and nested quote marks without a space (">>text") are split
+    or slotted as prose."""
     units = _slot_units(reply)
     if not units:
         raise ValueError(
