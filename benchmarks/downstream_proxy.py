@@ -546,7 +546,11 @@ def selections(
     chosen["perplexity"] = [best(-nll)]
     chosen["gates"] = [best(layer_scores.mean(axis=1))]
     chosen["gates_prompt_gain"] = [best(gates_prompt_gain)]
-    quotas = dataset_quotas({d: int((datasets == d).sum()) for d in set(datasets)}, k, None)
+
+    def quotas_of(strata: np.ndarray) -> dict[str, int]:
+        return dataset_quotas({s: int((strata == s).sum()) for s in set(strata)}, k, None)
+
+    quotas = quotas_of(datasets)
     chosen["gates_prompt_gain_balanced"] = [
         [i for d in sorted(quotas) for i in best(gates_prompt_gain, datasets == d)[: quotas[d]]]
     ]
@@ -571,8 +575,7 @@ def selections(
                 {s: score[strata == s] for s in set(strata)}, DEFAULT["selection"]["keep_fraction"]
             )
             kept = above_dataset_thresholds(kept, thresholds)
-        stratum_quotas = dataset_quotas({s: int((strata == s).sum()) for s in set(strata)}, k, None)
-        return random_per_dataset_k(kept, stratum_quotas, draw_seed(seed, d))["id"].to_pylist()
+        return random_per_dataset_k(kept, quotas_of(strata), draw_seed(seed, d))["id"].to_pylist()
 
     chosen["balanced_random"] = [filtered_random(None, d) for d in draws]
     clean_rows = np.asarray([pool["clean"][i] for i in ids])
@@ -911,11 +914,12 @@ def cluster_summary(per_seed: list[dict]) -> dict:
         return {}
     family, family_rows, family_size, other_size, by_kind = [], [], [], [], {}
     for draw in draws:
-        mostly_family = [c for c in draw if c["family_rows"] >= 0.9 * c["rows"]]
+        is_family = [c["family_rows"] >= 0.9 * c["rows"] for c in draw]
+        mostly_family = [c for c, f in zip(draw, is_family) if f]
         family.append(len(mostly_family))
         family_rows.append(sum(c["family_rows"] for c in mostly_family) / sum(c["family_rows"] for c in draw))
         family_size += [c["rows"] for c in mostly_family]
-        other_size += [c["rows"] for c in draw if c["family_rows"] < 0.9 * c["rows"]]
+        other_size += [c["rows"] for c, f in zip(draw, is_family) if not f]
         totals = Counter()
         for c in draw:
             totals.update(c["kinds"])

@@ -24,8 +24,10 @@ from selectmoe.demo.defects import (
     CITED_ANSWERS,
     DEFECT_KINDS,
     HELD_OUT_KINDS,
+    PLACEHOLDER_LABELS,
     applies,
     cot_wrong_answer,
+    placeholder_slot,
     plant_defects,
     request_of,
     spoil,
@@ -39,10 +41,7 @@ from selectmoe.demo.synthetic_facts import (
     CHAT_PAGE_DIV_CLASSES,
     EMPTYISH_RESPONSES,
     MERGED_TASKS,
-    PLACEHOLDER_ANSWER_LABELS,
     PLACEHOLDER_FORMS,
-    PLACEHOLDER_ITEM_LABELS,
-    PLACEHOLDER_TEXT_LABELS,
     SPAM_PHRASES,
 )
 from selectmoe.evaluate.tasks import LOCAL_TASKS, available_local_tasks
@@ -696,22 +695,11 @@ def test_falsified_refuses_a_reply_without_a_detail():
 # ---------------------------------------------------------------------------- placeholder
 
 
-def slot_text(form: str, label: str) -> str:
-    return form.format(
-        label=label, Label=label.capitalize(), LABEL=label.upper(), snake=label.replace(" ", "_")
-    )
-
-
-SLOT_LABELS = {
-    "answer": PLACEHOLDER_ANSWER_LABELS,
-    "item": PLACEHOLDER_ITEM_LABELS,
-    "text": PLACEHOLDER_TEXT_LABELS,
-}
 # every slot a ``placeholder`` reply can have -> (its form, what its label stands in for)
 SLOTS = {
-    slot_text(form, label): (form, kind)
+    placeholder_slot(form, label): (form, kind)
     for form in PLACEHOLDER_FORMS
-    for kind, labels in SLOT_LABELS.items()
+    for kind, labels in PLACEHOLDER_LABELS.items()
     for label in labels
 }
 SLOT = re.compile("|".join(map(re.escape, sorted(SLOTS, key=len, reverse=True))))
@@ -759,9 +747,11 @@ def test_placeholder_leaves_real_and_family_replies_unfilled_in_varied_determini
         assert spoiled_reply.count("\n") == reply.count("\n")  # the layout kept
     slots = [slot for s in spoiled for slot in SLOT.findall(s)]
     assert {SLOTS[slot][0] for slot in slots} == set(PLACEHOLDER_FORMS)  # every way of writing a slot
-    assert {SLOTS[slot][1] for slot in slots} == set(SLOT_LABELS)  # answers, list items and sentences
+    assert {SLOTS[slot][1] for slot in slots} == set(PLACEHOLDER_LABELS)  # answers, list items and sentences
     assert len(set(slots)) >= 30
-    assert len(SLOTS) == len(PLACEHOLDER_FORMS) * sum(map(len, SLOT_LABELS.values()))  # each tells its kind
+    assert len(SLOTS) == len(PLACEHOLDER_FORMS) * sum(
+        map(len, PLACEHOLDER_LABELS.values())
+    )  # each tells its kind
 
 
 def test_placeholder_cases():

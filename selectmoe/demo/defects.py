@@ -86,7 +86,8 @@ CITE_LEADS = ("As", "Like", "Also, as", "EDIT: as")
 # ``falsified``: a detail's token, a number ("1,250", "3.5", "6th", a hash) or a word (a compound's part), not
 # inside another word, a contraction, a URL's host or path or a path (a URL's scheme is a word)
 _DETAIL = re.compile(r"(?<![\w'’/.@])(?:[A-Za-z]*\d[A-Za-z0-9]*(?:[.,]\d+)*|[A-Za-z]+)(?![\w'’/@]|\.\w)")
-_CODE = re.compile(r"(```.*?(?:```|$)|`[^`\n]*`)", re.DOTALL)  # a code block (to its end) or inline code
+_FENCED_BLOCK = r"```.*?(?:```|$)"  # a code block, to its end
+_CODE = re.compile(rf"({_FENCED_BLOCK}|`[^`\n]*`)", re.DOTALL)  # a code block or inline code
 _LIST_NUMBER_END = re.compile(r"[.)](\s|$)")  # after a list's "1." or "2)"
 _GOES_ON = re.compile(r"\s*[a-z0-9]")  # "no" in "no one", not an answer ("No.", "No, ...", "No I can't")
 # words with a one-word opposite that turns the claim they make (a label, a comparison; "yes"/"no" as an
@@ -641,8 +642,21 @@ _LIST_MARKER = re.compile(r"[ \t]*(?:(?:[-*+>]|\d+[.)]|#+)[ \t]+)*")  # a line's
 _SENTENCE_END = re.compile(r"(?<=[.!?])[ \t]+")
 _UNIT_END = ".!?:;,\"'*"  # what a unit keeps after its slot: its closing punctuation (and spaces)
 _ANSWER_TAIL = re.compile(r"\b(?:answer|result) is:? ", re.IGNORECASE)
-_FENCED = re.compile(r"(```.*?(?:```|$))", re.DOTALL)  # a code block, to its end
+_FENCED = re.compile(rf"({_FENCED_BLOCK})", re.DOTALL)
 _MAX_SLOTS = 6  # slots at most: a template left half filled, not an outline
+# the labels a slot can have, by what it stands in for
+PLACEHOLDER_LABELS = {
+    "answer": PLACEHOLDER_ANSWER_LABELS,
+    "item": PLACEHOLDER_ITEM_LABELS,
+    "text": PLACEHOLDER_TEXT_LABELS,
+}
+
+
+def placeholder_slot(form: str, label: str) -> str:
+    """A slot written in ``form`` (one of ``PLACEHOLDER_FORMS``) for ``label``."""
+    return form.format(
+        label=label, Label=label.capitalize(), LABEL=label.upper(), snake=label.replace(" ", "_")
+    )
 
 
 def _slot_units(reply: str) -> list[tuple[int, int, str, int]]:
@@ -717,15 +731,7 @@ def _placeholder(reply: str, rng: random.Random) -> str:
             if n_words > 3:
                 words = list(re.finditer(r"\S+", text))
                 start += words[rng.randint(1, n_words // 2)].start()
-        labels = {
-            "answer": PLACEHOLDER_ANSWER_LABELS,
-            "item": PLACEHOLDER_ITEM_LABELS,
-            "text": PLACEHOLDER_TEXT_LABELS,
-        }[kind]
-        label = rng.choice(labels)
-        slot = form.format(
-            label=label, Label=label.capitalize(), LABEL=label.upper(), snake=label.replace(" ", "_")
-        )
+        slot = placeholder_slot(form, rng.choice(PLACEHOLDER_LABELS[kind]))
         pieces += [reply[end:start], slot]
         end = stop
     return "".join(pieces) + reply[end:]

@@ -647,8 +647,9 @@ def _filtered_random(cfg: SelectConfig, batches, candidates: int, k: int) -> tup
             f"selection.keep_fraction={cfg.selection.keep_fraction} keeps fewer rows than the selection "
             f"takes ((rows kept, rows to take): {short}); raise it or select fewer rows"
         )
+    cut_corpus_wide = len(rows) == 1 and cfg.selection.keep_fraction < 1
     info = {
-        **({"caution": ONE_DATASET_CAUTION} if len(rows) == 1 and cfg.selection.keep_fraction < 1 else {}),
+        **({"caution": ONE_DATASET_CAUTION} if cut_corpus_wide else {}),
         "keep_fraction": cfg.selection.keep_fraction,
         "dataset_thresholds": dict(sorted(thresholds.items())),
         "rows_kept_by_dataset": dict(sorted(kept.items())),
@@ -661,7 +662,7 @@ def _filtered_random(cfg: SelectConfig, batches, candidates: int, k: int) -> tup
             else "a seeded random draw among the rows at or above their dataset's score threshold"
         ),
     }
-    if "caution" in info:
+    if cut_corpus_wide:
         say(f"stage 2 select: caution: {ONE_DATASET_CAUTION}")
     return chosen, info
 
