@@ -7,7 +7,9 @@ Per seed, a pool of rows:
   template the pool never uses; their answers can be predicted well only from that family's rows (no
   other family has its syllables). A tiny target learns a family's sounds much sooner than its
   codebook, so this is closer to domain knowledge than to a skill;
-- ``--real-rows`` real rows from ``../shared/data/train`` as distractors;
+- ``--real-rows`` real rows from ``../shared/data/train`` as distractors (``--data-dir``: from another
+  folder, such as ``eval_corpus.py``'s corpus no key was chosen on; the selector and the target are
+  LM-pretrained on rows of ``../shared/data/train`` either way);
 - ``--defect-rate`` of all rows spoiled (``selectmoe.demo.defects``; ``wrong_answer`` gives a family
   row another word's code).
 
@@ -218,6 +220,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--target-examples", type=int, default=8, help="held-out items per target task shown")
     p.add_argument("--real-rows", type=int, default=1200)
     p.add_argument(
+        "--data-dir", default=str(TRAIN_DIR), help="the real rows of the pool and of the clean replies judged"
+    )
+    p.add_argument(
         "--clean-rows", type=int, default=300, help="held-out real rows whose replies judge every finetune"
     )
     p.add_argument("--defect-rate", type=float, default=0.3)
@@ -317,7 +322,7 @@ def held_out_items(lang: str, book: dict[str, str]) -> list[dict]:
 def build_pool(args, seed: int, out: Path) -> dict:
     rng = random.Random(seed)
     books = codebooks(rng, args.families)
-    rows = family_rows(books) + sample_rows(TRAIN_DIR, args.real_rows, seed)
+    rows = family_rows(books) + sample_rows(Path(args.data_dir), args.real_rows, seed)
     rng.shuffle(rows)
     families = {lang.lower(): book for lang, book in books.items()}
 
@@ -367,7 +372,7 @@ def clean_held_out_rows(args, seed: int, pool_ids: set[str]) -> list[dict]:
     """``--clean-rows`` real rows, unspoiled, that neither the pool nor the LM rows of the selector and
     the target hold (``tiny_lm``'s sample)."""
     seen = pool_ids | {r["id"] for r in lm_rows(seed)}
-    candidates = sample_rows(TRAIN_DIR, 4 * args.clean_rows + len(seen), seed + 4099)
+    candidates = sample_rows(Path(args.data_dir), 4 * args.clean_rows + len(seen), seed + 4099)
     rows = [r for r in candidates if r["id"] not in seen][: args.clean_rows]
     if len(rows) < args.clean_rows:
         raise SystemExit(f"--clean-rows {args.clean_rows}: only {len(rows)} real rows are outside the pool")

@@ -492,7 +492,14 @@ def analyse(judged: dict[str, dict], recipes: dict) -> dict:
         for base in bases:
             among = [run for run in runs if run.startswith(base + "/")]
             for metric in metrics:
-                diff = np.array([judged[r][scorer][metric] - judged[r][PERPLEXITY][metric] for r in among])
+                # a dataset left with no defect of the kinds judged (small corpora) has no AUROC there
+                nan = float("nan")
+                diff = np.array(
+                    [
+                        judged[r][scorer].get(metric, nan) - judged[r][PERPLEXITY].get(metric, nan)
+                        for r in among
+                    ]
+                )
                 diff = diff[~np.isnan(diff)]
                 error = paired_standard_error(diff)
                 if len(diff) and diff.mean() < -2 * (error or 0.0):

@@ -159,10 +159,13 @@ def parse_args() -> argparse.Namespace:
 
 
 def sample_by_file(data_dir: Path, n: int, seed: int) -> list[dict]:
-    """``n`` normalised rows, ``FILE_SHARES`` of them from each file (seeded), in a seeded order."""
+    """``n`` normalised rows, ``FILE_SHARES`` of them from each file of ``../shared/data/train`` (seeded), in a
+    seeded order; from a folder without those files (``eval_corpus.py``'s), an equal share of each."""
     rng = random.Random(seed)
     rows = []
-    for stem, share in FILE_SHARES.items():
+    stems = sorted(path.stem for path in data_dir.glob("*.jsonl"))
+    shares = FILE_SHARES if set(FILE_SHARES) <= set(stems) else {stem: 1 / len(stems) for stem in stems}
+    for stem, share in shares.items():
         lines = [line for line in (data_dir / f"{stem}.jsonl").read_text().split("\n") if line.strip()]
         for index in sorted(rng.sample(range(len(lines)), min(len(lines), round(share * n)))):
             try:

@@ -1,0 +1,138 @@
+"""A corpus no score, weight or default was chosen on: the evaluation sets of ``../shared/data/eval`` as
+instruction rows.
+
+Every selection benchmark so far drew its real rows from ``../shared/data/train`` (FLAN CoT, FLAN v2,
+OpenAssistant, human-written instructions), and every key of the default was chosen on them. This
+writes the published evaluation sets, in the product's row format, into a folder that ``loko.py
+--data-dir`` and ``downstream_proxy.py --data-dir`` read in their place, one file per source (the row's
+``dataset``), at most ``--per-source`` rows each (a seeded sample):
+
+- ``gsm8k``: test question -> the published answer (worked steps with ``<<calculator>>`` notes, ``#### N``);
+- ``arc``: ARC-Challenge dev + test question with lettered options -> ``(C) the option's text``;
+- ``mmlu``: test question with lettered options -> the same form;
+- ``bbh``: BIG-Bench Hard input -> its target (often a bare ``(B)``, ``True`` or a word);
+- ``tydiqa_english``: TyDi QA GoldP English dev passage and question -> the first gold answer span.
+
+Short replies (bbh, tydiqa) and long worked ones (gsm8k) sit side by side, as in a real mix. Nothing is
+cleaned or filtered; the rows are written as the files hold them. The data stays outside the project:
+write it under ``/tmp``.
+
+    .venv/bin/python benchmarks/eval_corpus.py /tmp/selectmoe_eval_corpus
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import random
+from pathlib import Path
+
+from common import TRAIN_DIR
+
+EVAL_DIR = TRAIN_DIR.parent / "eval"
+SOURCES = ("gsm8k", "arc", "mmlu", "bbh", "tydiqa_english")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", type=Path)
+    p.add_argument("--eval-dir", type=Path, default=EVAL_DIR)
+    p.add_argument("--per-source", type=int, default=1500, help="at most this many rows per source (seeded)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    counts = write_eval_corpus(args.eval_dir, args.out, args.per_source, args.seed)
+    for source, n in counts.items():
+        print(f"{source:16s} {n:6d} rows")
+    print(f"wrote {sum(counts.values())} rows to {args.out}")
+
+
+def write_eval_corpus(eval_dir: Path, out: Path, per_source: int = 1500, seed: int = 0) -> dict[str, int]:
+    """``out/SOURCE.jsonl`` for each of ``SOURCES``; returns the rows written per source."""
+    out.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for source in SOURCES:
+        rows = READERS[source](eval_dir)
+        if len(rows) > per_source:
+            keep = sorted(random.Random(f"{seed}/{source}").sample(range(len(rows)), per_source))
+            rows = [rows[i] for i in keep]
+        with (out / f"{source}.jsonl").open("w") as fh:
+            fh.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        counts[source] = len(rows)
+    return counts
+
+
+def row(dataset: str, row_id: str, request: str, reply: str) -> dict:
+    return {
+        "dataset": dataset,
+        "id": row_id,
+        "messages": [{"role": "user", "content": request}, {"role": "assistant", "content": reply}],
+    }
+
+
+def lettered(question: str, options: list[tuple[str, str]]) -> str:
+    return "\n".join([question, *(f"({label}) {text}" for label, text in options)])
+
+
+def gsm8k_rows(eval_dir: Path) -> list[dict]:
+    lines = (eval_dir / "gsm8k" / "test.jsonl").read_text().split("\n")
+    items = [json.loads(line) for line in lines if line.strip()]
+    return [row("gsm8k", f"gsm8k-test-{i}", it["question"], it["answer"]) for i, it in enumerate(items)]
+
+
+def arc_rows(eval_dir: Path) -> list[dict]:
+    rows = []
+    for split in ("Dev", "Test"):
+        for line in (eval_dir / "arc" / f"ARC-Challenge-{split}.jsonl").read_text().split("\n"):
+            if not line.strip():
+                continue
+            item = json.loads(line)
+            options = [(c["label"], c["text"]) for c in item["question"]["choices"]]
+            answer = dict(options)[item["answerKey"]]
+            request = lettered(item["question"]["stem"], options)
+            rows.append(row("arc", f"arc-{item['id']}", request, f"({item['answerKey']}) {answer}"))
+    return rows
+
+
+def mmlu_rows(eval_dir: Path) -> list[dict]:
+    rows = []
+    for path in sorted((eval_dir / "mmlu" / "test").glob("*_test.csv")):
+        subject = path.name.removesuffix("_test.csv")
+        with path.open(newline="") as fh:
+            for i, item in enumerate(csv.DictReader(fh)):
+                options = [("ABCD"[k], item[f"choice{k}"]) for k in range(4)]
+                label, answer = options[int(item["answer"])]
+                request = lettered(item["question"], options)
+                rows.append(row("mmlu", f"mmlu-{subject}-{i}", request, f"({label}) {answer}"))
+    return rows
+
+
+def bbh_rows(eval_dir: Path) -> list[dict]:
+    rows = []
+    for path in sorted((eval_dir / "bbh").glob("*.json")):
+        for i, item in enumerate(json.loads(path.read_text())["examples"]):
+            rows.append(row("bbh", f"bbh-{path.stem}-{i}", item["input"], item["target"]))
+    return rows
+
+
+def tydiqa_english_rows(eval_dir: Path) -> list[dict]:
+    rows = []
+    for article in json.loads((eval_dir / "tydiqa" / "english_tydiqa_dev.json").read_text())["data"]:
+        for paragraph in article["paragraphs"]:
+            for qa in paragraph["qas"]:
+                request = f"{paragraph['context']}\n\nQuestion: {qa['question']}"
+                rows.append(row("tydiqa_english", qa["id"], request, qa["answers"][0]["text"]))
+    return rows
+
+
+READERS = {
+    "gsm8k": gsm8k_rows,
+    "arc": arc_rows,
+    "mmlu": mmlu_rows,
+    "bbh": bbh_rows,
+    "tydiqa_english": tydiqa_english_rows,
+}
+
+
+if __name__ == "__main__":
+    main()
