@@ -127,6 +127,7 @@ def main() -> None:
     recipes = recipe_grid(args.d2)
     judged = {name: judge(terms, recipes, args.percentage) for name, terms in runs.items()}
     results = analyse(judged, recipes)
+    results["clean_over_redundancy_tolerance"] = clean_over_redundancy_tolerance(runs)
     if args.check_on:
         results["held_out_corpus"] = check_on_demo(Path(args.check_on), results["named"], recipes, args)
     print_results(results, len(runs))
@@ -461,6 +462,19 @@ def judge(terms: dict, recipes: dict, percentage: float) -> dict[str, dict[str, 
 # ---------------------------------------------------------------------------- analysis
 
 
+def clean_over_redundancy_tolerance(runs: dict[str, dict]) -> dict[str, float]:
+    """Per source dataset, the share of its clean rows whose reply redundancy is over the default preset's
+    tolerance (clean rows its redundancy term pushes down), mean over the runs."""
+    scoring = load_preset(PipelineConfig().preset)["keys"]["select"]["scoring"]
+    shares: dict[str, list[float]] = {}
+    for terms in runs.values():
+        dataset, defect = np.asarray(terms["dataset"]), np.asarray(terms["defect"], dtype=object)
+        over = np.asarray(terms["reply_redundancy"], dtype=float) > scoring["redundancy_tolerance"]
+        for name in sorted(set(dataset)):
+            shares.setdefault(name, []).append(float(over[(dataset == name) & (defect == "")].mean()))
+    return {name: round(float(np.mean(values)), 3) for name, values in sorted(shares.items())}
+
+
 def analyse(judged: dict[str, dict], recipes: dict) -> dict:
     runs = sorted(judged)
     scorers = list(next(iter(judged.values())))
@@ -781,6 +795,10 @@ def print_results(results: dict, n_runs: int) -> None:
         f"{item_9['recipes_level_with_perplexity']} recipes; the best worst kind among them: {item_9['chosen']}; "
         f"the default is {'' if item_9['default_is_level'] else 'not '}level"
     )
+    over = ", ".join(
+        f"{name} {share:.2f}" for name, share in results["clean_over_redundancy_tolerance"].items()
+    )
+    print(f"clean rows over the default's redundancy tolerance, per dataset: {over}")
     rows = results["by_group"]
     columns = [c for c in rows[0] if c not in ("runs", "scorer")]
     print_table(

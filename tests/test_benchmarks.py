@@ -144,6 +144,11 @@ def test_loko_tiny_chooses_without_the_judged_kind_and_judges_unseen_kinds(tmp_p
     row = report["by_group"][0]
     assert {"echo", "looped", "empty_ish", "unseen", "within_datasets", "worst_dataset"} <= set(row)
     assert row["worst_dataset"] <= row["within_datasets"]
+    # per source dataset, the share of its clean rows the redundancy term pushes down
+    over = report["clean_over_redundancy_tolerance"]
+    assert set(over) == {"cot", "flan_v2", "oasst1", "human_instructions"} and all(
+        0 <= v <= 1 for v in over.values()
+    )
     # the default preset's recipe is judged like every other: NLL and capped prompt gain in nats, the reply
     # redundancy beyond its tolerance, no gates
     assert report["default_recipe"] == (
