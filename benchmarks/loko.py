@@ -254,7 +254,7 @@ def run_model(args, size: str, base: str, seed: int) -> dict[str, dict]:
                 args,
                 work,
                 regime,
-                with_reply_redundancy(args, work, regime, json.loads(path.read_text()), path),
+                with_reply_redundancy(args, work, regime, json.loads(path.read_text())),
                 path,
             )
             for regime, path in cached.items()
@@ -292,7 +292,7 @@ def run_model(args, size: str, base: str, seed: int) -> dict[str, dict]:
         )
         terms = held_out_terms(stage2 / SCORES_DIR, work / regime / "stage1" / TRAINING_IDS, labels, base_nll)
         cached[regime].write_text(json.dumps(terms))
-        terms = with_reply_redundancy(args, work, regime, terms, cached[regime])
+        terms = with_reply_redundancy(args, work, regime, terms)
         out[f"{size}/{base}/{regime}/seed{seed}"] = with_driving_force(
             args, work, regime, terms, cached[regime]
         )
@@ -332,18 +332,14 @@ def encoded_terms_rows(args, work: Path, regime: str, terms: dict):
     return tokenizer, encoded
 
 
-def with_reply_redundancy(args, work: Path, regime: str, terms: dict, cache: Path) -> dict:
-    """The terms with each row's ``reply_redundancy`` (cached beside them): the product's function on the
-    product's encoding of the corpus rows, as stage 2 computes it; runs scored before the column existed
-    get it without rescoring (it needs no model)."""
-    if "reply_redundancy" in terms:
-        return terms
+def with_reply_redundancy(args, work: Path, regime: str, terms: dict) -> dict:
+    """The terms with each row's ``reply_redundancy``: the product's function on the product's encoding of
+    the corpus rows, as stage 2 computes it. It needs no model, so it is computed afresh each time (never
+    cached): runs scored before its definition changed get the current one without rescoring."""
     from selectmoe.select.score import reply_redundancy
 
     _, encoded = encoded_terms_rows(args, work, regime, terms)
-    terms = {**terms, "reply_redundancy": [reply_redundancy(e["input_ids"], e["labels"]) for e in encoded]}
-    cache.write_text(json.dumps(terms))
-    return terms
+    return {**terms, "reply_redundancy": [reply_redundancy(e["input_ids"], e["labels"]) for e in encoded]}
 
 
 def with_driving_force(args, work: Path, regime: str, terms: dict, cache: Path) -> dict:

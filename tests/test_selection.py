@@ -287,15 +287,20 @@ def test_prompt_gain_cap_takes_no_reward_above_the_median_and_keeps_the_penalty_
     np.testing.assert_allclose(score_of(columns, capped), -nll + gain)
 
 
-def test_reply_redundancy_is_the_share_of_reply_4_grams_the_row_held_before():
-    """Counted by hand: prompt ``7 1 2 3 4 8``, reply ``1 2 3 4 5 6 5 6 5 6``. Of the ten 4-grams ending
-    at a reply token, ``1 2 3 4`` was in the prompt and the last ``5 6 5 6`` earlier in the reply."""
+def test_reply_redundancy_is_a_loop_or_a_restated_request_not_an_answer_copied_from_the_prompt():
+    """Counted by hand: prompt ``7 1 2 3 4 8`` (three 4-grams), reply ``1 2 3 4 5 6 5 6 5 6``. Of the ten
+    4-grams ending at a reply token the last, ``5 6 5 6``, was earlier in the reply (1/10); of the
+    request's three, the reply repeats ``1 2 3 4`` (1/3); the larger counts."""
     prompt, reply = [7, 1, 2, 3, 4, 8], [1, 2, 3, 4, 5, 6, 5, 6, 5, 6]
     labels = [IGNORE_INDEX] * len(prompt) + reply
-    assert reply_redundancy(prompt + reply, labels) == pytest.approx(2 / 10)
-    assert reply_redundancy(prompt + prompt, [IGNORE_INDEX] * 6 + prompt) == pytest.approx(3 / 6)  # an echo
+    assert reply_redundancy(prompt + reply, labels) == pytest.approx(1 / 3)
+    assert reply_redundancy(prompt + prompt, [IGNORE_INDEX] * 6 + prompt) == 1.0  # an echo
     assert reply_redundancy([5, 6, 7], [IGNORE_INDEX, 6, 7]) == 0.0  # no 4-gram ends in the reply
     assert reply_redundancy(prompt + [9, 9, 9, 9, 9], [IGNORE_INDEX] * 6 + [9] * 5) == pytest.approx(1 / 5)
+    # a multiple-choice answer: the question and four options (17 4-grams), the reply one option's text.
+    # Two of its five 4-grams are in the prompt, but it repeats 2 of the request's 17: not redundant
+    question, option = list(range(1, 21)), [13, 14, 15, 16, 17]
+    assert reply_redundancy(question + option, [IGNORE_INDEX] * 20 + option) == pytest.approx(2 / 17)
 
 
 def test_redundancy_weight_subtracts_the_share_beyond_its_tolerance_in_every_combine_mode():

@@ -325,6 +325,9 @@ def _scoring_key(cfg: SelectConfig, model_path: str, sources, passes: ScorePasse
         "inputs": hash_dict({source.uri: fingerprint(source.uri) for source in sources}),
         "resumed_by": ["source", "line"],  # score files before this held no source and line
         "stores": ["reply_redundancy", "reply_ngrams"],  # nor these columns
+        # until 2026-12-07 the redundancy counted every n-gram the row held before (an answer copied from
+        # its prompt too): score files of then hold that one
+        "reply_redundancy": "the larger of the reply's repeats and the request's share restated",
     }
 
 

@@ -31,12 +31,14 @@ second-order cousin: with every gate of layer l shifted by the same e over the r
 the Hessian along that direction; one forward and, by double backward, one backward per layer), and
 ``D2[l] = max(-(A + lambda), 0)^2 / (2 (tau + max(B + mu, 0) + kappa max(-(B + mu), 0)))``: the NLL a
 Newton step opening the layer's gates would save, damped where the curvature is flat or negative.
-``reply_redundancy`` needs no model: the share of the reply's token ``REDUNDANCY_NGRAM``-grams (those
-ending at an assistant token) that already occurred earlier in the row, in the prompt or earlier in the
-reply. A reply that loops or restates its request scores near 1 and is likelier to a language model than
-a real answer (a stronger model copies better), so the likelihood terms cannot see it; most replies score
-near 0, but a chain of thought restates its question's facts: ``scoring.redundancy_tolerance`` is the share
-left unpenalised (benchmarks/README.md, "Replies that add nothing").
+``reply_redundancy`` needs no model: the larger of the share of the reply's token ``REDUNDANCY_NGRAM``-grams
+that already occurred earlier in the reply and the share of the request's n-grams that the reply repeats.
+A reply that loops or restates its request scores near 1 and is likelier to a language model than a real
+answer (a stronger model copies better), so the likelihood terms cannot see it; most replies score near
+0, and one that copies its answer out of the prompt (an option, a passage's span) low, since it repeats
+little of the request (counting every n-gram the row held before, as this did until 2026-12-07, put 93%
+of clean multiple-choice replies over the tolerance); ``scoring.redundancy_tolerance`` is the share left
+unpenalised (benchmarks/README.md, "Replies that add nothing").
 
 With ``scoring.combine=robust_z`` each term (mean gate, NLL, prompt gain, expert effect) is replaced by
 its robust z-score over the scored corpus, ``(term - median) / (IQR / 1.349)``, before it is weighted
@@ -242,18 +244,29 @@ def score_batch(model, rows: list[dict], what: ScorePasses, pad_token_id: int) -
 
 
 def reply_redundancy(input_ids, labels) -> float:
-    """The share of the reply's token ``REDUNDANCY_NGRAM``-grams (those ending at an assistant token)
-    that occurred earlier in the row; 0 for a reply too short to have one."""
+    """How much of the reply adds nothing, the larger of two shares of token ``REDUNDANCY_NGRAM``-grams:
+    of the reply's (those ending at an assistant token), those already earlier in the reply (a loop, a
+    reply twice, a repeated phrase); of the request's (those of prompt tokens only), those the reply
+    repeats (the request restated). A reply that copies its answer out of the prompt (one option of a
+    multiple-choice question, a span of a passage) repeats a small share of the request. The request's
+    n-grams include the chat template's role headers, so a short request restated word for word scores
+    below 1 (0.56 for 14 tokens with the tiny test tokenizer). 0 for a reply too short to have an n-gram."""
     n, ids = REDUNDANCY_NGRAM, [int(i) for i in input_ids]
-    seen: set[tuple[int, ...]] = set()
+    in_reply = [label != IGNORE_INDEX for label in labels]
+    request: set[tuple[int, ...]] = set()
+    reply: set[tuple[int, ...]] = set()
     repeated = total = 0
     for end in range(n - 1, len(ids)):
         gram = tuple(ids[end - n + 1 : end + 1])
-        if labels[end] != IGNORE_INDEX:
+        if in_reply[end]:
             total += 1
-            repeated += gram in seen
-        seen.add(gram)
-    return repeated / total if total else 0.0
+            repeated += gram in reply
+            reply.add(gram)
+        elif not any(in_reply[end - n + 1 : end + 1]):
+            request.add(gram)
+    if not total:
+        return 0.0
+    return max(repeated / total, len(request & reply) / len(request) if request else 0.0)
 
 
 def reply_ngrams(input_ids, labels) -> np.ndarray:
