@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 TRAIN_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "train"
+EVAL_DIR = TRAIN_DIR.parent / "eval"
 # OLMoE-1B-7B's shape as SelectMoeConfig fields (~6.9B parameters, ~1.3B active per token)
 OLMOE_1B_7B = dict(
     vocab_size=50304,

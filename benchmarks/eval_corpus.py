@@ -28,9 +28,8 @@ import json
 import random
 from pathlib import Path
 
-from common import TRAIN_DIR
+from common import EVAL_DIR
 
-EVAL_DIR = TRAIN_DIR.parent / "eval"
 SOURCES = ("gsm8k", "arc", "mmlu", "bbh", "tydiqa_english")
 
 
@@ -50,6 +49,9 @@ def main() -> None:
 def write_eval_corpus(eval_dir: Path, out: Path, per_source: int = 1500, seed: int = 0) -> dict[str, int]:
     """``out/SOURCE.jsonl`` for each of ``SOURCES``; returns the rows written per source."""
     out.mkdir(parents=True, exist_ok=True)
+    others = sorted(p.name for p in out.glob("*.jsonl") if p.stem not in SOURCES)
+    if others:  # the benchmarks read every file of the folder
+        raise SystemExit(f"{out} holds other JSON lines files ({', '.join(others)}): give an empty folder")
     counts = {}
     for source in SOURCES:
         rows = READERS[source](eval_dir)
@@ -62,7 +64,7 @@ def write_eval_corpus(eval_dir: Path, out: Path, per_source: int = 1500, seed: i
     return counts
 
 
-def row(dataset: str, row_id: str, request: str, reply: str) -> dict:
+def instruction_row(dataset: str, row_id: str, request: str, reply: str) -> dict:
     return {
         "dataset": dataset,
         "id": row_id,
@@ -77,7 +79,10 @@ def lettered(question: str, options: list[tuple[str, str]]) -> str:
 def gsm8k_rows(eval_dir: Path) -> list[dict]:
     lines = (eval_dir / "gsm8k" / "test.jsonl").read_text().split("\n")
     items = [json.loads(line) for line in lines if line.strip()]
-    return [row("gsm8k", f"gsm8k-test-{i}", it["question"], it["answer"]) for i, it in enumerate(items)]
+    return [
+        instruction_row("gsm8k", f"gsm8k-test-{i}", it["question"], it["answer"])
+        for i, it in enumerate(items)
+    ]
 
 
 def arc_rows(eval_dir: Path) -> list[dict]:
@@ -90,7 +95,9 @@ def arc_rows(eval_dir: Path) -> list[dict]:
             options = [(c["label"], c["text"]) for c in item["question"]["choices"]]
             answer = dict(options)[item["answerKey"]]
             request = lettered(item["question"]["stem"], options)
-            rows.append(row("arc", f"arc-{item['id']}", request, f"({item['answerKey']}) {answer}"))
+            rows.append(
+                instruction_row("arc", f"arc-{item['id']}", request, f"({item['answerKey']}) {answer}")
+            )
     return rows
 
 
@@ -103,7 +110,7 @@ def mmlu_rows(eval_dir: Path) -> list[dict]:
                 options = [("ABCD"[k], item[f"choice{k}"]) for k in range(4)]
                 label, answer = options[int(item["answer"])]
                 request = lettered(item["question"], options)
-                rows.append(row("mmlu", f"mmlu-{subject}-{i}", request, f"({label}) {answer}"))
+                rows.append(instruction_row("mmlu", f"mmlu-{subject}-{i}", request, f"({label}) {answer}"))
     return rows
 
 
@@ -111,7 +118,7 @@ def bbh_rows(eval_dir: Path) -> list[dict]:
     rows = []
     for path in sorted((eval_dir / "bbh").glob("*.json")):
         for i, item in enumerate(json.loads(path.read_text())["examples"]):
-            rows.append(row("bbh", f"bbh-{path.stem}-{i}", item["input"], item["target"]))
+            rows.append(instruction_row("bbh", f"bbh-{path.stem}-{i}", item["input"], item["target"]))
     return rows
 
 
@@ -121,7 +128,7 @@ def tydiqa_english_rows(eval_dir: Path) -> list[dict]:
         for paragraph in article["paragraphs"]:
             for qa in paragraph["qas"]:
                 request = f"{paragraph['context']}\n\nQuestion: {qa['question']}"
-                rows.append(row("tydiqa_english", qa["id"], request, qa["answers"][0]["text"]))
+                rows.append(instruction_row("tydiqa_english", qa["id"], request, qa["answers"][0]["text"]))
     return rows
 
 

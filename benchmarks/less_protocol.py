@@ -37,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import TRAIN_DIR, quiet_ray, quiet_transformers, sample_rows, write_json
+from common import EVAL_DIR, TRAIN_DIR, quiet_ray, quiet_transformers, sample_rows, write_json
 
 from selectmoe.config import PipelineConfig, parse_config, to_dict
 from selectmoe.evaluate import evaluate
@@ -49,7 +49,6 @@ from selectmoe.pipeline import run_stage, share_scores, stage_configs
 from selectmoe.pretrain import pretrain
 from selectmoe.select import select
 
-EVAL_DIR = TRAIN_DIR.parent / "eval"
 STAGES = {"pretrain", "select", "finetune", "evaluate"}
 # the headline metric of each LESS benchmark (hub group, or its offline version)
 HEADLINE = {

@@ -1,7 +1,8 @@
 """Which row score generalises? Weights chosen leave-one-defect-kind-out, judged on kinds never tuned on.
 
 Runs the product's stage 1 (``pretrain``) and stage 2 (``select``, every score term stored) on real rows
-from ``../shared/data/train`` with planted defects, over a grid of runs: selector sizes (``--sizes``),
+from ``../shared/data/train`` (``--data-dir``: another folder, such as ``eval_corpus.py``'s corpus no key
+was chosen on; the base is LM-pretrained on other rows of the same folder) with planted defects, over a grid of runs: selector sizes (``--sizes``),
 LM-pretraining of the base (``--bases``: a barely and a well pretrained selector, 30 and 300 steps, and
 one at its held-out plateau, 600 steps), stage-1 regimes
 (``--regimes``: the seed's lr 3e-4 / 40 steps and lr 1e-2 / 60 steps) and seeds. Each run's per-row
@@ -241,6 +242,8 @@ def run_model(args, size: str, base: str, seed: int) -> dict[str, dict]:
         "stage1_batch": args.stage1_batch, "stage1_steps": args.stage1_steps,
         **({"lm_rows": args.lm_rows} if args.lm_rows else {}),
         **({"tokenizer_vocab": args.tokenizer_vocab} if args.tokenizer_vocab else {}),
+        # another corpus (eval_corpus.py's) is another run; the train folder's runs keep their names
+        **({"data_dir": str(Path(args.data_dir).resolve())} if Path(args.data_dir).resolve() != TRAIN_DIR.resolve() else {}),
     }  # fmt: skip
     base = f"{base}_lm{args.lm_rows}" if args.lm_rows else base  # the run's name
     base = f"{base}_tok{args.tokenizer_vocab}" if args.tokenizer_vocab else base

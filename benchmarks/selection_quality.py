@@ -164,6 +164,8 @@ def sample_by_file(data_dir: Path, n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     rows = []
     stems = sorted(path.stem for path in data_dir.glob("*.jsonl"))
+    if not stems:
+        raise SystemExit(f"{data_dir}: no .jsonl files")
     shares = FILE_SHARES if set(FILE_SHARES) <= set(stems) else {stem: 1 / len(stems) for stem in stems}
     for stem, share in shares.items():
         lines = [line for line in (data_dir / f"{stem}.jsonl").read_text().split("\n") if line.strip()]

@@ -171,6 +171,50 @@ def test_loko_tiny_chooses_without_the_judged_kind_and_judges_unseen_kinds(tmp_p
         assert round(level["planted"], 3) >= round(perplexity["planted"], 3)
 
 
+def test_eval_corpus_writes_the_eval_sets_as_rows_that_loko_judges_the_default_on(tmp_path):
+    """``eval_corpus.py`` turns ``../shared/data/eval`` into rows the product accepts (right answers, unique
+    ids, the same rows on a rerun), and ``loko.py --data-dir`` runs on them, each source a dataset."""
+    from selectmoe.data import normalize_record
+
+    corpus = tmp_path / "corpus"
+
+    def write(*args: str) -> subprocess.CompletedProcess:
+        script = str(BENCHMARKS / "eval_corpus.py")
+        return subprocess.run([sys.executable, script, str(corpus), *args], capture_output=True, text=True)
+
+    assert write("--per-source", "300").returncode == 0
+    first = {p.name: p.read_bytes() for p in corpus.glob("*.jsonl")}
+    assert write("--per-source", "300").returncode == 0  # rewrites the same rows
+    assert {p.name: p.read_bytes() for p in corpus.glob("*.jsonl")} == first
+    rows = {
+        p.stem: [normalize_record(json.loads(line), default_dataset=p.stem) for line in p.open()]
+        for p in corpus.glob("*.jsonl")
+    }
+    assert {name: len(r) for name, r in rows.items()} == {
+        "gsm8k": 300, "arc": 300, "mmlu": 300, "bbh": 300, "tydiqa_english": 300
+    }  # fmt: skip
+    assert len({r["id"] for r in sum(rows.values(), [])}) == 1500
+    assert all(r["dataset"] == name for name, source in rows.items() for r in source)
+    for row in rows["arc"] + rows["mmlu"]:  # the reply is the keyed option, as the request lists it
+        request, reply = row["messages"][0]["content"], row["messages"][1]["content"]
+        assert f"\n{reply}" in request and reply[0] == "(" and reply[2] == ")"
+    assert all(r["messages"][1]["content"].rsplit("\n", 1)[-1].startswith("#### ") for r in rows["gsm8k"])
+    (corpus / "other.jsonl").write_text("")  # the benchmarks read every file of the folder
+    done = write()
+    assert done.returncode != 0 and "other.jsonl" in done.stderr
+    (corpus / "other.jsonl").unlink()
+
+    stdout, report = run_benchmark(
+        "loko.py",
+        tmp_path,
+        *("--tiny", "--seeds", "0", "--bases", "strong", "--regimes", "fast"),
+        *("--data-dir", str(corpus), "--work-dir", str(tmp_path / "work")),
+        timeout=600,
+    )
+    assert set(report["clean_over_redundancy_tolerance"]) == set(rows)
+    assert "level with perplexity" in stdout
+
+
 def test_loko_merge_pairs_each_recipe_with_perplexity_over_the_runs_of_several_files(tmp_path):
     """``--merge`` joins the committed five seeds (two files) per size/base; on one file its means agree
     with that file's own analysis (per regime, equal runs each); a run in two files is refused."""

@@ -240,8 +240,9 @@ class ScoringSection:
     # score += this x mean over layers of D2 (!= 0 implies driving_force)
     driving_force_weight: float = after_scoring(0.0)
     # score -= this x max(reply_redundancy - redundancy_tolerance, 0); reply_redundancy, always stored, is
-    # the share of the reply's token 4-grams that the row already held before them (a reply that repeats
-    # itself or restates its request): a share in [0, 1] on any model and corpus, so never z-scored
+    # the larger of the share of the reply's token 4-grams already earlier in the reply (it repeats itself)
+    # and the share of the request's 4-grams the reply repeats (it restates its request): a share in
+    # [0, 1] on any model and corpus, so never z-scored
     redundancy_weight: float = after_scoring(0.0)
     # the share a reply may repeat unpenalised: a chain of thought restates its question's facts
     redundancy_tolerance: float = after_scoring(0.0, low=0.0, high=1.0)

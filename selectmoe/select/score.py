@@ -250,7 +250,9 @@ def reply_redundancy(input_ids, labels) -> float:
     repeats (the request restated). A reply that copies its answer out of the prompt (one option of a
     multiple-choice question, a span of a passage) repeats a small share of the request. The request's
     n-grams include the chat template's role headers, so a short request restated word for word scores
-    below 1 (0.56 for 14 tokens with the tiny test tokenizer). 0 for a reply too short to have an n-gram."""
+    below 1 (with the tiny test tokenizer 0.56 for a 14-token request, and not over the default's
+    tolerance of 0.4 for one of 9 tokens or fewer). With several turns the reply is every token the row trains on (every assistant turn) and
+    the request every other token. 0 for a reply too short to have an n-gram."""
     n, ids = REDUNDANCY_NGRAM, [int(i) for i in input_ids]
     in_reply = [label != IGNORE_INDEX for label in labels]
     request: set[tuple[int, ...]] = set()
