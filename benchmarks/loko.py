@@ -2,9 +2,9 @@
 
 Runs the product's stage 1 (``pretrain``) and stage 2 (``select``, every score term stored) on real rows
 from ``../shared/data/train`` (``--data-dir``: another folder, such as ``eval_corpus.py``'s corpus no key
-was chosen on; the base is LM-pretrained on other rows of the same folder) with planted defects, over a grid of runs: selector sizes (``--sizes``),
-LM-pretraining of the base (``--bases``: a barely and a well pretrained selector, 30 and 300 steps, and
-one at its held-out plateau, 600 steps), stage-1 regimes
+was chosen on; the base is LM-pretrained on other rows of the same folder) with planted defects, over a
+grid of runs: selector sizes (``--sizes``), LM-pretraining of the base (``--bases``: a barely and a well
+pretrained selector, 30 and 300 steps, and one at its held-out plateau, 600 steps), stage-1 regimes
 (``--regimes``: the seed's lr 3e-4 / 40 steps and lr 1e-2 / 60 steps) and seeds. Each run's per-row
 terms (mean gate, NLL, prompt gain, expert effect; perplexity under the base model) are cached, so the
 analysis reruns without rescoring.

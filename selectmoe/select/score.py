@@ -36,9 +36,8 @@ that already occurred earlier in the reply and the share of the request's n-gram
 A reply that loops or restates its request scores near 1 and is likelier to a language model than a real
 answer (a stronger model copies better), so the likelihood terms cannot see it; most replies score near
 0, and one that copies its answer out of the prompt (an option, a passage's span) low, since it repeats
-little of the request (counting every n-gram the row held before, as this did until 2026-12-07, put 93%
-of clean multiple-choice replies over the tolerance); ``scoring.redundancy_tolerance`` is the share left
-unpenalised (benchmarks/README.md, "Replies that add nothing").
+little of the request; ``scoring.redundancy_tolerance`` is the share left unpenalised (benchmarks/README.md,
+"Replies that add nothing" and "A corpus no key was chosen on").
 
 With ``scoring.combine=robust_z`` each term (mean gate, NLL, prompt gain, expert effect) is replaced by
 its robust z-score over the scored corpus, ``(term - median) / (IQR / 1.349)``, before it is weighted
