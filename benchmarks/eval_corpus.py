@@ -17,20 +17,31 @@ Short replies (bbh, tydiqa) and long worked ones (gsm8k) sit side by side, as in
 cleaned or filtered; the rows are written as the files hold them. The data stays outside the project:
 write it under ``/tmp``.
 
+``--set unseen`` writes rows that corpus does not hold, for re-checking what was mended after seeing it
+(the reply redundancy of 2026-12-07): TyDi QA GoldP dev in Finnish, Indonesian and Swahili
+(``tydiqa_LANGUAGE``, in the English rows' form), the MMLU dev split (``mmlu_dev``) and the BBH rows that
+the first set's sample left out (``bbh_rest``; give the same ``--per-source`` and ``--seed`` as that
+corpus, by default both sets' defaults).
+
     .venv/bin/python benchmarks/eval_corpus.py /tmp/selectmoe_eval_corpus
+    .venv/bin/python benchmarks/eval_corpus.py --set unseen /tmp/selectmoe_eval_unseen
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import random
 from pathlib import Path
 
 from common import EVAL_DIR
 
-SOURCES = ("gsm8k", "arc", "mmlu", "bbh", "tydiqa_english")
+SETS = {
+    "first": ("gsm8k", "arc", "mmlu", "bbh", "tydiqa_english"),
+    "unseen": ("tydiqa_finnish", "tydiqa_indonesian", "tydiqa_swahili", "mmlu_dev", "bbh_rest"),
+}
 
 
 def main() -> None:
@@ -39,29 +50,44 @@ def main() -> None:
     p.add_argument("--eval-dir", type=Path, default=EVAL_DIR)
     p.add_argument("--per-source", type=int, default=1500, help="at most this many rows per source (seeded)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--set", default="first", choices=list(SETS), help="unseen: rows the first set does not hold"
+    )
     args = p.parse_args()
-    counts = write_eval_corpus(args.eval_dir, args.out, args.per_source, args.seed)
+    counts = write_eval_corpus(args.eval_dir, args.out, args.per_source, args.seed, args.set)
     for source, n in counts.items():
         print(f"{source:16s} {n:6d} rows")
     print(f"wrote {sum(counts.values())} rows to {args.out}")
 
 
-def write_eval_corpus(eval_dir: Path, out: Path, per_source: int = 1500, seed: int = 0) -> dict[str, int]:
-    """``out/SOURCE.jsonl`` for each of ``SOURCES``; returns the rows written per source."""
+def write_eval_corpus(
+    eval_dir: Path, out: Path, per_source: int = 1500, seed: int = 0, name: str = "first"
+) -> dict[str, int]:
+    """``out/SOURCE.jsonl`` for each source of the set ``name``; returns the rows written per source."""
     out.mkdir(parents=True, exist_ok=True)
-    others = sorted(p.name for p in out.glob("*.jsonl") if p.stem not in SOURCES)
+    others = sorted(p.name for p in out.glob("*.jsonl") if p.stem not in SETS[name])
     if others:  # the benchmarks read every file of the folder
         raise SystemExit(f"{out} holds other JSON lines files ({', '.join(others)}): give an empty folder")
     counts = {}
-    for source in SOURCES:
-        rows = READERS[source](eval_dir)
-        if len(rows) > per_source:
-            keep = sorted(random.Random(f"{seed}/{source}").sample(range(len(rows)), per_source))
-            rows = [rows[i] for i in keep]
+    for source in SETS[name]:
+        if source.endswith("_rest"):  # what the first set's sample of that source left out
+            every_row = READERS[source.removesuffix("_rest")](eval_dir)
+            kept = {r["id"] for r in seeded_sample(every_row, per_source, seed, source.removesuffix("_rest"))}
+            rows = [{**r, "dataset": source} for r in every_row if r["id"] not in kept]
+        else:
+            rows = READERS[source](eval_dir)
+        rows = seeded_sample(rows, per_source, seed, source)
         with (out / f"{source}.jsonl").open("w") as fh:
             fh.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
         counts[source] = len(rows)
     return counts
+
+
+def seeded_sample(rows: list[dict], n: int, seed: int, source: str) -> list[dict]:
+    """At most ``n`` of ``rows``, in their order (seeded by the seed and the source's name)."""
+    if len(rows) <= n:
+        return rows
+    return [rows[i] for i in sorted(random.Random(f"{seed}/{source}").sample(range(len(rows)), n))]
 
 
 def instruction_row(dataset: str, row_id: str, request: str, reply: str) -> dict:
@@ -101,16 +127,19 @@ def arc_rows(eval_dir: Path) -> list[dict]:
     return rows
 
 
-def mmlu_rows(eval_dir: Path) -> list[dict]:
+def mmlu_rows(eval_dir: Path, split: str = "test") -> list[dict]:
     rows = []
-    for path in sorted((eval_dir / "mmlu" / "test").glob("*_test.csv")):
-        subject = path.name.removesuffix("_test.csv")
+    dataset = "mmlu" if split == "test" else f"mmlu_{split}"
+    for path in sorted((eval_dir / "mmlu" / split).glob(f"*_{split}.csv")):
+        subject = path.name.removesuffix(f"_{split}.csv")
         with path.open(newline="") as fh:
             for i, item in enumerate(csv.DictReader(fh)):
                 options = [("ABCD"[k], item[f"choice{k}"]) for k in range(4)]
                 label, answer = options[int(item["answer"])]
                 request = lettered(item["question"], options)
-                rows.append(instruction_row("mmlu", f"mmlu-{subject}-{i}", request, f"({label}) {answer}"))
+                rows.append(
+                    instruction_row(dataset, f"{dataset}-{subject}-{i}", request, f"({label}) {answer}")
+                )
     return rows
 
 
@@ -122,13 +151,19 @@ def bbh_rows(eval_dir: Path) -> list[dict]:
     return rows
 
 
-def tydiqa_english_rows(eval_dir: Path) -> list[dict]:
+def mmlu_dev_rows(eval_dir: Path) -> list[dict]:
+    return mmlu_rows(eval_dir, "dev")
+
+
+def tydiqa_rows(eval_dir: Path, language: str) -> list[dict]:
     rows = []
-    for article in json.loads((eval_dir / "tydiqa" / "english_tydiqa_dev.json").read_text())["data"]:
+    for article in json.loads((eval_dir / "tydiqa" / f"{language}_tydiqa_dev.json").read_text())["data"]:
         for paragraph in article["paragraphs"]:
             for qa in paragraph["qas"]:
                 request = f"{paragraph['context']}\n\nQuestion: {qa['question']}"
-                rows.append(instruction_row("tydiqa_english", qa["id"], request, qa["answers"][0]["text"]))
+                rows.append(
+                    instruction_row(f"tydiqa_{language}", qa["id"], request, qa["answers"][0]["text"])
+                )
     return rows
 
 
@@ -136,8 +171,12 @@ READERS = {
     "gsm8k": gsm8k_rows,
     "arc": arc_rows,
     "mmlu": mmlu_rows,
+    "mmlu_dev": mmlu_dev_rows,
     "bbh": bbh_rows,
-    "tydiqa_english": tydiqa_english_rows,
+    **{
+        f"tydiqa_{language}": functools.partial(tydiqa_rows, language=language)
+        for language in ("english", "finnish", "indonesian", "swahili")
+    },
 }
 
 
