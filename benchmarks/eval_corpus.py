@@ -64,23 +64,27 @@ def write_eval_corpus(
     eval_dir: Path, out: Path, per_source: int = 1500, seed: int = 0, name: str = "first"
 ) -> dict[str, int]:
     """``out/SOURCE.jsonl`` for each source of the set ``name``; returns the rows written per source."""
-    out.mkdir(parents=True, exist_ok=True)
     others = sorted(p.name for p in out.glob("*.jsonl") if p.stem not in SETS[name])
     if others:  # the benchmarks read every file of the folder
         raise SystemExit(f"{out} holds other JSON lines files ({', '.join(others)}): give an empty folder")
-    counts = {}
+    sources = {}
     for source in SETS[name]:
         if source.endswith("_rest"):  # what the first set's sample of that source left out
             every_row = READERS[source.removesuffix("_rest")](eval_dir)
             kept = {r["id"] for r in seeded_sample(every_row, per_source, seed, source.removesuffix("_rest"))}
             rows = [{**r, "dataset": source} for r in every_row if r["id"] not in kept]
+            if not rows:
+                raise SystemExit(
+                    f"--per-source {per_source}: the first set holds every row of {source}'s source"
+                )
         else:
             rows = READERS[source](eval_dir)
-        rows = seeded_sample(rows, per_source, seed, source)
+        sources[source] = seeded_sample(rows, per_source, seed, source)
+    out.mkdir(parents=True, exist_ok=True)
+    for source, rows in sources.items():
         with (out / f"{source}.jsonl").open("w") as fh:
             fh.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        counts[source] = len(rows)
-    return counts
+    return {source: len(rows) for source, rows in sources.items()}
 
 
 def seeded_sample(rows: list[dict], n: int, seed: int, source: str) -> list[dict]:

@@ -19,8 +19,8 @@ on z(mean gate), z(-NLL), z(prompt gain), z(expert effect). The analysis:
   of every choice of the grid; they are judged only (looped and echo chose the raw recipes' reply
   redundancy weight and tolerance, so for those they are not unseen).
 - **Item 9's rule** (issue 19): among the recipes not below perplexity on the planted kinds nor within
-  any source dataset, in each size/base (a paired test over its runs), the best worst kind; also left
-  one kind out.
+  any source dataset, in each size/base (a paired test over its seeds, each seed's regimes averaged), the
+  best worst kind; also left one kind out.
 - **A held-out corpus** (``--check-on RUN``): the named recipes judged on a ``selectmoe demo`` run's rows
   (generated, never used to choose a weight; run it with ``select.scoring.expert_effect=true``).
 - **Per regime**: for the default preset's recipe, the recipe chosen on every planted kind, gates alone
@@ -463,14 +463,16 @@ def judge(terms: dict, recipes: dict, percentage: float) -> dict[str, dict[str, 
 
 def clean_over_redundancy_tolerance(runs: dict[str, dict]) -> dict[str, float]:
     """Per source dataset, the share of its clean rows whose reply redundancy is over the default preset's
-    tolerance (clean rows its redundancy term pushes down), mean over the runs."""
+    tolerance (clean rows its redundancy term pushes down), mean over the runs that hold clean rows of it."""
     scoring = load_preset(PipelineConfig().preset)["keys"]["select"]["scoring"]
     shares: dict[str, list[float]] = {}
     for terms in runs.values():
         dataset, defect = np.asarray(terms["dataset"]), np.asarray(terms["defect"], dtype=object)
         over = np.asarray(terms["reply_redundancy"], dtype=float) > scoring["redundancy_tolerance"]
         for name in sorted(set(dataset)):
-            shares.setdefault(name, []).append(float(over[(dataset == name) & (defect == "")].mean()))
+            clean = (dataset == name) & (defect == "")
+            if clean.any():  # a small corpus can leave a dataset no clean row
+                shares.setdefault(name, []).append(float(over[clean].mean()))
     return {name: round(float(np.mean(values)), 3) for name, values in sorted(shares.items())}
 
 
@@ -494,12 +496,13 @@ def analyse(judged: dict[str, dict], recipes: dict) -> dict:
 
     # issue 19 item 9: a default never loses to perplexity overall nor within any dataset, for either base
     bases = sorted({run.rsplit("/", 2)[0] for run in runs})  # size/base: both regimes, every seed
-    datasets = sorted({m.split("/")[1] for m in judged[runs[0]][PERPLEXITY] if m.count("/") == 1})
+    datasets = sorted({m.split("/")[1] for run in runs for m in judged[run][PERPLEXITY] if m.count("/") == 1})
 
     def level_with_perplexity(scorer: str, without: str | None = None) -> bool:
         """Planted-kind AUROC and every within-dataset AUROC not below perplexity's, in each size/base:
-        below means the mean paired difference over its runs (both regimes, every seed) is under minus
-        two standard errors (under zero with one run); ``without``: the planted kinds but that one."""
+        below means the mean paired difference over its seeds (each seed's regimes averaged: a recipe
+        without gate terms scores both regimes' rows alike, so they are one draw, not two) is under minus
+        two standard errors (under zero with one seed); ``without``: the planted kinds but that one."""
         tail = f"/without/{without}" if without else ""
         metrics = [f"planted{tail}" if without else "planted", *(f"dataset/{d}{tail}" for d in datasets)]
         for base in bases:
@@ -507,13 +510,12 @@ def analyse(judged: dict[str, dict], recipes: dict) -> dict:
             for metric in metrics:
                 # a dataset left with no defect of the kinds judged (small corpora) has no AUROC there
                 nan = float("nan")
-                diff = np.array(
-                    [
-                        judged[r][scorer].get(metric, nan) - judged[r][PERPLEXITY].get(metric, nan)
+                diff = by_seed(
+                    {
+                        r: judged[r][scorer].get(metric, nan) - judged[r][PERPLEXITY].get(metric, nan)
                         for r in among
-                    ]
+                    }
                 )
-                diff = diff[~np.isnan(diff)]
                 error = paired_standard_error(diff)
                 if len(diff) and diff.mean() < -2 * (error or 0.0):
                     return False
@@ -617,8 +619,8 @@ def analyse(judged: dict[str, dict], recipes: dict) -> dict:
         "chosen_on_all_planted_kinds": chosen_all,
         "item_9": {
             "rule": "among the recipes level with perplexity (planted kinds and every dataset, per size/base: "
-            "the mean paired difference over the runs not under minus two standard errors), the best "
-            "worst planted kind",
+            "the mean paired difference over the seeds, each seed's regimes averaged, not under minus two "
+            "standard errors), the best worst planted kind",
             "recipes_level_with_perplexity": sum(level_with_perplexity(r) for r in recipes),
             "chosen": level_all,
             "default_is_level": level_with_perplexity(default),
@@ -671,14 +673,25 @@ MERGED_METRICS = ("planted", "unseen", "within_datasets", "worst_dataset", "prec
 
 
 def paired_standard_error(diff: np.ndarray) -> float | None:
-    """The standard error of the mean of paired differences (one per run); None with one run."""
+    """The standard error of the mean of paired differences (one per pair); None with one pair."""
     return float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else None
+
+
+def by_seed(per_run: dict[str, float]) -> np.ndarray:
+    """Per-run values (run name ``.../seedN`` -> value) as one per seed, the mean of its runs (its stage-1
+    regimes), NaN skipped: a recipe without gate terms scores both regimes' rows alike, so they are one draw
+    of the corpus and base model, not two."""
+    seeds: dict[str, list[float]] = {}
+    for run, value in per_run.items():
+        if not np.isnan(value):
+            seeds.setdefault(run.rsplit("/", 1)[1], []).append(value)
+    return np.array([np.mean(values) for values in seeds.values()])
 
 
 def merge_results(paths: list[Path]) -> dict:
     """The ``per_run`` rows of several results files as one set of runs: per size/base (both regimes,
     every seed), each recipe's mean of ``MERGED_METRICS`` and its paired difference from perplexity (mean,
-    standard error, runs not below). Recipes are those every run judged; a run in two files is an error."""
+    standard error over the seeds, each seed's regimes averaged, runs not below). Recipes are those every run judged; a run in two files is an error."""
     per_run: dict[str, dict] = {}
     for path in paths:
         for run, scorers in json.loads(path.read_text())["per_run"].items():
@@ -697,11 +710,10 @@ def merge_results(paths: list[Path]) -> dict:
                 row[metric] = float(np.nanmean(values))
                 if recipe != PERPLEXITY:
                     diff = values - np.array([per_run[run][PERPLEXITY][metric] for run in among], dtype=float)
-                    diff = diff[~np.isnan(diff)]
                     row[f"{metric} vs perplexity"] = {
-                        "mean": float(diff.mean()),
-                        "standard_error": paired_standard_error(diff),
-                        "runs_not_below": int((diff >= 0).sum()),
+                        "mean": float(np.nanmean(diff)),
+                        "standard_error": paired_standard_error(by_seed(dict(zip(among, diff)))),
+                        "runs_not_below": int((diff[~np.isnan(diff)] >= 0).sum()),
                     }
             rows.append(row)
     return {"merged": [str(path) for path in paths], "merged_runs": runs, "by_size_base": rows}

@@ -173,14 +173,15 @@ def test_loko_tiny_chooses_without_the_judged_kind_and_judges_unseen_kinds(tmp_p
 
 def test_eval_corpus_writes_the_eval_sets_as_rows_that_loko_judges_the_default_on(tmp_path):
     """``eval_corpus.py`` turns ``../shared/data/eval`` into rows the product accepts (right answers, unique
-    ids, the same rows on a rerun), and ``loko.py --data-dir`` runs on them, each source a dataset."""
+    ids, the same rows on a rerun; ``--set unseen`` holds none of them), and ``loko.py --data-dir`` runs on
+    them, each source a dataset."""
     from selectmoe.data import normalize_record
 
     corpus = tmp_path / "corpus"
 
-    def write(*args: str) -> subprocess.CompletedProcess:
+    def write(*args: str, out: Path = corpus) -> subprocess.CompletedProcess:
         script = str(BENCHMARKS / "eval_corpus.py")
-        return subprocess.run([sys.executable, script, str(corpus), *args], capture_output=True, text=True)
+        return subprocess.run([sys.executable, script, str(out), *args], capture_output=True, text=True)
 
     assert write("--per-source", "300").returncode == 0
     first = {p.name: p.read_bytes() for p in corpus.glob("*.jsonl")}
@@ -203,6 +204,32 @@ def test_eval_corpus_writes_the_eval_sets_as_rows_that_loko_judges_the_default_o
     done = write()
     assert done.returncode != 0 and "other.jsonl" in done.stderr
     (corpus / "other.jsonl").unlink()
+
+    unseen = tmp_path / "unseen"  # rows the first set does not hold, each source a dataset
+    done = write("--set", "unseen", "--per-source", "300", out=unseen)
+    assert done.returncode == 0, done.stderr
+    unseen_rows = {
+        p.stem: [normalize_record(json.loads(line), default_dataset=p.stem) for line in p.open()]
+        for p in unseen.glob("*.jsonl")
+    }
+    assert {name: len(r) for name, r in unseen_rows.items()} == {
+        "tydiqa_finnish": 300, "tydiqa_indonesian": 300, "tydiqa_swahili": 300, "mmlu_dev": 285, "bbh_rest": 300
+    }  # fmt: skip
+    assert len({r["id"] for r in sum(unseen_rows.values(), [])}) == 1485
+    assert all(r["dataset"] == name for name, source in unseen_rows.items() for r in source)
+    for row in unseen_rows["mmlu_dev"]:
+        request, reply = row["messages"][0]["content"], row["messages"][1]["content"]
+        assert f"\n{reply}" in request and reply[0] == "(" and reply[2] == ")"
+    first_bbh = {r["id"] for r in rows["bbh"]}
+    bbh_dir = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval" / "bbh"
+    for row in unseen_rows["bbh_rest"]:  # a BBH row as published, one the first set's sample left out
+        assert row["id"] not in first_bbh
+        task, index = row["id"].removeprefix("bbh-").rsplit("-", 1)
+        example = json.loads((bbh_dir / f"{task}.json").read_text())["examples"][int(index)]
+        assert [m["content"] for m in row["messages"]] == [example["input"], example["target"]]
+    assert write("--set", "unseen", out=corpus).returncode != 0  # not into the first set's folder
+    done = write("--set", "unseen", "--per-source", "100000", out=tmp_path / "all")  # nothing left out
+    assert done.returncode != 0 and "bbh" in done.stderr and not (tmp_path / "all").exists()
 
     stdout, report = run_benchmark(
         "loko.py",
