@@ -187,10 +187,14 @@ def test_eval_corpus_writes_the_eval_sets_as_rows_that_loko_judges_the_default_o
     first = {p.name: p.read_bytes() for p in corpus.glob("*.jsonl")}
     assert write("--per-source", "300").returncode == 0  # rewrites the same rows
     assert {p.name: p.read_bytes() for p in corpus.glob("*.jsonl")} == first
-    rows = {
-        p.stem: [normalize_record(json.loads(line), default_dataset=p.stem) for line in p.open()]
-        for p in corpus.glob("*.jsonl")
-    }
+
+    def read(folder: Path) -> dict[str, list[dict]]:  # each file's rows, checked as the product checks them
+        return {
+            p.stem: [normalize_record(json.loads(line), default_dataset=p.stem) for line in p.open()]
+            for p in folder.glob("*.jsonl")
+        }
+
+    rows = read(corpus)
     assert {name: len(r) for name, r in rows.items()} == {
         "gsm8k": 300, "arc": 300, "mmlu": 300, "bbh": 300, "tydiqa_english": 300
     }  # fmt: skip
@@ -208,10 +212,7 @@ def test_eval_corpus_writes_the_eval_sets_as_rows_that_loko_judges_the_default_o
     unseen = tmp_path / "unseen"  # rows the first set does not hold, each source a dataset
     done = write("--set", "unseen", "--per-source", "300", out=unseen)
     assert done.returncode == 0, done.stderr
-    unseen_rows = {
-        p.stem: [normalize_record(json.loads(line), default_dataset=p.stem) for line in p.open()]
-        for p in unseen.glob("*.jsonl")
-    }
+    unseen_rows = read(unseen)
     assert {name: len(r) for name, r in unseen_rows.items()} == {
         "tydiqa_finnish": 300, "tydiqa_indonesian": 300, "tydiqa_swahili": 300, "mmlu_dev": 285, "bbh_rest": 300
     }  # fmt: skip
