@@ -42,7 +42,9 @@ on real rows, all weights trained, ``--steps`` steps of ``--batch`` rows), which
 What each selection keeps is reported beside: per kind of pool row (``clean`` or a defect kind), its
 keep rate (its share of the selection over its share of the pool: 1 is a random draw's, 0 none) and the
 kind's mean NLL, prompt gain and reply redundancy as stage 2 scored them (``pool_kinds``): why a filter
-keeps a kind.
+keeps a kind; and what its clean real rows are like: their mean reply length and the share of them whose
+reply is one of their dataset's six commonest (a likelihood filter can keep a dataset's short, frequent
+answers and leave its rarer ones).
 
 Methods: ``random`` (``--random-draws`` seeded draws), ``full`` (the whole pool), ``oracle`` (clean rows
 of the target families), ``perplexity`` (lowest NLL), ``gates`` (mean gate), ``gates_prompt_gain`` (top
@@ -751,6 +753,7 @@ def run_seed(args, seed: int, out: Path) -> dict:
         "spoiled": pool["spoiled_replies"],
     }
     results = {}
+    common = commonest_replies(pool, by_id)
     chosen, clusters = selections(args, seed, pool, stage2, product)
     for method, draws in chosen.items():
         if args.methods and method not in (*args.methods, *ALWAYS_RUN):
@@ -761,11 +764,17 @@ def run_seed(args, seed: int, out: Path) -> dict:
             rows = [by_id[i] for i in ids]
             judged_by = cached_finetune(args, seed, target, rows, judged_on, out / "finetunes")
             print(f"  finetuned on {method} ({len(ids)} rows) in {time.time() - started:.0f} s", flush=True)
-            judged.append(judge(pool, by_id, ids, judged_by))
+            judged.append(judge(pool, by_id, ids, judged_by, common))
         results[method] = {
             **{
                 key: statistics.mean(j[key] for j in judged)
                 for key in MEASURES + ("rows", "target_rows", "family_rows", "clean_share")
+            },
+            **{
+                key: statistics.mean(j[key] for j in judged if j[key] is not None)
+                if any(j[key] is not None for j in judged)
+                else None
+                for key in KEPT_CLEAN_REAL
             },
             **{
                 f"{key}_std": statistics.stdev(j[key] for j in judged) if len(judged) > 1 else 0.0
@@ -838,8 +847,28 @@ def keep_rates(per_seed: list[dict], method: str) -> dict[str, float]:
     return {kind: statistics.mean(values) for kind, values in rates.items()}
 
 
-def judge(pool: dict, by_id: dict[str, dict], ids: list[str], judged_by: dict) -> dict:
-    """One finetune's measures (``MEASURES``) and what its selection holds."""
+COMMON_REPLIES = 6  # per real dataset, the replies its clean rows give most often (BBH's "(B)", "Yes", ...)
+KEPT_CLEAN_REAL = ("clean_real_reply_chars", "common_reply_share")
+
+
+def commonest_replies(pool: dict, by_id: dict[str, dict]) -> dict[str, set[str]]:
+    """Per real dataset of the pool, the ``COMMON_REPLIES`` replies its clean rows give most often."""
+    counts: dict[str, Counter] = {}
+    for i, row in by_id.items():
+        if pool["clean"][i] and row["dataset"] not in pool["held_out"]:
+            counts.setdefault(row["dataset"], Counter())[row["messages"][-1]["content"]] += 1
+    return {dataset: {reply for reply, _ in c.most_common(COMMON_REPLIES)} for dataset, c in counts.items()}
+
+
+def judge(
+    pool: dict, by_id: dict[str, dict], ids: list[str], judged_by: dict, common: dict[str, set[str]]
+) -> dict:
+    """One finetune's measures (``MEASURES``) and what its selection holds, with what its clean real rows
+    are like (``KEPT_CLEAN_REAL``: their mean reply length in characters, and the share of them whose reply
+    is one of their dataset's commonest, ``commonest_replies``; None without such rows): a filter by
+    likelihood can keep the short, frequent answers of a dataset and leave its rarer ones."""
+    kept = [by_id[i] for i in ids if pool["clean"][i] and by_id[i]["dataset"] in common]
+    replies = [(row["dataset"], row["messages"][-1]["content"]) for row in kept]
     families = {f: v for f, v in judged_by["nll"].items() if f != CLEAN}
     preference = judged_by["preference"]
     planted = [kind for kind in pool["planted_kinds"] if kind in preference]
@@ -856,6 +885,10 @@ def judge(pool: dict, by_id: dict[str, dict], ids: list[str], judged_by: dict) -
         "target_rows": sum(by_id[i]["dataset"] in pool["targets"] for i in ids),
         "family_rows": sum(by_id[i]["dataset"] in pool["held_out"] for i in ids),
         "clean_share": sum(pool["clean"][i] for i in ids) / max(len(ids), 1),
+        "clean_real_reply_chars": statistics.mean(len(reply) for _, reply in replies) if replies else None,
+        "common_reply_share": statistics.mean(reply in common[d] for d, reply in replies)
+        if replies
+        else None,
         "kind_counts": dict(Counter(pool["kind"][i] for i in ids)),
         "nll_per_family": families,
         "preference_per_kind": preference,
@@ -887,6 +920,12 @@ def summarise(per_seed: list[dict]) -> dict:
             **{
                 f"{key}_mean": statistics.mean(r[key] for r in runs)
                 for key in MEASURES + ("target_rows", "family_rows", "clean_share")
+            },
+            **{
+                f"{key}_mean": statistics.mean(r[key] for r in runs if r.get(key) is not None)
+                if any(r.get(key) is not None for r in runs)
+                else None
+                for key in KEPT_CLEAN_REAL
             },
         }
         for baseline in ("random", "balanced_random"):
@@ -1023,6 +1062,15 @@ def print_summary(summary: dict) -> None:
     )
     for method, v in summary["methods"].items():
         print(f"| {method} | " + " | ".join(f"{v['keep_rate_per_kind'][k]:.2f}" for k in kinds) + " |")
+    print(
+        "\nThe selection's clean real rows: mean reply characters, and the share whose reply is one of their "
+        f"dataset's {COMMON_REPLIES} commonest clean replies in the pool\n| method | reply chars | commonest replies |"
+        "\n|---|---:|---:|"
+    )
+    for method, v in summary["methods"].items():
+        chars, share = v.get("clean_real_reply_chars_mean"), v.get("common_reply_share_mean")
+        if chars is not None:
+            print(f"| {method} | {chars:.1f} | {share:.2f} |")
     clusters = summary["diversity_clusters"]
     if clusters:
         print(

@@ -494,6 +494,10 @@ def test_downstream_proxy_small(tmp_path):
     )
     assert methods["oracle"]["family_rows"] == methods["oracle"]["rows"]
     assert methods["full"]["family_rows"] == 3 * 3 * 32
+    # what the clean real rows kept are like: the oracle keeps none; the full pool holds each real
+    # dataset's commonest replies
+    assert methods["oracle"]["common_reply_share"] is methods["oracle"]["clean_real_reply_chars"] is None
+    assert 0 < methods["full"]["common_reply_share"] <= 1 and methods["full"]["clean_real_reply_chars"] > 0
     # each diversity draw's clusters partition the scored pool: its rows, its family rows, each row one kind
     assert len(seed["diversity_clusters"]) == 2
     for draw in seed["diversity_clusters"]:
