@@ -691,7 +691,8 @@ def by_seed(per_run: dict[str, float]) -> np.ndarray:
 def merge_results(paths: list[Path]) -> dict:
     """The ``per_run`` rows of several results files as one set of runs: per size/base (both regimes,
     every seed), each recipe's mean of ``MERGED_METRICS`` and its paired difference from perplexity (mean,
-    standard error over the seeds, each seed's regimes averaged, runs not below). Recipes are those every run judged; a run in two files is an error."""
+    standard error over the seeds, each seed's regimes averaged, runs not below). Recipes are those every
+    run judged; a run in two files is an error."""
     per_run: dict[str, dict] = {}
     for path in paths:
         for run, scorers in json.loads(path.read_text())["per_run"].items():

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytestmark = [pytest.mark.slow, pytest.mark.benchmark, pytest.mark.timeout(300)]
@@ -241,6 +242,25 @@ def test_eval_corpus_writes_the_eval_sets_as_rows_that_loko_judges_the_default_o
     )
     assert set(report["clean_over_redundancy_tolerance"]) == set(rows)
     assert "level with perplexity" in stdout
+
+
+def test_loko_pairs_with_perplexity_over_seeds_not_runs(monkeypatch):
+    """A seed's two stage-1 regimes are one draw of its corpus and base model (a recipe without gate terms
+    scores both alike): item 9's paired test and ``--merge`` average them before the standard error, which
+    counting them as two runs would shrink."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from loko import by_seed, paired_standard_error
+
+    per_run = {
+        "small/weak/fast/seed0": -0.003, "small/weak/seed/seed0": -0.003,
+        "small/weak/fast/seed1": 0.001, "small/weak/seed/seed1": 0.001,
+        "small/weak/fast/seed2": math.nan,  # a dataset without an AUROC in that run
+    }  # fmt: skip
+    diff = by_seed(per_run)
+    assert diff.tolist() == pytest.approx([-0.003, 0.001])
+    assert paired_standard_error(diff) == pytest.approx(0.002)
+    runs = np.array([v for v in per_run.values() if not math.isnan(v)])
+    assert paired_standard_error(runs) < 0.0012  # the runs as if independent
 
 
 def test_loko_merge_pairs_each_recipe_with_perplexity_over_the_runs_of_several_files(tmp_path):
