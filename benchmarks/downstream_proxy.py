@@ -68,7 +68,9 @@ score order; a draw is a k-means seed), ``diversity_random_order`` (the same clu
 random order: what the clusters alone buy), ``filtered_random_pooled`` (the default's filter and draw with
 the pool as one dataset: what a corpus without dataset labels gets), ``filtered_random_by_cluster`` (the
 same with the diversity draw's routing clusters as the datasets: each cluster's better half, quotas in
-proportion to cluster size), ``cluster_balanced_random`` (those quotas, no filter), ``similarity``
+proportion to cluster size), ``cluster_balanced_random`` (those quotas, no filter), ``filtered_random_by_length`` (the default's
+filter and draw with each dataset cut into quarters by reply length as the strata: the better half of each
+quarter, quotas per quarter, so the kept replies keep the dataset's lengths), ``similarity``
 (the product's RDS+ selection), ``calibrated`` (the product's calibrated mode, the target examples as
 its trusted rows), ``clean_random`` (a random draw among the clean rows: a junk filter's ceiling; family
 rows can be spoiled more ways than real rows, so it holds fewer of them than the pool's share) and
@@ -481,6 +483,7 @@ def selections(
             "reply_redundancy",
             "reply_ngrams",
             "routing",
+            "n_scored_tokens",
         ],
     )
     ids = np.asarray(table["id"].to_pylist())
@@ -612,7 +615,24 @@ def selections(
         filtered_random(default_score, d, strata=cluster_strata[d]) for d in draws
     ]
     chosen["cluster_balanced_random"] = [filtered_random(None, d, strata=cluster_strata[d]) for d in draws]
+    # each dataset cut into quarters by reply length: the filter's better half and the quotas per quarter
+    length_strata = length_quarters(ids, datasets, table["n_scored_tokens"].to_numpy())
+    chosen["filtered_random_by_length"] = [
+        filtered_random(default_score, d, strata=length_strata) for d in draws
+    ]
     return {**chosen, **{name: [ids] for name, ids in product.items()}}, clusters
+
+
+def length_quarters(ids: np.ndarray, datasets: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Each row's dataset and the quarter of that dataset's rows by scored reply tokens it falls in
+    (``DATASET/q0`` the shortest; ties by id)."""
+    strata = np.empty(len(ids), dtype=object)
+    for dataset in np.unique(datasets):
+        rows = np.flatnonzero(datasets == dataset)
+        order = sorted(rows, key=lambda i: (lengths[i], ids[i]))
+        for rank, i in enumerate(order):
+            strata[i] = f"{dataset}/q{4 * rank // len(order)}"
+    return strata.astype(str)
 
 
 def cluster_mix(pool: dict, ids: np.ndarray, labels: np.ndarray) -> list[dict]:

@@ -469,6 +469,7 @@ def test_downstream_proxy_small(tmp_path):
         "filtered_random_raw_nll_quartile_prompt_gain_redundancy_commonness",
         "balanced_random", "similarity", "calibrated", "clean_random", "clean_balanced_random", "diversity",
         "diversity_random_order", "filtered_random_pooled", "filtered_random_by_cluster", "cluster_balanced_random",
+        "filtered_random_by_length",
     }  # fmt: skip
     # the junk filter's ceiling: only clean rows, as many as every 5% selection; every finetune is also
     # judged on the held-out clean replies
@@ -503,10 +504,12 @@ def test_downstream_proxy_small(tmp_path):
     assert methods["diversity"]["target_nll"] != methods["diversity_random_order"]["target_nll"]
     # the default's filter with the pool as one dataset, and with each diversity draw's clusters as the
     # datasets (filtered or not): as many rows as the default, other rows than each other
-    strata = ("filtered_random_pooled", "filtered_random_by_cluster", "cluster_balanced_random")
+    strata = (
+        "filtered_random_pooled", "filtered_random_by_cluster", "cluster_balanced_random", "filtered_random_by_length"
+    )  # fmt: skip
     for method in strata:
         assert [d["rows"] for d in methods[method]["draws"]] == [methods[default]["rows"]] * 2
-    assert len({methods[method]["target_nll"] for method in (default, *strata)}) == 4
+    assert len({methods[method]["target_nll"] for method in (default, *strata)}) == 5
     # family rows: the target families' rows are among them, the oracle holds nothing else, the full pool
     # holds every family's 3 templates x 32 words
     assert all(
