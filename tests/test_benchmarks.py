@@ -502,8 +502,9 @@ def test_downstream_proxy_small(tmp_path):
     for method in ("diversity", "diversity_random_order"):
         assert [d["rows"] for d in methods[method]["draws"]] == [methods[default]["rows"]] * 2
     assert methods["diversity"]["target_nll"] != methods["diversity_random_order"]["target_nll"]
-    # the default's filter with the pool as one dataset, and with each diversity draw's clusters as the
-    # datasets (filtered or not): as many rows as the default, other rows than each other
+    # the default's filter with the pool as one dataset, with each diversity draw's clusters as the
+    # datasets (filtered or not), and with each dataset's length quarters: as many rows as the default,
+    # other rows than each other
     strata = (
         "filtered_random_pooled", "filtered_random_by_cluster", "cluster_balanced_random", "filtered_random_by_length"
     )  # fmt: skip
