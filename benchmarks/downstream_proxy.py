@@ -68,10 +68,10 @@ score order; a draw is a k-means seed), ``diversity_random_order`` (the same clu
 random order: what the clusters alone buy), ``filtered_random_pooled`` (the default's filter and draw with
 the pool as one dataset: what a corpus without dataset labels gets), ``filtered_random_by_cluster`` (the
 same with the diversity draw's routing clusters as the datasets: each cluster's better half, quotas in
-proportion to cluster size), ``cluster_balanced_random`` (those quotas, no filter), ``filtered_random_by_length`` (the default's
-filter and draw with each dataset cut into quarters by reply length as the strata: the better half of each
-quarter, quotas per quarter, so the kept replies keep the dataset's lengths), ``similarity``
-(the product's RDS+ selection), ``calibrated`` (the product's calibrated mode, the target examples as
+proportion to cluster size), ``cluster_balanced_random`` (those quotas, no filter),
+``filtered_random_by_length`` (the default's filter and draw with each dataset cut into quarters by reply
+length as the strata: the better half of each quarter, quotas per quarter, so the kept replies keep the
+dataset's lengths), ``similarity`` (the product's RDS+ selection), ``calibrated`` (the product's calibrated mode, the target examples as
 its trusted rows), ``clean_random`` (a random draw among the clean rows: a junk filter's ceiling; family
 rows can be spoiled more ways than real rows, so it holds fewer of them than the pool's share) and
 ``clean_balanced_random`` (the same among the clean rows by the pool's quotas: the ceiling of a filter
@@ -155,7 +155,7 @@ METHODS = (
     "full", "oracle", "perplexity", "gates", "gates_prompt_gain", "gates_prompt_gain_balanced",
     *FILTERED_RANDOM_RECIPES, "balanced_random", "similarity", "calibrated", "clean_random",
     "clean_balanced_random", "diversity", "diversity_random_order", "filtered_random_pooled",
-    "filtered_random_by_cluster", "cluster_balanced_random",
+    "filtered_random_by_cluster", "cluster_balanced_random", "filtered_random_by_length",
 )  # fmt: skip  # besides the random draws
 ALWAYS_RUN = (
     "random",
