@@ -942,8 +942,8 @@ def summarise(per_seed: list[dict]) -> dict:
                 for key in MEASURES + ("target_rows", "family_rows", "clean_share")
             },
             **{
-                f"{key}_mean": statistics.mean(r[key] for r in runs if r.get(key) is not None)
-                if any(r.get(key) is not None for r in runs)
+                f"{key}_mean": statistics.mean(r[key] for r in runs if r[key] is not None)
+                if any(r[key] is not None for r in runs)
                 else None
                 for key in KEPT_CLEAN_REAL
             },
@@ -1088,7 +1088,7 @@ def print_summary(summary: dict) -> None:
         "\n|---|---:|---:|"
     )
     for method, v in summary["methods"].items():
-        chars, share = v.get("clean_real_reply_chars_mean"), v.get("common_reply_share_mean")
+        chars, share = v["clean_real_reply_chars_mean"], v["common_reply_share_mean"]
         if chars is not None:
             print(f"| {method} | {chars:.1f} | {share:.2f} |")
     clusters = summary["diversity_clusters"]
