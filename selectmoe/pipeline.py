@@ -72,6 +72,7 @@ def baseline_configs(baseline: str, sel: SelectConfig, fin: FinetuneConfig, ev: 
     b_sel.selection.targets = b_sel.selection.target_eval_dir = None  # read only by method=similarity
     b_sel.selection.trusted = None  # read by calibrated and score-ranked methods; random ranks by none
     b_sel.selection.balance, b_sel.selection.quotas = "none", None  # a plain random draw
+    b_sel.selection.strata = "auto"  # reply strata are filtered_random's
     _feed(b_sel, b_fin, b_ev, root)
     if baseline == "full":
         b_fin.dataset = copy.deepcopy(sel.dataset)

@@ -185,6 +185,7 @@ def test_selection_preset_sets_the_recipe_under_explicit_keys():
     assert default.preset == "filtered_random"
     assert default.select.selection.method == "filtered_random"
     assert default.select.selection.keep_fraction == 0.5
+    assert default.select.selection.strata == "auto"  # reply strata, for filtered_random
     assert default.select.scoring.combine == "raw" and default.select.scoring.gate_weight == 0.0
     assert default.select.scoring.prompt_gain_cap == "lower_quartile"
     assert default.select.scoring.nll_model == "base"

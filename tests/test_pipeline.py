@@ -155,19 +155,21 @@ def test_composition_table_flags_a_dataset_over_twice_its_corpus_share():
 
 
 def test_report_prints_the_selections_caution(tmp_path):
-    """A selection's manifest caution (filtered_random over one dataset) is a line of the report; a
-    selection without one has none."""
+    """A selection's manifest caution (filtered_random over one dataset) is a line of the report, and so
+    are its reply strata; a selection without them has neither."""
     from selectmoe.layout import STAGE_DIRS
     from selectmoe.reporting.report import write_report
 
     for caution in ("every candidate row has the same dataset", None):
         run = tmp_path / str(bool(caution))
+        strata = {"strata": "reply", "frequent_replies_by_dataset": {"bbh": 7}} if caution else {}
         stage2 = run / STAGE_DIRS["select"]
         stage2.mkdir(parents=True)
         how = {
             "chosen_by": "a seeded random draw",
             "keep_fraction": 0.5,
             **({"caution": caution} if caution else {}),
+            **strata,
         }
         manifest = {
             "counts": {
@@ -181,3 +183,25 @@ def test_report_prints_the_selections_caution(tmp_path):
         report = write_report(run, {"selected": run}, 1.0).read_text()
         assert "How the rows were chosen: a seeded random draw (selection.keep_fraction 0.5)." in report
         assert ("**Caution:** every candidate row has the same dataset." in report) == bool(caution)
+        # selection.strata=reply: how many frequent replies each dataset's draw kept apart
+        said = "Frequent replies, each a stratum of its own (`selection.strata=reply`): bbh 7."
+        assert (said in report) == bool(caution)
+
+
+def test_the_random_baseline_drops_the_selections_reply_strata(tmp_path):
+    """The pipeline's random baseline copies the selection's config: reply strata set for filtered_random
+    must not reach its random draw, which would refuse them after the main branch has run."""
+    from selectmoe.config import ConfigError, parse_config
+    from selectmoe.pipeline import baseline_configs
+    from selectmoe.select.driver import _check_selection
+
+    cfg = parse_config("pipeline", overrides=["select.selection.strata=reply"])
+    _check_selection(cfg.select)  # filtered_random, the default preset's
+    wrong = parse_config(
+        "pipeline", overrides=["select.selection.strata=reply", "select.selection.method=random"]
+    )
+    with pytest.raises(ConfigError, match="selection.strata=reply"):
+        _check_selection(wrong.select)
+    b_sel, _, _ = baseline_configs("random", cfg.select, cfg.finetune, cfg.evaluate, tmp_path)
+    assert b_sel.selection.method == "random"
+    _check_selection(b_sel)

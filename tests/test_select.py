@@ -1156,3 +1156,85 @@ def test_two_commands_started_together_both_finish(tiny_olmoe, tmp_path):
         assert "Started a local Ray instance" in (tmp_path / f"run{i}" / "logs" / "console.log").read_text()
     first, second = ((tmp_path / f"run{i}" / "selected.jsonl").read_bytes() for i in range(2))
     assert first == second and first
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_strata_reply_keeps_each_frequent_answers_share_of_the_selection(ray_session, tiny_olmoe, tmp_path):
+    """selection.strata=reply (auto's choice for filtered_random): each reply that 5 or more rows of a
+    dataset give is a stratum of its own, with its own threshold and quota, so the selection keeps the
+    dataset's answer mix; the score files hold one reply hash per reply text; the selection names the
+    real datasets; a rerun by dataset strata reuses the score files. An answer 4 rows give is no stratum;
+    top_k takes no reply strata."""
+    from selectmoe.select.topk import dataset_quotas, reply_stratum, selection_size
+
+    replies = ["(A)"] * 30 + ["(B)"] * 15 + ["(C)"] * 4 + [f"It is option number {i}." for i in range(11)]
+    rows = [
+        {"id": f"quiz{i:02d}", "dataset": "quiz", "messages": [
+            {"role": "user", "content": f"Question {i}: which option is right, (A), (B) or (C)?"},
+            {"role": "assistant", "content": reply},
+        ]}
+        for i, reply in enumerate(replies)
+    ] + [
+        {"id": f"chat{i:02d}", "dataset": "chat", "messages": [
+            {"role": "user", "content": f"Tell me one thing about the number {i}."},
+            {"role": "assistant", "content": f"The number {i} comes after {i - 1}."},
+        ]}
+        for i in range(40)
+    ]  # fmt: skip
+    data = tmp_path / "rows"
+    data.mkdir()
+    for name in ("quiz", "chat"):
+        (data / f"{name}.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in rows if r["dataset"] == name)
+        )
+    keys = {
+        "selection.method": "filtered_random",
+        "selection_percentage": 0.5,
+        "scoring.perplexity_weight": 1.0,
+    }
+    out = run_select(
+        tiny_olmoe, tmp_path / "by_reply", data, **keys
+    )  # strata=auto: reply, for filtered_random
+    scored = {r["id"]: r for r in pq.read_table(out / "scores").to_pylist()}
+    reply_of = {r["id"]: r["messages"][1]["content"] for r in rows}
+    hash_of = {}
+    for i, row in scored.items():
+        hash_of.setdefault(reply_of[i], set()).add(row["reply_hash"])
+    assert all(len(h) == 1 for h in hash_of.values())  # one hash per reply text, another for another
+    hash_of = {reply: h.pop() for reply, h in hash_of.items()}
+    assert len(set(hash_of.values())) == len(hash_of)
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    how = manifest["metrics"]["filtered_random"]
+    assert how["strata"] == "reply" and how["frequent_replies_by_dataset"] == {"quiz": 2}
+    assert "(selection.strata)" in how["chosen_by"]
+    selected = [json.loads(line) for line in (out / "selected.jsonl").read_text().splitlines()]
+    assert {r["dataset"] for r in selected} == {"quiz", "chat"}
+
+    def stratum(i: str) -> str:
+        frequent = i.startswith("quiz") and reply_of[i] in ("(A)", "(B)")
+        return reply_stratum("quiz", hash_of[reply_of[i]]) if frequent else scored[i]["dataset"]
+
+    sizes = Counter(stratum(i) for i in scored)
+    assert sorted(sizes.values()) == [15, 15, 30, 40]
+    assert set(how["dataset_thresholds"]) == set(sizes)
+    # each dataset keeps its share exactly, shared among its strata by their rows
+    by_dataset = dataset_quotas({"quiz": 60, "chat": 40}, selection_size(len(scored), 0.5), None)
+    quotas = dataset_quotas({s: n for s, n in sizes.items() if s != "chat"}, by_dataset["quiz"], None)
+    assert Counter(stratum(r["id"]) for r in selected) == {**quotas, "chat": by_dataset["chat"]}
+    assert Counter(r["dataset"] for r in selected) == by_dataset
+    # a row of each frequent reply, to read what its stratum is
+    examples = how["frequent_reply_examples"]
+    assert {reply_of[i] for i in examples.values()} == {"(A)", "(B)"}
+    assert all(name == stratum(i) for name, i in examples.items())
+    # each stratum's rows are drawn from at or above its own threshold
+    assert all(r["score"] >= how["dataset_thresholds"][stratum(r["id"])] for r in selected)
+
+    rerun = run_select(tiny_olmoe, out, data, **keys, **{"selection.strata": "dataset"})
+    manifest = json.loads((rerun / "manifest.json").read_text())
+    assert manifest["counts"]["rows_scored_before"] == len(scored)
+    assert "strata" not in manifest["metrics"]["filtered_random"]
+    assert set(manifest["metrics"]["filtered_random"]["dataset_thresholds"]) == {"quiz", "chat"}
+    with pytest.raises(ConfigError, match="selection.strata=reply"):
+        run_select(tiny_olmoe, out, data, **{"selection.strata": "reply"})  # top_k

@@ -35,18 +35,24 @@ from selectmoe.select.topk import (
     dataset_quotas,
     dataset_thresholds,
     diversity_select,
+    frequent_replies,
     per_dataset_k,
     random_k,
     random_per_dataset_k,
     selection_size,
     similarity_select,
     top_k,
+    with_reply_strata,
+    without_strata,
 )
 
 
-def score_batches(scores, ids, datasets=None, batch=7):
+def score_batches(scores, ids, datasets=None, batch=7, replies=None):
+    """Score-file batches; with ``replies``, their ``reply_hash`` column too."""
     datasets = datasets or ["d"] * len(ids)
     table = pa.table({"id": ids, "dataset": datasets, "score": pa.array(scores, pa.float64())})
+    if replies is not None:
+        table = table.append_column("reply_hash", pa.array(replies, pa.uint64()))
     return [table.slice(i, batch) for i in range(0, len(ids), batch)]
 
 
@@ -135,6 +141,22 @@ def test_filtered_random_draws_each_datasets_quota_from_its_better_share(keep):
     assert set(other["id"].to_pylist()) != {i for v in expected.values() for i in v}
 
 
+def test_frequent_replies_are_those_five_rows_and_one_percent_of_a_dataset_give():
+    """selection.strata=reply's strata: a reply is frequent in its dataset when at least 5 of its rows and
+    1% of them give it; a reply frequent in one dataset is not in another; strata are undone exactly."""
+    datasets = ["quiz"] * 20 + ["chat"] * 1000
+    replies = [1] * 7 + [2] * 5 + [3] * 4 + list(range(100, 104)) + [1] * 6 + [2] * 12 + list(range(982))
+    assert frequent_replies(datasets, replies) == {("quiz", 1), ("quiz", 2), ("chat", 2)}  # chat's 1: < 1%
+    batch = pa.table(
+        {"id": [f"r{i}" for i in range(len(replies))], "dataset": datasets, "reply_hash": replies}
+    )
+    strata = with_reply_strata(batch, frequent_replies(datasets, replies))
+    labels = strata["dataset"].to_pylist()
+    assert len(set(labels[:7])) == 1 and labels[0] != "quiz" and labels[0].startswith("quiz")
+    assert labels[12:20] == ["quiz"] * 8 and labels[20:26] == ["chat"] * 6 and labels[26] != "chat"
+    assert without_strata(strata) == batch
+
+
 def test_filtered_random_over_one_dataset_says_its_cut_is_corpus_wide(capsys):
     """A corpus whose rows share one ``dataset`` gets a corpus-wide cut, which drops a domain the selector
     finds hard with the junk: the manifest's ``filtered_random`` entry and the terminal say so; a corpus
@@ -146,18 +168,25 @@ def test_filtered_random_over_one_dataset_says_its_cut_is_corpus_wide(capsys):
     cfg.selection.method = "filtered_random"
     ids = [f"r{i:03d}" for i in range(200)]
     scores = [float(-5 * (i % 4 == 0) + i / 1000) for i in range(200)]  # every 4th row scores far lower
+    replies = list(range(200))  # no reply repeats: the reply strata (auto) are the datasets
+
+    def batches(datasets):
+        return lambda: score_batches(scores, ids, datasets, replies=replies)
+
     for datasets, cautioned in ((["web"] * 200, True), (["code", "web", "web", "web"] * 50, False)):
-        chosen, info = _filtered_random(cfg, lambda d=datasets: score_batches(scores, ids, d), len(ids), 20)
+        chosen, info = _filtered_random(cfg, batches(datasets), len(ids), 20, batches(datasets))
         low_rows = sum(int(i[1:]) % 4 == 0 for i in chosen["id"].to_pylist())
         assert ("caution" in info) == cautioned
         assert (ONE_DATASET_CAUTION in capsys.readouterr().err) == cautioned
         # the low-scoring rows: cut whole as one dataset, kept at their share (balance=auto: the corpus's
         # mix) as a dataset of their own
         assert low_rows == (0 if cautioned else 5)
+    # with a frequent reply the one dataset is two strata, and its rest is still cut corpus-wide
+    replies[::10] = [7] * 20
+    chosen, info = _filtered_random(cfg, batches(["web"] * 200), len(ids), 20, batches(["web"] * 200))
+    assert "caution" in info and info["frequent_replies_by_dataset"] == {"web": 1}
     cfg.selection.keep_fraction = 1.0  # nothing is cut: nothing to say
-    assert (
-        "caution" not in _filtered_random(cfg, lambda: score_batches(scores, ids, ["web"] * 200), 200, 20)[1]
-    )
+    assert "caution" not in _filtered_random(cfg, batches(["web"] * 200), 200, 20, batches(["web"] * 200))[1]
 
 
 def test_threshold_keeps_the_rows_at_or_above_it_best_first():

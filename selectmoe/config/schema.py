@@ -295,6 +295,12 @@ class SelectionSection:
     quotas: dict[str, float] | None = None
     # filtered_random: the share of each dataset (its best-scored rows) the random draw is made from
     keep_fraction: float = ranged(0.5, low=0, high=1, low_open=True)
+    # filtered_random: what each threshold and quota is per: each dataset (dataset), or each dataset's
+    # frequent replies apart (reply: a reply 5 or more and 1% of the dataset's sampled rows give, such as
+    # an answer label, is a stratum of its own, the dataset's other rows one more): a likelihood filter
+    # otherwise keeps the answers the selector finds likely and drops the rarer ones; auto: reply for
+    # filtered_random without selection.quotas (which are per dataset), else dataset
+    strata: str = one_of("auto", ("auto", "dataset", "reply"))
     # similarity: files (or folders) of target-task examples, any supported row format; a row's task is
     # its ``task`` field, else its dataset (the file's stem)
     targets: list[str] | None = None

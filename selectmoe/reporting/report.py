@@ -91,6 +91,12 @@ def write_report(
             lines += [f"How the rows were chosen: {how['chosen_by']}{keep}.", ""]
             if "caution" in how:
                 lines += [f"**Caution:** {how['caution']}.", ""]
+            if (frequent := how.get("frequent_replies_by_dataset")) is not None:
+                counts = ", ".join(f"{name} {n}" for name, n in frequent.items()) or "none"
+                lines += [
+                    f"Frequent replies, each a stratum of its own (`selection.strata=reply`): {counts}.",
+                    "",
+                ]
         if cal := m2["metrics"].get("calibrated"):
             weights = ", ".join(f"{name} {value:+.3f}" for name, value in cal["coefficients"].items())
             lines += [

@@ -96,6 +96,8 @@ from selectmoe.select.score import (
 )
 from selectmoe.select.scorer import GateScorer
 from selectmoe.select.topk import (
+    REPLY_STRATUM_ROWS,
+    REPLY_STRATUM_SHARE,
     above_dataset_thresholds,
     above_threshold,
     choose_n_clusters,
@@ -103,15 +105,19 @@ from selectmoe.select.topk import (
     dataset_quotas,
     dataset_thresholds,
     diversity_select,
+    frequent_replies,
     order_by_score,
     per_dataset_k,
     random_k,
     random_per_dataset_k,
+    reply_stratum,
     routing_features,
     selection_size,
     similarity_select,
     top_k,
     with_rank,
+    with_reply_strata,
+    without_strata,
 )
 from selectmoe.select.training_rows import TrainingRows, find_training_rows
 
@@ -324,7 +330,7 @@ def _scoring_key(cfg: SelectConfig, model_path: str, sources, passes: ScorePasse
         "seed": cfg.seed,
         "inputs": hash_dict({source.uri: fingerprint(source.uri) for source in sources}),
         "resumed_by": ["source", "line"],  # score files before this held no source and line
-        "stores": ["reply_redundancy", "reply_ngrams"],  # nor these columns
+        "stores": ["reply_redundancy", "reply_ngrams", "reply_hash"],  # nor these columns
         # until 2026-12-07 the redundancy counted every n-gram the row held before (an answer copied from
         # its prompt too): score files of then hold that one
         "reply_redundancy": "the larger of the reply's repeats and the request's share restated",
@@ -491,6 +497,16 @@ def _check_selection(cfg: SelectConfig) -> None:
             f"selection.balance=dataset keeps the corpus mix for a method that picks k rows "
             f"({', '.join(BALANCED_METHODS)}); method is {method}"
         )
+    if uses_reply_strata(cfg.selection) and method != "filtered_random":
+        raise ConfigError(
+            "selection.strata=reply gives selection.method=filtered_random's filter and draw a stratum per "
+            f"frequent reply of each dataset; method is {method}"
+        )
+    if uses_reply_strata(cfg.selection) and cfg.selection.quotas:
+        raise ConfigError(
+            "selection.strata=reply shares each dataset's quota among its frequent replies by their rows; "
+            "selection.quotas set the datasets' quotas themselves: drop one of them"
+        )
     if cfg.selection.quotas and not _balanced(cfg.selection):
         raise ConfigError(
             "selection.quotas are the per-dataset quotas of selection.balance=dataset "
@@ -515,10 +531,15 @@ def _select(
     method = cfg.selection.method
     info: dict = {}
     extra = {"diversity": ["routing"], "similarity": ["embedding"]}.get(method, [])
+    if uses_reply_strata(cfg.selection):
+        extra = ["reply_hash"]
     columns = ["id", "dataset", "score", *extra]
 
     def batches():
         return _scored_stream(score_files, columns, rescore, excluded)
+
+    def replies():  # what finds the frequent replies: no score to recompute
+        return _stream(score_files, ["id", "dataset", "reply_hash"], excluded)
 
     k = selection_size(candidates, cfg.selection_percentage, cfg.selection.count)
     by_dataset = _balanced(cfg.selection)
@@ -541,7 +562,7 @@ def _select(
         )
         chosen = order_by_score(drawn)
     elif method == "filtered_random":
-        chosen, info["filtered_random"] = _filtered_random(cfg, batches, candidates, k)
+        chosen, info["filtered_random"] = _filtered_random(cfg, batches, candidates, k, replies)
     elif method == "threshold":
         chosen = above_threshold(batches(), cfg.selection.threshold)
     elif method == "similarity":
@@ -594,6 +615,14 @@ def _balanced(selection) -> bool:
     return selection.balance == "dataset"
 
 
+def uses_reply_strata(selection) -> bool:
+    """Whether ``selection.strata`` sets each frequent reply apart (``auto``: for ``filtered_random``
+    without ``selection.quotas``, which are per dataset)."""
+    if selection.strata == "auto":
+        return selection.method == "filtered_random" and not selection.quotas
+    return selection.strata == "reply"
+
+
 def _rows_by_dataset(files: list[Path], excluded: TrainingRows) -> Counter:
     counts = Counter()
     for batch in _stream(files, ["dataset"], excluded):
@@ -613,17 +642,42 @@ def _quotas(cfg: SelectConfig, rows_by_dataset: Counter, k: int) -> dict[str, in
     return dataset_quotas(dict(rows_by_dataset), k, cfg.selection.quotas)
 
 
-def _filtered_random(cfg: SelectConfig, batches, candidates: int, k: int) -> tuple[pa.Table, dict]:
+def _filtered_random(
+    cfg: SelectConfig, batches, candidates: int, k: int, replies=None
+) -> tuple[pa.Table, dict]:
     """A seeded random draw from the best ``selection.keep_fraction`` of each dataset (thresholds from
     a seeded sample of at most ~``TERM_SAMPLE_ROWS`` rows, exact below that); with
     ``selection.balance=dataset`` each dataset keeps its share of the corpus (or ``selection.quotas``)
-    exactly, else one draw over every kept row keeps it in expectation."""
+    exactly, else one draw over every kept row keeps it in expectation. With reply strata
+    (``uses_reply_strata``) each frequent reply of a dataset (``topk.frequent_replies`` of the same seeded
+    sample of ``replies()``: id, dataset, reply_hash batches) is a stratum of its own with its own
+    threshold, and the dataset's other rows one more; each dataset's quota is then shared among its
+    strata by their rows."""
     sampled: dict[str, list] = {}
-    rows = Counter()
+    rows, datasets, owners = Counter(), Counter(), {}  # rows per stratum and dataset; a stratum's dataset
+    frequent, examples = None, {}
+    if uses_reply_strata(cfg.selection):
+        sample = [
+            b.select(["id", "dataset", "reply_hash"]) for b in _seeded_sample(replies(), cfg.seed, candidates)
+        ]
+        sample = (
+            pa.concat_tables(sample).to_pydict() if sample else {"id": [], "dataset": [], "reply_hash": []}
+        )
+        frequent = frequent_replies(sample["dataset"], sample["reply_hash"])
+        for i, name, reply in sorted(zip(sample["id"], sample["dataset"], sample["reply_hash"])):
+            if (name, reply) in frequent:
+                examples.setdefault(reply_stratum(name, reply), i)
+
+    def stratified():
+        return batches() if frequent is None else (with_reply_strata(b, frequent) for b in batches())
 
     def counted():
-        for batch in batches():
-            rows.update(batch["dataset"].to_pylist())
+        for batch in stratified():
+            strata = batch["dataset"].to_pylist()
+            real = batch["source_dataset"].to_pylist() if frequent is not None else strata
+            rows.update(strata)
+            datasets.update(real)
+            owners.update(zip(strata, real))
             yield batch
 
     for batch in _seeded_sample(counted(), cfg.seed, candidates):
@@ -633,7 +687,7 @@ def _filtered_random(cfg: SelectConfig, batches, candidates: int, k: int) -> tup
     kept = Counter()
 
     def kept_rows():
-        for batch in above_dataset_thresholds(batches(), thresholds):
+        for batch in above_dataset_thresholds(stratified(), thresholds):
             kept.update(batch["dataset"].to_pylist())
             yield batch
 
@@ -642,7 +696,9 @@ def _filtered_random(cfg: SelectConfig, batches, candidates: int, k: int) -> tup
         quotas = {}
         short = {"all datasets": (kept.total(), k)} if kept.total() < k else {}
     else:
-        quotas = _quotas(cfg, rows, k)
+        quotas = _quotas(cfg, datasets, k)
+        if frequent is not None:
+            quotas = _stratum_quotas(quotas, rows, owners)
         chosen = random_per_dataset_k(kept_rows(), quotas, cfg.seed)
         short = {name: (kept[name], quota) for name, quota in quotas.items() if kept[name] < quota}
     if short:
@@ -650,7 +706,10 @@ def _filtered_random(cfg: SelectConfig, batches, candidates: int, k: int) -> tup
             f"selection.keep_fraction={cfg.selection.keep_fraction} keeps fewer rows than the selection "
             f"takes ((rows kept, rows to take): {short}); raise it or select fewer rows"
         )
-    cut_corpus_wide = len(rows) == 1 and cfg.selection.keep_fraction < 1
+    if frequent is not None:
+        chosen = without_strata(chosen)
+    cut_corpus_wide = len(datasets) == 1 and cfg.selection.keep_fraction < 1
+    apart = " (each frequent reply apart)" if frequent is not None else ""
     info = {
         **({"caution": ONE_DATASET_CAUTION} if cut_corpus_wide else {}),
         "keep_fraction": cfg.selection.keep_fraction,
@@ -659,15 +718,33 @@ def _filtered_random(cfg: SelectConfig, batches, candidates: int, k: int) -> tup
         "threshold_sample_rows": sum(len(v) for v in sampled.values()),
         **({"quotas": dict(sorted(quotas.items()))} if quotas else {}),
         "chosen_by": (
-            "per dataset at its quota (selection.balance), a seeded random draw among the rows at "
-            "or above the dataset's score threshold"
+            f"per dataset{apart} at its quota (selection.balance), a seeded random draw among the rows at "
+            "or above its score threshold"
             if quotas
-            else "a seeded random draw among the rows at or above their dataset's score threshold"
+            else f"a seeded random draw among the rows at or above their dataset's{apart} score threshold"
         ),
     }
+    if frequent is not None:
+        info["strata"] = "reply"
+        info["frequent_replies_by_dataset"] = dict(sorted(Counter(name for name, _ in frequent).items()))
+        info["frequent_reply_examples"] = dict(sorted(examples.items()))  # a row id of each, to read it
+        info["chosen_by"] += (
+            f"; a reply that {REPLY_STRATUM_ROWS} or more and {REPLY_STRATUM_SHARE:.0%} of a dataset's "
+            "sampled rows give (an answer label) is a stratum of its own, the dataset's other rows one more "
+            "(selection.strata)"
+        )
     if cut_corpus_wide:
         say(f"stage 2 select: caution: {ONE_DATASET_CAUTION}")
     return chosen, info
+
+
+def _stratum_quotas(quotas: dict[str, int], rows: Counter, owners: dict[str, str]) -> dict[str, int]:
+    """Each dataset's quota shared among its strata (``owners``: a stratum's dataset) in proportion to
+    their ``rows`` (largest remainder): every dataset keeps exactly its quota."""
+    shared = {}
+    for name, quota in quotas.items():
+        shared.update(dataset_quotas({s: n for s, n in rows.items() if owners[s] == name}, quota, None))
+    return shared
 
 
 def _target_embeddings(

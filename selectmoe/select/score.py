@@ -56,6 +56,7 @@ they were scored with.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
@@ -187,8 +188,8 @@ def score_batch(model, rows: list[dict], what: ScorePasses, pad_token_id: int) -
     """The one scoring forward pass: per-row columns for ``rows`` (tokenised: ``input_ids``,
     ``labels``, and ``reply_input_ids``/``reply_labels`` for ``reply_only``), in their order.
 
-    Columns: ``n_scored_tokens``, ``reply_redundancy`` and ``reply_ngrams`` (with a pass over the full
-    rows); ``layer_scores`` (B, L) with ``what.gates``; ``routing`` (B, L*E); ``embedding`` (B, hidden) fp16; ``nll``,
+    Columns: ``n_scored_tokens``, ``reply_redundancy``, ``reply_ngrams`` and ``reply_hash`` (with a pass
+    over the full rows); ``layer_scores`` (B, L) with ``what.gates``; ``routing`` (B, L*E); ``embedding`` (B, hidden) fp16; ``nll``,
     ``nll_without_prompt``, ``nll_gates_shut`` (B,); ``gate_slope``, ``gate_curvature``,
     ``driving_force`` (B, L). The decoder runs without the LM head; only the scored positions go through
     it (``row_nll``)."""
@@ -204,6 +205,9 @@ def score_batch(model, rows: list[dict], what: ScorePasses, pad_token_id: int) -
                 [reply_redundancy(r["input_ids"], r["labels"]) for r in rows]
             )
             columns["reply_ngrams"] = np.stack([reply_ngrams(r["input_ids"], r["labels"]) for r in rows])
+            columns["reply_hash"] = np.asarray(
+                [reply_hash(r["input_ids"], r["labels"]) for r in rows], np.uint64
+            )
             nll_apart = what.nll and what.nll_model == "base"
             if what.gates or what.routing or what.embedding or (what.nll and not nll_apart):
                 out = model.model(**inputs, output_router_logits=what.gates or what.routing)
@@ -289,6 +293,13 @@ def reply_ngrams(input_ids, labels) -> np.ndarray:
     kept = np.unique(np.maximum(hashes >> np.uint64(32), 1).astype(np.uint32))[:NGRAMS_PER_ROW]  # 0: none
     row[: len(kept)] = kept
     return row
+
+
+def reply_hash(input_ids, labels) -> int:
+    """A 64-bit hash of the reply's token ids (the assistant tokens, in order): rows that give the same
+    reply share it (``selection.strata=reply`` finds a dataset's frequent replies by it)."""
+    reply = np.asarray(input_ids, dtype="<i4")[np.asarray(labels) != IGNORE_INDEX]
+    return int.from_bytes(hashlib.blake2b(reply.tobytes(), digest_size=8).digest(), "little")
 
 
 def _mixed(hashes: np.ndarray) -> np.ndarray:

@@ -27,7 +27,7 @@ from selectmoe.training.common import set_cpu_threads
 # columns the score files keep beside id, dataset, score, layer_scores, n_tokens and n_scored_tokens
 OPTIONAL_COLUMNS = (
     "routing", "embedding", "nll", "nll_without_prompt", "nll_gates_shut", "gate_slope", "gate_curvature",
-    "driving_force", "reply_redundancy", "reply_ngrams",
+    "driving_force", "reply_redundancy", "reply_ngrams", "reply_hash",
 )  # fmt: skip
 WHERE_READ = ("source", "line")  # passed through: a resumed run finds the rows scored before by them
 TOKEN_FIELDS = ("input_ids", "labels", "reply_input_ids", "reply_labels")  # what score_batch reads

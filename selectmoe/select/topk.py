@@ -10,11 +10,13 @@ best ``k`` rows (O(k x tasks)).
 Order is total and deterministic: score descending, ties broken by id ascending. ``random`` orders by
 a seeded hash of the id instead of the score, so it is the same sample for the same seed;
 ``filtered_random`` draws the same way, per dataset at the corpus's mix, among the rows at or above
-their dataset's score threshold.
+their dataset's score threshold; with reply strata (``with_reply_strata``) each frequent reply of a dataset
+has a threshold and a share of its own.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -23,6 +25,10 @@ import pyarrow.compute as pc
 
 from selectmoe.data.subset import random_key
 
+# selection.strata=reply: a reply is a stratum of its own when at least this share of its dataset's sampled
+# rows, and at least this many of them, give it
+REPLY_STRATUM_SHARE = 0.01
+REPLY_STRATUM_ROWS = 5
 SILHOUETTE_ROWS = 2000  # rows the auto_k silhouette is measured on (O(rows^2) distances)
 _ORDER = [("score", "descending"), ("id", "ascending")]
 
@@ -65,6 +71,46 @@ def above_dataset_thresholds(batches: Iterable[pa.Table], thresholds: dict[str, 
     for batch in batches:
         floor = [thresholds.get(name, -np.inf) for name in batch["dataset"].to_pylist()]
         yield batch.filter(pc.greater_equal(batch["score"], pa.array(floor, pa.float64())))
+
+
+def frequent_replies(datasets: list[str], reply_hashes: list[int]) -> set[tuple[str, int]]:
+    """(dataset, reply hash) of each reply that at least ``REPLY_STRATUM_SHARE`` of the dataset's rows
+    (here: a sample of them), and ``REPLY_STRATUM_ROWS`` rows, give: an answer label such as BBH's
+    ``(A)`` or ``Yes``. Free-form replies rarely repeat, so such a dataset has none."""
+    rows = Counter(datasets)
+    given = Counter(zip(datasets, reply_hashes))
+    return {
+        (name, reply)
+        for (name, reply), n in given.items()
+        if n >= max(REPLY_STRATUM_ROWS, REPLY_STRATUM_SHARE * rows[name])
+    }
+
+
+def reply_stratum(dataset: str, reply_hash: int) -> str:
+    return f"{dataset} [reply {reply_hash:016x}]"
+
+
+def with_reply_strata(batch: pa.Table, frequent: set[tuple[str, int]]) -> pa.Table:
+    """``batch`` with its ``dataset`` column the row's stratum: ``reply_stratum`` for a ``frequent`` reply
+    of its dataset, else the dataset; the dataset itself moves to ``source_dataset`` (``without_strata``
+    puts it back)."""
+    datasets = batch["dataset"].to_pylist()
+    strata = [
+        reply_stratum(name, reply) if (name, reply) in frequent else name
+        for name, reply in zip(datasets, batch["reply_hash"].to_pylist())
+    ]
+    at = batch.schema.get_field_index("dataset")
+    return batch.set_column(at, "dataset", pa.array(strata, pa.string())).append_column(
+        "source_dataset", pa.array(datasets, pa.string())
+    )
+
+
+def without_strata(table: pa.Table) -> pa.Table:
+    """``with_reply_strata`` undone: the ``dataset`` column holds each row's dataset again."""
+    if table.num_columns == 0:
+        return table
+    at = table.schema.get_field_index("dataset")
+    return table.set_column(at, "dataset", table["source_dataset"]).drop_columns(["source_dataset"])
 
 
 def per_dataset_k(batches: Iterable[pa.Table], quotas: dict[str, int], order=None) -> pa.Table:
