@@ -71,10 +71,15 @@ same with the diversity draw's routing clusters as the datasets: each cluster's 
 proportion to cluster size), ``cluster_balanced_random`` (those quotas, no filter),
 ``filtered_random_by_length`` (the default's filter and draw with each dataset cut into quarters by reply
 length as the strata: the better half of each quarter, quotas per quarter, so the kept replies keep the
-dataset's lengths), ``similarity`` (the product's RDS+ selection), ``calibrated`` (the product's calibrated mode, the target examples as
-its trusted rows), ``clean_random`` (a random draw among the clean rows: a junk filter's ceiling; family
-rows can be spoiled more ways than real rows, so it holds fewer of them than the pool's share) and
-``clean_balanced_random`` (the same among the clean rows by the pool's quotas: the ceiling of a filter
+dataset's lengths), ``filtered_random_by_reply`` (the same with ``selection.strata=reply``: each reply 5 or more rows and 1% of
+a dataset give is a stratum, the rest one more, so the kept rows keep the dataset's answer mix),
+``filtered_random_raw_prompt_gain_redundancy`` (the default's filter without its -NLL term, the prompt gain
+uncapped: does the likelihood term make the filter keep frequent answers?), ``filtered_random_keep70`` and
+``filtered_random_keep85`` (the default's filter keeping each dataset's best 70% or 85%, not half: does a
+milder filter skew the clean rows it keeps less?), ``similarity`` (the product's RDS+ selection),
+``calibrated`` (the product's calibrated mode, the target examples as its trusted rows), ``clean_random``
+(a random draw among the clean rows: a junk filter's ceiling; family rows can be spoiled more ways than
+real rows, so it holds fewer of them than the pool's share) and ``clean_balanced_random`` (the same among the clean rows by the pool's quotas: the ceiling of a filter
 that keeps the mix, as ``filtered_random`` does; each of its draws is ``balanced_random``'s draw of the
 same seed with the spoiled rows replaced by the next clean ones, so the two compare nearly paired).
 
@@ -115,7 +120,7 @@ from common import TRAIN_DIR, lm_pretrained_tiny, quiet_ray, quiet_transformers,
 from selection_quality import reselect
 from selection_quality import run_stages as run_stages_of_the_product
 
-from selectmoe.config import ClusteringParams, PipelineConfig, ScoringSection, load_preset
+from selectmoe.config import ClusteringParams, PipelineConfig, ScoringSection, SelectionSection, load_preset
 from selectmoe.demo.defects import DEFECT_KINDS, HELD_OUT_KINDS, applies, plant_defects, request_of, spoil
 from selectmoe.manifest import hash_dict
 
@@ -150,12 +155,16 @@ FILTERED_RANDOM_RECIPES = {
     "filtered_random_raw_nll_quartile_prompt_gain": (1.0, 1.0, "raw", "lower_quartile", 0.0, 0.0, 0.0, 0.0),
     "filtered_random_raw_nll_quartile_prompt_gain_redundancy": (*_QUARTILE_REDUNDANCY, 0.0, 0.0),
     "filtered_random_raw_nll_quartile_prompt_gain_redundancy_commonness": (*_QUARTILE_REDUNDANCY, 8.0, 0.25),
+    # the default without its likelihood term: does -NLL make the filter keep a dataset's frequent answers?
+    "filtered_random_raw_prompt_gain_redundancy": (0.0, 1.0, "raw", "none", 8.0, 0.4, 0.0, 0.0),
 }
+KEEP_FRACTIONS = (0.7, 0.85)  # filtered_random_keepNN: the default's filter keeping NN% of each dataset
 METHODS = (
     "full", "oracle", "perplexity", "gates", "gates_prompt_gain", "gates_prompt_gain_balanced",
     *FILTERED_RANDOM_RECIPES, "balanced_random", "similarity", "calibrated", "clean_random",
     "clean_balanced_random", "diversity", "diversity_random_order", "filtered_random_pooled",
     "filtered_random_by_cluster", "cluster_balanced_random", "filtered_random_by_length",
+    "filtered_random_by_reply", *(f"filtered_random_keep{round(100 * keep)}" for keep in KEEP_FRACTIONS),
 )  # fmt: skip  # besides the random draws
 ALWAYS_RUN = (
     "random",
@@ -181,7 +190,19 @@ HIGHER_IS_BETTER = ("junk_margin", "junk_accuracy", "absent_kinds_junk_margin")
 
 
 def default_method() -> str:
-    """The row that is the default preset's recipe (filtered_random, no gate term)."""
+    """The row that is the default preset's recipe (filtered_random, no gate term): its score's row, or
+    ``filtered_random_by_reply`` where the default's strata are the frequent replies."""
+    from selectmoe.select.driver import uses_reply_strata
+
+    assert DEFAULT["selection"]["method"] == "filtered_random" and not DEFAULT["scoring"]["gate_weight"]
+    if uses_reply_strata(SelectionSection(**DEFAULT["selection"])):
+        return "filtered_random_by_reply"
+    return default_score_method()
+
+
+def default_score_method() -> str:
+    """The row of the default preset's score with dataset strata (the score every stratified filter,
+    ``diversity`` and ``filtered_random_by_reply`` order by)."""
     scoring = DEFAULT["scoring"]
     weights = (
         scoring["perplexity_weight"],
@@ -193,7 +214,6 @@ def default_method() -> str:
         scoring.get("commonness_weight", 0.0),
         scoring.get("commonness_tolerance", 0.0),
     )
-    assert DEFAULT["selection"]["method"] == "filtered_random" and not scoring["gate_weight"]
     return next(name for name, recipe in FILTERED_RANDOM_RECIPES.items() if recipe == weights)
 
 
@@ -468,8 +488,10 @@ def selections(
         dataset_quotas,
         dataset_thresholds,
         diversity_select,
+        frequent_replies,
         random_per_dataset_k,
         selection_size,
+        with_reply_strata,
     )
 
     table = pq.read_table(
@@ -482,6 +504,7 @@ def selections(
             "nll_without_prompt",
             "reply_redundancy",
             "reply_ngrams",
+            "reply_hash",
             "routing",
             "n_scored_tokens",
         ],
@@ -566,11 +589,17 @@ def selections(
     ]
 
     def filtered_random(
-        score: np.ndarray | None, d: int, among: np.ndarray | None = None, strata: np.ndarray = datasets
+        score: np.ndarray | None,
+        d: int,
+        among: np.ndarray | None = None,
+        strata: np.ndarray = datasets,
+        keep_fraction: float = DEFAULT["selection"]["keep_fraction"],
     ) -> list[str]:
-        """``selection.method=filtered_random``'s draw: quotas of each dataset's better half by ``score``
-        (of all its rows when ``score`` is None: ``balanced_random``; of its ``among`` rows when given);
-        ``strata`` in place of the datasets: the pool as one dataset, or routing clusters."""
+        """``selection.method=filtered_random``'s draw: quotas of each dataset's best ``keep_fraction`` by
+        ``score`` (of all its rows when ``score`` is None: ``balanced_random``; of its ``among`` rows when
+        given); ``strata`` in place of the datasets: the pool as one dataset, routing clusters, length
+        quarters or reply strata (``selection.strata=reply``'s labels; its quotas are shared out over every
+        stratum at once, the product's per dataset first, so a dataset's count may differ by a row)."""
         rows = np.ones(len(ids), dtype=bool) if among is None else among
         scored = pa.table(
             {
@@ -581,9 +610,7 @@ def selections(
         )
         kept = [scored]
         if score is not None:
-            thresholds = dataset_thresholds(
-                {s: score[strata == s] for s in set(strata)}, DEFAULT["selection"]["keep_fraction"]
-            )
+            thresholds = dataset_thresholds({s: score[strata == s] for s in set(strata)}, keep_fraction)
             kept = above_dataset_thresholds(kept, thresholds)
         return random_per_dataset_k(kept, quotas_of(strata), draw_seed(seed, d))["id"].to_pylist()
 
@@ -600,7 +627,7 @@ def selections(
         picked, labels = diversity_select(scored, k, clustering.k, clustering.max_iters, draw_seed(seed, d))
         return picked["id"].to_pylist(), labels
 
-    default_score = filter_scores[default_method()]
+    default_score = filter_scores[default_score_method()]
     diversity = [diverse(default_score, d) for d in draws]
     chosen["diversity"] = [picked for picked, _ in diversity]
     clusters = [cluster_mix(pool, ids, labels) for _, labels in diversity]
@@ -619,6 +646,17 @@ def selections(
     length_strata = length_quarters(ids, datasets, table["n_scored_tokens"].to_numpy())
     chosen["filtered_random_by_length"] = [
         filtered_random(default_score, d, strata=length_strata) for d in draws
+    ]
+    # a milder filter: each dataset keeps more of its rows, so fewer clean ones are left for being unlikely
+    for keep in KEEP_FRACTIONS:
+        chosen[f"filtered_random_keep{round(100 * keep)}"] = [
+            filtered_random(default_score, d, keep_fraction=keep) for d in draws
+        ]
+    # selection.strata=reply: each dataset's frequent replies one stratum each, the rest one more
+    frequent = frequent_replies(datasets.tolist(), table["reply_hash"].to_pylist())
+    reply_strata = np.asarray(with_reply_strata(table.select(["dataset", "reply_hash"]), frequent)["dataset"])
+    chosen["filtered_random_by_reply"] = [
+        filtered_random(default_score, d, strata=reply_strata) for d in draws
     ]
     return {**chosen, **{name: [ids] for name, ids in product.items()}}, clusters
 
@@ -964,6 +1002,7 @@ def summarise(per_seed: list[dict]) -> dict:
         # spoiled row replaced by a clean one) clearly wins on it
         "junk_measure_valid": junk["mean"] > 2 * junk["se"] > 0,
         "default": default_method(),
+        "default_score": default_score_method(),  # its score, the dataset strata
         "methods": rows,
         "diversity_clusters": cluster_summary(per_seed),
     }

@@ -468,7 +468,8 @@ def test_downstream_proxy_small(tmp_path):
         "filtered_random_raw_nll_quartile_prompt_gain_redundancy_commonness",
         "balanced_random", "similarity", "calibrated", "clean_random", "clean_balanced_random", "diversity",
         "diversity_random_order", "filtered_random_pooled", "filtered_random_by_cluster", "cluster_balanced_random",
-        "filtered_random_by_length",
+        "filtered_random_by_length", "filtered_random_by_reply", "filtered_random_raw_prompt_gain_redundancy",
+        "filtered_random_keep70", "filtered_random_keep85",
     }  # fmt: skip
     # the junk filter's ceiling: only clean rows, as many as every 5% selection; every finetune is also
     # judged on the held-out clean replies
@@ -502,14 +503,19 @@ def test_downstream_proxy_small(tmp_path):
         assert [d["rows"] for d in methods[method]["draws"]] == [methods[default]["rows"]] * 2
     assert methods["diversity"]["target_nll"] != methods["diversity_random_order"]["target_nll"]
     # the default's filter with the pool as one dataset, with each diversity draw's clusters as the
-    # datasets (filtered or not), and with each dataset's length quarters: as many rows as the default,
-    # other rows than each other
+    # datasets (filtered or not), with each dataset's length quarters or its frequent replies, keeping
+    # more of each dataset: as many rows as the default, other rows than each other
     strata = (
-        "filtered_random_pooled", "filtered_random_by_cluster", "cluster_balanced_random", "filtered_random_by_length"
+        "filtered_random_pooled", "filtered_random_by_cluster", "cluster_balanced_random",
+        "filtered_random_by_length", "filtered_random_by_reply", "filtered_random_keep70", "filtered_random_keep85",
     )  # fmt: skip
+    by_dataset = report["summary"]["default_score"]  # the default's score over the dataset strata
+    assert by_dataset != default == "filtered_random_by_reply"  # the default's strata: frequent replies
     for method in strata:
         assert [d["rows"] for d in methods[method]["draws"]] == [methods[default]["rows"]] * 2
-    assert len({methods[method]["target_nll"] for method in (default, *strata)}) == 5
+    # (the reply strata part from the dataset strata only where a reply repeats: tests/test_select.py)
+    others = [method for method in strata if method != default]
+    assert len({methods[method]["target_nll"] for method in (by_dataset, *others)}) == 7
     # family rows: the target families' rows are among them, the oracle holds nothing else, the full pool
     # holds every family's 3 templates x 32 words
     assert all(
