@@ -189,8 +189,8 @@ def score_batch(model, rows: list[dict], what: ScorePasses, pad_token_id: int) -
     ``labels``, and ``reply_input_ids``/``reply_labels`` for ``reply_only``), in their order.
 
     Columns: ``n_scored_tokens``, ``reply_redundancy``, ``reply_ngrams`` and ``reply_hash`` (with a pass
-    over the full rows); ``layer_scores`` (B, L) with ``what.gates``; ``routing`` (B, L*E); ``embedding`` (B, hidden) fp16; ``nll``,
-    ``nll_without_prompt``, ``nll_gates_shut`` (B,); ``gate_slope``, ``gate_curvature``,
+    over the full rows); ``layer_scores`` (B, L) with ``what.gates``; ``routing`` (B, L*E); ``embedding``
+    (B, hidden) fp16; ``nll``, ``nll_without_prompt``, ``nll_gates_shut`` (B,); ``gate_slope``, ``gate_curvature``,
     ``driving_force`` (B, L). The decoder runs without the LM head; only the scored positions go through
     it (``row_nll``)."""
     device = next(model.parameters()).device
