@@ -1070,8 +1070,14 @@ def test_balance_dataset_keeps_the_corpus_mix_in_each_methods_order(one_actor, t
     assert [r["id"] for r in given if r["dataset"] == other] == best(other, int(0.05 * counts[other]))
 
     # filtered_random keeps the mix by default (balance=auto); balance=none draws once over the kept rows
+    # (per dataset only: human_instructions' frequent answers, such as "1", would be strata of their own)
     for balance in ("auto", "none"):
-        drawn = selected(**{"selection.method": "filtered_random", "selection.balance": balance})
+        keys = {
+            "selection.method": "filtered_random",
+            "selection.balance": balance,
+            "selection.strata": "dataset",
+        }
+        drawn = selected(**keys)
         info = json.loads((out / "manifest.json").read_text())["metrics"]["filtered_random"]
         floor = info["dataset_thresholds"]
         assert len(drawn) == k and all(r["score"] >= floor[r["dataset"]] for r in drawn)

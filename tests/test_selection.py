@@ -141,6 +141,18 @@ def test_filtered_random_draws_each_datasets_quota_from_its_better_share(keep):
     assert set(other["id"].to_pylist()) != {i for v in expected.values() for i in v}
 
 
+def test_reply_hash_groups_whole_replies_and_never_ones_truncation_cut():
+    """The same whole reply (ending in EOS, id 2 here) under two prompts shares its hash; a reply cut by
+    truncation is hashed with its prompt, so two rows cut after the same first tokens do not."""
+    from selectmoe.select.score import reply_hash
+
+    i = IGNORE_INDEX
+    assert reply_hash([1, 3, 9, 2], [i, i, 9, 2], 2) == reply_hash([5, 9, 2], [i, 9, 2], 2)
+    assert reply_hash([1, 3, 9, 2], [i, i, 9, 2], 2) != reply_hash([5, 8, 2], [i, 8, 2], 2)
+    assert reply_hash([1, 3, 9, 4], [i, i, 9, 4], 2) != reply_hash([5, 9, 4], [i, 9, 4], 2)  # cut: "9 4..."
+    assert reply_hash([1, 3, 9, 2], [i, i, 9, 2], [2, 7]) == reply_hash([5, 9, 2], [i, 9, 2], 2)
+
+
 def test_frequent_replies_are_those_five_rows_and_one_percent_of_a_dataset_give():
     """selection.strata=reply's strata: a reply is frequent in its dataset when at least 5 of its rows and
     1% of them give it; a reply frequent in one dataset is not in another; strata are undone exactly."""

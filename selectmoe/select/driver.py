@@ -709,7 +709,6 @@ def _filtered_random(
     if frequent is not None:
         chosen = without_strata(chosen)
     cut_corpus_wide = len(datasets) == 1 and cfg.selection.keep_fraction < 1
-    apart = " (each frequent reply apart)" if frequent is not None else ""
     info = {
         **({"caution": ONE_DATASET_CAUTION} if cut_corpus_wide else {}),
         "keep_fraction": cfg.selection.keep_fraction,
@@ -718,10 +717,10 @@ def _filtered_random(
         "threshold_sample_rows": sum(len(v) for v in sampled.values()),
         **({"quotas": dict(sorted(quotas.items()))} if quotas else {}),
         "chosen_by": (
-            f"per dataset{apart} at its quota (selection.balance), a seeded random draw among the rows at "
-            "or above its score threshold"
+            "per dataset at its quota (selection.balance), a seeded random draw among the rows at "
+            "or above the dataset's score threshold"
             if quotas
-            else f"a seeded random draw among the rows at or above their dataset's{apart} score threshold"
+            else "a seeded random draw among the rows at or above their dataset's score threshold"
         ),
     }
     if frequent is not None:
@@ -730,8 +729,9 @@ def _filtered_random(
         info["frequent_reply_examples"] = dict(sorted(examples.items()))  # a row id of each, to read it
         info["chosen_by"] += (
             f"; a reply that {REPLY_STRATUM_ROWS} or more and {REPLY_STRATUM_SHARE:.0%} of a dataset's "
-            "sampled rows give (an answer label) is a stratum of its own, the dataset's other rows one more "
-            "(selection.strata)"
+            "sampled rows give (an answer label) is a stratum of its own, with its own threshold"
+            + (" and a share of the dataset's quota" if quotas else "")
+            + ", the dataset's other rows one more (selection.strata)"
         )
     if cut_corpus_wide:
         say(f"stage 2 select: caution: {ONE_DATASET_CAUTION}")

@@ -205,8 +205,9 @@ def score_batch(model, rows: list[dict], what: ScorePasses, pad_token_id: int) -
                 [reply_redundancy(r["input_ids"], r["labels"]) for r in rows]
             )
             columns["reply_ngrams"] = np.stack([reply_ngrams(r["input_ids"], r["labels"]) for r in rows])
+            eos = getattr(model.config, "eos_token_id", None)
             columns["reply_hash"] = np.asarray(
-                [reply_hash(r["input_ids"], r["labels"]) for r in rows], np.uint64
+                [reply_hash(r["input_ids"], r["labels"], eos) for r in rows], np.uint64
             )
             nll_apart = what.nll and what.nll_model == "base"
             if what.gates or what.routing or what.embedding or (what.nll and not nll_apart):
@@ -295,11 +296,18 @@ def reply_ngrams(input_ids, labels) -> np.ndarray:
     return row
 
 
-def reply_hash(input_ids, labels) -> int:
+def reply_hash(input_ids, labels, eos_token_id=None) -> int:
     """A 64-bit hash of the reply's token ids (the assistant tokens, in order): rows that give the same
-    reply share it (``selection.strata=reply`` finds a dataset's frequent replies by it)."""
-    reply = np.asarray(input_ids, dtype="<i4")[np.asarray(labels) != IGNORE_INDEX]
-    return int.from_bytes(hashlib.blake2b(reply.tobytes(), digest_size=8).digest(), "little")
+    reply share it (``selection.strata=reply`` finds a dataset's frequent replies by it). A reply that
+    does not end in ``eos_token_id`` was cut by truncation: it is hashed with its prompt, so that short
+    cut-off replies ("Sure", "1.") never pass for a frequent answer."""
+    ids = np.asarray(input_ids, dtype="<i4")
+    reply = ids[np.asarray(labels) != IGNORE_INDEX]
+    eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+    whole = not eos or (len(reply) > 0 and int(reply[-1]) in eos)
+    return int.from_bytes(
+        hashlib.blake2b((reply if whole else ids).tobytes(), digest_size=8).digest(), "little"
+    )
 
 
 def _mixed(hashes: np.ndarray) -> np.ndarray:
