@@ -642,9 +642,7 @@ def _quotas(cfg: SelectConfig, rows_by_dataset: Counter, k: int) -> dict[str, in
     return dataset_quotas(dict(rows_by_dataset), k, cfg.selection.quotas)
 
 
-def _filtered_random(
-    cfg: SelectConfig, batches, candidates: int, k: int, replies=None
-) -> tuple[pa.Table, dict]:
+def _filtered_random(cfg: SelectConfig, batches, candidates: int, k: int, replies) -> tuple[pa.Table, dict]:
     """A seeded random draw from the best ``selection.keep_fraction`` of each dataset (thresholds from
     a seeded sample of at most ~``TERM_SAMPLE_ROWS`` rows, exact below that); with
     ``selection.balance=dataset`` each dataset keeps its share of the corpus (or ``selection.quotas``)
