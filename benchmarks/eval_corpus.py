@@ -23,8 +23,14 @@ write it under ``/tmp``.
 the first set's sample left out (``bbh_rest``; give the same ``--per-source`` and ``--seed`` as that
 corpus, by default both sets' defaults).
 
+``--set third`` writes rows neither set holds, written before any result on them was seen, for re-checking
+what was chosen after seeing the first two (reply strata, 2026-12-08): TyDi QA GoldP dev in Russian, Korean
+and Arabic, the MMLU test rows the first set's sample left out (``mmlu_rest``), and the worked examples of
+BBH's chain-of-thought prompts (``bbh_cot``: question -> "Let's think step by step." ... "So the answer is X.").
+
     .venv/bin/python benchmarks/eval_corpus.py /tmp/selectmoe_eval_corpus
     .venv/bin/python benchmarks/eval_corpus.py --set unseen /tmp/selectmoe_eval_unseen
+    .venv/bin/python benchmarks/eval_corpus.py --set third /tmp/selectmoe_eval_third
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from common import EVAL_DIR
 SETS = {
     "first": ("gsm8k", "arc", "mmlu", "bbh", "tydiqa_english"),
     "unseen": ("tydiqa_finnish", "tydiqa_indonesian", "tydiqa_swahili", "mmlu_dev", "bbh_rest"),
+    "third": ("tydiqa_russian", "tydiqa_korean", "tydiqa_arabic", "mmlu_rest", "bbh_cot"),
 }
 
 
@@ -51,7 +58,10 @@ def main() -> None:
     p.add_argument("--per-source", type=int, default=1500, help="at most this many rows per source (seeded)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--set", default="first", choices=list(SETS), help="unseen: rows the first set does not hold"
+        "--set",
+        default="first",
+        choices=list(SETS),
+        help="unseen: rows the first set does not hold; third: rows neither holds",
     )
     args = p.parse_args()
     counts = write_eval_corpus(args.eval_dir, args.out, args.per_source, args.seed, args.set)
@@ -155,6 +165,19 @@ def bbh_rows(eval_dir: Path) -> list[dict]:
     return rows
 
 
+def bbh_cot_rows(eval_dir: Path) -> list[dict]:
+    """The worked examples of BBH's 3-shot chain-of-thought prompts, one row each: the question (with its
+    options) -> "Let's think step by step." and the reasoning, ending "So the answer is X."."""
+    rows = []
+    for path in sorted((eval_dir / "bbh" / "cot-prompts").glob("*.txt")):
+        for i, shot in enumerate(path.read_text().split("\n\nQ: ")[1:]):
+            question, _, answer = shot.partition("\nA: ")
+            rows.append(
+                instruction_row("bbh_cot", f"bbh_cot-{path.stem}-{i}", question.strip(), answer.strip())
+            )
+    return rows
+
+
 def mmlu_dev_rows(eval_dir: Path) -> list[dict]:
     return mmlu_rows(eval_dir, "dev")
 
@@ -177,9 +200,10 @@ READERS = {
     "mmlu": mmlu_rows,
     "mmlu_dev": mmlu_dev_rows,
     "bbh": bbh_rows,
+    "bbh_cot": bbh_cot_rows,
     **{
         f"tydiqa_{language}": functools.partial(tydiqa_rows, language=language)
-        for language in ("english", "finnish", "indonesian", "swahili")
+        for language in ("english", "finnish", "indonesian", "swahili", "russian", "korean", "arabic")
     },
 }
 

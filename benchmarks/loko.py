@@ -105,6 +105,7 @@ RAW_RECIPES = (
             (8.0, 0.4),
         )
     ),
+    (0.0, 0.0, 1.0, 0.0, 0.0, "raw", "none", 8.0, 0.4),  # the default without its -NLL term
 )
 PERPLEXITY = "perplexity (-NLL, base model)"
 NLL_BASE_FILES = ("stage2_base", "terms_base.json")  # --nll-model base: stage 2's folder, the cached terms

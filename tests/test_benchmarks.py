@@ -207,15 +207,18 @@ def test_eval_corpus_writes_the_eval_sets_as_rows_that_loko_judges_the_default_o
     assert done.returncode != 0 and "other.jsonl" in done.stderr
     (corpus / "other.jsonl").unlink()
 
-    unseen = tmp_path / "unseen"  # rows the first set does not hold, each source a dataset
-    done = write("--set", "unseen", "--per-source", "300", out=unseen)
-    assert done.returncode == 0, done.stderr
-    unseen_rows = read(unseen)
+    def written_set(name: str) -> dict[str, list[dict]]:  # another set's rows, each source a dataset
+        done = write("--set", name, "--per-source", "300", out=tmp_path / name)
+        assert done.returncode == 0, done.stderr
+        rows_of_set = read(tmp_path / name)
+        assert all(r["dataset"] == source for source, of_source in rows_of_set.items() for r in of_source)
+        return rows_of_set
+
+    unseen_rows = written_set("unseen")  # rows the first set does not hold
     assert {name: len(r) for name, r in unseen_rows.items()} == {
         "tydiqa_finnish": 300, "tydiqa_indonesian": 300, "tydiqa_swahili": 300, "mmlu_dev": 285, "bbh_rest": 300
     }  # fmt: skip
     assert len({r["id"] for r in sum(unseen_rows.values(), [])}) == 1485
-    assert all(r["dataset"] == name for name, source in unseen_rows.items() for r in source)
     for row in (
         rows["arc"] + rows["mmlu"] + unseen_rows["mmlu_dev"]
     ):  # the keyed option, as the request lists it
@@ -228,6 +231,18 @@ def test_eval_corpus_writes_the_eval_sets_as_rows_that_loko_judges_the_default_o
         task, index = row["id"].removeprefix("bbh-").rsplit("-", 1)
         example = json.loads((bbh_dir / f"{task}.json").read_text())["examples"][int(index)]
         assert [m["content"] for m in row["messages"]] == [example["input"], example["target"]]
+    third_rows = written_set("third")  # other languages, the rest of MMLU test, BBH's worked shots
+    assert {name: len(r) for name, r in third_rows.items()} == {
+        "tydiqa_russian": 300, "tydiqa_korean": 276, "tydiqa_arabic": 300, "mmlu_rest": 300, "bbh_cot": 81
+    }  # fmt: skip
+    seen = {r["id"] for source in (rows, unseen_rows) for r in sum(source.values(), [])}
+    assert not seen & {r["id"] for r in sum(third_rows.values(), [])}
+    for row in third_rows["bbh_cot"]:  # a worked shot: the question, then its reasoning and answer
+        request, reply = (m["content"] for m in row["messages"])
+        assert (
+            reply.startswith("Let's think step by step.") and "So the answer is" in reply.rsplit("\n", 1)[-1]
+        )
+        assert "\nA: " not in request and "Q: " not in reply
     assert write("--set", "unseen", out=corpus).returncode != 0  # not into the first set's folder
     done = write("--set", "unseen", "--per-source", "100000", out=tmp_path / "all")  # nothing left out
     assert done.returncode != 0 and "bbh" in done.stderr and not (tmp_path / "all").exists()
@@ -469,7 +484,7 @@ def test_downstream_proxy_small(tmp_path):
         "balanced_random", "similarity", "calibrated", "clean_random", "clean_balanced_random", "diversity",
         "diversity_random_order", "filtered_random_pooled", "filtered_random_by_cluster", "cluster_balanced_random",
         "filtered_random_by_length", "filtered_random_by_reply", "filtered_random_raw_prompt_gain_redundancy",
-        "filtered_random_keep70", "filtered_random_keep85",
+        "filtered_random_keep70", "filtered_random_keep85", "filtered_random_by_reply_without_nll",
     }  # fmt: skip
     # the junk filter's ceiling: only clean rows, as many as every 5% selection; every finetune is also
     # judged on the held-out clean replies
@@ -599,6 +614,35 @@ def test_commonness_by_kind_small(tmp_path):
     assert sum(v["rows"] for v in real["by_dataset"].values()) == real["rows"]
     assert "wrong_answer" in report["corpora"]["demo"]["auroc_within_datasets"]  # the demo plants every kind
     assert "canned" in stdout and "AUROC" in stdout
+
+
+def test_redundancy_rates_small(tmp_path):
+    """Model-free, per dataset: clean replies and the same rows echoed, restated, looped and doubled, each
+    rule's share flagged. A multiple-choice answer copies one option: flagged by neither rule. An answer
+    copying most of a short passage: flagged by the product's rule, not by a content-only share of 0.9. A
+    request echoed: flagged by both."""
+    passage = "The Nile, at 6,650 km, is the longest river in Africa and flows north into the Mediterranean"
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name, request, reply in (
+        ("mmlu", "Which planet is largest?\n(A) Mars\n(B) Jupiter\n(C) Venus\n(D) Earth", "(B) Jupiter"),
+        ("tydiqa", f"{passage}.\n\nQuestion: Which river is the longest in Africa?", passage),
+    ):
+        row = {"messages": [{"role": "user", "content": request}, {"role": "assistant", "content": reply}]}
+        lines = [json.dumps({**row, "id": f"{name}-{i}", "dataset": name}) for i in range(12)]
+        (corpus / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    stdout, report = run_benchmark(
+        "redundancy_rates.py", tmp_path, str(corpus), *("--rows", "10", "--thresholds", "0.6", "0.9")
+    )
+    rates = report["folders"][str(corpus)]
+    assert set(rates) == {"mmlu", "tydiqa"} and report["tolerance"] == 0.4
+    for dataset in rates.values():
+        assert set(dataset) == {"clean", "echo", "restated", "looped", "doubled"}
+        assert all(cell["rows"] == 10 for cell in dataset.values())
+        assert dataset["echo"]["product"] == dataset["echo"]["content_0.9"] == 1.0
+    assert rates["mmlu"]["clean"] == {"rows": 10, "product": 0.0, "content_0.6": 0.0, "content_0.9": 0.0}
+    assert rates["tydiqa"]["clean"] == {"rows": 10, "product": 1.0, "content_0.6": 1.0, "content_0.9": 0.0}
+    assert "share flagged" in stdout
 
 
 def test_prompt_gain_spans_small(tmp_path):
