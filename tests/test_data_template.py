@@ -19,6 +19,7 @@ from selectmoe.data.template import (
     ensure_pad_token,
     format_messages,
     load_tokenizer,
+    message_spans,
 )
 from selectmoe.demo.run import TOKENIZER_VOCAB, demo_lm_rows
 from selectmoe.demo.tiny import build_tiny_llama, build_tiny_olmoe
@@ -80,6 +81,11 @@ def test_text_is_open_instruct_tulu_format():
         "<|assistant|>\nBlue, like   the sky.</s>"
     )
     assert [text[start:end] for start, end in spans] == ["An apple.</s>", "Blue, like   the sky.</s>"]
+    same_text, every_span = message_spans(MULTI, "</s>")  # every message's content, headers left out
+    assert same_text == text
+    assert [text[start:end] for start, end in every_span] == [
+        "You are a helpful assistant.", "Hi! Name a fruit.", "An apple.</s>", "And a colour?", "Blue, like   the sky.</s>"
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("messages", [SINGLE, MULTI], ids=["single", "multi"])

@@ -32,13 +32,20 @@ ROLE_HEADERS = {"system": "<|system|>\n", "user": "<|user|>\n", "assistant": "<|
 
 def format_messages(messages: list[dict], eos_token: str) -> tuple[str, list[tuple[int, int]]]:
     """The template text and the ``[start, end)`` character span of each assistant content + EOS."""
+    text, spans = message_spans(messages, eos_token)
+    return text, [span for span, message in zip(spans, messages) if message["role"] == "assistant"]
+
+
+def message_spans(messages: list[dict], eos_token: str) -> tuple[str, list[tuple[int, int]]]:
+    """The template text and each message's ``[start, end)`` character span: its content without the role
+    header (an assistant's with its EOS)."""
     pieces, spans, position = [], [], 0
     for message in messages:
         header = ROLE_HEADERS[message["role"]]
         body = message["content"].strip()
         if message["role"] == "assistant":
             body += eos_token
-            spans.append((position + len(header), position + len(header) + len(body)))
+        spans.append((position + len(header), position + len(header) + len(body)))
         piece = f"{header}{body}\n"
         pieces.append(piece)
         position += len(piece)
