@@ -73,6 +73,7 @@ proportion to cluster size), ``cluster_balanced_random`` (those quotas, no filte
 length as the strata: the better half of each quarter, quotas per quarter, so the kept replies keep the
 dataset's lengths), ``filtered_random_by_reply`` (the same with ``selection.strata=reply``: each reply 5 or more rows and 1% of
 a dataset give is a stratum, the rest one more, so the kept rows keep the dataset's answer mix),
+``filtered_random_by_reply_without_nll`` (those strata with the filter below, without -NLL),
 ``filtered_random_raw_prompt_gain_redundancy`` (the default's filter without its -NLL term, the prompt gain
 uncapped: does the likelihood term make the filter keep frequent answers?), ``filtered_random_keep70`` and
 ``filtered_random_keep85`` (the default's filter keeping each dataset's best 70% or 85%, not half: does a
@@ -164,7 +165,8 @@ METHODS = (
     *FILTERED_RANDOM_RECIPES, "balanced_random", "similarity", "calibrated", "clean_random",
     "clean_balanced_random", "diversity", "diversity_random_order", "filtered_random_pooled",
     "filtered_random_by_cluster", "cluster_balanced_random", "filtered_random_by_length",
-    "filtered_random_by_reply", *(f"filtered_random_keep{round(100 * keep)}" for keep in KEEP_FRACTIONS),
+    "filtered_random_by_reply", "filtered_random_by_reply_without_nll",
+    *(f"filtered_random_keep{round(100 * keep)}" for keep in KEEP_FRACTIONS),
 )  # fmt: skip  # besides the random draws
 ALWAYS_RUN = (
     "random",
@@ -657,6 +659,10 @@ def selections(
     reply_strata = np.asarray(with_reply_strata(table.select(["dataset", "reply_hash"]), frequent)["dataset"])
     chosen["filtered_random_by_reply"] = [
         filtered_random(default_score, d, strata=reply_strata) for d in draws
+    ]
+    without_nll = filter_scores["filtered_random_raw_prompt_gain_redundancy"]
+    chosen["filtered_random_by_reply_without_nll"] = [
+        filtered_random(without_nll, d, strata=reply_strata) for d in draws
     ]
     return {**chosen, **{name: [ids] for name, ids in product.items()}}, clusters
 
