@@ -32,7 +32,8 @@ from common import print_table, write_json
 from selection_quality import sample_by_file
 
 from selectmoe.config import PipelineConfig, load_preset
-from selectmoe.data.template import IGNORE_INDEX, message_spans
+from selectmoe.data.rejects import RowError
+from selectmoe.data.template import IGNORE_INDEX, encode_batch, message_spans
 from selectmoe.demo.defects import request_of, spoil
 from selectmoe.demo.tiny import build_tokenizer
 from selectmoe.select.score import REDUNDANCY_NGRAM, reply_redundancy
@@ -108,20 +109,23 @@ def folder_rates(folder: Path, tokenizer, args, tolerance: float) -> dict[str, d
 
 
 def encode(messages: list[dict], tokenizer, args) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """The row's token ids cut to ``--max-length``, which are the reply's (assistant content + EOS), and
-    which lie in the content of another message (no role header); None when no reply token is left."""
+    """The product's encoding of the row (``encode_batch``, cut to ``--max-length``): its token ids, which
+    are the reply's, and which lie in the content of another message (no role header); None when stage 2
+    would reject the row (no reply token left)."""
+    (encoded,) = encode_batch([messages], tokenizer, max_seq_length=args.max_length)
+    if isinstance(encoded, RowError):
+        return None
+    ids = encoded["input_ids"]
     text, spans = message_spans(messages, tokenizer.eos_token)
-    encoded = tokenizer(text, return_offsets_mapping=True)
-    ids = np.asarray(encoded["input_ids"])[: args.max_length]
-    starts = np.asarray([start for start, _ in encoded["offset_mapping"]])[: args.max_length]
-    in_reply, in_content = np.zeros(len(ids), bool), np.zeros(len(ids), bool)
+    starts = np.asarray(
+        [start for start, _ in tokenizer(text, return_offsets_mapping=True)["offset_mapping"]]
+    )
+    starts = starts[: len(ids)]
+    in_content = np.zeros(len(ids), bool)
     for message, (start, end) in zip(messages, spans):
-        inside = (starts >= start) & (starts < end)
-        if message["role"] == "assistant":
-            in_reply |= inside
-        else:
-            in_content |= inside
-    return (ids, in_reply, in_content) if in_reply.any() else None
+        if message["role"] != "assistant":
+            in_content |= (starts >= start) & (starts < end)
+    return ids, encoded["labels"] != IGNORE_INDEX, in_content
 
 
 def content_shares(ids: np.ndarray, in_reply: np.ndarray, in_content: np.ndarray) -> tuple[float, float]:
